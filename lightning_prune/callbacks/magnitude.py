@@ -1,0 +1,50 @@
+"""Magnitude pruning: the baseline every paper reports against, on the shared engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+from torch import nn
+
+from lightning_prune.calibration import LossFn
+from lightning_prune.callbacks.base import PruningCallback, RoundContext, RoundResult
+
+
+class MagnitudePruning(PruningCallback):
+    """Prune the weights with the smallest ``|w|``.
+
+    ``Trainer(callbacks=[MagnitudePruning(target=0.8)])`` prunes 80% of all Linear/Conv weights
+    over a cubic schedule in the first half of training and fine-tunes in the second half. See
+    :class:`~lightning_prune.callbacks.base.PruningCallback` for the arguments; magnitude needs no
+    curvature, so it keeps only ``eval_batches`` batches to measure the actual loss increase.
+    """
+
+    def __init__(
+        self,
+        target: float,
+        schedule: str | Callable[[int], float] = "cubic",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        every_n_epochs: int = 1,
+        scope: Literal["global", "layer"] = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        parameters: Sequence[nn.Parameter] | None = None,
+        min_density: float = 0.001,
+        eval_batches: int = 8,
+        loss_fn: LossFn | None = None,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__(
+            target, schedule, start_epoch, end_epoch, every_n_epochs, scope, include, exclude, parameters,
+            min_density, num_batches=1, eval_batches=eval_batches, loss_fn=loss_fn, verbose=verbose,
+        )
+
+    @property
+    def _window_length(self) -> int:
+        return self.eval_batches
+
+    def _prune(self, ctx: RoundContext) -> RoundResult:
+        scores = {t.name: t.param.detach().abs() for t in ctx.targets}
+        return RoundResult(self._select(ctx, scores))

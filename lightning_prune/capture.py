@@ -1,0 +1,150 @@
+"""Capture layer inputs and per-sample output gradients during ordinary training steps.
+
+A forward hook on each target Linear/Conv layer keeps its input and registers a *tensor* hook on
+its output, which receives dL/d(output) during the normal backward pass: no extra forward or
+backward. (``register_full_backward_hook`` is not used because it breaks any model with an
+in-place op after the layer, e.g. ``nn.ReLU(inplace=True)``.) Hooks exist only while a capture
+window is open, so other batches pay nothing.
+
+Everything is handed to the estimators as *rows*:
+
+* ``x``: ``(N, T, d_in)`` layer inputs (Conv inputs unfolded, so a Conv is a Linear over patches);
+* ``g``: ``(N, T, d_out)`` gradients of each sample's *own* loss w.r.t. the layer output.
+
+The per-sample weight gradient is ``sum_t g[n, t]^T x[n, t]``. Hook gradients carry the loss
+reduction (mean over the batch), Lightning's division by ``accumulate_grad_batches`` and the AMP
+loss scale; :func:`per_sample_factor` undoes all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_prune.targets import PruneTarget
+
+
+def check_hookable(targets: Sequence[PruneTarget]) -> None:
+    """Curvature needs the weight of a plain (groups=1) Linear/Conv layer: say which target is not."""
+    for t in targets:
+        if not t.is_layer_weight:
+            raise ValueError(
+                f"{t.name!r} is not the weight of an nn.Linear/nn.Conv1d/2d/3d layer, so its curvature cannot "
+                "be captured; exclude it (exclude=[...]) or prune it with MagnitudePruning"
+            )
+        if isinstance(t.module, nn.modules.conv._ConvNd) and t.module.groups != 1:
+            raise ValueError(
+                f"{t.name!r} is a grouped convolution (groups={t.module.groups}); curvature estimators support "
+                f"groups=1 only. Exclude it (exclude=[{t.name!r}]) or prune it with MagnitudePruning"
+            )
+
+
+def unfold_conv_input(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """``(N, C, *spatial)`` -> ``(N, L, C * prod(kernel))`` patches, in the weight's layout.
+
+    Works for Conv1d/2d/3d, any stride/dilation/padding (incl. ``"same"`` and non-zero padding
+    modes), so ``patches @ weight.view(C_out, -1).T`` equals the convolution without bias.
+    """
+    nd = x.dim() - 2
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    for i in range(nd):
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    # (N, C, L1..Lnd, k1..knd) -> (N, L1..Lnd, C, k1..knd)
+    perm = [0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd)]
+    x = x.permute(*perm)
+    n = x.shape[0]
+    return x.reshape(n, -1, conv.in_channels * int(torch.tensor(conv.kernel_size).prod()))
+
+
+def input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """Layer input as ``(N, T, d_in)`` rows."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return unfold_conv_input(module, x)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def grad_rows(module: nn.Module, g: Tensor) -> Tensor:
+    """Output gradient as ``(N, T, d_out)`` rows."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def per_sample_factor(batch_size: int, *, reduction: str, accumulate: int, loss_scale: float) -> float:
+    """Multiplier turning a hook gradient into the gradient of one sample's own loss."""
+    n = batch_size if reduction == "mean" else 1
+    return n * accumulate / loss_scale
+
+
+class LayerCapture:
+    """Keeps (input, output-gradient) pairs of the target layers for the current batch."""
+
+    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+        check_hookable(targets)
+        self.targets = list(targets)
+        self._inputs: dict[str, list[Tensor]] = {}
+        self._grads: dict[str, dict[int, Tensor]] = {}
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for t in self.targets:
+            self._handles.append(t.module.register_forward_hook(self._forward_hook(t.name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def clear(self) -> None:
+        self._inputs.clear()
+        self._grads.clear()
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            # validation/eval forwards inside the window carry no gradient: ignore them
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+                return
+            inputs = self._inputs.setdefault(name, [])
+            grads = self._grads.setdefault(name, {})
+            idx = len(inputs)
+            inputs.append(args[0].detach())
+
+            def grad_hook(g: Tensor) -> None:
+                grads[idx] = g.detach()
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    def drain(self) -> Iterator[tuple[PruneTarget, Tensor, Tensor]]:
+        """Yield ``(target, x_rows, g_rows)`` (float32, unscaled) per layer and clear the buffers.
+
+        A layer called several times in one step contributes all its calls as extra rows ``T``
+        of the same samples (its per-sample gradient is the sum over calls).
+        """
+        for t in self.targets:
+            xs, gs = self._inputs.get(t.name, []), self._grads.get(t.name, {})
+            pairs = [(xs[i], gs[i]) for i in range(len(xs)) if i in gs]
+            if not pairs:
+                continue
+            x = [input_rows(t.module, a.float()) for a, _ in pairs]
+            g = [grad_rows(t.module, b.float()) for _, b in pairs]
+            if len({a.shape[0] for a in x}) != 1:
+                raise ValueError(f"layer {t.module_name!r} was called with different batch sizes in one step")
+            yield t, torch.cat(x, dim=1), torch.cat(g, dim=1)
+        self.clear()

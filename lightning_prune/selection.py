@@ -1,0 +1,101 @@
+"""Turn scores into masks with an exact count.
+
+Rules (all deterministic, identical on every rank given identical scores):
+
+* Higher score = more important. The lowest scores are pruned.
+* Masks only shrink: entries pruned in an earlier round rank below everything (``-inf``).
+* NaN scores rank as ``+inf``: an entry whose importance is unknown is kept, never pruned by
+  accident. Callers warn about them.
+* Ties are broken by position: layers in target order, then flat (row-major) index; among equal
+  scores the earlier entry is pruned first. Implemented with one stable sort.
+* Floor: every layer keeps at least ``max(1, ceil(min_density * numel))`` entries (no layer
+  collapse). Protected entries are the layer's highest-scoring kept ones.
+* ``scope="global"``: ``round(sparsity * total)`` entries are zero after the round.
+  ``scope="layer"``: every layer gets ``round(sparsity * numel)`` zeros.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+SCOPES = ("global", "layer")
+
+
+def floor_count(numel: int, min_density: float) -> int:
+    """Number of entries a layer must keep."""
+    return min(numel, max(1, math.ceil(min_density * numel - 1e-9)))
+
+
+def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_density: float) -> None:
+    """Raise if the floor makes ``sparsity`` unreachable (checked before training starts)."""
+    if scope == "layer":
+        for name, n in numels.items():
+            if round(sparsity * n) > n - floor_count(n, min_density):
+                raise ValueError(
+                    f"target={sparsity} with scope='layer' would leave layer {name!r} ({n} weights) fewer than "
+                    f"the floor of {floor_count(n, min_density)} (min_density={min_density}); lower one of them"
+                )
+        return
+    total = sum(numels.values())
+    keep_floor = sum(floor_count(n, min_density) for n in numels.values())
+    if round(sparsity * total) > total - keep_floor:
+        raise ValueError(
+            f"target={sparsity} is unreachable: the per-layer floor (min_density={min_density}) keeps "
+            f"{keep_floor} of {total} weights, so at most {(total - keep_floor) / total:.6f} can be pruned"
+        )
+
+
+def _sort_key(score: Tensor, mask: Tensor) -> Tensor:
+    key = score.detach().flatten().to(torch.float64)
+    key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
+    return torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
+
+
+def _protect_floor(key: Tensor, mask: Tensor, min_density: float) -> Tensor:
+    """Set the key of the layer's top ``floor`` kept entries to +inf so they are never chosen."""
+    floor = min(floor_count(key.numel(), min_density), int(mask.sum()))
+    if floor == 0:
+        return key
+    order = torch.sort(key, stable=True).indices
+    key = key.clone()
+    key[order[-floor:]] = math.inf
+    return key
+
+
+def select_masks(
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: str = "global",
+    min_density: float = 0.0,
+) -> dict[str, Tensor]:
+    """Return new masks (True = kept) reaching ``sparsity`` under the rules in the module docstring."""
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+    names = list(masks)
+    keys = {n: _protect_floor(_sort_key(scores[n], masks[n]), masks[n].flatten(), min_density) for n in names}
+
+    if scope == "layer":
+        out = {}
+        for n in names:
+            k = max(round(sparsity * masks[n].numel()), int((~masks[n]).sum()))
+            out[n] = _prune_lowest(keys[n], k).view_as(masks[n])
+        return out
+
+    sizes = [masks[n].numel() for n in names]
+    already = sum(int((~masks[n]).sum()) for n in names)
+    k = max(round(sparsity * sum(sizes)), already)
+    keep = _prune_lowest(torch.cat([keys[n].to(keys[names[0]].device) for n in names]), k)
+    return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
+
+
+def _prune_lowest(key: Tensor, k: int) -> Tensor:
+    keep = torch.ones_like(key, dtype=torch.bool)
+    if k > 0:
+        keep[torch.sort(key, stable=True).indices[:k]] = False
+    return keep
