@@ -1,0 +1,196 @@
+"""The engine under real Lightning training: frozen masks, targets, exact targets, logging."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyNet, make_trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_prune import MagnitudePruning
+from lightning_prune.targets import resolve_targets
+
+
+class FrozenChecker(Callback):
+    """After every training batch: pruned weights and their optimizer state are exactly zero."""
+
+    def __init__(self, pruner):
+        self.pruner, self.checked = pruner, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.pruner._masks is None:
+            return
+        params = dict(pl_module.named_parameters())
+        opt = trainer.optimizers[0]
+        for name, mask in self.pruner._masks.items():
+            p = params[name]
+            assert torch.all(p.detach()[~mask] == 0.0), f"{name} revived at step {trainer.global_step}"
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    assert torch.all(value[~mask] == 0.0), f"{name} optimizer state {key} is non-zero"
+        self.checked += 1
+
+
+SETTINGS = {
+    "plain": {},
+    "accumulate": {"accumulate_grad_batches": 3},
+    "clip": {"gradient_clip_val": 0.05},
+    "bf16": {"precision": "bf16-mixed"},
+}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_pruned_weights_stay_exactly_zero(optimizer, setting):
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet(optimizer=optimizer, lr=0.05, weight_decay=0.01 if optimizer != "adam" else 0.0)
+    pruner = MagnitudePruning(target=0.7, verbose=0)
+    checker = FrozenChecker(pruner)
+    make_trainer(max_epochs=4, callbacks=[pruner, checker], **SETTINGS[setting]).fit(model)
+    assert checker.checked >= 8  # epochs 1-3 after the first round
+    assert pruner.sparsity == pytest.approx(0.7, abs=1e-3)
+    zeros = sum(int((p.detach() == 0).sum()) for n, p in model.named_parameters() if n in pruner.masks)
+    assert zeros == round(0.7 * sum(m.numel() for m in pruner.masks.values()))
+
+
+def test_exact_target_count_global_and_layer():
+    for scope in ("global", "layer"):
+        pl.seed_everything(0, verbose=False)
+        model = TinyNet()
+        pruner = MagnitudePruning(target=0.83, scope=scope, verbose=0)
+        make_trainer(max_epochs=3, callbacks=[pruner]).fit(model)
+        masks = pruner.masks
+        total = sum(m.numel() for m in masks.values())
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        if scope == "global":
+            assert pruned == round(0.83 * total)
+        else:
+            for m in masks.values():
+                assert int((~m).sum()) == round(0.83 * m.numel())
+        assert [r["epoch"] for r in pruner.history] == [0, 1]
+        assert pruner.history[-1]["target_sparsity"] == 0.83
+
+
+def test_state_dict_keys_and_types_unchanged():
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet()
+    before = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
+    make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, verbose=0)]).fit(model)
+    after = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
+    assert before == after
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+class ManyLayers(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.c1 = nn.Conv1d(4, 4, 3)
+        self.c2 = nn.Conv2d(4, 4, 3)
+        self.c3 = nn.Conv3d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2, bias=False))
+
+
+def test_default_targets_are_linear_and_conv_weights_only():
+    names = [t.name for t in resolve_targets(ManyLayers())]
+    assert names == ["c1.weight", "c2.weight", "c3.weight", "head.0.weight", "head.1.weight"]
+
+
+def test_include_exclude_and_explicit_parameters():
+    m = ManyLayers()
+    assert [t.name for t in resolve_targets(m, include=["head.*"])] == ["head.0.weight", "head.1.weight"]
+    assert [t.name for t in resolve_targets(m, exclude=["c?.weight"])] == ["head.0.weight", "head.1.weight"]
+    got = resolve_targets(m, parameters=[m.emb.weight, m.head[0].bias])
+    assert [t.name for t in got] == ["emb.weight", "head.0.bias"]
+    with pytest.raises(ValueError, match="include=\\['decoder.\\*'\\].*matched none"):
+        resolve_targets(m, include=["decoder.*"])
+    with pytest.raises(ValueError, match="`parameters\\[0\\]`.*not a parameter"):
+        resolve_targets(m, parameters=[nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="`include` must be a list"):
+        resolve_targets(m, include="head.*")
+
+
+def test_nothing_matched_fails_at_fit_start():
+    with pytest.raises(ValueError, match="No parameters to prune"):
+        make_trainer(max_epochs=1, callbacks=[MagnitudePruning(0.5, include=["nope"])]).fit(TinyNet())
+
+
+class BuiltInConfigureModel(TinyNet):
+    def __init__(self):
+        super().__init__()
+        del self.net
+
+    def configure_model(self):
+        if not hasattr(self, "net"):
+            self.net = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_model_built_in_configure_model():
+    pl.seed_everything(0, verbose=False)
+    model = BuiltInConfigureModel()
+    pruner = MagnitudePruning(0.6, verbose=0)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(model)
+    assert set(pruner.masks) == {"net.0.weight", "net.2.weight"}
+    assert pruner.sparsity == pytest.approx(0.6, abs=1e-3)
+
+
+def test_metrics_reach_csv_logger(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(max_epochs=3, logger=logger, callbacks=[MagnitudePruning(0.5, verbose=0)]).fit(TinyNet())
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    sparsity = [float(r["prune/sparsity"]) for r in rows if r.get("prune/sparsity")]
+    assert sparsity == pytest.approx([0.5 * (1 - (1 - 0.5) ** 3), 0.5], abs=1e-3)
+    assert any(r.get("prune/layer/net.0.weight") for r in rows)
+    assert [float(r["prune/round"]) for r in rows if r.get("prune/round")] == [0.0, 1.0]
+    assert any(r.get("prune/actual_loss_increase") for r in rows)
+
+
+def test_verbose_prints_table(capsys):
+    pl.seed_everything(0, verbose=False)
+    make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.5, verbose=2)]).fit(TinyNet())
+    out = capsys.readouterr().out
+    assert "round 0 (epoch 0): sparsity 50.00%" in out
+    assert "net.2.weight" in out and "kept / total" in out
+
+
+def test_masks_and_history_are_read_only():
+    pruner = MagnitudePruning(0.5, verbose=0)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(TinyNet())
+    with pytest.raises(TypeError):
+        pruner.masks["x"] = None  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        pruner.masks = {}  # type: ignore[misc]
+    pruner.masks["net.0.weight"].fill_(True)  # a copy: the callback's mask is untouched
+    assert not bool(pruner._masks["net.0.weight"].all())
+    with pytest.raises(TypeError):
+        pruner.history[0]["sparsity"] = 0.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scope="model"), "`scope` must be one of .* got 'model'"),
+        (dict(min_density=1.5), "`min_density`.*1.5"),
+        (dict(eval_batches=-1), "`eval_batches` must be an integer >= 0, got -1"),
+        (dict(verbose=3), "`verbose` must be 0, 1 or 2, got 3"),
+        (dict(loss_fn=3), "`loss_fn` must be callable"),
+    ],
+)
+def test_bad_callback_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MagnitudePruning(0.5, **kwargs)
+
+
+def test_floor_infeasible_fails_before_training():
+    with pytest.raises(ValueError, match="unreachable"):
+        make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.95, min_density=0.2)]).fit(TinyNet())

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from lightning_prune import masks as M
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 4, 5)])
+def test_pack_roundtrip(shape):
+    m = torch.rand(shape) > 0.4
+    packed = M.pack_mask(m)
+    assert packed["bits"].dtype == torch.uint8 and packed["bits"].numel() == (m.numel() + 7) // 8
+    assert torch.equal(M.unpack_mask(packed), m)
+
+
+def test_apply_and_grads():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    p.grad = torch.randn(4, 4)
+    m = torch.rand(4, 4) > 0.5
+    M.apply_masks_({"p": p}, {"p": m})
+    M.mask_grads_({"p": p}, {"p": m})
+    assert torch.all(p[~m] == 0) and torch.all(p.grad[~m] == 0) and torch.all(p[m] != 0)
+
+
+def test_zero_optimizer_state():
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.Adam([p])
+    p.grad = torch.randn(5, 3)
+    opt.step()
+    m = torch.rand(5, 3) > 0.5
+    touched = M.zero_optimizer_state_([opt], {"p": p}, {"p": m})
+    st = opt.state[p]
+    assert touched == 2
+    assert torch.all(st["exp_avg"][~m] == 0) and torch.all(st["exp_avg_sq"][~m] == 0)
+    assert torch.all(st["exp_avg"][m] != 0)
+    M.zero_optimizer_state_([opt], {"p": p}, {"p": m}, reset_kept={"p": True})
+    assert torch.all(st["exp_avg"] == 0) and float(st["step"]) == 1.0

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from lightning_prune.selection import check_feasible, floor_count, select_masks
+
+
+def _ones(*shapes, names="l0 l1"):
+    return {n: torch.ones(s, dtype=torch.bool) for n, s in zip(names.split(), shapes)}
+
+
+def test_global_exact_count_and_lowest_scores():
+    g = torch.Generator().manual_seed(0)
+    scores = {"l0": torch.rand(10, 7, generator=g), "l1": torch.rand(33, generator=g)}
+    masks = _ones((10, 7), (33,))
+    out = select_masks(scores, masks, 0.6, scope="global")
+    total = 70 + 33
+    assert sum(int((~m).sum()) for m in out.values()) == round(0.6 * total)
+    pruned = torch.cat([scores[n][~out[n]] for n in out])
+    kept = torch.cat([scores[n][out[n]] for n in out])
+    assert pruned.max() < kept.min()
+
+
+def test_layer_scope_same_sparsity_per_layer():
+    scores = {"l0": torch.rand(100), "l1": torch.rand(40)}
+    out = select_masks(scores, _ones((100,), (40,)), 0.75, scope="layer")
+    assert int((~out["l0"]).sum()) == 75 and int((~out["l1"]).sum()) == 30
+
+
+def test_ties_prune_earlier_positions_first():
+    scores = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    out = select_masks(scores, _ones((4,), (4,), names="a b"), 0.25, scope="global")
+    assert out["a"].tolist() == [False, False, True, True]
+    assert out["b"].tolist() == [True, True, True, True]
+    out = select_masks({"a": torch.tensor([1.0, 0.5, 0.5, 0.5])}, {"a": torch.ones(4, dtype=torch.bool)}, 0.5)
+    assert out["a"].tolist() == [True, False, False, True]
+
+
+def test_nan_scores_are_kept():
+    scores = {"a": torch.tensor([float("nan"), 0.1, 0.2, float("nan")])}
+    out = select_masks(scores, {"a": torch.ones(4, dtype=torch.bool)}, 0.5)
+    assert out["a"].tolist() == [True, False, False, True]
+
+
+def test_masks_only_shrink():
+    masks = {"a": torch.tensor([False, True, True, True])}
+    scores = {"a": torch.tensor([100.0, 0.1, 0.2, 0.3])}  # the pruned weight scores highest
+    out = select_masks(scores, masks, 0.5)
+    assert out["a"].tolist() == [False, False, True, True]
+    # a lower sparsity than already reached never revives weights
+    out = select_masks(scores, {"a": torch.tensor([False, False, False, True])}, 0.25)
+    assert out["a"].tolist() == [False, False, False, True]
+
+
+def test_floor_prevents_layer_collapse():
+    # layer b has tiny scores: global selection would wipe it out without the floor
+    scores = {"a": torch.arange(1, 101, dtype=torch.float), "b": torch.full((10,), 1e-6)}
+    out = select_masks(scores, _ones((100,), (10,), names="a b"), 0.9, scope="global", min_density=0.2)
+    assert int(out["b"].sum()) == 2 and floor_count(10, 0.2) == 2
+    assert sum(int((~m).sum()) for m in out.values()) == 99
+    out = select_masks(scores, _ones((100,), (10,), names="a b"), 0.9, scope="global", min_density=0.0)
+    assert int(out["b"].sum()) >= 1  # the floor is at least one weight
+
+
+def test_infeasible_target_is_refused():
+    with pytest.raises(ValueError, match="target=0.95 is unreachable.*min_density=0.1"):
+        check_feasible({"a": 100, "b": 100}, 0.95, "global", 0.1)
+    with pytest.raises(ValueError, match="layer 'b'"):
+        check_feasible({"a": 1000, "b": 3}, 0.85, "layer", 0.1)
+    check_feasible({"a": 100, "b": 100}, 0.9, "global", 0.1)
+
+
+def test_bad_scope():
+    with pytest.raises(ValueError, match="`scope` must be one of.*'net'"):
+        select_masks({"a": torch.ones(2)}, {"a": torch.ones(2, dtype=torch.bool)}, 0.5, scope="net")
