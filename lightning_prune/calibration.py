@@ -45,10 +45,7 @@ def _isolated(pl_module: pl.LightningModule) -> Iterator[None]:
     from torchmetrics import Metric
 
     metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
-    saved = [
-        (m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed)
-        for m in metrics
-    ]
+    saved = [(m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed) for m in metrics]
     pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:

@@ -71,8 +71,13 @@ class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test tensors held in memory; subclasses implement :meth:`load_arrays`."""
 
     def __init__(
-        self, batch_size: int = 128, val_size: float | int = 0.1, seed: int = 0, shuffle: bool = True,
-        num_workers: int = 0, train_subset: int | None = None,
+        self,
+        batch_size: int = 128,
+        val_size: float | int = 0.1,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -96,7 +101,7 @@ class ArrayDataModule(pl.LightningDataModule):
         x, y, test_x, test_y = self.load_arrays()
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(x))
-        n_val = int(round(self.val_size * len(x))) if isinstance(self.val_size, float) else int(self.val_size)
+        n_val = round(self.val_size * len(x)) if isinstance(self.val_size, float) else int(self.val_size)
         if test_x is None:
             n_test = n_val
             test_idx, order = order[:n_test], order[n_test:]
@@ -125,8 +130,12 @@ class ArrayDataModule(pl.LightningDataModule):
         assert self._splits is not None
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
-            self._splits[split], batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            self._splits[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -168,9 +177,11 @@ class IDXDataModule(ArrayDataModule):
 
     def _peek(self) -> tuple[tuple[int, ...], int]:
         self._files = find_idx_files(self.root, self.install_hint)
-        with gzip.open(self._files["train_images"], "rb") if self._files["train_images"].suffix == ".gz" else open(
-            self._files["train_images"], "rb"
-        ) as f:
+        with (
+            gzip.open(self._files["train_images"], "rb")
+            if self._files["train_images"].suffix == ".gz"
+            else open(self._files["train_images"], "rb") as f
+        ):
             head = f.read(16)
         rows, cols = struct.unpack(">II", head[8:16])
         return (1, rows, cols), 10
@@ -185,7 +196,9 @@ class FashionMNISTDataModule(IDXDataModule):
 
     install_hint = FASHION_MNIST_INSTALL
 
-    def __init__(self, root: str = FASHION_MNIST_DIR, batch_size: int = 128, val_size: float | int = 5000, **kwargs) -> None:
+    def __init__(
+        self, root: str = FASHION_MNIST_DIR, batch_size: int = 128, val_size: float | int = 5000, **kwargs
+    ) -> None:
         super().__init__(root=root, batch_size=batch_size, val_size=val_size, **kwargs)
 
 
@@ -193,8 +206,14 @@ class SyntheticDataModule(ArrayDataModule):
     """Gaussian inputs labelled by a random two-layer teacher: learnable, instant, any shape."""
 
     def __init__(
-        self, num_samples: int = 2048, input_shape: tuple[int, ...] | list[int] = (1, 8, 8), num_classes: int = 10,
-        batch_size: int = 64, val_size: float | int = 0.15, seed: int = 0, **kwargs,
+        self,
+        num_samples: int = 2048,
+        input_shape: tuple[int, ...] | list[int] = (1, 8, 8),
+        num_classes: int = 10,
+        batch_size: int = 64,
+        val_size: float | int = 0.15,
+        seed: int = 0,
+        **kwargs,
     ) -> None:
         super().__init__(batch_size=batch_size, val_size=val_size, seed=seed, **kwargs)
         self.num_samples, self.input_shape, self.num_classes = num_samples, tuple(input_shape), num_classes

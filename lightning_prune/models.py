@@ -23,8 +23,13 @@ class ImageClassifier(pl.LightningModule):
     """Shared training logic; subclasses build ``self.net`` from ``input_shape``/``num_classes``."""
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, optimizer: str = "adam", lr: float = 1e-3,
-        weight_decay: float = 0.0, momentum: float = 0.9,
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        optimizer: str = "adam",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -89,15 +94,25 @@ class LeNet5Classifier(ImageClassifier):
     """
 
     def __init__(
-        self, input_shape: Sequence[int], num_classes: int, kernel_size: int = 5, channels: Sequence[int] = (6, 16),
-        hidden: Sequence[int] = (120, 84), **kwargs,
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        kernel_size: int = 5,
+        channels: Sequence[int] = (6, 16),
+        hidden: Sequence[int] = (120, 84),
+        **kwargs,
     ) -> None:
         super().__init__(input_shape, num_classes, **kwargs)
         self.save_hyperparameters()
         c_in = self.input_shape[0]
         layers: list[nn.Module] = [
-            nn.Conv2d(c_in, channels[0], kernel_size, padding=kernel_size // 2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(channels[0], channels[1], kernel_size), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(c_in, channels[0], kernel_size, padding=kernel_size // 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(channels[0], channels[1], kernel_size),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
         ]
         with torch.no_grad():
             flat = nn.Sequential(*layers)(torch.zeros(1, *self.input_shape)).shape[1]

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Union
 
 SCHEDULES = ("cubic", "linear", "one_shot")
 
-ScheduleArg = Union[str, Callable[[int], float]]
+ScheduleArg = str | Callable[[int], float]
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -78,14 +78,10 @@ def resolve_targets(
                 )
             candidates.append(by_id[id(p)])
     else:
-        candidates = [
-            n for n in named if owner[n][2] == "weight" and isinstance(owner[n][1], PRUNABLE_TYPES)
-        ]
+        candidates = [n for n in named if owner[n][2] == "weight" and isinstance(owner[n][1], PRUNABLE_TYPES)]
 
     chosen = [
-        n
-        for n in candidates
-        if (include is None or _matches(n, include)) and not (exclude and _matches(n, exclude))
+        n for n in candidates if (include is None or _matches(n, include)) and not (exclude and _matches(n, exclude))
     ]
     if not chosen:
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")

@@ -29,8 +29,18 @@ def make_data(n: int = 256, d: int = 12, classes: int = 4, seed: int = 0) -> Ten
 class TinyNet(pl.LightningModule):
     """Linear-ReLU-Linear(-ReLU-Linear) classifier with a configurable optimizer."""
 
-    def __init__(self, d: int = 12, hidden: int = 32, classes: int = 4, optimizer: str = "adam", lr: float = 1e-2,
-                 weight_decay: float = 0.0, norm: bool = False, batch_size: int = 32, n: int = 256) -> None:
+    def __init__(
+        self,
+        d: int = 12,
+        hidden: int = 32,
+        classes: int = 4,
+        optimizer: str = "adam",
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        norm: bool = False,
+        batch_size: int = 32,
+        n: int = 256,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         layers = [nn.Linear(d, hidden)]
@@ -61,8 +71,11 @@ class TinyNet(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
 
     def train_dataloader(self):
-        return DataLoader(make_data(self.hparams.n, self.hparams.d, self.hparams.classes),
-                          batch_size=self.hparams.batch_size, shuffle=False)
+        return DataLoader(
+            make_data(self.hparams.n, self.hparams.d, self.hparams.classes),
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+        )
 
     def val_dataloader(self):
         return DataLoader(make_data(64, self.hparams.d, self.hparams.classes, seed=1), batch_size=32)
@@ -70,8 +83,14 @@ class TinyNet(pl.LightningModule):
 
 def make_trainer(tmp_path=None, **kwargs) -> pl.Trainer:
     defaults = dict(
-        max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_epochs=4,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         default_root_dir=str(tmp_path) if tmp_path else None,
     )
     defaults.update(kwargs)

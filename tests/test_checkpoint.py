@@ -17,8 +17,9 @@ def _run(tmp_path, ckpt_path=None, save_on_train_epoch_end=None):
     pl.seed_everything(0, verbose=False)
     model = TinyNet(optimizer="sgd", lr=0.05)
     pruner = MagnitudePruning(target=0.9, verbose=0)  # rounds after epochs 0, 1, 2
-    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1,
-                           save_on_train_epoch_end=save_on_train_epoch_end)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=save_on_train_epoch_end
+    )
     trainer = make_trainer(tmp_path, max_epochs=EPOCHS, callbacks=[pruner, ckpt], enable_checkpointing=True)
     trainer.fit(model, ckpt_path=ckpt_path)
     return model, pruner

@@ -23,7 +23,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_prune import distributed, masks as M, reporting
+from lightning_prune import distributed, reporting
+from lightning_prune import masks as M
 from lightning_prune.calibration import LossFn, can_compute_loss, mean_loss
 from lightning_prune.schedule import SparsitySchedule, check_fraction
 from lightning_prune.selection import SCOPES, check_feasible, select_masks
@@ -201,7 +202,9 @@ class PruningCallback(Callback):
         M.apply_masks_(self._params, self._frozen)
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._window_open or not self._round_due(trainer.current_epoch):
             return
         if batch_idx >= self._window_start(trainer):
@@ -294,8 +297,9 @@ class PruningCallback(Callback):
             "loss_after": loss_after,
             "layer_sparsity": M.layer_sparsity(self._masks),
             "monitor": {
-                k: float(v) for k, v in trainer.callback_metrics.items() if isinstance(v, (Tensor, float)) and
-                torch.as_tensor(v).numel() == 1
+                k: float(v)
+                for k, v in trainer.callback_metrics.items()
+                if isinstance(v, (Tensor, float)) and torch.as_tensor(v).numel() == 1
             },
             "info": dict(result.info),
             "seconds": time.perf_counter() - start,
@@ -332,14 +336,16 @@ class PruningCallback(Callback):
         n = trainer.num_training_batches
         if not math.isfinite(n):
             self._warn_once(
-                "inf", "the training dataloader has no length, so the curvature window covers the whole "
-                "round epoch instead of its last `num_batches` batches"
+                "inf",
+                "the training dataloader has no length, so the curvature window covers the whole "
+                "round epoch instead of its last `num_batches` batches",
             )
             return 0
         if n < self._window_length:
             self._warn_once(
-                "short", f"the epoch has {n} training batches, fewer than the window of {self._window_length}; "
-                "the round uses all of them"
+                "short",
+                f"the epoch has {n} training batches, fewer than the window of {self._window_length}; "
+                "the round uses all of them",
             )
         return max(0, int(n) - self._window_length)
 
@@ -415,7 +421,9 @@ class PruningCallback(Callback):
         for t in self._targets:
             mask = M.unpack_mask(packed[t.name])
             if mask.shape != t.param.shape:
-                raise ValueError(f"checkpointed mask for {t.name!r} has shape {tuple(mask.shape)}, "
-                                 f"the parameter has {tuple(t.param.shape)}")
+                raise ValueError(
+                    f"checkpointed mask for {t.name!r} has shape {tuple(mask.shape)}, "
+                    f"the parameter has {tuple(t.param.shape)}"
+                )
             out[t.name] = mask.to(t.param.device)
         return out

@@ -37,8 +37,20 @@ class MagnitudePruning(PruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(
-            target, schedule, start_epoch, end_epoch, every_n_epochs, scope, include, exclude, parameters,
-            min_density, num_batches=1, eval_batches=eval_batches, loss_fn=loss_fn, verbose=verbose,
+            target,
+            schedule,
+            start_epoch,
+            end_epoch,
+            every_n_epochs,
+            scope,
+            include,
+            exclude,
+            parameters,
+            min_density,
+            num_batches=1,
+            eval_batches=eval_batches,
+            loss_fn=loss_fn,
+            verbose=verbose,
         )
 
     @property

@@ -1,0 +1,212 @@
+"""Curvature estimators fed from the training-time capture (:mod:`lightning_prune.capture`).
+
+Every estimator approximates the Hessian of the *mean* training loss and stores its statistics
+as float64 **sums plus counts**, so a single all-reduce of :meth:`Estimator.tensors` gives the
+estimate of the union of all ranks' batches, exactly what one process would compute.
+
+Per-layer inputs are rows ``x: (N, T, d_in)`` and per-sample output gradients
+``g: (N, T, d_out)``; the per-sample weight gradient is ``G_n = sum_t g[n,t] x[n,t]^T``.
+
+=================  ===============================================================
+``fisher``          diag empirical Fisher ``E_n[G_n ** 2]`` (per-sample, never the
+                    square of the batch gradient)
+``kfac``            ``A = E_{n,t}[x x^T]``, ``G = E_n[sum_t g g^T]``; diag = diag(G) diag(A)^T
+``ekfac``           eigenbases of A, G from the first half of the window, then
+                    ``S = E_n[(Q_G^T G_n Q_A) ** 2]`` from the second half;
+                    diag = ``(Q_G**2) S (Q_A**2)^T`` (George et al. 2018)
+=================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_prune import distributed
+from lightning_prune.targets import PruneTarget
+
+_CHUNK_ELEMENTS = 1 << 24  # per-sample gradients are materialised in chunks of at most this size
+
+
+def per_sample_grads(x: Tensor, g: Tensor) -> Tensor:
+    """``(N, d_out, d_in)`` per-sample weight gradients ``sum_t g[n,t] x[n,t]^T``."""
+    return torch.einsum("nto,nti->noi", g, x)
+
+
+def _chunks(x: Tensor, g: Tensor):
+    per_sample = g.shape[-1] * x.shape[-1]
+    step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+    for i in range(0, x.shape[0], step):
+        yield x[i : i + step], g[i : i + step]
+
+
+def sum_sq_per_sample_grads(x: Tensor, g: Tensor) -> Tensor:
+    """``sum_n G_n ** 2`` without materialising all per-sample gradients at once."""
+    if x.shape[1] == 1:  # one row per sample: G_n is rank one, G_n**2 = (g**2)(x**2)^T
+        return (g[:, 0] ** 2).T @ (x[:, 0] ** 2)
+    out = x.new_zeros(g.shape[-1], x.shape[-1])
+    for xc, gc in _chunks(x, g):
+        out += (per_sample_grads(xc, gc) ** 2).sum(0)
+    return out
+
+
+class Estimator:
+    """Base: per-layer float64 sums + counts; subclasses define what is summed."""
+
+    name = "base"
+
+    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+        self.targets = {t.name: t for t in targets}
+        self.batches = 0  # window batches folded in (this rank)
+
+    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+        raise NotImplementedError
+
+    def end_batch(self) -> None:
+        self.batches += 1
+
+    def tensors(self) -> list[Tensor]:
+        """Every sum and count, for the cross-rank all-reduce."""
+        raise NotImplementedError
+
+    def reduce_(self) -> None:
+        distributed.all_reduce_sum_(self.tensors())
+
+    def diagonal(self, name: str) -> Tensor:
+        """Weight-shaped estimate of diag(H) for layer ``name`` (float64)."""
+        raise NotImplementedError
+
+    def seen(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def _shape(self, name: str, flat: Tensor) -> Tensor:
+        return flat.reshape(self.targets[name].param.shape)
+
+
+class DiagFisher(Estimator):
+    """Diagonal empirical Fisher from per-sample gradients."""
+
+    name = "fisher"
+
+    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+        super().__init__(targets)
+        self.sq: dict[str, Tensor] = {}
+        self.count: dict[str, Tensor] = {}
+        for n, t in self.targets.items():
+            w = t.param
+            self.sq[n] = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float64, device=w.device)
+            self.count[n] = torch.zeros((), dtype=torch.float64, device=w.device)
+
+    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+        self.sq[name] += sum_sq_per_sample_grads(x, g).double()
+        self.count[name] += x.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.sq.values(), *self.count.values()]
+
+    def seen(self, name: str) -> bool:
+        return bool(self.count[name] > 0)
+
+    def diagonal(self, name: str) -> Tensor:
+        return self._shape(name, self.sq[name] / self.count[name])
+
+
+class KFAC(Estimator):
+    """Kronecker factors ``A = E[x x^T]`` (over rows) and ``G = E_n[sum_t g g^T]`` (over samples)."""
+
+    name = "kfac"
+
+    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+        super().__init__(targets)
+        self.A: dict[str, Tensor] = {}
+        self.G: dict[str, Tensor] = {}
+        self.a_count: dict[str, Tensor] = {}
+        self.g_count: dict[str, Tensor] = {}
+        for n, t in self.targets.items():
+            w = t.param
+            d_out, d_in = w.shape[0], w[0].numel()
+            kw = dict(dtype=torch.float64, device=w.device)
+            self.A[n], self.G[n] = torch.zeros(d_in, d_in, **kw), torch.zeros(d_out, d_out, **kw)
+            self.a_count[n], self.g_count[n] = torch.zeros((), **kw), torch.zeros((), **kw)
+
+    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+        xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        self.A[name] += (xf.T @ xf).double()
+        self.G[name] += (gf.T @ gf).double()
+        self.a_count[name] += xf.shape[0]
+        self.g_count[name] += x.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.A.values(), *self.G.values(), *self.a_count.values(), *self.g_count.values()]
+
+    def seen(self, name: str) -> bool:
+        return bool(self.a_count[name] > 0)
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """Normalised ``(A, G)``."""
+        return self.A[name] / self.a_count[name], self.G[name] / self.g_count[name]
+
+    def diagonal(self, name: str) -> Tensor:
+        A, G = self.factors(name)
+        return self._shape(name, torch.outer(torch.diagonal(G), torch.diagonal(A)))
+
+
+class EKFAC(KFAC):
+    """Eigenvalue-corrected K-FAC: K-FAC eigenbases, per-sample second moments re-estimated in them.
+
+    The window is split in two phases: the first ``ceil(num_batches / 2)`` batches estimate A and
+    G; their eigenbases (all-reduced first, so every rank uses the same basis) fix the basis in
+    which the remaining batches accumulate ``S``.
+    """
+
+    name = "ekfac"
+
+    def __init__(self, targets: Sequence[PruneTarget], num_batches: int) -> None:
+        super().__init__(targets)
+        if num_batches < 2:
+            raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")
+        self.phase_one = math.ceil(num_batches / 2)
+        self.QA: dict[str, Tensor] = {}
+        self.QG: dict[str, Tensor] = {}
+        self.S: dict[str, Tensor] = {}
+        self.s_count: dict[str, Tensor] = {}
+
+    @property
+    def in_phase_two(self) -> bool:
+        return bool(self.QA)
+
+    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+        if not self.in_phase_two:
+            return super().update(name, x, g)
+        if name not in self.QA:  # the layer saw no data in phase one
+            return
+        qa, qg = self.QA[name].to(x.dtype), self.QG[name].to(g.dtype)
+        self.S[name] += sum_sq_per_sample_grads(x @ qa, g @ qg).double()
+        self.s_count[name] += x.shape[0]
+
+    def end_batch(self) -> None:
+        super().end_batch()
+        if self.batches == self.phase_one and not self.in_phase_two:
+            distributed.all_reduce_sum_(super().tensors())
+            for n in self.targets:
+                if not super().seen(n):
+                    continue
+                A, G = self.factors(n)
+                self.QA[n] = torch.linalg.eigh(A).eigenvectors
+                self.QG[n] = torch.linalg.eigh(G).eigenvectors
+                self.S[n] = torch.zeros(G.shape[0], A.shape[0], dtype=torch.float64, device=A.device)
+                self.s_count[n] = torch.zeros((), dtype=torch.float64, device=A.device)
+
+    def tensors(self) -> list[Tensor]:
+        # A and G were reduced at the phase switch; only the phase-two sums remain
+        return [*self.S.values(), *self.s_count.values()]
+
+    def seen(self, name: str) -> bool:
+        return name in self.s_count and bool(self.s_count[name] > 0)
+
+    def diagonal(self, name: str) -> Tensor:
+        S = self.S[name] / self.s_count[name]
+        return self._shape(name, (self.QG[name] ** 2) @ S @ (self.QA[name] ** 2).T)

@@ -1,0 +1,79 @@
+"""Hutchinson's estimator of the true Hessian diagonal, ``diag(H) ~ E_z[z * Hz]``.
+
+Hessian-vector products need double backward, which ordinary training steps do not do, so this
+runs as a calibration pass at round time over the window's stored batches, in eval mode (see
+:mod:`lightning_prune.calibration`: BatchNorm statistics and metric states untouched). Probes are
+Rademacher vectors from a generator seeded by (seed, round, rank, batch, probe): reruns are
+reproducible. Sums and counts are all-reduced like every other estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_prune import distributed
+from lightning_prune.calibration import LossFn, batch_loss, can_compute_loss, eval_mode
+from lightning_prune.curvature.estimators import Estimator
+from lightning_prune.targets import PruneTarget
+
+
+class Hutchinson(Estimator):
+    name = "hutchinson"
+
+    def __init__(self, targets: Sequence[PruneTarget], num_probes: int = 8, seed: int = 0) -> None:
+        super().__init__(targets)
+        self.num_probes, self.seed = num_probes, seed
+        self.sum = {n: torch.zeros_like(t.param, dtype=torch.float64) for n, t in self.targets.items()}
+        self.count = torch.zeros((), dtype=torch.float64, device=next(iter(self.sum.values())).device)
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.sum.values(), self.count]
+
+    def seen(self, name: str) -> bool:
+        return bool(self.count > 0)
+
+    def diagonal(self, name: str) -> Tensor:
+        return self.sum[name] / self.count
+
+    def calibrate(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batches: Sequence[Any],
+        loss_fn: LossFn | None,
+        round_index: int,
+        progress: Any = None,
+    ) -> None:
+        """Accumulate ``z * Hz`` over ``batches`` x ``num_probes`` Rademacher probes."""
+        if not can_compute_loss(pl_module, loss_fn):
+            raise ValueError(
+                "curvature='hutchinson' needs a loss to differentiate twice: pass loss_fn=... "
+                "(manual optimization's training_step cannot be borrowed)"
+            )
+        names = list(self.targets)
+        params = [self.targets[n].param for n in names]
+        rank = trainer.global_rank
+        with eval_mode(pl_module), torch.enable_grad():
+            for b, batch in enumerate(batches):
+                loss = batch_loss(pl_module, batch, b, loss_fn).float()
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                for k in range(self.num_probes):
+                    gen = torch.Generator(device=params[0].device)
+                    gen.manual_seed(hash((self.seed, round_index, rank, b, k)) % (2**63))
+                    zs = [
+                        torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1)
+                        for p in params
+                    ]
+                    hz = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=k + 1 < self.num_probes)
+                    for n, z, h in zip(names, zs, hz):
+                        self.sum[n] += (z * h).double()
+                    self.count += 1
+                if progress is not None:
+                    progress()
+        self.batches = len(batches)
+        distributed.all_reduce_sum_(self.tensors())
