@@ -1,5 +1,6 @@
 from lightning_prune.callbacks.base import PruningCallback, RoundContext, RoundResult
 from lightning_prune.callbacks.magnitude import MagnitudePruning
 from lightning_prune.callbacks.obd import OBDPruning
+from lightning_prune.callbacks.obs import OBSPruning
 
-__all__ = ["MagnitudePruning", "OBDPruning", "PruningCallback", "RoundContext", "RoundResult"]
+__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback", "RoundContext", "RoundResult"]

@@ -210,3 +210,32 @@ class EKFAC(KFAC):
     def diagonal(self, name: str) -> Tensor:
         S = self.S[name] / self.s_count[name]
         return self._shape(name, (self.QG[name] ** 2) @ S @ (self.QA[name] ** 2).T)
+
+
+class Composite(Estimator):
+    """Several estimators fed from one capture (e.g. K-FAC factors plus the Fisher diagonal)."""
+
+    name = "composite"
+
+    def __init__(self, parts: dict[str, Estimator]) -> None:
+        first = next(iter(parts.values()))
+        super().__init__(list(first.targets.values()))
+        self.parts = parts
+
+    def __getitem__(self, key: str) -> Estimator:
+        return self.parts[key]
+
+    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+        for p in self.parts.values():
+            p.update(name, x, g)
+
+    def end_batch(self) -> None:
+        super().end_batch()
+        for p in self.parts.values():
+            p.end_batch()
+
+    def tensors(self) -> list[Tensor]:
+        return [t for p in self.parts.values() for t in p.tensors()]
+
+    def seen(self, name: str) -> bool:
+        return all(p.seen(name) for p in self.parts.values())

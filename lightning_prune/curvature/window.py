@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 
+from lightning_prune.calibration import LossFn, batch_loss, can_compute_loss, eval_mode
 from lightning_prune.capture import LayerCapture, per_sample_factor
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.targets import PruneTarget
@@ -54,3 +55,37 @@ class CaptureWindow:
         self.capture.detach()
         self.estimator.reduce_()
         return self.estimator
+
+
+def calibration_pass(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    batches: Sequence,
+    estimator: Estimator,
+    targets: Sequence[PruneTarget],
+    loss_fn: LossFn | None,
+    reduction: str = "mean",
+) -> Estimator:
+    """Re-estimate hook statistics at the *current* weights from stored batches.
+
+    Used to recompute curvature inside an OBS round (as M-FAC/oBERT do). Runs in eval mode with
+    ``torch.autograd.grad`` on the target weights only, so no ``.grad`` of the model is touched.
+    """
+    if not can_compute_loss(pl_module, loss_fn):
+        raise ValueError("recomputing curvature needs a loss: pass loss_fn=... (manual optimization)")
+    capture = LayerCapture(targets)
+    params = [t.param for t in targets]
+    capture.attach()
+    try:
+        with eval_mode(pl_module), torch.enable_grad(), trainer.precision_plugin.forward_context():
+            for i, batch in enumerate(batches):
+                loss = batch_loss(pl_module, batch, i, loss_fn)
+                torch.autograd.grad(loss, params, allow_unused=True)
+                for target, x, g in capture.drain():
+                    factor = per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
+                    estimator.update(target.name, x, g * factor)
+                estimator.end_batch()
+    finally:
+        capture.detach()
+    estimator.reduce_()
+    return estimator

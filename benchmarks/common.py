@@ -1,0 +1,154 @@
+"""Shared harness for the benchmark scripts: data, dense baselines (cached), one-shot and gradual runs.
+
+Every run goes through the real callbacks inside a real ``Trainer``. One-shot pruning of a trained
+model is a one-epoch ``fit`` whose optimizer has lr 0 and whose epoch is exactly the curvature
+window (``limit_train_batches=num_batches``), so the weights the round sees are the dense ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_prune.data import FashionMNISTDataModule
+from lightning_prune.models import LeNet5Classifier, MLPClassifier
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+MODELS = {
+    "mlp": lambda shape, classes: MLPClassifier(shape, classes, hidden=(300, 100), lr=1e-3),
+    "lenet5": lambda shape, classes: LeNet5Classifier(shape, classes, kernel_size=5, lr=1e-3),
+}
+DENSE_EPOCHS = 8
+BATCH = 128
+
+_DATA: dict[int, FashionMNISTDataModule] = {}
+
+
+def data(seed: int = 0) -> FashionMNISTDataModule:
+    if seed not in _DATA:
+        dm = FashionMNISTDataModule(batch_size=BATCH, seed=seed)
+        dm.setup()
+        _DATA[seed] = dm
+    return _DATA[seed]
+
+
+def trainer(**kwargs: Any) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def build(model: str, seed: int) -> pl.LightningModule:
+    pl.seed_everything(seed, verbose=False)
+    dm = data(seed)
+    return MODELS[model](dm.input_shape, dm.num_classes)
+
+
+def dense(model: str, seed: int, epochs: int = DENSE_EPOCHS) -> tuple[dict[str, torch.Tensor], float]:
+    """Dense weights and test accuracy after ``epochs`` (cached on disk per model/seed/epochs)."""
+    CACHE.mkdir(exist_ok=True)
+    path = CACHE / f"dense-{model}-s{seed}-e{epochs}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=True)
+        return blob["state"], float(blob["acc"])
+    net = build(model, seed)
+    trainer(max_epochs=epochs, limit_val_batches=0).fit(net, data(seed))
+    acc = test_accuracy(net, seed)
+    torch.save({"state": net.state_dict(), "acc": acc}, path)
+    return net.state_dict(), acc
+
+
+def test_accuracy(net: pl.LightningModule, seed: int) -> float:
+    out = trainer().test(net, data(seed), verbose=False)
+    return float(out[0]["test/acc"])
+
+
+def one_shot(model: str, seed: int, callback: Callback, num_batches: int = 32) -> tuple[float, pl.LightningModule]:
+    """Prune the cached dense model in one round (no weight updates besides the pruner's)."""
+    state, _ = dense(model, seed)
+    net = build(model, seed)
+    net.load_state_dict(state)
+    net.lr = 0.0
+    trainer(max_epochs=1, limit_train_batches=num_batches, limit_val_batches=0, callbacks=[callback]).fit(
+        net, data(seed)
+    )
+    return test_accuracy(net, seed), net
+
+
+def train_with(
+    model: str,
+    seed: int,
+    epochs: int,
+    callbacks: list[Callback],
+    from_dense: bool = False,
+    lr: float | None = None,
+    **trainer_kwargs: Any,
+) -> tuple[float, pl.LightningModule]:
+    """Train (from scratch or from the cached dense model) with the given callbacks; test accuracy."""
+    net = build(model, seed)
+    if from_dense:
+        net.load_state_dict(dense(model, seed)[0])
+    if lr is not None:
+        net.lr = lr
+    trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, **trainer_kwargs).fit(net, data(seed))
+    return test_accuracy(net, seed), net
+
+
+def sparsity_of(net: torch.nn.Module) -> float:
+    """Fraction of zeros over all Linear/Conv weights (what a user would measure)."""
+    from lightning_prune.targets import resolve_targets
+
+    ws = [t.param.detach() for t in resolve_targets(net)]
+    return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+        cpu = model
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def fingerprint(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+__all__ = ["commit", "copy", "data", "dense", "machine", "one_shot", "sparsity_of", "test_accuracy", "train_with"]
