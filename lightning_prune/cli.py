@@ -1,0 +1,212 @@
+"""The ``lightning-prune`` command: Hydra composes data, model, pruner, trainer and logger.
+
+    lightning-prune                                    # digits, MLP, OBS to 80%: no download
+    lightning-prune pruner=obd pruner.curvature=ekfac pruner.target=0.9
+    lightning-prune -m pruner=magnitude,obd,obs pruner.target=0.8,0.9   # sweep
+    lightning-prune experiment=fmnist_mlp trainer=ddp_cpu logger=wandb
+
+Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
+sweep's results into a Markdown table and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_prune.calibration import eval_mode
+from lightning_prune.callbacks.base import PruningCallback
+
+
+def config_dir() -> Path:
+    """The configs: ``lightning_prune/conf`` in an installed wheel, ``<repo>/conf`` in a clone."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return packaged
+    repo = Path(__file__).resolve().parent.parent / "conf"
+    if repo.is_dir():
+        return repo
+    raise FileNotFoundError(f"lightning-prune configs not found in {packaged} or {repo}; reinstall the package")
+
+
+def method_label(cfg: DictConfig) -> str:
+    """Short name of the pruning method for tables: ``obs[kfac]``, ``obd[ekfac]``, ``magnitude``."""
+    target = cfg.pruner.get("_target_") if cfg.pruner else None
+    if not target:
+        return "dense"
+    name = target.rsplit(".", 1)[-1].replace("Pruning", "").lower()
+    if name == "obd":
+        return f"obd[{cfg.pruner.curvature}]"
+    if name == "obs":
+        return f"obs[{cfg.pruner.hessian}]"
+    return name
+
+
+class RoundEvaluator(Callback):
+    """Validation accuracy right after each pruning round (before any fine-tuning).
+
+    Listed after the pruner, so its ``on_train_epoch_end`` sees the round's result.
+    """
+
+    def __init__(self, pruner: PruningCallback, datamodule: pl.LightningDataModule) -> None:
+        self.pruner, self.datamodule = pruner, datamodule
+        self.after: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def accuracy(self, pl_module: pl.LightningModule) -> float:
+        correct = total = 0
+        with eval_mode(pl_module):
+            for x, y in self.datamodule.val_dataloader():
+                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                correct += int((pl_module(x).argmax(1) == y).sum())
+                total += len(y)
+        return correct / max(total, 1)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = self.pruner.history
+        if len(history) == len(self.after):
+            return
+        record = history[-1]
+        acc = self.accuracy(pl_module)
+        self.after.append(
+            {"round": record["round"], "epoch": record["epoch"], "sparsity": record["sparsity"], "val_acc": acc}
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics({"prune/val_acc_after_round": acc}, step=trainer.global_step)
+        _print(f"[lightning-prune] round {record['round']}: val accuracy right after pruning {acc:.2%}")
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _loggers(cfg: DictConfig) -> list[Any]:
+    """Instantiate the logger list; W&B gets the resolved config, a run name, and a sweep group."""
+    if not cfg.logger:
+        return []
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = []
+    for entry in cfg.logger:
+        overrides: dict[str, Any] = {}
+        if entry.get("_target_", "").endswith("wandb_logger"):
+            if entry.get("group") is None and HydraConfig.get().mode == RunMode.MULTIRUN:
+                overrides["group"] = Path(HydraConfig.get().sweep.dir).name
+            if entry.get("name") is None:
+                target = cfg.pruner.get("target", 0) if cfg.pruner else 0
+                overrides["name"] = f"{method_label(cfg)}-{target}-seed{cfg.seed}"
+        logger = instantiate(entry, **overrides)
+        logger.log_hyperparams(resolved)  # W&B: the resolved Hydra config becomes the run config
+        loggers.append(logger)
+    return loggers
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """One experiment; returns (and writes) its summary."""
+    output_dir = HydraConfig.get().runtime.output_dir
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    callbacks: list[Callback] = []
+    pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
+    evaluator = None
+    if pruner is not None:
+        callbacks.append(pruner)
+        if cfg.eval_after_round:
+            evaluator = RoundEvaluator(pruner, datamodule)
+            callbacks.append(evaluator)
+    loggers = _loggers(cfg)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
+    )
+    trainer.fit(model, datamodule=datamodule)
+    val_acc = _float(trainer.callback_metrics.get("val/acc"))
+    test = trainer.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
+
+    summary = {
+        "method": method_label(cfg),
+        "target": float(cfg.pruner.get("target", 0.0)) if pruner is not None else 0.0,
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "seed": cfg.seed,
+        "sparsity": pruner.sparsity if pruner is not None else 0.0,
+        "dense_val_acc": _dense_acc(pruner),
+        "rounds": evaluator.after if evaluator else [],
+        "val_acc": val_acc,
+        "test_acc": _float(test.get("test/acc")),
+        "test_loss": _float(test.get("test/loss")),
+        "history": [dict(r) for r in pruner.history] if pruner is not None else [],
+        "output_dir": output_dir,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if trainer.is_global_zero:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        _print(_final_report(summary, pruner, loggers))
+    return summary
+
+
+def _float(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def _dense_acc(pruner: PruningCallback | None) -> float:
+    """Validation accuracy measured at the end of the first round's epoch, before it pruned."""
+    if pruner is None or not pruner.history:
+        return math.nan
+    return float(pruner.history[0]["monitor"].get("val/acc", math.nan))
+
+
+def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, loggers: list[Any]) -> str:
+    lines = ["", "=" * 72, f"lightning-prune: {summary['method']} on {summary['model']} / {summary['data']}"]
+    if pruner is not None:
+        lines.append(f"dense validation accuracy (before the first round): {summary['dense_val_acc']:.2%}")
+        for r in summary["rounds"]:
+            lines.append(
+                f"  round {r['round']} (epoch {r['epoch']}): sparsity {r['sparsity']:.2%}, "
+                f"val accuracy right after pruning {r['val_acc']:.2%}"
+            )
+    lines.append(
+        f"final: sparsity {summary['sparsity']:.2%}, val accuracy {summary['val_acc']:.2%}, "
+        f"test accuracy {summary['test_acc']:.2%}"
+    )
+    if pruner is not None and pruner.verbose == 0:  # verbose pruners already printed it at fit end
+        lines += ["", pruner.layer_table()]
+    lines += ["", f"outputs and results.json: {summary['output_dir']}"]
+    for logger in loggers:
+        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            mode = getattr(getattr(run, "settings", None), "mode", "")
+            where = (
+                f"{Path(run.dir).parent} (W&B {mode or 'run'}{'; sync with `wandb sync`' if mode == 'offline' else ''})"
+            )
+        lines.append(f"{type(logger).__name__}: {where}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Console entry point (``lightning-prune``)."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    decorated = hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(run)
+    decorated()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
