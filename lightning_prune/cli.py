@@ -158,6 +158,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
         _print(_final_report(summary, pruner, loggers))
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # flush now: the next sweep job starts a new run
     return summary
 
 

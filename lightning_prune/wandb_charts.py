@@ -1,13 +1,68 @@
-"""W&B-only extras for a round: per-layer table and bar chart, and the pruning curve."""
+"""W&B-only extras for a round: per-layer table and bar chart, pruning curve, predicted vs actual.
+
+Scalars reach W&B like every other logger (``prune/*``); this adds W&B's own tables and charts.
+The pruning curve plots the validation metric Lightning had at each round (measured at the end of
+that epoch, i.e. at the sparsity the previous round left) against sparsity.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
+
+
+def curve_metric(monitor: Mapping[str, float]) -> str | None:
+    """The validation metric for the pruning curve: a ``val*acc*`` key if any, else the first ``val*``."""
+    keys = sorted(k for k in monitor if k.startswith("val"))
+    for k in keys:
+        if "acc" in k:
+            return k
+    return keys[0] if keys else None
+
+
+def curve_points(history: Sequence[Mapping[str, Any]]) -> tuple[str | None, list[list[float]]]:
+    metric = curve_metric(history[-1].get("monitor", {})) if history else None
+    points, previous = [], 0.0
+    for record in history:
+        value = record.get("monitor", {}).get(metric) if metric else None
+        if value is not None and not math.isnan(value):
+            points.append([previous, float(value), record["round"]])
+        previous = record["sparsity"]
+    return metric, points
 
 
 def log_wandb_round(trainer: pl.Trainer, record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
     """Log W&B tables/charts for this round if a ``WandbLogger`` is attached (no-op otherwise)."""
-    return None
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if not loggers:
+        return
+    import wandb
+
+    layers = wandb.Table(
+        columns=["layer", "sparsity"], data=[[n, float(s)] for n, s in record["layer_sparsity"].items()]
+    )
+    payload: dict[str, Any] = {
+        "prune/layer_table": layers,
+        "prune/layer_sparsity": wandb.plot.bar(layers, "layer", "sparsity", title="Sparsity per layer"),
+    }
+    metric, points = curve_points(history)
+    if metric and points:
+        curve = wandb.Table(columns=["sparsity", metric, "round"], data=points)
+        payload["prune/pruning_curve"] = wandb.plot.line(curve, "sparsity", metric, title=f"{metric} vs sparsity")
+    rounds = [r["round"] for r in history]
+    predicted = [r["predicted_loss_increase"] for r in history]
+    actual = [r["actual_loss_increase"] for r in history]
+    if not all(math.isnan(p) for p in predicted):
+        payload["prune/loss_increase"] = wandb.plot.line_series(
+            xs=rounds,
+            ys=[predicted, actual],
+            keys=["predicted", "actual"],
+            title="Loss increase per round",
+            xname="round",
+        )
+    for logger in loggers:
+        logger.experiment.log(payload)
