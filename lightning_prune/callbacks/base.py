@@ -72,7 +72,7 @@ class PruningCallback(Callback):
         min_density: floor per layer; each keeps ``max(1, ceil(min_density * numel))`` weights.
         num_batches: training batches before each round whose curvature the round uses.
         eval_batches: how many of the window's last batches measure the actual loss increase
-            (0 disables the measurement).
+            (at most ``num_batches``; 0 disables the measurement).
         loss_fn: ``loss_fn(pl_module, batch) -> mean loss``; default: ``training_step``, called
             in eval mode with logging muted (see :mod:`lightning_prune.calibration`).
         verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
@@ -128,8 +128,8 @@ class PruningCallback(Callback):
     # ================================================================ subclass API
     @property
     def _window_length(self) -> int:
-        """Training batches kept before a round (magnitude only needs the evaluation batches)."""
-        return max(self.num_batches, self.eval_batches)
+        """Training batches captured and kept before a round (magnitude: only the evaluation batches)."""
+        return self.num_batches
 
     def _on_targets(self, targets: list[PruneTarget]) -> None:
         """Validate targets for the criterion (e.g. curvature needs Linear/Conv weights)."""
@@ -273,7 +273,7 @@ class PruningCallback(Callback):
         stats = self._close_window(trainer, pl_module) if self._window_open else None
         self._window_open = False
         batches = list(self._batches)
-        eval_batches = batches[len(batches) - self.eval_batches :] if self.eval_batches else []
+        eval_batches = batches[max(0, len(batches) - self.eval_batches) :] if self.eval_batches else []
 
         loss_before = self._held_loss(trainer, pl_module, eval_batches)
         before = self._current_masks()

@@ -133,9 +133,10 @@ class KFAC(Estimator):
             self.a_count[n], self.g_count[n] = torch.zeros((), **kw), torch.zeros((), **kw)
 
     def update(self, name: str, x: Tensor, g: Tensor) -> None:
-        xf, gf = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        self.A[name] += (xf.T @ xf).double()
-        self.G[name] += (gf.T @ gf).double()
+        # float64 products: EKFAC's eigenbases must not depend on how a batch was split
+        xf, gf = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+        self.A[name] += xf.T @ xf
+        self.G[name] += gf.T @ gf
         self.a_count[name] += xf.shape[0]
         self.g_count[name] += x.shape[0]
 

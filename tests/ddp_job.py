@@ -1,0 +1,146 @@
+"""A small multi-process training job for the DDP tests (run as a script: Lightning relaunches it per rank).
+
+    python tests/ddp_job.py --devices 2 --method obs --out DIR [--batch 16] [--lr 0] [--chaos] [--resume CKPT]
+
+Each rank writes DIR/rank{R}.pt with its final masks, pruned weights, the last round's curvature
+diagonals and the result of an all_gather check made after every round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning.pytorch as pl
+import torch
+from conftest import TinyNet
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
+
+
+def spy(cls):
+    class Spy(cls):
+        diagonals: typing.ClassVar[dict] = {}
+
+        def _prune(self, ctx):
+            est = ctx.stats
+            if est is not None and hasattr(est, "parts"):
+                est = est.parts["kfac"]
+            if est is not None:
+                self.diagonals = {t.name: est.diagonal(t.name).cpu() for t in ctx.targets}
+            return super()._prune(ctx)
+
+    return Spy
+
+
+METHODS = {
+    "magnitude": lambda a: spy(MagnitudePruning)(0.8, verbose=1),
+    "obd": lambda a: spy(OBDPruning)(0.8, curvature="fisher", num_batches=a.num_batches, verbose=1),
+    "obd_kfac": lambda a: spy(OBDPruning)(0.8, curvature="kfac", num_batches=a.num_batches, verbose=1),
+    "obd_ekfac": lambda a: spy(OBDPruning)(0.8, curvature="ekfac", num_batches=a.num_batches, verbose=1),
+    "obs": lambda a: spy(OBSPruning)(0.8, num_batches=a.num_batches, verbose=1),
+    "obs_kfac": lambda a: spy(OBSPruning)(0.8, hessian="kfac", num_batches=a.num_batches, verbose=1),
+}
+
+
+class OrderedTinyNet(TinyNet):
+    """Same data order as one process: rank r gets samples r, r + world, ... (no shuffling)."""
+
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        if not torch.distributed.is_initialized():
+            return loader
+        sampler = torch.utils.data.DistributedSampler(loader.dataset, shuffle=False)
+        return torch.utils.data.DataLoader(loader.dataset, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+class Chaos(Callback):
+    """Rank-dependent noise on the weights right before each round: only a sync can undo it."""
+
+    def __init__(self, pruner):
+        self.pruner, self.diverged = pruner, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.pruner.schedule.is_round(trainer.current_epoch):
+            g = torch.Generator().manual_seed(1000 + trainer.global_rank)
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.add_(1e-3 * torch.randn(p.shape, generator=g))
+            w = pl_module.all_gather(next(pl_module.parameters()).detach())
+            self.diverged.append(not torch.equal(w[0], w[1]))
+
+
+class GatherCheck(Callback):
+    """After every round: all_gather masks and pruned weights and compare ranks bitwise."""
+
+    def __init__(self, pruner):
+        self.pruner, self.checks = pruner, []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if len(self.pruner.history) == len(self.checks):
+            return
+        params = dict(pl_module.named_parameters())
+        same = True
+        for name, mask in self.pruner._masks.items():
+            for t in (mask.to(torch.uint8), params[name].detach()):
+                gathered = pl_module.all_gather(t)  # (world, *shape)
+                same &= all(torch.equal(gathered[0], gathered[r]) for r in range(gathered.shape[0]))
+        self.checks.append(bool(same))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--method", default="obs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=4)
+    p.add_argument("--chaos", action="store_true")
+    p.add_argument("--resume", default=None)
+    p.add_argument("--strategy", default="ddp")
+    a = p.parse_args()
+    pl.seed_everything(0, verbose=False)
+    model = OrderedTinyNet(batch_size=a.batch, lr=a.lr, n=256)
+    pruner = METHODS[a.method](a)
+    check = GatherCheck(pruner)
+    chaos = Chaos(pruner) if a.chaos else None
+    callbacks = ([chaos] if chaos else []) + [pruner, check]
+    callbacks.append(ModelCheckpoint(dirpath=os.path.join(a.out, "ckpt"), filename="{epoch}", save_top_k=-1))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=a.devices,
+        strategy=a.strategy if a.devices > 1 else "auto",
+        max_epochs=a.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+    )
+    trainer.fit(model, ckpt_path=a.resume)
+    params = dict(model.named_parameters())
+    torch.save(
+        {
+            "masks": {n: m.cpu() for n, m in pruner._masks.items()},
+            "weights": {n: params[n].detach().cpu() for n in pruner._masks},
+            "diagonals": pruner.diagonals,
+            "checks": check.checks,
+            "diverged_before_round": chaos.diverged if chaos else [],
+            "history": [dict(r) for r in pruner.history],
+            "world": trainer.world_size,
+        },
+        os.path.join(a.out, f"rank{trainer.global_rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main()
