@@ -15,7 +15,14 @@ from lightning_prune import OBSPruning
 from lightning_prune.curvature.estimators import _chunks, per_sample_grads
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update
 from lightning_prune.obs.kronecker import kfac_set_update
-from lightning_prune.obs.layerwise import blocked_prune, obc_prune, prepare_hessian, single_saliency
+from lightning_prune.obs.layerwise import (
+    blocked_prune,
+    choose_solver,
+    obc_prune,
+    prepare_hessian,
+    single_saliency,
+    sparsegpt_prune,
+)
 from lightning_prune.obs.linalg import damped_cholesky
 from lightning_prune.targets import resolve_targets
 
@@ -83,41 +90,52 @@ def test_forced_weights_stay_pruned_and_still_constrain_the_refit():
     W = W.clone()
     W[forced] = 0.0
     Hinv, _, _, _ = prepare_hessian(H, W, TINY, "test")
-    for solver in (obc_prune, blocked_prune):
+    for solver in (obc_prune, blocked_prune, sparsegpt_prune):
         W_new, pruned, _ = solver(W, Hinv, torch.tensor([6, 6, 6]), forced)
         assert torch.all(pruned[forced]) and torch.equal(pruned.sum(1), torch.tensor([6, 6, 6]))
         assert torch.all(W_new[pruned] == 0)
 
 
 @pytest.mark.parametrize("seed,sparsity", [(0, 0.5), (1, 0.5), (2, 0.9), (3, 0.9)])
-def test_fast_solver_close_to_exact_on_random_problems(seed, sparsity):
-    """Blocked OBS loses only the cross-block compensation: measured 1-2.5% above exact on
-    i.i.d. problems (the issue asked for 1%; see benchmarks/RESULTS.md), far below magnitude."""
+def test_fast_solvers_close_to_exact_on_random_problems(seed, sparsity):
+    """Measured on i.i.d. random problems (the issue asked for 1%; see benchmarks/RESULTS.md):
+    blocked OBS loses only cross-block compensation (1-2.5% above exact), SparseGPT's column sweep
+    also the within-block backward compensation (2-5%). Both recover most of what magnitude loses."""
     X, Y, W, H = problem(n=4000, d=256, rows=64, seed=seed, corr=0.0)
     Hinv, _, _, _ = prepare_hessian(H, W, 1e-6, "test")
     counts = torch.full((64,), int(sparsity * 256))
     forced = torch.zeros_like(W, dtype=torch.bool)
     base = loss(X, Y, W)
     exact = loss(X, Y, obc_prune(W, Hinv, counts, forced)[0]) - base
-    fast = loss(X, Y, blocked_prune(W, Hinv, counts, forced, blocksize=128)[0]) - base
+    blocked = loss(X, Y, blocked_prune(W, Hinv, counts, forced, blocksize=128)[0]) - base
+    fast = loss(X, Y, sparsegpt_prune(W, Hinv, counts, forced, blocksize=128)[0]) - base
     one_block = loss(X, Y, blocked_prune(W, Hinv, counts, forced, blocksize=256)[0]) - base
-    magnitude = (
-        loss(
-            X,
-            Y,
-            W
-            * (
-                W.abs()
-                >= W.abs()
-                .kthvalue(int(counts[0]), dim=1, keepdim=True)
-                .values.nextafter(torch.tensor(float("inf"), dtype=W.dtype))
-            ),
-        )
-        - base
-    )
-    assert exact <= fast <= exact * 1.025
-    assert fast < magnitude - 0.5 * (magnitude - exact)  # recovers most of what compensation can
+    kth = W.abs().kthvalue(int(counts[0]), dim=1, keepdim=True).values
+    magnitude = loss(X, Y, W * (W.abs() > kth)) - base
+    assert exact <= blocked <= exact * 1.025
+    assert exact <= fast <= exact * 1.05
+    assert blocked < magnitude - 0.5 * (magnitude - exact)  # recovers most of what compensation can
+    assert fast < magnitude
     assert one_block == pytest.approx(exact, rel=1e-9)  # one block is OBC
+
+
+def test_sparsegpt_is_block_size_invariant_for_a_fixed_mask():
+    """Lazy batch updates are an implementation detail: with the mask fixed (all forced), every
+    block size gives the same weights and the predicted loss equals the actual one."""
+    X, Y, W, H = problem(n=500, d=64, rows=8, corr=1.0)
+    Hinv, _, _, _ = prepare_hessian(H, W, 1e-9, "test")
+    forced = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    outs = [sparsegpt_prune(W, Hinv, forced.sum(1), forced, blocksize=b) for b in (1, 8, 64)]
+    for w, _, _ in outs[1:]:
+        torch.testing.assert_close(w, outs[0][0])
+    assert float(outs[0][2].sum()) == pytest.approx(loss(X, Y, outs[0][0]) - loss(X, Y, W), rel=1e-5)
+
+
+def test_auto_solver_choice_scales_with_work():
+    counts = torch.full((300,), 700)
+    assert choose_solver(torch.zeros(300, 784), counts, 128) == "blocked"
+    assert choose_solver(torch.zeros(16, 150), torch.full((16,), 100), 128) == "exact"
+    assert choose_solver(torch.zeros(4096, 4096), torch.full((4096,), 2048), 128) == "fast"
 
 
 def test_float32_and_float64_agree():
@@ -127,7 +145,11 @@ def test_float32_and_float64_agree():
     out = {}
     for dtype in (torch.float32, torch.float64):
         Hinv, W_, _, _ = prepare_hessian(H.to(dtype), W.to(dtype), 0.01, "test")
-        out[dtype] = [obc_prune(W_, Hinv, counts, forced), blocked_prune(W_, Hinv, counts, forced)]
+        out[dtype] = [
+            obc_prune(W_, Hinv, counts, forced),
+            blocked_prune(W_, Hinv, counts, forced, blocksize=8),
+            sparsegpt_prune(W_, Hinv, counts, forced, blocksize=8),
+        ]
     for (w32, m32, _), (w64, m64, _) in zip(out[torch.float32], out[torch.float64]):
         assert torch.equal(m32, m64)
         torch.testing.assert_close(w32.double(), w64, rtol=1e-4, atol=1e-5)
@@ -139,7 +161,7 @@ def test_dead_inputs_and_rank_deficient_hessian_do_not_crash():
     H = X.T @ X / 6
     Hinv, W_, damped, dead = prepare_hessian(H, W, 0.01, "test")
     assert dead.tolist().count(True) == 1 and torch.all(W_[:, 3] == 0)
-    for solver in (obc_prune, blocked_prune):
+    for solver in (obc_prune, blocked_prune, sparsegpt_prune):
         W_new, pruned, losses = solver(W_, Hinv, torch.full((4,), 6), torch.zeros_like(W, dtype=torch.bool))
         assert torch.isfinite(W_new).all() and torch.isfinite(losses).all()
         assert torch.all(pruned[:, 3])  # free to remove: pruned first
@@ -233,7 +255,7 @@ class LeastSquares(pl.LightningModule):
         return DataLoader(TensorDataset(self.X, self.Y), batch_size=64)
 
 
-@pytest.mark.parametrize("solver", ["exact", "fast"])
+@pytest.mark.parametrize("solver", ["exact", "blocked", "fast"])
 def test_callback_layerwise_round_is_the_least_squares_refit(solver):
     model = LeastSquares()
     pruner = OBSPruning(
@@ -252,7 +274,7 @@ def test_callback_layerwise_round_is_the_least_squares_refit(solver):
     ref = refit(model.X.double(), model.Y.double(), keep).float()
     W = model.lin.weight.detach()
     rel = float((W - ref).norm() / ref.norm())
-    assert rel < (1e-4 if solver == "exact" else 0.05)
+    assert rel < (1e-4 if solver == "exact" else 0.1)
     rec = pruner.history[0]
     # layer-wise OBS predicts the reconstruction loss, weighted by G_ii = E[g_i^2] (residuals ~ 0.1)
     assert rec["predicted_loss_increase"] > 0 and rec["actual_loss_increase"] > 0

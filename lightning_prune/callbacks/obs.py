@@ -3,8 +3,8 @@
 Three Hessian models, one engine:
 
 * ``hessian="layerwise"`` (default): ``H = E[x x^T]`` of each layer's inputs, shared by its rows
-  (OBC/SparseGPT). The exact (OBC) or fast (SparseGPT) solver removes weights row by row and
-  refits the rest. Rows and layers are made comparable by weighting row ``i``'s reconstruction
+  (OBC/SparseGPT). The exact (OBC), blocked or fast (SparseGPT) solver removes weights row by row
+  and refits the rest. Rows and layers are made comparable by weighting row ``i``'s reconstruction
   error with ``G_ii = E[g_i^2]`` (output-gradient second moment), i.e. ``H ~ diag(G) (x) A``,
   which puts every saliency in loss units.
 * ``hessian="fisher"``: block-diagonal empirical Fisher (WoodFisher).
@@ -39,16 +39,22 @@ from lightning_prune.curvature.estimators import Composite
 from lightning_prune.curvature.window import calibration_pass
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
 from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
-from lightning_prune.obs.layerwise import blocked_prune, obc_prune, prepare_hessian, single_saliency
+from lightning_prune.obs.layerwise import (
+    blocked_prune,
+    choose_solver,
+    obc_prune,
+    prepare_hessian,
+    single_saliency,
+    sparsegpt_prune,
+)
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
 from lightning_prune.targets import PruneTarget
 
 HESSIANS = ("layerwise", "fisher", "kfac")
-SOLVERS = ("auto", "exact", "fast")
+SOLVERS = ("auto", "exact", "blocked", "fast")
 ALLOCATIONS = ("obs", "fisher", "kfac")
 OPTIMIZER_STATES = ("keep", "reset")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-AUTO_EXACT_MAX_COLS = 256  # solver="auto": exact OBC up to this many input columns, SparseGPT beyond
 
 
 def _split(items: list, n: int) -> list[list]:
@@ -67,13 +73,14 @@ class OBSPruning(CurvaturePruningCallback):
 
     Args:
         hessian: ``"layerwise"``, ``"fisher"`` or ``"kfac"`` (see the module docstring).
-        solver: layer-wise only: ``"exact"`` (OBC), ``"fast"`` (blocked OBS with SparseGPT-style lazy
-            updates) or ``"auto"`` (exact for layers with at most 256 input columns).
+        solver: layer-wise only: ``"exact"`` (OBC), ``"blocked"`` (exact inside column blocks,
+            SparseGPT-style lazy updates between them), ``"fast"`` (SparseGPT column sweep) or
+            ``"auto"``: per layer, the most exact one whose work fits about 10 s of CPU.
         allocation: layer-wise only: the loss-unit score that shares the removals among layers and
             rows: ``"fisher"`` (OBD's ``1/2 F_ii w^2``, default), ``"obs"`` or ``"kfac"``.
         damp: relative damping, ``H + damp * mean(diag H) * I``; raised x10 (with a warning) if
             Cholesky fails.
-        block_size: ``"fisher"``: Fisher block size; ``"fast"`` solver: column block size.
+        block_size: ``"fisher"``: Fisher block size; ``"blocked"``/``"fast"`` solvers: column block size.
         recompute_steps: ``"fisher"``/``"kfac"``: curvature re-estimations within a round.
         optimizer_state: ``"reset"`` zeroes the optimizer moments of weights the update moved;
             ``"keep"`` leaves them (pruned entries are zeroed either way).
@@ -86,7 +93,7 @@ class OBSPruning(CurvaturePruningCallback):
         self,
         target: float,
         hessian: Literal["layerwise", "fisher", "kfac"] = "layerwise",
-        solver: Literal["auto", "exact", "fast"] = "auto",
+        solver: Literal["auto", "exact", "blocked", "fast"] = "auto",
         allocation: Literal["obs", "fisher", "kfac"] = "fisher",
         damp: float = 0.01,
         block_size: int = 128,
@@ -206,14 +213,14 @@ class OBSPruning(CurvaturePruningCallback):
                 info["dead_inputs"] += int(dead.sum())
                 forced = ~ctx.masks[t.name].reshape(W.shape)
                 counts = (~allocated[t.name]).reshape(W.shape).sum(1)
-                solver = self.solver
-                if solver == "auto":
-                    solver = "exact" if W.shape[1] <= AUTO_EXACT_MAX_COLS else "fast"
+                solver = self.solver if self.solver != "auto" else choose_solver(W, counts, self.block_size)
                 solvers.add(solver)
                 if solver == "exact":
                     W_new, pruned, losses = obc_prune(W, Hinv, counts, forced)
-                else:
+                elif solver == "blocked":
                     W_new, pruned, losses = blocked_prune(W, Hinv, counts, forced, self.block_size)
+                else:
+                    W_new, pruned, losses = sparsegpt_prune(W, Hinv, counts, forced, self.block_size)
                 self._write(t, W_new)
                 masks[t.name] = (~pruned).reshape(t.param.shape)
                 predicted += float((torch.diagonal(G).to(dtype) * losses).sum())
