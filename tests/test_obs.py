@@ -55,8 +55,8 @@ def refit(X, Y, keep):
 
 def test_single_weight_saliency_equals_brute_force_refit():
     X, Y, W, H = problem()
-    Hinv, _, _, _ = prepare_hessian(H, W, TINY, "test")
-    sal = single_saliency(W, Hinv)
+    U, _, _, _ = prepare_hessian(H, W, TINY, "test")
+    sal = single_saliency(W, U)
     base = loss(X, Y, W)
     for r, q in itertools.product(range(W.shape[0]), range(W.shape[1])):
         keep = torch.ones_like(W, dtype=torch.bool)
@@ -67,10 +67,10 @@ def test_single_weight_saliency_equals_brute_force_refit():
 
 def test_exact_round_equals_least_squares_refit_and_beats_magnitude():
     X, Y, W, H = problem(d=16, rows=6)
-    Hinv, _, _, _ = prepare_hessian(H, W, TINY, "test")
+    U, _, _, _ = prepare_hessian(H, W, TINY, "test")
     counts = torch.tensor([3, 5, 8, 10, 12, 14])
     forced = torch.zeros_like(W, dtype=torch.bool)
-    W_obs, pruned, losses = obc_prune(W, Hinv, counts, forced)
+    W_obs, pruned, losses = obc_prune(W, U, counts, forced)
     assert torch.equal(pruned.sum(1), counts)
     ref = refit(X, Y, ~pruned)
     assert float((W_obs - ref).norm() / ref.norm()) < 1e-4
@@ -89,9 +89,9 @@ def test_forced_weights_stay_pruned_and_still_constrain_the_refit():
     forced[:, :3] = True
     W = W.clone()
     W[forced] = 0.0
-    Hinv, _, _, _ = prepare_hessian(H, W, TINY, "test")
+    U, _, _, _ = prepare_hessian(H, W, TINY, "test")
     for solver in (obc_prune, blocked_prune, sparsegpt_prune):
-        W_new, pruned, _ = solver(W, Hinv, torch.tensor([6, 6, 6]), forced)
+        W_new, pruned, _ = solver(W, U, torch.tensor([6, 6, 6]), forced)
         assert torch.all(pruned[forced]) and torch.equal(pruned.sum(1), torch.tensor([6, 6, 6]))
         assert torch.all(W_new[pruned] == 0)
 
@@ -102,14 +102,14 @@ def test_fast_solvers_close_to_exact_on_random_problems(seed, sparsity):
     blocked OBS loses only cross-block compensation (1-2.5% above exact), SparseGPT's column sweep
     also the within-block backward compensation (2-5%). Both recover most of what magnitude loses."""
     X, Y, W, H = problem(n=4000, d=256, rows=64, seed=seed, corr=0.0)
-    Hinv, _, _, _ = prepare_hessian(H, W, 1e-6, "test")
+    U, _, _, _ = prepare_hessian(H, W, 1e-6, "test")
     counts = torch.full((64,), int(sparsity * 256))
     forced = torch.zeros_like(W, dtype=torch.bool)
     base = loss(X, Y, W)
-    exact = loss(X, Y, obc_prune(W, Hinv, counts, forced)[0]) - base
-    blocked = loss(X, Y, blocked_prune(W, Hinv, counts, forced, blocksize=128)[0]) - base
-    fast = loss(X, Y, sparsegpt_prune(W, Hinv, counts, forced, blocksize=128)[0]) - base
-    one_block = loss(X, Y, blocked_prune(W, Hinv, counts, forced, blocksize=256)[0]) - base
+    exact = loss(X, Y, obc_prune(W, U, counts, forced)[0]) - base
+    blocked = loss(X, Y, blocked_prune(W, U, counts, forced, blocksize=128)[0]) - base
+    fast = loss(X, Y, sparsegpt_prune(W, U, counts, forced, blocksize=128)[0]) - base
+    one_block = loss(X, Y, blocked_prune(W, U, counts, forced, blocksize=256)[0]) - base
     kth = W.abs().kthvalue(int(counts[0]), dim=1, keepdim=True).values
     magnitude = loss(X, Y, W * (W.abs() > kth)) - base
     assert exact <= blocked <= exact * 1.025
@@ -123,9 +123,9 @@ def test_sparsegpt_is_block_size_invariant_for_a_fixed_mask():
     """Lazy batch updates are an implementation detail: with the mask fixed (all forced), every
     block size gives the same weights and the predicted loss equals the actual one."""
     X, Y, W, H = problem(n=500, d=64, rows=8, corr=1.0)
-    Hinv, _, _, _ = prepare_hessian(H, W, 1e-9, "test")
+    U, _, _, _ = prepare_hessian(H, W, 1e-9, "test")
     forced = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.5
-    outs = [sparsegpt_prune(W, Hinv, forced.sum(1), forced, blocksize=b) for b in (1, 8, 64)]
+    outs = [sparsegpt_prune(W, U, forced.sum(1), forced, blocksize=b) for b in (1, 8, 64)]
     for w, _, _ in outs[1:]:
         torch.testing.assert_close(w, outs[0][0])
     assert float(outs[0][2].sum()) == pytest.approx(loss(X, Y, outs[0][0]) - loss(X, Y, W), rel=1e-5)
@@ -144,11 +144,11 @@ def test_float32_and_float64_agree():
     forced = torch.zeros_like(W, dtype=torch.bool)
     out = {}
     for dtype in (torch.float32, torch.float64):
-        Hinv, W_, _, _ = prepare_hessian(H.to(dtype), W.to(dtype), 0.01, "test")
+        U, W_, _, _ = prepare_hessian(H.to(dtype), W.to(dtype), 0.01, "test")
         out[dtype] = [
-            obc_prune(W_, Hinv, counts, forced),
-            blocked_prune(W_, Hinv, counts, forced, blocksize=8),
-            sparsegpt_prune(W_, Hinv, counts, forced, blocksize=8),
+            obc_prune(W_, U, counts, forced),
+            blocked_prune(W_, U, counts, forced, blocksize=8),
+            sparsegpt_prune(W_, U, counts, forced, blocksize=8),
         ]
     for (w32, m32, _), (w64, m64, _) in zip(out[torch.float32], out[torch.float64]):
         assert torch.equal(m32, m64)
@@ -159,10 +159,10 @@ def test_dead_inputs_and_rank_deficient_hessian_do_not_crash():
     X, Y, W, _ = problem(n=6, d=12, rows=4)  # n < d: rank-deficient
     X[:, 3] = 0.0  # a dead input
     H = X.T @ X / 6
-    Hinv, W_, damped, dead = prepare_hessian(H, W, 0.01, "test")
+    U, W_, damped, dead = prepare_hessian(H, W, 0.01, "test")
     assert dead.tolist().count(True) == 1 and torch.all(W_[:, 3] == 0)
     for solver in (obc_prune, blocked_prune, sparsegpt_prune):
-        W_new, pruned, losses = solver(W_, Hinv, torch.full((4,), 6), torch.zeros_like(W, dtype=torch.bool))
+        W_new, pruned, losses = solver(W_, U, torch.full((4,), 6), torch.zeros_like(W, dtype=torch.bool))
         assert torch.isfinite(W_new).all() and torch.isfinite(losses).all()
         assert torch.all(pruned[:, 3])  # free to remove: pruned first
 

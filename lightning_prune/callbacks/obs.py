@@ -42,6 +42,7 @@ from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
 from lightning_prune.obs.layerwise import (
     blocked_prune,
     choose_solver,
+    inverse_diagonal,
     obc_prune,
     prepare_hessian,
     single_saliency,
@@ -208,7 +209,7 @@ class OBSPruning(CurvaturePruningCallback):
                 info["recomputes"] += 1
             for t in group:
                 A, G = est["kfac"].factors(t.name)
-                Hinv, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
+                U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
                 info["damping_increases"] += damped.increases
                 info["dead_inputs"] += int(dead.sum())
                 forced = ~ctx.masks[t.name].reshape(W.shape)
@@ -216,11 +217,11 @@ class OBSPruning(CurvaturePruningCallback):
                 solver = self.solver if self.solver != "auto" else choose_solver(W, counts, self.block_size)
                 solvers.add(solver)
                 if solver == "exact":
-                    W_new, pruned, losses = obc_prune(W, Hinv, counts, forced)
+                    W_new, pruned, losses = obc_prune(W, U, counts, forced)
                 elif solver == "blocked":
-                    W_new, pruned, losses = blocked_prune(W, Hinv, counts, forced, self.block_size)
+                    W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size)
                 else:
-                    W_new, pruned, losses = sparsegpt_prune(W, Hinv, counts, forced, self.block_size)
+                    W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size)
                 self._write(t, W_new)
                 masks[t.name] = (~pruned).reshape(t.param.shape)
                 predicted += float((torch.diagonal(G).to(dtype) * losses).sum())
@@ -233,12 +234,12 @@ class OBSPruning(CurvaturePruningCallback):
         if self.allocation == "fisher":
             return (0.5 * est["fisher"].diagonal(t.name).to(dtype).reshape(W.shape) * W**2).reshape(t.param.shape)
         A, G = est["kfac"].factors(t.name)
-        Hinv, W, _, _ = prepare_hessian(A.to(dtype), W, self.damp, t.name)
+        U, W, _, _ = prepare_hessian(A.to(dtype), W, self.damp, t.name)
         if self.allocation == "obs":
             g = torch.diagonal(G).to(dtype)
-            return (g[:, None] * single_saliency(W, Hinv)).reshape(t.param.shape)
+            return (g[:, None] * single_saliency(W, U)).reshape(t.param.shape)
         Ginv = torch.cholesky_inverse(damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G").L)
-        return kfac_saliency(W, Ginv, Hinv).reshape(t.param.shape)
+        return (W**2 / (2 * torch.outer(torch.diagonal(Ginv), inverse_diagonal(U)))).reshape(t.param.shape)
 
     # ------------------------------------------------------------------ Fisher / K-FAC OBS
     def _recomputed(self, ctx: RoundContext, est: Estimator) -> RoundResult:
