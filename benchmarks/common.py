@@ -104,15 +104,23 @@ def train_with(
     callbacks: list[Callback],
     from_dense: bool = False,
     lr: float | None = None,
+    optimizer: str | None = None,
     **trainer_kwargs: Any,
 ) -> tuple[float, pl.LightningModule]:
     """Train (from scratch or from the cached dense model) with the given callbacks; test accuracy."""
     net = build(model, seed)
     if from_dense:
         net.load_state_dict(dense(model, seed)[0])
+    if optimizer is not None:
+        net.optimizer_name = optimizer
+        if optimizer == "sgd":
+            net.lr = 0.05
     if lr is not None:
         net.lr = lr
-    trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, **trainer_kwargs).fit(net, data(seed))
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+    trainer(max_epochs=epochs, limit_val_batches=0, callbacks=callbacks, **trainer_kwargs).fit(
+        net, data(seed), ckpt_path=ckpt_path
+    )
     return test_accuracy(net, seed), net
 
 

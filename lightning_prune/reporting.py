@@ -9,6 +9,7 @@ a per-layer table and bar chart, and the pruning curve (validation metric agains
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -75,6 +76,26 @@ def round_summary(record: Mapping[str, Any]) -> str:
         parts.append(f"predicted +{pred:.4g} / actual {act:+.4g}")
     parts.append(f"in {record['seconds']:.2f}s")
     return " | ".join(parts)
+
+
+class Progress:
+    """A tqdm bar for calibration passes, on rank 0 and only when the trainer shows a progress bar."""
+
+    def __init__(self, trainer: pl.Trainer, total: int, desc: str, enabled: bool = True) -> None:
+        bar = trainer.progress_bar_callback
+        self._bar = None
+        if enabled and trainer.is_global_zero and bar is not None and bar.is_enabled and total > 0:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def __call__(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 @rank_zero_only

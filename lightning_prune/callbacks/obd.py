@@ -12,6 +12,7 @@ from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import RoundContext, RoundResult
 from lightning_prune.callbacks.curvature_base import CurvaturePruningCallback, sanitize_curvature
 from lightning_prune.curvature import CURVATURES, Estimator, Hutchinson, make_estimator
+from lightning_prune.reporting import Progress
 from lightning_prune.targets import PruneTarget
 
 
@@ -88,7 +89,11 @@ class OBDPruning(CurvaturePruningCallback):
         if not ctx.batches:
             return self._require_stats(ctx, None)
         est = Hutchinson(ctx.targets, num_probes=self.num_probes)
-        est.calibrate(ctx.trainer, ctx.pl_module, ctx.batches, self.loss_fn, round_index=len(self._history))
+        bar = Progress(ctx.trainer, len(ctx.batches), "Hutchinson calibration", self.verbose >= 1)
+        try:
+            est.calibrate(ctx.trainer, ctx.pl_module, ctx.batches, self.loss_fn, len(self._history), progress=bar)
+        finally:
+            bar.close()
         return est
 
     def _prune(self, ctx: RoundContext) -> RoundResult:

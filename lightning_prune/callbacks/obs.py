@@ -49,6 +49,7 @@ from lightning_prune.obs.layerwise import (
     sparsegpt_prune,
 )
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
+from lightning_prune.reporting import Progress
 from lightning_prune.targets import PruneTarget
 
 HESSIANS = ("layerwise", "fisher", "kfac")
@@ -161,6 +162,23 @@ class OBSPruning(CurvaturePruningCallback):
             parts["fisher"] = DiagFisher(targets)
         return Composite(parts)
 
+    def _recapture(self, ctx: RoundContext, desc: str) -> Estimator:
+        """Fresh statistics at the current weights from the window's batches (a calibration pass)."""
+        bar = Progress(ctx.trainer, len(ctx.batches), f"OBS {desc}", self.verbose >= 1)
+        try:
+            return calibration_pass(
+                ctx.trainer,
+                ctx.pl_module,
+                ctx.batches,
+                self._make_estimator(ctx.targets),
+                ctx.targets,
+                self.loss_fn,
+                self.loss_reduction,
+                progress=bar,
+            )
+        finally:
+            bar.close()
+
     def _prune(self, ctx: RoundContext) -> RoundResult:
         est = self._require_stats(ctx, ctx.stats)
         with exact_float32():
@@ -197,15 +215,7 @@ class OBSPruning(CurvaturePruningCallback):
         groups = _split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
         for i, group in enumerate(groups):
             if i > 0:
-                est = calibration_pass(  # type: ignore[assignment]
-                    ctx.trainer,
-                    ctx.pl_module,
-                    ctx.batches,
-                    self._make_estimator(ctx.targets),
-                    ctx.targets,
-                    self.loss_fn,
-                    self.loss_reduction,
-                )
+                est = self._recapture(ctx, f"re-estimating inputs ({i}/{len(groups) - 1})")  # type: ignore[assignment]
                 info["recomputes"] += 1
             for t in group:
                 A, G = est["kfac"].factors(t.name)
@@ -249,15 +259,7 @@ class OBSPruning(CurvaturePruningCallback):
         start = sum(int((~m).sum()) for m in masks.values()) / numel
         for step in range(self.recompute_steps):
             if step > 0:
-                est = calibration_pass(
-                    ctx.trainer,
-                    ctx.pl_module,
-                    ctx.batches,
-                    self._make_estimator(ctx.targets),
-                    ctx.targets,
-                    self.loss_fn,
-                    self.loss_reduction,
-                )
+                est = self._recapture(ctx, f"recomputing curvature ({step}/{self.recompute_steps - 1})")
                 info["recomputes"] += 1
             goal = start + (max(ctx.sparsity, start) - start) * (step + 1) / self.recompute_steps
             step_ctx = RoundContext(ctx.trainer, ctx.pl_module, ctx.targets, masks, goal, ctx.batches, est)

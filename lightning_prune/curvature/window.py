@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -65,6 +65,7 @@ def calibration_pass(
     targets: Sequence[PruneTarget],
     loss_fn: LossFn | None,
     reduction: str = "mean",
+    progress: Callable[[], None] | None = None,
 ) -> Estimator:
     """Re-estimate hook statistics at the *current* weights from stored batches.
 
@@ -85,6 +86,8 @@ def calibration_pass(
                     factor = per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
                     estimator.update(target.name, x, g * factor)
                 estimator.end_batch()
+                if progress is not None:
+                    progress()
     finally:
         capture.detach()
     estimator.reduce_()

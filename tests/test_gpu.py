@@ -1,0 +1,40 @@
+"""GPU checks: run whenever CUDA is present, skipped otherwise (CI has no GPU)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TinyNet, make_trainer
+from test_engine import FrozenChecker
+
+from lightning_prune import OBDPruning, OBSPruning
+from lightning_prune.obs.layerwise import obc_prune, prepare_hessian, sparsegpt_prune
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("cls", [OBDPruning, OBSPruning])
+def test_frozen_masks_and_rounds_on_gpu(precision, cls):
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet(optimizer="adamw", weight_decay=0.01)
+    pruner = cls(0.7, num_batches=4, verbose=0)
+    checker = FrozenChecker(pruner)
+    make_trainer(max_epochs=4, accelerator="gpu", precision=precision, callbacks=[pruner, checker]).fit(model)
+    assert checker.checked > 0 and pruner.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert all(m.device.type == "cuda" for m in pruner._masks.values())
+
+
+def test_solvers_agree_between_cuda_float32_and_cpu_float64():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2000, 128, generator=g, dtype=torch.float64)
+    H, W = X.T @ X / 2000, torch.randn(32, 128, generator=g, dtype=torch.float64)
+    counts, forced = torch.full((32,), 64), torch.zeros(32, 128, dtype=torch.bool)
+    for solver in (obc_prune, sparsegpt_prune):
+        U, W1, _, _ = prepare_hessian(H, W, 0.01, "cpu")
+        ref, ref_mask, _ = solver(W1, U, counts, forced)
+        U, W1, _, _ = prepare_hessian(H.float().cuda(), W.float().cuda(), 0.01, "gpu")
+        out, mask, _ = solver(W1, U, counts.cuda(), forced.cuda())
+        assert (mask.cpu() == ref_mask).float().mean() > 0.99
+        torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-3, atol=1e-3)
