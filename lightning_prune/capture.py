@@ -146,5 +146,5 @@ class LayerCapture:
             g = [grad_rows(t.module, b.float()) for _, b in pairs]
             if len({a.shape[0] for a in x}) != 1:
                 raise ValueError(f"layer {t.module_name!r} was called with different batch sizes in one step")
-            yield t, torch.cat(x, dim=1), torch.cat(g, dim=1)
+            yield t, (x[0] if len(x) == 1 else torch.cat(x, dim=1)), (g[0] if len(g) == 1 else torch.cat(g, dim=1))
         self.clear()

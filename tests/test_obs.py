@@ -217,7 +217,7 @@ def test_block_fisher_equals_woodbury_recursion():
     lin = nn.Linear(3, 2, bias=False)
     (t,) = resolve_targets(nn.Sequential(lin))
     est = BlockFisher([t], block_size=4)  # 6 weights -> blocks of 4 (+2 padding)
-    x, gr = torch.randn(30, 1, 3, dtype=torch.float64), torch.randn(30, 1, 2, dtype=torch.float64)
+    x, gr = torch.randn(30, 1, 3), torch.randn(30, 1, 2)
     est.update(t.name, x, gr)
     grads = torch.cat([per_sample_grads(a, b).flatten(1) for a, b in _chunks(x, gr)]).double()
     lam, m = 0.1, grads.shape[0]
@@ -226,7 +226,7 @@ def test_block_fisher_equals_woodbury_recursion():
         v = Finv @ gn
         Finv = Finv - torch.outer(v, v) / (m + gn @ v)
     direct = torch.linalg.inv(est.blocks(t.name)[0] + lam * torch.eye(4, dtype=torch.float64))
-    torch.testing.assert_close(direct, Finv, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(direct, Finv, rtol=1e-5, atol=1e-6)  # float32 sums
 
 
 # ---------------------------------------------------------------- through the callback

@@ -16,7 +16,7 @@ def make_estimator(
     if kind == "fisher":
         return DiagFisher(targets)
     if kind == "kfac":
-        return KFAC(targets)
+        return KFAC(targets, diagonal_only=True)  # OBD uses diag(A) (x) diag(G) only
     if kind == "ekfac":
         return EKFAC(targets, num_batches)
     if kind == "hutchinson":

@@ -1,8 +1,10 @@
 """Curvature estimators fed from the training-time capture (:mod:`lightning_prune.capture`).
 
 Every estimator approximates the Hessian of the *mean* training loss and stores its statistics
-as float64 **sums plus counts**, so a single all-reduce of :meth:`Estimator.tensors` gives the
-estimate of the union of all ranks' batches, exactly what one process would compute.
+as **sums plus counts**, so a single all-reduce of :meth:`Estimator.tensors` gives the estimate of
+the union of all ranks' batches, what one process would compute. Sums are float32, accumulated
+in place (``addmm_``, TF32 off) over at most ``num_batches`` batches whatever the training
+precision; counts are float64; estimates are returned in float64.
 
 Per-layer inputs are rows ``x: (N, T, d_in)`` and per-sample output gradients
 ``g: (N, T, d_out)``; the per-sample weight gradient is ``G_n = sum_t g[n,t] x[n,t]^T``.
@@ -43,14 +45,13 @@ def _chunks(x: Tensor, g: Tensor):
         yield x[i : i + step], g[i : i + step]
 
 
-def sum_sq_per_sample_grads(x: Tensor, g: Tensor) -> Tensor:
-    """``sum_n G_n ** 2`` without materialising all per-sample gradients at once."""
+def add_sum_sq_per_sample_grads_(out: Tensor, x: Tensor, g: Tensor) -> None:
+    """``out += sum_n G_n ** 2`` without materialising all per-sample gradients at once."""
     if x.shape[1] == 1:  # one row per sample: G_n is rank one, G_n**2 = (g**2)(x**2)^T
-        return (g[:, 0] ** 2).T @ (x[:, 0] ** 2)
-    out = x.new_zeros(g.shape[-1], x.shape[-1])
+        out.addmm_((g[:, 0] ** 2).T, x[:, 0] ** 2)
+        return
     for xc, gc in _chunks(x, g):
         out += (per_sample_grads(xc, gc) ** 2).sum(0)
-    return out
 
 
 class Estimator:
@@ -97,11 +98,11 @@ class DiagFisher(Estimator):
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
             w = t.param
-            self.sq[n] = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float64, device=w.device)
+            self.sq[n] = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float32, device=w.device)
             self.count[n] = torch.zeros((), dtype=torch.float64, device=w.device)
 
     def update(self, name: str, x: Tensor, g: Tensor) -> None:
-        self.sq[name] += sum_sq_per_sample_grads(x, g).double()
+        add_sum_sq_per_sample_grads_(self.sq[name], x.float(), g.float())
         self.count[name] += x.shape[0]
 
     def tensors(self) -> list[Tensor]:
@@ -111,16 +112,21 @@ class DiagFisher(Estimator):
         return bool(self.count[name] > 0)
 
     def diagonal(self, name: str) -> Tensor:
-        return self._shape(name, self.sq[name] / self.count[name])
+        return self._shape(name, self.sq[name].double() / self.count[name])
 
 
 class KFAC(Estimator):
-    """Kronecker factors ``A = E[x x^T]`` (over rows) and ``G = E_n[sum_t g g^T]`` (over samples)."""
+    """Kronecker factors ``A = E[x x^T]`` (over rows) and ``G = E_n[sum_t g g^T]`` (over samples).
+
+    ``diagonal_only=True`` keeps just ``diag(A)`` and ``diag(G)``, all that OBD's ``diag(A) (x) diag(G)``
+    needs: O(d) per sample instead of the O(d^2) factors (which OBS and EKFAC need).
+    """
 
     name = "kfac"
 
-    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+    def __init__(self, targets: Sequence[PruneTarget], diagonal_only: bool = False) -> None:
         super().__init__(targets)
+        self.diagonal_only = diagonal_only
         self.A: dict[str, Tensor] = {}
         self.G: dict[str, Tensor] = {}
         self.a_count: dict[str, Tensor] = {}
@@ -128,15 +134,22 @@ class KFAC(Estimator):
         for n, t in self.targets.items():
             w = t.param
             d_out, d_in = w.shape[0], w[0].numel()
-            kw = dict(dtype=torch.float64, device=w.device)
-            self.A[n], self.G[n] = torch.zeros(d_in, d_in, **kw), torch.zeros(d_out, d_out, **kw)
+            kw = dict(dtype=torch.float32, device=w.device)
+            if diagonal_only:
+                self.A[n], self.G[n] = torch.zeros(d_in, **kw), torch.zeros(d_out, **kw)
+            else:
+                self.A[n], self.G[n] = torch.zeros(d_in, d_in, **kw), torch.zeros(d_out, d_out, **kw)
+            kw["dtype"] = torch.float64
             self.a_count[n], self.g_count[n] = torch.zeros((), **kw), torch.zeros((), **kw)
 
     def update(self, name: str, x: Tensor, g: Tensor) -> None:
-        # float64 products: EKFAC's eigenbases must not depend on how a batch was split
-        xf, gf = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
-        self.A[name] += xf.T @ xf
-        self.G[name] += gf.T @ gf
+        xf, gf = x.reshape(-1, x.shape[-1]).float(), g.reshape(-1, g.shape[-1]).float()
+        if self.diagonal_only:
+            self.A[name] += (xf**2).sum(0)
+            self.G[name] += (gf**2).sum(0)
+        else:
+            self.A[name].addmm_(xf.T, xf)
+            self.G[name].addmm_(gf.T, gf)
         self.a_count[name] += xf.shape[0]
         self.g_count[name] += x.shape[0]
 
@@ -147,12 +160,18 @@ class KFAC(Estimator):
         return bool(self.a_count[name] > 0)
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """Normalised ``(A, G)``."""
-        return self.A[name] / self.a_count[name], self.G[name] / self.g_count[name]
+        """Normalised ``(A, G)`` in float64."""
+        if self.diagonal_only:
+            raise RuntimeError("this K-FAC estimator kept only the diagonals of its factors")
+        return self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
 
     def diagonal(self, name: str) -> Tensor:
-        A, G = self.factors(name)
-        return self._shape(name, torch.outer(torch.diagonal(G), torch.diagonal(A)))
+        if self.diagonal_only:
+            a, g = self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
+        else:
+            A, G = self.factors(name)
+            a, g = torch.diagonal(A), torch.diagonal(G)
+        return self._shape(name, torch.outer(g, a))
 
 
 class EKFAC(KFAC):
@@ -184,8 +203,8 @@ class EKFAC(KFAC):
             return super().update(name, x, g)
         if name not in self.QA:  # the layer saw no data in phase one
             return
-        qa, qg = self.QA[name].to(x.dtype), self.QG[name].to(g.dtype)
-        self.S[name] += sum_sq_per_sample_grads(x @ qa, g @ qg).double()
+        qa, qg = self.QA[name].float(), self.QG[name].float()
+        add_sum_sq_per_sample_grads_(self.S[name], x.float() @ qa, g.float() @ qg)
         self.s_count[name] += x.shape[0]
 
     def end_batch(self) -> None:
@@ -198,7 +217,7 @@ class EKFAC(KFAC):
                 A, G = self.factors(n)
                 self.QA[n] = torch.linalg.eigh(A).eigenvectors
                 self.QG[n] = torch.linalg.eigh(G).eigenvectors
-                self.S[n] = torch.zeros(G.shape[0], A.shape[0], dtype=torch.float64, device=A.device)
+                self.S[n] = torch.zeros(G.shape[0], A.shape[0], dtype=torch.float32, device=A.device)
                 self.s_count[n] = torch.zeros((), dtype=torch.float64, device=A.device)
 
     def tensors(self) -> list[Tensor]:
@@ -209,7 +228,7 @@ class EKFAC(KFAC):
         return name in self.s_count and bool(self.s_count[name] > 0)
 
     def diagonal(self, name: str) -> Tensor:
-        S = self.S[name] / self.s_count[name]
+        S = self.S[name].double() / self.s_count[name]
         return self._shape(name, (self.QG[name] ** 2) @ S @ (self.QA[name] ** 2).T)
 
 

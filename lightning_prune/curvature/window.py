@@ -10,6 +10,7 @@ import torch
 from lightning_prune.calibration import LossFn, batch_loss, can_compute_loss, eval_mode
 from lightning_prune.capture import LayerCapture, per_sample_factor
 from lightning_prune.curvature.estimators import Estimator
+from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
 
 
@@ -40,12 +41,14 @@ class CaptureWindow:
         items = list(self.capture.drain())
         if not items:
             return
-        if not all(torch.isfinite(g).all() for _, _, g in items):
-            self.skipped += 1
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and not all(bool(torch.isfinite(g).all()) for _, _, g in items):
+            self.skipped += 1  # only a loss-scaled step can overflow; the scaler will skip it
             return
-        for target, x, g in items:
-            factor = hook_grad_multiplier(trainer, pl_module, x.shape[0], self.reduction)
-            self.estimator.update(target.name, x, g * factor)
+        with exact_float32():
+            for target, x, g in items:
+                factor = hook_grad_multiplier(trainer, pl_module, x.shape[0], self.reduction)
+                self.estimator.update(target.name, x, g * factor)
 
     def end_batch(self) -> None:
         self.estimator.end_batch()
@@ -82,9 +85,10 @@ def calibration_pass(
             for i, batch in enumerate(batches):
                 loss = batch_loss(pl_module, batch, i, loss_fn)
                 torch.autograd.grad(loss, params, allow_unused=True)
-                for target, x, g in capture.drain():
-                    factor = per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
-                    estimator.update(target.name, x, g * factor)
+                with exact_float32():
+                    for target, x, g in capture.drain():
+                        factor = per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
+                        estimator.update(target.name, x, g * factor)
                 estimator.end_batch()
                 if progress is not None:
                     progress()

@@ -40,18 +40,15 @@ class BlockFisher(Estimator):
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
             nb, _ = _blocks(t.param.numel(), block_size)
-            kw = dict(dtype=torch.float64, device=t.param.device)
-            self.F[n] = torch.zeros(nb, block_size, block_size, **kw)
-            self.count[n] = torch.zeros((), **kw)
+            self.F[n] = torch.zeros(nb, block_size, block_size, dtype=torch.float32, device=t.param.device)
+            self.count[n] = torch.zeros((), dtype=torch.float64, device=t.param.device)
 
     def update(self, name: str, x: Tensor, g: Tensor) -> None:
         nb, pad = _blocks(self.targets[name].param.numel(), self.block_size)
-        acc = torch.zeros(nb, self.block_size, self.block_size, dtype=x.dtype, device=x.device)
-        for xc, gc in _chunks(x, g):
+        for xc, gc in _chunks(x.float(), g.float()):
             flat = per_sample_grads(xc, gc).flatten(1)
-            flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, nb, self.block_size)
-            acc += torch.einsum("nbi,nbj->bij", flat, flat)
-        self.F[name] += acc.double()
+            flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, nb, self.block_size).transpose(0, 1)
+            self.F[name].baddbmm_(flat.transpose(1, 2), flat)  # (nb, B, n) @ (nb, n, B)
         self.count[name] += x.shape[0]
 
     def tensors(self) -> list[Tensor]:
@@ -62,7 +59,7 @@ class BlockFisher(Estimator):
 
     def blocks(self, name: str) -> Tensor:
         """``(num_blocks, B, B)`` Fisher blocks; padding coordinates get an identity diagonal."""
-        F = self.F[name] / self.count[name]
+        F = self.F[name].double() / self.count[name]
         nb, pad = _blocks(self.targets[name].param.numel(), self.block_size)
         if pad:
             idx = torch.arange(self.block_size - pad, self.block_size, device=F.device)
@@ -71,7 +68,7 @@ class BlockFisher(Estimator):
         return F
 
     def diagonal(self, name: str) -> Tensor:
-        diag = torch.diagonal(self.F[name], dim1=1, dim2=2).flatten() / self.count[name]
+        diag = torch.diagonal(self.F[name], dim1=1, dim2=2).flatten().double() / self.count[name]
         return self._shape(name, diag[: self.targets[name].param.numel()])
 
 

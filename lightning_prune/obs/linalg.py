@@ -9,13 +9,13 @@ to an identity inverse (which would silently turn OBS into magnitude pruning).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+from lightning_prune.numerics import exact_float32  # noqa: F401  (re-exported)
 
 MAX_DAMP = 10.0
 
@@ -27,17 +27,6 @@ class Damped:
     L: Tensor
     damp: float  # relative damping actually used
     increases: int  # how many times damping had to grow
-
-
-@contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
-    """Disable TF32 for the duration (float32 solves must really be float32)."""
-    cuda, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = cuda, cudnn
 
 
 def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
