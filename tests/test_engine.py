@@ -194,3 +194,17 @@ def test_bad_callback_arguments(kwargs, match):
 def test_floor_infeasible_fails_before_training():
     with pytest.raises(ValueError, match="unreachable"):
         make_trainer(max_epochs=2, callbacks=[MagnitudePruning(0.95, min_density=0.2)]).fit(TinyNet())
+
+
+def test_metrics_reach_tensorboard_logger(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pl.seed_everything(0, verbose=False)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    make_trainer(max_epochs=3, logger=logger, callbacks=[MagnitudePruning(0.5, verbose=0)]).fit(TinyNet())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"prune/sparsity", "prune/round", "prune/layer/net.0.weight", "prune/actual_loss_increase"} <= set(tags)
+    assert [round(e.value, 3) for e in events.Scalars("prune/sparsity")] == [round(0.5 * (1 - 0.5**3), 3), 0.5]
