@@ -176,6 +176,18 @@ def test_failed_cholesky_raises_damping_with_a_warning_and_never_falls_back():
         damped_cholesky(torch.full((3, 3), float("nan"), dtype=torch.float64), 0.01, "layer")
 
 
+def test_all_zero_block_is_damped_with_the_batch_scale_not_inverted_to_infinity():
+    F = torch.stack([torch.eye(3, dtype=torch.float64) * 4.0, torch.zeros(3, 3, dtype=torch.float64)])
+    d = damped_cholesky(F, 0.01, "blocks")
+    Finv = torch.cholesky_inverse(d.L)
+    assert torch.isfinite(Finv).all() and d.increases == 0
+    torch.testing.assert_close(torch.diagonal(Finv[1]), torch.full((3,), 1 / 0.04, dtype=torch.float64))
+    new, loss = block_set_update(
+        torch.ones(2, 3, dtype=torch.float64), Finv, torch.tensor([[1, 0, 0], [1, 1, 0]]).bool()
+    )
+    assert torch.isfinite(new).all() and torch.isfinite(loss).all()
+
+
 def test_block_set_update_is_the_constrained_minimum():
     g = torch.Generator().manual_seed(0)
     M = torch.randn(2, 6, 6, generator=g, dtype=torch.float64)

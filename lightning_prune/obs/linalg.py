@@ -1,10 +1,12 @@
 """Damped inverses for OBS, and the rule for when Cholesky fails.
 
 Damping is relative: ``H + damp * mean(diag H) * I`` (SparseGPT's default ``damp=0.01``), so it
-means the same thing whatever the scale of the layer's inputs. If the Cholesky factorisation
-still fails (too few calibration samples, duplicated inputs), damping is multiplied by 10 and
-retried, with a warning, up to ``damp = 10``; beyond that the round raises. It never falls back
-to an identity inverse (which would silently turn OBS into magnitude pruning).
+means the same thing whatever the scale of the layer's inputs. An all-zero matrix in a batch of
+blocks (e.g. Fisher blocks of weights fed by dead inputs) is damped with the other blocks' scale.
+If the Cholesky factorisation still fails (too few calibration samples, duplicated inputs),
+damping is multiplied by 10 and retried, with a warning, up to ``damp = 10``; beyond that the
+round raises. It never falls back to an identity inverse (which would silently turn OBS into
+magnitude pruning).
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
 
     ``what`` names the layer in the warning and the error.
     """
-    diag_mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(H.dtype).tiny)
+    diag_mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
+    # an all-zero block (weights whose loss never depends on them) borrows the scale of the others,
+    # or 1: a relative damping of zero would make its inverse infinite
+    positive = diag_mean[diag_mean > 0]
+    fallback = positive.mean() if positive.numel() else torch.ones((), dtype=H.dtype, device=H.device)
+    diag_mean = torch.where(diag_mean > 0, diag_mean, fallback)
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     current, increases = damp, 0
     while True:
