@@ -58,6 +58,7 @@ def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict
         "method": method,
         "target": target,
         "seed": seed,
+        "commit": common.commit(),
         "acc": acc,
         "dense_acc": dense_acc,
         "sparsity": common.sparsity_of(net),

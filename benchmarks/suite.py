@@ -233,6 +233,19 @@ def targets_section(rows: dict[str, list[dict[str, Any]]], over: dict[str, Any],
     return lines
 
 
+def provenance(rows: dict[str, list[dict[str, Any]]]) -> str:
+    """Which commits computed the (cached) quality cells: an interrupted suite resumes from its cache."""
+    counts: dict[str, int] = {}
+    for rs in rows.values():
+        for r in rs:
+            counts[r.get("commit", "unrecorded")] = counts.get(r.get("commit", "unrecorded"), 0) + 1
+    listed = ", ".join(f"`{c}` ({n})" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (
+        f"Quality cells are cached in `benchmarks/.cache/cells` and come from these commits (cells): {listed}. "
+        "Speed tables are measured afresh in every run."
+    )
+
+
 def headline(rows: dict[str, list[dict[str, Any]]]) -> str:
     rs = rows.get("one_shot/mlp", [])
     targets = [t for t in (0.9, 0.95) if any(r["target"] == t for r in rs)]
@@ -297,6 +310,8 @@ def main() -> None:
         f"Produced by `python benchmarks/suite.py{' --quick' if a.quick else ''}` at commit `{common.commit()}`"
         f"{' (with uncommitted changes)' if dirty else ''} on {datetime.date.today().isoformat()}, "
         f"{(time.time() - start) / 60:.0f} minutes.",
+        "",
+        provenance(rows),
         "",
         f"Machine: {common.machine()}; no GPU. Dense models: Adam lr 1e-3, batch 128, inputs standardised, "
         "8 epochs for one-shot baselines; one-shot rounds use 32 training batches (4,096 samples) of curvature.",

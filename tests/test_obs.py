@@ -176,6 +176,17 @@ def test_failed_cholesky_raises_damping_with_a_warning_and_never_falls_back():
         damped_cholesky(torch.full((3, 3), float("nan"), dtype=torch.float64), 0.01, "layer")
 
 
+def test_only_the_failing_block_gets_more_damping():
+    good = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    bad = torch.diag(torch.tensor([1.0, -0.2], dtype=torch.float64))  # indefinite
+    with pytest.warns(UserWarning, match="succeeded with damp=1"):
+        d = damped_cholesky(torch.stack([good, bad]), 0.01, "blocks")
+    assert d.increases == 2 and d.damp == 1.0
+    # the healthy block keeps exactly the requested damping: 0.01 * mean(diag) = 0.02
+    torch.testing.assert_close(d.L[0] @ d.L[0].T, good + 0.02 * torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(d.L[1] @ d.L[1].T, bad + 0.4 * torch.eye(2, dtype=torch.float64))
+
+
 def test_all_zero_block_is_damped_with_the_batch_scale_not_inverted_to_infinity():
     F = torch.stack([torch.eye(3, dtype=torch.float64) * 4.0, torch.zeros(3, 3, dtype=torch.float64)])
     d = damped_cholesky(F, 0.01, "blocks")

@@ -27,7 +27,7 @@ class Damped:
     """Cholesky factor ``L`` of the damped matrix, and what it took to get it."""
 
     L: Tensor
-    damp: float  # relative damping actually used
+    damp: float  # largest relative damping actually used (blocks escalate independently)
     increases: int  # how many times damping had to grow
 
 
@@ -43,22 +43,28 @@ def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
     fallback = positive.mean() if positive.numel() else torch.ones((), dtype=H.dtype, device=H.device)
     diag_mean = torch.where(diag_mean > 0, diag_mean, fallback)
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    current, increases = damp, 0
+    # per-matrix damping: in a batch of blocks only the ones that fail get more, so one
+    # ill-conditioned Fisher block cannot over-damp (and flatten the saliencies of) all the others
+    current = torch.full(diag_mean.shape, damp, dtype=H.dtype, device=H.device)
+    increases = 0
     while True:
         L, info = torch.linalg.cholesky_ex(H + (current * diag_mean)[..., None, None] * eye)
-        if not bool((info != 0).any()):
+        failed = info != 0
+        if not bool(failed.any()):
+            used = float(current.max()) if current.numel() else damp
             if increases:
                 rank_zero_warn(
-                    f"OBS: Cholesky of {what} failed with damp={damp}; succeeded with damp={current:g} "
+                    f"OBS: Cholesky of {what} failed with damp={damp}; succeeded with damp={used:g} "
                     f"(logged as prune/damping_increases). More calibration batches usually avoid this."
                 )
-            return Damped(L, current, increases)
-        if current >= MAX_DAMP:
+            return Damped(L, used, increases)
+        if bool((current[failed] >= MAX_DAMP).any()):
             raise RuntimeError(
-                f"OBS: {what} is not positive definite even with relative damping {current:g}; "
+                f"OBS: {what} is not positive definite even with relative damping {MAX_DAMP:g}; "
                 "it likely has NaN/inf entries. Refusing to continue (no silent fallback to magnitude)."
             )
-        current, increases = min(current * 10 if current > 0 else 1e-8, MAX_DAMP), increases + 1
+        grown = torch.where(current > 0, current * 10, torch.full_like(current, 1e-8)).clamp_max(MAX_DAMP)
+        current, increases = torch.where(failed, grown, current), increases + 1
 
 
 def damped_inverse(H: Tensor, damp: float, what: str) -> tuple[Tensor, Damped]:
