@@ -1,6 +1,7 @@
 """Epoch-time overhead of each callback against no callback, measured alternately in one process.
 
     python benchmarks/overhead.py [--reps 5] [--batches 200] [--methods magnitude,modelpruning,obd-fisher]
+                                  [--optimizer adam|sgd] [--accelerator cpu|gpu]
 
 For each method a 3-epoch fit on the Fashion-MNIST MLP (batch 128, ``--batches`` per epoch):
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import methods
+import torch
 from lightning.pytorch.callbacks import Callback
 
 EPOCHS = 3
@@ -50,17 +52,27 @@ class EpochTimer(Callback):
         self._steps: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync(pl_module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(pl_module)
         self._steps.append(time.perf_counter() - self._start)
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        # CUDA kernels are asynchronous: without a sync the step time would be the launch time
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.times.append(statistics.median(self._steps) * len(self._steps))
         self._steps = []
 
 
-def one_fit(method: str | None, batches: int, seed: int = 0, optimizer: str = "adam") -> dict[str, Any]:
+def one_fit(
+    method: str | None, batches: int, seed: int = 0, optimizer: str = "adam", accelerator: str = "cpu"
+) -> dict[str, Any]:
     timer = EpochTimer()
     callbacks: list[Callback] = [timer]  # first: its epoch end runs before the round
     pruner = None
@@ -70,20 +82,24 @@ def one_fit(method: str | None, batches: int, seed: int = 0, optimizer: str = "a
             kwargs["num_batches"] = batches
         pruner = methods.make(method, 0.8, **kwargs)
         callbacks.append(pruner)
-    common.train_with("mlp", seed, EPOCHS, callbacks, optimizer=optimizer, limit_train_batches=batches)
+    common.train_with(
+        "mlp", seed, EPOCHS, callbacks, optimizer=optimizer, limit_train_batches=batches, accelerator=accelerator
+    )
     round_s = pruner.history[0]["seconds"] if pruner is not None and hasattr(pruner, "history") else float("nan")
     return {"accumulating": timer.times[0], "other": timer.times[1:], "round": round_s}
 
 
-def measure(method_names: list[str], reps: int, batches: int, optimizer: str = "adam") -> dict[str, dict[str, float]]:
+def measure(
+    method_names: list[str], reps: int, batches: int, optimizer: str = "adam", accelerator: str = "cpu"
+) -> dict[str, dict[str, float]]:
     method_names = [*method_names, "none (again)"]
     samples: dict[str, dict[str, list[float]]] = {
         m: {"accumulating": [], "other": [], "round": []} for m in ["none", *method_names]
     }
-    one_fit(None, batches, optimizer=optimizer)  # warm-up (data, caches, threads)
+    one_fit(None, batches, optimizer=optimizer, accelerator=accelerator)  # warm-up (data, caches, threads)
     for rep in range(reps):
         for m in ["none", *method_names]:
-            r = one_fit(None if m == "none" else m, batches, optimizer=optimizer)
+            r = one_fit(None if m == "none" else m, batches, optimizer=optimizer, accelerator=accelerator)
             samples[m]["accumulating"].append(r["accumulating"])
             samples[m]["other"].extend(r["other"])
             samples[m]["round"].append(r["round"])
@@ -128,10 +144,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--accelerator", choices=["cpu", "gpu"], default="gpu" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
-    result = measure(a.methods.split(","), a.reps, a.batches, a.optimizer)
+    result = measure(a.methods.split(","), a.reps, a.batches, a.optimizer, a.accelerator)
+    where = torch.cuda.get_device_name() if a.accelerator == "gpu" else "CPU"
     print(
-        f"\nEpoch time / no-callback epoch time ({a.optimizer}; median of {a.reps} alternating reps, "
+        f"\nEpoch time / no-callback epoch time ({where}, {a.optimizer}; median of {a.reps} alternating reps, "
         f"{a.batches} batches):\n"
     )
     print(table(result))

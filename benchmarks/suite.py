@@ -233,6 +233,32 @@ def targets_section(rows: dict[str, list[dict[str, Any]]], over: dict[str, Any],
     return lines
 
 
+def gpu_section(plan: dict[str, Any]) -> list[str]:
+    """Overhead and scale on the GPU, when there is one (the CPU tables above are always measured)."""
+    name = scale.torch.cuda.get_device_name()
+    print(f"[suite] GPU: {name}", flush=True)
+    ov = plan["overhead"]
+    over = {opt: overhead.measure(ov["methods"], ov["reps"], ov["batches"], opt, "gpu") for opt in ("adam", "sgd")}
+    dims = [*plan["scale"], 8192]
+    sc = [scale.bench(d, 3, scale.torch.float32, scale.torch.device("cuda")) for d in dims]
+    return [
+        f"## GPU: {name}",
+        "",
+        "Overhead as above, with the MLP on the GPU (steps timed with `torch.cuda.synchronize`). Adam:",
+        "",
+        overhead.table(over["adam"]),
+        "",
+        "SGD (momentum 0.9):",
+        "",
+        overhead.table(over["sgd"]),
+        "",
+        'Scale as above, float32 on the GPU, one `solver="fast"` round against the floor:',
+        "",
+        scale.table(sc),
+        "",
+    ]
+
+
 def provenance(rows: dict[str, list[dict[str, Any]]]) -> str:
     """Which commits computed the (cached) quality cells: an interrupted suite resumes from its cache."""
     counts: dict[str, int] = {}
@@ -279,6 +305,7 @@ def main() -> None:
         scale.bench(d, 3 if mode == "full" else 2, scale.torch.float64, scale.torch.device("cpu"))
         for d in plan["scale"]
     ]
+    gpu = gpu_section(plan) if scale.torch.cuda.is_available() else []
     plot_md = plots(rows)
     ablation_md: list[str] = []
     if mode == "full":
@@ -313,7 +340,9 @@ def main() -> None:
         "",
         provenance(rows),
         "",
-        f"Machine: {common.machine()}; no GPU. Dense models: Adam lr 1e-3, batch 128, inputs standardised, "
+        f"Machine: {common.machine()}; "
+        f"{'GPU: ' + scale.torch.cuda.get_device_name() if gpu else 'no GPU'}. Quality cells run on the CPU. "
+        "Dense models: Adam lr 1e-3, batch 128, inputs standardised, "
         "8 epochs for one-shot baselines; one-shot rounds use 32 training batches (4,096 samples) of curvature.",
         "",
         "## Targets",
@@ -351,6 +380,7 @@ def main() -> None:
         "",
         scale.table(sc),
         "",
+        *gpu,
         "## Plots",
         "",
         *plot_md,
