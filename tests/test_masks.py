@@ -34,3 +34,17 @@ def test_zero_optimizer_state():
     assert torch.all(st["exp_avg"][m] != 0)
     M.zero_optimizer_state_([opt], {"p": p}, {"p": m}, reset_kept={"p": True})
     assert torch.all(st["exp_avg"] == 0) and float(st["step"]) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_multiplier_has_the_weight_dtype_and_zeroes_exactly_what_the_mask_prunes(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, generator=g).to(dtype)
+    mask = torch.rand(5, 7, generator=g) > 0.6
+    mult = M.multiplier(mask, w)
+    assert mult.dtype == dtype and mult.shape == mask.shape
+    by_bool, by_mult = {"w": w.clone()}, {"w": w.clone()}
+    M.apply_masks_(by_bool, {"w": mask})
+    M.apply_masks_(by_mult, {"w": mult})
+    assert torch.equal(by_bool["w"], by_mult["w"])
+    assert torch.all(by_mult["w"][~mask] == 0) and torch.equal(by_mult["w"][mask], w[mask])

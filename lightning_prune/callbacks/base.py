@@ -115,7 +115,7 @@ class PruningCallback(Callback):
 
         self._targets: list[PruneTarget] | None = None
         self._masks: dict[str, Tensor] | None = None  # None until the first round
-        self._frozen: dict[str, Tensor] = {}  # masks of layers with at least one pruned weight
+        self._frozen: dict[str, Tensor] = {}  # multipliers of layers with at least one pruned weight
         self._params: dict[str, Tensor] = {}
         self._history: list[dict[str, Any]] = []
         self._loaded_masks: dict[str, Any] | None = None
@@ -368,7 +368,7 @@ class PruningCallback(Callback):
         for name, m in masks.items():
             if m.device != self._params[name].device:
                 masks[name] = m.to(self._params[name].device)
-        self._frozen = {n: m for n, m in masks.items() if not bool(m.all())}
+        self._frozen = {n: M.multiplier(m, self._params[n]) for n, m in masks.items() if not bool(m.all())}
 
     def _select(self, ctx: RoundContext, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Masks from scores under this callback's scope and floor (NaN scores are kept, with a warning)."""
