@@ -40,7 +40,7 @@ def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict
     key = f"{regime}-{model}-{method}-{target}-s{seed}"
     path = CELLS / f"{key}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        return {**json.loads(path.read_text()), "cached": True}
     start = time.perf_counter()
     if regime == "one_shot":
         callback = methods.make(method, target, schedule="one_shot")

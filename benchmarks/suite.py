@@ -277,8 +277,10 @@ def headline(rows: dict[str, list[dict[str, Any]]]) -> str:
         "| one-shot, no fine-tuning | " + " | ".join(f"{t:.0%} sparse" for t in targets) + " |",
         "|---|" + "---|" * len(targets),
     ]
-    dense = statistics.mean(r["dense_acc"] for r in rs) if rs else float("nan")
-    lines.append("| dense baseline | " + " | ".join(f"{100 * dense:.1f}" for _ in targets) + " |")
+    dense = [
+        quality.fmt([r["dense_acc"] for r in rs if r["method"] == "magnitude" and r["target"] == t]) for t in targets
+    ]
+    lines.append("| dense baseline | " + " | ".join(dense) + " |")
     for m in HEADLINE:
         cells = [quality.fmt([r["acc"] for r in rs if r["method"] == m and r["target"] == t]) for t in targets]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -293,6 +295,10 @@ def main() -> None:
     mode = "quick" if a.quick else "full"
     plan = PLANS[mode]
     start = time.time()
+    # before anything runs: the suite itself rewrites tracked files (plots, RESULTS.md, README)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     ensure_data()
     rows, quality_md = quality_section(plan)
     print("[suite] overhead", flush=True)
@@ -326,15 +332,13 @@ def main() -> None:
             ablations.peers(0),
             "",
         ]
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    resumed = any(r.get("cached") for rs in rows.values() for r in rs)
     md = [
         "# Benchmark results",
         "",
         f"Produced by `python benchmarks/suite.py{' --quick' if a.quick else ''}` at commit `{common.commit()}`"
         f"{' (with uncommitted changes)' if dirty else ''} on {datetime.date.today().isoformat()}, "
-        f"{(time.time() - start) / 60:.0f} minutes.",
+        f"{(time.time() - start) / 60:.0f} minutes{' (resuming from cached quality cells)' if resumed else ''}.",
         "",
         provenance(rows),
         "",
