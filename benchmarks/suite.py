@@ -231,6 +231,10 @@ def targets_section(rows: dict[str, list[dict[str, Any]]], over: dict[str, Any],
     return lines
 
 
+def overhead_md(over: dict[str, Any]) -> list[str]:
+    return ["Adam:", "", overhead.table(over["adam"]), "", "SGD (momentum 0.9):", "", overhead.table(over["sgd"]), ""]
+
+
 def gpu_section(plan: dict[str, Any]) -> list[str]:
     """Overhead and scale on the GPU, when there is one (the CPU tables above are always measured)."""
     name = scale.torch.cuda.get_device_name()
@@ -242,14 +246,9 @@ def gpu_section(plan: dict[str, Any]) -> list[str]:
     return [
         f"## GPU: {name}",
         "",
-        "Overhead as above, with the MLP on the GPU (steps timed with `torch.cuda.synchronize`). Adam:",
+        "Overhead as above, with the MLP on the GPU (steps timed with `torch.cuda.synchronize`).",
         "",
-        overhead.table(over["adam"]),
-        "",
-        "SGD (momentum 0.9):",
-        "",
-        overhead.table(over["sgd"]),
-        "",
+        *overhead_md(over),
         'Scale as above, float32 on the GPU, one `solver="fast"` round against the floor:',
         "",
         scale.table(sc),
@@ -362,14 +361,7 @@ def main() -> None:
         "the whole epoch. *Other*: masks frozen, nothing captured. *Round*: one pruning round in units of a "
         "no-callback epoch.",
         "",
-        "Adam:",
-        "",
-        overhead.table(over["adam"]),
-        "",
-        "SGD (momentum 0.9):",
-        "",
-        overhead.table(over["sgd"]),
-        "",
+        *overhead_md(over),
         "On this CPU build `Tensor.sqrt` is about 4.5x slower on exact zeros than on other values, and frozen masks "
         "keep Adam's `exp_avg_sq` at exactly zero for pruned weights; Adam's per-step `sqrt` over the whole tensor "
         "therefore gets slower as sparsity grows (see benchmarks/overhead.py). SGD has no square root and shows "
