@@ -1,6 +1,24 @@
-"""lightning-prune: prune while you train, with second-order information, as Lightning callbacks."""
+"""lightning-prune: second-order pruning (OBD, OBS) as Lightning callbacks while you train, and ``prune()`` after.
 
-from lightning_prune.callbacks import MagnitudePruning, OBDPruning, OBSPruning, PruningCallback
+The pruning core (``prune``, ``Pruner``, :mod:`lightning_prune.criteria` and everything they use)
+imports nothing from Lightning; the callbacks, the Lightning adapters over it, are imported on
+first use, so ``from lightning_prune import prune`` works where Lightning is not installed.
+"""
 
-__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback"]
+from typing import Any
+
+from lightning_prune.pruner import Pruner
+from lightning_prune.round import prune
+
+_CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
+
+__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "Pruner", "PruningCallback", "prune"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CALLBACKS:
+        from lightning_prune import callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(f"module 'lightning_prune' has no attribute {name!r}")

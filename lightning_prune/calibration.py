@@ -1,16 +1,25 @@
-"""Side-effect-free loss evaluation on stored training batches.
+"""Side-effect-free losses and forward passes on stored batches, and the calibration pass.
 
-Rounds evaluate the loss on the window's batches (actual loss increase), and some estimators
-need extra passes (Hutchinson's Hessian-vector products, recomputed Fisher/K-FAC inside an OBS
-round). Those passes must not disturb training, so they run:
+A round evaluates the loss on stored batches (the actual loss increase), and some criteria need
+extra passes over them: Hutchinson's Hessian-vector products, curvature recomputed inside an OBS
+round, and in ``prune()`` every statistic. Those passes must not disturb training, so they run:
 
 * in eval mode (BatchNorm running statistics untouched, dropout off), restoring each module's
   own ``training`` flag afterwards;
 * with ``self.log``/``self.log_dict`` muted and every torchmetrics ``Metric`` state restored, when
-  the loss comes from the user's ``training_step``.
+  the loss comes from a LightningModule's ``training_step``.
 
-The loss is ``loss_fn(pl_module, batch)`` when given, else ``training_step(batch, batch_idx)``
-(its tensor, or its ``"loss"`` entry). It must be the *mean* loss over the batch.
+Where the loss comes from (:class:`Calibration`), first match wins:
+
+1. ``loss_fn(model, batch) -> mean loss over the batch``;
+2. ``model.training_step(batch, batch_idx)`` (its tensor or its ``"loss"`` entry), for a
+   LightningModule under automatic optimization;
+3. with ``output_loss=True`` (``prune()``), the ``.loss`` of the model's output: Hugging Face
+   models called with ``labels`` in the batch.
+
+Without a loss a batch can still be *run* (:func:`default_forward`: ``model(**batch)`` for a
+mapping, ``model(batch[0])`` for a tuple or list, ``model(batch)`` otherwise), which is all that
+label-free statistics need; criteria that need gradients refuse before any work.
 """
 
 from __future__ import annotations
@@ -18,14 +27,61 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-LossFn = Callable[[pl.LightningModule, Any], Tensor]
+from lightning_prune.capture import LayerCapture, per_sample_factor
+from lightning_prune.distributed import LOCAL, Collectives, global_rank
+from lightning_prune.numerics import exact_float32
+from lightning_prune.targets import PruneTarget
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class Progress(Protocol):
+    def __call__(self, n: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+
+
+class _NoProgress:
+    def __call__(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def no_progress(total: int, desc: str) -> Progress:
+    return _NoProgress()
+
+
+class _Tqdm:
+    def __init__(self, total: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    def __call__(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def tqdm_progress(total: int, desc: str) -> Progress:
+    """A tqdm bar on rank 0 (nothing elsewhere, or for an empty pass)."""
+    if global_rank() != 0 or total <= 0:
+        return _NoProgress()
+    return _Tqdm(total, desc)
 
 
 @contextlib.contextmanager
@@ -40,54 +96,189 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _isolated(pl_module: pl.LightningModule) -> Iterator[None]:
+def _isolated(module: nn.Module) -> Iterator[None]:
     """Mute logging and snapshot torchmetrics state around a borrowed ``training_step`` call."""
     from torchmetrics import Metric
 
-    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    metrics = [m for m in module.modules() if isinstance(m, Metric)]
     saved = [(m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed) for m in metrics]
-    pl_module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:
         yield
     finally:
-        del pl_module.log, pl_module.log_dict
+        del module.log, module.log_dict
         for m, state, count, computed in saved:
             for k, v in state.items():
                 setattr(m, k, v)
             m._update_count, m._computed = count, computed
 
 
-def can_compute_loss(pl_module: pl.LightningModule, loss_fn: LossFn | None) -> bool:
-    """Borrowing ``training_step`` is only safe under automatic optimization (manual steps the optimizer)."""
-    return loss_fn is not None or pl_module.automatic_optimization
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on a batch by the usual conventions (see the module docstring)."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
 
 
-def batch_loss(pl_module: pl.LightningModule, batch: Any, batch_idx: int, loss_fn: LossFn | None) -> Tensor:
-    """Mean loss of one batch, with autograd enabled or not as the caller decides."""
-    if loss_fn is not None:
-        loss = loss_fn(pl_module, batch)
-    else:
-        with _isolated(pl_module):
-            out = pl_module.training_step(batch, batch_idx)
-        loss = out.get("loss") if isinstance(out, dict) else out
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
+def _output_loss(out: Any) -> Tensor | None:
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+    return loss if isinstance(loss, Tensor) else None
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors (in mappings, lists, tuples and named tuples, or anything with ``.to``) on ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping) and not hasattr(batch, "to"):
+        return type(batch)({k: move_to_device(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(move_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device) for v in batch)
+    if hasattr(batch, "to"):  # e.g. transformers' BatchEncoding
+        return batch.to(device)
+    return batch
+
+
+class Calibration:
+    """How a round gets a loss (or just a forward pass) from a stored batch, without side effects.
+
+    Args:
+        model: the module whose weights are pruned.
+        loss_fn: ``loss_fn(model, batch) -> mean loss``; takes precedence over everything else.
+        training_step: borrow ``model.training_step`` when there is no ``loss_fn``.
+        output_loss: use the ``.loss`` of :func:`default_forward`'s output as a last resort.
+        forward_context: context for every forward pass (the Lightning adapter passes the
+            precision plugin's autocast).
+        progress: factory of progress bars for passes over the batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        *,
+        training_step: bool = False,
+        output_loss: bool = False,
+        forward_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        progress: ProgressFactory = no_progress,
+    ) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.forward_context, self.progress = forward_context, progress
+        if loss_fn is not None:
+            self.source: str | None = "loss_fn"
+        elif training_step and callable(getattr(model, "training_step", None)):
+            self.source = "training_step"
+        elif output_loss:
+            self.source = "output"
+        else:
+            self.source = None
+        self._output_has_loss: bool | None = None  # known after the first forward of an "output" source
+
+    def has_loss(self, probe: Any = None) -> bool:
+        """Whether a loss is available; an ``"output"`` source is probed on the batch ``probe``."""
+        if self.source == "output" and self._output_has_loss is None and probe is not None:
+            with torch.no_grad(), eval_mode(self.model), self.forward_context():
+                self._output_has_loss = _output_loss(default_forward(self.model, probe)) is not None
+        return self.source in ("loss_fn", "training_step") or bool(self._output_has_loss)
+
+    def describe(self) -> str:
+        return {
+            "loss_fn": "loss_fn",
+            "training_step": "the LightningModule's training_step",
+            "output": "the model output's `.loss`",
+        }.get(self.source or "", "no loss")
+
+    def loss(self, batch: Any, batch_idx: int) -> Tensor:
+        """Mean loss of one batch, with autograd enabled or not as the caller decides."""
+        if self.source == "loss_fn":
+            loss = self.loss_fn(self.model, batch)  # type: ignore[misc]
+        elif self.source == "training_step":
+            with _isolated(self.model):
+                out = self.model.training_step(batch, batch_idx)  # type: ignore[operator]
+            loss = out.get("loss") if isinstance(out, dict) else out
+        elif self.source == "output":
+            loss = _output_loss(default_forward(self.model, batch))
+            self._output_has_loss = loss is not None
+            if loss is None:
+                raise ValueError(
+                    f"{type(self.model).__name__}'s output has no `.loss`: pass loss_fn=lambda model, batch: ... "
+                    "(or batches with labels for a Hugging Face model)"
+                )
+        else:
+            raise ValueError(
+                f"no loss for {type(self.model).__name__}: pass loss_fn=lambda model, batch: ... (mean over the batch)"
+            )
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"the pruning loss must be a scalar tensor; {self.describe()} returned "
+                f"{type(loss).__name__} - pass loss_fn=lambda model, batch: ... to the pruner"
+            )
+        return loss.reshape(())
+
+    def forward(self, batch: Any, batch_idx: int) -> None:
+        """Run the model on a batch (through the loss when there is one)."""
+        if self.source in ("loss_fn", "training_step"):
+            self.loss(batch, batch_idx)
+        else:
+            default_forward(self.model, batch)
+
+    @torch.no_grad()
+    def mean_loss(self, batches: Sequence[Any], comm: Collectives = LOCAL) -> float:
+        """Mean loss over ``batches`` in eval mode, averaged over ranks (NaN without a loss or batches)."""
+        if not batches or not self.has_loss(batches[0]):
+            return math.nan
+        total = 0.0
+        with eval_mode(self.model), self.forward_context():
+            for i, batch in enumerate(batches):
+                total += float(self.loss(batch, i).float())
+        device = next(iter(self.model.parameters()), torch.empty(0)).device
+        return comm.mean(total / len(batches), device)
+
+
+def calibration_pass(
+    calib: Calibration,
+    batches: Sequence[Any],
+    estimator: Any,
+    targets: Sequence[PruneTarget],
+    reduction: str = "mean",
+    desc: str = "calibration",
+) -> Any:
+    """Fold ``batches`` into ``estimator`` at the *current* weights, then all-reduce it.
+
+    Runs in eval mode. Estimators that need gradients get them from ``torch.autograd.grad`` on the
+    target weights only, so no ``.grad`` of the model is touched; label-free ones (``needs_grad``
+    false) get forward passes under ``no_grad``. Used by ``prune()`` for a round's statistics and
+    by OBS to recompute curvature inside a round (as M-FAC/oBERT do).
+    """
+    needs_grad = estimator.needs_grad
+    if needs_grad and not calib.has_loss(batches[0] if batches else None):
         raise ValueError(
-            "the pruning loss must be a scalar tensor; `training_step` returned "
-            f"{type(loss).__name__} - pass loss_fn=lambda module, batch: ... to the pruning callback"
+            f"{desc} needs gradients, and there is no loss ({calib.describe()}): pass loss_fn=lambda model, batch: ..."
         )
-    return loss.reshape(())
-
-
-@torch.no_grad()
-def mean_loss(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any], loss_fn: LossFn | None
-) -> float:
-    """Mean loss over ``batches`` in eval mode under the trainer's precision (NaN without batches)."""
-    if not batches or not can_compute_loss(pl_module, loss_fn):
-        return math.nan
-    total = 0.0
-    with eval_mode(pl_module), trainer.precision_plugin.forward_context():
-        for i, batch in enumerate(batches):
-            total += float(batch_loss(pl_module, batch, i, loss_fn).float())
-    return total / len(batches)
+    capture = LayerCapture(targets, inputs_only=not needs_grad)
+    params = [t.param for t in targets]
+    bar = calib.progress(len(batches), desc)
+    capture.attach()
+    try:
+        with eval_mode(calib.model), torch.set_grad_enabled(needs_grad), calib.forward_context():
+            for i, batch in enumerate(batches):
+                if needs_grad:
+                    torch.autograd.grad(calib.loss(batch, i), params, allow_unused=True)
+                else:
+                    calib.forward(batch, i)
+                with exact_float32():
+                    for target, x, g in capture.drain():
+                        if g is not None:
+                            g = g * per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
+                        estimator.update(target.name, x, g)
+                estimator.end_batch()
+                bar()
+    finally:
+        capture.detach()
+        bar.close()
+    estimator.reduce_()
+    return estimator

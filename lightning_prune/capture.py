@@ -85,11 +85,16 @@ def per_sample_factor(batch_size: int, *, reduction: str, accumulate: int, loss_
 
 
 class LayerCapture:
-    """Keeps (input, output-gradient) pairs of the target layers for the current batch."""
+    """Keeps (input, output-gradient) pairs of the target layers for the current batch.
 
-    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+    ``inputs_only=True`` keeps just the inputs, also of forward passes without autograd: what
+    label-free statistics (layer-wise OBS's ``E[x x^T]``) need from a calibration pass.
+    """
+
+    def __init__(self, targets: Sequence[PruneTarget], inputs_only: bool = False) -> None:
         check_hookable(targets)
         self.targets = list(targets)
+        self.inputs_only = inputs_only
         self._inputs: dict[str, list[Tensor]] = {}
         self._grads: dict[str, dict[int, Tensor]] = {}
         self._handles: list[RemovableHandle] = []
@@ -116,10 +121,13 @@ class LayerCapture:
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            inputs = self._inputs.setdefault(name, [])
+            if self.inputs_only:
+                inputs.append(args[0].detach())
+                return
             # validation/eval forwards inside the window carry no gradient: ignore them
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
                 return
-            inputs = self._inputs.setdefault(name, [])
             grads = self._grads.setdefault(name, {})
             idx = len(inputs)
             inputs.append(args[0].detach())
@@ -131,20 +139,25 @@ class LayerCapture:
 
         return hook
 
-    def drain(self) -> Iterator[tuple[PruneTarget, Tensor, Tensor]]:
+    def drain(self) -> Iterator[tuple[PruneTarget, Tensor, Tensor | None]]:
         """Yield ``(target, x_rows, g_rows)`` (float32, unscaled) per layer and clear the buffers.
 
-        A layer called several times in one step contributes all its calls as extra rows ``T``
-        of the same samples (its per-sample gradient is the sum over calls).
+        ``g_rows`` is ``None`` with ``inputs_only``. A layer called several times in one step
+        contributes all its calls as extra rows ``T`` of the same samples (its per-sample gradient
+        is the sum over calls).
         """
         for t in self.targets:
             xs, gs = self._inputs.get(t.name, []), self._grads.get(t.name, {})
-            pairs = [(xs[i], gs[i]) for i in range(len(xs)) if i in gs]
-            if not pairs:
+            idx = range(len(xs)) if self.inputs_only else [i for i in range(len(xs)) if i in gs]
+            if not idx:
                 continue
-            x = [input_rows(t.module, a.float()) for a, _ in pairs]
-            g = [grad_rows(t.module, b.float()) for _, b in pairs]
+            x = [input_rows(t.module, xs[i].float()) for i in idx]
             if len({a.shape[0] for a in x}) != 1:
                 raise ValueError(f"layer {t.module_name!r} was called with different batch sizes in one step")
-            yield t, (x[0] if len(x) == 1 else torch.cat(x, dim=1)), (g[0] if len(g) == 1 else torch.cat(g, dim=1))
+            g = None if self.inputs_only else [grad_rows(t.module, gs[i].float()) for i in idx]
+            yield t, _rows(x), (None if g is None else _rows(g))
         self.clear()
+
+
+def _rows(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

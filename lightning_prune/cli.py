@@ -4,9 +4,15 @@
     lightning-prune pruner=obd pruner.curvature=ekfac pruner.target=0.9
     lightning-prune -m pruner=magnitude,obd,obs pruner.target=0.8,0.9   # sweep
     lightning-prune experiment=fmnist_mlp trainer=ddp_cpu logger=wandb
+    lightning-prune trainer.max_epochs=-1 trainer.max_steps=2000 pruner.every_n_steps=100   # step rounds
+    lightning-prune pruner=none                        # dense; prints the checkpoint it saved
+    lightning-prune mode=oneshot ckpt_path=CKPT pruner=obs pruner.target=0.5   # post-training, prune()
 
 Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
-sweep's results into a Markdown table and a plot.
+sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a trained checkpoint,
+prunes it once with :func:`lightning_prune.prune` on ``pruner.num_batches`` training batches,
+evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, the pruner's masks in
+its callback state) next to ``results.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.calibration import eval_mode
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.round import prune
+
+MODES = ("train", "oneshot")
+
+
+def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_triggers: int | None) -> int | None:
+    """``pruner.start_epoch`` of the default config: train dense for the first fifth of the epochs
+    (4 of 20), never past an explicit ``end_epoch``; ``None`` for step triggers or an unbounded run."""
+    if any(v is not None for v in step_triggers) or max_epochs is None or max_epochs < 0:
+        return None
+    start = max_epochs // 5
+    return start if end_epoch is None else min(start, end_epoch)
+
+
+OmegaConf.register_new_resolver("lp.dense_epochs", dense_epochs, replace=True)
 
 
 def config_dir() -> Path:
@@ -117,7 +138,12 @@ def _loggers(cfg: DictConfig) -> list[Any]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One experiment; returns (and writes) its summary."""
+    """One experiment (``mode=train``) or one post-training round (``mode=oneshot``); returns its summary."""
+    mode = cfg.get("mode", "train")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    if mode == "oneshot":
+        return run_oneshot(cfg)
     output_dir = HydraConfig.get().runtime.output_dir
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -151,6 +177,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "test_acc": _float(test.get("test/acc")),
         "test_loss": _float(test.get("test/loss")),
         "history": [dict(r) for r in pruner.history] if pruner is not None else [],
+        "checkpoint": _checkpoint_path(trainer),
         "output_dir": output_dir,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -162,6 +189,95 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()  # flush now: the next sweep job starts a new run
     return summary
+
+
+def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
+    """Load ``ckpt_path``, prune it once with :func:`prune`, evaluate before and after, save it."""
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.get("ckpt_path"):
+        raise ValueError("mode=oneshot needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`)")
+    if not (cfg.pruner and cfg.pruner.get("_target_")):
+        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
+    ckpt_path = Path(cfg.ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    pruner: PruningCallback = instantiate(cfg.pruner)
+    state = ckpt.get("callbacks", {}).get(pruner.state_key)
+    if state is not None:  # a checkpoint of a pruning run: its masks only shrink from here
+        pruner.load_state_dict(state)
+    evaluator = instantiate(cfg.trainer, logger=False, callbacks=[], default_root_dir=str(output_dir))
+
+    def evaluate() -> dict[str, float]:
+        val = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]
+        test = evaluator.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
+        return {"val_acc": _float(val.get("val/acc")), "test_acc": _float(test.get("test/acc"))}
+
+    before = evaluate()
+    record = prune(model, datamodule.train_dataloader(), pruner)
+    after = evaluate()
+    pruned_path = output_dir / "pruned.ckpt"
+    summary = {
+        "mode": "oneshot",
+        "method": method_label(cfg),
+        "target": float(cfg.pruner.target),
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "data": cfg.data._target_.rsplit(".", 1)[-1],
+        "seed": cfg.seed,
+        "sparsity": pruner.sparsity,
+        "before": before,
+        "after": after,
+        "dense_val_acc": before["val_acc"],
+        "val_acc": after["val_acc"],
+        "test_acc": after["test_acc"],
+        "history": [dict(r) for r in pruner.history],
+        "source_checkpoint": str(ckpt_path),
+        "checkpoint": str(pruned_path),
+        "output_dir": str(output_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if evaluator.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "hyper_parameters": ckpt.get("hyper_parameters", {}),
+                "pytorch-lightning_version": pl.__version__,
+                "callbacks": {pruner.state_key: pruner.state_dict()},
+                "lightning_prune": {"source_checkpoint": str(ckpt_path), "round": dict(record)},
+            },
+            pruned_path,
+        )
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+        lines = [
+            "",
+            "=" * 72,
+            f"lightning-prune one-shot: {summary['method']} on {summary['model']} / {summary['data']}",
+            f"before: val accuracy {before['val_acc']:.2%}, test accuracy {before['test_acc']:.2%}",
+            f"after:  sparsity {summary['sparsity']:.2%}, val accuracy {after['val_acc']:.2%}, "
+            f"test accuracy {after['test_acc']:.2%}",
+            "",
+            pruner.layer_table(),
+            "",
+            f"pruned checkpoint: {pruned_path}",
+            f"results.json: {output_dir / 'results.json'}",
+            "=" * 72,
+        ]
+        _print("\n".join(lines))
+    return summary
+
+
+def _checkpoint_path(trainer: pl.Trainer) -> str | None:
+    """Where the run's ModelCheckpoint saved the final model, if it did."""
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None:
+        return None
+    return getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") or None
 
 
 def _float(value: Any) -> float:
@@ -191,6 +307,8 @@ def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, logge
     if pruner is not None and pruner.verbose == 0:  # verbose pruners already printed it at fit end
         lines += ["", pruner.layer_table()]
     lines += ["", f"outputs and results.json: {summary['output_dir']}"]
+    if summary.get("checkpoint"):
+        lines.append(f"checkpoint: {summary['checkpoint']}  (prune it post-training: mode=oneshot ckpt_path=...)")
     for logger in loggers:
         where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if isinstance(logger, WandbLogger):

@@ -1,28 +1,40 @@
 """When rounds fire and how sparse the model is after each one.
 
-Rounds fire at the end of epochs ``start_epoch, start_epoch + every_n_epochs, ...`` up to
-``end_epoch`` (inclusive). Sparsity is always *cumulative*: the fraction of all selected weights
-that are zero after the round, never a fraction of the remaining ones, so nothing compounds.
+Rounds are keyed by a *point*: an epoch (the round runs at the end of that epoch) or an optimizer
+step (the round runs right after ``trainer.global_step`` reaches it). The user's trigger arguments
+are normalised once, by :func:`triggers`, into a unit and ``start, end, every``:
+
+* epochs: ``start_epoch`` (default 0), ``end_epoch``, ``every_n_epochs`` (default 1);
+* steps: ``start_step`` (default ``every_n_steps``), ``end_step``, ``every_n_steps`` (required
+  unless ``schedule="one_shot"``).
+
+Mixing epoch and step arguments is an error. Rounds fire at ``start, start + every, ...`` up to
+``end`` (inclusive). Sparsity is always *cumulative*: the fraction of all selected weights that are
+zero after the round, never a fraction of the remaining ones, so nothing compounds.
 
 With ``n`` rounds, round ``k`` (0-based) reaches, for ``p = (k + 1) / n``:
 
 * ``"cubic"`` (Zhu & Gupta 2017 with initial sparsity 0): ``target * (1 - (1 - p) ** 3)``;
 * ``"linear"``: ``target * p``;
-* ``"one_shot"``: one round at ``start_epoch`` to ``target``;
-* a callable ``epoch -> sparsity``: its values at the round epochs, which must be
+* ``"one_shot"``: one round at ``start`` to ``target``;
+* a callable ``point -> sparsity``: its values at the round points, which must be
   non-decreasing, in ``[0, 1)`` and end exactly at ``target``.
 
-Default ``end_epoch`` rule: rounds occupy the first half (rounded up) of the epochs from
-``start_epoch`` to ``max_epochs``, so the second half is left for fine-tuning. For
-``max_epochs=10``: rounds after epochs 0-4, fine-tuning in epochs 5-9.
+Default ``end`` rule, once the run length is known: rounds occupy the first half of the run from
+``start``, so the second half is left for fine-tuning. Epochs: the first half (rounded up) of the
+epochs from ``start_epoch`` to ``max_epochs`` (``max_epochs=10``: rounds after epochs 0-4,
+fine-tuning in epochs 5-9). Steps: ``end_step = start_step + (total_steps - start_step) // 2``
+(``max_steps=1000, every_n_steps=100``: rounds at steps 100-500, fine-tuning for 500 steps).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 SCHEDULES = ("cubic", "linear", "one_shot")
+UNITS = ("epoch", "step")
 
 ScheduleArg = str | Callable[[int], float]
 
@@ -44,115 +56,204 @@ def check_fraction(name: str, value: object, *, upper_inclusive: bool = False) -
     return float(value)
 
 
+@dataclass(frozen=True)
+class Triggers:
+    """Normalised trigger arguments: ``unit`` is ``"epoch"`` or ``"step"``; ``end`` may be unknown."""
+
+    unit: str
+    start: int
+    end: int | None
+    every: int
+
+    def arg(self, what: str) -> str:
+        """The user-facing argument name, e.g. ``arg("start") == "start_step"``."""
+        return f"every_n_{self.unit}s" if what == "every" else f"{what}_{self.unit}"
+
+
+def triggers(
+    schedule: ScheduleArg = "cubic",
+    start_epoch: int | None = None,
+    end_epoch: int | None = None,
+    every_n_epochs: int | None = None,
+    start_step: int | None = None,
+    end_step: int | None = None,
+    every_n_steps: int | None = None,
+) -> Triggers:
+    """Validate and normalise the epoch or step trigger arguments (see the module docstring)."""
+    epoch_args = {"start_epoch": start_epoch, "end_epoch": end_epoch, "every_n_epochs": every_n_epochs}
+    step_args = {"start_step": start_step, "end_step": end_step, "every_n_steps": every_n_steps}
+    given_epoch = [k for k, v in epoch_args.items() if v is not None]
+    given_step = [k for k, v in step_args.items() if v is not None]
+    if given_epoch and given_step:
+        raise ValueError(
+            f"pass epoch triggers or step triggers, not both: got {given_epoch[0]}={epoch_args[given_epoch[0]]!r} "
+            f"and {given_step[0]}={step_args[given_step[0]]!r}"
+        )
+    if not given_step:
+        start = _check_int("start_epoch", 0 if start_epoch is None else start_epoch, 0)
+        every = _check_int("every_n_epochs", 1 if every_n_epochs is None else every_n_epochs, 1)
+        unit, end = "epoch", end_epoch
+    else:
+        if every_n_steps is not None:
+            _check_int("every_n_steps", every_n_steps, 1)
+        elif schedule != "one_shot" or start_step is None:
+            raise ValueError(
+                "step triggers need `every_n_steps` (rounds at start_step, start_step + every_n_steps, ... "
+                f"end_step), or `start_step` with schedule='one_shot'; got {', '.join(given_step)}"
+            )
+        start = _check_int("start_step", every_n_steps if start_step is None else start_step, 1)
+        unit, end, every = "step", end_step, every_n_steps or 1
+    t = Triggers(unit, start, end, every)
+    if end is not None:
+        _check_int(t.arg("end"), end, 0)
+        if end < start:
+            raise ValueError(f"`{t.arg('end')}` ({end}) must be >= `{t.arg('start')}` ({start})")
+    return t
+
+
 class SparsitySchedule:
-    """Round epochs and the cumulative sparsity each round reaches."""
+    """Round points (epochs or steps) and the cumulative sparsity each round reaches."""
 
     def __init__(
         self,
         target: float,
         schedule: ScheduleArg = "cubic",
-        start_epoch: int = 0,
+        start_epoch: int | None = None,
         end_epoch: int | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
+        *,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        every_n_steps: int | None = None,
     ) -> None:
         self.target = check_fraction("target", target)
         if not callable(schedule) and schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES} or a callable epoch -> sparsity, got {schedule!r}")
+            raise ValueError(f"`schedule` must be one of {SCHEDULES} or a callable point -> sparsity, got {schedule!r}")
         self.schedule = schedule
-        self.start_epoch = _check_int("start_epoch", start_epoch, 0)
-        self.every_n_epochs = _check_int("every_n_epochs", every_n_epochs, 1)
-        if end_epoch is not None:
-            _check_int("end_epoch", end_epoch, 0)
-            if end_epoch < start_epoch:
-                raise ValueError(f"`end_epoch` ({end_epoch}) must be >= `start_epoch` ({start_epoch})")
-        self.end_epoch = end_epoch
-        self._rounds: list[int] | None = None
+        self.when = triggers(schedule, start_epoch, end_epoch, every_n_epochs, start_step, end_step, every_n_steps)
+        self._points: list[int] | None = None
         self._values: dict[int, float] = {}
-        if end_epoch is not None or schedule == "one_shot":
-            self._resolve(end_epoch if end_epoch is not None else start_epoch)
+        if self.when.end is not None or schedule == "one_shot":
+            self._resolve(self.when.end if self.when.end is not None else self.when.start)
+
+    @property
+    def unit(self) -> str:
+        return self.when.unit
 
     # ------------------------------------------------------------------ resolution
-    def resolve(self, max_epochs: int | None) -> None:
-        """Fix the round epochs once the trainer's ``max_epochs`` is known (idempotent)."""
-        if self._rounds is not None:
+    def resolve(self, horizon: float | None, setting: str | None = None) -> None:
+        """Fix the round points once the run length is known (idempotent).
+
+        ``horizon`` is ``max_epochs`` for epoch triggers and the run's total number of optimizer
+        steps for step triggers; ``None``, a negative value or ``inf`` means unknown. ``setting``
+        names where the horizon came from in error messages (default ``max_epochs``/``max_steps``).
+        """
+        if self._points is not None:
             return
-        if max_epochs is None or max_epochs < 0:
+        w = self.when
+        setting = setting or ("max_epochs" if w.unit == "epoch" else "max_steps")
+        if horizon is None or horizon < 0 or not math.isfinite(horizon):
             raise ValueError(
-                "`end_epoch` is required when the Trainer has no `max_epochs` "
-                f"(got max_epochs={max_epochs!r}); pass end_epoch=... to the pruning callback"
+                f"`{w.arg('end')}` is required when the Trainer has no `{setting}` (got {setting}={horizon!r}); "
+                f"pass {w.arg('end')}=... to the pruner"
+                + (", or step triggers (every_n_steps=...) for a run bounded by max_steps" if w.unit == "epoch" else "")
             )
-        if self.start_epoch >= max_epochs:
+        horizon = int(horizon)
+        if w.start >= horizon:
             raise ValueError(
-                f"`start_epoch` ({self.start_epoch}) must be < Trainer(max_epochs={max_epochs}), "
+                f"`{w.arg('start')}` ({w.start}) must be < Trainer({setting}={horizon}), "
                 "otherwise no pruning round would ever fire"
             )
-        remaining = max_epochs - self.start_epoch
-        self._resolve(self.start_epoch + math.ceil(remaining / 2) - 1)
+        if w.unit == "epoch":
+            self._resolve(w.start + math.ceil((horizon - w.start) / 2) - 1)
+        else:
+            self._resolve(w.start + (horizon - w.start) // 2)
 
     def _resolve(self, end: int) -> None:
-        if self.schedule == "one_shot":
-            rounds = [self.start_epoch]
-        else:
-            rounds = list(range(self.start_epoch, end + 1, self.every_n_epochs))
-        n = len(rounds)
+        w = self.when
+        points = [w.start] if self.schedule == "one_shot" else list(range(w.start, end + 1, w.every))
+        n = len(points)
         values = {}
-        for k, epoch in enumerate(rounds):
+        for k, point in enumerate(points):
             p = (k + 1) / n
             if callable(self.schedule):
-                values[epoch] = self._call(epoch)
+                values[point] = self._call(point)
             elif self.schedule == "cubic":
-                values[epoch] = self.target * (1.0 - (1.0 - p) ** 3)
+                values[point] = self.target * (1.0 - (1.0 - p) ** 3)
             elif self.schedule == "linear":
-                values[epoch] = self.target * p
+                values[point] = self.target * p
             else:
-                values[epoch] = self.target
+                values[point] = self.target
         self._check_values(values)
-        self._rounds, self._values = rounds, values
+        self._points, self._values = points, values
 
-    def _call(self, epoch: int) -> float:
-        value = self.schedule(epoch)  # type: ignore[operator]
+    def _call(self, point: int) -> float:
+        value = self.schedule(point)  # type: ignore[operator]
         try:
-            return check_fraction(f"schedule({epoch})", value)
+            return check_fraction(f"schedule({point})", value)
         except ValueError as err:
             raise ValueError(f"`schedule` callable returned an invalid sparsity: {err}") from None
 
     def _check_values(self, values: dict[int, float]) -> None:
-        prev_epoch, prev = None, 0.0
-        for epoch, value in values.items():
+        prev_point, prev = None, 0.0
+        for point, value in values.items():
             if value < prev - 1e-12:
                 raise ValueError(
-                    f"`schedule` must be non-decreasing: schedule({epoch})={value} < schedule({prev_epoch})={prev}"
+                    f"`schedule` must be non-decreasing: schedule({point})={value} < schedule({prev_point})={prev}"
                 )
-            prev_epoch, prev = epoch, value
-        last_epoch = next(reversed(values))
-        if abs(values[last_epoch] - self.target) > 1e-9:
+            prev_point, prev = point, value
+        last = next(reversed(values))
+        if abs(values[last] - self.target) > 1e-9:
             raise ValueError(
-                f"`schedule` must reach `target` at the last round: schedule({last_epoch})="
-                f"{values[last_epoch]} but target={self.target}"
+                f"`schedule` must reach `target` at the last round: schedule({last})={values[last]} "
+                f"but target={self.target}"
             )
 
     # ------------------------------------------------------------------ queries
     @property
     def resolved(self) -> bool:
-        return self._rounds is not None
+        return self._points is not None
+
+    @property
+    def points(self) -> list[int]:
+        """Round points (epochs or steps), in order."""
+        if self._points is None:
+            raise RuntimeError("schedule not resolved yet: call resolve(horizon) first")
+        return list(self._points)
 
     @property
     def round_epochs(self) -> list[int]:
-        if self._rounds is None:
-            raise RuntimeError("schedule not resolved yet: call resolve(max_epochs) first")
-        return list(self._rounds)
+        """The round points under their historical name (epochs, or steps for step triggers)."""
+        return self.points
 
-    def is_round(self, epoch: int) -> bool:
-        return epoch in self._values
+    def is_round(self, point: int) -> bool:
+        return point in self._values
 
-    def sparsity_at(self, epoch: int) -> float:
-        """Cumulative sparsity reached by the round at ``epoch``."""
-        if epoch not in self._values:
-            raise KeyError(f"no pruning round at epoch {epoch}; rounds: {self._rounds}")
-        return self._values[epoch]
+    def sparsity_at(self, point: int) -> float:
+        """Cumulative sparsity reached by the round at ``point``."""
+        if point not in self._values:
+            raise KeyError(f"no pruning round at {self.unit} {point}; rounds: {self._points}")
+        return self._values[point]
+
+    def due(self, now: int, last: int | None) -> int | None:
+        """The latest round point in ``(last, now]``, or ``None``.
+
+        Keyed by point, not by history: a round never repeats after a resume, and a point that was
+        jumped over (two optimizer steps in one batch) still fires once, at its own sparsity.
+        """
+        if self._points is None:
+            return None
+        due = [p for p in self._points if p <= now and (last is None or p > last)]
+        return due[-1] if due else None
+
+    def next_point(self, last: int | None) -> int | None:
+        """The first round point after ``last``."""
+        if self._points is None:
+            return None
+        return next((p for p in self._points if last is None or p > last), None)
 
     def __repr__(self) -> str:
         return (
-            f"SparsitySchedule(target={self.target}, schedule={self.schedule!r}, rounds={self._rounds}, "
+            f"SparsitySchedule(target={self.target}, schedule={self.schedule!r}, {self.unit}s={self._points}, "
             f"sparsities={[round(v, 4) for v in self._values.values()]})"
         )

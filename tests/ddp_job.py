@@ -25,15 +25,23 @@ from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
 
 def spy(cls):
     class Spy(cls):
+        """Keeps the curvature diagonals each round's criterion was given."""
+
         diagonals: typing.ClassVar[dict] = {}
 
-        def _prune(self, ctx):
-            est = ctx.stats
-            if est is not None and hasattr(est, "parts"):
-                est = est.parts["kfac"]
-            if est is not None:
-                self.diagonals = {t.name: est.diagonal(t.name).cpu() for t in ctx.targets}
-            return super()._prune(ctx)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            prune = self.criterion.prune
+
+            def spying(ctx):
+                est = ctx.stats
+                if est is not None and hasattr(est, "parts"):
+                    est = est.parts["kfac"]
+                if est is not None:
+                    self.diagonals = {t.name: est.diagonal(t.name).cpu() for t in ctx.targets}
+                return prune(ctx)
+
+            self.criterion.prune = spying
 
     return Spy
 

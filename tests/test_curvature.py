@@ -12,8 +12,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBDPruning
-from lightning_prune.callbacks.curvature_base import sanitize_curvature
 from lightning_prune.capture import LayerCapture, unfold_conv_input
+from lightning_prune.criteria.obd import sanitize_curvature
 from lightning_prune.curvature import EKFAC, KFAC, DiagFisher
 from lightning_prune.targets import resolve_targets
 
@@ -52,9 +52,15 @@ class Regression(pl.LightningModule):
 class Spy(OBDPruning):
     """Keeps the round's estimator for inspection."""
 
-    def _estimate(self, ctx):
-        self.est = super()._estimate(ctx)
-        return self.est
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        estimate = self.criterion._estimate
+
+        def spy(ctx):
+            self.est = estimate(ctx)
+            return self.est
+
+        self.criterion._estimate = spy
 
 
 def estimate(curvature, batch_size=32, accumulate=1, num_batches=None, precision="32-true", accelerator="cpu", **kw):
@@ -173,7 +179,12 @@ def test_bf16_training_still_accumulates_in_float32():
 def test_loss_scale_and_accumulation_are_divided_out():
     from types import SimpleNamespace
 
-    from lightning_prune.curvature.window import hook_grad_multiplier
+    from lightning_prune.callbacks.base import loss_scaling
+    from lightning_prune.capture import per_sample_factor
+
+    def hook_grad_multiplier(trainer, module, batch_size, reduction):
+        accumulate, scale = loss_scaling(trainer, module)
+        return per_sample_factor(batch_size, reduction=reduction, accumulate=accumulate, loss_scale=scale or 1.0)
 
     scaler = SimpleNamespace(get_scale=lambda: 1024.0, is_enabled=lambda: True)
     trainer = SimpleNamespace(accumulate_grad_batches=4, precision_plugin=SimpleNamespace(scaler=scaler))

@@ -1,6 +1,8 @@
-from lightning_prune.callbacks.base import PruningCallback, RoundContext, RoundResult
+"""Lightning adapters: pruners driven by ``Trainer.fit``'s hooks."""
+
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.callbacks.magnitude import MagnitudePruning
 from lightning_prune.callbacks.obd import OBDPruning
 from lightning_prune.callbacks.obs import OBSPruning
 
-__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback", "RoundContext", "RoundResult"]
+__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback"]

@@ -1,4 +1,4 @@
-"""Magnitude pruning: the baseline every paper reports against, on the shared engine."""
+"""``MagnitudePruning``: the magnitude criterion as a Lightning callback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Literal
 from torch import nn
 
 from lightning_prune.calibration import LossFn
-from lightning_prune.callbacks.base import PruningCallback, RoundContext, RoundResult
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.criteria import Magnitude
 
 
 class MagnitudePruning(PruningCallback):
@@ -16,17 +17,20 @@ class MagnitudePruning(PruningCallback):
 
     ``Trainer(callbacks=[MagnitudePruning(target=0.8)])`` prunes 80% of all Linear/Conv weights
     over a cubic schedule in the first half of training and fine-tunes in the second half. See
-    :class:`~lightning_prune.callbacks.base.PruningCallback` for the arguments; magnitude needs no
-    curvature, so it keeps only ``eval_batches`` batches to measure the actual loss increase.
+    :class:`~lightning_prune.pruner.Pruner` for the arguments; magnitude needs no curvature, so a
+    round keeps only ``eval_batches`` batches, to measure the actual loss increase.
     """
 
     def __init__(
         self,
         target: float,
         schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int = 0,
+        start_epoch: int | None = None,
         end_epoch: int | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        every_n_steps: int | None = None,
         scope: Literal["global", "layer"] = "global",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -37,11 +41,15 @@ class MagnitudePruning(PruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(
+            Magnitude(),
             target,
             schedule,
             start_epoch,
             end_epoch,
             every_n_epochs,
+            start_step,
+            end_step,
+            every_n_steps,
             scope,
             include,
             exclude,
@@ -52,11 +60,3 @@ class MagnitudePruning(PruningCallback):
             loss_fn=loss_fn,
             verbose=verbose,
         )
-
-    @property
-    def _window_length(self) -> int:
-        return self.eval_batches
-
-    def _prune(self, ctx: RoundContext) -> RoundResult:
-        scores = {t.name: t.param.detach().abs() for t in ctx.targets}
-        return RoundResult(self._select(ctx, scores))

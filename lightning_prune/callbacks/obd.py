@@ -1,22 +1,18 @@
-"""Optimal Brain Damage (LeCun et al. 1990): saliency ``1/2 h_ii w_i^2`` from a diagonal curvature."""
+"""``OBDPruning``: Optimal Brain Damage as a Lightning callback (criterion: :class:`~lightning_prune.criteria.OBD`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_prune.calibration import LossFn
-from lightning_prune.callbacks.base import RoundContext, RoundResult
-from lightning_prune.callbacks.curvature_base import CurvaturePruningCallback, sanitize_curvature
-from lightning_prune.curvature import CURVATURES, Estimator, Hutchinson, make_estimator
-from lightning_prune.reporting import Progress
-from lightning_prune.targets import PruneTarget
+from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.criteria import OBD
 
 
-class OBDPruning(CurvaturePruningCallback):
+class OBDPruning(PruningCallback):
     """Prune the weights with the smallest ``1/2 h_ii w_i^2``.
 
     Args:
@@ -31,7 +27,7 @@ class OBDPruning(CurvaturePruningCallback):
     The saliencies are in loss units, so ``scope="global"`` compares them across layers, and their
     sum over the removed weights is logged as ``prune/predicted_loss_increase`` next to the
     measured ``prune/actual_loss_increase``. Other arguments: see
-    :class:`~lightning_prune.callbacks.base.PruningCallback`.
+    :class:`~lightning_prune.pruner.Pruner`.
     """
 
     def __init__(
@@ -39,9 +35,12 @@ class OBDPruning(CurvaturePruningCallback):
         target: float,
         curvature: Literal["fisher", "kfac", "ekfac", "hutchinson"] = "fisher",
         schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int = 0,
+        start_epoch: int | None = None,
         end_epoch: int | None = None,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        every_n_steps: int | None = None,
         scope: Literal["global", "layer"] = "global",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -55,11 +54,15 @@ class OBDPruning(CurvaturePruningCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__(
+            OBD(curvature, num_probes, loss_reduction),
             target,
             schedule,
             start_epoch,
             end_epoch,
             every_n_epochs,
+            start_step,
+            end_step,
+            every_n_steps,
             scope,
             include,
             exclude,
@@ -69,46 +72,6 @@ class OBDPruning(CurvaturePruningCallback):
             eval_batches,
             loss_fn,
             verbose,
-            loss_reduction=loss_reduction,
         )
-        if curvature not in CURVATURES:
-            raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
-        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
         if curvature == "ekfac" and num_batches < 2:
             raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")
-        self.curvature, self.num_probes = curvature, num_probes
-        self.hooked = curvature != "hutchinson"
-
-    def _make_estimator(self, targets: list[PruneTarget]) -> Estimator:
-        return make_estimator(self.curvature, targets, num_batches=self.num_batches, num_probes=self.num_probes)
-
-    def _estimate(self, ctx: RoundContext) -> Estimator:
-        if self.hooked:
-            return self._require_stats(ctx, ctx.stats)
-        if not ctx.batches:
-            return self._require_stats(ctx, None)
-        est = Hutchinson(ctx.targets, num_probes=self.num_probes)
-        bar = Progress(ctx.trainer, len(ctx.batches), "Hutchinson calibration", self.verbose >= 1)
-        try:
-            est.calibrate(ctx.trainer, ctx.pl_module, ctx.batches, self.loss_fn, len(self._history), progress=bar)
-        finally:
-            bar.close()
-        return est
-
-    def _prune(self, ctx: RoundContext) -> RoundResult:
-        est = self._estimate(ctx)
-        scores, negative, nonfinite = {}, 0, 0
-        for t in ctx.targets:
-            h, neg, bad = sanitize_curvature(est.diagonal(t.name))
-            negative, nonfinite = negative + neg, nonfinite + bad
-            scores[t.name] = 0.5 * h * t.param.detach().double() ** 2
-        if negative or nonfinite:
-            rank_zero_warn(
-                f"OBD ({self.curvature}): {negative} negative curvature entries used as |h|, "
-                f"{nonfinite} non-finite entries kept unpruned"
-            )
-        masks = self._select(ctx, scores)
-        removed = sum(float(scores[n][ctx.masks[n] & ~masks[n]].nansum()) for n in masks)
-        info = {"negative_curvature": negative, "nonfinite_curvature": nonfinite}
-        return RoundResult(masks, predicted_loss_increase=removed, info=info)

@@ -1,27 +1,46 @@
-"""Curvature estimators: statistics as float64 sums with counts, all-reducible across ranks."""
+"""Curvature estimators: statistics as float32 sums with float64 counts, all-reducible across ranks."""
 
 from collections.abc import Sequence
 
-from lightning_prune.curvature.estimators import EKFAC, KFAC, DiagFisher, Estimator
+from lightning_prune.curvature.estimators import EKFAC, KFAC, Composite, DiagFisher, Estimator, InputCovariance
 from lightning_prune.curvature.hutchinson import Hutchinson
 from lightning_prune.curvature.window import CaptureWindow
+from lightning_prune.distributed import LOCAL, Collectives
 from lightning_prune.targets import PruneTarget
 
 CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson")
 
 
 def make_estimator(
-    kind: str, targets: Sequence[PruneTarget], *, num_batches: int, num_probes: int = 8, seed: int = 0
+    kind: str,
+    targets: Sequence[PruneTarget],
+    *,
+    num_batches: int,
+    num_probes: int = 8,
+    seed: int = 0,
+    comm: Collectives = LOCAL,
 ) -> Estimator:
+    """OBD's diagonal estimators by name."""
     if kind == "fisher":
-        return DiagFisher(targets)
+        return DiagFisher(targets, comm)
     if kind == "kfac":
-        return KFAC(targets, diagonal_only=True)  # OBD uses diag(A) (x) diag(G) only
+        return KFAC(targets, diagonal_only=True, comm=comm)  # OBD uses diag(A) (x) diag(G) only
     if kind == "ekfac":
-        return EKFAC(targets, num_batches)
+        return EKFAC(targets, num_batches, comm)
     if kind == "hutchinson":
-        return Hutchinson(targets, num_probes=num_probes, seed=seed)
+        return Hutchinson(targets, num_probes=num_probes, seed=seed, comm=comm)
     raise ValueError(f"`curvature` must be one of {CURVATURES}, got {kind!r}")
 
 
-__all__ = ["CURVATURES", "EKFAC", "KFAC", "CaptureWindow", "DiagFisher", "Estimator", "Hutchinson", "make_estimator"]
+__all__ = [
+    "CURVATURES",
+    "EKFAC",
+    "KFAC",
+    "CaptureWindow",
+    "Composite",
+    "DiagFisher",
+    "Estimator",
+    "Hutchinson",
+    "InputCovariance",
+    "make_estimator",
+]

@@ -10,6 +10,7 @@ Per-layer inputs are rows ``x: (N, T, d_in)`` and per-sample output gradients
 ``g: (N, T, d_out)``; the per-sample weight gradient is ``G_n = sum_t g[n,t] x[n,t]^T``.
 
 =================  ===============================================================
+``inputs``          ``A = E_{n,t}[x x^T]`` only: layer-wise OBS's label-free Hessian
 ``fisher``          diag empirical Fisher ``E_n[G_n ** 2]`` (per-sample, never the
                     square of the batch gradient)
 ``kfac``            ``A = E_{n,t}[x x^T]``, ``G = E_n[sum_t g g^T]``; diag = diag(G) diag(A)^T
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune import distributed
+from lightning_prune.distributed import LOCAL, Collectives
 from lightning_prune.targets import PruneTarget
 
 _CHUNK_ELEMENTS = 1 << 24  # per-sample gradients are materialised in chunks of at most this size
@@ -55,15 +56,21 @@ def add_sum_sq_per_sample_grads_(out: Tensor, x: Tensor, g: Tensor) -> None:
 
 
 class Estimator:
-    """Base: per-layer float64 sums + counts; subclasses define what is summed."""
+    """Base: per-layer float32 sums + float64 counts; subclasses define what is summed.
+
+    ``needs_grad`` says whether :meth:`update` uses the output gradients ``g`` (and therefore a
+    loss); ``comm`` all-reduces the sums across ranks.
+    """
 
     name = "base"
+    needs_grad = True
 
-    def __init__(self, targets: Sequence[PruneTarget]) -> None:
+    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
         self.targets = {t.name: t for t in targets}
+        self.comm = comm
         self.batches = 0  # window batches folded in (this rank)
 
-    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+    def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         raise NotImplementedError
 
     def end_batch(self) -> None:
@@ -74,7 +81,7 @@ class Estimator:
         raise NotImplementedError
 
     def reduce_(self) -> None:
-        distributed.all_reduce_sum_(self.tensors())
+        self.comm.all_reduce_sum_(self.tensors())
 
     def diagonal(self, name: str) -> Tensor:
         """Weight-shaped estimate of diag(H) for layer ``name`` (float64)."""
@@ -87,13 +94,45 @@ class Estimator:
         return flat.reshape(self.targets[name].param.shape)
 
 
+class InputCovariance(Estimator):
+    """``A = E[x x^T]`` of each layer's inputs (rows): the Hessian of layer-wise OBS's reconstruction
+    loss (OBC/SparseGPT's ``2 X X^T`` up to scale). Needs no labels, no loss, no backward pass."""
+
+    name = "inputs"
+    needs_grad = False
+
+    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm)
+        self.A: dict[str, Tensor] = {}
+        self.count: dict[str, Tensor] = {}
+        for n, t in self.targets.items():
+            d_in = t.param[0].numel()
+            self.A[n] = torch.zeros(d_in, d_in, dtype=torch.float32, device=t.param.device)
+            self.count[n] = torch.zeros((), dtype=torch.float64, device=t.param.device)
+
+    def update(self, name: str, x: Tensor, g: Tensor | None = None) -> None:
+        xf = x.reshape(-1, x.shape[-1]).float()
+        self.A[name].addmm_(xf.T, xf)
+        self.count[name] += xf.shape[0]
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.A.values(), *self.count.values()]
+
+    def seen(self, name: str) -> bool:
+        return bool(self.count[name] > 0)
+
+    def input_covariance(self, name: str) -> Tensor:
+        """Normalised ``A`` in float64."""
+        return self.A[name].double() / self.count[name]
+
+
 class DiagFisher(Estimator):
     """Diagonal empirical Fisher from per-sample gradients."""
 
     name = "fisher"
 
-    def __init__(self, targets: Sequence[PruneTarget]) -> None:
-        super().__init__(targets)
+    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm)
         self.sq: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
@@ -124,8 +163,8 @@ class KFAC(Estimator):
 
     name = "kfac"
 
-    def __init__(self, targets: Sequence[PruneTarget], diagonal_only: bool = False) -> None:
-        super().__init__(targets)
+    def __init__(self, targets: Sequence[PruneTarget], diagonal_only: bool = False, comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm)
         self.diagonal_only = diagonal_only
         self.A: dict[str, Tensor] = {}
         self.G: dict[str, Tensor] = {}
@@ -165,6 +204,10 @@ class KFAC(Estimator):
             raise RuntimeError("this K-FAC estimator kept only the diagonals of its factors")
         return self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
 
+    def input_covariance(self, name: str) -> Tensor:
+        """Normalised ``A`` in float64 (as :class:`InputCovariance` gives it)."""
+        return self.factors(name)[0]
+
     def diagonal(self, name: str) -> Tensor:
         if self.diagonal_only:
             a, g = self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
@@ -184,8 +227,8 @@ class EKFAC(KFAC):
 
     name = "ekfac"
 
-    def __init__(self, targets: Sequence[PruneTarget], num_batches: int) -> None:
-        super().__init__(targets)
+    def __init__(self, targets: Sequence[PruneTarget], num_batches: int, comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm=comm)
         if num_batches < 2:
             raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")
         self.phase_one = math.ceil(num_batches / 2)
@@ -210,7 +253,7 @@ class EKFAC(KFAC):
     def end_batch(self) -> None:
         super().end_batch()
         if self.batches == self.phase_one and not self.in_phase_two:
-            distributed.all_reduce_sum_(super().tensors())
+            self.comm.all_reduce_sum_(super().tensors())
             for n in self.targets:
                 if not super().seen(n):
                     continue
@@ -239,13 +282,14 @@ class Composite(Estimator):
 
     def __init__(self, parts: dict[str, Estimator]) -> None:
         first = next(iter(parts.values()))
-        super().__init__(list(first.targets.values()))
+        super().__init__(list(first.targets.values()), first.comm)
         self.parts = parts
+        self.needs_grad = any(p.needs_grad for p in parts.values())
 
     def __getitem__(self, key: str) -> Estimator:
         return self.parts[key]
 
-    def update(self, name: str, x: Tensor, g: Tensor) -> None:
+    def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         for p in self.parts.values():
             p.update(name, x, g)
 

@@ -12,21 +12,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from lightning_prune import distributed
-from lightning_prune.calibration import LossFn, batch_loss, can_compute_loss, eval_mode
+from lightning_prune.calibration import Calibration, eval_mode
 from lightning_prune.curvature.estimators import Estimator
+from lightning_prune.distributed import LOCAL, Collectives
 from lightning_prune.targets import PruneTarget
 
 
 class Hutchinson(Estimator):
     name = "hutchinson"
 
-    def __init__(self, targets: Sequence[PruneTarget], num_probes: int = 8, seed: int = 0) -> None:
-        super().__init__(targets)
+    def __init__(
+        self, targets: Sequence[PruneTarget], num_probes: int = 8, seed: int = 0, comm: Collectives = LOCAL
+    ) -> None:
+        super().__init__(targets, comm)
         self.num_probes, self.seed = num_probes, seed
         self.sum = {n: torch.zeros_like(t.param, dtype=torch.float64) for n, t in self.targets.items()}
         self.count = torch.zeros((), dtype=torch.float64, device=next(iter(self.sum.values())).device)
@@ -40,27 +41,20 @@ class Hutchinson(Estimator):
     def diagonal(self, name: str) -> Tensor:
         return self.sum[name] / self.count
 
-    def calibrate(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batches: Sequence[Any],
-        loss_fn: LossFn | None,
-        round_index: int,
-        progress: Any = None,
-    ) -> None:
+    def calibrate(self, calib: Calibration, batches: Sequence[Any], round_index: int) -> None:
         """Accumulate ``z * Hz`` over ``batches`` x ``num_probes`` Rademacher probes."""
-        if not can_compute_loss(pl_module, loss_fn):
+        if not calib.has_loss(batches[0] if batches else None):
             raise ValueError(
-                "curvature='hutchinson' needs a loss to differentiate twice: pass loss_fn=... "
-                "(manual optimization's training_step cannot be borrowed)"
+                f"curvature='hutchinson' needs a loss to differentiate twice, and there is {calib.describe()}: "
+                "pass loss_fn=lambda model, batch: ... (manual optimization's training_step cannot be borrowed)"
             )
         names = list(self.targets)
         params = [self.targets[n].param for n in names]
-        rank = trainer.global_rank
-        with eval_mode(pl_module), torch.enable_grad():
+        rank = self.comm.rank
+        progress = calib.progress(len(batches), "Hutchinson calibration")
+        with eval_mode(calib.model), torch.enable_grad():
             for b, batch in enumerate(batches):
-                loss = batch_loss(pl_module, batch, b, loss_fn).float()
+                loss = calib.loss(batch, b).float()
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 for k in range(self.num_probes):
                     gen = torch.Generator(device=params[0].device)
@@ -73,7 +67,7 @@ class Hutchinson(Estimator):
                     for n, z, h in zip(names, zs, hz):
                         self.sum[n] += (z * h).double()
                     self.count += 1
-                if progress is not None:
-                    progress()
+                progress()
+            progress.close()
         self.batches = len(batches)
-        distributed.all_reduce_sum_(self.tensors())
+        self.reduce_()

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_prune.curvature.estimators import Estimator, _chunks, per_sample_grads
+from lightning_prune.distributed import LOCAL, Collectives
 from lightning_prune.targets import PruneTarget
 
 
@@ -33,8 +34,8 @@ class BlockFisher(Estimator):
 
     name = "block_fisher"
 
-    def __init__(self, targets: Sequence[PruneTarget], block_size: int) -> None:
-        super().__init__(targets)
+    def __init__(self, targets: Sequence[PruneTarget], block_size: int, comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm)
         self.block_size = block_size
         self.F: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_prune.distributed import warn
 from lightning_prune.numerics import exact_float32  # noqa: F401  (re-exported)
 
 MAX_DAMP = 10.0
@@ -53,7 +53,7 @@ def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
         if not bool(failed.any()):
             used = float(current.max()) if current.numel() else damp
             if increases:
-                rank_zero_warn(
+                warn(
                     f"OBS: Cholesky of {what} failed with damp={damp}; succeeded with damp={used:g} "
                     f"(logged as prune/damping_increases). More calibration batches usually avoid this."
                 )

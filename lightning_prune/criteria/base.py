@@ -1,0 +1,114 @@
+"""What a criterion is: how a round scores weights (and, for OBS, moves the survivors).
+
+A criterion knows nothing of Lightning, schedules or masks on disk. The round
+(:func:`lightning_prune.round.run_round`) hands it a :class:`RoundContext` (the targets, their
+current masks, the sparsity to reach, the round's batches and statistics) and installs the
+:class:`RoundResult` it returns. Statistics come from :meth:`Criterion.make_estimator`: fed by
+training steps inside ``Trainer.fit`` (the capture window), or by one calibration pass in
+``prune()``; the same criterion code runs on them either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_prune.calibration import Calibration
+from lightning_prune.curvature.estimators import Estimator
+from lightning_prune.distributed import Collectives, warn
+from lightning_prune.selection import select_masks
+from lightning_prune.targets import PruneTarget
+
+
+@dataclass
+class RoundContext:
+    """Everything a criterion may look at during one round."""
+
+    model: nn.Module
+    targets: list[PruneTarget]
+    masks: dict[str, Tensor]  # current masks (True = kept)
+    sparsity: float  # cumulative sparsity this round must reach
+    batches: list[Any]  # the round's batches (on the model's device), oldest first
+    stats: Estimator | None  # the criterion's statistics, reduced across ranks
+    calib: Calibration  # losses and forward passes on the batches
+    comm: Collectives
+    round_index: int
+    scope: str = "global"
+    min_density: float = 0.0
+    source: str = "the round's batches"  # where the statistics came from, for error messages
+
+    def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Masks from scores under the pruner's scope and floor (NaN scores are kept, with a warning)."""
+        nan = sum(int(s.isnan().sum()) for s in scores.values())
+        if nan:
+            warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
+        return select_masks(scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density)
+
+
+@dataclass
+class RoundResult:
+    masks: dict[str, Tensor]
+    predicted_loss_increase: float = math.nan
+    updated: set[str] = field(default_factory=set)  # layers whose kept weights the criterion changed
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Criterion:
+    """Base of :class:`~lightning_prune.criteria.Magnitude`, :class:`~lightning_prune.criteria.OBD`
+    and :class:`~lightning_prune.criteria.OBS`."""
+
+    name = "criterion"
+    reset_moved_state = False  # whether weights the criterion moved lose their optimizer moments
+    loss_reduction = "mean"  # how the loss reduces over a batch (hook gradients are rescaled by it)
+
+    def check_scope(self, scope: str) -> None:
+        """Refuse a scope the criterion cannot rank under (called at construction)."""
+
+    def window_length(self, num_batches: int, eval_batches: int) -> int:
+        """How many batches a round keeps (curvature and evaluation)."""
+        return num_batches
+
+    def check_targets(self, targets: Sequence[PruneTarget]) -> None:
+        """Refuse targets the criterion cannot handle (called when the pruner binds to a model)."""
+
+    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
+        """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none."""
+        return None
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the statistics need a loss to differentiate (``prune()`` refuses without one)."""
+        return False
+
+    def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
+        """Whether a round runs extra passes over its batches that need a loss (checked at fit start
+        under manual optimization, where ``training_step`` cannot be borrowed)."""
+        return False
+
+    def prune(self, ctx: RoundContext) -> RoundResult:
+        """Choose the new masks (and optionally update kept weights)."""
+        raise NotImplementedError
+
+
+def require_stats(ctx: RoundContext, estimator: Estimator | None, who: str) -> Estimator:
+    """The round's estimator, or a clear error if no batch reached it."""
+    unseen = (
+        [t.name for t in ctx.targets]
+        if estimator is None
+        else [t.name for t in ctx.targets if not estimator.seen(t.name)]
+    )
+    if unseen:
+        what = (
+            "no batch was accumulated"
+            if estimator is None or len(unseen) == len(ctx.targets)
+            else f"layers {unseen[:5]} received no data"
+        )
+        raise RuntimeError(
+            f"{who} round {ctx.round_index}: {what} in {ctx.source}. Check that the layers are used in the "
+            "forward pass (training_step or loss_fn) and that there are batches."
+        )
+    return estimator  # type: ignore[return-value]

@@ -1,0 +1,19 @@
+"""Magnitude pruning: the baseline every paper reports against."""
+
+from __future__ import annotations
+
+from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult
+
+
+class Magnitude(Criterion):
+    """Score ``|w|``: no statistics, no loss; the round keeps only ``eval_batches`` batches, to
+    measure the actual loss increase."""
+
+    name = "magnitude"
+
+    def window_length(self, num_batches: int, eval_batches: int) -> int:
+        return eval_batches
+
+    def prune(self, ctx: RoundContext) -> RoundResult:
+        scores = {t.name: t.param.detach().abs() for t in ctx.targets}
+        return RoundResult(ctx.select(scores))

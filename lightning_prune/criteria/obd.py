@@ -1,0 +1,104 @@
+"""Optimal Brain Damage (LeCun et al. 1990): saliency ``1/2 h_ii w_i^2`` from a diagonal curvature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_prune.capture import check_hookable
+from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
+from lightning_prune.curvature import CURVATURES, Estimator, Hutchinson, make_estimator
+from lightning_prune.distributed import Collectives, warn
+from lightning_prune.targets import PruneTarget
+
+REDUCTIONS = ("mean", "sum")
+
+
+def check_reduction(loss_reduction: str) -> str:
+    if loss_reduction not in REDUCTIONS:
+        raise ValueError(f"`loss_reduction` must be one of {REDUCTIONS}, got {loss_reduction!r}")
+    return loss_reduction
+
+
+def sanitize_curvature(h: Tensor) -> tuple[Tensor, int, int]:
+    """OBD's rule for bad diagonal entries: ``(h', negatives, non-finite)``.
+
+    Negative entries (Hutchinson estimates the true, indefinite Hessian; noise does the rest) are
+    replaced by their absolute value: the loss is as sensitive to moving the weight either way.
+    NaN/inf entries become NaN, so the selection keeps those weights (NaN ranks as +inf).
+    """
+    finite = torch.isfinite(h)
+    negative = finite & (h < 0)
+    out = torch.where(finite, h.abs(), torch.full_like(h, float("nan")))
+    return out, int(negative.sum()), int((~finite).sum())
+
+
+class OBD(Criterion):
+    """Prune the weights with the smallest ``1/2 h_ii w_i^2``.
+
+    Args:
+        curvature: ``"fisher"`` (per-sample empirical Fisher diagonal), ``"kfac"``, ``"ekfac"``
+            (hook statistics of the round's batches), or ``"hutchinson"`` (true-Hessian diagonal
+            from ``num_probes`` Rademacher probes per batch, a calibration pass at round time).
+        num_probes: Hutchinson probes per batch.
+        loss_reduction: ``"mean"`` if the loss averages over the batch's leading dimension,
+            ``"sum"`` if it sums (hook gradients are rescaled to per-sample gradients).
+    """
+
+    name = "obd"
+
+    def __init__(self, curvature: str = "fisher", num_probes: int = 8, loss_reduction: str = "mean") -> None:
+        if curvature not in CURVATURES:
+            raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
+        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
+        self.curvature, self.num_probes = curvature, num_probes
+        self.loss_reduction = check_reduction(loss_reduction)
+
+    @property
+    def hooked(self) -> bool:
+        return self.curvature != "hutchinson"
+
+    @property
+    def needs_gradients(self) -> bool:
+        return True
+
+    def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
+        return not self.hooked
+
+    def check_targets(self, targets: Sequence[PruneTarget]) -> None:
+        if self.hooked:
+            check_hookable(targets)
+
+    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
+        if not self.hooked:
+            return None
+        return make_estimator(self.curvature, targets, num_batches=num_batches, num_probes=self.num_probes, comm=comm)
+
+    def _estimate(self, ctx: RoundContext) -> Estimator:
+        if self.hooked:
+            return require_stats(ctx, ctx.stats, f"OBD ({self.curvature})")
+        if not ctx.batches:
+            return require_stats(ctx, None, f"OBD ({self.curvature})")
+        est = Hutchinson(ctx.targets, num_probes=self.num_probes, comm=ctx.comm)
+        est.calibrate(ctx.calib, ctx.batches, ctx.round_index)
+        return est
+
+    def prune(self, ctx: RoundContext) -> RoundResult:
+        est = self._estimate(ctx)
+        scores, negative, nonfinite = {}, 0, 0
+        for t in ctx.targets:
+            h, neg, bad = sanitize_curvature(est.diagonal(t.name))
+            negative, nonfinite = negative + neg, nonfinite + bad
+            scores[t.name] = 0.5 * h * t.param.detach().double() ** 2
+        if negative or nonfinite:
+            warn(
+                f"OBD ({self.curvature}): {negative} negative curvature entries used as |h|, "
+                f"{nonfinite} non-finite entries kept unpruned"
+            )
+        masks = ctx.select(scores)
+        removed = sum(float(scores[n][ctx.masks[n] & ~masks[n]].nansum()) for n in masks)
+        info = {"negative_curvature": negative, "nonfinite_curvature": nonfinite}
+        return RoundResult(masks, predicted_loss_increase=removed, info=info)

@@ -1,0 +1,332 @@
+"""A pruner: the plan (criterion, targets, schedule, scope) and its state (masks, history), without Lightning.
+
+The callbacks (:mod:`lightning_prune.callbacks`) *are* pruners with Lightning hooks added, and
+:func:`lightning_prune.prune` takes the same objects, so a pruner can prune one-shot, then
+fine-tune as a callback with its masks frozen. This class owns what both paths share:
+
+* which parameters (:meth:`bind` resolves them on a model, checks the target is reachable, and
+  restores masks from a checkpoint or an earlier ``prune()``);
+* when rounds fire (:attr:`schedule`, keyed by epoch or step, :meth:`due`);
+* masks that only shrink, installed by :meth:`commit_`, the only place new masks land;
+* checkpoint state (:meth:`state_dict`: bit-packed masks, history, the last round's point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune import masks as M
+from lightning_prune.calibration import LossFn
+from lightning_prune.criteria.base import Criterion, RoundResult
+from lightning_prune.distributed import Collectives
+from lightning_prune.schedule import SparsitySchedule, check_fraction
+from lightning_prune.selection import SCOPES, check_feasible
+from lightning_prune.summary import layer_table
+from lightning_prune.targets import PruneTarget, resolve_targets
+
+STATE_VERSION = 2
+
+
+class Pruner:
+    """The Lightning-free part of every pruning callback.
+
+    Args:
+        criterion: how a round scores (and, for OBS, moves) weights.
+        target: final fraction of the selected weights that are exactly zero, in ``[0, 1)``.
+        schedule: ``"cubic"``, ``"linear"``, ``"one_shot"`` or a callable ``point -> sparsity``.
+        start_epoch, end_epoch, every_n_epochs: epoch triggers (rounds at the end of those epochs).
+        start_step, end_step, every_n_steps: step triggers, in optimizer steps
+            (``trainer.global_step``); not together with epoch triggers. See
+            :mod:`lightning_prune.schedule` for defaults and the default end.
+        scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer
+            the same sparsity.
+        include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
+        exclude: glob patterns of parameter names to leave dense.
+        parameters: explicit parameters to prune (replaces the Linear/Conv default).
+        min_density: floor per layer; each keeps ``max(1, ceil(min_density * numel))`` weights.
+        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses.
+        eval_batches: how many of the round's last batches measure the actual loss increase
+            (at most ``num_batches``; 0 disables the measurement).
+        loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a
+            LightningModule, or the output's ``.loss`` in ``prune()`` (see
+            :mod:`lightning_prune.calibration`).
+        verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
+    """
+
+    def __init__(
+        self,
+        criterion: Criterion,
+        target: float,
+        schedule: str | Callable[[int], float] = "cubic",
+        start_epoch: int | None = None,
+        end_epoch: int | None = None,
+        every_n_epochs: int | None = None,
+        start_step: int | None = None,
+        end_step: int | None = None,
+        every_n_steps: int | None = None,
+        scope: str = "global",
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        parameters: Sequence[nn.Parameter] | None = None,
+        min_density: float = 0.001,
+        num_batches: int = 32,
+        eval_batches: int = 8,
+        loss_fn: LossFn | None = None,
+        verbose: int = 1,
+    ) -> None:
+        self.criterion = criterion
+        self._schedule = SparsitySchedule(
+            target,
+            schedule,
+            start_epoch,
+            end_epoch,
+            every_n_epochs,
+            start_step=start_step,
+            end_step=end_step,
+            every_n_steps=every_n_steps,
+        )
+        if scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
+        criterion.check_scope(scope)
+        self.scope = scope
+        self.include, self.exclude = include, exclude
+        self._parameters = list(parameters) if parameters is not None else None
+        self.min_density = check_fraction("min_density", min_density, upper_inclusive=True)
+        for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"`verbose` must be 0, 1 or 2, got {verbose!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+        self.num_batches, self.eval_batches = num_batches, eval_batches
+        self.loss_fn, self.verbose = loss_fn, verbose
+
+        self._targets: list[PruneTarget] | None = None
+        self._params: dict[str, Tensor] = {}
+        self._masks: dict[str, Tensor] | None = None  # None until the first round
+        self._frozen: dict[str, Tensor] = {}  # multipliers of layers with at least one pruned weight
+        self._history: list[dict[str, Any]] = []
+        self._last_point: int | None = None  # the schedule point of the last round (epoch or step)
+        self._loaded: dict[str, Any] | None = None  # checkpoint state waiting for bind()
+        self._parameter_names: list[str] | None = None  # names of explicit `parameters` once a model is known
+
+    # ================================================================ public read-only state
+    @property
+    def target(self) -> float:
+        return self._schedule.target
+
+    @property
+    def schedule(self) -> SparsitySchedule:
+        return self._schedule
+
+    @property
+    def targets(self) -> list[PruneTarget]:
+        if self._targets is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a model yet (fit or prune() binds it)")
+        return list(self._targets)
+
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        """Parameter name -> bool mask (True = kept), as copies on CPU. Empty before binding."""
+        if self._targets is None:
+            return MappingProxyType({})
+        current = self.current_masks()
+        return MappingProxyType({n: m.detach().to("cpu", copy=True) for n, m in current.items()})
+
+    @property
+    def history(self) -> tuple[Mapping[str, Any], ...]:
+        """One record per round (see :func:`lightning_prune.round.run_round` for the fields)."""
+        return tuple(MappingProxyType(r) for r in self._history)
+
+    @property
+    def sparsity(self) -> float:
+        """Current fraction of the selected weights that are pruned."""
+        if self._masks is None:
+            return 0.0
+        pruned, total = M.count_pruned(self._masks)
+        return pruned / max(total, 1)
+
+    @property
+    def window_length(self) -> int:
+        """Batches a round keeps: the curvature window (magnitude: only the evaluation batches)."""
+        return self.criterion.window_length(self.num_batches, self.eval_batches)
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """What this pruner selects, for its checkpoint key (explicit parameters by name once bound)."""
+        out: dict[str, Any] = {}
+        if self.include is not None:
+            out["include"] = list(self.include)
+        if self.exclude is not None:
+            out["exclude"] = list(self.exclude)
+        if self._parameters is not None:
+            out["parameters"] = self._parameter_names or [tuple(p.shape) for p in self._parameters]
+        return out
+
+    def _name_parameters(self, model: nn.Module) -> None:
+        if self._parameters is not None:
+            by_id = {id(p): n for n, p in model.named_parameters()}
+            self._parameter_names = [by_id.get(id(p), str(tuple(p.shape))) for p in self._parameters]
+
+    def layer_table(self) -> str:
+        """Per-layer kept/total/sparsity table of the current masks."""
+        current = self.current_masks()
+        rows = [(t.name, tuple(t.param.shape), int(current[t.name].sum()), t.param.numel()) for t in self.targets]
+        return layer_table(rows)
+
+    # ================================================================ binding to a model
+    def bind(self, model: nn.Module) -> None:
+        """Resolve the targets on ``model``; restore masks (checkpoint, earlier round) and freeze them.
+
+        Raises before any work if nothing matches, the criterion cannot handle a target, or the
+        target sparsity is unreachable under the per-layer floor.
+        """
+        targets = resolve_targets(model, self.include, self.exclude, self._parameters)
+        self.criterion.check_targets(targets)
+        self._name_parameters(model)
+        check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
+        if self._loaded is not None:
+            self._masks = _restore_masks(self._loaded, targets)
+            self._loaded = None
+        elif self._masks is not None:  # from an earlier round: prune() then fit, or a second fit
+            self._masks = _fit_masks(self._masks, targets, "this pruner's")
+        self._targets = targets
+        self._params = {t.name: t.param for t in targets}
+        self._refresh_frozen()
+        M.apply_masks_(self._params, self._frozen)
+
+    def current_masks(self) -> dict[str, Tensor]:
+        targets = self.targets
+        if self._masks is not None:
+            return self._masks
+        return {t.name: torch.ones_like(t.param, dtype=torch.bool) for t in targets}
+
+    def removes_something(self, sparsity: float) -> bool:
+        """Whether a round to ``sparsity`` would prune any weight the masks still keep."""
+        current = self.current_masks()
+        if self.scope == "layer":
+            return any(round(sparsity * m.numel()) > int((~m).sum()) for m in current.values())
+        pruned, total = M.count_pruned(current)
+        return round(sparsity * total) > pruned
+
+    def due(self, now: int) -> int | None:
+        """The schedule point whose round should run now (``now``: epoch or global step), or ``None``.
+
+        Rounds that would remove nothing (the masks already reach their sparsity, e.g. after a
+        one-shot ``prune()``) are marked done and skipped.
+        """
+        point = self._schedule.due(now, self._last_point)
+        if point is not None and not self.removes_something(self._schedule.sparsity_at(point)):
+            self._last_point, point = point, None
+        return point
+
+    def next_round(self) -> int | None:
+        """The next schedule point that will remove something (where a capture window is needed)."""
+        last = self._last_point
+        while (point := self._schedule.next_point(last)) is not None:
+            if self.removes_something(self._schedule.sparsity_at(point)):
+                return point
+            last = point
+        return None
+
+    # ================================================================ masks
+    def commit_(
+        self,
+        result: RoundResult,
+        before: Mapping[str, Tensor],
+        comm: Collectives,
+        optimizers: Iterable[torch.optim.Optimizer] = (),
+    ) -> None:
+        """Install new masks (which may only shrink), zero what they prune, and sync all ranks."""
+        new = {n: result.masks[n].to(device=m.device, dtype=torch.bool) & m for n, m in before.items()}
+        comm.broadcast_([*new.values(), *(self._params[n].data for n in new)])
+        self._masks = new
+        self._refresh_frozen()
+        M.apply_masks_(self._params, new)
+        reset = {n: True for n in result.updated} if self.criterion.reset_moved_state else None
+        M.zero_optimizer_state_(optimizers, self._params, new, reset_kept=reset)
+
+    def freeze_grads_(self) -> None:
+        """Zero the gradients of pruned weights (before an optimizer step)."""
+        if self._frozen:
+            M.mask_grads_(self._params, self._frozen)
+
+    def freeze_weights_(self) -> None:
+        """Re-zero pruned weights (after an optimizer step)."""
+        if self._frozen:
+            M.apply_masks_(self._params, self._frozen)
+
+    def _refresh_frozen(self) -> None:
+        masks = self._masks or {}
+        for name, m in masks.items():
+            if m.device != self._params[name].device:
+                masks[name] = m.to(self._params[name].device)
+        self._frozen = {n: M.multiplier(m, self._params[n]) for n, m in masks.items() if not bool(m.all())}
+
+    def _record(self, record: dict[str, Any], point: int | None) -> None:
+        self._history.append(record)
+        if point is not None:
+            self._last_point = point
+
+    # ================================================================ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "masks": None if self._masks is None else {n: M.pack_mask(m) for n, m in self._masks.items()},
+            "history": [dict(r) for r in self._history],
+            "unit": self._schedule.unit,
+            "last_point": self._last_point,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"unsupported pruning state version {version!r}")
+        history = [dict(r) for r in state_dict["history"]]
+        if version == 1:  # epoch rounds only
+            unit = "epoch"
+            last = max((r["epoch"] for r in history), default=None)
+        else:
+            unit, last = state_dict["unit"], state_dict["last_point"]
+        if last is not None and unit != self._schedule.unit:
+            raise ValueError(
+                f"the checkpointed pruner ran {unit} rounds, this one has {self._schedule.unit} triggers: "
+                f"resume with the same kind of triggers ({unit} arguments)"
+            )
+        self._history, self._last_point = history, last
+        packed = state_dict["masks"]
+        if self._targets is None:
+            self._loaded = packed
+            return
+        self._masks = None if packed is None else _restore_masks(packed, self._targets)  # loaded after binding
+        self._refresh_frozen()
+
+
+def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) -> dict[str, Tensor]:
+    return _fit_masks({n: M.unpack_mask(p) for n, p in packed.items()}, targets, "checkpointed")
+
+
+def _fit_masks(masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what: str) -> dict[str, Tensor]:
+    """Masks checked against the targets' names and shapes, on their parameters' devices."""
+    names = {t.name for t in targets}
+    if set(masks) != names:
+        missing, extra = sorted(names - set(masks)), sorted(set(masks) - names)
+        raise ValueError(
+            f"{what} pruning masks do not match this model's targets: "
+            f"missing {missing[:5]}, unexpected {extra[:5]} (check include/exclude/parameters)"
+        )
+    out = {}
+    for t in targets:
+        mask = masks[t.name]
+        if mask.shape != t.param.shape:
+            raise ValueError(
+                f"{what} mask for {t.name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(t.param.shape)}"
+            )
+        out[t.name] = mask.to(t.param.device)
+    return out

@@ -1,0 +1,201 @@
+"""One pruning round, top to bottom, without Lightning; and ``prune()``, a round with no Trainer.
+
+:func:`run_round` is the only place a round happens. Inside ``Trainer.fit`` the callback adapter
+calls it with the batches and the capture window of the training steps before the round; ``prune()``
+calls it with batches taken from any iterable and no window, so the statistics come from one
+calibration pass over them. Everything after the statistics is the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune import masks as M
+from lightning_prune.calibration import (
+    Calibration,
+    LossFn,
+    calibration_pass,
+    move_to_device,
+    no_progress,
+    tqdm_progress,
+)
+from lightning_prune.criteria.base import RoundContext
+from lightning_prune.curvature.window import CaptureWindow
+from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
+from lightning_prune.pruner import Pruner
+from lightning_prune.summary import round_summary
+
+
+def run_round(
+    pruner: Pruner,
+    calib: Calibration,
+    batches: list[Any],
+    sparsity: float,
+    *,
+    window: CaptureWindow | None = None,
+    comm: Collectives = LOCAL,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    trigger: str = "prune",
+    point: int | None = None,
+    epoch: int | None = None,
+    global_step: int | None = None,
+    monitor: Mapping[str, float] | None = None,
+    source: str = "the round's batches",
+) -> dict[str, Any]:
+    """Statistics -> loss before -> criterion -> commit -> loss after -> record.
+
+    ``window`` holds the statistics of the training steps that produced ``batches``; without one,
+    a criterion that needs statistics gets them from a calibration pass over ``batches`` at the
+    current weights. Returns the record appended to ``pruner.history``.
+    """
+    start = time.perf_counter()
+    targets, criterion = pruner.targets, pruner.criterion
+
+    # 1. statistics, all-reduced across ranks
+    if window is not None:
+        if window.skipped:
+            warn(f"{window.skipped} window batches had non-finite gradients (AMP overflow) and were skipped")
+        stats = window.close()
+    else:
+        stats = criterion.make_estimator(targets, comm, len(batches))
+        if stats is not None and batches:
+            stats = calibration_pass(
+                calib, batches, stats, targets, criterion.loss_reduction, desc=f"{criterion.name} calibration"
+            )
+        elif stats is not None:
+            stats = None  # nothing was accumulated: the criterion says so
+
+    # 2. loss before, on the last eval_batches batches
+    eval_batches = batches[max(0, len(batches) - pruner.eval_batches) :] if pruner.eval_batches else []
+    loss_before = calib.mean_loss(eval_batches, comm)
+
+    # 3. criterion: new masks, and for OBS moved weights
+    before = pruner.current_masks()
+    ctx = RoundContext(
+        model=calib.model,
+        targets=targets,
+        masks=before,
+        sparsity=sparsity,
+        batches=batches,
+        stats=stats,
+        calib=calib,
+        comm=comm,
+        round_index=len(pruner.history),
+        scope=pruner.scope,
+        min_density=pruner.min_density,
+        source=source,
+    )
+    result = criterion.prune(ctx)
+
+    # 4. commit: masks only shrink, pruned weights and their optimizer moments are zeroed, ranks agree
+    pruner.commit_(result, before, comm, optimizers)
+
+    # 5. loss after, on the same batches
+    loss_after = calib.mean_loss(eval_batches, comm)
+
+    # 6. the record
+    masks = pruner.current_masks()
+    pruned, total = M.count_pruned(masks)
+    record = {
+        "round": len(pruner.history),
+        "trigger": trigger,
+        "epoch": epoch,
+        "global_step": global_step,
+        "target_sparsity": sparsity,
+        "sparsity": pruned / total,
+        "pruned": pruned,
+        "total": total,
+        "predicted_loss_increase": float(result.predicted_loss_increase),
+        "actual_loss_increase": loss_after - loss_before,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "layer_sparsity": M.layer_sparsity(masks),
+        "monitor": dict(monitor or {}),
+        "info": dict(result.info),
+        "seconds": time.perf_counter() - start,
+    }
+    pruner._record(record, point)
+    return record
+
+
+def prune(
+    model: nn.Module,
+    data: Iterable[Any],
+    pruner: Pruner,
+    *,
+    loss_fn: LossFn | None = None,
+    num_batches: int | None = None,
+) -> Mapping[str, Any]:
+    """Prune ``model`` once, to ``pruner.target``, from ``num_batches`` batches of ``data``.
+
+    ``pruner`` is the object you would pass to a Trainer (``OBSPruning(target=0.5, ...)``): every
+    criterion and option works here too. No Trainer and no optimizer are needed; the model stays on
+    its device and batches are moved there. The statistics come from one calibration pass in eval
+    mode (BatchNorm statistics untouched, dropout off).
+
+    Args:
+        model: any ``nn.Module`` or ``LightningModule``.
+        data: a DataLoader or any iterable of batches (tensors, tuples, dicts).
+        pruner: a pruning callback (or any :class:`~lightning_prune.pruner.Pruner`).
+        loss_fn: ``loss_fn(model, batch) -> mean loss``. Default: ``pruner.loss_fn``, else a
+            LightningModule's ``training_step``, else the ``.loss`` of the model's output (Hugging
+            Face models with ``labels``). Magnitude and ``OBSPruning(allocation="reconstruction",
+            scope="layer")`` need none; the other criteria refuse before any work without one.
+        num_batches: calibration batches (default: the pruner's ``num_batches``, or for magnitude
+            its ``eval_batches``).
+
+    Returns:
+        The round's record (the fields of ``pruner.history[-1]``). The model is left pruned, with
+        plain state-dict keys; ``pruner.masks`` holds the masks, so passing the same ``pruner`` to a
+        Trainer fine-tunes with them frozen.
+    """
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0
+    ):
+        raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    pruner.bind(model)
+    calib = Calibration(
+        model,
+        loss_fn if loss_fn is not None else pruner.loss_fn,
+        training_step=getattr(model, "automatic_optimization", True),
+        output_loss=True,
+        progress=tqdm_progress if pruner.verbose >= 1 else no_progress,
+    )
+    n = pruner.window_length if num_batches is None else num_batches
+    device = next(iter(model.parameters())).device
+    batches = [move_to_device(b, device) for b in itertools.islice(iter(data), n)]
+    if len(batches) < n:
+        warn(f"prune(): `data` gave {len(batches)} batches, fewer than num_batches={n}; the round uses all of them")
+    if pruner.criterion.needs_gradients and not calib.has_loss(batches[0] if batches else None):
+        raise ValueError(
+            f"{type(pruner).__name__} needs gradients of a loss, and {type(model).__name__} has none "
+            f"({calib.describe()}): pass loss_fn=lambda model, batch: ... (the mean loss over the batch)"
+            + _label_free_hint(pruner)
+        )
+    record = run_round(
+        pruner,
+        calib,
+        batches,
+        pruner.target,
+        comm=default_collectives(),
+        source=f"the {len(batches)} batches of `data`",
+    )
+    if pruner.verbose >= 1 and global_rank() == 0:
+        print(round_summary(record), flush=True)
+        if pruner.verbose >= 2:
+            print(pruner.layer_table(), flush=True)
+    return record
+
+
+def _label_free_hint(pruner: Pruner) -> str:
+    if getattr(pruner.criterion, "hessian", None) == "layerwise":
+        return "; or prune without labels with allocation='reconstruction', scope='layer' (SparseGPT's objective)"
+    return ""
