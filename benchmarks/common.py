@@ -1,8 +1,9 @@
 """Shared harness for the benchmark scripts: data, dense baselines (cached), one-shot and gradual runs.
 
-Every run goes through the real callbacks inside a real ``Trainer``. One-shot pruning of a trained
-model is a one-epoch ``fit`` whose optimizer has lr 0 and whose epoch is exactly the curvature
-window (``limit_train_batches=num_batches``), so the weights the round sees are the dense ones.
+Gradual and short runs go through the real callbacks inside a real ``Trainer``. One-shot pruning of
+a trained model is :func:`lightning_prune.prune` on the first ``num_batches`` training batches,
+with the same callback objects. Lightning's ``ModelPruning``, a peer with no one-shot API, prunes
+one-shot in a one-epoch ``fit`` whose optimizer has lr 0 (the weights it sees are the dense ones).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lightning_prune import Pruner, prune
 from lightning_prune.data import FashionMNISTDataModule
 from lightning_prune.models import LeNet5Classifier, MLPClassifier
 
@@ -87,14 +89,26 @@ def test_accuracy(net: pl.LightningModule, seed: int) -> float:
 
 def one_shot(model: str, seed: int, callback: Callback, num_batches: int = 32) -> tuple[float, pl.LightningModule]:
     """Prune the cached dense model in one round (no weight updates besides the pruner's)."""
-    state, _ = dense(model, seed)
+    net = dense_net(model, seed)
+    if isinstance(callback, Pruner):
+        prune(net, data(seed).train_dataloader(), callback, num_batches=min(num_batches, callback.window_length))
+    else:  # a peer callback (Lightning's ModelPruning)
+        one_shot_fit(net, seed, callback, num_batches)
+    return test_accuracy(net, seed), net
+
+
+def dense_net(model: str, seed: int) -> pl.LightningModule:
     net = build(model, seed)
-    net.load_state_dict(state)
+    net.load_state_dict(dense(model, seed)[0])
+    return net
+
+
+def one_shot_fit(net: pl.LightningModule, seed: int, callback: Callback, num_batches: int = 32) -> None:
+    """A one-epoch ``fit`` at lr 0 whose epoch is the curvature window: one round on the dense weights."""
     net.lr = 0.0
     trainer(max_epochs=1, limit_train_batches=num_batches, limit_val_batches=0, callbacks=[callback]).fit(
         net, data(seed)
     )
-    return test_accuracy(net, seed), net
 
 
 def train_with(

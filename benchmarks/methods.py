@@ -45,7 +45,7 @@ class LightningModelPruning(ModelPruning):
         current = self.plan.sparsity_at(epoch)
         if self.naive:
             return current
-        rounds = self.plan.round_epochs
+        rounds = self.plan.points
         i = rounds.index(epoch)
         previous = self.plan.sparsity_at(rounds[i - 1]) if i else 0.0
         return (current - previous) / (1.0 - previous)

@@ -380,6 +380,10 @@ def main() -> None:
         *plot_md,
         "",
     ]
+    old = (ROOT / "RESULTS.md").read_text() if (ROOT / "RESULTS.md").exists() else ""
+    kept = re.search(r"<!-- oneshot-paths:start -->.*?<!-- oneshot-paths:end -->", old, flags=re.S)
+    if kept:  # written by oneshot_paths.py, not recomputed by the suite
+        md += [kept.group(0), ""]
     (ROOT / "RESULTS.md").write_text("\n".join(md))
     (ROOT / ".cache" / f"suite-{mode}.json").write_text(json.dumps({"overhead": over, "scale": sc}, default=str))
     if not a.no_readme:

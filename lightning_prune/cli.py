@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_prune.calibration import eval_mode
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.round import prune
+from lightning_prune.summary import when
 
 MODES = ("train", "oneshot")
 
@@ -81,12 +83,13 @@ def method_label(cfg: DictConfig) -> str:
 class RoundEvaluator(Callback):
     """Validation accuracy right after each pruning round (before any fine-tuning).
 
-    Listed after the pruner, so its ``on_train_epoch_end`` sees the round's result.
+    Listed after the pruner, so its hooks see the round's result: step rounds at the end of their
+    training batch, epoch rounds at the end of their epoch.
     """
 
     def __init__(self, pruner: PruningCallback, datamodule: pl.LightningDataModule) -> None:
         self.pruner, self.datamodule = pruner, datamodule
-        self.after: list[dict[str, float]] = []
+        self.after: list[dict[str, Any]] = []
 
     @torch.no_grad()
     def accuracy(self, pl_module: pl.LightningModule) -> float:
@@ -98,14 +101,27 @@ class RoundEvaluator(Callback):
                 total += len(y)
         return correct / max(total, 1)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._evaluate(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluate(trainer, pl_module)
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         history = self.pruner.history
         if len(history) == len(self.after):
             return
         record = history[-1]
         acc = self.accuracy(pl_module)
         self.after.append(
-            {"round": record["round"], "epoch": record["epoch"], "sparsity": record["sparsity"], "val_acc": acc}
+            {
+                "round": record["round"],
+                "when": when(record),
+                "epoch": record["epoch"],
+                "global_step": record["global_step"],
+                "sparsity": record["sparsity"],
+                "val_acc": acc,
+            }
         )
         for logger in trainer.loggers:
             logger.log_metrics({"prune/val_acc_after_round": acc}, step=trainer.global_step)
@@ -147,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir = HydraConfig.get().runtime.output_dir
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
+    model = _model(cfg, datamodule)
     callbacks: list[Callback] = []
     pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
     evaluator = None
@@ -204,8 +220,14 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    model = instantiate(cfg.model, input_shape=list(datamodule.input_shape), num_classes=datamodule.num_classes)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = _model(cfg, datamodule)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"ckpt_path={str(ckpt_path)!r} holds Python objects besides tensors, so it is not loaded "
+            f"(weights_only=True): save a checkpoint with plain hyper-parameters ({err})"
+        ) from None
     model.load_state_dict(ckpt["state_dict"], strict=True)
     pruner: PruningCallback = instantiate(cfg.pruner)
     state = ckpt.get("callbacks", {}).get(pruner.state_key)
@@ -272,6 +294,12 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
+    # plain containers, so the hyper-parameters Lightning saves load with torch.load(weights_only=True)
+    shape, classes = list(datamodule.input_shape), datamodule.num_classes
+    return instantiate(cfg.model, input_shape=shape, num_classes=classes, _convert_="all")
+
+
 def _checkpoint_path(trainer: pl.Trainer) -> str | None:
     """Where the run's ModelCheckpoint saved the final model, if it did."""
     ckpt = trainer.checkpoint_callback
@@ -297,7 +325,7 @@ def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, logge
         lines.append(f"dense validation accuracy (before the first round): {summary['dense_val_acc']:.2%}")
         for r in summary["rounds"]:
             lines.append(
-                f"  round {r['round']} (epoch {r['epoch']}): sparsity {r['sparsity']:.2%}, "
+                f"  round {r['round']} ({r['when']}): sparsity {r['sparsity']:.2%}, "
                 f"val accuracy right after pruning {r['val_acc']:.2%}"
             )
     lines.append(
@@ -308,7 +336,11 @@ def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, logge
         lines += ["", pruner.layer_table()]
     lines += ["", f"outputs and results.json: {summary['output_dir']}"]
     if summary.get("checkpoint"):
-        lines.append(f"checkpoint: {summary['checkpoint']}  (prune it post-training: mode=oneshot ckpt_path=...)")
+        # quoted: Lightning's checkpoint names contain '=', which Hydra's override grammar needs quoted
+        lines.append(f"checkpoint: {summary['checkpoint']}")
+        lines.append(
+            f"  prune it post-training: lightning-prune mode=oneshot \"ckpt_path='{summary['checkpoint']}'\" pruner=obs"
+        )
     for logger in loggers:
         where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if isinstance(logger, WandbLogger):

@@ -153,10 +153,16 @@ class SparsitySchedule:
         w = self.when
         setting = setting or ("max_epochs" if w.unit == "epoch" else "max_steps")
         if horizon is None or horizon < 0 or not math.isfinite(horizon):
+            known = (
+                "the Trainer has no `max_epochs`"
+                if w.unit == "epoch"
+                else "the run's length in optimizer steps is unknown (no `max_steps`, and no `max_epochs` with a "
+                "dataloader of known length)"
+            )
+            hint = ", or step triggers (every_n_steps=...) for a run bounded by max_steps" if w.unit == "epoch" else ""
             raise ValueError(
-                f"`{w.arg('end')}` is required when the Trainer has no `{setting}` (got {setting}={horizon!r}); "
-                f"pass {w.arg('end')}=... to the pruner"
-                + (", or step triggers (every_n_steps=...) for a run bounded by max_steps" if w.unit == "epoch" else "")
+                f"`{w.arg('end')}` is required when {known} (got {setting}={horizon!r}); "
+                f"pass {w.arg('end')}=... to the pruner{hint}"
             )
         horizon = int(horizon)
         if w.start >= horizon:

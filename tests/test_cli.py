@@ -55,6 +55,65 @@ def test_main_job_prints_rounds_table_and_where_logs_went(tmp_path):
     assert len(results["rounds"]) == 2 and 0.0 < results["test_acc"] <= 1.0
 
 
+def test_oneshot_mode_prunes_a_trained_checkpoint(tmp_path):
+    import torch
+
+    from lightning_prune.models import MLPClassifier
+
+    dense = tmp_path / "dense"
+    proc = run(
+        ["-m", "lightning_prune", "pruner=none", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+         "logger=csv", f"hydra.run.dir={dense}"],
+        env=offline_env(tmp_path),
+    )  # fmt: skip
+    ckpt = json.loads((dense / "results.json").read_text())["checkpoint"]
+    assert ckpt and Path(ckpt).is_file() and f"mode=oneshot \"ckpt_path='{ckpt}'\"" in proc.stdout
+    out = tmp_path / "oneshot"
+    proc = run(
+        ["-m", "lightning_prune", "mode=oneshot", f"ckpt_path='{ckpt}'", "pruner=obs", "pruner.target=0.5",
+         "logger=none", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"],
+        env=offline_env(tmp_path),
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "oneshot" and results["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert 0.5 < results["before"]["val_acc"] <= 1 and 0.3 < results["after"]["val_acc"] <= 1
+    assert results["history"][0]["trigger"] == "prune" and results["source_checkpoint"] == ckpt
+    assert (
+        "before: val accuracy" in proc.stdout and "pruned checkpoint:" in proc.stdout and "kept / total" in proc.stdout
+    )
+    pruned = torch.load(out / "pruned.ckpt", weights_only=True)
+    model = MLPClassifier((1, 8, 8), 10, hidden=(300, 100))
+    model.load_state_dict(pruned["state_dict"], strict=True)  # plain keys
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.5, abs=1e-3)
+    assert pruned["callbacks"]["OBSPruning"]["masks"] is not None  # the masks, for frozen fine-tuning
+    failed = run(
+        ["-m", "lightning_prune", "mode=oneshot", "pruner=obs", f"hydra.run.dir={tmp_path / 'x'}"], check=False
+    )
+    assert failed.returncode != 0 and "mode=oneshot needs ckpt_path=" in failed.stderr
+
+
+def test_step_rounds_and_short_runs_from_the_cli(tmp_path):
+    out = tmp_path / "steps"
+    run(
+        ["-m", "lightning_prune", "trainer.max_epochs=-1", "trainer.max_steps=40", "pruner.every_n_steps=10",
+         "trainer.enable_progress_bar=false", "logger=none", "test=false", f"hydra.run.dir={out}"],
+        env=offline_env(tmp_path),
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert [r["global_step"] for r in results["history"]] == [10, 20]  # end 10 + (40 - 10) // 2 = 25
+    assert [r["when"] for r in results["rounds"]] == ["step 10", "step 20"]
+    assert results["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    short = tmp_path / "short"  # the derived dense warm-up fits a 3-epoch run
+    run(
+        ["-m", "lightning_prune", "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "logger=none",
+         "test=false", f"hydra.run.dir={short}"],
+        env=offline_env(tmp_path),
+    )  # fmt: skip
+    assert [r["epoch"] for r in json.loads((short / "results.json").read_text())["history"]] == [0, 1]
+
+
 def test_wandb_offline_run_contains_pruning_metrics(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(

@@ -115,7 +115,7 @@ class PruningCallback(Pruner, Callback):
         self.bind(pl_module)
         self._check_siblings(trainer)
         if self.schedule.unit == "step" and not self.schedule.resolved:
-            self.schedule.resolve(trainer.estimated_stepping_batches, "max_steps (nor max_epochs with a sized loader)")
+            self.schedule.resolve(trainer.estimated_stepping_batches)
         if not pl_module.automatic_optimization and self.loss_fn is None and self.criterion.recalibrates(self.targets):
             raise ValueError(
                 f"{type(self).__name__} re-runs the loss on stored batches inside a round, and training_step cannot "

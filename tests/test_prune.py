@@ -1,0 +1,243 @@
+"""``prune()``: one round with no Trainer, for every criterion; and its equivalence with the callbacks."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TinyNet, make_data, make_trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, Pruner, prune
+from lightning_prune.criteria import OBS
+
+# every criterion and option family, as the callbacks users pass to a Trainer
+CRITERIA = {
+    "magnitude": lambda **kw: MagnitudePruning(0.6, verbose=0, **kw),
+    "obd-fisher": lambda **kw: OBDPruning(0.6, curvature="fisher", num_batches=4, verbose=0, **kw),
+    "obd-kfac": lambda **kw: OBDPruning(0.6, curvature="kfac", num_batches=4, verbose=0, **kw),
+    "obd-ekfac": lambda **kw: OBDPruning(0.6, curvature="ekfac", num_batches=4, verbose=0, **kw),
+    "obd-hutchinson": lambda **kw: OBDPruning(
+        0.6, curvature="hutchinson", num_batches=4, num_probes=2, verbose=0, **kw
+    ),
+    "obs-exact": lambda **kw: OBSPruning(0.6, solver="exact", num_batches=4, verbose=0, **kw),
+    "obs-blocked": lambda **kw: OBSPruning(0.6, solver="blocked", block_size=8, num_batches=4, verbose=0, **kw),
+    "obs-fast": lambda **kw: OBSPruning(0.6, solver="fast", block_size=8, num_batches=4, verbose=0, **kw),
+    "obs-alloc-obs": lambda **kw: OBSPruning(0.6, allocation="obs", num_batches=4, verbose=0, **kw),
+    "obs-alloc-kfac": lambda **kw: OBSPruning(0.6, allocation="kfac", num_batches=4, verbose=0, **kw),
+    "obs-fisher": lambda **kw: OBSPruning(0.6, hessian="fisher", block_size=16, num_batches=4, verbose=0, **kw),
+    "obs-kfac": lambda **kw: OBSPruning(0.6, hessian="kfac", num_batches=4, verbose=0, **kw),
+}
+
+
+def sequential(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def loader(batch_size: int = 32) -> DataLoader:
+    return DataLoader(make_data(256, 12, 4), batch_size=batch_size, shuffle=False)
+
+
+def ce(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_prune_every_criterion_on_a_plain_sequential(name):
+    model = sequential()
+    keys = {k: (v.dtype, v.shape) for k, v in model.state_dict().items()}
+    pruner = CRITERIA[name]()
+    record = prune(model, loader(), pruner, loss_fn=ce)
+    masks = pruner.masks
+    assert set(masks) == {"0.weight", "2.weight", "4.weight"}
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int((~m).sum()) for m in masks.values()) == round(0.6 * total)
+    params = dict(model.named_parameters())
+    for n, m in masks.items():
+        assert torch.all(params[n].detach()[~m] == 0.0), n
+    assert {k: (v.dtype, v.shape) for k, v in model.state_dict().items()} == keys  # plain keys, no reparam
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+    assert dict(record) == dict(pruner.history[-1]) and record["trigger"] == "prune"
+    assert record["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert torch.isfinite(torch.tensor([record["loss_before"], record["loss_after"]])).all()  # measured
+
+
+def test_record_has_the_fields_of_a_callback_round():
+    pl.seed_everything(0, verbose=False)
+    callback = MagnitudePruning(0.5, schedule="one_shot", verbose=0)
+    make_trainer(max_epochs=1, callbacks=[callback], limit_val_batches=0).fit(TinyNet())
+    record = prune(sequential(), loader(), MagnitudePruning(0.5, verbose=0), loss_fn=ce)
+    assert set(record) == set(callback.history[-1])
+
+
+@pytest.mark.parametrize("name", ["magnitude", "obs-reconstruction"])
+def test_label_free_criteria_need_no_loss(name):
+    """Batches of inputs only: magnitude and SparseGPT's objective prune; the loss is not measured."""
+    model = sequential()
+    data = [torch.randn(32, 12) for _ in range(4)]
+    pruner = (
+        MagnitudePruning(0.5, verbose=0)
+        if name == "magnitude"
+        else OBSPruning(0.5, allocation="reconstruction", scope="layer", num_batches=4, verbose=0)
+    )
+    record = prune(model, data, pruner)
+    assert record["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert record["loss_before"] != record["loss_before"]  # NaN: no loss to measure
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: OBDPruning(0.5, num_batches=2, verbose=0), lambda: OBSPruning(0.5, num_batches=2, verbose=0)]
+)
+def test_criteria_that_need_a_loss_refuse_before_any_work(make):
+    model = sequential()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="needs gradients of a loss.*pass loss_fn="):
+        prune(model, [torch.randn(8, 12)] * 2, make())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_reconstruction_allocation_needs_layer_scope():
+    with pytest.raises(ValueError, match="allocation='reconstruction'.*scope='layer'.*got scope='global'"):
+        OBSPruning(0.5, allocation="reconstruction")
+    with pytest.raises(ValueError, match="allocation='reconstruction'.*hessian='kfac'"):
+        OBSPruning(0.5, hessian="kfac", allocation="reconstruction", scope="layer")
+
+
+def test_loss_from_a_lightning_module_training_step():
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet()
+    record = prune(model, model.train_dataloader(), OBDPruning(0.5, num_batches=4, verbose=0))
+    assert record["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert record["loss_before"] == record["loss_before"]  # measured (not NaN)
+
+
+class HFLike(nn.Module):
+    """A Hugging Face-style model: called with keyword batches, returns an output with ``.loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = sequential()
+
+    def forward(self, input_ids, labels=None):
+        logits = self.net(input_ids)
+        return SimpleNamespace(logits=logits, loss=None if labels is None else F.cross_entropy(logits, labels))
+
+
+def test_loss_from_the_model_output():
+    data = [{"input_ids": x, "labels": y} for x, y in loader()]
+    record = prune(HFLike(), data, OBDPruning(0.5, num_batches=4, verbose=0))
+    assert record["sparsity"] == pytest.approx(0.5, abs=1e-3) and record["loss_before"] == record["loss_before"]
+    unlabelled = [{"input_ids": x} for x, _ in loader()]
+    with pytest.raises(ValueError, match="needs gradients of a loss.*HFLike"):
+        prune(HFLike(), unlabelled, OBDPruning(0.5, num_batches=4, verbose=0))
+
+
+def test_layerwise_obs_is_the_least_squares_refit_on_the_kept_support():
+    """y = W x, loss = 1/2 ||W x - y||^2 per sample: H = X^T X / N, and OBS equals the refit on its mask."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 10, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2.0, 10, dtype=torch.float64)
+    W0 = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    Y = X @ W0.T + 0.1 * torch.randn(512, 3, generator=g, dtype=torch.float64)
+    lin = nn.Linear(10, 3, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.linalg.lstsq(X, Y).solution.T)  # converged: the dense least-squares fit
+    model = nn.Sequential(lin)
+    data = list(DataLoader(TensorDataset(X, Y), batch_size=64))
+    for allocation, scope, loss_fn in (
+        ("fisher", "global", lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1).mean()),
+        ("reconstruction", "layer", None),  # label-free: refits the dense layer's own outputs
+    ):
+        m = copy.deepcopy(model)
+        pruner = OBSPruning(
+            0.5, solver="exact", allocation=allocation, scope=scope, damp=1e-10, num_batches=8, verbose=0
+        )
+        prune(m, data, pruner, loss_fn=loss_fn)
+        keep = pruner.masks["0.weight"]
+        target = Y if allocation == "fisher" else X @ lin.weight.detach().T
+        ref = torch.zeros_like(W0)
+        for r in range(3):  # refit each row on its kept columns
+            cols = keep[r].nonzero().flatten()
+            ref[r, cols] = torch.linalg.lstsq(X[:, cols], target[:, r : r + 1]).solution.flatten()
+        torch.testing.assert_close(m[0].weight.detach(), ref, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_callback_one_shot_round_equals_prune_bitwise(name):
+    """Same weights, same batches: the callback's round and prune() compute the same masks and weights."""
+    pl.seed_everything(0, verbose=False)
+    reference = TinyNet(optimizer="sgd", lr=0.0)
+    via_prune, via_fit = copy.deepcopy(reference), copy.deepcopy(reference)
+
+    pruner = CRITERIA[name](schedule="one_shot")
+    prune(via_prune, via_prune.train_dataloader(), pruner)
+
+    callback = CRITERIA[name](schedule="one_shot")
+    n = callback.window_length
+    make_trainer(max_epochs=1, callbacks=[callback], limit_train_batches=n, limit_val_batches=0).fit(via_fit)
+
+    for key, mask in pruner.masks.items():
+        assert torch.equal(callback.masks[key], mask), key
+    for (key, p), q in zip(via_prune.named_parameters(), via_fit.parameters()):
+        assert torch.equal(p, q), key
+
+
+def test_prune_then_fine_tune_with_the_same_pruner_keeps_masks_frozen():
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet(optimizer="adam", lr=0.05)
+    pruner = OBSPruning(0.7, num_batches=4, verbose=0)
+    prune(model, model.train_dataloader(), pruner)
+    masks, pruned = pruner.masks, {k: v.detach().clone() for k, v in model.named_parameters()}
+    make_trainer(max_epochs=3, callbacks=[pruner]).fit(model)  # rounds to <= 0.7 have nothing left to remove
+    assert len(pruner.history) == 1
+    params = dict(model.named_parameters())
+    for key, mask in masks.items():
+        assert torch.equal(pruner.masks[key], mask)
+        assert torch.all(params[key].detach()[~mask] == 0.0), key
+        assert not torch.equal(params[key].detach(), pruned[key]), key  # the kept weights were fine-tuned
+
+
+def test_prune_twice_only_shrinks_masks():
+    model = sequential()
+    prune(model, loader(), MagnitudePruning(0.5, verbose=0))
+    pruner = OBSPruning(0.8, num_batches=4, verbose=0)
+    first = prune(model, loader(), pruner, loss_fn=ce)
+    before = pruner.masks
+    again = OBSPruning(0.9, num_batches=4, verbose=0)
+    again.load_state_dict(pruner.state_dict())
+    prune(model, loader(), again, loss_fn=ce)
+    for key, mask in again.masks.items():
+        assert not torch.any(mask & ~before[key]), key  # nothing revived
+    assert first["sparsity"] == pytest.approx(0.8, abs=1e-3) and again.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_prune_with_a_plain_pruner_and_criterion():
+    """The core without any callback: a Pruner around a criterion."""
+    model = sequential()
+    pruner = Pruner(OBS(solver="fast", block_size=8), target=0.5, num_batches=4, verbose=0)
+    assert prune(model, loader(), pruner, loss_fn=ce)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_shows_a_progress_bar_and_a_summary(capsys):
+    prune(sequential(), loader(), OBDPruning(0.5, curvature="hutchinson", num_batches=2, num_probes=1), loss_fn=ce)
+    out = capsys.readouterr()
+    assert "Hutchinson calibration" in out.out + out.err
+    assert "round 0 (one-shot): sparsity 50.00%" in out.out
+
+
+def test_prune_arguments_and_short_data():
+    with pytest.raises(ValueError, match="`num_batches` must be an integer >= 0, got -1"):
+        prune(sequential(), loader(), MagnitudePruning(0.5, verbose=0), num_batches=-1)
+    with pytest.raises(ValueError, match="`loss_fn` must be callable"):
+        prune(sequential(), loader(), MagnitudePruning(0.5, verbose=0), loss_fn=3)
+    with pytest.warns(UserWarning, match="gave 2 batches, fewer than num_batches=4"):
+        prune(sequential(), list(loader())[:2], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
+    with pytest.raises(RuntimeError, match="no batch was accumulated in the 0 batches of `data`"):
+        prune(sequential(), [], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
