@@ -8,7 +8,7 @@ import torch
 from conftest import TinyNet, make_trainer
 from test_engine import FrozenChecker
 
-from lightning_prune import OBDPruning, OBSPruning
+from lightning_prune import OBDPruning, OBSPruning, prune
 from lightning_prune.obs.layerwise import obc_prune, prepare_hessian, sparsegpt_prune
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -38,3 +38,18 @@ def test_solvers_agree_between_cuda_float32_and_cpu_float64():
         out, mask, _ = solver(W1, U, counts.cuda(), forced.cuda())
         assert (mask.cpu() == ref_mask).float().mean() > 0.99
         torch.testing.assert_close(out.double().cpu(), ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: OBSPruning(0.6, num_batches=4, verbose=0), lambda: OBDPruning(0.6, num_batches=4, verbose=0)]
+)
+def test_prune_on_a_cuda_model_takes_cpu_batches(make):
+    """prune() runs where the model is: CPU batches are moved to it, masks live there."""
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet().cuda()
+    pruner = make()
+    record = prune(model, model.train_dataloader(), pruner)
+    assert record["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert all(m.device.type == "cuda" for m in pruner._masks.values())
+    params = dict(model.named_parameters())
+    assert all(torch.all(params[n][~m.cuda()] == 0) for n, m in pruner.masks.items())

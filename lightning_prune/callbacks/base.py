@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,13 +22,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.calibration import Calibration, LossFn
+from lightning_prune.calibration import Calibration
 from lightning_prune.callbacks.reporting import console, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
-from lightning_prune.criteria.base import Criterion
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import run_round
@@ -45,48 +43,8 @@ class PruningCallback(Pruner, Callback):
     at fit start.
     """
 
-    def __init__(
-        self,
-        criterion: Criterion,
-        target: float,
-        schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int | None = None,
-        end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        every_n_steps: int | None = None,
-        scope: str = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        parameters: Sequence[nn.Parameter] | None = None,
-        min_density: float = 0.001,
-        num_batches: int = 32,
-        eval_batches: int = 8,
-        loss_fn: LossFn | None = None,
-        verbose: int = 1,
-    ) -> None:
-        Pruner.__init__(
-            self,
-            criterion,
-            target,
-            schedule,
-            start_epoch,
-            end_epoch,
-            every_n_epochs,
-            start_step,
-            end_step,
-            every_n_steps,
-            scope,
-            include,
-            exclude,
-            parameters,
-            min_density,
-            num_batches,
-            eval_batches,
-            loss_fn,
-            verbose,
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        Pruner.__init__(self, *args, **kwargs)
         self._window: CaptureWindow | None = None
         self._collecting = False  # inside a capture window (batches kept, hooks on if the criterion has any)
         self._batches: deque[Any] = deque()

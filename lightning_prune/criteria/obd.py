@@ -38,13 +38,8 @@ def sanitize_curvature(h: Tensor) -> tuple[Tensor, int, int]:
 class OBD(Criterion):
     """Prune the weights with the smallest ``1/2 h_ii w_i^2``.
 
-    Args:
-        curvature: ``"fisher"`` (per-sample empirical Fisher diagonal), ``"kfac"``, ``"ekfac"``
-            (hook statistics of the round's batches), or ``"hutchinson"`` (true-Hessian diagonal
-            from ``num_probes`` Rademacher probes per batch, a calibration pass at round time).
-        num_probes: Hutchinson probes per batch.
-        loss_reduction: ``"mean"`` if the loss averages over the batch's leading dimension,
-            ``"sum"`` if it sums (hook gradients are rescaled to per-sample gradients).
+    The arguments are :class:`~lightning_prune.OBDPruning`'s of the same names (documented there,
+    where users set them); ``"hutchinson"`` runs its calibration pass inside the round.
     """
 
     name = "obd"
