@@ -381,9 +381,8 @@ def main() -> None:
         "",
     ]
     old = (ROOT / "RESULTS.md").read_text() if (ROOT / "RESULTS.md").exists() else ""
-    kept = re.search(r"<!-- oneshot-paths:start -->.*?<!-- oneshot-paths:end -->", old, flags=re.S)
-    if kept:  # written by oneshot_paths.py, not recomputed by the suite
-        md += [kept.group(0), ""]
+    for kept in re.finditer(r"<!-- ([a-z-]+):start -->.*?<!-- \1:end -->", old, flags=re.S):
+        md += [kept.group(0), ""]  # sections written by oneshot_paths.py, masking.py: kept as they are
     (ROOT / "RESULTS.md").write_text("\n".join(md))
     (ROOT / ".cache" / f"suite-{mode}.json").write_text(json.dumps({"overhead": over, "scale": sc}, default=str))
     if not a.no_readme:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.capture import LayerCapture, per_sample_factor
+from lightning_prune.capture import LayerCapture, all_finite, per_sample_factor
 from lightning_prune.distributed import LOCAL, Collectives, global_rank
 from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
@@ -251,8 +251,9 @@ def calibration_pass(
 
     Runs in eval mode. Estimators that need gradients get them from ``torch.autograd.grad`` on the
     target weights only, so no ``.grad`` of the model is touched; label-free ones (``needs_grad``
-    false) get forward passes under ``no_grad``. Used by ``prune()`` for a round's statistics and
-    by OBS to recompute curvature inside a round (as M-FAC/oBERT do).
+    false) get forward passes under ``no_grad``. A batch whose captured inputs or gradients are not
+    finite is skipped and counted in ``estimator.skipped``. Used by ``prune()`` for a round's
+    statistics and by OBS to recompute curvature inside a round (as M-FAC/oBERT do).
     """
     needs_grad = estimator.needs_grad
     if needs_grad and not calib.has_loss(batches[0] if batches else None):
@@ -270,8 +271,13 @@ def calibration_pass(
                     torch.autograd.grad(calib.loss(batch, i), params, allow_unused=True)
                 else:
                     calib.forward(batch, i)
+                items = list(capture.drain())
+                if items and not all_finite(items):
+                    estimator.skipped += 1
+                    bar()
+                    continue
                 with exact_float32():
-                    for target, x, g in capture.drain():
+                    for target, x, g in items:
                         if g is not None:
                             g = g * per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
                         estimator.update(target.name, x, g)

@@ -78,6 +78,12 @@ def grad_rows(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
+def all_finite(items: Sequence[tuple[PruneTarget, Tensor, Tensor | None]]) -> bool:
+    """Whether every captured input and gradient of a step is finite (one device sync)."""
+    checks = [torch.isfinite(t).all() for _, x, g in items for t in (x, g) if t is not None]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
 def per_sample_factor(batch_size: int, *, reduction: str, accumulate: int, loss_scale: float) -> float:
     """Multiplier turning a hook gradient into the gradient of one sample's own loss."""
     n = batch_size if reduction == "mean" else 1

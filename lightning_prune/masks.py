@@ -12,10 +12,12 @@ cheap in-place operations:
 * :func:`zero_optimizer_state_` at every round (momentum, ``exp_avg``, ``exp_avg_sq``... of pruned
   entries), so nothing can revive them later.
 
-The two per-step multiplications use a :func:`multiplier` built once per round: on the CPU a copy of
-the mask in the weight's dtype (a same-dtype multiply is 2-3.5x faster there than any mixed-dtype
-one, measured by ``benchmarks/overhead.py``), elsewhere a ``uint8`` *view* of the bool mask (no copy,
-a quarter of the memory traffic).
+Pruned entries are *set* to 0.0, never multiplied by 0: ``nan * 0`` is NaN, so a multiply would
+leave NaN/inf at pruned entries and turn an inf gradient there into NaN. The per-step updates use a
+:func:`multiplier` built once per round: on the CPU an integer mask in the weight's width (all ones
+kept, all zeros pruned) ANDed with the float's bits, which zeroes pruned entries exactly whatever
+their value and leaves kept entries bit for bit, at the cost of the multiply it replaced
+(``benchmarks/masking.py``); on other devices the bool mask, through ``masked_fill_``.
 """
 
 from __future__ import annotations
@@ -25,31 +27,43 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
+
 
 def multiplier(mask: Tensor, param: Tensor) -> Tensor:
-    """The tensor the per-step updates multiply ``param`` (and its gradient) by: 1 kept, 0 pruned."""
-    if param.device.type == "cpu":
-        return mask.to(param.dtype)
-    return mask.view(torch.uint8)
+    """What the per-step updates apply to ``param`` (and its gradient) for the bool ``mask`` (True = kept)."""
+    if param.device.type == "cpu" and param.dtype in _BITS:
+        return mask.to(_BITS[param.dtype]).neg_()  # -1 (all bits set) kept, 0 pruned
+    return mask
 
 
-def _mul_(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    if tensors:
-        torch._foreach_mul_(tensors, [m.view(torch.uint8) if m.dtype == torch.bool else m for m in masks])
+def _zero_(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    for t, m in zip(tensors, masks):
+        if m.dtype == torch.bool:
+            t.masked_fill_(~m, 0.0)
+        elif _BITS.get(t.dtype) == m.dtype:
+            t.view(m.dtype).bitwise_and_(m)
+        else:  # e.g. a gradient in another dtype than its weight
+            t.masked_fill_(m == 0, 0.0)
 
 
 @torch.no_grad()
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero the pruned entries of every masked parameter in place (bool masks or multipliers)."""
+    """Set the pruned entries of every masked parameter to exactly 0.0 (bool masks or multipliers)."""
     names = [n for n in masks if n in params]
-    _mul_([params[n].data for n in names], [masks[n] for n in names])
+    _zero_([params[n].data for n in names], [masks[n] for n in names])
 
 
 @torch.no_grad()
 def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Zero the gradients of pruned entries in place (parameters without a gradient are skipped)."""
+    """Set the gradients of pruned entries to exactly 0.0 (parameters without a gradient are skipped)."""
     names = [n for n in masks if n in params and params[n].grad is not None]
-    _mul_([params[n].grad for n in names], [masks[n] for n in names])
+    _zero_([params[n].grad for n in names], [masks[n] for n in names])  # type: ignore[misc]
 
 
 @torch.no_grad()
@@ -83,7 +97,7 @@ def zero_optimizer_state_(
                         if reset:
                             value.zero_()
                         else:
-                            value.mul_(mask.view(torch.uint8))
+                            value.masked_fill_(~mask.to(value.device), 0.0)
                         touched += 1
     return touched
 

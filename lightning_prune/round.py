@@ -42,6 +42,7 @@ def run_round(
     comm: Collectives = LOCAL,
     optimizers: Iterable[torch.optim.Optimizer] = (),
     trigger: str = "prune",
+    skipped: int = 0,
     point: int | None = None,
     epoch: int | None = None,
     global_step: int | None = None,
@@ -52,15 +53,16 @@ def run_round(
 
     ``window`` holds the statistics of the training steps that produced ``batches``; without one,
     a criterion that needs statistics gets them from a calibration pass over ``batches`` at the
-    current weights. Returns the record appended to ``pruner.history``.
+    current weights. ``skipped`` counts batches the caller already left out as non-finite. Returns
+    the record appended to ``pruner.history``.
     """
     start = time.perf_counter()
     targets, criterion = pruner.targets, pruner.criterion
 
-    # 1. statistics, all-reduced across ranks
+    round_index = len(pruner.history)
+
+    # 1. statistics, all-reduced across ranks; non-finite ones refuse before any weight is touched
     if window is not None:
-        if window.skipped:
-            warn(f"{window.skipped} window batches had non-finite gradients (AMP overflow) and were skipped")
         stats = window.close()
     else:
         stats = criterion.make_estimator(targets, comm, len(batches))
@@ -70,13 +72,22 @@ def run_round(
             )
         elif stats is not None:
             stats = None  # nothing was accumulated: the criterion says so
+    skipped = _total(skipped + (stats.skipped if stats is not None else 0), comm, calib)
+    if skipped:
+        warn(f"round {round_index}: {skipped} batches had non-finite inputs or gradients and were left out")
+    if stats is not None and (bad := stats.nonfinite_layers()):
+        raise RuntimeError(
+            f"round {round_index}: the statistics of {bad[:5]} are not finite (NaN/inf inputs or gradients in "
+            f"{source}); refusing before touching any weight"
+        )
 
     # 2. loss before, on the last eval_batches batches
     eval_batches = batches[max(0, len(batches) - pruner.eval_batches) :] if pruner.eval_batches else []
     loss_before = calib.mean_loss(eval_batches, comm)
 
-    # 3. criterion: new masks, and for OBS moved weights
+    # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
     before = pruner.current_masks()
+    saved = {t.name: t.param.detach().clone() for t in targets} if criterion.moves_weights else {}
     ctx = RoundContext(
         model=calib.model,
         targets=targets,
@@ -86,12 +97,20 @@ def run_round(
         stats=stats,
         calib=calib,
         comm=comm,
-        round_index=len(pruner.history),
+        round_index=round_index,
         scope=pruner.scope,
         min_density=pruner.min_density,
         source=source,
     )
-    result = criterion.prune(ctx)
+    try:
+        result = criterion.prune(ctx)
+    except BaseException:
+        with torch.no_grad():
+            for t in targets:
+                if t.name in saved:
+                    t.param.copy_(saved[t.name])
+        raise
+    del saved
 
     # 4. commit: masks only shrink, pruned weights and their optimizer moments are zeroed, ranks agree
     pruner.commit_(result, before, comm, optimizers)
@@ -117,11 +136,21 @@ def run_round(
         "loss_after": loss_after,
         "layer_sparsity": M.layer_sparsity(masks),
         "monitor": dict(monitor or {}),
-        "info": dict(result.info),
+        "info": {**result.info, "skipped_batches": skipped},
         "seconds": time.perf_counter() - start,
     }
     pruner._record(record, point)
     return record
+
+
+def _total(count: int, comm: Collectives, calib: Calibration) -> int:
+    """A per-rank count summed over ranks."""
+    if comm.world_size == 1:
+        return count
+    device = next(iter(calib.model.parameters())).device
+    t = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    comm.all_reduce_sum_([t])
+    return int(t.item())
 
 
 def prune(

@@ -4,8 +4,10 @@ Rules (all deterministic, identical on every rank given identical scores):
 
 * Higher score = more important. The lowest scores are pruned.
 * Masks only shrink: entries pruned in an earlier round rank below everything (``-inf``).
-* NaN scores rank as ``+inf``: an entry whose importance is unknown is kept, never pruned by
-  accident. Callers warn about them.
+* Non-finite scores (NaN, +inf, -inf: from non-finite weights or curvature) are never pruned: an
+  entry whose importance is unknown is kept. If the round cannot reach its count from the
+  finite-scored entries, it refuses with :class:`UnreachableSparsity` instead of pruning
+  unknown entries by position. Callers warn about kept non-finite entries.
 * Ties are broken by position: layers in target order, then flat (row-major) index; among equal
   scores the earlier entry is pruned first. Implemented with one stable sort.
 * Floor: every layer keeps at least ``max(1, ceil(min_density * numel))`` entries (no layer
@@ -23,6 +25,10 @@ import torch
 from torch import Tensor
 
 SCOPES = ("global", "layer")
+
+
+class UnreachableSparsity(RuntimeError):
+    """The round's count cannot be met from entries with finite scores."""
 
 
 def floor_count(numel: int, min_density: float) -> int:
@@ -50,8 +56,9 @@ def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_d
 
 
 def _sort_key(score: Tensor, mask: Tensor) -> Tensor:
+    """Pruned entries -inf, non-finite scores +inf (never chosen), the rest their score."""
     key = score.detach().flatten().to(torch.float64)
-    key = torch.where(torch.isnan(key), torch.full_like(key, math.inf), key)
+    key = torch.where(torch.isfinite(key), key, torch.full_like(key, math.inf))
     return torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
 
 
@@ -84,14 +91,32 @@ def select_masks(
         out = {}
         for n in names:
             k = max(round(sparsity * masks[n].numel()), int((~masks[n]).sum()))
+            _check_reachable({n: keys[n]}, {n: scores[n]}, k, sparsity)
             out[n] = _prune_lowest(keys[n], k).view_as(masks[n])
         return out
 
     sizes = [masks[n].numel() for n in names]
     already = sum(int((~masks[n]).sum()) for n in names)
     k = max(round(sparsity * sum(sizes)), already)
+    _check_reachable(keys, scores, k, sparsity)
     keep = _prune_lowest(torch.cat([keys[n].to(keys[names[0]].device) for n in names]), k)
     return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
+
+
+def _check_reachable(keys: Mapping[str, Tensor], scores: Mapping[str, Tensor], k: int, sparsity: float) -> None:
+    """Refuse if pruning ``k`` entries would need entries that are floor-protected or non-finite."""
+    choosable = sum(int((key < math.inf).sum()) for key in keys.values())  # pruned (-inf) + finite, unprotected
+    if k <= choosable:
+        return
+    bad = {n: int((~torch.isfinite(scores[n])).sum()) for n in keys}
+    bad = {n: c for n, c in bad.items() if c}
+    protected = sum(int((key == math.inf).sum()) for key in keys.values()) - sum(bad.values())
+    raise UnreachableSparsity(
+        f"the round cannot reach sparsity {sparsity:.6g} ({k} pruned entries): only {choosable} entries can be "
+        f"pruned. Never pruned: entries with non-finite (NaN/inf) scores {bad or 'none'} (from non-finite weights or "
+        f"curvature) and at least {max(protected, 0)} entries the per-layer floor (min_density) keeps. The weights "
+        "were not touched"
+    )
 
 
 def _prune_lowest(key: Tensor, k: int) -> Tensor:

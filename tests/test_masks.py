@@ -36,15 +36,20 @@ def test_zero_optimizer_state():
     assert torch.all(st["exp_avg"] == 0) and float(st["step"]) == 1.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_multiplier_has_the_weight_dtype_and_zeroes_exactly_what_the_mask_prunes(dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_pruned_entries_become_exactly_zero_even_when_not_finite(dtype):
+    """nan * 0 is NaN: masking sets pruned entries to 0.0 and leaves kept ones bit for bit."""
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(5, 7, generator=g).to(dtype)
-    mask = torch.rand(5, 7, generator=g) > 0.6
-    mult = M.multiplier(mask, w)
-    assert mult.dtype == dtype and mult.shape == mask.shape
-    by_bool, by_mult = {"w": w.clone()}, {"w": w.clone()}
-    M.apply_masks_(by_bool, {"w": mask})
-    M.apply_masks_(by_mult, {"w": mult})
-    assert torch.equal(by_bool["w"], by_mult["w"])
-    assert torch.all(by_mult["w"][~mask] == 0) and torch.equal(by_mult["w"][mask], w[mask])
+    w = torch.randn(6, 7, generator=g).to(dtype)
+    w.view(-1)[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, float("nan"), 1.0]).to(dtype)
+    mask = torch.rand(6, 7, generator=g) > 0.5
+    mask.view(-1)[:6] = torch.tensor([False, False, False, False, True, True])
+    for masks in ({"w": mask}, {"w": M.multiplier(mask, w)}):  # bool masks and the per-step multiplier
+        p = torch.nn.Parameter(w.clone())
+        p.grad = w.clone() * float("inf")  # inf gradients, NaN where w was 0 or NaN
+        M.apply_masks_({"w": p}, masks)
+        M.mask_grads_({"w": p}, masks)
+        for t in (p.detach(), p.grad):
+            assert torch.all(t[~mask] == 0) and not torch.any(torch.signbit(t[~mask]))  # +0.0 exactly
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+        assert torch.equal(p.detach()[mask].view(bits), w[mask].view(bits))  # kept: bit for bit

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_prune.selection import check_feasible, floor_count, select_masks
+from lightning_prune.selection import UnreachableSparsity, check_feasible, floor_count, select_masks
 
 
 def _ones(*shapes, names="l0 l1"):
@@ -54,9 +54,11 @@ def test_masks_only_shrink():
 def test_floor_prevents_layer_collapse():
     # layer b has tiny scores: global selection would wipe it out without the floor
     scores = {"a": torch.arange(1, 101, dtype=torch.float), "b": torch.full((10,), 1e-6)}
-    out = select_masks(scores, _ones((100,), (10,), names="a b"), 0.9, scope="global", min_density=0.2)
+    out = select_masks(scores, _ones((100,), (10,), names="a b"), 0.78, scope="global", min_density=0.2)
     assert int(out["b"].sum()) == 2 and floor_count(10, 0.2) == 2
-    assert sum(int((~m).sum()) for m in out.values()) == 99
+    assert sum(int((~m).sum()) for m in out.values()) == round(0.78 * 110)
+    with pytest.raises(UnreachableSparsity, match="only 88 entries can be pruned"):  # the floors keep 20 + 2
+        select_masks(scores, _ones((100,), (10,), names="a b"), 0.9, scope="global", min_density=0.2)
     out = select_masks(scores, _ones((100,), (10,), names="a b"), 0.9, scope="global", min_density=0.0)
     assert int(out["b"].sum()) >= 1  # the floor is at least one weight
 

@@ -47,6 +47,8 @@ class PruningCallback(Pruner, Callback):
         Pruner.__init__(self, *args, **kwargs)
         self._window: CaptureWindow | None = None
         self._collecting = False  # inside a capture window (batches kept, hooks on if the criterion has any)
+        self._nonfinite_step = False  # this batch's step was left out of the statistics
+        self._skipped_batches = 0  # window batches left out for a non-finite loss (criteria without hooks)
         self._batches: deque[Any] = deque()
         self._step_hooks: list[Any] = []
         self._warned: set[str] = set()
@@ -118,7 +120,7 @@ class PruningCallback(Pruner, Callback):
     ) -> None:
         if self._collecting or not self._window_opens(trainer, batch_idx):
             return
-        self._collecting = True
+        self._collecting, self._skipped_batches = True, 0
         self._batches = deque(maxlen=self.window_length)
         estimator = self.criterion.make_estimator(
             self.targets, StrategyCollectives(trainer.strategy), self.window_length
@@ -174,16 +176,23 @@ class PruningCallback(Pruner, Callback):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._window is not None:
             accumulate, scale = loss_scaling(trainer, pl_module)
-            self._window.after_backward(accumulate=accumulate, loss_scale=scale)
+            self._nonfinite_step |= not self._window.after_backward(accumulate=accumulate, loss_scale=scale)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._collecting:
-            self._batches.append(batch)
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, Tensor) and not bool(torch.isfinite(loss).all()):
+                self._nonfinite_step = True  # a NaN/inf loss: neither its statistics nor the batch are kept
+                if self._window is None:
+                    self._skipped_batches += 1
+            if not self._nonfinite_step:
+                self._batches.append(batch)
             if self._window is not None:
                 self._window.end_batch()
+            self._nonfinite_step = False
         if self.schedule.unit == "step" and (point := self.due(trainer.global_step)) is not None:
             self._round(trainer, pl_module, point)
 
@@ -239,6 +248,7 @@ class PruningCallback(Pruner, Callback):
             comm=StrategyCollectives(trainer.strategy),
             optimizers=trainer.optimizers,
             trigger=self.schedule.unit,
+            skipped=self._skipped_batches,
             point=point,
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,

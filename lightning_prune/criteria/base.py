@@ -62,6 +62,7 @@ class Criterion:
     and :class:`~lightning_prune.criteria.OBS`."""
 
     name = "criterion"
+    moves_weights = False  # whether the criterion updates kept weights (OBS compensation)
     reset_moved_state = False  # whether weights the criterion moved lose their optimizer moments
     loss_reduction = "mean"  # how the loss reduces over a batch (hook gradients are rescaled by it)
 

@@ -79,6 +79,11 @@ class OBD(Criterion):
             return require_stats(ctx, None, f"OBD ({self.curvature})")
         est = Hutchinson(ctx.targets, num_probes=self.num_probes, comm=ctx.comm)
         est.calibrate(ctx.calib, ctx.batches, ctx.round_index)
+        if bad := [t.name for t in ctx.targets if not bool(torch.isfinite(est.diagonal(t.name)).all())]:
+            raise RuntimeError(
+                f"OBD (hutchinson) round {ctx.round_index}: the Hessian-vector products of {bad[:5]} are not finite "
+                f"in {ctx.source}; refusing before touching any weight"
+            )
         return est
 
     def prune(self, ctx: RoundContext) -> RoundResult:

@@ -85,6 +85,7 @@ class OBS(Criterion):
     """
 
     name = "obs"
+    moves_weights = True
 
     def __init__(
         self,

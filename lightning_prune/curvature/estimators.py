@@ -69,6 +69,7 @@ class Estimator:
         self.targets = {t.name: t for t in targets}
         self.comm = comm
         self.batches = 0  # window batches folded in (this rank)
+        self.skipped = 0  # batches dropped because their inputs or gradients were not finite (this rank)
 
     def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         raise NotImplementedError
@@ -82,6 +83,23 @@ class Estimator:
 
     def reduce_(self) -> None:
         self.comm.all_reduce_sum_(self.tensors())
+
+    def nonfinite_layers(self) -> list[str]:
+        """Layers with a NaN/inf in any of their statistics.
+
+        Found generically: every attribute that maps the target names to tensors is a per-layer
+        statistic, so a new estimator is covered without code of its own.
+        """
+        bad: set[str] = set()
+        for value in vars(self).values():
+            if isinstance(value, Estimator):
+                bad.update(value.nonfinite_layers())
+            elif isinstance(value, dict) and value and set(value) <= set(self.targets):
+                bad.update(n for n, t in value.items() if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()))
+            elif isinstance(value, dict) and all(isinstance(v, Estimator) for v in value.values()):
+                for part in value.values():
+                    bad.update(part.nonfinite_layers())
+        return [n for n in self.targets if n in bad]
 
     def diagonal(self, name: str) -> Tensor:
         """Weight-shaped estimate of diag(H) for layer ``name`` (float64)."""

@@ -55,6 +55,10 @@ class Hutchinson(Estimator):
         with eval_mode(calib.model), torch.enable_grad():
             for b, batch in enumerate(batches):
                 loss = calib.loss(batch, b).float()
+                if not bool(torch.isfinite(loss)):
+                    self.skipped += 1  # a NaN/inf loss has no usable curvature
+                    progress()
+                    continue
                 grads = torch.autograd.grad(loss, params, create_graph=True)
                 for k in range(self.num_probes):
                     gen = torch.Generator(device=params[0].device)

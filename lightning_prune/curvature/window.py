@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from lightning_prune.capture import LayerCapture, per_sample_factor
+from lightning_prune.capture import LayerCapture, all_finite, per_sample_factor
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
@@ -17,26 +15,30 @@ class CaptureWindow:
 
     The training loop calls :meth:`after_backward` after every backward pass with what it knows
     of the loss's scaling (gradient accumulation, AMP loss scale), and :meth:`end_batch` after every
-    batch. A loss-scaled step whose captured gradients are not finite (an AMP overflow the scaler
-    will skip) is dropped as a whole and counted in :attr:`skipped`.
+    batch. A step whose captured inputs or gradients are not finite (a NaN loss, an AMP overflow the
+    scaler will skip) is dropped as a whole and counted in :attr:`skipped`, with or without AMP.
     """
 
     def __init__(self, estimator: Estimator, targets: Sequence[PruneTarget], reduction: str = "mean") -> None:
         self.estimator, self.reduction = estimator, reduction
         self.capture = LayerCapture(targets)
-        self.skipped = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.estimator.skipped
 
     def open(self) -> None:
         self.capture.attach()
 
-    def after_backward(self, *, accumulate: int = 1, loss_scale: float | None = None) -> None:
-        """``loss_scale`` is the AMP scaler's current scale, ``None`` without a scaler."""
+    def after_backward(self, *, accumulate: int = 1, loss_scale: float | None = None) -> bool:
+        """Fold the step in; ``False`` if it was skipped as non-finite. ``loss_scale``: the AMP
+        scaler's current scale, ``None`` without a scaler."""
         items = list(self.capture.drain())
         if not items:
-            return
-        if loss_scale is not None and not all(bool(torch.isfinite(g).all()) for _, _, g in items):  # type: ignore[arg-type]
-            self.skipped += 1  # only a loss-scaled step can overflow; the scaler will skip it
-            return
+            return True
+        if not all_finite(items):
+            self.estimator.skipped += 1
+            return False
         scale = 1.0 if loss_scale is None else loss_scale
         with exact_float32():
             for target, x, g in items:
@@ -44,6 +46,7 @@ class CaptureWindow:
                     x.shape[0], reduction=self.reduction, accumulate=accumulate, loss_scale=scale
                 )
                 self.estimator.update(target.name, x, g * factor)  # type: ignore[operator]
+        return True
 
     def end_batch(self) -> None:
         self.estimator.end_batch()
