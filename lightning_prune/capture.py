@@ -28,9 +28,22 @@ from torch.utils.hooks import RemovableHandle
 from lightning_prune.targets import PruneTarget
 
 
-def check_hookable(targets: Sequence[PruneTarget]) -> None:
-    """Curvature needs the weight of a plain (groups=1) Linear/Conv layer: say which target is not."""
+def check_hookable(targets: Sequence[PruneTarget], gradients: bool = True) -> None:
+    """Curvature needs the trainable weight of one plain (groups=1) Linear/Conv layer: say which target is not.
+
+    ``gradients``: whether the statistics differentiate the loss (a frozen weight then has none).
+    """
     for t in targets:
+        if len(t.holders) > 1:
+            raise ValueError(
+                f"{t.name!r} is tied: modules {list(t.holders)} all hold it, and each sees its own inputs, so no "
+                "single layer's curvature describes it. Exclude it (exclude=[...]) or prune it with MagnitudePruning"
+            )
+        if gradients and not t.param.requires_grad:
+            raise ValueError(
+                f"{t.name!r} is frozen (requires_grad=False): its curvature needs gradients. Unfreeze it, exclude it, "
+                "or prune it with MagnitudePruning"
+            )
         if not t.is_layer_weight:
             raise ValueError(
                 f"{t.name!r} is not the weight of an nn.Linear/nn.Conv1d/2d/3d layer, so its curvature cannot "
@@ -98,7 +111,7 @@ class LayerCapture:
     """
 
     def __init__(self, targets: Sequence[PruneTarget], inputs_only: bool = False) -> None:
-        check_hookable(targets)
+        check_hookable(targets, gradients=not inputs_only)
         self.targets = list(targets)
         self.inputs_only = inputs_only
         self._inputs: dict[str, list[Tensor]] = {}

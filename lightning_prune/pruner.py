@@ -8,11 +8,19 @@ fine-tune as a callback with its masks frozen. This class owns what both paths s
   restores masks from a checkpoint or an earlier ``prune()``);
 * when rounds fire (:attr:`schedule`, keyed by epoch or step, :meth:`due`);
 * masks that only shrink, installed by :meth:`commit_`, the only place new masks land;
-* checkpoint state (:meth:`state_dict`: bit-packed masks, history, the last round's point).
+* checkpoint state (:meth:`state_dict`: bit-packed masks with checksums, history, the last
+  round's point), validated on load with errors that name the parameter.
+
+Masks belong to the model they were computed on. Binding to the *same* parameters again (a second
+``fit`` of the same model, or ``prune()`` then ``fit``) keeps them frozen; binding to another model
+(a new instance, even of the same architecture) starts fresh, with a warning. Masks restored from a
+checkpoint (``load_state_dict``, ``fit(ckpt_path=...)``) apply to whatever model is bound next.
 """
 
 from __future__ import annotations
 
+import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -23,7 +31,7 @@ from torch import Tensor, nn
 from lightning_prune import masks as M
 from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
-from lightning_prune.distributed import Collectives
+from lightning_prune.distributed import Collectives, warn
 from lightning_prune.schedule import SparsitySchedule, check_fraction
 from lightning_prune.selection import SCOPES, check_feasible
 from lightning_prune.summary import layer_table
@@ -115,6 +123,8 @@ class Pruner:
         self._last_point: int | None = None  # the schedule point of the last round (epoch or step)
         self._loaded: dict[str, Any] | None = None  # checkpoint state waiting for bind()
         self._parameter_names: list[str] | None = None  # names of explicit `parameters` once a model is known
+        self._bound: list[weakref.ref] = []  # the parameters the masks were computed on
+        self._skipped: list[tuple[str, str]] = []  # defaults left out (frozen, tied), with the reason
 
     # ================================================================ public read-only state
     @property
@@ -178,7 +188,10 @@ class Pruner:
         """Per-layer kept/total/sparsity table of the current masks."""
         current = self.current_masks()
         rows = [(t.name, tuple(t.param.shape), int(current[t.name].sum()), t.param.numel()) for t in self.targets]
-        return layer_table(rows)
+        table = layer_table(rows)
+        if self._skipped:
+            table += "\nnot pruned: " + "; ".join(f"{n} ({why})" for n, why in self._skipped)
+        return table
 
     # ================================================================ binding to a model
     def bind(self, model: nn.Module) -> None:
@@ -187,15 +200,28 @@ class Pruner:
         Raises before any work if nothing matches, the criterion cannot handle a target, or the
         target sparsity is unreachable under the per-layer floor.
         """
-        targets = resolve_targets(model, self.include, self.exclude, self._parameters)
+        skipped: list[tuple[str, str]] = []
+        targets = resolve_targets(model, self.include, self.exclude, self._parameters, skipped)
+        if skipped and skipped != self._skipped:
+            warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
+        self._skipped = skipped
         self.criterion.check_targets(targets)
         self._name_parameters(model)
         check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
+        same_model = len(self._bound) == len(targets) and all(r() is t.param for r, t in zip(self._bound, targets))
         if self._loaded is not None:
             self._masks = _restore_masks(self._loaded, targets)
             self._loaded = None
-        elif self._masks is not None:  # from an earlier round: prune() then fit, or a second fit
+        elif self._masks is not None and not same_model:
+            warn(
+                f"{type(self).__name__} pruned another model before ({len(self._history)} rounds); its masks do not "
+                "belong to this one and are dropped: this model starts dense. (Masks carry over only to the same "
+                "model, or through a checkpoint: pruner.load_state_dict(...) / fit(ckpt_path=...))"
+            )
+            self._masks, self._history, self._last_point = None, [], None
+        elif self._masks is not None:  # the same model: prune() then fit, or a second fit
             self._masks = _fit_masks(self._masks, targets, "this pruner's")
+        self._bound = [weakref.ref(t.param) for t in targets]
         self._targets = targets
         self._params = {t.name: t.param for t in targets}
         self._refresh_frozen()
@@ -276,18 +302,27 @@ class Pruner:
 
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:
+        masks = None
+        if self._masks is not None:
+            masks = {n: {**M.pack_mask(m), "crc32": _crc(M.pack_mask(m))} for n, m in self._masks.items()}
         return {
             "version": STATE_VERSION,
-            "masks": None if self._masks is None else {n: M.pack_mask(m) for n, m in self._masks.items()},
+            "pruner": type(self).__qualname__,
+            "masks": masks,
             "history": [dict(r) for r in self._history],
             "unit": self._schedule.unit,
             "last_point": self._last_point,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"pruning state must be a dict, got {type(state_dict).__name__}")
         version = state_dict.get("version")
         if version not in (1, STATE_VERSION):
             raise ValueError(f"unsupported pruning state version {version!r}")
+        needed = ("masks", "history") if version == 1 else ("masks", "history", "unit", "last_point")
+        if missing := [k for k in needed if k not in state_dict]:
+            raise ValueError(f"pruning state (version {version}) is missing {missing}: it is corrupted or hand-edited")
         history = [dict(r) for r in state_dict["history"]]
         if version == 1:  # epoch rounds only
             unit = "epoch"
@@ -308,8 +343,34 @@ class Pruner:
         self._refresh_frozen()
 
 
+def is_pruning_state(state: Any) -> bool:
+    """Whether a checkpoint entry looks like a pruner's :meth:`Pruner.state_dict`."""
+    return isinstance(state, Mapping) and {"version", "masks", "history"} <= set(state)
+
+
+def _crc(packed: Mapping[str, Any]) -> int:
+    """Checksum of a packed mask: its shape and its bits."""
+    shape = ",".join(str(int(d)) for d in packed["shape"])  # type: ignore[union-attr]
+    return zlib.crc32(packed["bits"].numpy().tobytes(), zlib.crc32(shape.encode()))  # type: ignore[union-attr]
+
+
 def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) -> dict[str, Tensor]:
-    return _fit_masks({n: M.unpack_mask(p) for n, p in packed.items()}, targets, "checkpointed")
+    masks = {}
+    for name, p in packed.items():
+        try:
+            numel = 1
+            for d in p["shape"]:
+                numel *= int(d)
+            if p["bits"].dtype != torch.uint8 or p["bits"].numel() != (numel + 7) // 8:
+                raise ValueError(f"{p['bits'].numel()} bytes for shape {list(p['shape'])}")
+            if "crc32" in p and _crc(p) != p["crc32"]:
+                raise ValueError("checksum mismatch")
+            masks[name] = M.unpack_mask(p)
+        except (KeyError, TypeError, AttributeError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"checkpointed mask for {name!r} is corrupted or hand-edited ({type(err).__name__}: {err})"
+            ) from err
+    return _fit_masks(masks, targets, "checkpointed")
 
 
 def _fit_masks(masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what: str) -> dict[str, Tensor]:

@@ -126,6 +126,7 @@ def run_round(
         "trigger": trigger,
         "epoch": epoch,
         "global_step": global_step,
+        "target": pruner.target,
         "target_sparsity": sparsity,
         "sparsity": pruned / total,
         "pruned": pruned,

@@ -194,7 +194,10 @@ class SparsitySchedule:
         self._points, self._values = points, values
 
     def _call(self, point: int) -> float:
-        value = self.schedule(point)  # type: ignore[operator]
+        try:
+            value = self.schedule(point)  # type: ignore[operator]
+        except Exception as err:
+            raise ValueError(f"`schedule` callable raised at {self.unit} {point}: {type(err).__name__}: {err}") from err
         try:
             return check_fraction(f"schedule({point})", value)
         except ValueError as err:
@@ -240,6 +243,11 @@ class SparsitySchedule:
         if point not in self._values:
             raise KeyError(f"no pruning round at {self.unit} {point}; rounds: {self._points}")
         return self._values[point]
+
+    @property
+    def end(self) -> int | None:
+        """The last round point, once resolved."""
+        return self._points[-1] if self._points else None
 
     def due(self, now: int, last: int | None) -> int | None:
         """The latest round point in ``(last, now]``, or ``None``.

@@ -17,6 +17,7 @@ def round_metrics(record: Mapping[str, Any]) -> dict[str, float]:
         "prune/round": record["round"],
         "prune/sparsity": record["sparsity"],
         "prune/target_sparsity": record["target_sparsity"],
+        "prune/target_reached": float(record["pruned"] >= round(record["target"] * record["total"])),
         "prune/predicted_loss_increase": record["predicted_loss_increase"],
         "prune/actual_loss_increase": record["actual_loss_increase"],
         "prune/loss_before": record["loss_before"],
@@ -60,7 +61,8 @@ def when(record: Mapping[str, Any]) -> str:
 def round_summary(record: Mapping[str, Any]) -> str:
     parts = [
         f"[lightning-prune] round {record['round']} ({when(record)}): "
-        f"sparsity {record['sparsity']:.2%} (target {record['target_sparsity']:.2%})"
+        f"sparsity {record['sparsity']:.2%} (this round {record['target_sparsity']:.2%}, "
+        f"final target {record['target']:.2%})"
     ]
     pred, act = record["predicted_loss_increase"], record["actual_loss_increase"]
     if not math.isnan(act):

@@ -2,8 +2,18 @@
 
 By default: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (subclasses included).
 Never biases, norm layers or embeddings unless the user names them explicitly through
-``parameters=[...]``. Targets are resolved at ``on_fit_start``, i.e. after ``configure_model`` has
-built the layers and after the strategy moved them to their device.
+``parameters=[...]``. Two kinds of weight are left out of the defaults, with the reason recorded
+(the pruner warns, and its per-layer table lists them):
+
+* frozen ones (``requires_grad=False``): nobody trains them, so nothing would fine-tune around
+  their pruning;
+* tied ones, a ``Parameter`` held by several modules (a language model's ``lm_head`` tied to its
+  embedding): each holder sees a different input, so no single layer's statistics describe it.
+
+Named explicitly (``parameters=[...]``), they are pruned; one tensor has one mask, so a tie stays
+consistent. ``include``/``exclude`` patterns match every name a tied parameter has; its target
+name is the first one ``named_parameters()`` gives. Targets are resolved at ``on_fit_start``,
+i.e. after ``configure_model`` has built the layers and the strategy moved them to their device.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ class PruneTarget:
     module_name: str
     module: nn.Module
     param_name: str  # attribute name on ``module`` (``"weight"`` by default)
+    holders: tuple[str, ...] = ()  # every module that holds this parameter (more than one: tied)
 
     @property
     def param(self) -> nn.Parameter:
@@ -52,20 +63,26 @@ def resolve_targets(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     parameters: Sequence[Tensor] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[PruneTarget]:
     """Pick the parameters to prune, in ``named_parameters()`` order.
 
     ``include``/``exclude`` are glob patterns (``fnmatch``, case-sensitive) over parameter names
     such as ``"encoder.layers.*.weight"``. ``parameters`` is an explicit list of parameter objects
     of ``model``: it replaces the default Linear/Conv filter, and the patterns still apply.
+    ``skipped``, if given, receives ``(name, reason)`` for the defaults left out (module docstring).
     """
     _check_patterns("include", include)
     _check_patterns("exclude", exclude)
-    owner: dict[str, tuple[str, nn.Module, str]] = {}
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
+    skipped = [] if skipped is None else skipped
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}  # id(param) -> (module name, module, attribute)
+    aliases: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            owner.setdefault(full, (module_name, module, param_name))
+            aliases.setdefault(id(p), []).append(full)
+            if all(m is not module for _, m, _ in holders.get(id(p), [])):
+                holders.setdefault(id(p), []).append((module_name, module, param_name))
 
     named = dict(model.named_parameters())
     if parameters is not None:
@@ -78,15 +95,42 @@ def resolve_targets(
                 )
             candidates.append(by_id[id(p)])
     else:
-        candidates = [n for n in named if owner[n][2] == "weight" and isinstance(owner[n][1], PRUNABLE_TYPES)]
+        candidates = []
+        for n, p in named.items():
+            own = holders[id(p)]
+            if not any(attr == "weight" and isinstance(m, PRUNABLE_TYPES) for _, m, attr in own):
+                continue
+            if len(own) > 1:
+                others = [h for h, _, _ in own]
+                _skip(skipped, n, f"tied: held by {others}; name it in parameters=[...] to prune it")
+            elif not p.requires_grad:
+                _skip(skipped, n, "frozen (requires_grad=False); name it in parameters=[...] to prune it")
+            else:
+                candidates.append(n)
+
+    def matches(n: str, patterns: Sequence[str]) -> bool:
+        return any(_matches(alias, patterns) for alias in aliases[id(named[n])])
 
     chosen = [
-        n for n in candidates if (include is None or _matches(n, include)) and not (exclude and _matches(n, exclude))
+        n for n in candidates if (include is None or matches(n, include)) and not (exclude and matches(n, exclude))
     ]
     if not chosen:
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
         raise ValueError(
             f"No parameters to prune in {type(model).__name__}: include={include!r}, exclude={exclude!r} "
             f"matched none of the candidates [{shown or 'no Linear/Conv weights found'}]"
+            + (f"; left out of the defaults: {dict(skipped)}" if skipped else "")
         )
-    return [PruneTarget(n, owner[n][0], owner[n][1], owner[n][2]) for n in chosen]
+    out = []
+    for n in chosen:
+        own = holders[id(named[n])]
+        # the holder that makes it a layer weight, if any: its hooks capture the layer's data
+        module_name, module, attr = next(
+            (h for h in own if h[2] == "weight" and isinstance(h[1], PRUNABLE_TYPES)), own[0]
+        )
+        out.append(PruneTarget(n, module_name, module, attr, tuple(h for h, _, _ in own)))
+    return out
+
+
+def _skip(skipped: list[tuple[str, str]], name: str, reason: str) -> None:
+    skipped.append((name, reason))

@@ -341,8 +341,16 @@ class UnusedLayer(Regression):
 
 def test_layer_without_data_is_a_clear_error():
     pruner = OBDPruning(0.5, schedule="one_shot", num_batches=2, verbose=0)
-    with pytest.raises(RuntimeError, match="layers \\['unused.weight'\\] received no data"):
-        make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(UnusedLayer())
+    trainer = make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0)
+    with pytest.raises(ValueError, match="\\['unused.weight'\\] got none at the first optimizer step"):
+        trainer.fit(UnusedLayer())  # in a fit: at the first step, not at the round an epoch later
+    assert trainer.global_step == 0
+    from lightning_prune import prune
+
+    model = UnusedLayer()
+    data = DataLoader(TensorDataset(*regression_data()), batch_size=32)
+    with pytest.raises(RuntimeError, match="layers \\['unused.weight'\\] received no data in the 2 batches"):
+        prune(model, data, OBDPruning(0.5, num_batches=2, verbose=0), loss_fn=lambda m, b: m.training_step(b, 0))
 
 
 def test_curvature_needs_layer_weights():

@@ -26,10 +26,10 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_prune.calibration import Calibration
-from lightning_prune.callbacks.reporting import console, log_round, trainer_progress
+from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
 from lightning_prune.curvature.window import CaptureWindow
-from lightning_prune.pruner import Pruner
+from lightning_prune.pruner import Pruner, is_pruning_state
 from lightning_prune.round import run_round
 from lightning_prune.summary import round_summary
 
@@ -52,6 +52,7 @@ class PruningCallback(Pruner, Callback):
         self._batches: deque[Any] = deque()
         self._step_hooks: list[Any] = []
         self._warned: set[str] = set()
+        self._gradients_checked = True
 
     @property
     @override
@@ -82,6 +83,30 @@ class PruningCallback(Pruner, Callback):
                 "be borrowed under manual optimization: pass loss_fn=lambda module, batch: ... (the mean loss)"
             )
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
+        self._check_schedule_fits(trainer)
+        self._gradients_checked = not self.criterion.needs_gradients
+
+    def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
+        """Warn when the run ends before the schedule's last round (the target would be missed)."""
+        end, unit = self.schedule.end, self.schedule.unit
+        if end is None or self.removes_something(self.target) is False:
+            return
+        if unit == "epoch":
+            limit = f"Trainer(max_epochs={trainer.max_epochs})"
+            misses = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end
+            batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+            if not misses and trainer.max_steps > 0 and math.isfinite(batches):
+                limit = f"Trainer(max_steps={trainer.max_steps})"
+                misses = trainer.max_steps < (end + 1) * math.ceil(batches / accumulate)
+        else:
+            total = trainer.estimated_stepping_batches
+            limit, misses = f"the run's {total} optimizer steps", math.isfinite(total) and total < end
+        if misses:
+            self._warn_once(
+                "end",
+                f"{type(self).__name__}'s last round is at {unit} {end}, but {limit} ends the run before it: the model "
+                f"will not reach target={self.target}. Lower `{self.schedule.when.arg('end')}` or lengthen the run",
+            )
 
     def _check_siblings(self, trainer: pl.Trainer) -> None:
         """Refuse a second pruner on the same weights, or under the same checkpoint key."""
@@ -108,10 +133,22 @@ class PruningCallback(Pruner, Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # checkpoints written before per-selection keys stored every pruner under its class name
-        states, legacy = checkpoint.get("callbacks", {}), type(self).__qualname__
-        if self.state_key not in states and legacy in states:
-            self.load_state_dict(states[legacy])
+        """Refuse to resume silently without masks when the checkpoint's pruning state is another pruner's."""
+        states = checkpoint.get("callbacks", {})
+        if self.state_key in states:
+            return
+        claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        unclaimed = {k: v for k, v in states.items() if k not in claimed and is_pruning_state(v)}
+        legacy = type(self).__qualname__  # checkpoints from before per-selection keys: the class name
+        if legacy in unclaimed:
+            self.load_state_dict(unclaimed[legacy])
+        elif unclaimed:
+            writers = {k: v.get("pruner", k) for k, v in unclaimed.items()}
+            raise ValueError(
+                f"the checkpoint holds the pruning state of {writers}, and none for this run's {self.state_key!r}: "
+                "resume with the pruner that wrote it (same class and include/exclude/parameters), or load only "
+                "the model weights (model.load_state_dict(torch.load(path)['state_dict']))"
+            )
 
     # ================================================================ the capture window
     @override
@@ -201,6 +238,14 @@ class PruningCallback(Pruner, Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if not self._gradients_checked:  # the first step: fail now, not at the round an epoch later
+            self._gradients_checked = True
+            stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if missing := [t.name for t in self.targets if id(t.param) in stepped and t.param.grad is None]:
+                raise ValueError(
+                    f"{type(self).__name__} needs the gradient of every target, and {missing[:5]} got none at the "
+                    "first optimizer step: they are not used by the training loss. Exclude them (exclude=[...])"
+                )
         self.freeze_grads_()  # before Lightning clips gradients, so the clip norm only sees live weights
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -264,6 +309,15 @@ class PruningCallback(Pruner, Callback):
     # ================================================================ fit end
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        reached = not self.removes_something(self.target)
+        log_metrics(trainer, {"prune/target_reached": float(reached)})
+        if not reached:
+            self._warn_once(
+                "missed",
+                f"{type(self).__name__} ended the fit at sparsity {self.sparsity:.4f}, short of target={self.target}: "
+                f"{len(self._history)} of its {len(self.schedule.points)} scheduled rounds ran (EarlyStopping, "
+                "max_steps/max_time or an interrupted fit end training before the schedule does)",
+            )
         if self.verbose >= 1 and self._history:
             console(trainer, self.layer_table())
 

@@ -19,11 +19,15 @@ from lightning_prune.summary import round_metrics
 
 
 @rank_zero_only
-def log_round(trainer: pl.Trainer, record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
-    metrics = round_metrics(record)
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.log_metrics(dict(metrics), step=trainer.global_step)
         logger.save()
+
+
+@rank_zero_only
+def log_round(trainer: pl.Trainer, record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
+    log_metrics(trainer, round_metrics(record))
     from lightning_prune.wandb_charts import log_wandb_round
 
     log_wandb_round(trainer, record, history)

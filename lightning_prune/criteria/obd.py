@@ -27,7 +27,8 @@ def sanitize_curvature(h: Tensor) -> tuple[Tensor, int, int]:
 
     Negative entries (Hutchinson estimates the true, indefinite Hessian; noise does the rest) are
     replaced by their absolute value: the loss is as sensitive to moving the weight either way.
-    NaN/inf entries become NaN, so the selection keeps those weights (NaN ranks as +inf).
+    NaN/inf entries become NaN, which the selection never prunes (the round already refuses
+    non-finite statistics; this keeps the rule local too).
     """
     finite = torch.isfinite(h)
     negative = finite & (h < 0)
@@ -66,6 +67,11 @@ class OBD(Criterion):
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         if self.hooked:
             check_hookable(targets)
+        elif frozen := [t.name for t in targets if not t.param.requires_grad]:
+            raise ValueError(
+                f"curvature='hutchinson' differentiates the loss twice with respect to each target, and {frozen[:5]} "
+                "are frozen (requires_grad=False): unfreeze or exclude them, or prune them with MagnitudePruning"
+            )
 
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         if not self.hooked:

@@ -130,7 +130,7 @@ class OBS(Criterion):
             )
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
-        check_hookable(targets)
+        check_hookable(targets, gradients=self.needs_gradients)
 
     @property
     def needs_gradients(self) -> bool:
