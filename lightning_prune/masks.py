@@ -44,11 +44,11 @@ def multiplier(mask: Tensor, param: Tensor) -> Tensor:
 
 def _zero_(tensors: list[Tensor], masks: list[Tensor]) -> None:
     for t, m in zip(tensors, masks):
-        if m.dtype == torch.bool:
+        if m.dtype is torch.bool:
             t.masked_fill_(~m, 0.0)
-        elif _BITS.get(t.dtype) == m.dtype:
+        elif t.element_size() == m.element_size():
             t.view(m.dtype).bitwise_and_(m)
-        else:  # e.g. a gradient in another dtype than its weight
+        else:  # a gradient in another dtype than its weight
             t.masked_fill_(m == 0, 0.0)
 
 
