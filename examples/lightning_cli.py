@@ -1,4 +1,4 @@
-"""LightningCLI with a pruning callback chosen on the command line:
+"""The package's LightningCLI (``lightning-prune-cli``) with the model and data fixed in code:
 
     python examples/lightning_cli.py fit --trainer.max_epochs=8 \
         --trainer.callbacks+=lightning_prune.OBSPruning --trainer.callbacks.target=0.8
@@ -7,9 +7,8 @@ Every constructor argument of the callbacks is type-annotated, so LightningCLI c
 validate them (`--trainer.callbacks.hessian=kfac`, `--trainer.callbacks.scope=layer`, ...).
 """
 
-from lightning.pytorch.cli import LightningCLI
-
 from lightning_prune.data import DigitsDataModule
+from lightning_prune.lightning_cli import main as cli
 from lightning_prune.models import MLPClassifier
 
 
@@ -21,7 +20,7 @@ class DigitsMLP(MLPClassifier):
 
 
 def main() -> None:
-    LightningCLI(DigitsMLP, DigitsDataModule, save_config_kwargs={"overwrite": True})
+    cli(DigitsMLP, DigitsDataModule)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
     lightning-prune pruner=obd pruner.curvature=ekfac pruner.target=0.9
     lightning-prune -m pruner=magnitude,obd,obs pruner.target=0.8,0.9   # sweep
     lightning-prune experiment=fmnist_mlp trainer=ddp_cpu logger=wandb
-    lightning-prune trainer.max_epochs=-1 trainer.max_steps=2000 pruner.every_n_steps=100   # step rounds
+    lightning-prune trainer.max_epochs=-1 trainer.max_steps=200 pruner.every_n_steps=20   # step rounds
     lightning-prune pruner=none                        # dense; prints the checkpoint it saved
     lightning-prune mode=oneshot ckpt_path=CKPT pruner=obs pruner.target=0.5   # post-training, prune()
+    lightning-prune mode=eval ckpt_path=CKPT           # evaluate a checkpoint
 
 Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
 sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a trained checkpoint,
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.round import prune
 from lightning_prune.summary import when
 
-MODES = ("train", "oneshot")
+MODES = ("train", "oneshot", "eval")
 
 
 def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_triggers: int | None) -> int | None:
@@ -158,8 +160,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    if mode == "oneshot":
-        return run_oneshot(cfg)
+    if cfg.get("print_config", False):
+        _print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
+    try:
+        return {"train": run_train, "oneshot": run_oneshot, "eval": run_eval}[mode](cfg)
+    except ValueError as err:
+        raise ValueError(_with_config_keys(str(err), cfg)) from err
+
+
+def _with_config_keys(message: str, cfg: DictConfig) -> str:
+    """Append the command-line keys for the arguments an error names (``start_epoch`` -> ``pruner.start_epoch``)."""
+    keys = []
+    for name in dict.fromkeys(re.findall(r"`(\w+)`", message)):
+        if cfg.pruner and name in cfg.pruner:
+            keys.append(f"pruner.{name}=...")
+    for name in dict.fromkeys(re.findall(r"Trainer\((\w+)=", message)):
+        keys.append(f"trainer.{name}=...")
+    return message + (f" [on the command line: {', '.join(keys)}]" if keys else "")
+
+
+def run_train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit with the pruner as a callback (resuming from ``ckpt_path`` if given), test, report."""
     output_dir = HydraConfig.get().runtime.output_dir
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
@@ -172,11 +193,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval_after_round:
             evaluator = RoundEvaluator(pruner, datamodule)
             callbacks.append(evaluator)
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = _loggers(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
     )
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val_acc = _float(trainer.callback_metrics.get("val/acc"))
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
 
@@ -207,13 +229,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
-    """Load ``ckpt_path``, prune it once with :func:`prune`, evaluate before and after, save it."""
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
+def _load(cfg: DictConfig, mode: str) -> tuple[pl.LightningDataModule, pl.LightningModule, dict[str, Any], Path]:
+    """The data, and the model with ``ckpt_path``'s weights, for ``mode=oneshot`` and ``mode=eval``."""
     if not cfg.get("ckpt_path"):
-        raise ValueError("mode=oneshot needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`)")
-    if not (cfg.pruner and cfg.pruner.get("_target_")):
-        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
+        raise ValueError(f"mode={mode} needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`)")
     ckpt_path = Path(cfg.ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file")
@@ -229,20 +248,52 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
             f"(weights_only=True): save a checkpoint with plain hyper-parameters ({err})"
         ) from None
     model.load_state_dict(ckpt["state_dict"], strict=True)
+    return datamodule, model, ckpt, ckpt_path
+
+
+def _evaluate(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
+    output_dir = HydraConfig.get().runtime.output_dir
+    evaluator = instantiate(
+        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=output_dir
+    )
+    val = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]
+    test = evaluator.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
+    return {"val_acc": _float(val.get("val/acc")), "test_acc": _float(test.get("test/acc"))}
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``ckpt_path``: validation and test accuracy, and the zeros of its Linear/Conv weights."""
+    from lightning_prune.targets import resolve_targets
+
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    datamodule, model, _, ckpt_path = _load(cfg, "eval")
+    weights = [t.param.detach() for t in resolve_targets(model)]
+    sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    summary = {"mode": "eval", "checkpoint": str(ckpt_path), "sparsity": sparsity, **_evaluate(cfg, model, datamodule)}
+    if rank_zero_only.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        _print(
+            f"\n{'=' * 72}\nlightning-prune eval: {ckpt_path}\n"
+            f"sparsity of the Linear/Conv weights {sparsity:.2%}, val accuracy {summary['val_acc']:.2%}, "
+            f"test accuracy {summary['test_acc']:.2%}\nresults.json: {output_dir / 'results.json'}\n{'=' * 72}"
+        )
+    return summary
+
+
+def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
+    """Load ``ckpt_path``, prune it once with :func:`prune`, evaluate before and after, save it."""
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not (cfg.pruner and cfg.pruner.get("_target_")):
+        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
+    datamodule, model, ckpt, ckpt_path = _load(cfg, "oneshot")
     pruner: PruningCallback = instantiate(cfg.pruner)
     state = ckpt.get("callbacks", {}).get(pruner.state_key)
     if state is not None:  # a checkpoint of a pruning run: its masks only shrink from here
         pruner.load_state_dict(state)
-    evaluator = instantiate(cfg.trainer, logger=False, callbacks=[], default_root_dir=str(output_dir))
-
-    def evaluate() -> dict[str, float]:
-        val = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]
-        test = evaluator.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
-        return {"val_acc": _float(val.get("val/acc")), "test_acc": _float(test.get("test/acc"))}
-
-    before = evaluate()
+    before = _evaluate(cfg, model, datamodule)
     record = prune(model, datamodule.train_dataloader(), pruner)
-    after = evaluate()
+    after = _evaluate(cfg, model, datamodule)
     pruned_path = output_dir / "pruned.ckpt"
     summary = {
         "mode": "oneshot",
@@ -263,7 +314,7 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    if evaluator.is_global_zero:
+    if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {

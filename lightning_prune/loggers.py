@@ -46,7 +46,7 @@ def wandb_logger(
     """A ``WandbLogger`` that is offline by default without an API key (see :func:`resolve_wandb_mode`)."""
     resolved = resolve_wandb_mode(mode)
     os.makedirs(save_dir, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=os.environ.get("WANDB_PROJECT", project),
         entity=os.environ.get("WANDB_ENTITY", entity),
         group=os.environ.get("WANDB_RUN_GROUP", group),
@@ -56,3 +56,7 @@ def wandb_logger(
         tags=list(tags),
         **kwargs,
     )
+    if logger._wandb_init.get("anonymous") is None:
+        # Lightning always passes anonymous=None, which wandb >= 0.19 warns about on every run
+        logger._wandb_init.pop("anonymous", None)
+    return logger

@@ -116,8 +116,15 @@ class LeNet5Classifier(ImageClassifier):
             nn.MaxPool2d(2),
             nn.Flatten(),
         ]
-        with torch.no_grad():
-            flat = nn.Sequential(*layers)(torch.zeros(1, *self.input_shape)).shape[1]
+        try:
+            with torch.no_grad():
+                flat = nn.Sequential(*layers)(torch.zeros(1, *self.input_shape)).shape[1]
+        except RuntimeError as err:  # checked when the model is built, with the data's shape
+            raise ValueError(
+                f"LeNet5Classifier(kernel_size={kernel_size}) does not fit {'x'.join(map(str, self.input_shape[1:]))} "
+                "images (two convolutions and two 2x2 poolings): lower kernel_size (model.kernel_size=3 fits 8x8 "
+                "digits, as experiment=digits_lenet5 does) or use larger images (data=fashion_mnist)"
+            ) from err
         sizes = [flat, *hidden]
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -187,10 +187,9 @@ class PruningCallback(Pruner, Callback):
                 "instead of its last `num_batches` batches; use step triggers (every_n_steps=...) for exact windows",
             )
             return 0
-        if n < length:
-            self._warn_once(
-                "short", f"the epoch has {n} training batches, fewer than the window of {length}; the round uses all"
-            )
+        if n < length and "short" not in self._warned:  # harmless: said once, as information
+            self._warned.add("short")
+            rank_zero_info(f"[lightning-prune] the epoch has {n} training batches: the round uses all of them")
         return max(0, int(n) - length)
 
     def _batches_until(self, trainer: pl.Trainer, point: int, batch_idx: int) -> int:
@@ -319,7 +318,7 @@ class PruningCallback(Pruner, Callback):
                 "max_steps/max_time or an interrupted fit end training before the schedule does)",
             )
         if self.verbose >= 1 and self._history:
-            console(trainer, self.layer_table())
+            console(trainer, self.layer_table(), training=False)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

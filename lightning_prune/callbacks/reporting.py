@@ -40,10 +40,14 @@ def trainer_progress(trainer: pl.Trainer, enabled: bool = True) -> ProgressFacto
 
 
 @rank_zero_only
-def console(trainer: pl.Trainer, text: str) -> None:
-    """Print on rank 0 without tearing the progress bar."""
+def console(trainer: pl.Trainer, text: str, *, training: bool = True) -> None:
+    """Print on rank 0 without tearing the progress bar.
+
+    ``training=False`` after the training loop: Lightning's TQDM bar prints only through a bar that
+    is still open, and it closes them at ``on_train_end``, so ``bar.print`` would print nothing.
+    """
     bar = trainer.progress_bar_callback
-    if bar is not None and bar.is_enabled and hasattr(bar, "print"):
+    if training and bar is not None and bar.is_enabled and hasattr(bar, "print"):
         bar.print(text)
     else:
         print(text, flush=True)

@@ -1,0 +1,186 @@
+"""Every ``lightning-prune`` command in the README and in ``cli.py``'s docstring, as a new user types it.
+
+Each one composes (with every combination of a sweep) and builds its objects; then each one runs,
+exactly as written except for a lower ``trainer.max_epochs`` and the output folder, and its output
+is checked. Placeholders: ``CKPT`` is the checkpoint the documented dense run saves, and
+``multirun/<date>/<time>`` the documented sweep's folder. Commands for GPUs, or for Fashion-MNIST
+when it is not installed, are composed but not run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import wandb_log
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+
+from lightning_prune import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
+
+
+def documented() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    lines = [
+        line for block in re.findall(r"```bash\n(.+?)\n```", readme, flags=re.S)[2:] for line in block.splitlines()
+    ]
+    lines += (cli.__doc__ or "").splitlines()
+    out = [re.split(r"\s{2,}#", line)[0].strip() for line in lines]
+    commands = [c for c in out if c == "lightning-prune" or c.startswith("lightning-prune")]
+    # one of each: the README quotes ckpt_path (Lightning's file names contain '='), the docstring does not
+    return list({re.sub(r"[\"']", "", c): c for c in reversed(commands)}.values())[::-1]
+
+
+COMMANDS = documented()
+APP = [c for c in COMMANDS if c.split()[0] == "lightning-prune"]
+
+
+def overrides(command: str) -> list[str]:
+    return [a for a in shlex.split(command)[1:] if a != "-m"]
+
+
+@pytest.mark.parametrize("command", APP)
+def test_documented_command_composes_and_builds(command):
+    """Composition errors ("Could not override", unknown groups) and shape errors, without training."""
+    args = [a.replace("CKPT", "/tmp/checkpoint.ckpt") for a in overrides(command)]
+    parsed = OverridesParser.create().parse_overrides(args)
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in parsed
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.config_dir()), version_base="1.3"):
+        for combo in itertools.product(*choices):
+            cfg = compose("config", overrides=list(combo))
+            if "fashion" in cfg.data._target_.lower() and not FASHION:
+                continue
+            data = instantiate(cfg.data)
+            instantiate(cfg.model, input_shape=list(data.input_shape), num_classes=data.num_classes, _convert_="all")
+            if cfg.pruner.get("_target_"):
+                instantiate(cfg.pruner)
+
+
+def test_there_is_a_documented_command_for_each_mode():
+    assert any("mode=oneshot" in c for c in APP) and any("mode=eval" in c for c in APP)
+    assert any(c.startswith("lightning-prune-report") for c in COMMANDS) and "lightning-prune" in APP
+
+
+def offline_env(home: Path) -> dict[str, str]:
+    """A new user's environment: no W&B key or settings, no warning filters."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "PYTHONWARNINGS"}
+    home.mkdir(exist_ok=True)
+    env.update(HOME=str(home))
+    return env
+
+
+def launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def needs_gpu(command: str) -> bool:
+    return bool(re.search(r"trainer=(ddp|gpu)(\s|$)", command)) and not torch.cuda.is_available()
+
+
+@pytest.mark.slow
+def test_documented_commands_run_as_written(tmp_path):
+    env = offline_env(tmp_path / "home")
+    ckpt, sweep, ran = None, None, []
+    # the dense run first (it provides CKPT), the sweep before its report
+    order = sorted(COMMANDS, key=lambda c: (c != "lightning-prune pruner=none", c.startswith("lightning-prune-report")))
+    for i, command in enumerate(order):
+        if needs_gpu(command) or ("fmnist" in command and not FASHION):
+            continue
+        out = tmp_path / f"run{i}"
+        if command.startswith("lightning-prune-report"):
+            assert sweep is not None
+            proc = launch(["lightning_prune.report", str(sweep)], env)
+            assert "| obs[layerwise] |" in proc.stdout and "WARNING" not in proc.stdout
+            assert (sweep / "report.png").stat().st_size > 1000 and "| method | 80% | 90% |" in proc.stdout
+            (sweep / "3" / "results.json").unlink()  # a job that crashed
+            shutil.rmtree(sweep / "5")  # a job that never ran
+            proc = launch(["lightning_prune.report", str(sweep)], env)
+            assert "WARNING: failed: 3 (pruner=obd pruner.target=0.9 trainer.max_epochs=2)" in proc.stdout
+            assert "WARNING: never ran: 1 of the sweep's 6 jobs" in proc.stdout
+            ran.append(command)
+            continue
+        if command.startswith("lightning-prune-cli"):  # LightningCLI: lower max_epochs, keep logs out of the repo
+            args = [
+                re.sub(r"^--trainer.max_epochs=\d+$", "--trainer.max_epochs=2", a) for a in shlex.split(command)[1:]
+            ]
+            proc = launch(["lightning_prune.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
+            assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
+            ran.append(command)
+            continue
+        args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
+        if not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
+            args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
+        args.append(f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}")
+        proc = launch(["lightning_prune", *args], env)
+        text = proc.stdout + proc.stderr
+        results = [json.loads(p.read_text()) for p in sorted(out.rglob("results.json"))]
+        assert results, command
+        check(command, proc, text, results, out)
+        if command == "lightning-prune pruner=none":
+            ckpt = results[0]["checkpoint"]
+            assert ckpt and Path(ckpt).is_file() and "=" not in Path(ckpt).name  # pastes into ckpt_path=...
+        if "-m" in args:
+            sweep = out
+        ran.append(command)
+    assert len(ran) >= len(COMMANDS) - 3, ran  # only GPU / Fashion-MNIST commands may be skipped
+
+
+def check(command: str, proc, text: str, results: list[dict], out: Path) -> None:
+    r = results[0]
+    # what we own does not clutter the output, and the summary is the last thing on screen
+    for noise in ("anonymous setting", "window of", "not writable", "Traceback"):
+        assert noise not in text, (command, noise)
+    if command == "lightning-prune":  # the main job, with the default progress bar
+        assert "dense validation accuracy (before the first round)" in proc.stdout
+        assert "round 1 (epoch 1): sparsity" in proc.stdout and "val accuracy right after pruning" in proc.stdout
+        assert "kept / total" in proc.stdout and "net.3.weight" in proc.stdout  # the end-of-fit table
+        assert "CSVLogger:" in proc.stdout and "WandbLogger:" in proc.stdout and "offline" in proc.stdout
+        assert proc.stdout.rstrip().endswith("=" * 72)
+        assert r["method"] == "obs[layerwise]" and r["sparsity"] == pytest.approx(0.8, abs=1e-3)
+        assert len(r["rounds"]) == 2 and 0.0 < r["test_acc"] <= 1.0
+    elif "logger=wandb" in command:  # the W&B offline run holds the pruning scalars and tables
+        (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+        rows = wandb_log.history(log)
+        rounds = [row for row in rows if "prune/sparsity" in row]
+        assert rounds and rounds[-1]["prune/sparsity"] == pytest.approx(r["sparsity"], abs=1e-3)
+        assert all("prune/actual_loss_increase" in row for row in rounds)
+        assert any("prune/layer_table/path" in row for row in rows)
+    elif "-m" in command.split():
+        assert len(results) == 6 and {x["method"] for x in results} == {"magnitude", "obd[fisher]", "obs[layerwise]"}
+    elif "every_n_steps" in command:
+        assert [h["global_step"] for h in r["history"]] == [20, 40, 60, 80, 100]  # end 20 + (200 - 20) // 2
+        assert [x["when"] for x in r["rounds"]][:2] == ["step 20", "step 40"]
+    elif "mode=oneshot" in command:
+        assert r["mode"] == "oneshot" and r["sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert r["before"]["val_acc"] > 0.5 and "pruned checkpoint:" in proc.stdout
+        pruned = torch.load(out / "pruned.ckpt", weights_only=True)
+        assert pruned["callbacks"]["OBSPruning"]["masks"] is not None
+    elif "mode=eval" in command:
+        assert r["mode"] == "eval" and r["sparsity"] == 0.0 and r["val_acc"] > 0.5  # CKPT: the dense run
+    elif "experiment=fmnist_mlp" in command:  # rounds to epoch 9, in a run lowered to 2 epochs: it says so
+        assert "will not reach target=0.95" in text and "short of target=0.95" in text
+        assert [h["epoch"] for h in r["history"]] == [0, 1] and r["sparsity"] < 0.95
+    elif "pruner=none" in command:
+        assert r["method"] == "dense" and "prune it post-training: lightning-prune mode=oneshot" in proc.stdout
+    else:
+        assert r["sparsity"] == pytest.approx(float(r["target"]), abs=1e-3), command
