@@ -48,13 +48,15 @@ def run_round(
     global_step: int | None = None,
     monitor: Mapping[str, float] | None = None,
     source: str = "the round's batches",
+    solver_budget: float | None = None,
 ) -> dict[str, Any]:
     """Statistics -> loss before -> criterion -> commit -> loss after -> record.
 
     ``window`` holds the statistics of the training steps that produced ``batches``; without one,
     a criterion that needs statistics gets them from a calibration pass over ``batches`` at the
-    current weights. ``skipped`` counts batches the caller already left out as non-finite. Returns
-    the record appended to ``pruner.history``.
+    current weights. ``skipped`` counts batches the caller already left out as non-finite.
+    ``solver_budget`` bounds the work of OBS's ``solver="auto"`` for the whole round (``None``: the
+    per-layer budget). Returns the record appended to ``pruner.history``.
     """
     start = time.perf_counter()
     targets, criterion = pruner.targets, pruner.criterion
@@ -101,6 +103,7 @@ def run_round(
         scope=pruner.scope,
         min_density=pruner.min_density,
         source=source,
+        solver_budget=solver_budget,
     )
     try:
         result = criterion.prune(ctx)

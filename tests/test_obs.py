@@ -18,9 +18,11 @@ from lightning_prune.obs.kronecker import kfac_set_update
 from lightning_prune.obs.layerwise import (
     blocked_prune,
     choose_solver,
+    choose_solvers,
     obc_prune,
     prepare_hessian,
     single_saliency,
+    solver_work,
     sparsegpt_prune,
 )
 from lightning_prune.obs.linalg import damped_cholesky
@@ -136,6 +138,41 @@ def test_auto_solver_choice_scales_with_work():
     assert choose_solver(torch.zeros(300, 784), counts, 128) == "blocked"
     assert choose_solver(torch.zeros(16, 150), torch.full((16,), 100), 128) == "exact"
     assert choose_solver(torch.zeros(4096, 4096), torch.full((4096,), 2048), 128) == "fast"
+
+
+def test_round_budget_upgrades_the_cheapest_layers_first_and_never_exceeds_it():
+    works = [
+        solver_work(torch.zeros(10, 100), torch.full((10,), 90), 128),  # exact 9e6
+        solver_work(torch.zeros(100, 300), torch.full((100,), 270), 128),  # blocked 4.4e8, exact 2.4e9
+        solver_work(torch.zeros(300, 784), torch.full((300,), 700), 128),  # blocked 3.4e9, exact 1.3e11
+    ]
+    for budget, expected in (
+        (1e6, ["fast", "fast", "fast"]),
+        (1e9, ["exact", "blocked", "fast"]),
+        (6e9, ["exact", "exact", "blocked"]),
+    ):
+        chosen = choose_solvers(works, budget)
+        assert chosen == expected, budget
+        assert sum(w[s] for w, s in zip(works, chosen)) <= budget
+    # a round's budget is shared: ten copies of a layer do not each get it
+    assert choose_solvers([works[1]] * 10, 1e9).count("blocked") == 2
+
+
+def test_gradual_rounds_spend_a_share_of_training_and_one_shot_keeps_the_layer_budget():
+    """TinyNet: 256 samples an epoch, 1,536 weights -> a round may spend 0.25 * 3 * 1536 * 256 updates."""
+    from conftest import TinyNet, make_trainer
+
+    from lightning_prune import prune
+
+    pl.seed_everything(0, verbose=False)
+    gradual = OBSPruning(0.8, num_batches=4, verbose=0)
+    make_trainer(max_epochs=4, callbacks=[gradual]).fit(TinyNet())
+    assert all(r["info"]["solver"] != "exact" for r in gradual.history)  # net.2's exact work exceeds the share
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet()
+    assert (
+        prune(model, model.train_dataloader(), OBSPruning(0.8, num_batches=4, verbose=0))["info"]["solver"] == "exact"
+    )
 
 
 def test_float32_and_float64_agree():

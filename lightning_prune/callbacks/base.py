@@ -298,12 +298,32 @@ class PruningCallback(Pruner, Callback):
             global_step=trainer.global_step,
             monitor=_scalars(trainer.callback_metrics),
             source=f"the capture window (the last num_batches={self.window_length} training batches before the round)",
+            solver_budget=self._solver_budget(trainer, batches),
         )
         log_round(trainer, record, self.history)
         if self.verbose >= 1:
             console(trainer, round_summary(record))
         if self.verbose >= 2:
             console(trainer, self.layer_table())
+
+    def _solver_budget(self, trainer: pl.Trainer, batches: list[Any]) -> float | None:
+        """A round's share of training: a quarter of the multiply-adds between two rounds.
+
+        Training a layer costs about 3 multiply-adds per weight per sample (forward and backward),
+        so ``ROUND_SHARE * 3 * weights * samples`` element updates keep OBS's automatic solver
+        choice deterministic and a round a small part of the training around it. A schedule of one
+        round has no training between rounds: it keeps the per-layer budget, as ``prune()`` does.
+        """
+        w = self.schedule.when
+        if len(self.schedule.points) < 2:
+            return None
+        per_interval = w.every * (
+            trainer.num_training_batches if w.unit == "epoch" else trainer.accumulate_grad_batches
+        )
+        size = _batch_size(batches[-1]) if batches else None
+        if size is None or not math.isfinite(per_interval):
+            return None
+        return ROUND_SHARE * 3 * sum(t.param.numel() for t in self.targets) * size * per_interval
 
     # ================================================================ fit end
     @override
@@ -335,6 +355,17 @@ class PruningCallback(Pruner, Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+ROUND_SHARE = 0.25  # of the training work between two rounds that OBS's solver="auto" may spend
+
+
+def _batch_size(batch: Any) -> int | None:
+    """The leading dimension of the first tensor in a batch."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else None
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    return next((s for v in values if (s := _batch_size(v)) is not None), None)
 
 
 def loss_scaling(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, float | None]:

@@ -22,7 +22,11 @@ class OBSPruning(PruningCallback):
         hessian: ``"layerwise"``, ``"fisher"`` or ``"kfac"`` (see the module docstring).
         solver: layer-wise only: ``"exact"`` (OBC), ``"blocked"`` (exact inside column blocks,
             SparseGPT-style lazy updates between them), ``"fast"`` (SparseGPT column sweep) or
-            ``"auto"``: per layer, the most exact one whose work fits about 10 s of CPU.
+            ``"auto"``: the most exact ones whose work fits a budget. Inside ``Trainer.fit`` the
+            budget is the round's: a quarter of the training work between two rounds (3 x the
+            target weights x the samples in between), shared by all layers, so rounds stay a
+            small part of training; in ``prune()`` and one-round schedules each layer may spend
+            about 10 s of CPU.
         allocation: layer-wise only: the loss-unit score that shares the removals among layers and
             rows: ``"fisher"`` (OBD's ``1/2 F_ii w^2``, default), ``"obs"`` or ``"kfac"``; or
             ``"reconstruction"``, SparseGPT's label-free objective (needs no loss, ``scope="layer"``).

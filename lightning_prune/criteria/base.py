@@ -40,6 +40,7 @@ class RoundContext:
     scope: str = "global"
     min_density: float = 0.0
     source: str = "the round's batches"  # where the statistics came from, for error messages
+    solver_budget: float | None = None  # OBS solver="auto": element updates for the round; None: per layer
 
     def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Masks from scores under the pruner's scope and floor (NaN scores are kept, with a warning)."""

@@ -48,12 +48,14 @@ from lightning_prune.distributed import Collectives
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
 from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
 from lightning_prune.obs.layerwise import (
+    LAYER_BUDGET,
     blocked_prune,
-    choose_solver,
+    choose_solvers,
     inverse_diagonal,
     obc_prune,
     prepare_hessian,
     single_saliency,
+    solver_work,
     sparsegpt_prune,
 )
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
@@ -189,7 +191,13 @@ class OBS(Criterion):
         scores = {t.name: self._allocation_score(t, est, dtype) for t in ctx.targets}
         allocated = ctx.select(scores)
 
-        masks, predicted, reconstruction, solvers = {}, 0.0, 0.0, set()
+        masks, predicted, reconstruction = {}, 0.0, 0.0
+        counts = {t.name: (~allocated[t.name]).reshape(t.param.shape[0], -1).sum(1) for t in ctx.targets}
+        solvers = dict(zip(counts, [self.solver] * len(counts)))
+        if self.solver == "auto":
+            works = [solver_work(self._matrix(t, dtype), counts[t.name], self.block_size) for t in ctx.targets]
+            budget = LAYER_BUDGET if ctx.solver_budget is None else ctx.solver_budget
+            solvers = dict(zip(counts, choose_solvers(works, budget, per_layer=ctx.solver_budget is None)))
         groups = _split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
         for i, group in enumerate(groups):
             if i > 0:
@@ -201,22 +209,20 @@ class OBS(Criterion):
                 info["damping_increases"] += damped.increases
                 info["dead_inputs"] += int(dead.sum())
                 forced = ~ctx.masks[t.name].reshape(W.shape)
-                counts = (~allocated[t.name]).reshape(W.shape).sum(1)
-                solver = self.solver if self.solver != "auto" else choose_solver(W, counts, self.block_size)
-                solvers.add(solver)
+                n, solver = counts[t.name], solvers[t.name]
                 if solver == "exact":
-                    W_new, pruned, losses = obc_prune(W, U, counts, forced)
+                    W_new, pruned, losses = obc_prune(W, U, n, forced)
                 elif solver == "blocked":
-                    W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size)
+                    W_new, pruned, losses = blocked_prune(W, U, n, forced, self.block_size)
                 else:
-                    W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size)
+                    W_new, pruned, losses = sparsegpt_prune(W, U, n, forced, self.block_size)
                 self._write(t, W_new)
                 masks[t.name] = (~pruned).reshape(t.param.shape)
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
                 else:
                     reconstruction += float(losses.sum())
-        info["solver"] = "+".join(sorted(solvers))
+        info["solver"] = "+".join(sorted(set(solvers.values())))
         if not weighted:
             info["reconstruction_error"], predicted = reconstruction, math.nan
         return RoundResult(masks, predicted, updated={t.name for t in ctx.targets}, info=info)
