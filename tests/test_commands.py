@@ -128,6 +128,8 @@ def test_documented_commands_run_as_written(tmp_path):
             ran.append(command)
             continue
         args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
+        if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
+            args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
         if not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
             args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
         args.append(f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}")
@@ -180,6 +182,10 @@ def check(command: str, proc, text: str, results: list[dict], out: Path) -> None
     elif "experiment=fmnist_mlp" in command:  # rounds to epoch 9, in a run lowered to 2 epochs: it says so
         assert "will not reach target=0.95" in text and "short of target=0.95" in text
         assert [h["epoch"] for h in r["history"]] == [0, 1] and r["sparsity"] < 0.95
+    elif "pruner=none" in command and "ckpt_path" in command:  # resumed at epoch 2 of the dense run
+        assert "Restored all states from the checkpoint" in text and r["method"] == "dense"
+        assert Path(r["checkpoint"]).name == "last.ckpt"
+        assert torch.load(r["checkpoint"], weights_only=True)["epoch"] == 2
     elif "pruner=none" in command:
         assert r["method"] == "dense" and "prune it post-training: lightning-prune mode=oneshot" in proc.stdout
     else:
