@@ -31,10 +31,6 @@ class Collectives:
     def world_size(self) -> int:
         return 1
 
-    @property
-    def is_global_zero(self) -> bool:
-        return self.rank == 0
-
     def all_reduce_sum_(self, tensors: Iterable[Tensor]) -> None:
         """Sum tensors across ranks in place."""
 

@@ -241,3 +241,35 @@ def test_prune_arguments_and_short_data():
         prune(sequential(), list(loader())[:2], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
     with pytest.raises(RuntimeError, match="no batch was accumulated in the 0 batches of `data`"):
         prune(sequential(), [], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
+
+
+@pytest.mark.slow
+def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path):
+    """Two gloo processes, each with half of every batch: identical masks and weights on both ranks,
+    equal to one process pruning from the whole batches (statistics are sums with counts)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    job = Path(__file__).resolve().parent / "prune_job.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(job), "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import prune_job
+
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for name, make in prune_job.PRUNERS.items():
+        reference, pruner = prune_job.model(), make()  # one process, the whole batches
+        prune(reference, prune_job.batches(), pruner, loss_fn=prune_job.loss)
+        for key, mask in r0[name]["masks"].items():
+            assert torch.equal(mask, r1[name]["masks"][key]), (name, key)
+            assert torch.equal(mask, pruner.masks[key]), (name, key)
+        for key, w in r0[name]["weights"].items():
+            assert torch.equal(w, r1[name]["weights"][key]), (name, key)
