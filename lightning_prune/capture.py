@@ -134,6 +134,10 @@ class LayerCapture:
         self._handles.clear()
         self.clear()
 
+    def samples(self) -> int | None:
+        """The current batch's number of samples: the leading dimension of the captured inputs."""
+        return next((int(xs[0].shape[0]) for xs in self._inputs.values() if xs), None)
+
     def clear(self) -> None:
         self._inputs.clear()
         self._grads.clear()
@@ -158,12 +162,13 @@ class LayerCapture:
 
         return hook
 
-    def drain(self) -> Iterator[tuple[PruneTarget, Tensor, Tensor | None]]:
+    def drain(self, keep_inputs: bool = False) -> Iterator[tuple[PruneTarget, Tensor, Tensor | None]]:
         """Yield ``(target, x_rows, g_rows)`` (float32, unscaled) per layer and clear the buffers.
 
         ``g_rows`` is ``None`` with ``inputs_only``. A layer called several times in one step
         contributes all its calls as extra rows ``T`` of the same samples (its per-sample gradient
-        is the sum over calls).
+        is the sum over calls). ``keep_inputs`` clears only the gradients: the next backward pass
+        through the same forward (another output direction) fills them again.
         """
         for t in self.targets:
             xs, gs = self._inputs.get(t.name, []), self._grads.get(t.name, {})
@@ -175,7 +180,11 @@ class LayerCapture:
                 raise ValueError(f"layer {t.module_name!r} was called with different batch sizes in one step")
             g = None if self.inputs_only else [grad_rows(t.module, gs[i].float()) for i in idx]
             yield t, _rows(x), (None if g is None else _rows(g))
-        self.clear()
+        if keep_inputs:
+            for grads in self._grads.values():
+                grads.clear()  # emptied in place: the gradient hooks hold these dicts
+        else:
+            self.clear()
 
 
 def _rows(parts: list[Tensor]) -> Tensor:

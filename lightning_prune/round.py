@@ -20,7 +20,6 @@ from lightning_prune import masks as M
 from lightning_prune.calibration import (
     Calibration,
     LossFn,
-    calibration_pass,
     move_to_device,
     no_progress,
     tqdm_progress,
@@ -69,9 +68,7 @@ def run_round(
     else:
         stats = criterion.make_estimator(targets, comm, len(batches))
         if stats is not None and batches:
-            stats = calibration_pass(
-                calib, batches, stats, targets, criterion.loss_reduction, desc=f"{criterion.name} calibration"
-            )
+            stats = criterion.collect(calib, batches, stats, targets, round_index)
         elif stats is not None:
             stats = None  # nothing was accumulated: the criterion says so
     skipped = _total(skipped + (stats.skipped if stats is not None else 0), comm, calib)

@@ -32,6 +32,14 @@ CRITERIA = {
     "obs-alloc-kfac": lambda **kw: OBSPruning(0.6, allocation="kfac", num_batches=4, verbose=0, **kw),
     "obs-fisher": lambda **kw: OBSPruning(0.6, hessian="fisher", block_size=16, num_batches=4, verbose=0, **kw),
     "obs-kfac": lambda **kw: OBSPruning(0.6, hessian="kfac", num_batches=4, verbose=0, **kw),
+    "obd-fisher-mc": lambda **kw: OBDPruning(0.6, fisher_type="mc", mc_samples=2, num_batches=4, verbose=0, **kw),
+    "obd-ekfac-exact": lambda **kw: OBDPruning(
+        0.6, curvature="ekfac", fisher_type="exact", num_batches=4, verbose=0, **kw
+    ),
+    "obs-mc": lambda **kw: OBSPruning(0.6, fisher_type="mc", num_batches=4, verbose=0, **kw),
+    "obs-fisher-exact": lambda **kw: OBSPruning(
+        0.6, hessian="fisher", fisher_type="exact", block_size=16, num_batches=4, verbose=0, **kw
+    ),
 }
 
 

@@ -162,7 +162,7 @@ class PruningCallback(Pruner, Callback):
         estimator = self.criterion.make_estimator(
             self.targets, StrategyCollectives(trainer.strategy), self.window_length
         )
-        if estimator is not None:
+        if estimator is not None and self.criterion.captures_in_window:  # else: a pass at round time
             self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
             self._window.open()
 

@@ -21,6 +21,12 @@ class OBDPruning(PruningCallback):
             (true-Hessian diagonal from ``num_probes`` Rademacher probes per batch, a
             calibration pass over the same batches at round time).
         num_probes: Hutchinson probes per batch.
+        fisher_type: for ``"fisher"``, ``"kfac"``, ``"ekfac"``: ``"empirical"`` (gradients at the
+            observed labels, free from the training steps), ``"mc"`` (labels sampled from the model,
+            ``mc_samples`` per input) or ``"exact"`` (the GGN in closed form); the last two stay
+            informative at convergence and need one pass over the window's batches at round time
+            (see :mod:`lightning_prune.curvature.fisher`).
+        mc_samples: sampled labels per input for ``fisher_type="mc"``.
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums.
 
@@ -49,12 +55,14 @@ class OBDPruning(PruningCallback):
         num_batches: int = 32,
         eval_batches: int = 8,
         num_probes: int = 8,
+        fisher_type: Literal["empirical", "mc", "exact"] = "empirical",
+        mc_samples: int = 1,
         loss_reduction: Literal["mean", "sum"] = "mean",
         loss_fn: LossFn | None = None,
         verbose: int = 1,
     ) -> None:
         super().__init__(
-            OBD(curvature, num_probes, loss_reduction),
+            OBD(curvature, num_probes, loss_reduction, fisher_type, mc_samples),
             target,
             schedule,
             start_epoch,

@@ -64,6 +64,8 @@ class Criterion:
 
     name = "criterion"
     moves_weights = False  # whether the criterion updates kept weights (OBS compensation)
+    fisher_type = "empirical"  # empirical statistics are captured during training steps; others at round time
+    mc_samples = 1
     reset_moved_state = False  # whether weights the criterion moved lose their optimizer moments
     loss_reduction = "mean"  # how the loss reduces over a batch (hook gradients are rescaled by it)
 
@@ -80,6 +82,35 @@ class Criterion:
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none."""
         return None
+
+    @property
+    def captures_in_window(self) -> bool:
+        """Whether the statistics come from hooks on the training steps before the round (else from a
+        pass over the stored batches at round time)."""
+        return self.fisher_type == "empirical"
+
+    def collect(
+        self,
+        calib: Calibration,
+        batches: list[Any],
+        estimator: Estimator,
+        targets: Sequence[PruneTarget],
+        round_index: int,
+    ) -> Estimator:
+        """Statistics from a pass over stored batches (``prune()``, recomputation, non-empirical Fisher)."""
+        from lightning_prune.curvature.fisher import collect
+
+        return collect(
+            calib,
+            batches,
+            estimator,
+            targets,
+            fisher_type=self.fisher_type,
+            mc_samples=self.mc_samples,
+            reduction=self.loss_reduction,
+            round_index=round_index,
+            desc=f"{self.name} statistics",
+        )
 
     @property
     def needs_gradients(self) -> bool:

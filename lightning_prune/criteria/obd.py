@@ -10,6 +10,7 @@ from torch import Tensor
 from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.curvature import CURVATURES, Estimator, Hutchinson, make_estimator
+from lightning_prune.curvature.fisher import check_fisher_type
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.targets import PruneTarget
 
@@ -45,17 +46,36 @@ class OBD(Criterion):
 
     name = "obd"
 
-    def __init__(self, curvature: str = "fisher", num_probes: int = 8, loss_reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        curvature: str = "fisher",
+        num_probes: int = 8,
+        loss_reduction: str = "mean",
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
+    ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
+        check_fisher_type(fisher_type, mc_samples)
+        if curvature == "hutchinson" and fisher_type != "empirical":
+            raise ValueError(
+                f"`fisher_type` applies to curvature='fisher', 'kfac' and 'ekfac'; 'hutchinson' estimates the Hessian "
+                f"itself (got fisher_type={fisher_type!r})"
+            )
         self.curvature, self.num_probes = curvature, num_probes
         self.loss_reduction = check_reduction(loss_reduction)
+        self.fisher_type, self.mc_samples = fisher_type, mc_samples
 
     @property
     def hooked(self) -> bool:
+        """Hook statistics (from the window, or a pass); Hutchinson computes its own at round time."""
         return self.curvature != "hutchinson"
+
+    @property
+    def captures_in_window(self) -> bool:
+        return self.hooked and self.fisher_type == "empirical"
 
     @property
     def needs_gradients(self) -> bool:

@@ -39,11 +39,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.calibration import calibration_pass
 from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.criteria.obd import check_reduction
 from lightning_prune.curvature import KFAC, Composite, DiagFisher, Estimator, InputCovariance
+from lightning_prune.curvature.fisher import check_fisher_type
 from lightning_prune.distributed import Collectives
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
 from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
@@ -100,6 +100,8 @@ class OBS(Criterion):
         optimizer_state: str = "reset",
         solver_dtype: str = "float64",
         loss_reduction: str = "mean",
+        fisher_type: str = "empirical",
+        mc_samples: int = 1,
     ) -> None:
         for name, value, allowed in (
             ("hessian", hessian, HESSIANS),
@@ -117,6 +119,13 @@ class OBS(Criterion):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
         if allocation == "reconstruction" and hessian != "layerwise":
             raise ValueError(f"`allocation='reconstruction'` is layer-wise OBS's objective; got hessian={hessian!r}")
+        check_fisher_type(fisher_type, mc_samples)
+        if allocation == "reconstruction" and hessian == "layerwise" and fisher_type != "empirical":
+            raise ValueError(
+                f"`fisher_type` has no effect with allocation='reconstruction', which uses no Fisher "
+                f"(got {fisher_type!r})"
+            )
+        self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.hessian, self.solver, self.allocation = hessian, solver, allocation
         self.damp, self.block_size, self.recompute_steps = float(damp), block_size, recompute_steps
         self.optimizer_state, self.solver_dtype = optimizer_state, solver_dtype
@@ -156,7 +165,7 @@ class OBS(Criterion):
     def _recapture(self, ctx: RoundContext, desc: str) -> Estimator:
         """Fresh statistics at the current weights from the round's batches (a calibration pass)."""
         est = self.make_estimator(ctx.targets, ctx.comm, len(ctx.batches))
-        return calibration_pass(ctx.calib, ctx.batches, est, ctx.targets, self.loss_reduction, desc=f"OBS {desc}")
+        return self.collect(ctx.calib, ctx.batches, est, ctx.targets, ctx.round_index)
 
     def prune(self, ctx: RoundContext) -> RoundResult:
         est = require_stats(ctx, ctx.stats, f"OBS ({self.hessian})")

@@ -1,0 +1,257 @@
+"""Which Fisher: empirical (observed labels), Monte-Carlo (sampled labels) or exact (the GGN).
+
+The empirical Fisher averages ``g g^T`` of per-sample gradients at the *observed* labels. It comes
+free from the training steps, but at a minimum that fits its data those gradients vanish and it
+says little about curvature (Kunstner et al. 2019). For softmax cross-entropy and MSE the *true*
+Fisher equals the generalised Gauss-Newton matrix ``J^T Lambda J``, with ``Lambda`` the Hessian of
+the loss in the model output, which stays informative at convergence:
+
+* ``"mc"``: labels sampled from the model's predictive distribution (``mc_samples`` per input);
+  an unbiased estimate of the GGN, for any output shape (sequences included);
+* ``"exact"``: ``Lambda`` factored in closed form (cross-entropy: ``diag(p) - p p^T = B B^T`` with
+  ``B = diag(sqrt p) - p sqrt(p)^T``; MSE: a multiple of ``I``), one backward pass per output
+  class; it needs one output row per sample.
+
+Both need backward passes of their own, so they run over a round's stored batches at round time
+(:func:`fisher_pass`), like every calibration pass: eval mode, ``torch.autograd.grad`` only (no
+``.grad`` touched), BatchNorm and metrics untouched, sums and counts all-reduced. The loss and the
+logits come from the user's own loss: the first ``F.cross_entropy`` or ``F.mse_loss`` call while
+the loss is computed (``loss_fn``, ``training_step`` or a Hugging Face model's ``.loss``) is
+intercepted with a ``TorchFunctionMode``, whatever way the function was imported, and its
+inputs give the logits, targets, reduction and ``ignore_index``.
+
+Each direction ``v`` backpropagated from the logits gives per-sample output gradients at every
+layer; the directions of a batch are stacked as extra samples (scaled so that the estimators'
+means over samples are the GGN of the training loss), so every estimator (diagonal, K-FAC, EKFAC,
+Fisher blocks) takes them unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from lightning_prune.calibration import Calibration, calibration_pass, eval_mode
+from lightning_prune.capture import LayerCapture, all_finite
+from lightning_prune.numerics import exact_float32
+from lightning_prune.targets import PruneTarget
+
+FISHER_TYPES = ("empirical", "mc", "exact")
+LOSSES = ("F.cross_entropy (nn.CrossEntropyLoss)", "F.mse_loss (nn.MSELoss)")
+
+
+def check_fisher_type(fisher_type: str, mc_samples: int) -> None:
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"`fisher_type` must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"`mc_samples` must be an integer >= 1, got {mc_samples!r}")
+
+
+@dataclass
+class LossCall:
+    """The loss call the training loss made: its logits (with their graph) and how it reduced."""
+
+    kind: str  # "cross_entropy" | "mse"
+    logits: Tensor  # the call's input: (rows, classes) or (rows, outputs)
+    target: Tensor
+    reduction: str
+    ignore_index: int
+    value: Tensor
+
+
+class _LossSpy(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[LossCall] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        out = func(*args, **kwargs)
+        if func is F.cross_entropy or func is F.mse_loss:
+            bound = dict(zip(("input", "target"), args)) | kwargs  # torch passes the options as keywords
+            if func is F.cross_entropy and (bound.get("weight") is not None or bound.get("label_smoothing", 0.0)):
+                raise ValueError(
+                    "fisher_type='mc'/'exact' support F.cross_entropy without class weights or label smoothing"
+                )
+            kind = "cross_entropy" if func is F.cross_entropy else "mse"
+            logits, target = bound["input"], bound["target"]
+            if kind == "cross_entropy" and logits.dim() > 2:  # (N, C, d1, ...) -> rows of C classes
+                logits = logits.movedim(1, -1).reshape(-1, logits.shape[1])
+                target = target.reshape(-1)
+            self.calls.append(
+                LossCall(kind, logits, target, bound.get("reduction", "mean"), bound.get("ignore_index", -100), out)
+            )
+        return out
+
+
+def loss_call(calib: Calibration, batch: Any, batch_idx: int) -> tuple[Tensor, LossCall]:
+    """The batch's loss, computed by the user's own code, and the loss call inside it."""
+    with _LossSpy() as spy:
+        loss = calib.loss(batch, batch_idx)
+    if len(spy.calls) != 1:
+        what = "none" if not spy.calls else f"{len(spy.calls)} ({', '.join(c.kind for c in spy.calls)})"
+        raise ValueError(
+            f"fisher_type='mc'/'exact' take the logits and the loss type from the loss's own call to one of {LOSSES}; "
+            f"{calib.describe()} made {what}. Compute the loss with exactly one of them (loss_fn=lambda model, "
+            "batch: F.cross_entropy(model(batch[0]), batch[1])), or use fisher_type='empirical'"
+        )
+    call = spy.calls[0]
+    if call.reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"fisher_type='mc'/'exact' need the loss call's reduction 'mean' or 'sum', got {call.reduction!r}"
+        )
+    return loss, call
+
+
+def directions(
+    call: LossCall,
+    loss: Tensor,
+    factor: float,
+    samples: int,
+    fisher_type: str,
+    mc_samples: int,
+    generator: torch.Generator,
+) -> tuple[list[Tensor], float]:
+    """Output directions ``V_d`` (the logits' shape) and the weight of each.
+
+    ``sum_d w V_d V_d^T`` is, per output row ``r``, ``c_r Lambda_r`` (in expectation for ``"mc"``):
+    the Hessian in the logits of that row's share of the per-sample loss, ``c_r = factor s w_r``
+    for a loss that is ``s`` times the call, which weighs row ``r`` by ``w_r``. ``factor`` turns
+    the batch's loss into per-sample losses, as for the empirical Fisher (the batch size for a mean).
+    """
+    logits = call.logits.detach().float()
+    rows = logits.shape[0]
+    valid = (call.target != call.ignore_index) if call.kind == "cross_entropy" else torch.ones(rows, dtype=torch.bool)
+    valid = valid.reshape(rows).to(logits.device)
+    n_valid = int(valid.sum())
+    scale = float(loss.detach()) / float(call.value.detach()) if float(call.value.detach()) != 0 else 1.0
+    per_row = factor * scale / (n_valid if call.reduction == "mean" else 1)  # c_r of every valid row
+    if call.kind == "mse":
+        per_row *= 2.0 / (logits[0].numel() if call.reduction == "mean" else 1)  # d^2/dy^2 of a mean over outputs
+    c = torch.where(valid, torch.full_like(valid, per_row, dtype=logits.dtype), torch.zeros_like(logits[:, 0]))
+    root = c.clamp_min(0).sqrt()[:, None]
+    shape = call.logits.shape
+    if fisher_type == "exact":
+        if rows != samples:
+            raise ValueError(
+                f"fisher_type='exact' needs one output row per sample; the loss has {rows} rows for {samples} "
+                "samples (a sequence model?): use fisher_type='mc'"
+            )
+        if call.kind == "mse":
+            eye = torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
+            return [(root * eye[d]).expand(shape).to(call.logits.dtype) for d in range(logits.shape[1])], 1.0
+        p = logits.softmax(-1)
+        sqrt_p = p.sqrt()
+        # B = diag(sqrt p) - p sqrt(p)^T, column d: sqrt(p_d) e_d - p sqrt(p_d)
+        cols = [root * (sqrt_p[:, d : d + 1] * (F.one_hot(torch.full_like(valid, d, dtype=torch.long), p.shape[1]) - p))
+                for d in range(p.shape[1])]  # fmt: skip
+        return [v.to(call.logits.dtype) for v in cols], 1.0
+    out = []
+    for _ in range(mc_samples):
+        if call.kind == "mse":
+            eps = torch.randn(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+            out.append((root * eps).to(call.logits.dtype))
+        else:
+            p = logits.softmax(-1)
+            y = torch.multinomial(p, 1, generator=generator).squeeze(1)
+            out.append((root * (p - F.one_hot(y, p.shape[1]).to(p.dtype))).to(call.logits.dtype))
+    return out, 1.0 / mc_samples
+
+
+def fisher_pass(
+    calib: Calibration,
+    batches: Sequence[Any],
+    estimator: Any,
+    targets: Sequence[PruneTarget],
+    *,
+    fisher_type: str,
+    mc_samples: int = 1,
+    reduction: str = "mean",
+    round_index: int = 0,
+    desc: str = "Fisher",
+) -> Any:
+    """Fold the ``"mc"`` or ``"exact"`` Fisher of ``batches`` into ``estimator``, then all-reduce it.
+
+    Labels are sampled from a generator seeded by ``torch.initial_seed()`` (``seed_everything``),
+    the round and the batch: reruns are reproducible and every rank samples alike for the same data.
+    """
+    if not batches:
+        return estimator
+    if not calib.has_loss(batches[0]):
+        raise ValueError(f"fisher_type={fisher_type!r} needs the model's loss, and there is {calib.describe()}")
+    capture = LayerCapture(targets)
+    params = [t.param for t in targets]
+    bar = calib.progress(len(batches), f"{desc} ({fisher_type})")
+    capture.attach()
+    try:
+        with eval_mode(calib.model), torch.enable_grad(), calib.forward_context():
+            for i, batch in enumerate(batches):
+                capture.clear()
+                loss, call = loss_call(calib, batch, i)
+                seed = zlib.crc32(f"{torch.initial_seed()}/{round_index}/{i}".encode())
+                generator = torch.Generator(device=call.logits.device).manual_seed(seed)
+                samples = capture.samples() or call.logits.shape[0]
+                factor = samples if reduction == "mean" else 1  # as per_sample_factor for the empirical Fisher
+                vs, weight = directions(call, loss, factor, samples, fisher_type, mc_samples, generator)
+                stacked: dict[str, tuple[PruneTarget, list[Tensor], list[Tensor]]] = {}
+                for d, v in enumerate(vs):
+                    torch.autograd.grad(
+                        call.logits, params, grad_outputs=v, retain_graph=d + 1 < len(vs), allow_unused=True
+                    )
+                    for t, x, g in capture.drain(keep_inputs=True):
+                        entry = stacked.setdefault(t.name, (t, [], []))
+                        entry[1].append(x)
+                        entry[2].append(g)  # type: ignore[arg-type]
+                items = [
+                    (t, torch.cat(xs), torch.cat(gs) * math.sqrt(weight * len(vs))) for t, xs, gs in stacked.values()
+                ]
+                if not items or not all_finite(items):
+                    estimator.skipped += 1
+                    bar()
+                    continue
+                with exact_float32():
+                    for t, x, g in items:
+                        estimator.update(t.name, x, g)
+                estimator.end_batch()
+                bar()
+    finally:
+        capture.detach()
+        bar.close()
+    estimator.reduce_()
+    return estimator
+
+
+def collect(
+    calib: Calibration,
+    batches: Sequence[Any],
+    estimator: Any,
+    targets: Sequence[PruneTarget],
+    *,
+    fisher_type: str = "empirical",
+    mc_samples: int = 1,
+    reduction: str = "mean",
+    round_index: int = 0,
+    desc: str = "calibration",
+) -> Any:
+    """A round's statistics from stored batches, by Fisher type (empirical: a calibration pass)."""
+    if fisher_type == "empirical" or not estimator.needs_grad:
+        return calibration_pass(calib, batches, estimator, targets, reduction, desc=desc)
+    return fisher_pass(
+        calib,
+        batches,
+        estimator,
+        targets,
+        fisher_type=fisher_type,
+        mc_samples=mc_samples,
+        reduction=reduction,
+        round_index=round_index,
+        desc=desc,
+    )
