@@ -36,15 +36,16 @@ MODELS = {
 DENSE_EPOCHS = 8
 BATCH = 128
 
-_DATA: dict[int, FashionMNISTDataModule] = {}
+_DATA: dict[tuple[int, int | None], FashionMNISTDataModule] = {}
 
 
-def data(seed: int = 0) -> FashionMNISTDataModule:
-    if seed not in _DATA:
-        dm = FashionMNISTDataModule(batch_size=BATCH, seed=seed)
+def data(seed: int = 0, subset: int | None = None) -> FashionMNISTDataModule:
+    """Fashion-MNIST split by ``seed``; ``subset`` keeps only that many training images."""
+    if (seed, subset) not in _DATA:
+        dm = FashionMNISTDataModule(batch_size=BATCH, seed=seed, train_subset=subset)
         dm.setup()
-        _DATA[seed] = dm
-    return _DATA[seed]
+        _DATA[seed, subset] = dm
+    return _DATA[seed, subset]
 
 
 def trainer(**kwargs: Any) -> pl.Trainer:
@@ -68,15 +69,19 @@ def build(model: str, seed: int) -> pl.LightningModule:
     return MODELS[model](dm.input_shape, dm.num_classes)
 
 
-def dense(model: str, seed: int, epochs: int = DENSE_EPOCHS) -> tuple[dict[str, torch.Tensor], float]:
-    """Dense weights and test accuracy after ``epochs`` (cached on disk per model/seed/epochs)."""
+def dense(
+    model: str, seed: int, epochs: int = DENSE_EPOCHS, subset: int | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Dense weights and test accuracy after ``epochs`` (cached on disk per model/seed/epochs/subset)."""
     CACHE.mkdir(exist_ok=True)
-    path = CACHE / f"dense-{model}-s{seed}-e{epochs}.pt"
+    path = CACHE / (
+        f"dense-{model}-s{seed}-e{epochs}.pt" if subset is None else f"dense-{model}-s{seed}-e{epochs}-n{subset}.pt"
+    )
     if path.exists():
         blob = torch.load(path, weights_only=True)
         return blob["state"], float(blob["acc"])
     net = build(model, seed)
-    trainer(max_epochs=epochs, limit_val_batches=0).fit(net, data(seed))
+    trainer(max_epochs=epochs, limit_val_batches=0).fit(net, data(seed, subset))
     acc = test_accuracy(net, seed)
     torch.save({"state": net.state_dict(), "acc": acc}, path)
     return net.state_dict(), acc

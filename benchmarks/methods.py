@@ -66,6 +66,11 @@ METHODS: dict[str, Factory] = {
     "obs-fisher": lambda t, **kw: OBSPruning(t, hessian="fisher", verbose=0, **kw),
     "obs-kfac": lambda t, **kw: OBSPruning(t, hessian="kfac", verbose=0, **kw),
 }
+# the Fisher types of issue 14 (fisher_type="mc" / "exact"), for benchmarks/fisher.py and overhead.py
+for _name, _make in list(METHODS.items()):
+    if _name in ("obd-fisher", "obd-kfac", "obd-ekfac", "obs-layerwise", "obs-fisher", "obs-kfac"):
+        for _type in ("mc", "exact"):
+            METHODS[f"{_name}-{_type}"] = lambda t, _make=_make, _type=_type, **kw: _make(t, fisher_type=_type, **kw)
 
 
 def make(method: str, target: float, **kwargs: Any) -> Callback:
