@@ -52,7 +52,7 @@ class Pruner:
             (``trainer.global_step``); not together with epoch triggers. See
             :mod:`lightning_prune.schedule` for defaults and the default end.
         scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer
-            the same sparsity.
+            the same sparsity; ``"row"`` each output row (Wanda's and SparseGPT's allocation).
         include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).

@@ -14,6 +14,8 @@ Rules (all deterministic, identical on every rank given identical scores):
   collapse). Protected entries are the layer's highest-scoring kept ones.
 * ``scope="global"``: ``round(sparsity * total)`` entries are zero after the round.
   ``scope="layer"``: every layer gets ``round(sparsity * numel)`` zeros.
+  ``scope="row"``: every output row (``weight[i]``) gets ``round(sparsity * row_numel)`` zeros, the
+  comparison groups of Wanda and SparseGPT's uniform allocation; the floor applies per row.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "row")
 
 
 class UnreachableSparsity(RuntimeError):
@@ -38,6 +40,8 @@ def floor_count(numel: int, min_density: float) -> int:
 
 def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_density: float) -> None:
     """Raise if the floor makes ``sparsity`` unreachable (checked before training starts)."""
+    if scope == "row":  # each row keeps its floor of its own entries; rows are as feasible as layers here
+        scope = "layer"
     if scope == "layer":
         for name, n in numels.items():
             if round(sparsity * n) > n - floor_count(n, min_density):
@@ -85,6 +89,8 @@ def select_masks(
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
     names = list(masks)
+    if scope == "row":
+        return {n: _select_rows(scores[n], masks[n], sparsity, min_density).view_as(masks[n]) for n in names}
     keys = {n: _protect_floor(_sort_key(scores[n], masks[n]), masks[n].flatten(), min_density) for n in names}
 
     if scope == "layer":
@@ -101,6 +107,29 @@ def select_masks(
     _check_reachable(keys, scores, k, sparsity)
     keep = _prune_lowest(torch.cat([keys[n].to(keys[names[0]].device) for n in names]), k)
     return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
+
+
+def _select_rows(score: Tensor, mask: Tensor, sparsity: float, min_density: float) -> Tensor:
+    """``scope="row"`` for one layer, all rows at once: each row is a layer of its own."""
+    m = mask.reshape(mask.shape[0], -1)
+    rows, d = m.shape
+    key = _sort_key(score.reshape(rows, -1), m).view(rows, d)
+    rank = torch.empty_like(key, dtype=torch.long)
+    rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, torch.arange(d, device=key.device).expand(rows, d))
+    floor = torch.clamp(m.sum(1), max=floor_count(d, min_density))  # the top `floor` kept entries of each row
+    key = torch.where(rank >= d - floor[:, None], torch.full_like(key, math.inf), key)
+    k = torch.clamp(m.logical_not().sum(1), min=round(sparsity * d))
+    choosable = (key < math.inf).sum(1)
+    if bool((k > choosable).any()):
+        r = int((k > choosable).nonzero()[0])
+        raise UnreachableSparsity(
+            f"the round cannot reach sparsity {sparsity:.6g} in row {r}: it needs {int(k[r])} pruned entries and only "
+            f"{int(choosable[r])} can be pruned (non-finite scores and the per-row floor are never pruned). The "
+            "weights were not touched"
+        )
+    order = torch.sort(key, dim=1, stable=True).indices
+    pruned = torch.arange(d, device=key.device)[None, :] < k[:, None]
+    return torch.ones_like(m).scatter_(1, order, ~pruned)
 
 
 def _check_reachable(keys: Mapping[str, Tensor], scores: Mapping[str, Tensor], k: int, sparsity: float) -> None:

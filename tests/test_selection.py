@@ -74,3 +74,19 @@ def test_infeasible_target_is_refused():
 def test_bad_scope():
     with pytest.raises(ValueError, match="`scope` must be one of.*'net'"):
         select_masks({"a": torch.ones(2)}, {"a": torch.ones(2, dtype=torch.bool)}, 0.5, scope="net")
+
+
+def test_row_scope_prunes_each_row_to_its_count_and_only_shrinks():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(16, 40, generator=g)
+    masks = torch.rand(16, 40, generator=g) > 0.2
+    out = select_masks({"a": scores}, {"a": masks}, 0.6, scope="row", min_density=0.1)["a"]
+    assert (~out).sum(1).tolist() == [24] * 16 and not bool((out & ~masks).any())
+    for r in range(16):  # the lowest kept scores of each row, after the already pruned ones
+        kept = scores[r][masks[r]]
+        need = 24 - int((~masks[r]).sum())
+        assert torch.equal(scores[r][masks[r] & ~out[r]].sort().values, kept.sort().values[:need])
+    with pytest.raises(UnreachableSparsity, match="in row 0"):
+        select_masks(
+            {"a": torch.full((2, 4), float("nan"))}, {"a": torch.ones(2, 4, dtype=torch.bool)}, 0.5, scope="row"
+        )

@@ -31,7 +31,7 @@ class MagnitudePruning(PruningCallback):
         start_step: int | None = None,
         end_step: int | None = None,
         every_n_steps: int | None = None,
-        scope: Literal["global", "layer"] = "global",
+        scope: Literal["global", "layer", "row"] = "global",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,

@@ -17,9 +17,12 @@ class OBDPruning(PruningCallback):
 
     Args:
         curvature: ``"fisher"`` (per-sample empirical Fisher diagonal), ``"kfac"``, ``"ekfac"``
-            (captured from the last ``num_batches`` training batches), or ``"hutchinson"``
+            (captured from the last ``num_batches`` training batches), ``"hutchinson"``
             (true-Hessian diagonal from ``num_probes`` Rademacher probes per batch, a
-            calibration pass over the same batches at round time).
+            calibration pass over the same batches at round time), or ``"activations"``: the
+            layer-wise Hessian's diagonal ``E[x_j^2]``, so the score ``1/2 w_ij^2 E[x_j^2]`` ranks
+            like Wanda's ``|w_ij| ||x_j||``; no labels, no backward pass; with ``scope="row"``
+            (Wanda's comparison groups) or ``"layer"``.
         num_probes: Hutchinson probes per batch.
         fisher_type: for ``"fisher"``, ``"kfac"``, ``"ekfac"``: ``"empirical"`` (gradients at the
             observed labels, free from the training steps), ``"mc"`` (labels sampled from the model,
@@ -39,7 +42,7 @@ class OBDPruning(PruningCallback):
     def __init__(
         self,
         target: float,
-        curvature: Literal["fisher", "kfac", "ekfac", "hutchinson"] = "fisher",
+        curvature: Literal["fisher", "kfac", "ekfac", "hutchinson", "activations"] = "fisher",
         schedule: str | Callable[[int], float] = "cubic",
         start_epoch: int | None = None,
         end_epoch: int | None = None,
@@ -47,7 +50,7 @@ class OBDPruning(PruningCallback):
         start_step: int | None = None,
         end_step: int | None = None,
         every_n_steps: int | None = None,
-        scope: Literal["global", "layer"] = "global",
+        scope: Literal["global", "layer", "row"] = "global",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,

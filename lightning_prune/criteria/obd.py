@@ -59,10 +59,10 @@ class OBD(Criterion):
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
         check_fisher_type(fisher_type, mc_samples)
-        if curvature == "hutchinson" and fisher_type != "empirical":
+        if curvature in ("hutchinson", "activations") and fisher_type != "empirical":
             raise ValueError(
-                f"`fisher_type` applies to curvature='fisher', 'kfac' and 'ekfac'; 'hutchinson' estimates the Hessian "
-                f"itself (got fisher_type={fisher_type!r})"
+                f"`fisher_type` applies to curvature='fisher', 'kfac' and 'ekfac'; {curvature!r} uses no Fisher "
+                f"(got fisher_type={fisher_type!r})"
             )
         self.curvature, self.num_probes = curvature, num_probes
         self.loss_reduction = check_reduction(loss_reduction)
@@ -79,14 +79,21 @@ class OBD(Criterion):
 
     @property
     def needs_gradients(self) -> bool:
-        return True
+        return self.curvature != "activations"
+
+    def check_scope(self, scope: str) -> None:
+        if self.curvature == "activations" and scope == "global":
+            raise ValueError(
+                "curvature='activations' (Wanda) scores in each layer's output units, which differ between layers: "
+                "pass scope='row' (Wanda's comparison groups) or scope='layer', got scope='global'"
+            )
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
         return not self.hooked
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         if self.hooked:
-            check_hookable(targets)
+            check_hookable(targets, gradients=self.needs_gradients)
         elif frozen := [t.name for t in targets if not t.param.requires_grad]:
             raise ValueError(
                 f"curvature='hutchinson' differentiates the loss twice with respect to each target, and {frozen[:5]} "

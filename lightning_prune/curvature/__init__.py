@@ -8,7 +8,7 @@ from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.distributed import LOCAL, Collectives
 from lightning_prune.targets import PruneTarget
 
-CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson")
+CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson", "activations")
 
 
 def make_estimator(
@@ -29,6 +29,8 @@ def make_estimator(
         return EKFAC(targets, num_batches, comm)
     if kind == "hutchinson":
         return Hutchinson(targets, num_probes=num_probes, seed=seed, comm=comm)
+    if kind == "activations":  # Wanda: the layer-wise Hessian's diagonal, no labels, no backward pass
+        return InputCovariance(targets, comm, diagonal_only=True)
     raise ValueError(f"`curvature` must be one of {CURVATURES}, got {kind!r}")
 
 

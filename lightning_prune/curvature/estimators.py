@@ -114,24 +114,40 @@ class Estimator:
 
 class InputCovariance(Estimator):
     """``A = E[x x^T]`` of each layer's inputs (rows): the Hessian of layer-wise OBS's reconstruction
-    loss (OBC/SparseGPT's ``2 X X^T`` up to scale). Needs no labels, no loss, no backward pass."""
+    loss (OBC/SparseGPT's ``2 X X^T`` up to scale). Needs no labels, no loss, no backward pass.
+
+    ``diagonal_only=True`` keeps just ``E[x_j^2]``: the layer-wise Hessian's diagonal, whose OBD
+    saliency ``1/2 w_ij^2 E[x_j^2]`` ranks each row's weights as Wanda's ``|w_ij| ||x_j||`` does.
+    """
 
     name = "inputs"
     needs_grad = False
 
-    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
+    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL, diagonal_only: bool = False) -> None:
         super().__init__(targets, comm)
+        self.diagonal_only = diagonal_only
         self.A: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
             d_in = t.param[0].numel()
-            self.A[n] = torch.zeros(d_in, d_in, dtype=torch.float32, device=t.param.device)
+            shape = (d_in,) if diagonal_only else (d_in, d_in)
+            self.A[n] = torch.zeros(shape, dtype=torch.float32, device=t.param.device)
             self.count[n] = torch.zeros((), dtype=torch.float64, device=t.param.device)
 
     def update(self, name: str, x: Tensor, g: Tensor | None = None) -> None:
         xf = x.reshape(-1, x.shape[-1]).float()
-        self.A[name].addmm_(xf.T, xf)
+        if self.diagonal_only:
+            self.A[name] += (xf**2).sum(0)
+        else:
+            self.A[name].addmm_(xf.T, xf)
         self.count[name] += xf.shape[0]
+
+    def diagonal(self, name: str) -> Tensor:
+        """Weight-shaped ``E[x_j^2]`` (every output row sees the same inputs), float64."""
+        a = self.A[name].double() / self.count[name]
+        diag = a if self.diagonal_only else torch.diagonal(a)
+        rows = self.targets[name].param.shape[0]
+        return self._shape(name, diag.expand(rows, -1).contiguous())
 
     def tensors(self) -> list[Tensor]:
         return [*self.A.values(), *self.count.values()]
@@ -141,6 +157,8 @@ class InputCovariance(Estimator):
 
     def input_covariance(self, name: str) -> Tensor:
         """Normalised ``A`` in float64."""
+        if self.diagonal_only:
+            raise RuntimeError("this input estimator kept only the diagonal")
         return self.A[name].double() / self.count[name]
 
 
