@@ -1,6 +1,8 @@
 """Which parameters get pruned.
 
-By default: the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (subclasses included).
+By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` (subclasses included) and
+Hugging Face ``Conv1D`` (GPT-2's layers, weight stored in x out: :meth:`PruneTarget.matrix` gives
+the core its ``(out, in)`` view, masks stay in the weight's own layout).
 Never biases, norm layers or embeddings unless the user names them explicitly through
 ``parameters=[...]``. Two kinds of weight are left out of the defaults, with the reason recorded
 (the pruner warns, and its per-layer table lists them):
@@ -27,6 +29,22 @@ from torch import Tensor, nn
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's layers): a Linear whose weight is
+    stored in x out. Recognised by name and shape, so the core needs no transformers import."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def is_prunable_layer(module: nn.Module) -> bool:
+    return isinstance(module, PRUNABLE_TYPES) or is_hf_conv1d(module)
+
+
 @dataclass(frozen=True)
 class PruneTarget:
     """One prunable parameter and the module that owns it."""
@@ -43,8 +61,32 @@ class PruneTarget:
 
     @property
     def is_layer_weight(self) -> bool:
-        """True for the weight of a Linear/Conv layer: the only kind curvature hooks understand."""
-        return self.param_name == "weight" and isinstance(self.module, PRUNABLE_TYPES)
+        """True for the weight of a Linear/Conv/HF Conv1D layer: the only kind curvature hooks understand."""
+        return self.param_name == "weight" and is_prunable_layer(self.module)
+
+    # The core works on (outputs, inputs) matrices, a Conv's input taken unfolded (``C_in * kernel``);
+    # these convert between that layout and the parameter's own, which masks and checkpoints keep.
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored inputs x outputs (HF ``Conv1D``)."""
+        return self.param_name == "weight" and is_hf_conv1d(self.module)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """``(d_out, d_in)`` of the weight as a matrix."""
+        shape = self.param.shape
+        if self.transposed:
+            return int(shape[1]), int(shape[0])
+        return int(shape[0]), int(self.param[0].numel()) if self.param.dim() > 0 else 1
+
+    def matrix(self, tensor: Tensor | None = None) -> Tensor:
+        """``tensor`` (default: the weight, detached), laid out like the weight, as ``(d_out, d_in)``."""
+        t = self.param.detach() if tensor is None else tensor
+        return t.T if self.transposed else t.reshape(self.shape2d)
+
+    def unmatrix(self, matrix: Tensor) -> Tensor:
+        """The inverse of :meth:`matrix`: a ``(d_out, d_in)`` tensor in the weight's own layout."""
+        return matrix.reshape(self.shape2d).T if self.transposed else matrix.reshape(self.param.shape)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -98,7 +140,7 @@ def resolve_targets(
         candidates = []
         for n, p in named.items():
             own = holders[id(p)]
-            if not any(attr == "weight" and isinstance(m, PRUNABLE_TYPES) for _, m, attr in own):
+            if not any(attr == "weight" and is_prunable_layer(m) for _, m, attr in own):
                 continue
             if len(own) > 1:
                 others = [h for h, _, _ in own]
@@ -125,9 +167,7 @@ def resolve_targets(
     for n in chosen:
         own = holders[id(named[n])]
         # the holder that makes it a layer weight, if any: its hooks capture the layer's data
-        module_name, module, attr = next(
-            (h for h in own if h[2] == "weight" and isinstance(h[1], PRUNABLE_TYPES)), own[0]
-        )
+        module_name, module, attr = next((h for h in own if h[2] == "weight" and is_prunable_layer(h[1])), own[0])
         out.append(PruneTarget(n, module_name, module, attr, tuple(h for h, _, _ in own)))
     return out
 

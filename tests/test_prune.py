@@ -313,3 +313,36 @@ def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path
             assert torch.equal(mask, pruner.masks[key]), (name, key)
         for key, w in r0[name]["weights"].items():
             assert torch.equal(w, r1[name]["weights"][key]), (name, key)
+
+
+def _conv1d_twins():
+    """The same MLP twice: with Hugging Face Conv1D layers (weight in x out) and with nn.Linear."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(32, 12), nn.ReLU(), Conv1D(32, 32), nn.ReLU(), Conv1D(4, 32))
+    lin = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        for c, li in zip(conv[::2], lin[::2]):
+            li.weight.copy_(c.weight.T)
+            li.bias.copy_(c.bias)
+    return conv, lin
+
+
+def test_hf_conv1d_layers_are_default_targets():
+    conv, _ = _conv1d_twins()
+    pruner = MagnitudePruning(0.5, verbose=0)
+    prune(conv, loader(), pruner)
+    assert set(pruner.masks) == {"0.weight", "2.weight", "4.weight"}
+    assert pruner.masks["0.weight"].shape == (12, 32)  # masks in the weight's own (in x out) layout
+
+
+@pytest.mark.parametrize("name", list(CRITERIA))
+def test_hf_conv1d_prunes_exactly_as_the_same_model_with_linear_layers(name):
+    conv, lin = _conv1d_twins()
+    a, b = CRITERIA[name](), CRITERIA[name]()
+    prune(conv, loader(), a, loss_fn=ce)
+    prune(lin, loader(), b, loss_fn=ce)
+    for key, mask in b.masks.items():
+        assert torch.equal(a.masks[key], mask.T), key  # identical, transposed
+    for c, li in zip(conv[::2], lin[::2]):
+        torch.testing.assert_close(c.weight.detach(), li.weight.detach().T, rtol=1e-4, atol=1e-6)

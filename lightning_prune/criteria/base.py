@@ -47,6 +47,16 @@ class RoundContext:
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
+        if self.scope == "row":  # output rows: the (d_out, d_in) layout, whatever the weight's own
+            by_name = {t.name: t for t in self.targets}
+            out = select_masks(
+                {n: by_name[n].matrix(s) for n, s in scores.items()},
+                {n: by_name[n].matrix(m) for n, m in self.masks.items()},
+                self.sparsity,
+                scope="row",
+                min_density=self.min_density,
+            )
+            return {n: by_name[n].unmatrix(m) for n, m in out.items()}
         return select_masks(scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density)
 
 

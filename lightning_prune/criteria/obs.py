@@ -179,12 +179,12 @@ class OBS(Criterion):
 
     @staticmethod
     def _matrix(t: PruneTarget, dtype: torch.dtype) -> Tensor:
-        return t.param.detach().reshape(t.param.shape[0], -1).to(dtype)
+        return t.matrix().to(dtype)
 
     @staticmethod
     def _write(t: PruneTarget, W: Tensor) -> None:
         with torch.no_grad():
-            t.param.copy_(W.reshape(t.param.shape).to(t.param.dtype))
+            t.param.copy_(t.unmatrix(W).to(t.param.dtype))
 
     # ------------------------------------------------------------------ layer-wise OBS
     def _layerwise(self, ctx: RoundContext, est: Composite) -> RoundResult:
@@ -201,7 +201,7 @@ class OBS(Criterion):
         allocated = ctx.select(scores)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
-        counts = {t.name: (~allocated[t.name]).reshape(t.param.shape[0], -1).sum(1) for t in ctx.targets}
+        counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in ctx.targets}
         solvers = dict(zip(counts, [self.solver] * len(counts)))
         if self.solver == "auto":
             works = [solver_work(self._matrix(t, dtype), counts[t.name], self.block_size) for t in ctx.targets]
@@ -217,7 +217,7 @@ class OBS(Criterion):
                 U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
                 info["damping_increases"] += damped.increases
                 info["dead_inputs"] += int(dead.sum())
-                forced = ~ctx.masks[t.name].reshape(W.shape)
+                forced = ~t.matrix(ctx.masks[t.name])
                 n, solver = counts[t.name], solvers[t.name]
                 if solver == "exact":
                     W_new, pruned, losses = obc_prune(W, U, n, forced)
@@ -226,7 +226,7 @@ class OBS(Criterion):
                 else:
                     W_new, pruned, losses = sparsegpt_prune(W, U, n, forced, self.block_size)
                 self._write(t, W_new)
-                masks[t.name] = (~pruned).reshape(t.param.shape)
+                masks[t.name] = t.unmatrix(~pruned)
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
                 else:
@@ -240,17 +240,17 @@ class OBS(Criterion):
         """Score of removing each weight alone (loss units, or reconstruction units), used to share the removals."""
         W = self._matrix(t, dtype)
         if self.allocation == "fisher":
-            return (0.5 * est["fisher"].diagonal(t.name).to(dtype).reshape(W.shape) * W**2).reshape(t.param.shape)
+            return t.unmatrix(0.5 * t.matrix(est["fisher"].diagonal(t.name)).to(dtype) * W**2)
         if self.allocation == "reconstruction":
             U, W, _, _ = prepare_hessian(est["inputs"].input_covariance(t.name).to(dtype), W, self.damp, t.name)
-            return single_saliency(W, U).reshape(t.param.shape)
+            return t.unmatrix(single_saliency(W, U))
         A, G = est["kfac"].factors(t.name)
         U, W, _, _ = prepare_hessian(A.to(dtype), W, self.damp, t.name)
         if self.allocation == "obs":
             g = torch.diagonal(G).to(dtype)
-            return (g[:, None] * single_saliency(W, U)).reshape(t.param.shape)
+            return t.unmatrix(g[:, None] * single_saliency(W, U))
         Ginv = torch.cholesky_inverse(damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G").L)
-        return (W**2 / (2 * torch.outer(torch.diagonal(Ginv), inverse_diagonal(U)))).reshape(t.param.shape)
+        return t.unmatrix(W**2 / (2 * torch.outer(torch.diagonal(Ginv), inverse_diagonal(U))))
 
     # ------------------------------------------------------------------ Fisher / K-FAC OBS
     def _recomputed(self, ctx: RoundContext, est: Estimator) -> RoundResult:
@@ -277,16 +277,16 @@ class OBS(Criterion):
         for t in ctx.targets:
             Finv, damped = damped_inverse(est.blocks(t.name).to(dtype), self.damp, f"{t.name} Fisher blocks")
             info["damping_increases"] += damped.increases
-            wb = to_blocks(t.param.detach().to(dtype), B)
+            wb = to_blocks(t.matrix().to(dtype), B)
             inverses[t.name] = (Finv, wb)
-            scores[t.name] = from_blocks(wb**2 / (2 * torch.diagonal(Finv, dim1=1, dim2=2)), t.param.shape)
+            scores[t.name] = t.unmatrix(from_blocks(wb**2 / (2 * torch.diagonal(Finv, dim1=1, dim2=2)), t.shape2d))
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
             Finv, wb = inverses[t.name]
-            Z = to_blocks((~new[t.name]).to(dtype), B).bool()
+            Z = to_blocks(t.matrix(~new[t.name]).to(dtype), B).bool()
             wb_new, block_loss = block_set_update(wb, Finv, Z)
-            self._write(t, from_blocks(wb_new, t.param.shape))
+            self._write(t, from_blocks(wb_new, t.shape2d))
             loss += float(block_loss.sum())
         return new, loss
 
@@ -301,12 +301,12 @@ class OBS(Criterion):
             Ainv, Ginv = torch.cholesky_inverse(dA.L), torch.cholesky_inverse(dG.L)
             W = self._matrix(t, dtype)
             inverses[t.name] = (Ginv, Ainv, W)
-            scores[t.name] = kfac_saliency(W, Ginv, Ainv).reshape(t.param.shape)
+            scores[t.name] = t.unmatrix(kfac_saliency(W, Ginv, Ainv))
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
             Ginv, Ainv, W = inverses[t.name]
-            W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, (~new[t.name]).reshape(W.shape))
+            W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, t.matrix(~new[t.name]))
             self._write(t, W_new)
             loss += layer_loss
         return new, loss

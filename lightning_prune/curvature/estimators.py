@@ -109,7 +109,8 @@ class Estimator:
         raise NotImplementedError
 
     def _shape(self, name: str, flat: Tensor) -> Tensor:
-        return flat.reshape(self.targets[name].param.shape)
+        """An ``(d_out, d_in)`` statistic (or its flattening) in the weight's own layout."""
+        return self.targets[name].unmatrix(flat)
 
 
 class InputCovariance(Estimator):
@@ -129,7 +130,7 @@ class InputCovariance(Estimator):
         self.A: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
-            d_in = t.param[0].numel()
+            d_in = t.shape2d[1]
             shape = (d_in,) if diagonal_only else (d_in, d_in)
             self.A[n] = torch.zeros(shape, dtype=torch.float32, device=t.param.device)
             self.count[n] = torch.zeros((), dtype=torch.float64, device=t.param.device)
@@ -146,7 +147,7 @@ class InputCovariance(Estimator):
         """Weight-shaped ``E[x_j^2]`` (every output row sees the same inputs), float64."""
         a = self.A[name].double() / self.count[name]
         diag = a if self.diagonal_only else torch.diagonal(a)
-        rows = self.targets[name].param.shape[0]
+        rows = self.targets[name].shape2d[0]
         return self._shape(name, diag.expand(rows, -1).contiguous())
 
     def tensors(self) -> list[Tensor]:
@@ -172,9 +173,8 @@ class DiagFisher(Estimator):
         self.sq: dict[str, Tensor] = {}
         self.count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
-            w = t.param
-            self.sq[n] = torch.zeros(w.shape[0], w[0].numel(), dtype=torch.float32, device=w.device)
-            self.count[n] = torch.zeros((), dtype=torch.float64, device=w.device)
+            self.sq[n] = torch.zeros(t.shape2d, dtype=torch.float32, device=t.param.device)
+            self.count[n] = torch.zeros((), dtype=torch.float64, device=t.param.device)
 
     def update(self, name: str, x: Tensor, g: Tensor) -> None:
         add_sum_sq_per_sample_grads_(self.sq[name], x.float(), g.float())
@@ -207,8 +207,7 @@ class KFAC(Estimator):
         self.a_count: dict[str, Tensor] = {}
         self.g_count: dict[str, Tensor] = {}
         for n, t in self.targets.items():
-            w = t.param
-            d_out, d_in = w.shape[0], w[0].numel()
+            (d_out, d_in), w = t.shape2d, t.param
             kw = dict(dtype=torch.float32, device=w.device)
             if diagonal_only:
                 self.A[n], self.G[n] = torch.zeros(d_in, **kw), torch.zeros(d_out, **kw)

@@ -49,7 +49,8 @@ class Hutchinson(Estimator):
                 "pass loss_fn=lambda model, batch: ... (manual optimization's training_step cannot be borrowed)"
             )
         names = list(self.targets)
-        params = [self.targets[n].param for n in names]
+        targets = [self.targets[n] for n in names]
+        params = [t.param for t in targets]
         rank = self.comm.rank
         progress = calib.progress(len(batches), "Hutchinson calibration")
         with eval_mode(calib.model), torch.enable_grad():
@@ -63,9 +64,13 @@ class Hutchinson(Estimator):
                 for k in range(self.num_probes):
                     gen = torch.Generator(device=params[0].device)
                     gen.manual_seed(hash((self.seed, round_index, rank, b, k)) % (2**63))
+                    # drawn as (d_out, d_in) matrices: the same probes whatever the weight's storage layout
                     zs = [
-                        torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(p.dtype).mul_(2).sub_(1)
-                        for p in params
+                        t.unmatrix(torch.randint(0, 2, t.shape2d, generator=gen, device=t.param.device))
+                        .to(t.param.dtype)
+                        .mul_(2)
+                        .sub_(1)
+                        for t in targets
                     ]
                     hz = torch.autograd.grad(grads, params, grad_outputs=zs, retain_graph=k + 1 < self.num_probes)
                     for n, z, h in zip(names, zs, hz):

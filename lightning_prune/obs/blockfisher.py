@@ -1,8 +1,8 @@
 """Block-diagonal empirical Fisher OBS (WoodFisher, Singh & Alistarh 2020).
 
-Each layer's flattened weight (row-major) is cut into blocks of ``block_size``; block ``b`` has
-``F_b = (1/m) sum_n g_nb g_nb^T`` over ``m`` per-sample gradients. We accumulate the block sums
-(an all-reducible sufficient statistic) and invert ``F_b + damp * mean(diag F_b) * I`` by
+Each layer's flattened weight (its ``(d_out, d_in)`` matrix, row-major) is cut into blocks of
+``block_size``; block ``b`` has ``F_b = (1/m) sum_n g_nb g_nb^T`` over ``m`` per-sample gradients.
+We accumulate the block sums (an all-reducible sufficient statistic) and invert ``F_b + damp * mean(diag F_b) * I`` by
 Cholesky at round time. This is the same matrix WoodFisher builds by Woodbury recursion over the
 ``m`` gradients (tests check the equality); with ``m >= block_size`` gradients the direct
 factorisation is the cheaper of the two, and it does not need the gradients stored.
