@@ -7,7 +7,11 @@ Fisher equals the generalised Gauss-Newton matrix ``J^T Lambda J``, with ``Lambd
 the loss in the model output, which stays informative at convergence:
 
 * ``"mc"``: labels sampled from the model's predictive distribution (``mc_samples`` per input);
-  an unbiased estimate of the GGN, for any output shape (sequences included);
+  an unbiased estimate of the GGN, for any output shape (sequences included). It is heavy-tailed on
+  a confident model: the rare sampled label that is not the prediction carries nearly all the
+  curvature. Measured (converged Fashion-MNIST MLP, OBD one-shot 90%, seed 0): 1 / 4 / 16 / 64
+  samples 25.3 / 36.4 / 50.9 / 64.6% test accuracy, exact 63.6%; with few classes ``"exact"``
+  is the cheaper way to the GGN (10 backward passes, against 64 samples' 64);
 * ``"exact"``: ``Lambda`` factored in closed form (cross-entropy: ``diag(p) - p p^T = B B^T`` with
   ``B = diag(sqrt p) - p sqrt(p)^T``; MSE: a multiple of ``I``), one backward pass per output
   class; it needs one output row per sample.
