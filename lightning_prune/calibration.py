@@ -128,6 +128,14 @@ def _output_loss(out: Any) -> Tensor | None:
     return loss if isinstance(loss, Tensor) else None
 
 
+def batch_size(batch: Any) -> int | None:
+    """The leading dimension of the first tensor in a batch (mappings, lists and tuples searched in order)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else []
+    return next((s for v in values if (s := batch_size(v)) is not None), None)
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Tensors (in mappings, lists, tuples and named tuples, or anything with ``.to``) on ``device``."""
     if isinstance(batch, Tensor):

@@ -137,7 +137,11 @@ def run_round(
         "loss_after": loss_after,
         "layer_sparsity": M.layer_sparsity(masks),
         "monitor": dict(monitor or {}),
-        "info": {**result.info, "skipped_batches": skipped},
+        "info": {
+            **result.info,
+            "skipped_batches": skipped,
+            **({"fisher_type": stats.fisher_type} if stats is not None and stats.needs_grad else {}),
+        },
         "seconds": time.perf_counter() - start,
     }
     pruner._record(record, point)

@@ -198,3 +198,19 @@ def test_clear_errors():
         OBSPruning(0.5, fisher_type="true")
     with pytest.raises(ValueError, match="`mc_samples` must be an integer >= 1, got 0"):
         OBDPruning(0.5, fisher_type="mc", mc_samples=0)
+
+
+def test_auto_picks_exact_for_classifiers_mc_for_sequences_and_empirical_without_a_loss_call():
+    x, y = data("ce")
+    classifier = [(x[:32].float(), y[:32])]
+    record = prune(linear().float(), classifier, OBDPruning(0.5, num_batches=1, verbose=0), loss_fn=LOSSES["ce"])
+    assert record["info"]["fisher_type"] == "exact"  # OBD's default: "auto"
+    tokens = [(torch.randn(4, 6, D_IN), torch.randint(0, C, (4, 6)))]
+    per_token = lambda m, b: F.cross_entropy(m(b[0]).reshape(-1, C), b[1].reshape(-1))  # noqa: E731
+    record = prune(nn.Linear(D_IN, C), tokens, OBDPruning(0.5, num_batches=1, verbose=0), loss_fn=per_token)
+    assert record["info"]["fisher_type"] == "mc"
+    hand_made = lambda m, b: ((m(b[0]) - b[1].float()[:, None]) ** 2).mean()  # noqa: E731
+    record = prune(linear().float(), classifier, OBDPruning(0.5, num_batches=1, verbose=0), loss_fn=hand_made)
+    assert record["info"]["fisher_type"] == "empirical"
+    record = prune(linear().float(), classifier, OBSPruning(0.5, num_batches=1, verbose=0), loss_fn=LOSSES["ce"])
+    assert record["info"]["fisher_type"] == "empirical"  # OBS's default, measured as good and cheaper

@@ -140,8 +140,14 @@ def test_a_run_of_unknown_length_needs_an_explicit_end():
 def test_window_is_exactly_the_last_batches_before_the_round_step(n_samples, accumulate, rounds, windows):
     pl.seed_everything(0, verbose=False)
     model = Net(n_samples=n_samples, optimizer="sgd", lr=0.0)  # weights fixed: statistics depend on batches only
-    pruner = OBDPruning(
-        0.5, start_step=rounds[0], every_n_steps=rounds[1] - rounds[0], end_step=rounds[1], num_batches=3, verbose=0
+    pruner = OBDPruning(  # the empirical Fisher: captured by hooks on the training steps, the window under test
+        0.5,
+        start_step=rounds[0],
+        every_n_steps=rounds[1] - rounds[0],
+        end_step=rounds[1],
+        num_batches=3,
+        fisher_type="empirical",
+        verbose=0,
     )
     seen = spy(pruner)
     make_trainer(max_steps=rounds[1] + 2, max_epochs=-1, callbacks=[pruner], accumulate_grad_batches=accumulate).fit(
@@ -161,7 +167,7 @@ def test_streaming_dataset_and_mid_epoch_validation():
     """An IterableDataset without length, validation every 4 batches inside the window: exact window."""
     pl.seed_everything(0, verbose=False)
     model = Net(loader="stream", optimizer="sgd", lr=0.0)
-    pruner = OBDPruning(0.5, every_n_steps=9, num_batches=3, verbose=0)
+    pruner = OBDPruning(0.5, every_n_steps=9, num_batches=3, fisher_type="empirical", verbose=0)
     seen = spy(pruner)
     make_trainer(max_steps=20, max_epochs=-1, callbacks=[pruner], val_check_interval=4, limit_val_batches=2).fit(model)
     assert [r["global_step"] for r in pruner.history] == [9]

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.calibration import Calibration
+from lightning_prune.calibration import Calibration, batch_size
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
 from lightning_prune.curvature.window import CaptureWindow
@@ -320,7 +320,7 @@ class PruningCallback(Pruner, Callback):
         per_interval = w.every * (
             trainer.num_training_batches if w.unit == "epoch" else trainer.accumulate_grad_batches
         )
-        size = _batch_size(batches[-1]) if batches else None
+        size = batch_size(batches[-1]) if batches else None
         if size is None or not math.isfinite(per_interval):
             return None
         return ROUND_SHARE * 3 * sum(t.param.numel() for t in self.targets) * size * per_interval
@@ -358,14 +358,6 @@ class PruningCallback(Pruner, Callback):
 
 
 ROUND_SHARE = 0.25  # of the training work between two rounds that OBS's solver="auto" may spend
-
-
-def _batch_size(batch: Any) -> int | None:
-    """The leading dimension of the first tensor in a batch."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0] if batch.dim() else None
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
-    return next((s for v in values if (s := _batch_size(v)) is not None), None)
 
 
 def loss_scaling(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, float | None]:

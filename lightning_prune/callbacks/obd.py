@@ -24,11 +24,13 @@ class OBDPruning(PruningCallback):
             like Wanda's ``|w_ij| ||x_j||``; no labels, no backward pass; with ``scope="row"``
             (Wanda's comparison groups) or ``"layer"``.
         num_probes: Hutchinson probes per batch.
-        fisher_type: for ``"fisher"``, ``"kfac"``, ``"ekfac"``: ``"empirical"`` (gradients at the
-            observed labels, free from the training steps), ``"mc"`` (labels sampled from the model,
-            ``mc_samples`` per input) or ``"exact"`` (the GGN in closed form); the last two stay
-            informative at convergence and need one pass over the window's batches at round time
-            (see :mod:`lightning_prune.curvature.fisher`).
+        fisher_type: for ``"fisher"``, ``"kfac"``, ``"ekfac"``: ``"auto"`` (default), ``"empirical"``
+            (gradients at the observed labels, free from the training steps), ``"mc"`` (labels sampled
+            from the model, ``mc_samples`` per input) or ``"exact"`` (the GGN in closed form). MC and
+            exact stay informative at convergence and need one pass over the window's batches at
+            round time; ``"auto"`` uses exact for classifiers (cross-entropy or MSE, one output row
+            per sample, up to 64 outputs), mc for sequence or wide outputs, empirical when the loss
+            makes no such call; chosen by measurement (see :mod:`lightning_prune.curvature.fisher`).
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums.
@@ -58,7 +60,7 @@ class OBDPruning(PruningCallback):
         num_batches: int = 32,
         eval_batches: int = 8,
         num_probes: int = 8,
-        fisher_type: Literal["empirical", "mc", "exact"] = "empirical",
+        fisher_type: Literal["auto", "empirical", "mc", "exact"] = "auto",
         mc_samples: int = 1,
         loss_reduction: Literal["mean", "sum"] = "mean",
         loss_fn: LossFn | None = None,

@@ -51,7 +51,7 @@ class OBD(Criterion):
         curvature: str = "fisher",
         num_probes: int = 8,
         loss_reduction: str = "mean",
-        fisher_type: str = "empirical",
+        fisher_type: str = "auto",
         mc_samples: int = 1,
     ) -> None:
         if curvature not in CURVATURES:
@@ -59,7 +59,7 @@ class OBD(Criterion):
         if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
             raise ValueError(f"`num_probes` must be an integer >= 1, got {num_probes!r}")
         check_fisher_type(fisher_type, mc_samples)
-        if curvature in ("hutchinson", "activations") and fisher_type != "empirical":
+        if curvature in ("hutchinson", "activations") and fisher_type in ("mc", "exact"):
             raise ValueError(
                 f"`fisher_type` applies to curvature='fisher', 'kfac' and 'ekfac'; {curvature!r} uses no Fisher "
                 f"(got fisher_type={fisher_type!r})"
@@ -75,7 +75,7 @@ class OBD(Criterion):
 
     @property
     def captures_in_window(self) -> bool:
-        return self.hooked and self.fisher_type == "empirical"
+        return self.hooked and (self.fisher_type == "empirical" or self.curvature == "activations")
 
     @property
     def needs_gradients(self) -> bool:

@@ -120,7 +120,7 @@ class OBS(Criterion):
         if allocation == "reconstruction" and hessian != "layerwise":
             raise ValueError(f"`allocation='reconstruction'` is layer-wise OBS's objective; got hessian={hessian!r}")
         check_fisher_type(fisher_type, mc_samples)
-        if allocation == "reconstruction" and hessian == "layerwise" and fisher_type != "empirical":
+        if allocation == "reconstruction" and hessian == "layerwise" and fisher_type in ("mc", "exact"):
             raise ValueError(
                 f"`fisher_type` has no effect with allocation='reconstruction', which uses no Fisher "
                 f"(got {fisher_type!r})"
@@ -146,6 +146,10 @@ class OBS(Criterion):
     @property
     def needs_gradients(self) -> bool:
         return self.allocation != "reconstruction"
+
+    @property
+    def captures_in_window(self) -> bool:
+        return self.fisher_type == "empirical" or not self.needs_gradients
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
         if self.hessian == "layerwise":

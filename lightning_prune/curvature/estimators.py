@@ -64,6 +64,7 @@ class Estimator:
 
     name = "base"
     needs_grad = True
+    fisher_type = "empirical"  # which Fisher the gradients came from (set by the pass that fills it)
 
     def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
         self.targets = {t.name: t for t in targets}
