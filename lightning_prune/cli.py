@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,30 @@ def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_tri
     return start if end_epoch is None else min(start, end_epoch)
 
 
+def _step_bounded(max_epochs: int | None, max_steps: int | None, *epoch_triggers: int | None) -> bool:
+    return (max_epochs is None or max_epochs < 0) and bool(max_steps and max_steps > 0) and all(
+        v is None for v in epoch_triggers
+    )
+
+
+def dense_steps(
+    max_epochs: int | None, max_steps: int | None, end_epoch: int | None = None, every_n_epochs: int | None = None
+) -> int | None:
+    """``pruner.start_step`` of a step-bounded run (``trainer=steps``) without triggers: dense for the
+    first fifth of the steps; ``None`` for epoch-bounded runs or epoch triggers."""
+    return max(max_steps // 5, 1) if _step_bounded(max_epochs, max_steps, end_epoch, every_n_epochs) else None
+
+
+def round_steps(
+    max_epochs: int | None, max_steps: int | None, end_epoch: int | None = None, every_n_epochs: int | None = None
+) -> int | None:
+    """``pruner.every_n_steps`` of a step-bounded run without triggers: a round every 20th of the run."""
+    return max(max_steps // 20, 1) if _step_bounded(max_epochs, max_steps, end_epoch, every_n_epochs) else None
+
+
 OmegaConf.register_new_resolver("lp.dense_epochs", dense_epochs, replace=True)
+OmegaConf.register_new_resolver("lp.dense_steps", dense_steps, replace=True)
+OmegaConf.register_new_resolver("lp.round_steps", round_steps, replace=True)
 
 
 def config_dir() -> Path:
@@ -83,7 +107,10 @@ def method_label(cfg: DictConfig) -> str:
 
 
 class RoundEvaluator(Callback):
-    """Validation accuracy right after each pruning round (before any fine-tuning).
+    """Validation quality right after each pruning round (before any fine-tuning).
+
+    The model's own ``round_metric(dataloader) -> (key, value)`` if it has one (accuracy for the
+    classifiers, perplexity for :class:`~lightning_prune.models.CausalLM`), else top-1 accuracy.
 
     Listed after the pruner, so its hooks see the round's result: step rounds at the end of their
     training batch, epoch rounds at the end of their epoch.
@@ -94,14 +121,17 @@ class RoundEvaluator(Callback):
         self.after: list[dict[str, Any]] = []
 
     @torch.no_grad()
-    def accuracy(self, pl_module: pl.LightningModule) -> float:
+    def measure(self, pl_module: pl.LightningModule) -> tuple[str, float]:
+        if callable(metric := getattr(pl_module, "round_metric", None)):
+            with eval_mode(pl_module):
+                return metric(self.datamodule.val_dataloader())
         correct = total = 0
         with eval_mode(pl_module):
             for x, y in self.datamodule.val_dataloader():
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
                 correct += int((pl_module(x).argmax(1) == y).sum())
                 total += len(y)
-        return correct / max(total, 1)
+        return "val_acc", correct / max(total, 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         self._evaluate(trainer, pl_module)
@@ -114,7 +144,7 @@ class RoundEvaluator(Callback):
         if len(history) == len(self.after):
             return
         record = history[-1]
-        acc = self.accuracy(pl_module)
+        key, value = self.measure(pl_module)
         self.after.append(
             {
                 "round": record["round"],
@@ -122,17 +152,35 @@ class RoundEvaluator(Callback):
                 "epoch": record["epoch"],
                 "global_step": record["global_step"],
                 "sparsity": record["sparsity"],
-                "val_acc": acc,
+                key: value,
             }
         )
         for logger in trainer.loggers:
-            logger.log_metrics({"prune/val_acc_after_round": acc}, step=trainer.global_step)
-        _print(f"[lightning-prune] round {record['round']}: val accuracy right after pruning {acc:.2%}")
+            logger.log_metrics({f"prune/{key}_after_round": value}, step=trainer.global_step)
+        _print(f"[lightning-prune] round {record['round']}: {_fmt({key: value}, 'val')} right after pruning")
 
 
 @rank_zero_only
 def _print(text: str) -> None:
     print(text, flush=True)
+
+
+QUALITY = {"acc": "accuracy", "ppl": "perplexity"}
+
+
+def _quality(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
+    """``{stage}_acc`` and/or ``{stage}_ppl`` from the logged ``{stage}/acc`` and ``{stage}/ppl``."""
+    out = {f"{stage}_{k}": float(metrics[f"{stage}/{k}"]) for k in QUALITY if f"{stage}/{k}" in metrics}
+    return out or {f"{stage}_acc": math.nan}
+
+
+def _fmt(values: Mapping[str, Any], stage: str) -> str:
+    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds."""
+    parts = []
+    for k, word in QUALITY.items():
+        if (v := values.get(f"{stage}_{k}")) is not None:
+            parts.append(f"{stage} {word} {v:.2%}" if k == "acc" else f"{stage} {word} {v:.2f}")
+    return ", ".join(parts) or f"{stage}: no metric"
 
 
 def _loggers(cfg: DictConfig) -> list[Any]:
@@ -199,8 +247,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    val_acc = _float(trainer.callback_metrics.get("val/acc"))
-    test = trainer.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
+    val = _quality(trainer.callback_metrics, "val")
+    test = _quality(trainer.test(model, datamodule=datamodule, verbose=False)[0], "test") if cfg.test else {}
 
     summary = {
         "method": method_label(cfg),
@@ -209,11 +257,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "seed": cfg.seed,
         "sparsity": pruner.sparsity if pruner is not None else 0.0,
-        "dense_val_acc": _dense_acc(pruner),
+        **_dense(pruner),
         "rounds": evaluator.after if evaluator else [],
-        "val_acc": val_acc,
-        "test_acc": _float(test.get("test/acc")),
-        "test_loss": _float(test.get("test/loss")),
+        **val,
+        **test,
         "history": [dict(r) for r in pruner.history] if pruner is not None else [],
         "checkpoint": _checkpoint_path(trainer),
         "output_dir": output_dir,
@@ -258,7 +305,7 @@ def _evaluate(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lightni
     )
     val = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]
     test = evaluator.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
-    return {"val_acc": _float(val.get("val/acc")), "test_acc": _float(test.get("test/acc"))}
+    return {**_quality(val, "val"), **(_quality(test, "test") if cfg.test else {})}
 
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
@@ -275,8 +322,8 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         _print(
             f"\n{'=' * 72}\nlightning-prune eval: {ckpt_path}\n"
-            f"sparsity of the Linear/Conv weights {sparsity:.2%}, val accuracy {summary['val_acc']:.2%}, "
-            f"test accuracy {summary['test_acc']:.2%}\nresults.json: {output_dir / 'results.json'}\n{'=' * 72}"
+            f"sparsity of the Linear/Conv weights {sparsity:.2%}, {_fmt(summary, 'val')}, {_fmt(summary, 'test')}"
+            f"\nresults.json: {output_dir / 'results.json'}\n{'=' * 72}"
         )
     return summary
 
@@ -305,9 +352,8 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
         "sparsity": pruner.sparsity,
         "before": before,
         "after": after,
-        "dense_val_acc": before["val_acc"],
-        "val_acc": after["val_acc"],
-        "test_acc": after["test_acc"],
+        **{f"dense_{k}": v for k, v in before.items() if k.startswith("val_")},
+        **after,
         "history": [dict(r) for r in pruner.history],
         "source_checkpoint": str(ckpt_path),
         "checkpoint": str(pruned_path),
@@ -331,9 +377,8 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
             "",
             "=" * 72,
             f"lightning-prune one-shot: {summary['method']} on {summary['model']} / {summary['data']}",
-            f"before: val accuracy {before['val_acc']:.2%}, test accuracy {before['test_acc']:.2%}",
-            f"after:  sparsity {summary['sparsity']:.2%}, val accuracy {after['val_acc']:.2%}, "
-            f"test accuracy {after['test_acc']:.2%}",
+            f"before: {_fmt(before, 'val')}, {_fmt(before, 'test')}",
+            f"after:  sparsity {summary['sparsity']:.2%}, {_fmt(after, 'val')}, {_fmt(after, 'test')}",
             "",
             pruner.layer_table(),
             "",
@@ -347,8 +392,10 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
 
 def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
     # plain containers, so the hyper-parameters Lightning saves load with torch.load(weights_only=True)
-    shape, classes = list(datamodule.input_shape), datamodule.num_classes
-    return instantiate(cfg.model, input_shape=shape, num_classes=classes, _convert_="all")
+    args = getattr(datamodule, "model_args", None)
+    if args is None:
+        args = {"input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes}
+    return instantiate(cfg.model, **args, _convert_="all")
 
 
 def _checkpoint_path(trainer: pl.Trainer) -> str | None:
@@ -363,26 +410,23 @@ def _float(value: Any) -> float:
     return float(value) if value is not None else math.nan
 
 
-def _dense_acc(pruner: PruningCallback | None) -> float:
-    """Validation accuracy measured at the end of the first round's epoch, before it pruned."""
-    if pruner is None or not pruner.history:
-        return math.nan
-    return float(pruner.history[0]["monitor"].get("val/acc", math.nan))
+def _dense(pruner: PruningCallback | None) -> dict[str, float]:
+    """Validation quality logged before the first round pruned (``dense_val_acc``/``dense_val_ppl``)."""
+    monitor = pruner.history[0]["monitor"] if pruner is not None and pruner.history else {}
+    return {f"dense_{k}": v for k, v in _quality(monitor, "val").items()}
 
 
 def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, loggers: list[Any]) -> str:
     lines = ["", "=" * 72, f"lightning-prune: {summary['method']} on {summary['model']} / {summary['data']}"]
     if pruner is not None:
-        lines.append(f"dense validation accuracy (before the first round): {summary['dense_val_acc']:.2%}")
+        dense = {k.removeprefix("dense_"): v for k, v in summary.items() if k.startswith("dense_val_")}
+        lines.append(f"dense {_fmt(dense, 'val')} (before the first round)")
         for r in summary["rounds"]:
             lines.append(
                 f"  round {r['round']} ({r['when']}): sparsity {r['sparsity']:.2%}, "
-                f"val accuracy right after pruning {r['val_acc']:.2%}"
+                f"{_fmt(r, 'val')} right after pruning"
             )
-    lines.append(
-        f"final: sparsity {summary['sparsity']:.2%}, val accuracy {summary['val_acc']:.2%}, "
-        f"test accuracy {summary['test_acc']:.2%}"
-    )
+    lines.append(f"final: sparsity {summary['sparsity']:.2%}, {_fmt(summary, 'val')}, {_fmt(summary, 'test')}")
     if pruner is not None and pruner.verbose == 0:  # verbose pruners already printed it at fit end
         lines += ["", pruner.layer_table()]
     lines += ["", f"outputs and results.json: {summary['output_dir']}"]

@@ -1,8 +1,9 @@
-"""Small reference classifiers used by the CLI, the examples and the benchmarks.
+"""Small reference models used by the CLI, the examples and the benchmarks.
 
 ``MLPClassifier`` is LeNet-300-100 style (784-300-100-10 on 28x28 inputs); ``LeNet5Classifier`` is
 a LeNet-5-style CNN. Both are ordinary LightningModules: cross-entropy, Adam/AdamW/SGD, and
-``val/acc``, ``val/loss``, ``test/acc`` logged with torchmetrics.
+``val/acc``, ``val/loss``, ``test/acc`` logged with torchmetrics. ``CausalLM`` wraps a Hugging Face
+``LlamaForCausalLM`` built from a config (random init, no download) and logs ``val/ppl``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,16 @@ class ImageClassifier(pl.LightningModule):
         self.test_acc(logits, y)
         self.log("test/loss", F.cross_entropy(logits, y))
         self.log("test/acc", self.test_acc)
+
+    @torch.no_grad()
+    def round_metric(self, dataloader) -> tuple[str, float]:
+        """Validation accuracy, measured right after a pruning round (the CLI's ``RoundEvaluator``)."""
+        correct = total = 0
+        for x, y in dataloader:
+            x, y = x.to(self.device), y.to(self.device)
+            correct += int((self(x).argmax(1) == y).sum())
+            total += len(y)
+        return "val_acc", correct / max(total, 1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.parameters()
@@ -130,3 +141,117 @@ class LeNet5Classifier(ImageClassifier):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], self.num_classes))
         self.net = nn.Sequential(*layers)
+
+
+class CausalLM(pl.LightningModule):
+    """A LLaMA-architecture ``transformers`` model trained from scratch, as LLM users train theirs.
+
+    The Hugging Face model is ``self.model`` (its own ``lm_head``, untied unless ``tie_embeddings``),
+    so pruning sees the usual names (``model.model.layers.3.mlp.down_proj.weight``). Batches are
+    dicts ``{"input_ids", "labels"}``; ``model(**batch).loss`` is the mean next-token cross-entropy.
+    AdamW with linear warm-up and cosine decay to a tenth over the run (per optimizer step).
+    Logs ``train/loss``, ``val/loss``, ``val/ppl``, ``test/loss`` and ``test/ppl``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int = 192,
+        num_layers: int = 8,
+        num_heads: int = 4,
+        intermediate_size: int = 512,
+        max_positions: int = 512,
+        tie_embeddings: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError as err:  # transformers is an optional dependency
+            raise ImportError("CausalLM needs transformers: pip install 'lightning-prune[lm]'") from err
+        self.save_hyperparameters()
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tie_embeddings,
+        )
+        self.model = LlamaForCausalLM(config)
+        self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
+        from torchmetrics import MeanMetric
+
+        self.val_nll, self.test_nll = MeanMetric(), MeanMetric()
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **kwargs):
+        return self.model(input_ids=input_ids, labels=labels, **kwargs)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = self(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval(self, batch: dict[str, Tensor], metric, stage: str) -> None:
+        loss = self(**batch).loss
+        metric.update(loss, weight=batch["input_ids"].numel())
+        self.log(f"{stage}/loss", metric)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.val_nll, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval(batch, self.test_nll, "test")
+
+    @torch.no_grad()
+    def round_metric(self, dataloader) -> tuple[str, float]:
+        """Validation perplexity, measured right after a pruning round (the CLI's ``RoundEvaluator``)."""
+        return "val_ppl", perplexity(self.model, dataloader)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/ppl", torch.exp(self.val_nll.compute()), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/ppl", torch.exp(self.test_nll.compute()))
+
+    def configure_optimizers(self):
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
+        rest = [p for n, p in self.named_parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=(0.9, 0.95),
+            fused=True,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
+        warmup = min(self.warmup_steps, max(total // 10, 1))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, dataloader) -> float:
+    """``exp`` of the mean next-token cross-entropy over every predicted token of ``dataloader``.
+
+    ``model(input_ids=..., labels=...)`` must return an output with ``.loss`` (a Hugging Face
+    causal LM); batches are ``{"input_ids", "labels"}`` dicts of equal-length windows.
+    """
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in dataloader:
+        ids = batch["input_ids"].to(device)
+        n = ids.numel() - ids.shape[0]  # one prediction fewer than tokens per window
+        total += float(model(input_ids=ids, labels=ids).loss) * n
+        tokens += n
+    return math.exp(total / max(tokens, 1))

@@ -206,6 +206,7 @@ class Pruner:
             warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
         self.criterion.check_targets(targets)
+        self.criterion.check_model(model, targets)
         self._name_parameters(model)
         check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
         same_model = len(self._bound) == len(targets) and all(r() is t.param for r, t in zip(self._bound, targets))

@@ -10,7 +10,11 @@ Never biases, norm layers or embeddings unless the user names them explicitly th
 * frozen ones (``requires_grad=False``): nobody trains them, so nothing would fine-tune around
   their pruning;
 * tied ones, a ``Parameter`` held by several modules (a language model's ``lm_head`` tied to its
-  embedding): each holder sees a different input, so no single layer's statistics describe it.
+  embedding): each holder sees a different input, so no single layer's statistics describe it;
+* a language model's output head: the module a Hugging Face model returns from
+  ``get_output_embeddings()``, or any module named ``lm_head``. SparseGPT, Wanda and llm-compressor
+  leave it dense; it maps to the vocabulary, and every logit depends on all of it. A classifier's
+  last Linear stays a default target: it is small, and the global allocations keep it mostly dense.
 
 Named explicitly (``parameters=[...]``), they are pruned; one tensor has one mask, so a tie stays
 consistent. ``include``/``exclude`` patterns match every name a tied parameter has; its target
@@ -127,6 +131,7 @@ def resolve_targets(
                 holders.setdefault(id(p), []).append((module_name, module, param_name))
 
     named = dict(model.named_parameters())
+    heads = output_heads(model)
     if parameters is not None:
         by_id = {id(p): n for n, p in named.items()}
         candidates = []
@@ -145,6 +150,10 @@ def resolve_targets(
             if len(own) > 1:
                 others = [h for h, _, _ in own]
                 _skip(skipped, n, f"tied: held by {others}; name it in parameters=[...] to prune it")
+            elif any(id(m) in heads for _, m, _ in own):
+                _skip(
+                    skipped, n, "output head (lm_head): left dense, as SparseGPT/Wanda do; name it in parameters=[...]"
+                )
             elif not p.requires_grad:
                 _skip(skipped, n, "frozen (requires_grad=False); name it in parameters=[...] to prune it")
             else:
@@ -158,10 +167,12 @@ def resolve_targets(
     ]
     if not chosen:
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
+        # the weights the patterns did match, among those left out of the defaults, and why
+        left = {n: why for n, why in skipped if include is not None and matches(n, include)} or dict(skipped)
         raise ValueError(
             f"No parameters to prune in {type(model).__name__}: include={include!r}, exclude={exclude!r} "
             f"matched none of the candidates [{shown or 'no Linear/Conv weights found'}]"
-            + (f"; left out of the defaults: {dict(skipped)}" if skipped else "")
+            + (f"; left out of the defaults: {left}" if left else "")
         )
     out = []
     for n in chosen:
@@ -170,6 +181,24 @@ def resolve_targets(
         module_name, module, attr = next((h for h in own if h[2] == "weight" and is_prunable_layer(h[1])), own[0])
         out.append(PruneTarget(n, module_name, module, attr, tuple(h for h, _, _ in own)))
     return out
+
+
+def output_heads(model: nn.Module) -> set[int]:
+    """``id``s of a language model's output heads: ``get_output_embeddings()`` of any (Hugging Face)
+    submodule, and modules named ``lm_head``."""
+    heads = set()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "lm_head":
+            heads.add(id(module))
+        getter = getattr(module, "get_output_embeddings", None)
+        if callable(getter):
+            try:
+                head = getter()
+            except (AttributeError, NotImplementedError, TypeError):
+                continue
+            if isinstance(head, nn.Module):
+                heads.add(id(head))
+    return heads
 
 
 def _skip(skipped: list[tuple[str, str]], name: str, reason: str) -> None:

@@ -44,6 +44,13 @@ class OBSPruning(PruningCallback):
             OBS, and the cheapest), ``"mc"`` (``mc_samples`` sampled labels per input), ``"exact"``
             (the GGN) or ``"auto"``; see :class:`OBDPruning`.
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
+        blocks: ``None`` (default: every layer from one pass over the batches), ``"auto"`` or a glob
+            over module names (``"model.layers.*"``): sequential calibration, as SparseGPT prunes
+            transformers: one block at a time is calibrated on the *pruned* outputs of the blocks
+            before it, so peak memory is one block's inputs plus its layers' Hessians. ``"auto"``
+            takes the ``nn.ModuleList`` of identical blocks that holds the most targets. Needs
+            ``allocation="reconstruction"`` and ``scope="layer"`` or ``"row"``; every target must
+            lie inside a block (a model's ``lm_head`` is not a default target).
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums.
 
@@ -77,6 +84,7 @@ class OBSPruning(PruningCallback):
         eval_batches: int = 8,
         fisher_type: Literal["auto", "empirical", "mc", "exact"] = "empirical",
         mc_samples: int = 1,
+        blocks: str | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         loss_fn: LossFn | None = None,
         verbose: int = 1,
@@ -94,6 +102,7 @@ class OBSPruning(PruningCallback):
                 loss_reduction,
                 fisher_type,
                 mc_samples,
+                blocks,
             ),
             target,
             schedule,

@@ -89,6 +89,9 @@ class Criterion:
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         """Refuse targets the criterion cannot handle (called when the pruner binds to a model)."""
 
+    def check_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> None:
+        """Refuse a model the criterion cannot run on (called when the pruner binds, after ``check_targets``)."""
+
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none."""
         return None

@@ -24,6 +24,10 @@ of different layers are in different units, so it allocates within each layer on
 (``scope="layer"`` is required) and predicts no loss increase (the summed reconstruction error is
 reported as ``info["reconstruction_error"]``).
 
+``blocks="auto"`` (or a glob such as ``"model.layers.*"``) makes layer-wise reconstruction OBS
+sequential (:mod:`lightning_prune.blocks`): one block at a time is calibrated, pruned, and its
+pruned outputs feed the next, as SparseGPT/OBC prune transformers.
+
 For ``"fisher"`` and ``"kfac"`` a round is split into ``recompute_steps`` steps; after each, the
 curvature is re-estimated at the updated weights from the window's stored batches (as M-FAC and
 oBERT do), and each step removes its set of weights with the exact joint OBS update.
@@ -37,7 +41,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
@@ -102,6 +106,7 @@ class OBS(Criterion):
         loss_reduction: str = "mean",
         fisher_type: str = "empirical",
         mc_samples: int = 1,
+        blocks: str | None = None,
     ) -> None:
         for name, value, allowed in (
             ("hessian", hessian, HESSIANS),
@@ -125,6 +130,18 @@ class OBS(Criterion):
                 f"`fisher_type` has no effect with allocation='reconstruction', which uses no Fisher "
                 f"(got {fisher_type!r})"
             )
+        if blocks is not None:
+            if not isinstance(blocks, str) or not blocks:
+                raise ValueError(
+                    f"`blocks` must be None, 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}"
+                )
+            if hessian != "layerwise" or allocation != "reconstruction":
+                raise ValueError(
+                    f"`blocks={blocks!r}` (sequential calibration) prunes each block from its own layer inputs, which "
+                    "needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
+                    f"(and scope='layer' or 'row'); got hessian={hessian!r}, allocation={allocation!r}"
+                )
+        self.blocks = blocks
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.hessian, self.solver, self.allocation = hessian, solver, allocation
         self.damp, self.block_size, self.recompute_steps = float(damp), block_size, recompute_steps
@@ -134,29 +151,37 @@ class OBS(Criterion):
 
     # ------------------------------------------------------------------ what a round needs
     def check_scope(self, scope: str) -> None:
-        if self.allocation == "reconstruction" and scope != "layer":
+        if self.allocation == "reconstruction" and scope not in ("layer", "row"):
             raise ValueError(
                 "allocation='reconstruction' compares weights within a layer only (reconstruction errors of "
-                f"different layers are in different units): pass scope='layer', got scope={scope!r}"
+                f"different layers are in different units): pass scope='layer' or 'row', got scope={scope!r}"
             )
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         check_hookable(targets, gradients=self.needs_gradients)
 
+    def check_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> None:
+        if self.blocks is not None:
+            from lightning_prune.blocks import find_blocks
+
+            find_blocks(model, self.blocks, targets)
+
     @property
     def needs_gradients(self) -> bool:
         return self.allocation != "reconstruction"
-
-    @property
-    def captures_in_window(self) -> bool:
-        return self.fisher_type == "empirical" or not self.needs_gradients
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
         if self.hessian == "layerwise":
             return self.needs_gradients and self.recompute_steps > 1 and len(targets) > 1
         return self.recompute_steps > 1
 
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator:
+    @property
+    def captures_in_window(self) -> bool:  # sequential: statistics block by block, at round time
+        return self.blocks is None and (self.fisher_type == "empirical" or not self.needs_gradients)
+
+    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
+        if self.blocks is not None:
+            return None  # sequential: each block's statistics are gathered in the round, block by block
         if self.hessian == "fisher":
             return BlockFisher(targets, self.block_size, comm)
         if self.allocation == "reconstruction":
@@ -172,6 +197,9 @@ class OBS(Criterion):
         return self.collect(ctx.calib, ctx.batches, est, ctx.targets, ctx.round_index)
 
     def prune(self, ctx: RoundContext) -> RoundResult:
+        if self.blocks is not None:
+            with exact_float32():
+                return self._sequential(ctx)
         est = require_stats(ctx, ctx.stats, f"OBS ({self.hessian})")
         with exact_float32():
             if self.hessian == "layerwise":
@@ -206,11 +234,7 @@ class OBS(Criterion):
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
         counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in ctx.targets}
-        solvers = dict(zip(counts, [self.solver] * len(counts)))
-        if self.solver == "auto":
-            works = [solver_work(self._matrix(t, dtype), counts[t.name], self.block_size) for t in ctx.targets]
-            budget = LAYER_BUDGET if ctx.solver_budget is None else ctx.solver_budget
-            solvers = dict(zip(counts, choose_solvers(works, budget, per_layer=ctx.solver_budget is None)))
+        solvers = self._solvers(ctx, ctx.targets, counts)
         groups = _split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
         for i, group in enumerate(groups):
             if i > 0:
@@ -218,19 +242,7 @@ class OBS(Criterion):
                 info["recomputes"] += 1
             for t in group:
                 A = (est["kfac"] if weighted else est["inputs"]).input_covariance(t.name)
-                U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
-                info["damping_increases"] += damped.increases
-                info["dead_inputs"] += int(dead.sum())
-                forced = ~t.matrix(ctx.masks[t.name])
-                n, solver = counts[t.name], solvers[t.name]
-                if solver == "exact":
-                    W_new, pruned, losses = obc_prune(W, U, n, forced)
-                elif solver == "blocked":
-                    W_new, pruned, losses = blocked_prune(W, U, n, forced, self.block_size)
-                else:
-                    W_new, pruned, losses = sparsegpt_prune(W, U, n, forced, self.block_size)
-                self._write(t, W_new)
-                masks[t.name] = t.unmatrix(~pruned)
+                masks[t.name], losses = self._solve(t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info)
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
                 else:
@@ -239,6 +251,78 @@ class OBS(Criterion):
         if not weighted:
             info["reconstruction_error"], predicted = reconstruction, math.nan
         return RoundResult(masks, predicted, updated={t.name for t in ctx.targets}, info=info)
+
+    def _solve(
+        self, t: PruneTarget, A: Tensor, counts: Tensor, solver: str, mask: Tensor, info: dict[str, Any]
+    ) -> tuple[Tensor, Tensor]:
+        """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place.
+
+        Returns the new mask (weight layout) and each row's reconstruction loss."""
+        dtype = self._dtype()
+        U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
+        info["damping_increases"] += damped.increases
+        info["dead_inputs"] += int(dead.sum())
+        forced = ~t.matrix(mask)
+        if solver == "exact":
+            W_new, pruned, losses = obc_prune(W, U, counts, forced)
+        elif solver == "blocked":
+            W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size)
+        else:
+            W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size)
+        self._write(t, W_new)
+        return t.unmatrix(~pruned), losses
+
+    def _solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
+        if self.solver != "auto":
+            return dict.fromkeys(counts, self.solver)
+        dtype = self._dtype()
+        works = [solver_work(self._matrix(t, dtype), counts[t.name], self.block_size) for t in targets]
+        budget = LAYER_BUDGET if ctx.solver_budget is None else ctx.solver_budget
+        return dict(zip(counts, choose_solvers(works, budget, per_layer=ctx.solver_budget is None)))
+
+    # ------------------------------------------------------------------ sequential (block by block)
+    def _sequential(self, ctx: RoundContext) -> RoundResult:
+        """SparseGPT's loop: each block calibrated on the pruned outputs of the blocks before it."""
+        from lightning_prune.blocks import find_blocks, run_sequential
+
+        if not ctx.batches:
+            raise RuntimeError(f"OBS round {ctx.round_index}: no batch in {ctx.source} for sequential calibration")
+        blocks = find_blocks(ctx.model, self.blocks, ctx.targets)  # type: ignore[arg-type]
+        dtype = self._dtype()
+        info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "solver": set(), "peak_hessian_bytes": 0}
+        masks: dict[str, Tensor] = {}
+        reconstruction = 0.0
+
+        def prune_block(block, stats: InputCovariance) -> None:
+            nonlocal reconstruction
+            sub = replace(ctx, targets=block.targets, masks={t.name: ctx.masks[t.name] for t in block.targets})
+            require_stats(sub, stats, "sequential OBS")
+            if bad := stats.nonfinite_layers():
+                raise RuntimeError(f"OBS round {ctx.round_index}: the input statistics of {bad[:5]} are not finite")
+            scores = {}
+            for t in block.targets:
+                A = stats.input_covariance(t.name).to(dtype)
+                U, W, _, _ = prepare_hessian(A, self._matrix(t, dtype), self.damp, t.name)
+                scores[t.name] = t.unmatrix(single_saliency(W, U))
+            allocated = sub.select(scores)
+            counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in block.targets}
+            solvers = self._solvers(sub, block.targets, counts)
+            info["solver"] |= set(solvers.values())
+            for t in block.targets:
+                A = stats.input_covariance(t.name)
+                info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
+                masks[t.name], losses = self._solve(t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info)
+                reconstruction += float(losses.sum())
+
+        done = run_sequential(ctx.calib, ctx.batches, blocks, ctx.comm, prune_block)
+        info["solver"] = "+".join(sorted(info["solver"]))
+        info.update(
+            sequential_blocks=done["blocks"],
+            block_input_bytes=done["block_input_bytes"],
+            reconstruction_error=reconstruction,
+            skipped_block_batches=done["skipped"],
+        )
+        return RoundResult(masks, math.nan, updated={t.name for t in ctx.targets}, info=info)
 
     def _allocation_score(self, t: PruneTarget, est: Composite, dtype: torch.dtype) -> Tensor:
         """Score of removing each weight alone (loss units, or reconstruction units), used to share the removals."""

@@ -1,0 +1,405 @@
+"""A language model: one-shot and gradual pruning against llm-compressor's SparseGPT and Wanda.
+
+    python benchmarks/lm.py            # the plan below (dense model and cells cached, resumable)
+    python benchmarks/lm.py --quick    # a 2-block model, 60 steps: a smoke run, not published
+
+The model: ``lightning_prune.models.CausalLM`` (LLaMA architecture, ``transformers``), 8 blocks,
+hidden 192, 5.1M parameters, trained from scratch for ``STEPS`` steps on Python's standard library
+(``TextDataModule``: byte-level BPE, 4096 tokens, windows of 128). Perplexity on the test split.
+
+* **one-shot**: 128 calibration windows of the training split, the same for every method. Ours
+  (``prune()``) and llm-compressor's (``benchmarks/lm_peer.py`` in its own venv) each run in a fresh
+  process on the same saved model, so wall time and peak memory are comparable; the SparseGPT and
+  Wanda pairs are timed ``REPS`` times, alternating ours and theirs.
+* **gradual**: fine-tuning the dense model for ``FINETUNE`` steps while pruning every
+  ``FINETUNE // 10`` steps over the first 60% of them (cubic), then perplexity.
+
+The llm-compressor venv (``benchmarks/.cache/llmc-venv``) is created on first use, as lm_peer.py's
+docstring says; without network the peer rows are left out and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = common.CACHE / "lm"
+PEER_VENV = common.CACHE / "llmc-venv"
+START, END = "<!-- lm:start -->", "<!-- lm:end -->"
+PLANS: dict[str, dict[str, Any]] = {
+    "full": {
+        "model": {"hidden_size": 192, "num_layers": 8, "num_heads": 4, "intermediate_size": 512},
+        "data": {"vocab_size": 4096, "seq_len": 128, "batch_size": 16},
+        "steps": 1500,
+        "calib": 128,
+        "sparsities": [0.5, 0.7],
+        "reps": 2,
+        "finetune": 300,
+        "gradual": [0.7, 0.9],
+    },
+    "quick": {
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+        "data": {"vocab_size": 1024, "seq_len": 64, "batch_size": 8, "max_files": 60},
+        "steps": 60,
+        "calib": 16,
+        "sparsities": [0.5],
+        "reps": 1,
+        "finetune": 30,
+        "gradual": [0.7],
+    },
+}
+# ours: name -> (callback class, keyword arguments); the target is added per cell
+OURS: dict[str, tuple[str, dict[str, Any]]] = {
+    "magnitude": ("MagnitudePruning", {"scope": "layer"}),
+    "wanda (OBD activations, row)": ("OBDPruning", {"curvature": "activations", "scope": "row"}),
+    "OBD fisher (global)": ("OBDPruning", {}),
+    "OBS sequential fast (layer)": (
+        "OBSPruning",
+        {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "solver": "fast"},
+    ),
+    "OBS sequential exact (layer)": (
+        "OBSPruning",
+        {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "solver": "exact"},
+    ),
+    "OBS global (default)": ("OBSPruning", {}),
+}
+PEERS = {"llm-compressor SparseGPT": "sparsegpt", "llm-compressor Wanda": "wanda"}
+PAIRS = [
+    ("OBS sequential fast (layer)", "llm-compressor SparseGPT"),
+    ("wanda (OBD activations, row)", "llm-compressor Wanda"),
+]
+GRADUAL = {
+    "magnitude": ("MagnitudePruning", {"scope": "layer"}),
+    "OBS sequential (layer)": ("OBSPruning", {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}),
+    "OBS global (default)": ("OBSPruning", {}),
+}
+
+
+def datamodule(plan: dict[str, Any]):
+    from lightning_prune.data import TextDataModule
+
+    return TextDataModule(**plan["data"], cache_dir=str(CACHE / "text"))
+
+
+def dense(plan: dict[str, Any], name: str) -> Path:
+    """Train (or reuse) the dense model; save its state dict, a Hugging Face folder, calibration and eval ids."""
+    import lightning.pytorch as pl
+
+    from lightning_prune.models import CausalLM
+
+    folder = CACHE / f"dense-{name}-{common.fingerprint([plan['model'], plan['data'], plan['steps']])}"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(0, verbose=False)
+    dm = datamodule(plan)
+    lit = CausalLM(**dm.model_args, **plan["model"])
+    start = time.perf_counter()
+    trainer = common.trainer(max_steps=plan["steps"], max_epochs=-1, limit_val_batches=0)
+    trainer.fit(lit, datamodule=dm)
+    seconds = time.perf_counter() - start
+    torch.save(lit.state_dict(), folder / "lit.pt")
+    lit.model.save_pretrained(folder / "hf")
+    g = torch.Generator().manual_seed(0)
+    train = dm.split("train")
+    torch.save(train[torch.randperm(len(train), generator=g)[: plan["calib"]]].clone(), folder / "calib.pt")
+    torch.save(dm.split("test").clone(), folder / "eval.pt")
+    (folder / "dense.json").write_text(json.dumps({"train_seconds": seconds, "steps": plan["steps"]}))
+    (folder / "done").write_text("")
+    return folder
+
+
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 8) -> float:
+    from lightning_prune.models import perplexity as ppl
+
+    return ppl(model, [{"input_ids": ids[i : i + batch]} for i in range(0, len(ids), batch)])
+
+
+def _rss_mib(field: str = "VmRSS") -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
+    """One measurement of ours, in this (fresh) process: load, prune(), time, memory, perplexity."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    import lightning_prune
+
+    warnings.filterwarnings("ignore")
+    model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+    calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
+    rows = 8
+    batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
+    cls, kwargs = OURS[method]
+    pruner = getattr(lightning_prune, cls)(
+        target=sparsity, num_batches=len(batches), eval_batches=0, verbose=0, **kwargs
+    )
+    rss_before = _rss_mib()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak-RSS mark: VmHWM then measures the pruning alone
+    except OSError:
+        pass
+    start = time.perf_counter()
+    record = lightning_prune.prune(model, batches, pruner)
+    seconds = time.perf_counter() - start
+    peak = _rss_mib("VmHWM")
+    zeros = [int((t.param == 0).sum()) for t in pruner.targets]
+    out.write_text(
+        json.dumps(
+            {
+                "method": method,
+                "sparsity": sparsity,
+                "seconds_oneshot": seconds,
+                "rss_before_mib": rss_before,
+                "peak_rss_oneshot_mib": peak,
+                "perplexity": perplexity(model, evals),
+                "achieved_sparsity": sum(zeros) / sum(t.param.numel() for t in pruner.targets),
+                "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean()),
+                "info": {k: v for k, v in record["info"].items() if isinstance(v, (int, float, str))},
+            }
+        )
+    )
+
+
+def run_cell(folder: Path, method: str, sparsity: float, rep: int) -> dict[str, Any] | None:
+    path = folder / "cells" / f"{method}-{sparsity}-r{rep}.json".replace(" ", "_").replace("/", "_")
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    if method in PEERS:
+        python = PEER_VENV / "bin" / "python"
+        if not python.exists() and not make_peer_venv():
+            return None
+        cmd = [
+            str(python),
+            str(ROOT / "lm_peer.py"),
+            "--model",
+            str(folder / "hf"),
+            "--calib",
+            str(folder / "calib.pt"),
+        ]
+        cmd += ["--eval", str(folder / "eval.pt"), "--method", PEERS[method], "--sparsity", str(sparsity)]
+        cmd += ["--out", str(path)]
+    else:
+        cmd = [sys.executable, __file__, "--cell", str(folder), method, str(sparsity), str(path)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.exists():
+        print(f"FAILED {method} {sparsity}:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    r = json.loads(path.read_text())
+    r["seconds_process"] = time.perf_counter() - start
+    path.write_text(json.dumps(r))
+    return r
+
+
+def make_peer_venv() -> bool:
+    constraints = common.CACHE / "llmc-constraints.txt"
+    constraints.write_text("torch==2.13.0\n")
+    steps = [
+        [sys.executable, "-m", "venv", str(PEER_VENV)],
+        [str(PEER_VENV / "bin" / "pip"), "install", "-q", "torch==2.13.0"],
+        [str(PEER_VENV / "bin" / "pip"), "install", "-q", "llmcompressor", "-c", str(constraints)],
+    ]
+    for cmd in steps:
+        if subprocess.run(cmd).returncode != 0:
+            print(f"could not build the llm-compressor venv ({' '.join(cmd)}): peer rows left out", flush=True)
+            return False
+    return True
+
+
+def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
+    import lightning.pytorch as pl
+
+    import lightning_prune
+    from lightning_prune.models import CausalLM
+
+    path = folder / "cells" / f"gradual-{method}-{target}.json".replace(" ", "_")
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    pl.seed_everything(1, verbose=False)
+    dm = datamodule(plan)
+    ft = plan["finetune"]
+    lit = CausalLM(**dm.model_args, **plan["model"], lr=1e-3, warmup_steps=ft // 20)
+    lit.load_state_dict(torch.load(folder / "lit.pt"))
+    cls, kwargs = GRADUAL[method]
+    every = max(ft // 10, 1)
+    if cls != "MagnitudePruning":
+        kwargs = {**kwargs, "num_batches": 16}
+    pruner = getattr(lightning_prune, cls)(
+        target=target, start_step=every, end_step=every * 6, every_n_steps=every, verbose=0, **kwargs
+    )
+    trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    seconds = time.perf_counter() - start
+    r = {
+        "method": method,
+        "target": target,
+        "sparsity": pruner.sparsity,
+        "perplexity": perplexity(lit.model.eval(), torch.load(folder / "eval.pt")),
+        "round_seconds": sum(h["seconds"] for h in pruner.history),
+        "fit_seconds": seconds,
+        "rounds": len(pruner.history),
+    }
+    path.write_text(json.dumps(r))
+    return r
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "SPARSITY", "OUT"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.cell:
+        folder, method, sparsity, out = a.cell
+        ours_cell(Path(folder), method, float(sparsity), Path(out))
+        return
+    name = "quick" if a.quick else "full"
+    plan, start = PLANS[name], time.time()
+    folder = dense(plan, name)
+    from transformers import LlamaForCausalLM
+
+    dense_model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+    evals = torch.load(folder / "eval.pt")
+    dense_ppl = perplexity(dense_model, evals)
+    params = sum(p.numel() for p in dense_model.parameters())
+    train_s = json.loads((folder / "dense.json").read_text())["train_seconds"]
+    print(f"dense: {params / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f}", flush=True)
+
+    results: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for s in plan["sparsities"]:
+        for rep in range(plan["reps"]):
+            order = [m for pair in PAIRS for m in (pair if rep % 2 == 0 else pair[::-1])]
+            if rep == 0:
+                order += [m for m in [*OURS, *PEERS] if m not in order]
+            for method in order:
+                r = run_cell(folder, method, s, rep)
+                if r is not None:
+                    results.setdefault((method, s), []).append(r)
+                    print(f"{method} {s}: ppl {r['perplexity']:.2f}, {r['seconds_oneshot']:.1f} s", flush=True)
+
+    header = "| method | " + " | ".join(f"{s:.0%} ppl" for s in plan["sparsities"]) + " | "
+    header += " | ".join(f"{s:.0%} s" for s in plan["sparsities"]) + " | peak extra MiB |"
+    lines = [header, "|---" * (2 + 2 * len(plan["sparsities"])) + "|"]
+    lines.append(
+        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['sparsities'])} |"
+        + " |" * (1 + len(plan["sparsities"]))
+    )
+    for method in [*OURS, *PEERS]:
+        cells = [results.get((method, s), []) for s in plan["sparsities"]]
+        if not any(cells):
+            lines.append(f"| {method} | not run |" + " |" * (2 * len(plan["sparsities"])))
+            continue
+        ppl = [fmt([c[0]["perplexity"]]) if c else "-" for c in cells]
+        secs = [fmt([r["seconds_oneshot"] for r in c], 1) if c else "-" for c in cells]
+        mem = max((r["peak_rss_oneshot_mib"] - r["rss_before_mib"] for c in cells for r in c), default=float("nan"))
+        lines.append(f"| {method} | {' | '.join(ppl)} | {' | '.join(secs)} | {mem:.0f} |")
+    seq = [r for (m, s), rs in results.items() if m.startswith("OBS sequential fast") for r in rs]
+    block_mib = max((r["info"].get("block_input_bytes", 0) for r in seq), default=0) / 2**20
+    hess_mib = max((r["info"].get("peak_hessian_bytes", 0) for r in seq), default=0) / 2**20
+
+    targets = []
+    for s in plan["sparsities"]:
+        ours, theirs = results.get(("OBS sequential fast (layer)", s)), results.get(("llm-compressor SparseGPT", s))
+        exact = results.get(("OBS sequential exact (layer)", s))
+        if ours and theirs:
+            best = min(ours[0]["perplexity"], exact[0]["perplexity"] if exact else float("inf"))
+            ok = best <= theirs[0]["perplexity"] * 1.001
+            targets.append(
+                f"| OBS perplexity <= SparseGPT's at {s:.0%} | {'yes' if ok else '**no**'} | "
+                f"{best:.2f} vs {theirs[0]['perplexity']:.2f} |"
+            )
+            t_ours = statistics.median(r["seconds_oneshot"] for r in ours)
+            t_theirs = statistics.median(r["seconds_oneshot"] for r in theirs)
+            targets.append(
+                f"| one-shot wall time <= SparseGPT's at {s:.0%} (median of {len(ours)}) | "
+                f"{'yes' if t_ours <= t_theirs else '**no**'} | {t_ours:.1f} s vs {t_theirs:.1f} s "
+                f"({t_ours / t_theirs:.2f}x) |"
+            )
+
+    grad_lines = [
+        "| method | " + " | ".join(f"{t:.0%}" for t in plan["gradual"]) + " | round s |",
+        "|---" * (2 + len(plan["gradual"])) + "|",
+    ]
+    for method in GRADUAL:
+        rs = [gradual_cell(plan, folder, method, t) for t in plan["gradual"]]
+        print(f"gradual {method}: {[round(r['perplexity'], 2) for r in rs]}", flush=True)
+        grad_lines.append(
+            f"| {method} | {' | '.join(format(r['perplexity'], '.2f') for r in rs)} | "
+            f"{statistics.mean(r['round_seconds'] for r in rs):.1f} |"
+        )
+
+    md = [
+        f"Dense: {params / 1e6:.1f}M parameters ({plan['model']['num_layers']} blocks), {plan['steps']} steps "
+        f"({train_s / 60:.0f} min), test perplexity {dense_ppl:.2f}. Calibration: {plan['calib']} windows of "
+        f"{plan['data']['seq_len']} tokens (ours in batches of 8, llm-compressor one per sample).",
+        "",
+        "### One-shot, unstructured (perplexity on the test split; seconds of the prune()/oneshot() call, median "
+        "(min-max) of the alternating repeats; peak extra MiB: resident memory above the loaded model during it)",
+        "",
+        *lines,
+        "",
+        f"Sequential OBS holds one block's inputs ({block_mib:.1f} MiB: {plan['calib']} windows x "
+        f"{plan['data']['seq_len']} tokens x hidden {plan['model']['hidden_size']}, float32) and one layer's "
+        f"Hessian at a time ({hess_mib:.1f} MiB, float64).",
+        "",
+        "| target | met | measured |",
+        "|---|---|---|",
+        *targets,
+        "",
+        f"### Gradual, step-based (fine-tuning the dense model {plan['finetune']} steps; rounds every "
+        f"{max(plan['finetune'] // 10, 1)} steps over the first 60%; test perplexity)",
+        "",
+        *grad_lines,
+    ]
+    text = "\n".join(md)
+    print(text)
+    if a.quick:
+        return
+    block = (
+        f"{START}\n## Language model: one-shot and gradual, against llm-compressor\n\n"
+        f"`python benchmarks/lm.py` at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on "
+        f"{common.machine()} (cells cached in `benchmarks/.cache/lm`).\n\n{text}\n{END}"
+    )
+    path = ROOT / "RESULTS.md"
+    old = path.read_text()
+    if START in old:
+        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

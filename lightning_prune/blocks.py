@@ -1,0 +1,191 @@
+"""Layer-by-layer (sequential) calibration: a deep model's blocks one at a time, as SparseGPT and OBC do.
+
+Pruning a block changes what every later block sees. Sequential calibration captures the inputs of
+the first block over the round's batches, then for each block in turn: folds the block's layer
+inputs into fresh statistics, lets the criterion prune the block, and runs the *pruned* block to get
+the next block's inputs. So each layer compensates for the pruning upstream of it, and the memory
+held at any time is one block's inputs over the batches plus that block's statistics, not every
+layer's statistics at once.
+
+Blocks are found by :func:`find_blocks`: ``"auto"`` takes the ``nn.ModuleList`` of identical modules
+that holds the most target weights (a decoder's ``layers``/``h``/``layer``), or a glob names them
+(``"model.layers.*"``; the outermost matches, in ``named_modules`` order). Blocks must run one after
+the other, each on the previous one's output (its first positional argument) with the same keyword
+arguments: true of Hugging Face decoders and encoders, whose layers all receive the same attention
+mask and position embeddings. The keyword arguments of the first block's call are reused for all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.calibration import Calibration, eval_mode
+from lightning_prune.capture import LayerCapture, all_finite
+from lightning_prune.curvature.estimators import InputCovariance
+from lightning_prune.distributed import Collectives
+from lightning_prune.numerics import exact_float32
+from lightning_prune.targets import PruneTarget
+
+
+@dataclass
+class Block:
+    name: str
+    module: nn.Module
+    targets: list[PruneTarget]
+
+
+def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -> list[Block]:
+    """The blocks of ``model`` in execution order, each with the targets inside it.
+
+    Raises a ``ValueError`` naming ``blocks`` if nothing matches, and naming the targets outside
+    every block (sequential calibration never runs them, so it cannot prune them).
+    """
+    if not isinstance(blocks, str) or not blocks:
+        raise ValueError(f"`blocks` must be 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}")
+    owner = {id(t.module): t for t in targets}
+
+    def inside(module: nn.Module) -> list[PruneTarget]:
+        return [owner[id(m)] for m in module.modules() if id(m) in owner]
+
+    if blocks == "auto":
+        best: list[tuple[str, nn.Module]] = []
+        best_count = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.ModuleList) or len(module) < 2:
+                continue
+            if len({type(m) for m in module}) != 1:
+                continue
+            count = sum(len(inside(m)) for m in module)
+            if count > best_count:
+                best, best_count = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(module)], count
+        if not best:
+            raise ValueError(
+                "`blocks='auto'` found no nn.ModuleList of identical modules holding target weights in "
+                f"{type(model).__name__}: name the blocks with a glob, e.g. blocks='model.layers.*'"
+            )
+        found = best
+    else:
+        found = []
+        for name, module in model.named_modules():
+            if name and fnmatchcase(name, blocks) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+                found.append((name, module))
+        if not found:
+            tops = [n for n, _ in model.named_children()]
+            raise ValueError(f"`blocks={blocks!r}` matches no module of {type(model).__name__} (top level: {tops})")
+    result = [Block(name, module, inside(module)) for name, module in found]
+    covered = {t.name for b in result for t in b.targets}
+    outside = [t.name for t in targets if t.name not in covered]
+    if outside:
+        raise ValueError(
+            f"`blocks={blocks!r}` ({len(result)} blocks, {result[0].name} ... {result[-1].name}) leaves targets "
+            f"outside every block: {outside[:5]}{' ...' if len(outside) > 5 else ''}. Sequential calibration only "
+            "runs the blocks: exclude them (exclude=[...]) or name blocks that contain them"
+        )
+    return result
+
+
+class _Caught(Exception):
+    """Raised by the first block's pre-hook: everything after it is not needed."""
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models build a key/value cache in eval mode; calibration must not grow one."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {k: c.use_cache for k, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c.use_cache = saved[k]
+
+
+BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def first_block_inputs(calib: Calibration, batches: Sequence[Any], block: Block) -> list[BlockInput]:
+    """The ``(args, kwargs)`` of ``block``'s call for every batch; the rest of each forward is skipped."""
+    caught: list[BlockInput] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        if "past_key_values" in kwargs:
+            kwargs["past_key_values"] = None
+        caught.append((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs))
+        raise _Caught
+
+    handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
+            for i, batch in enumerate(batches):
+                try:
+                    calib.forward(batch, i)
+                except _Caught:
+                    continue
+                raise RuntimeError(
+                    f"block {block.name!r} was not called by the forward pass on batch {i} ({calib.describe()})"
+                )
+    finally:
+        handle.remove()
+    return caught
+
+
+def _output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_sequential(
+    calib: Calibration,
+    batches: Sequence[Any],
+    blocks: Sequence[Block],
+    comm: Collectives,
+    prune_block: Callable[[Block, InputCovariance], None],
+    progress_desc: str = "sequential OBS",
+) -> dict[str, Any]:
+    """Block by block: statistics of its layers' inputs, ``prune_block(block, stats)``, pruned outputs.
+
+    ``prune_block`` changes the block's weights in place. Batches whose captured inputs are not
+    finite are left out of that block's statistics (counted in the returned ``skipped``). Returns
+    ``{"blocks", "skipped", "block_input_bytes"}``, the last being the largest block input held.
+    """
+    inputs = first_block_inputs(calib, batches, blocks[0])
+    held = sum(a.numel() * a.element_size() for args, _ in inputs for a in args if isinstance(a, Tensor))
+    skipped = 0
+    bar = calib.progress(len(blocks), progress_desc)
+    try:
+        with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
+            for block in blocks:
+                if block.targets:
+                    stats = InputCovariance(block.targets, comm)
+                    capture = LayerCapture(block.targets, inputs_only=True)
+                    capture.attach()
+                    try:
+                        for args, kwargs in inputs:
+                            block.module(*args, **kwargs)
+                            items = list(capture.drain())
+                            if items and not all_finite(items):
+                                stats.skipped += 1
+                                continue
+                            with exact_float32():
+                                for target, x, _ in items:
+                                    stats.update(target.name, x)
+                            stats.end_batch()
+                    finally:
+                        capture.detach()
+                    stats.reduce_()
+                    skipped += stats.skipped
+                    prune_block(block, stats)
+                inputs = [((_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                bar()
+    finally:
+        bar.close()
+    return {"blocks": len(blocks), "skipped": skipped, "block_input_bytes": held}

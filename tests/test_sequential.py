@@ -1,0 +1,170 @@
+"""Sequential (block-by-block) layer-wise OBS, and the defaults that fit language models."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import OBDPruning, OBSPruning, prune
+from lightning_prune.blocks import find_blocks
+from lightning_prune.targets import resolve_targets
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(layers: int = 3, tie: bool = False, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=24,
+        intermediate_size=40,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def batches(n: int = 4, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 96, (3, 12), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def obs(**kw) -> OBSPruning:
+    args = dict(target=0.5, allocation="reconstruction", scope="layer", solver="exact", verbose=0, eval_batches=0)
+    return OBSPruning(**(args | kw))
+
+
+def test_sequential_equals_pruning_each_block_on_the_pruned_model_before_it():
+    """The reference: one prune() per block, in order, each calibrated by a full forward pass of
+    the model whose earlier blocks are already pruned. Sequential OBS must give the same masks and
+    weights (it reuses the first block's keyword arguments and runs no block before its inputs are
+    final). All layers of a block are solved from one capture of its inputs, as SparseGPT does."""
+    model, data = tiny_llama(), batches()
+    reference = copy.deepcopy(model)
+    pruner = obs(blocks="auto")
+    record = prune(model, data, pruner)
+    assert record["info"]["sequential_blocks"] == 3
+    for i in range(3):
+        step = obs(include=[f"model.layers.{i}.*"], recompute_steps=1)  # one capture per block, as sequential
+        prune(reference, data, step)
+    got, want = dict(model.named_parameters()), dict(reference.named_parameters())
+    for name in pruner.masks:
+        assert torch.equal(got[name] == 0, want[name] == 0), name
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    # and it matters: pruning every layer from the dense model's inputs gives other weights
+    parallel = tiny_llama()
+    prune(parallel, data, obs(recompute_steps=1))
+    later = "model.layers.2.mlp.down_proj.weight"
+    assert not torch.allclose(dict(parallel.named_parameters())[later], got[later])
+
+
+def test_sequential_memory_is_one_blocks_inputs():
+    model, data = tiny_llama(), batches(n=5)
+    record = prune(model, data, obs(blocks="model.layers.*"))
+    info = record["info"]
+    assert info["block_input_bytes"] == 5 * 3 * 12 * 24 * 4  # batches x rows x tokens x hidden x float32
+    assert info["peak_hessian_bytes"] == 40 * 40 * 8  # the widest layer input (down_proj), float64
+
+
+def test_find_blocks_auto_and_glob():
+    model = tiny_llama(layers=2)
+    targets = resolve_targets(model)
+    auto = find_blocks(model, "auto", targets)
+    assert [b.name for b in auto] == ["model.layers.0", "model.layers.1"]
+    assert [b.name for b in find_blocks(model, "model.layers.*", targets)] == ["model.layers.0", "model.layers.1"]
+    assert sum(len(b.targets) for b in auto) == len(targets) == 14
+    with pytest.raises(ValueError, match=r"`blocks='decoder\.\*'` matches no module"):
+        find_blocks(model, "decoder.*", targets)
+
+
+def test_sequential_refuses_at_bind_what_it_cannot_do():
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match="needs the label-free layer-wise objective"):
+        OBSPruning(target=0.5, blocks="auto")
+    with pytest.raises(ValueError, match="scope='layer' or 'row'"):
+        OBSPruning(target=0.5, allocation="reconstruction", blocks="auto")
+    named = obs(blocks="auto", parameters=[model.lm_head.weight, model.model.layers[0].mlp.up_proj.weight])
+    with pytest.raises(ValueError, match=r"leaves targets outside every block: \['lm_head.weight'\]"):
+        prune(model, batches(), named)
+    assert torch.count_nonzero(model.lm_head.weight) == model.lm_head.weight.numel()  # nothing was touched
+
+
+def test_lm_head_is_not_a_default_target_but_can_be_named():
+    model = tiny_llama(layers=1)
+    skipped: list = []
+    names = [t.name for t in resolve_targets(model, skipped=skipped)]
+    assert "lm_head.weight" not in names and len(names) == 7
+    assert dict(skipped)["lm_head.weight"].startswith("output head")
+    named = resolve_targets(model, parameters=[model.lm_head.weight])
+    assert [t.name for t in named] == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="output head"):  # a pattern for it says why it matches nothing
+        resolve_targets(model, include=["lm_head*"])
+
+
+def test_tied_head_named_explicitly_keeps_one_mask_through_the_tie():
+    model = tiny_llama(layers=1, tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="tied"):  # the pattern says why it matches nothing
+        resolve_targets(model, include=["*lm_head*"])
+    pruner = OBSPruning(target=0.5, parameters=[model.lm_head.weight], verbose=0)
+    with pytest.raises(ValueError, match="is tied"):  # curvature cannot describe a tied weight
+        prune(model, batches(), pruner)
+    from lightning_prune import MagnitudePruning
+
+    mag = MagnitudePruning(target=0.5, parameters=[model.lm_head.weight], verbose=0)
+    prune(model, batches(), mag)
+    assert (model.model.embed_tokens.weight == 0).float().mean() == pytest.approx(0.5, abs=1e-3)
+    ids = batches(1)[0]["input_ids"]
+    assert torch.equal(model.model.embed_tokens(ids), torch.nn.functional.embedding(ids, model.lm_head.weight))
+
+
+class LitLM(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = tiny_llama(layers=2).train()
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def test_sequential_at_callback_rounds_in_a_step_based_fit():
+    """Inside Trainer.fit the round calibrates block by block on the window's stored batches."""
+    lit = LitLM()
+    data = batches(n=12)
+    pruner = obs(target=0.6, blocks="auto", num_batches=4, start_step=2, end_step=8, every_n_steps=3)
+    trainer = pl.Trainer(
+        max_steps=12,
+        callbacks=[pruner],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+    assert [r["global_step"] for r in pruner.history] == [2, 5, 8]
+    assert all(r["info"]["sequential_blocks"] == 2 for r in pruner.history)
+    assert pruner.sparsity == pytest.approx(0.6, abs=1e-3)
+    for name, mask in pruner.masks.items():  # frozen through the last optimizer steps
+        assert torch.all(dict(lit.named_parameters())[name][~mask] == 0)
+
+
+def test_wanda_row_scope_on_llama_prunes_every_row_alike():
+    model = tiny_llama(layers=1)
+    pruner = OBDPruning(target=0.5, curvature="activations", scope="row", verbose=0)
+    prune(model, batches(), pruner)
+    for name, mask in pruner.masks.items():
+        assert torch.all(mask.sum(1) == mask.shape[1] // 2), name
