@@ -150,9 +150,9 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
     rows = 8
     batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
     cls, kwargs = OURS[method]
-    pruner = getattr(lightning_prune, cls)(
-        target=sparsity, num_batches=len(batches), eval_batches=0, verbose=0, **kwargs
-    )
+    if cls != "MagnitudePruning":  # magnitude needs no calibration batches
+        kwargs = {**kwargs, "num_batches": len(batches)}
+    pruner = getattr(lightning_prune, cls)(target=sparsity, eval_batches=0, verbose=0, **kwargs)
     rss_before = _rss_mib()
     try:
         with open("/proc/self/clear_refs", "w") as f:

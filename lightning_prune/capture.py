@@ -14,11 +14,28 @@ Everything is handed to the estimators as *rows*:
 The per-sample weight gradient is ``sum_t g[n, t]^T x[n, t]``. Hook gradients carry the loss
 reduction (mean over the batch), Lightning's division by ``accumulate_grad_batches`` and the AMP
 loss scale; :func:`per_sample_factor` undoes all three.
+
+Two training styles re-run or bypass module forwards, and are handled here:
+
+* **Activation checkpointing** (``torch.utils.checkpoint``, Hugging Face's
+  ``gradient_checkpointing_enable()``) re-runs a region's forward during backward. A row enters
+  the statistics only when its own call's output gradient arrived, so each call counts once
+  either way: with ``use_reentrant=True`` the first forward runs without autograd (skipped) and
+  the recomputation is the call that gets gradients; with ``use_reentrant=False`` the first
+  forward gets them and the recomputation only refills saved activations, so it is ignored
+  (:func:`in_checkpoint_recompute`) instead of holding a second copy of its input.
+* **torch.compile**: compiled graphs do not guard on module hooks (dynamo's
+  ``skip_nnmodule_hook_guards``), so hooks added after compilation would be silently skipped, and
+  hooks present at compilation baked in. While any capture is attached, compiled code runs eagerly
+  (``torch.compiler.set_stance("force_eager")``, reference-counted over captures): the window's
+  ``num_batches`` steps per round and the round's calibration passes run uncompiled, every other
+  step keeps its compiled graphs, and the hooks cause no recompilation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +114,63 @@ def all_finite(items: Sequence[tuple[PruneTarget, Tensor, Tensor | None]]) -> bo
     return bool(torch.stack(checks).all()) if checks else True
 
 
+def in_checkpoint_recompute() -> bool:
+    """Whether this forward is non-reentrant activation checkpointing recomputing a region in backward.
+
+    That recomputation runs under checkpoint's own saved-tensor hooks, recognised by name (torch has
+    no public flag). Should torch rename them, this says False and the recomputed call's input is
+    kept until :meth:`LayerCapture.drain`, which still drops it (no gradient arrives for it): the
+    statistics stay exact, only the memory grows.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(True) if top is not None else None
+    return bool(hooks) and "_recomputation_hook" in getattr(hooks[1], "__qualname__", "")
+
+
+class _EagerWhileCapturing:
+    """``torch.compiler.set_stance("force_eager")`` while at least one capture is attached.
+
+    Reference-counted, so captures of several pruners may attach and detach in any order; the
+    stance in force before the first one (the user's) is restored after the last one.
+    """
+
+    def __init__(self) -> None:
+        self.holders: set[int] = set()
+        self.stance: Any = None
+
+    def hold(self, owner: object) -> None:
+        if id(owner) in self.holders:
+            return
+        set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        if not self.holders and set_stance is not None:
+            self.stance = set_stance("force_eager")  # sets it now, and remembers the stance before
+        self.holders.add(id(owner))
+
+    def release(self, owner: object) -> None:
+        if id(owner) not in self.holders:
+            return
+        self.holders.discard(id(owner))
+        if not self.holders and self.stance is not None:
+            self.stance.__exit__(None, None, None)  # back to the stance before the first hold
+            self.stance = None
+
+
+EAGER_WHILE_CAPTURING = _EagerWhileCapturing()
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """Names of the parts of ``model`` that run under ``torch.compile``, where they can be seen:
+    ``torch.compile(module)`` children, ``module.compile()``, and Lightning's ``torch.compile`` of a
+    LightningModule. (A compiled free function or bound method cannot be found.)"""
+    return [
+        name or type(m).__name__
+        for name, m in model.named_modules()
+        if type(m).__name__ == "OptimizedModule"
+        or getattr(m, "_compiled_call_impl", None) is not None
+        or getattr(m, "_compiler_ctx", None)
+    ]
+
+
 def per_sample_factor(batch_size: int, *, reduction: str, accumulate: int, loss_scale: float) -> float:
     """Multiplier turning a hook gradient into the gradient of one sample's own loss."""
     n = batch_size if reduction == "mean" else 1
@@ -125,6 +199,7 @@ class LayerCapture:
     def attach(self) -> None:
         if self._handles:
             return
+        EAGER_WHILE_CAPTURING.hold(self)  # compiled graphs would skip the hooks (module docstring)
         for t in self.targets:
             self._handles.append(t.module.register_forward_hook(self._forward_hook(t.name)))
 
@@ -133,6 +208,7 @@ class LayerCapture:
             h.remove()
         self._handles.clear()
         self.clear()
+        EAGER_WHILE_CAPTURING.release(self)
 
     def samples(self) -> int | None:
         """The current batch's number of samples: the leading dimension of the captured inputs."""
@@ -148,8 +224,13 @@ class LayerCapture:
             if self.inputs_only:
                 inputs.append(args[0].detach())
                 return
-            # validation/eval forwards inside the window carry no gradient: ignore them
+            # validation/eval forwards inside the window carry no gradient: ignore them; so do
+            # use_reentrant=True checkpointed forwards, whose recomputation in backward is captured
             if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+                return
+            # use_reentrant=False: the recomputation gets no gradient (the first forward does); without
+            # this it would only hold a second copy of the input until drain() dropped it
+            if in_checkpoint_recompute():
                 return
             grads = self._grads.setdefault(name, {})
             idx = len(inputs)

@@ -57,8 +57,10 @@ def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_tri
 
 
 def _step_bounded(max_epochs: int | None, max_steps: int | None, *epoch_triggers: int | None) -> bool:
-    return (max_epochs is None or max_epochs < 0) and bool(max_steps and max_steps > 0) and all(
-        v is None for v in epoch_triggers
+    return (
+        (max_epochs is None or max_epochs < 0)
+        and bool(max_steps and max_steps > 0)
+        and all(v is None for v in epoch_triggers)
     )
 
 
@@ -413,14 +415,18 @@ def _float(value: Any) -> float:
 def _dense(pruner: PruningCallback | None) -> dict[str, float]:
     """Validation quality logged before the first round pruned (``dense_val_acc``/``dense_val_ppl``)."""
     monitor = pruner.history[0]["monitor"] if pruner is not None and pruner.history else {}
-    return {f"dense_{k}": v for k, v in _quality(monitor, "val").items()}
+    found = {f"dense_{k}": float(monitor[f"val/{k}"]) for k in QUALITY if f"val/{k}" in monitor}
+    return found or {"dense_val_acc": math.nan}
 
 
 def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, loggers: list[Any]) -> str:
     lines = ["", "=" * 72, f"lightning-prune: {summary['method']} on {summary['model']} / {summary['data']}"]
     if pruner is not None:
         dense = {k.removeprefix("dense_"): v for k, v in summary.items() if k.startswith("dense_val_")}
-        lines.append(f"dense {_fmt(dense, 'val')} (before the first round)")
+        if all(math.isnan(v) for v in dense.values()):
+            lines.append("dense: not validated before the first round (validation ran later)")
+        else:
+            lines.append(f"dense {_fmt(dense, 'val')} (before the first round)")
         for r in summary["rounds"]:
             lines.append(
                 f"  round {r['round']} ({r['when']}): sparsity {r['sparsity']:.2%}, "

@@ -68,8 +68,7 @@ def test_documented_command_composes_and_builds(command):
             cfg = compose("config", overrides=list(combo))
             if "fashion" in cfg.data._target_.lower() and not FASHION:
                 continue
-            data = instantiate(cfg.data)
-            instantiate(cfg.model, input_shape=list(data.input_shape), num_classes=data.num_classes, _convert_="all")
+            cli._model(cfg, instantiate(cfg.data))
             if cfg.pruner.get("_target_"):
                 instantiate(cfg.pruner)
 
@@ -95,6 +94,20 @@ def launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def needs_gpu(command: str) -> bool:
     return bool(re.search(r"trainer=(ddp|gpu)(\s|$)", command)) and not torch.cuda.is_available()
+
+
+LM_QUICK = [
+    "data.max_files=40",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_heads=2",
+    "trainer.val_check_interval=6",
+    "trainer.limit_val_batches=4",
+]
+LM_STEPS = ["trainer.max_steps=24", "pruner.start_step=8", "pruner.end_step=20", "pruner.every_n_steps=4"]
 
 
 @pytest.mark.slow
@@ -130,7 +143,9 @@ def test_documented_commands_run_as_written(tmp_path):
         args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
         if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
             args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
-        if not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
+        if "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
+            args += [*LM_QUICK, "trainer.max_steps=24"] if "pruner=" in command else [*LM_QUICK, *LM_STEPS]
+        elif not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
             args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
         args.append(f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}")
         proc = launch(["lightning_prune", *args], env)
@@ -160,6 +175,10 @@ def check(command: str, proc, text: str, results: list[dict], out: Path) -> None
         assert proc.stdout.rstrip().endswith("=" * 72)
         assert r["method"] == "obs[layerwise]" and r["sparsity"] == pytest.approx(0.8, abs=1e-3)
         assert len(r["rounds"]) == 2 and 0.0 < r["test_acc"] <= 1.0
+    elif "llama" in command:  # perplexity, not accuracy, all the way to the summary
+        assert "right after pruning" in proc.stdout and "val perplexity" in proc.stdout and "test perplexity" in text
+        assert r["test_ppl"] > 1 and r["dense_val_ppl"] > 1 and len(r["rounds"]) >= 3
+        assert r["sparsity"] == pytest.approx(float(r["config"]["pruner"]["target"]), abs=1e-3)
     elif "logger=wandb" in command:  # the W&B offline run holds the pruning scalars and tables
         (log,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
         rows = wandb_log.history(log)
@@ -170,8 +189,9 @@ def check(command: str, proc, text: str, results: list[dict], out: Path) -> None
     elif "-m" in command.split():
         assert len(results) == 6 and {x["method"] for x in results} == {"magnitude", "obd[fisher]", "obs[layerwise]"}
     elif "every_n_steps" in command:
-        assert [h["global_step"] for h in r["history"]] == [20, 40, 60, 80, 100]  # end 20 + (200 - 20) // 2
-        assert [x["when"] for x in r["rounds"]][:2] == ["step 20", "step 40"]
+        # dense for 200 // 5 steps, end 40 + (200 - 40) // 2
+        assert [h["global_step"] for h in r["history"]] == [40, 60, 80, 100, 120]
+        assert [x["when"] for x in r["rounds"]][:2] == ["step 40", "step 60"]
     elif "mode=oneshot" in command:
         assert r["mode"] == "oneshot" and r["sparsity"] == pytest.approx(0.5, abs=1e-3)
         assert r["before"]["val_acc"] > 0.5 and "pruned checkpoint:" in proc.stdout

@@ -28,6 +28,7 @@ from typing_extensions import override
 from lightning_prune.calibration import Calibration, batch_size
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
+from lightning_prune.capture import compiled_parts
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.pruner import Pruner, is_pruning_state
 from lightning_prune.round import run_round
@@ -82,9 +83,30 @@ class PruningCallback(Pruner, Callback):
                 f"{type(self).__name__} re-runs the loss on stored batches inside a round, and training_step cannot "
                 "be borrowed under manual optimization: pass loss_fn=lambda module, batch: ... (the mean loss)"
             )
+        self._check_compiled(pl_module)
         self._step_hooks = [opt.register_step_post_hook(self._after_optimizer_step) for opt in trainer.optimizers]
         self._check_schedule_fits(trainer)
         self._gradients_checked = not self.criterion.needs_gradients
+
+    def _check_compiled(self, pl_module: pl.LightningModule) -> None:
+        """Refuse what ``torch.compile`` cannot run: the capture hooks without ``set_stance`` (torch < 2.6),
+        and Hutchinson's double backward. (With ``set_stance`` the capture runs eagerly: see
+        :mod:`lightning_prune.capture`.)"""
+        if self.criterion.name == "magnitude" or not (parts := compiled_parts(pl_module)):
+            return
+        who = type(self).__name__
+        if getattr(self.criterion, "curvature", None) == "hutchinson":
+            raise ValueError(
+                f"{who}(curvature='hutchinson') differentiates the loss twice, which torch.compile'd code does not "
+                f"support, and {parts[:3]} are compiled: use curvature='fisher', 'kfac' or 'ekfac', or compile the "
+                "model after pruning"
+            )
+        if getattr(torch.compiler, "set_stance", None) is None:
+            raise RuntimeError(
+                f"{who} captures layer statistics with module hooks, which torch.compile'd code skips, and "
+                f"torch {torch.__version__} has no torch.compiler.set_stance to run the capture eagerly; {parts[:3]} "
+                "are compiled. Use torch >= 2.6, compile the model after pruning, or use MagnitudePruning"
+            )
 
     def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
         """Warn when the run ends before the schedule's last round (the target would be missed)."""
@@ -350,6 +372,12 @@ class PruningCallback(Pruner, Callback):
             self._window = None
         self._collecting = False
         self._batches.clear()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Lightning skips teardown when fit fails: an open window's hooks (and eager mode for
+        # compiled code) must not outlive the failed fit
+        self.teardown(trainer, pl_module, "fit")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
