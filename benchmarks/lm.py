@@ -75,6 +75,9 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
         {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "solver": "exact"},
     ),
     "OBS global (default)": ("OBSPruning", {}),
+    # the lm_head decision: the same criteria with the output head pruned too
+    "magnitude + lm_head": ("MagnitudePruning", {"scope": "layer", "head": True}),
+    "wanda + lm_head": ("OBDPruning", {"curvature": "activations", "scope": "row", "head": True}),
 }
 PEERS = {"llm-compressor SparseGPT": "sparsegpt", "llm-compressor Wanda": "wanda"}
 PAIRS = [
@@ -149,9 +152,13 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
     calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
     rows = 8
     batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
-    cls, kwargs = OURS[method]
+    cls, kwargs = OURS[method][0], dict(OURS[method][1])
     if cls != "MagnitudePruning":  # magnitude needs no calibration batches
         kwargs = {**kwargs, "num_batches": len(batches)}
+    if kwargs.pop("head", False):
+        from lightning_prune.targets import resolve_targets
+
+        kwargs["parameters"] = [t.param for t in resolve_targets(model)] + [model.lm_head.weight]
     pruner = getattr(lightning_prune, cls)(target=sparsity, eval_batches=0, verbose=0, **kwargs)
     rss_before = _rss_mib()
     try:
@@ -174,6 +181,7 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
                 "peak_rss_oneshot_mib": peak,
                 "perplexity": perplexity(model, evals),
                 "achieved_sparsity": sum(zeros) / sum(t.param.numel() for t in pruner.targets),
+                "targets": len(pruner.targets),
                 "lm_head_sparsity": float((model.lm_head.weight == 0).float().mean()),
                 "info": {k: v for k, v in record["info"].items() if isinstance(v, (int, float, str))},
             }
