@@ -415,7 +415,7 @@ def _float(value: Any) -> float:
 def _dense(pruner: PruningCallback | None) -> dict[str, float]:
     """Validation quality logged before the first round pruned (``dense_val_acc``/``dense_val_ppl``)."""
     monitor = pruner.history[0]["monitor"] if pruner is not None and pruner.history else {}
-    found = {f"dense_{k}": float(monitor[f"val/{k}"]) for k in QUALITY if f"val/{k}" in monitor}
+    found = {f"dense_val_{k}": float(monitor[f"val/{k}"]) for k in QUALITY if f"val/{k}" in monitor}
     return found or {"dense_val_acc": math.nan}
 
 

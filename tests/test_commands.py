@@ -104,7 +104,7 @@ LM_QUICK = [
     "model.hidden_size=32",
     "model.intermediate_size=64",
     "model.num_heads=2",
-    "trainer.val_check_interval=6",
+    "trainer.val_check_interval=3",
     "trainer.limit_val_batches=4",
 ]
 LM_STEPS = ["trainer.max_steps=24", "pruner.start_step=8", "pruner.end_step=20", "pruner.every_n_steps=4"]
