@@ -47,7 +47,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "calib": 128,
         "sparsities": [0.5, 0.7],
         "reps": 2,
-        "finetune": 300,
+        "finetune": 200,
         "gradual": [0.7, 0.9],
     },
     "quick": {
@@ -87,7 +87,6 @@ PAIRS = [
 GRADUAL = {
     "magnitude": ("MagnitudePruning", {"scope": "layer"}),
     "OBS sequential (layer)": ("OBSPruning", {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}),
-    "OBS global (default)": ("OBSPruning", {}),
 }
 
 

@@ -34,6 +34,7 @@ Two training styles re-run or bypass module forwards, and are handled here:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -131,26 +132,35 @@ class _EagerWhileCapturing:
     """``torch.compiler.set_stance("force_eager")`` while at least one capture is attached.
 
     Reference-counted, so captures of several pruners may attach and detach in any order; the
-    stance in force before the first one (the user's) is restored after the last one.
+    stance in force before the first one (the user's) is restored after the last one. A capture
+    that is garbage-collected while attached (its model gone, e.g. after a failed run) releases
+    its hold too, so a lost capture never leaves the process eager.
     """
 
     def __init__(self) -> None:
-        self.holders: set[int] = set()
+        self._holders: dict[int, weakref.finalize] = {}
         self.stance: Any = None
 
+    @property
+    def holders(self) -> set[int]:
+        return set(self._holders)
+
     def hold(self, owner: object) -> None:
-        if id(owner) in self.holders:
+        if id(owner) in self._holders:
             return
         set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-        if not self.holders and set_stance is not None:
+        if not self._holders and set_stance is not None:
             self.stance = set_stance("force_eager")  # sets it now, and remembers the stance before
-        self.holders.add(id(owner))
+        self._holders[id(owner)] = weakref.finalize(owner, self._drop, id(owner))
 
     def release(self, owner: object) -> None:
-        if id(owner) not in self.holders:
-            return
-        self.holders.discard(id(owner))
-        if not self.holders and self.stance is not None:
+        finalizer = self._holders.get(id(owner))
+        if finalizer is not None:
+            finalizer.detach()
+            self._drop(id(owner))
+
+    def _drop(self, key: int) -> None:
+        if self._holders.pop(key, None) is not None and not self._holders and self.stance is not None:
             self.stance.__exit__(None, None, None)  # back to the stance before the first hold
             self.stance = None
 

@@ -9,6 +9,7 @@ exercises the same dynamo guards, graphs and hooks as inductor at a fraction of 
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,7 @@ from lightning_prune.targets import resolve_targets
 def _no_capture_left_attached():
     """Every test leaves the compiler's stance as it found it (no capture still holds force_eager)."""
     yield
+    gc.collect()  # captures whose models are gone release their hold
     assert not EAGER_WHILE_CAPTURING.holders
     torch._dynamo.reset()
 
