@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent
 CACHE = common.CACHE / "lm"
 PEER_VENV = common.CACHE / "llmc-venv"
 START, END = "<!-- lm:start -->", "<!-- lm:end -->"
+FIRST_RUN = "c394873"  # cells of the first full run, before cells recorded their commit
 PLANS: dict[str, dict[str, Any]] = {
     "full": {
         "model": {"hidden_size": 192, "num_layers": 8, "num_heads": 4, "intermediate_size": 512},
@@ -216,6 +217,7 @@ def run_cell(folder: Path, method: str, sparsity: float, rep: int) -> dict[str, 
         return None
     r = json.loads(path.read_text())
     r["seconds_process"] = time.perf_counter() - start
+    r["commit"] = common.commit()
     path.write_text(json.dumps(r))
     return r
 
@@ -269,6 +271,7 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
         "round_seconds": sum(h["seconds"] for h in pruner.history),
         "fit_seconds": seconds,
         "rounds": len(pruner.history),
+        "commit": common.commit(),
     }
     path.write_text(json.dumps(r))
     return r
@@ -366,7 +369,13 @@ def main() -> None:
             f"{statistics.mean(r['round_seconds'] for r in rs):.1f} |"
         )
 
+    cells = [r for rs in results.values() for r in rs] + [
+        json.loads(p.read_text()) for p in (folder / "cells").glob("gradual-*.json")
+    ]
+    commits = sorted({r.get("commit", FIRST_RUN) for r in cells})
     md = [
+        f"Cells computed at commits {', '.join(commits)} (each cell's commit is in its JSON).",
+        "",
         f"Dense: {params / 1e6:.1f}M parameters ({plan['model']['num_layers']} blocks), {plan['steps']} steps "
         f"({train_s / 60:.0f} min), test perplexity {dense_ppl:.2f}. Calibration: {plan['calib']} windows of "
         f"{plan['data']['seq_len']} tokens (ours in batches of 8, llm-compressor one per sample).",

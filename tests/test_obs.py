@@ -387,3 +387,38 @@ def test_optimizer_state_policy_after_weight_update(policy):
 def test_bad_obs_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OBSPruning(0.5, **kwargs)
+
+
+def test_adaptive_fast_solver_is_sparsegpts_reference_mask_selection():
+    """``adaptive=True`` reproduces SparseGPT's fasterprune (right-looking, written out here): each
+    column block's mask is the block's lowest w^2 / [U]_jj^2 over all rows, from the weights as
+    compensated by the blocks before it; the layer's total count is exact."""
+    from lightning_prune.obs.layerwise import _block_totals
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
+    W0 = torch.randn(10, 24, generator=g, dtype=torch.float64)
+    U, W, _, _ = prepare_hessian(X.T @ X / 400, W0, 0.01, "layer")
+    counts = torch.full((10,), 14)  # 60%: only the sum matters to the adaptive solver
+    forced = torch.zeros_like(W, dtype=torch.bool)
+    ours, pruned, _ = sparsegpt_prune(W, U, counts, forced, blocksize=8, adaptive=True)
+    assert int(pruned.sum()) == 140 and not torch.all(pruned.sum(1) == 14)  # rows differ; the total is exact
+
+    ref, mask = W.clone(), torch.zeros_like(forced)
+    for b, i1 in enumerate(range(0, 24, 8)):
+        i2 = i1 + 8
+        W1, U1 = ref[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        m1 = torch.zeros_like(W1, dtype=torch.bool)
+        tmp = W1**2 / torch.diagonal(U1) ** 2
+        m1.view(-1)[torch.topk(tmp.reshape(-1), _block_totals(counts, forced, 8)[b], largest=False).indices] = True
+        Err1 = torch.zeros_like(W1)
+        for i in range(8):
+            q = torch.where(m1[:, i], torch.zeros_like(W1[:, i]), W1[:, i])
+            err = (W1[:, i] - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        ref[:, i1:i2] = W1
+        ref[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        mask[:, i1:i2] = m1
+    assert torch.equal(pruned, mask)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)

@@ -242,7 +242,10 @@ class OBS(Criterion):
                 info["recomputes"] += 1
             for t in group:
                 A = (est["kfac"] if weighted else est["inputs"]).input_covariance(t.name)
-                masks[t.name], losses = self._solve(t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info)
+                adaptive = not weighted and ctx.scope == "layer"
+                masks[t.name], losses = self._solve(
+                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, adaptive
+                )
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
                 else:
@@ -253,10 +256,20 @@ class OBS(Criterion):
         return RoundResult(masks, predicted, updated={t.name for t in ctx.targets}, info=info)
 
     def _solve(
-        self, t: PruneTarget, A: Tensor, counts: Tensor, solver: str, mask: Tensor, info: dict[str, Any]
+        self,
+        t: PruneTarget,
+        A: Tensor,
+        counts: Tensor,
+        solver: str,
+        mask: Tensor,
+        info: dict[str, Any],
+        adaptive: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place.
 
+        ``adaptive``: the fast solver keeps only the layer's total and picks each column block's
+        mask across rows inside the sweep, as SparseGPT does (used for the unweighted
+        reconstruction objective with ``scope="layer"``, where only per-layer counts are promised).
         Returns the new mask (weight layout) and each row's reconstruction loss."""
         dtype = self._dtype()
         U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
@@ -268,7 +281,7 @@ class OBS(Criterion):
         elif solver == "blocked":
             W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size)
         else:
-            W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size)
+            W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive=adaptive)
         self._write(t, W_new)
         return t.unmatrix(~pruned), losses
 
@@ -311,7 +324,9 @@ class OBS(Criterion):
             for t in block.targets:
                 A = stats.input_covariance(t.name)
                 info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
-                masks[t.name], losses = self._solve(t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info)
+                masks[t.name], losses = self._solve(
+                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, ctx.scope == "layer"
+                )
                 reconstruction += float(losses.sum())
 
         done = run_sequential(ctx.calib, ctx.batches, blocks, ctx.comm, prune_block)

@@ -171,10 +171,30 @@ def blocked_prune(
     return W, pruned, losses
 
 
+def _block_totals(counts: Tensor, forced: Tensor, blocksize: int) -> list[int]:
+    """Removals per column block for adaptive selection: each block's forced entries plus the new
+    removals spread over the blocks in proportion to their free entries (cumulative rounding, so
+    the layer's total is exactly ``counts.sum()``)."""
+    R, d = forced.shape
+    nb = (d + blocksize - 1) // blocksize
+    f = torch.nn.functional.pad(forced.long(), (0, nb * blocksize - d)).view(R, nb, blocksize).sum((0, 2))
+    width = torch.tensor([min(blocksize, d - i) for i in range(0, d, blocksize)], device=forced.device)
+    free = (width * R - f).double()
+    new = int(counts.sum()) - int(forced.sum())
+    cum = torch.round(new * torch.cumsum(free, 0) / free.sum().clamp_min(1)).long()
+    return (f + torch.diff(cum, prepend=cum.new_zeros(1))).tolist()
+
+
 def sparsegpt_prune(
-    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, blocksize: int = 128
+    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, blocksize: int = 128, adaptive: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SparseGPT's column sweep (see the module docstring): the cheapest solver, O(GEMM).
+
+    ``adaptive=False``: row ``r`` removes ``counts[r]`` weights, shared among the column blocks by
+    the dense weights' saliencies. ``adaptive=True`` is SparseGPT's own mask selection: only the
+    layer's total ``counts.sum()`` is kept, and each block's removals are the lowest saliencies of
+    the whole block (all rows), taken from the weights as compensated so far. Measured on a
+    5M-parameter LLaMA at 70% (benchmarks/RESULTS.md) it is what closes the gap to SparseGPT.
 
     Left-looking: a block receives all earlier blocks' errors in one GEMM when it starts
     (``Err[:, :i1] @ U[:i1, block]``), which keeps the GEMMs deep and avoids rewriting the trailing
@@ -185,7 +205,10 @@ def sparsegpt_prune(
     counts = torch.maximum(counts.to(W.device), forced.sum(1))
     pruned = torch.zeros_like(forced)
     Err = torch.zeros_like(W)
-    quotas = _row_block_quotas(W, U, counts, forced, blocksize)
+    if adaptive:
+        totals = _block_totals(counts, forced, blocksize)
+    else:
+        quotas = _row_block_quotas(W, U, counts, forced, blocksize)
     for b, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
@@ -193,7 +216,12 @@ def sparsegpt_prune(
             W1 -= Err[:, :i1] @ U[:i1, i1:i2]
         score = W1**2 / torch.diagonal(U1) ** 2
         score = torch.where(forced[:, i1:i2], torch.full_like(score, -torch.inf), score)
-        m1 = _lowest_per_row(score, quotas[:, b])
+        if adaptive:
+            m1 = torch.zeros_like(score, dtype=torch.bool)
+            if totals[b]:
+                m1.view(-1)[torch.topk(score.reshape(-1), totals[b], largest=False, sorted=False).indices] = True
+        else:
+            m1 = _lowest_per_row(score, quotas[:, b])
         drop = m1.to(W.dtype)
         Err1 = Err[:, i1:i2]
         B = i2 - i1
