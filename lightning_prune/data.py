@@ -68,6 +68,19 @@ def find_idx_files(root: str | os.PathLike, install_hint: str | None = None) -> 
     return found
 
 
+def seeded_loader(dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+    """A DataLoader whose shuffling depends on ``seed`` only (the same order in every run)."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+
+
 class ArrayDataModule(pl.LightningDataModule):
     """Train/val/test tensors held in memory; subclasses implement :meth:`load_arrays`."""
 
@@ -129,15 +142,7 @@ class ArrayDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         assert self._splits is not None
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self._splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return seeded_loader(self._splits[split], self.batch_size, shuffle, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.shuffle)
@@ -397,16 +402,7 @@ class TextDataModule(pl.LightningDataModule):
         return self._splits[name].long()
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        ids = self.split(split)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            _LMWindows(ids),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return seeded_loader(_LMWindows(self.split(split)), self.batch_size, shuffle, self.seed, self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
