@@ -32,6 +32,7 @@ from lightning_prune import masks as M
 from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
 from lightning_prune.distributed import Collectives, warn
+from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.schedule import SparsitySchedule, check_fraction
 from lightning_prune.selection import SCOPES, check_feasible
 from lightning_prune.summary import layer_table
@@ -64,6 +65,11 @@ class Pruner:
             LightningModule, or the output's ``.loss`` in ``prune()`` (see
             :mod:`lightning_prune.calibration`).
         verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
+        pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
+            each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
+            sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
+            :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
+            each group's zeros inside its column sweep, from the compensated weights.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class Pruner:
         eval_batches: int = 8,
         loss_fn: LossFn | None = None,
         verbose: int = 1,
+        pattern: str | Pattern = "unstructured",
     ) -> None:
         self.criterion = criterion
         self._schedule = SparsitySchedule(
@@ -105,6 +112,9 @@ class Pruner:
         self.include, self.exclude = include, exclude
         self._parameters = list(parameters) if parameters is not None else None
         self.min_density = check_fraction("min_density", min_density, upper_inclusive=True)
+        self.pattern = parse_pattern(pattern)
+        self.pattern.check_target(self._schedule.target)
+        self.pattern.check_min_density(self.min_density)
         for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
@@ -205,10 +215,12 @@ class Pruner:
         if skipped and skipped != self._skipped:
             warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
+        self.pattern.check_targets(targets)
         self.criterion.check_targets(targets)
         self.criterion.check_model(model, targets)
         self._name_parameters(model)
-        check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
+        if not self.pattern.structured:  # a pattern keeps its own floor (checked against min_density)
+            check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
         same_model = len(self._bound) == len(targets) and all(r() is t.param for r, t in zip(self._bound, targets))
         if self._loaded is not None:
             self._masks = _restore_masks(self._loaded, targets)
@@ -222,6 +234,8 @@ class Pruner:
             self._masks, self._history, self._last_point = None, [], None
         elif self._masks is not None:  # the same model: prune() then fit, or a second fit
             self._masks = _fit_masks(self._masks, targets, "this pruner's")
+        if self._masks is not None:
+            self._check_pattern(self._masks, targets)
         self._bound = [weakref.ref(t.param) for t in targets]
         self._targets = targets
         self._params = {t.name: t.param for t in targets}
@@ -340,8 +354,16 @@ class Pruner:
         if self._targets is None:
             self._loaded = packed
             return
-        self._masks = None if packed is None else _restore_masks(packed, self._targets)  # loaded after binding
+        masks = None if packed is None else _restore_masks(packed, self._targets)  # loaded after binding
+        if masks is not None:
+            self._check_pattern(masks, self._targets)
+        self._masks = masks
         self._refresh_frozen()
+
+    def _check_pattern(self, masks: Mapping[str, Tensor], targets: Sequence[PruneTarget]) -> None:
+        """Masks from a checkpoint or an earlier round must fit the pattern: they only shrink."""
+        if self.pattern.structured:
+            self.pattern.check_masks({t.name: t.matrix(masks[t.name]) for t in targets}, "the restored")
 
 
 def is_pruning_state(state: Any) -> bool:

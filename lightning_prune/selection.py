@@ -16,6 +16,11 @@ Rules (all deterministic, identical on every rank given identical scores):
   ``scope="layer"``: every layer gets ``round(sparsity * numel)`` zeros.
   ``scope="row"``: every output row (``weight[i]``) gets ``round(sparsity * row_numel)`` zeros, the
   comparison groups of Wanda and SparseGPT's uniform allocation; the floor applies per row.
+* A structured ``pattern`` (:mod:`lightning_prune.patterns`, e.g. N:M) takes ``(d_out, d_in)``
+  matrices and only chooses masks it allows: with the ``"capped"`` ramp the same rules run with
+  every entry outside its group's N lowest made unchoosable; with ``"groups"`` the same selection
+  ranks whole groups by cost. The pattern keeps its own floor (M - N of every M), so
+  ``min_density`` is not applied.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
 
 SCOPES = ("global", "layer", "row")
 
@@ -59,15 +66,23 @@ def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_d
         )
 
 
-def _sort_key(score: Tensor, mask: Tensor) -> Tensor:
-    """Pruned entries -inf, non-finite scores +inf (never chosen), the rest their score."""
+def _sort_key(score: Tensor, mask: Tensor, pattern: Pattern = UNSTRUCTURED) -> Tensor:
+    """Pruned entries -inf, non-finite scores +inf (never chosen), the rest their score. Under a
+    capped structured pattern, entries outside their group's ``n`` lowest are +inf too."""
     key = score.detach().flatten().to(torch.float64)
     key = torch.where(torch.isfinite(key), key, torch.full_like(key, math.inf))
-    return torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
+    key = torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
+    if isinstance(pattern, NM):
+        allowed = pattern.eligible(key.view(mask.shape)).flatten()
+        key = torch.where(allowed, key, torch.full_like(key, math.inf))
+    return key
 
 
-def _protect_floor(key: Tensor, mask: Tensor, min_density: float) -> Tensor:
-    """Set the key of the layer's top ``floor`` kept entries to +inf so they are never chosen."""
+def _protect_floor(key: Tensor, mask: Tensor, min_density: float | None) -> Tensor:
+    """Set the key of the layer's top ``floor`` kept entries to +inf so they are never chosen
+    (``min_density=None``: no floor at all)."""
+    if min_density is None:
+        return key
     floor = min(floor_count(key.numel(), min_density), int(mask.sum()))
     if floor == 0:
         return key
@@ -83,15 +98,22 @@ def select_masks(
     sparsity: float,
     *,
     scope: str = "global",
-    min_density: float = 0.0,
+    min_density: float | None = 0.0,
+    pattern: Pattern = UNSTRUCTURED,
 ) -> dict[str, Tensor]:
-    """Return new masks (True = kept) reaching ``sparsity`` under the rules in the module docstring."""
+    """Return new masks (True = kept) reaching ``sparsity`` under the rules in the module docstring
+    (``min_density=None``: no floor, not even one entry)."""
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
     names = list(masks)
+    if isinstance(pattern, NM):
+        pattern.check_masks(masks, "the current")
+        if pattern.ramp == "groups":
+            return _select_groups(scores, masks, sparsity, scope, pattern)
+        min_density = None
     if scope == "row":
-        return {n: _select_rows(scores[n], masks[n], sparsity, min_density).view_as(masks[n]) for n in names}
-    keys = {n: _protect_floor(_sort_key(scores[n], masks[n]), masks[n].flatten(), min_density) for n in names}
+        return {n: _select_rows(scores[n], masks[n], sparsity, min_density, pattern).view_as(masks[n]) for n in names}
+    keys = {n: _protect_floor(_sort_key(scores[n], masks[n], pattern), masks[n].flatten(), min_density) for n in names}
 
     if scope == "layer":
         out = {}
@@ -109,14 +131,30 @@ def select_masks(
     return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
 
 
-def _select_rows(score: Tensor, mask: Tensor, sparsity: float, min_density: float) -> Tensor:
+def _select_groups(
+    scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, scope: str, pattern: NM
+) -> dict[str, Tensor]:
+    """The ``"groups"`` ramp: the same selection over whole groups (their cost: the sum of their
+    ``n`` lowest scores), then each chosen group loses its ``n`` lowest entries."""
+    keys = {n: _sort_key(scores[n], masks[n]).view(masks[n].shape) for n in masks}
+    costs, complete = {}, {}
+    for n, key in keys.items():
+        costs[n], complete[n] = pattern.group_costs(key)
+    fraction = min(1.0, sparsity / pattern.sparsity)
+    chosen = select_masks(costs, {n: ~c for n, c in complete.items()}, fraction, scope=scope, min_density=None)
+    return {n: pattern.complete_groups(keys[n], ~chosen[n]) for n in keys}
+
+
+def _select_rows(
+    score: Tensor, mask: Tensor, sparsity: float, min_density: float | None, pattern: Pattern = UNSTRUCTURED
+) -> Tensor:
     """``scope="row"`` for one layer, all rows at once: each row is a layer of its own."""
     m = mask.reshape(mask.shape[0], -1)
     rows, d = m.shape
-    key = _sort_key(score.reshape(rows, -1), m).view(rows, d)
+    key = _sort_key(score.reshape(rows, -1), m, pattern).view(rows, d)
     rank = torch.empty_like(key, dtype=torch.long)
     rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, torch.arange(d, device=key.device).expand(rows, d))
-    floor = torch.clamp(m.sum(1), max=floor_count(d, min_density))  # the top `floor` kept entries of each row
+    floor = torch.clamp(m.sum(1), max=0 if min_density is None else floor_count(d, min_density))  # top kept entries
     key = torch.where(rank >= d - floor[:, None], torch.full_like(key, math.inf), key)
     k = torch.clamp(m.logical_not().sum(1), min=round(sparsity * d))
     choosable = (key < math.inf).sum(1)
@@ -124,8 +162,8 @@ def _select_rows(score: Tensor, mask: Tensor, sparsity: float, min_density: floa
         r = int((k > choosable).nonzero()[0])
         raise UnreachableSparsity(
             f"the round cannot reach sparsity {sparsity:.6g} in row {r}: it needs {int(k[r])} pruned entries and only "
-            f"{int(choosable[r])} can be pruned (non-finite scores and the per-row floor are never pruned). The "
-            "weights were not touched"
+            f"{int(choosable[r])} can be pruned (non-finite scores, the per-row floor and entries the pattern keeps "
+            "are never pruned). The weights were not touched"
         )
     order = torch.sort(key, dim=1, stable=True).indices
     pruned = torch.arange(d, device=key.device)[None, :] < k[:, None]
@@ -143,8 +181,8 @@ def _check_reachable(keys: Mapping[str, Tensor], scores: Mapping[str, Tensor], k
     raise UnreachableSparsity(
         f"the round cannot reach sparsity {sparsity:.6g} ({k} pruned entries): only {choosable} entries can be "
         f"pruned. Never pruned: entries with non-finite (NaN/inf) scores {bad or 'none'} (from non-finite weights or "
-        f"curvature) and at least {max(protected, 0)} entries the per-layer floor (min_density) keeps. The weights "
-        "were not touched"
+        f"curvature) and at least {max(protected, 0)} entries the per-layer floor (min_density) or the pattern keeps. "
+        "The weights were not touched"
     )
 
 

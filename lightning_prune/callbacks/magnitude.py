@@ -10,6 +10,7 @@ from torch import nn
 from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Magnitude
+from lightning_prune.patterns import Pattern
 
 
 class MagnitudePruning(PruningCallback):
@@ -32,6 +33,7 @@ class MagnitudePruning(PruningCallback):
         end_step: int | None = None,
         every_n_steps: int | None = None,
         scope: Literal["global", "layer", "row"] = "global",
+        pattern: str | Pattern = "unstructured",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,
@@ -59,4 +61,5 @@ class MagnitudePruning(PruningCallback):
             eval_batches=eval_batches,
             loss_fn=loss_fn,
             verbose=verbose,
+            pattern=pattern,
         )

@@ -10,6 +10,7 @@ from torch import nn
 from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBD
+from lightning_prune.patterns import Pattern
 
 
 class OBDPruning(PruningCallback):
@@ -53,6 +54,7 @@ class OBDPruning(PruningCallback):
         end_step: int | None = None,
         every_n_steps: int | None = None,
         scope: Literal["global", "layer", "row"] = "global",
+        pattern: str | Pattern = "unstructured",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,
@@ -85,6 +87,7 @@ class OBDPruning(PruningCallback):
             eval_batches,
             loss_fn,
             verbose,
+            pattern=pattern,
         )
         if curvature == "ekfac" and num_batches < 2:
             raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")

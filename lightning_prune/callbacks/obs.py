@@ -13,6 +13,7 @@ from torch import nn
 from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBS
+from lightning_prune.patterns import Pattern
 
 
 class OBSPruning(PruningCallback):
@@ -76,6 +77,7 @@ class OBSPruning(PruningCallback):
         end_step: int | None = None,
         every_n_steps: int | None = None,
         scope: Literal["global", "layer", "row"] = "global",
+        pattern: str | Pattern = "unstructured",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,
@@ -121,4 +123,5 @@ class OBSPruning(PruningCallback):
             eval_batches,
             loss_fn,
             verbose,
+            pattern=pattern,
         )

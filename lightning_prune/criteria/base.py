@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from lightning_prune.calibration import Calibration
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
+from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
 from lightning_prune.selection import select_masks
 from lightning_prune.targets import PruneTarget
 
@@ -41,23 +42,32 @@ class RoundContext:
     min_density: float = 0.0
     source: str = "the round's batches"  # where the statistics came from, for error messages
     solver_budget: float | None = None  # OBS solver="auto": element updates for the round; None: per layer
+    pattern: Pattern = UNSTRUCTURED
 
     def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Masks from scores under the pruner's scope and floor (NaN scores are kept, with a warning)."""
+        """Masks from scores under the pruner's scope, floor and pattern (NaN scores are kept, with a warning)."""
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
-        if self.scope == "row":  # output rows: the (d_out, d_in) layout, whatever the weight's own
+        if self.scope == "row" or self.pattern.structured:  # the (d_out, d_in) layout, whatever the weight's own
             by_name = {t.name: t for t in self.targets}
             out = select_masks(
                 {n: by_name[n].matrix(s) for n, s in scores.items()},
                 {n: by_name[n].matrix(m) for n, m in self.masks.items()},
                 self.sparsity,
-                scope="row",
+                scope=self.scope,
                 min_density=self.min_density,
+                pattern=self.pattern,
             )
             return {n: by_name[n].unmatrix(m) for n, m in out.items()}
         return select_masks(scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density)
+
+    def group_quotas(self, t: PruneTarget, pruned: Tensor) -> tuple[int, Tensor] | None:
+        """For solvers that choose masks inside their sweep: ``(M, pruned per group)`` of an N:M
+        pattern, from the allocated ``pruned`` mask (weight layout); ``None`` when unstructured."""
+        if not isinstance(self.pattern, NM):
+            return None
+        return self.pattern.m, self.pattern.pruned_per_group(t.matrix(pruned))
 
 
 @dataclass

@@ -53,6 +53,7 @@ from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_
 from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
 from lightning_prune.obs.layerwise import (
     LAYER_BUDGET,
+    Groups,
     blocked_prune,
     choose_solvers,
     inverse_diagonal,
@@ -243,8 +244,9 @@ class OBS(Criterion):
             for t in group:
                 A = (est["kfac"] if weighted else est["inputs"]).input_covariance(t.name)
                 adaptive = not weighted and ctx.scope == "layer"
+                quotas = ctx.group_quotas(t, ~allocated[t.name])
                 masks[t.name], losses = self._solve(
-                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, adaptive
+                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, adaptive, quotas
                 )
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
@@ -264,24 +266,27 @@ class OBS(Criterion):
         mask: Tensor,
         info: dict[str, Any],
         adaptive: bool = False,
+        groups: Groups | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place.
 
         ``adaptive``: the fast solver keeps only the layer's total and picks each column block's
         mask across rows inside the sweep, as SparseGPT does (used for the unweighted
         reconstruction objective with ``scope="layer"``, where only per-layer counts are promised).
-        Returns the new mask (weight layout) and each row's reconstruction loss."""
+        ``groups`` (an N:M pattern): the allocation fixes how many entries of each group go, and
+        every solver chooses which inside its sweep. Returns the new mask (weight layout) and each
+        row's reconstruction loss."""
         dtype = self._dtype()
         U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
         info["damping_increases"] += damped.increases
         info["dead_inputs"] += int(dead.sum())
         forced = ~t.matrix(mask)
         if solver == "exact":
-            W_new, pruned, losses = obc_prune(W, U, counts, forced)
+            W_new, pruned, losses = obc_prune(W, U, counts, forced, groups)
         elif solver == "blocked":
-            W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size)
+            W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size, groups)
         else:
-            W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive=adaptive)
+            W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive, groups)
         self._write(t, W_new)
         return t.unmatrix(~pruned), losses
 
@@ -324,8 +329,9 @@ class OBS(Criterion):
             for t in block.targets:
                 A = stats.input_covariance(t.name)
                 info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
+                quotas = sub.group_quotas(t, ~allocated[t.name])
                 masks[t.name], losses = self._solve(
-                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, ctx.scope == "layer"
+                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, ctx.scope == "layer", quotas
                 )
                 reconstruction += float(losses.sum())
 

@@ -21,7 +21,12 @@ row shares ``H``, but each row has its own count of weights to remove (the alloc
   d_row * removed * block^2) time, O(d_col^2 + rows * block^2) memory; ``block >= d_col`` is OBC.
 
 A row's removals are shared among the column blocks as its lowest single-weight saliencies fall.
-All return the new weights, the pruned mask and each row's reconstruction-loss increase.
+With an N:M pattern (``groups=(M, quotas)``: how many entries of each group of M columns of each
+row go) the solvers choose each group's entries themselves: the exact and blocked solvers greedily,
+never taking an entry of a group that has its quota; the fast solver at the first column of each
+group, from the weights as compensated so far (SparseGPT's ``prunen``/``prunem``). Column blocks
+are then cut at multiples of M. All return the new weights, the pruned mask and each row's
+reconstruction-loss increase.
 Weights already pruned (``forced``) are removed first: they are zero, so they cost nothing but
 still constrain the compensation, which therefore never revives them.
 """
@@ -109,9 +114,23 @@ def _row_block_quotas(W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, bloc
     return torch.nn.functional.pad(chosen, (0, nb * blocksize - d)).view(R, nb, blocksize).sum(2)
 
 
-def _greedy_block(w: Tensor, M: Tensor, n: Tensor, forced: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+Groups = tuple[int, Tensor]  # (M, entries to remove in each group of M columns: (rows, d // M))
+
+
+def _aligned(blocksize: int, d: int, groups: Groups | None) -> int:
+    """Column block size cut at a multiple of the group size, so no group straddles two blocks."""
+    if groups is None or blocksize >= d:
+        return blocksize
+    m = groups[0]
+    return max(m, blocksize // m * m)
+
+
+def _greedy_block(
+    w: Tensor, M: Tensor, n: Tensor, forced: Tensor, group: Groups | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact greedy OBS on one column block: ``M`` (rows, B, B) is each row's inverse Hessian of the
-    block; remove ``n[r]`` entries of row ``r`` (``forced`` first). Returns (w, removed, losses)."""
+    block; remove ``n[r]`` entries of row ``r`` (``forced`` first), at most ``group[1][r, g]`` in
+    group ``g`` of ``group[0]`` columns. Returns (w, removed, losses)."""
     R, B = w.shape
     ar = torch.arange(R, device=w.device)
     removed = torch.zeros_like(forced)
@@ -121,6 +140,9 @@ def _greedy_block(w: Tensor, M: Tensor, n: Tensor, forced: Tensor) -> tuple[Tens
         active = n > step
         score = w**2 / torch.diagonal(M, dim1=1, dim2=2)
         score = torch.where(removed, torch.full_like(score, torch.inf), score)
+        if group is not None:  # a group with its quota is closed
+            full = removed.view(R, -1, group[0]).sum(2) >= group[1]
+            score = torch.where(full.repeat_interleave(group[0], 1), torch.full_like(score, torch.inf), score)
         score = torch.where(forced & ~removed, torch.full_like(score, -torch.inf), score)  # forced first
         q = score.argmin(1)
         mqq = M[ar, q, q].clamp_min(tiny)
@@ -137,20 +159,28 @@ def _greedy_block(w: Tensor, M: Tensor, n: Tensor, forced: Tensor) -> tuple[Tens
     return w, removed, losses
 
 
-def obc_prune(W: Tensor, U: Tensor, counts: Tensor, forced: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def obc_prune(
+    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, groups: Groups | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Exact greedy OBS per row: remove ``counts[r]`` weights of row ``r`` (``forced`` ones first)."""
-    return blocked_prune(W, U, counts, forced, blocksize=W.shape[1])
+    return blocked_prune(W, U, counts, forced, blocksize=W.shape[1], groups=groups)
 
 
 def blocked_prune(
-    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, blocksize: int = 128
+    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, blocksize: int = 128, groups: Groups | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Blocked OBS (see the module docstring); ``blocksize >= d_col`` is exact OBC."""
+    """Blocked OBS (see the module docstring); ``blocksize >= d_col`` is exact OBC. With ``groups``
+    the counts are the groups' quotas (``counts`` is ignored)."""
     R, d = W.shape
     W, pruned = W.clone(), forced.clone()
     losses = torch.zeros(R, dtype=W.dtype, device=W.device)
-    counts = torch.maximum(counts.to(W.device), forced.sum(1))
-    quotas = _row_block_quotas(W, U, counts, forced, blocksize) if blocksize < d else counts[:, None]
+    blocksize = _aligned(blocksize, d, groups)
+    if groups is not None:
+        m, gq = groups[0], groups[1].to(W.device)
+        quotas = torch.stack([gq[:, i // m : min(i + blocksize, d) // m].sum(1) for i in range(0, d, blocksize)], 1)
+    else:
+        counts = torch.maximum(counts.to(W.device), forced.sum(1))
+        quotas = _row_block_quotas(W, U, counts, forced, blocksize) if blocksize < d else counts[:, None]
     for b, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
         Ub = U[i1:i2, i1:i2]
@@ -161,7 +191,8 @@ def blocked_prune(
         for r1 in range(0, R, chunk):
             rows = slice(r1, min(R, r1 + chunk))
             M = Mb.expand(rows.stop - r1, *Mb.shape).clone()
-            w, removed, loss = _greedy_block(old[rows].clone(), M, quotas[rows, b], forced[rows, i1:i2])
+            group = None if groups is None else (m, gq[rows, i1 // m : i2 // m])
+            w, removed, loss = _greedy_block(old[rows].clone(), M, quotas[rows, b], forced[rows, i1:i2], group)
             W[rows, i1:i2], pruned[rows, i1:i2], losses[rows] = w, removed | forced[rows, i1:i2], losses[rows] + loss
         if i2 < d:
             # every update of the block lies in span(H_S^-1[:, block]); its effect on the later
@@ -186,7 +217,13 @@ def _block_totals(counts: Tensor, forced: Tensor, blocksize: int) -> list[int]:
 
 
 def sparsegpt_prune(
-    W: Tensor, U: Tensor, counts: Tensor, forced: Tensor, blocksize: int = 128, adaptive: bool = False
+    W: Tensor,
+    U: Tensor,
+    counts: Tensor,
+    forced: Tensor,
+    blocksize: int = 128,
+    adaptive: bool = False,
+    groups: Groups | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """SparseGPT's column sweep (see the module docstring): the cheapest solver, O(GEMM).
 
@@ -195,6 +232,8 @@ def sparsegpt_prune(
     layer's total ``counts.sum()`` is kept, and each block's removals are the lowest saliencies of
     the whole block (all rows), taken from the weights as compensated so far. Measured on a
     5M-parameter LLaMA at 70% (benchmarks/RESULTS.md) it is what closes the gap to SparseGPT.
+    ``groups`` (N:M): each group's entries are chosen at its first column, the ``quota`` lowest
+    ``w^2 / U_jj^2`` of the group in the current weights (``counts`` and ``adaptive`` are ignored).
 
     Left-looking: a block receives all earlier blocks' errors in one GEMM when it starts
     (``Err[:, :i1] @ U[:i1, block]``), which keeps the GEMMs deep and avoids rewriting the trailing
@@ -202,32 +241,43 @@ def sparsegpt_prune(
     """
     R, d = W.shape
     W = W.clone()
-    counts = torch.maximum(counts.to(W.device), forced.sum(1))
     pruned = torch.zeros_like(forced)
     Err = torch.zeros_like(W)
-    if adaptive:
-        totals = _block_totals(counts, forced, blocksize)
+    blocksize, inner = _aligned(blocksize, d, groups), _INNER
+    if groups is not None:
+        m, gq = groups[0], groups[1].to(W.device)
+        inner = max(1, _INNER // m) * m  # a group never straddles two inner blocks: its weights are current
+    elif adaptive:
+        totals = _block_totals(torch.maximum(counts.to(W.device), forced.sum(1)), forced, blocksize)
     else:
-        quotas = _row_block_quotas(W, U, counts, forced, blocksize)
+        quotas = _row_block_quotas(W, U, torch.maximum(counts.to(W.device), forced.sum(1)), forced, blocksize)
     for b, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
         if i1:
             W1 -= Err[:, :i1] @ U[:i1, i1:i2]
-        score = W1**2 / torch.diagonal(U1) ** 2
-        score = torch.where(forced[:, i1:i2], torch.full_like(score, -torch.inf), score)
-        if adaptive:
-            m1 = torch.zeros_like(score, dtype=torch.bool)
-            if totals[b]:
-                m1.view(-1)[torch.topk(score.reshape(-1), totals[b], largest=False, sorted=False).indices] = True
+        diag2 = torch.diagonal(U1) ** 2
+        if groups is not None:
+            m1 = torch.zeros_like(W1, dtype=torch.bool)  # chosen group by group, inside the sweep
         else:
-            m1 = _lowest_per_row(score, quotas[:, b])
+            score = torch.where(forced[:, i1:i2], torch.full_like(W1, -torch.inf), W1**2 / diag2)
+            if adaptive:
+                m1 = torch.zeros_like(score, dtype=torch.bool)
+                if totals[b]:
+                    m1.view(-1)[torch.topk(score.reshape(-1), totals[b], largest=False, sorted=False).indices] = True
+            else:
+                m1 = _lowest_per_row(score, quotas[:, b])
         drop = m1.to(W.dtype)
         Err1 = Err[:, i1:i2]
         B = i2 - i1
-        for j1 in range(0, B, _INNER):  # two-level blocking: rank-1 updates stay inside 16 columns
-            j2 = min(j1 + _INNER, B)
+        for j1 in range(0, B, inner):  # two-level blocking: rank-1 updates stay inside `inner` columns
+            j2 = min(j1 + inner, B)
             for i in range(j1, j2):
+                if groups is not None and i % m == 0:  # SparseGPT's prunen/prunem, from the current weights
+                    g = slice(i, i + m)
+                    score = torch.where(forced[:, i1 + i : i1 + i + m], -torch.inf, W1[:, g] ** 2 / diag2[g])
+                    m1[:, g] = _lowest_per_row(score, gq[:, (i1 + i) // m])
+                    drop[:, g] = m1[:, g].to(W.dtype)
                 torch.mul(W1[:, i], drop[:, i] / U1[i, i], out=Err1[:, i])
                 W1[:, i:j2].addr_(Err1[:, i], U1[i, i:j2], alpha=-1)  # spread the column's error
             if j2 < B:
