@@ -179,3 +179,17 @@ def fingerprint(obj: Any) -> str:
 
 
 __all__ = ["commit", "copy", "data", "dense", "machine", "one_shot", "sparsity_of", "test_accuracy", "train_with"]
+
+
+def write_block(name: str, body: str) -> None:
+    """Put ``body`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of
+    RESULTS.md (appended, with the markers, the first time); the rest of the file is kept."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    path = ROOT / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

@@ -37,7 +37,6 @@ from lightning_prune import prune
 
 ROOT = Path(__file__).resolve().parent
 CELLS = common.CACHE / "fisher"
-START, END = "<!-- fisher:start -->", "<!-- fisher:end -->"
 TYPES = ("", "-mc", "-exact")  # empirical is the method's plain name
 CRITERIA = ("obd-fisher", "obs-layerwise")
 METHODS = ["magnitude", *(c + t for c in CRITERIA for t in TYPES)]
@@ -209,21 +208,14 @@ def main() -> None:
     text = "\n".join(md)
     print(text)
     block = (
-        f"{START}\n## Fisher types (empirical, mc, exact)\n\n"
+        f"## Fisher types (empirical, mc, exact)\n\n"
         f"`python benchmarks/fisher.py{' --quick' if a.quick else ''}` at `{common.commit()}`, "
         f"{(time.time() - start) / 60:.0f} minutes on {common.machine()} (cells cached in `benchmarks/.cache/fisher`). "
         f"Test accuracy (%), mean ± std over seeds {plan['seeds']}; `round s`: seconds of pruning rounds per run "
         "(one-shot: the one round; gradual: all ten).\n\n"
-        f"{text}\n{END}"
+        f"{text}"
     )
-    path = ROOT / "RESULTS.md"
-    old = path.read_text()
-    new = (
-        old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-        if START in old
-        else old.rstrip() + "\n\n" + block + "\n"
-    )
-    path.write_text(new)
+    common.write_block("fisher", block)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ import torch
 ROOT = Path(__file__).resolve().parent
 CACHE = common.CACHE / "lm"
 PEER_VENV = common.CACHE / "llmc-venv"
-START, END = "<!-- lm:start -->", "<!-- lm:end -->"
 FIRST_RUN = "c394873"  # cells of the first full run, before cells recorded their commit
 PLANS: dict[str, dict[str, Any]] = {
     "full": {
@@ -403,17 +402,11 @@ def main() -> None:
     if a.quick:
         return
     block = (
-        f"{START}\n## Language model: one-shot and gradual, against llm-compressor\n\n"
+        f"## Language model: one-shot and gradual, against llm-compressor\n\n"
         f"`python benchmarks/lm.py` at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on "
-        f"{common.machine()} (cells cached in `benchmarks/.cache/lm`).\n\n{text}\n{END}"
+        f"{common.machine()} (cells cached in `benchmarks/.cache/lm`).\n\n{text}"
     )
-    path = ROOT / "RESULTS.md"
-    old = path.read_text()
-    if START in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
+    common.write_block("lm", block)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import torch
 from lightning_prune import masks as M
 
 ROOT = Path(__file__).resolve().parent
-START, END = "<!-- masking:start -->", "<!-- masking:end -->"
 MODELS = {
     "MLP 784-300-100-10": [(300, 784), (100, 300), (10, 100)],
     "12 x 1024x1024": [(1024, 1024)] * 12,
@@ -95,19 +94,13 @@ def main() -> None:
             print(lines[-1], flush=True)
     md = "\n".join(lines)
     block = (
-        f"{START}\n## Per-step masking: exact zeros vs the old multiply\n\n"
+        f"## Per-step masking: exact zeros vs the old multiply\n\n"
         f"`python benchmarks/masking.py` at `{common.commit()}` on {common.machine()}: one masking of all "
         "weights at 90% sparsity, median of 5 alternating rounds. On the CPU the new path is the bitwise AND; "
         "on other devices it is `masked_fill_`.\n\n"
-        f"{md}\n{END}"
+        f"{md}"
     )
-    path = ROOT / "RESULTS.md"
-    text = path.read_text()
-    if START in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    common.write_block("masking", block)
     print(md)
 
 

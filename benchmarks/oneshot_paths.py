@@ -36,7 +36,6 @@ PLANS = {
         ("lenet5", OURS, SPARSITIES, [0]),
     ],
 }
-START, END = "<!-- oneshot-paths:start -->", "<!-- oneshot-paths:end -->"
 
 
 def compare(model: str, method: str, target: float, seed: int) -> dict:
@@ -79,20 +78,14 @@ def table(rows: list[dict]) -> str:
 
 
 def write(md: str, plan: str, minutes: float) -> None:
-    path = ROOT / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = (
-        f"{START}\n## One-shot through `prune()` vs the lr=0 fit it replaced\n\n"
+        f"## One-shot through `prune()` vs the lr=0 fit it replaced\n\n"
         f"`python benchmarks/oneshot_paths.py{' --quick' if plan == 'quick' else ''}` at `{common.commit()}`, "
         f"{minutes:.0f} minutes on {common.machine()}. "
         "Same dense model, same 32 training batches; test accuracy (%).\n\n"
-        f"{md}\n{END}"
+        f"{md}"
     )
-    if START in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    common.write_block("oneshot-paths", block)
 
 
 def main() -> None:

@@ -7,12 +7,21 @@ first use, so ``from lightning_prune import prune`` works where Lightning is not
 
 from typing import Any
 
+from lightning_prune.export import export_semi_structured
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
 
 _CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
-__all__ = ["MagnitudePruning", "OBDPruning", "OBSPruning", "Pruner", "PruningCallback", "prune"]
+__all__ = [
+    "MagnitudePruning",
+    "OBDPruning",
+    "OBSPruning",
+    "Pruner",
+    "PruningCallback",
+    "export_semi_structured",
+    "prune",
+]
 __version__ = "0.1.0"
 
 

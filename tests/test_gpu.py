@@ -53,3 +53,26 @@ def test_prune_on_a_cuda_model_takes_cpu_batches(make):
     assert all(m.device.type == "cuda" for m in pruner._masks.values())
     params = dict(model.named_parameters())
     assert all(torch.all(params[n][~m.cuda()] == 0) for n, m in pruner.masks.items())
+
+
+def test_semi_structured_export_round_trips():
+    """2:4-pruned (OBS) Linear layers become semi-structured sparse tensors that compute the same outputs."""
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from lightning_prune import export_semi_structured
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 kernels need compute capability >= 8.0")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256)).cuda()
+    pruner = OBSPruning(0.5, pattern="2:4", allocation="reconstruction", scope="layer", verbose=0)
+    prune(net, [torch.randn(128, 256, device="cuda") for _ in range(4)], pruner)
+    net = net.half()
+    masked = {n: p.detach().clone() for n, p in net.named_parameters() if n.endswith("weight")}
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    expected = net(x)
+    assert export_semi_structured(net) == ["0", "2"]
+    assert isinstance(net[0].weight, SparseSemiStructuredTensor)
+    assert torch.equal(net[0].weight.to_dense(), masked["0.weight"])
+    out = net(x)
+    assert float((out - expected).float().norm() / expected.float().norm()) < 5e-3

@@ -327,3 +327,60 @@ def test_restored_unstructured_masks_are_refused_by_an_n_m_pruner():
     second.load_state_dict(first.state_dict())
     with pytest.raises(ValueError, match=r"restored mask of 'net.0.weight' has groups of 4 with up to [34] zeros"):
         second.bind(model)
+
+
+# ---------------------------------------------------------------- export to semi-structured kernels
+def _two_four_mlp(dtype=torch.float16, d=64, hidden=128) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d), nn.Linear(d, 8))
+    pruner = MagnitudePruning(0.5, pattern="2:4", exclude=["3.*"], verbose=0)
+    prune(net, [torch.randn(4, d)], pruner, num_batches=1)
+    return net.to(dtype)
+
+
+def test_export_refuses_what_the_kernels_cannot_take_and_converts_nothing():
+    from lightning_prune import export_semi_structured
+
+    net = _two_four_mlp()
+    before = {n: p for n, p in net.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"CUDA GPUs only, and '0' ... is on \['cpu'\].*Nothing was converted"):
+        export_semi_structured(net)
+    with pytest.raises(ValueError, match=r"not 2:4 sparse: \['3'\]"):
+        export_semi_structured(net, include=["0", "3"])
+    with pytest.raises(ValueError, match=r"not nn.Linear: \['1'\]"):
+        export_semi_structured(net, include=["1"])
+    with pytest.raises(ValueError, match=r"layer '0' is torch.float32; 2:4 kernels take"):
+        export_semi_structured(_two_four_mlp(torch.float32))
+    with pytest.raises(ValueError, match=r"no nn.Linear of Sequential has 2:4-sparse weights"):
+        export_semi_structured(nn.Sequential(nn.Linear(64, 64)).half())
+    small = nn.Sequential(nn.Linear(8, 8)).half()
+    with torch.no_grad():
+        small[0].weight[:, ::2] = 0
+    with pytest.raises(ValueError, match=r"layer '0' has weight shape \(8, 8\); 2:4 kernels need multiples of"):
+        export_semi_structured(small)
+    assert all(p is before[n] for n, p in net.named_parameters())  # nothing was touched
+
+
+def test_export_replaces_and_verifies_each_layer_and_restores_on_mismatch(monkeypatch):
+    """The conversion itself needs a GPU (tests/test_gpu.py); here it is stood in for, to check the
+    replacement, the output check and the restore."""
+    from lightning_prune import export
+
+    monkeypatch.setattr(export, "_check_device", lambda weights, names: None)
+    monkeypatch.setattr(export, "_to_sparse", lambda w: w.clone())
+    net = _two_four_mlp(torch.bfloat16)
+    assert export.export_semi_structured(net) == ["0", "2"]
+    assert not net[0].weight.requires_grad and net[3].weight.requires_grad  # the dense head is left alone
+
+    net = _two_four_mlp(torch.bfloat16)
+    before = {n: p for n, p in net.named_parameters()}
+    calls = []
+
+    def corrupt(w):
+        calls.append(w)
+        return w * (1.0 if len(calls) == 1 else 1.5)  # the second layer comes back wrong
+
+    monkeypatch.setattr(export, "_to_sparse", corrupt)
+    with pytest.raises(RuntimeError, match=r"layer '2': the semi-structured weight's outputs differ .* restored"):
+        export.export_semi_structured(net)
+    assert all(p is before[n] for n, p in net.named_parameters())

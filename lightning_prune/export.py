@@ -1,0 +1,152 @@
+"""Export 2:4-pruned layers to the GPU's semi-structured sparse kernels.
+
+A mask only saves time once the weight is stored in a format a kernel can skip zeros in. For 2:4
+that is torch's :func:`torch.sparse.to_sparse_semi_structured` (cuSPARSELt or CUTLASS; fp16/bf16,
+also int8, on CUDA GPUs of compute capability 8.0 and newer). :func:`export_semi_structured`
+checks everything first and converts nothing unless every requested layer can be converted, then
+verifies each converted layer's outputs against the dense weights with zeros (restoring the dense
+weights if any differs), so a model never silently changes what it computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
+
+import torch
+from torch import Tensor, nn
+
+from lightning_prune.patterns import NM
+
+TWO_FOUR = NM(2, 4)
+DTYPES = (torch.float16, torch.bfloat16)
+# relative error of a layer's output that still counts as equal: accumulation order differs
+TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _to_sparse(weight: Tensor) -> Tensor:
+    return torch.sparse.to_sparse_semi_structured(weight)
+
+
+def _min_shape(dtype: torch.dtype) -> tuple[int, int]:
+    """Rows and columns a semi-structured weight must be a multiple of, for torch's backend in use."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    cls = SparseSemiStructuredTensorCUSPARSELT
+    if torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS or not _has_cusparselt():
+        cls = SparseSemiStructuredTensorCUTLASS
+    config = cls._DTYPE_SHAPE_CONSTRAINTS[dtype]
+    return config.sparse_min_rows, config.sparse_min_cols
+
+
+def _has_cusparselt() -> bool:
+    return bool(getattr(torch.backends, "cusparselt", None) and torch.backends.cusparselt.is_available())
+
+
+def is_two_four(weight: Tensor) -> bool:
+    """Whether every group of 4 consecutive input weights of every row has at least 2 zeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        return False
+    return bool((TWO_FOUR.pruned_per_group(weight.detach() == 0) >= 2).all())
+
+
+def export_semi_structured(
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    check_rows: int = 64,
+) -> list[str]:
+    """Store the weights of 2:4-sparse ``nn.Linear`` layers as semi-structured sparse tensors, in place.
+
+    Args:
+        model: on a CUDA device, in float16 or bfloat16 (``model.half().cuda()``), pruned with
+            ``pattern="2:4"`` (any criterion).
+        include: glob patterns of module names to convert; each must be a 2:4-sparse Linear.
+            Default: every Linear whose weight is 2:4 sparse (a dense ``lm_head`` is left alone).
+        exclude: glob patterns of module names to leave dense.
+        check_rows: rows of the random input each converted layer's output is verified on.
+
+    Returns:
+        The names of the converted modules. The weights become non-trainable (``requires_grad=False``):
+        export is for inference.
+
+    Raises:
+        ValueError: a named layer is not a Linear, not 2:4 sparse, or has a dtype or shape the
+            kernels do not take (the message names it); nothing was converted.
+        RuntimeError: not on a CUDA GPU with 2:4 kernels (compute capability >= 8.0), or a converted
+            layer's outputs differ from the dense ones (every weight is restored).
+    """
+    modules = dict(model.named_modules())
+    if include is not None:
+        names = [n for n in modules if n and any(fnmatchcase(n, p) for p in include)]
+        if not names:
+            raise ValueError(f"`include={list(include)}` matches no module of {type(model).__name__}")
+        if bad := [n for n in names if type(modules[n]) is not nn.Linear]:
+            raise ValueError(f"`include` names modules that are not nn.Linear: {bad[:5]} (only Linear layers export)")
+        if bad := [n for n in names if not is_two_four(modules[n].weight)]:
+            raise ValueError(
+                f"`include` names layers whose weights are not 2:4 sparse: {bad[:5]}; prune them with pattern='2:4'"
+            )
+    else:
+        names = [n for n, m in modules.items() if type(m) is nn.Linear and is_two_four(m.weight)]
+    names = [n for n in names if not any(fnmatchcase(n, p) for p in exclude or ())]
+    if not names:
+        raise ValueError(
+            f"no nn.Linear of {type(model).__name__} has 2:4-sparse weights to export: prune with pattern='2:4' first"
+        )
+    for n in names:
+        w = modules[n].weight
+        if w.dtype not in DTYPES:
+            raise ValueError(
+                f"layer {n!r} is {w.dtype}; 2:4 kernels take {[str(d) for d in DTYPES]}: cast the model first "
+                "(model.half() or model.to(torch.bfloat16)). Nothing was converted"
+            )
+    for n in names:
+        w = modules[n].weight
+        rows, cols = _min_shape(w.dtype)
+        if w.shape[0] % rows or w.shape[1] % cols:
+            raise ValueError(
+                f"layer {n!r} has weight shape {tuple(w.shape)}; 2:4 kernels need multiples of ({rows}, {cols}) in "
+                f"{w.dtype}: leave it dense with exclude=[{n!r}]. Nothing was converted"
+            )
+    _check_device([modules[n].weight for n in names], names)
+
+    dense: dict[str, nn.Parameter] = {}
+    try:
+        for n in names:
+            module = modules[n]
+            w = module.weight
+            x = torch.randn(check_rows, w.shape[1], dtype=w.dtype, device=w.device)
+            with torch.no_grad():
+                expected = module(x)
+            dense[n] = w
+            module.weight = nn.Parameter(_to_sparse(w.detach()), requires_grad=False)
+            with torch.no_grad():
+                got = module(x)
+            error = float((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
+            if not error <= TOLERANCE[w.dtype]:
+                raise RuntimeError(
+                    f"layer {n!r}: the semi-structured weight's outputs differ from the dense ones by {error:.3g} "
+                    f"(relative; allowed {TOLERANCE[w.dtype]:g}); every layer was restored to its dense weight"
+                )
+    except BaseException:
+        for n, w in dense.items():
+            modules[n].weight = w
+        raise
+    return names
+
+
+def _check_device(weights: list[Tensor], names: list[str]) -> None:
+    devices = {w.device for w in weights}
+    if any(d.type != "cuda" for d in devices):
+        where = sorted(str(d) for d in devices)
+        raise RuntimeError(
+            f"2:4 semi-structured kernels run on CUDA GPUs only, and {names[0]!r} ... is on {where}: move the model "
+            "with model.cuda() first (on the CPU a 2:4 model stays dense, with its zeros). Nothing was converted"
+        )
+    for d in devices:
+        if torch.cuda.get_device_capability(d) < (8, 0):
+            raise RuntimeError(
+                f"2:4 semi-structured kernels need compute capability >= 8.0 (Ampere or newer); {d} has "
+                f"{torch.cuda.get_device_capability(d)}. Nothing was converted"
+            )
