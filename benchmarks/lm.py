@@ -80,6 +80,21 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "wanda + lm_head": ("OBDPruning", {"curvature": "activations", "scope": "row", "head": True}),
 }
 PEERS = {"llm-compressor SparseGPT": "sparsegpt", "llm-compressor Wanda": "wanda"}
+# N:M (``--nm``): the same criteria with a pattern, against llm-compressor's mask_structure
+SEQUENTIAL = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}
+NM_OURS: dict[str, tuple[str, dict[str, Any]]] = {}
+NM_PEERS: dict[str, tuple[str, str]] = {}
+for _p in ("2:4", "4:8"):
+    NM_OURS[f"magnitude {_p}"] = ("MagnitudePruning", {"scope": "layer", "pattern": _p})
+    NM_OURS[f"wanda (OBD activations) {_p}"] = (
+        "OBDPruning",
+        {"curvature": "activations", "scope": "row", "pattern": _p},
+    )
+    NM_OURS[f"OBS sequential fast {_p}"] = ("OBSPruning", {**SEQUENTIAL, "solver": "fast", "pattern": _p})
+    NM_OURS[f"OBS sequential exact {_p}"] = ("OBSPruning", {**SEQUENTIAL, "solver": "exact", "pattern": _p})
+    NM_PEERS[f"llm-compressor SparseGPT {_p}"] = ("sparsegpt", _p)
+    NM_PEERS[f"llm-compressor Wanda {_p}"] = ("wanda", _p)
+FINETUNE_NM = ["magnitude 2:4", "wanda (OBD activations) 2:4", "OBS sequential fast 2:4"]
 PAIRS = [
     ("OBS sequential fast (layer)", "llm-compressor SparseGPT"),
     ("wanda (OBD activations, row)", "llm-compressor Wanda"),
@@ -151,7 +166,7 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
     calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
     rows = 8
     batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
-    cls, kwargs = OURS[method][0], dict(OURS[method][1])
+    cls, kwargs = {**OURS, **NM_OURS}[method][0], dict({**OURS, **NM_OURS}[method][1])
     if cls != "MagnitudePruning":  # magnitude needs no calibration batches
         kwargs = {**kwargs, "num_batches": len(batches)}
     if kwargs.pop("head", False):
@@ -193,7 +208,8 @@ def run_cell(folder: Path, method: str, sparsity: float, rep: int) -> dict[str, 
     if path.exists():
         return json.loads(path.read_text())
     path.parent.mkdir(exist_ok=True)
-    if method in PEERS:
+    if method in PEERS or method in NM_PEERS:
+        peer, mask = NM_PEERS.get(method, (PEERS.get(method), "0:0"))
         python = PEER_VENV / "bin" / "python"
         if not python.exists() and not make_peer_venv():
             return None
@@ -205,7 +221,7 @@ def run_cell(folder: Path, method: str, sparsity: float, rep: int) -> dict[str, 
             "--calib",
             str(folder / "calib.pt"),
         ]
-        cmd += ["--eval", str(folder / "eval.pt"), "--method", PEERS[method], "--sparsity", str(sparsity)]
+        cmd += ["--eval", str(folder / "eval.pt"), "--method", peer, "--sparsity", str(sparsity), "--mask", mask]
         cmd += ["--out", str(path)]
     else:
         cmd = [sys.executable, __file__, "--cell", str(folder), method, str(sparsity), str(path)]
@@ -276,6 +292,86 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
     return r
 
 
+def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, Any]:
+    """One-shot N:M with ``prune()``, then ``FINETUNE`` steps of training with the masks frozen (the
+    same pruner as a callback: its one round is done, so it only keeps the zeros)."""
+    import lightning.pytorch as pl
+
+    import lightning_prune
+    from lightning_prune.models import CausalLM
+    from lightning_prune.patterns import parse_pattern
+
+    path = folder / "cells" / f"finetune-{method}.json".replace(" ", "_")
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    pl.seed_everything(1, verbose=False)
+    dm = datamodule(plan)
+    ft = plan["finetune"]
+    lit = CausalLM(**dm.model_args, **plan["model"], lr=1e-3, warmup_steps=ft // 20)
+    lit.load_state_dict(torch.load(folder / "lit.pt"))
+    calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
+    batches = [{"input_ids": calib[i : i + 8], "labels": calib[i : i + 8]} for i in range(0, len(calib), 8)]
+    cls, kwargs = NM_OURS[method]
+    if cls != "MagnitudePruning":
+        kwargs = {**kwargs, "num_batches": len(batches)}
+    pruner = getattr(lightning_prune, cls)(
+        target=0.5, schedule="one_shot", start_step=0, end_step=0, eval_batches=0, verbose=0, **kwargs
+    )
+    lightning_prune.prune(lit, batches, pruner)
+    oneshot = perplexity(lit.model.eval(), evals)
+    trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    nm = parse_pattern(kwargs["pattern"])
+    groups_ok = all(
+        bool((nm.pruned_per_group(t.matrix(t.param.detach() == 0)) >= nm.n).all())  # type: ignore[attr-defined]
+        for t in pruner.targets
+    )
+    r = {
+        "method": method,
+        "perplexity_oneshot": oneshot,
+        "perplexity": perplexity(lit.model.eval(), evals),
+        "pattern_holds": groups_ok,
+        "fit_seconds": time.perf_counter() - start,
+        "commit": common.commit(),
+    }
+    path.write_text(json.dumps(r))
+    return r
+
+
+def nm_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
+    """One-shot 2:4 and 4:8 perplexity (ours and llm-compressor's), then a short fine-tune of ours."""
+    rows = ["| method | one-shot ppl | seconds |", "|---|---|---|", f"| dense | {dense_ppl:.2f} | |"]
+    for method in [*NM_OURS, *NM_PEERS]:
+        r = run_cell(folder, method, 0.5, 0)
+        if r is None:
+            rows.append(f"| {method} | not run | |")
+            continue
+        print(f"{method}: ppl {r['perplexity']:.2f}, {r['seconds_oneshot']:.1f} s", flush=True)
+        rows.append(f"| {method} | {r['perplexity']:.2f} | {r['seconds_oneshot']:.1f} |")
+    ft = ["| method (2:4) | one-shot ppl | after fine-tuning | 2:4 holds |", "|---|---|---|---|"]
+    for method in FINETUNE_NM:
+        r = finetune_cell(plan, folder, method)
+        print(f"finetune {method}: {r['perplexity_oneshot']:.2f} -> {r['perplexity']:.2f}", flush=True)
+        ft.append(
+            f"| {method} | {r['perplexity_oneshot']:.2f} | {r['perplexity']:.2f} | "
+            f"{'yes' if r['pattern_holds'] else '**no**'} |"
+        )
+    return "\n".join(
+        [
+            "### One-shot N:M (N of every M consecutive input weights zero; 50% of every decoder Linear; "
+            "test perplexity; seconds of the prune()/oneshot() call, one run each)",
+            "",
+            *rows,
+            "",
+            f"### 2:4, then fine-tuning {plan['finetune']} steps with the masks frozen (test perplexity)",
+            "",
+            *ft,
+        ]
+    )
+
+
 def fmt(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
@@ -287,6 +383,7 @@ def fmt(values: list[float], digits: int = 2) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--nm", action="store_true", help="only the N:M section (its own block in RESULTS.md)")
     p.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "SPARSITY", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
@@ -304,6 +401,18 @@ def main() -> None:
     params = sum(p.numel() for p in dense_model.parameters())
     train_s = json.loads((folder / "dense.json").read_text())["train_seconds"]
     print(f"dense: {params / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f}", flush=True)
+    if a.nm:
+        text = nm_section(plan, folder, dense_ppl)
+        print(text)
+        if not a.quick:
+            common.write_block(
+                "lm-nm",
+                f"## Language model: N:M (2:4, 4:8) against llm-compressor\n\n`python benchmarks/lm.py --nm` at "
+                f"`{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on {common.machine()}; the dense "
+                f"model of the section above (test perplexity {dense_ppl:.2f}), the same 128 calibration "
+                f"windows.\n\n{text}",
+            )
+        return
 
     results: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for s in plan["sparsities"]:

@@ -8,8 +8,9 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback, ModelPruning
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
+from lightning_prune.patterns import NM, parse_pattern
 from lightning_prune.schedule import SparsitySchedule
-from lightning_prune.targets import PRUNABLE_TYPES
+from lightning_prune.targets import PRUNABLE_TYPES, resolve_targets
 
 
 class LightningModelPruning(ModelPruning):
@@ -82,3 +83,22 @@ def make(method: str, target: float, **kwargs: Any) -> Callback:
     if method == "modelpruning":
         kwargs = {k: v for k, v in kwargs.items() if k in _SCHEDULE_KEYS}
     return METHODS[method](target, **kwargs)
+
+
+def split_pattern(method: str, model: str) -> tuple[str, dict[str, Any]]:
+    """``"obs-layerwise/2:4"`` -> ``("obs-layerwise", {"pattern": ..., "exclude": [...]})``; a
+    ``-groups`` suffix (``"magnitude/2:4-groups"``) selects the groups ramp. Layers whose input
+    dimension is not a multiple of M stay dense (LeNet-5's convolutions; the MLP's 300- and
+    100-input layers under 4:8), as a user would exclude them."""
+    if "/" not in method:
+        return method, {}
+    import common
+
+    base, spec = method.split("/", 1)
+    ramp = "capped"
+    if spec.endswith("-groups"):
+        spec, ramp = spec[: -len("-groups")], "groups"
+    nm = parse_pattern(spec)
+    assert isinstance(nm, NM)
+    exclude = [t.name for t in resolve_targets(common.build(model, 0)) if t.shape2d[1] % nm.m]
+    return base, {"pattern": NM(nm.n, nm.m, ramp), "exclude": exclude or None}

@@ -37,18 +37,19 @@ REGIMES = {
 def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     """One (regime, model, method, target, seed) result, computed once and cached."""
     CELLS.mkdir(parents=True, exist_ok=True)
-    key = f"{regime}-{model}-{method}-{target}-s{seed}"
+    key = f"{regime}-{model}-{method.replace('/', '@')}-{target}-s{seed}"
     path = CELLS / f"{key}.json"
     if path.exists():
         return {**json.loads(path.read_text()), "cached": True}
     start = time.perf_counter()
+    base, kwargs = methods.split_pattern(method, model)
     if regime == "one_shot":
-        callback = methods.make(method, target, schedule="one_shot")
+        callback = methods.make(base, target, schedule="one_shot", **kwargs)
         acc, net = common.one_shot(model, seed, callback)
         dense_acc = common.dense(model, seed)[1]
     else:
         spec = REGIMES[regime]
-        callback = methods.make(method, target, schedule="cubic", start_epoch=0, end_epoch=spec["end_epoch"])
+        callback = methods.make(base, target, schedule="cubic", start_epoch=0, end_epoch=spec["end_epoch"], **kwargs)
         acc, net = common.train_with(model, seed, spec["epochs"], [callback])
         dense_acc = common.dense(model, seed, epochs=spec["epochs"])[1]
     history = getattr(callback, "history", ())

@@ -62,7 +62,8 @@ def round_summary(record: Mapping[str, Any]) -> str:
     parts = [
         f"[lightning-prune] round {record['round']} ({when(record)}): "
         f"sparsity {record['sparsity']:.2%} (this round {record['target_sparsity']:.2%}, "
-        f"final target {record['target']:.2%})"
+        f"final target {record['target']:.2%}"
+        + (f", pattern {record['pattern']})" if record.get("pattern", "unstructured") != "unstructured" else ")")
     ]
     pred, act = record["predicted_loss_increase"], record["actual_loss_increase"]
     if not math.isnan(act):
