@@ -168,3 +168,28 @@ def test_wanda_row_scope_on_llama_prunes_every_row_alike():
     prune(model, batches(), pruner)
     for name, mask in pruner.masks.items():
         assert torch.all(mask.sum(1) == mask.shape[1] // 2), name
+
+
+@pytest.mark.parametrize("solver", ["exact", "fast"])
+def test_sequential_2_4_on_llama_is_2_4_in_every_layer_and_beats_magnitude(solver):
+    """SparseGPT 2:4 on a decoder: the pattern in every layer (hidden 24, intermediate 40: both
+    multiples of 4), and logits closer to the dense model's than magnitude 2:4 gives (a random
+    model's loss is log(vocab) whatever is pruned, so the reconstruction is what can be compared)."""
+    from lightning_prune import MagnitudePruning
+
+    data = batches(8)
+
+    def logits(model):
+        with torch.no_grad():
+            return torch.cat([model(**b).logits for b in data])
+
+    model, magnitude = tiny_llama(), tiny_llama()
+    dense = logits(model)
+    pruner = obs(blocks="auto", solver=solver, pattern="2:4")
+    prune(model, data, pruner)
+    prune(magnitude, data, MagnitudePruning(0.5, pattern="2:4", scope="layer", verbose=0))
+    for t in pruner.targets:
+        zeros = t.matrix(t.param.detach() == 0).reshape(t.shape2d[0], -1, 4).sum(2)
+        assert torch.all(zeros == 2), t.name
+    ours, theirs = float((logits(model) - dense).norm()), float((logits(magnitude) - dense).norm())
+    assert ours < 0.95 * theirs  # measured: exact under 0.8x, fast 0.89x magnitude's
