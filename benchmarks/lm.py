@@ -316,7 +316,7 @@ def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, 
     if cls != "MagnitudePruning":
         kwargs = {**kwargs, "num_batches": len(batches)}
     pruner = getattr(lightning_prune, cls)(
-        target=0.5, schedule="one_shot", start_step=0, end_step=0, eval_batches=0, verbose=0, **kwargs
+        target=0.5, schedule="one_shot", start_step=1, end_step=1, eval_batches=0, verbose=0, **kwargs
     )
     lightning_prune.prune(lit, batches, pruner)
     oneshot = perplexity(lit.model.eval(), evals)

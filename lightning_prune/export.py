@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.patterns import NM
+from lightning_prune.targets import is_hf_conv1d, is_prunable_layer
 
 TWO_FOUR = NM(2, 4)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -43,11 +44,19 @@ def _has_cusparselt() -> bool:
     return bool(getattr(torch.backends, "cusparselt", None) and torch.backends.cusparselt.is_available())
 
 
-def is_two_four(weight: Tensor) -> bool:
+def is_two_four(weight: Tensor | None) -> bool:
     """Whether every group of 4 consecutive input weights of every row has at least 2 zeros."""
-    if weight.dim() != 2 or weight.shape[1] % 4:
+    if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] % 4:
         return False
     return bool((TWO_FOUR.pruned_per_group(weight.detach() == 0) >= 2).all())
+
+
+def _two_four_layer(module: nn.Module) -> bool:
+    """A prunable layer other than Linear (HF ``Conv1D``, convolutions) that is 2:4 along its inputs."""
+    if not is_prunable_layer(module):
+        return False
+    w = module.weight.detach()
+    return is_two_four(w.T if is_hf_conv1d(module) else w.flatten(1))
 
 
 def export_semi_structured(
@@ -91,9 +100,14 @@ def export_semi_structured(
         names = [n for n, m in modules.items() if type(m) is nn.Linear and is_two_four(m.weight)]
     names = [n for n in names if not any(fnmatchcase(n, p) for p in exclude or ())]
     if not names:
-        raise ValueError(
-            f"no nn.Linear of {type(model).__name__} has 2:4-sparse weights to export: prune with pattern='2:4' first"
+        others = [n for n, m in modules.items() if type(m) is not nn.Linear and _two_four_layer(m)]
+        hint = (
+            f"; {others[:3]} are 2:4 but not nn.Linear (torch's semi-structured kernels serve F.linear only: "
+            "GPT-2's Conv1D and convolutions stay dense)"
+            if others
+            else ": prune with pattern='2:4' first"
         )
+        raise ValueError(f"no nn.Linear of {type(model).__name__} has 2:4-sparse weights to export{hint}")
     for n in names:
         w = modules[n].weight
         if w.dtype not in DTYPES:

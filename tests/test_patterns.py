@@ -384,3 +384,15 @@ def test_export_replaces_and_verifies_each_layer_and_restores_on_mismatch(monkey
     with pytest.raises(RuntimeError, match=r"layer '2': the semi-structured weight's outputs differ .* restored"):
         export.export_semi_structured(net)
     assert all(p is before[n] for n, p in net.named_parameters())
+
+
+def test_export_names_2_4_layers_it_cannot_serve():
+    from transformers.pytorch_utils import Conv1D
+
+    from lightning_prune import export_semi_structured
+
+    net = nn.Sequential(Conv1D(8, 16))
+    with torch.no_grad():
+        net[0].weight[::2] = 0  # weight is in x out: every other input row zero
+    with pytest.raises(ValueError, match=r"\['0'\] are 2:4 but not nn.Linear .*Conv1D"):
+        export_semi_structured(net.half())
