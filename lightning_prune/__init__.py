@@ -10,6 +10,7 @@ from typing import Any
 from lightning_prune.export import export_semi_structured
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
+from lightning_prune.shrink import shrink
 
 _CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
@@ -21,6 +22,7 @@ __all__ = [
     "PruningCallback",
     "export_semi_structured",
     "prune",
+    "shrink",
 ]
 __version__ = "0.1.0"
 

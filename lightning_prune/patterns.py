@@ -5,6 +5,8 @@ weights go. Everything pattern-specific lives here, so adding a pattern touches 
 the solvers, if they choose masks inside their sweep).
 
 * ``"unstructured"`` (default): any weight may be pruned.
+* ``"channels"``: whole neurons, Conv channels and attention heads, with the layers they couple
+  (:mod:`lightning_prune.structures`, which holds everything about it).
 * ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``): **N of every M consecutive weights are zero** (the
   reading of SparseGPT, Wanda and llm-compressor's ``mask_structure``; NVIDIA's "2:4" is the same
   thing for N = M/2). Groups run along the *input* dimension of each output row, in the layout
@@ -33,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_prune.targets import PruneTarget
 
@@ -59,8 +61,22 @@ class Pattern:
     def check_min_density(self, min_density: float) -> None:
         """Refuse a per-layer floor the pattern can never meet."""
 
+    def check_scope(self, scope: str) -> None:
+        """Refuse a scope the pattern cannot select under (called when the pruner is built)."""
+
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         """Refuse layers whose shape the pattern does not fit (called when the pruner binds)."""
+
+    def bind(
+        self, model: nn.Module, targets: Sequence[PruneTarget], target: float, scope: str, min_density: float
+    ) -> Pattern:
+        """The pattern for this model (structured patterns discover what they remove); refuses what cannot work."""
+        self.check_targets(targets)
+        return self
+
+    def units(self, masks: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
+        """``(pruned, total)`` units per layer, what ``target`` is a fraction of: weights here."""
+        return {n: (int((~m).sum()), m.numel()) for n, m in masks.items()}
 
     def check_masks(self, masks: Mapping[str, Tensor], what: str) -> None:
         """Refuse masks (``(d_out, d_in)`` layout) that break the pattern: masks only shrink, so a
@@ -177,6 +193,10 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     if isinstance(pattern, str):
         if pattern == "unstructured":
             return UNSTRUCTURED
+        if pattern == "channels":
+            from lightning_prune.structures import Channels  # structured pruning builds on this module
+
+            return Channels()
         if match := _NM.match(pattern):
             return NM(int(match.group(1)), int(match.group(2)))
-    raise ValueError(f"`pattern` must be 'unstructured' or 'N:M' (e.g. '2:4'), got {pattern!r}")
+    raise ValueError(f"`pattern` must be 'unstructured', 'N:M' (e.g. '2:4') or 'channels', got {pattern!r}")

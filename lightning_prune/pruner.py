@@ -70,6 +70,10 @@ class Pruner:
             sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
             :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
             each group's zeros inside its column sweep, from the compensated weights.
+            ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
+            couple (:mod:`lightning_prune.structures`); ``target`` is then the fraction of
+            structures removed and ``min_density`` keeps at least one of every family;
+            ``lightning_prune.shrink`` turns the result into a smaller dense model.
     """
 
     def __init__(
@@ -115,6 +119,9 @@ class Pruner:
         self.pattern = parse_pattern(pattern)
         self.pattern.check_target(self._schedule.target)
         self.pattern.check_min_density(self.min_density)
+        self.pattern.check_scope(scope)
+        criterion.check_pattern(self.pattern)
+        self._pattern: Pattern = self.pattern  # bound to the model at bind() (structured patterns discover their units)
         for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
@@ -144,6 +151,11 @@ class Pruner:
     @property
     def schedule(self) -> SparsitySchedule:
         return self._schedule
+
+    @property
+    def bound_pattern(self) -> Pattern:
+        """The pattern as bound to the model (``pattern="channels"``: with its families), once bound."""
+        return self._pattern
 
     @property
     def targets(self) -> list[PruneTarget]:
@@ -199,6 +211,8 @@ class Pruner:
         current = self.current_masks()
         rows = [(t.name, tuple(t.param.shape), int(current[t.name].sum()), t.param.numel()) for t in self.targets]
         table = layer_table(rows)
+        if notes := getattr(self._pattern, "notes", None):
+            table += f"\npattern='{self.pattern}' left alone: " + "; ".join(notes)
         if self._skipped:
             table += "\nnot pruned: " + "; ".join(f"{n} ({why})" for n, why in self._skipped)
         return table
@@ -215,7 +229,9 @@ class Pruner:
         if skipped and skipped != self._skipped:
             warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
-        self.pattern.check_targets(targets)
+        self._pattern = self.pattern.bind(model, targets, self.target, self.scope, self.min_density)
+        if notes := getattr(self._pattern, "notes", None):
+            warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
         self.criterion.check_targets(targets)
         self.criterion.check_model(model, targets)
         self._name_parameters(model)
@@ -250,11 +266,10 @@ class Pruner:
 
     def removes_something(self, sparsity: float) -> bool:
         """Whether a round to ``sparsity`` would prune any weight the masks still keep."""
-        current = self.current_masks()
+        units = self._pattern.units(self.current_masks())  # weights, or structures under pattern="channels"
         if self.scope == "layer":
-            return any(round(sparsity * m.numel()) > int((~m).sum()) for m in current.values())
-        pruned, total = M.count_pruned(current)
-        return round(sparsity * total) > pruned
+            return any(round(sparsity * n) > p for p, n in units.values())
+        return round(sparsity * sum(n for _, n in units.values())) > sum(p for p, _ in units.values())
 
     def due(self, now: int) -> int | None:
         """The schedule point whose round should run now (``now``: epoch or global step), or ``None``.

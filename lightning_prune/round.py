@@ -28,6 +28,7 @@ from lightning_prune.criteria.base import RoundContext
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.pruner import Pruner
+from lightning_prune.structures import structure_sparsity
 from lightning_prune.summary import round_summary
 
 
@@ -98,7 +99,7 @@ def run_round(
         comm=comm,
         round_index=round_index,
         scope=pruner.scope,
-        pattern=pruner.pattern,
+        pattern=pruner.bound_pattern,
         min_density=pruner.min_density,
         source=source,
         solver_budget=solver_budget,
@@ -122,6 +123,7 @@ def run_round(
     # 6. the record
     masks = pruner.current_masks()
     pruned, total = M.count_pruned(masks)
+    structures = structure_sparsity(pruner.bound_pattern, masks)
     record = {
         "round": len(pruner.history),
         "trigger": trigger,
@@ -133,6 +135,7 @@ def run_round(
         "sparsity": pruned / total,
         "pruned": pruned,
         "total": total,
+        **({"structures_pruned": structures[0], "structures_total": structures[1]} if structures else {}),
         "predicted_loss_increase": float(result.predicted_loss_increase),
         "actual_loss_increase": loss_after - loss_before,
         "loss_before": loss_before,

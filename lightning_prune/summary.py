@@ -65,6 +65,8 @@ def round_summary(record: Mapping[str, Any]) -> str:
         f"final target {record['target']:.2%}"
         + (f", pattern {record['pattern']})" if record.get("pattern", "unstructured") != "unstructured" else ")")
     ]
+    if "structures_total" in record:
+        parts[0] += f", {record['structures_pruned']}/{record['structures_total']} structures removed"
     pred, act = record["predicted_loss_increase"], record["actual_loss_increase"]
     if not math.isnan(act):
         parts.append(f"loss {record['loss_before']:.4f} -> {record['loss_after']:.4f}")

@@ -22,6 +22,7 @@ from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
 from lightning_prune.selection import select_masks
+from lightning_prune.structures import Channels
 from lightning_prune.targets import PruneTarget
 
 
@@ -49,6 +50,8 @@ class RoundContext:
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
+        if isinstance(self.pattern, Channels):  # whole structures, ranked by their summed scores
+            return self.pattern.select(scores, self.masks, self.sparsity, self.scope, self.min_density)
         if self.scope == "row" or self.pattern.structured:  # the (d_out, d_in) layout, whatever the weight's own
             by_name = {t.name: t for t in self.targets}
             out = select_masks(
@@ -95,6 +98,9 @@ class Criterion:
     def window_length(self, num_batches: int, eval_batches: int) -> int:
         """How many batches a round keeps (curvature and evaluation)."""
         return num_batches
+
+    def check_pattern(self, pattern: Pattern) -> None:
+        """Refuse a pattern the criterion cannot prune under (called when the pruner is built)."""
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         """Refuse targets the criterion cannot handle (called when the pruner binds to a model)."""

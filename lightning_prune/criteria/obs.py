@@ -64,6 +64,9 @@ from lightning_prune.obs.layerwise import (
     sparsegpt_prune,
 )
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
+from lightning_prune.obs.structured import structured_prune
+from lightning_prune.patterns import Pattern
+from lightning_prune.structures import Channels
 from lightning_prune.targets import PruneTarget
 
 HESSIANS = ("layerwise", "fisher", "kfac")
@@ -158,6 +161,13 @@ class OBS(Criterion):
                 f"different layers are in different units): pass scope='layer' or 'row', got scope={scope!r}"
             )
 
+    def check_pattern(self, pattern: Pattern) -> None:
+        if isinstance(pattern, Channels) and self.blocks is not None:
+            raise ValueError(
+                f"pattern='channels' with blocks={self.blocks!r} (sequential calibration) is not supported: structured "
+                "OBS re-estimates the inputs of later layers itself (recompute_steps); pass blocks=None"
+            )
+
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
         check_hookable(targets, gradients=self.needs_gradients)
 
@@ -232,6 +242,8 @@ class OBS(Criterion):
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
         scores = {t.name: self._allocation_score(t, est, dtype) for t in ctx.targets}
         allocated = ctx.select(scores)
+        if isinstance(ctx.pattern, Channels):
+            return self._structured(ctx, est, ctx.pattern, allocated, info)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
         counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in ctx.targets}
@@ -256,6 +268,56 @@ class OBS(Criterion):
         if not weighted:
             info["reconstruction_error"], predicted = reconstruction, math.nan
         return RoundResult(masks, predicted, updated={t.name for t in ctx.targets}, info=info)
+
+    def _structured(
+        self, ctx: RoundContext, est: Composite, pattern: Channels, allocated: dict[str, Tensor], info: dict[str, Any]
+    ) -> RoundResult:
+        """``pattern="channels"``: the allocation fixes how many structures each family loses; the
+        structured solver chooses which, removing their consumer columns with the group update.
+        Families are solved in model order, in ``recompute_steps`` groups with the inputs of later
+        groups re-estimated after the earlier ones were pruned."""
+        dtype = self._dtype()
+        weighted = self.allocation != "reconstruction"
+        before, after = pattern.pruned(ctx.masks), pattern.pruned(allocated)
+        gone: dict[str, Tensor] = {}
+        predicted, reconstruction, updated = 0.0, 0.0, set()
+        families = _split(pattern.families, min(self.recompute_steps, len(pattern.families)))
+        for i, group in enumerate(families):
+            if i > 0:
+                est = self._recapture(ctx, f"re-estimating inputs ({i}/{len(families) - 1})")  # type: ignore[assignment]
+                info["recomputes"] += 1
+            for f in group:
+                count = int(after[f.name].sum()) - int(before[f.name].sum())
+                if count <= 0:
+                    continue
+                consumers = [t for _, t in pattern.slots(f, "consumers")]
+                stats = est["kfac"] if weighted else est["inputs"]
+                rows = [
+                    torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) if weighted else None for t in consumers
+                ]
+                Ws, gone[f.name], costs, counts = structured_prune(
+                    [self._matrix(t, dtype) for t in consumers],
+                    [stats.input_covariance(t.name).to(dtype) for t in consumers],
+                    [s.width for s, _ in pattern.slots(f, "consumers")],
+                    count,
+                    before[f.name],
+                    rows,
+                    self.damp,
+                    [t.name for t in consumers],
+                )
+                for t, W in zip(consumers, Ws):
+                    self._write(t, W)
+                    updated.add(t.name)
+                info["damping_increases"] += counts["damping_increases"]
+                info["dead_inputs"] += counts["dead_inputs"]
+                if weighted:
+                    predicted += float(costs.sum())
+                else:
+                    reconstruction += float(costs.sum())
+        info["solver"] = "structured"
+        if not weighted:
+            info["reconstruction_error"], predicted = reconstruction, math.nan
+        return RoundResult(pattern.expand(ctx.masks, gone), predicted, updated=updated, info=info)
 
     def _solve(
         self,
@@ -365,8 +427,8 @@ class OBS(Criterion):
     def _recomputed(self, ctx: RoundContext, est: Estimator) -> RoundResult:
         masks, predicted = dict(ctx.masks), 0.0
         info: dict[str, Any] = {"damping_increases": 0, "recomputes": 0}
-        numel = sum(m.numel() for m in masks.values())
-        start = sum(int((~m).sum()) for m in masks.values()) / numel
+        units = ctx.pattern.units(masks).values()  # weights, or structures under pattern="channels"
+        start = sum(p for p, _ in units) / sum(n for _, n in units)
         for step in range(self.recompute_steps):
             if step > 0:
                 est = self._recapture(ctx, f"recomputing curvature ({step}/{self.recompute_steps - 1})")
