@@ -313,16 +313,10 @@ class Channels(Pattern):
     def __hash__(self) -> int:
         return hash(self.name)
 
-    def check_target(self, target: float) -> None:
-        if not 0 <= target < 1:
-            raise ValueError(
-                f"target={target}: under pattern='channels' it is the fraction of structures removed, in [0, 1)"
-            )
-
     def check_scope(self, scope: str) -> None:
         if scope == "row":
             raise ValueError(
-                "pattern='channels' removes whole rows and columns: use scope='global' or 'layer', not 'row'"
+                "pattern='channels' removes whole rows and columns: use scope='global' or 'layer', got scope='row'"
             )
 
     # ------------------------------------------------------------------ binding
