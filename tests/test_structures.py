@@ -175,7 +175,8 @@ def test_greedy_structured_obs_picks_the_cheapest_structure_and_ends_at_the_refi
     size, width = 5, 2
     # one removal: the brute-force cheapest structure
     errors = [_refit(X, W, _cols([i for i in range(size) if i != j], width))[1] for j in range(size)]
-    (W1,), gone, cost, _ = structured_prune([W], [H], [width], 1, torch.zeros(size, dtype=torch.bool), [None], 0.0, ["l"])
+    none = torch.zeros(size, dtype=torch.bool)
+    (W1,), gone, cost, _ = structured_prune([W], [H], [width], 1, none, [None], 0.0, ["l"])
     assert int(gone.nonzero()) == min(range(size), key=errors.__getitem__)
     assert float(cost[0]) == pytest.approx(min(errors), rel=1e-8)
     # three removals, one already pruned: the result is the refit on what is left, costs add up to its error
@@ -223,7 +224,9 @@ def test_magnitude_removes_the_structures_with_the_lowest_l1_norm_with_a_floor_p
     # brute force over every choice of 4 of the 7 structures that leaves each family its floor (1)
     norms = [float(before["0.weight"][j].abs().sum() + before["2.weight"][:, j].abs().sum()) for j in range(4)]
     norms += [float(before["2.weight"][j].abs().sum() + before["4.weight"][:, j].abs().sum()) for j in range(3)]
-    choices = [c for c in itertools.combinations(range(7), 4) if sum(j < 4 for j in c) <= 3 and sum(j >= 4 for j in c) <= 2]
+    choices = [
+        c for c in itertools.combinations(range(7), 4) if sum(j < 4 for j in c) <= 3 and sum(j >= 4 for j in c) <= 2
+    ]
     best = min(choices, key=lambda c: sum(norms[j] for j in c))
     gone = pruner.bound_pattern.pruned(pruner.masks)
     got = tuple(j for j in range(4) if gone["0"][j]) + tuple(4 + j for j in range(3) if gone["2"][j])
