@@ -36,7 +36,7 @@ def test_parse_pattern():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(pattern="2-4"), r"`pattern` must be 'unstructured' or 'N:M' .*'2-4'"),
+        (dict(pattern="2-4"), r"`pattern` must be 'unstructured', 'N:M' .* or 'channels', got '2-4'"),
         (dict(pattern="4:4"), r"`pattern='4:4'` needs 0 < N < M"),
         (dict(pattern="0:4"), r"`pattern='0:4'` needs 0 < N < M"),
         (dict(target=0.7, pattern="2:4"), r"target=0.7 contradicts pattern='2:4'.*pass target=0.5"),
