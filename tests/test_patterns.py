@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TinyNet, make_trainer
 from lightning.pytorch.callbacks import Callback
+from sparsegpt_reference import sparsegpt_reference
 from test_engine import FrozenChecker
 from test_obs import loss, problem, refit
 from torch import nn
@@ -233,23 +234,12 @@ def test_fast_n_m_is_sparsegpts_prunen_prunem_reference():
     quotas = torch.full((10, 6), 2)
     ours, pruned, _ = sparsegpt_prune(W, U, quotas.sum(1), pruned_like(W), blocksize=8, groups=(4, quotas))
 
-    ref, mask = W.clone(), pruned_like(W)
-    for i1 in range(0, 24, 8):
-        i2 = i1 + 8
-        W1, U1 = ref[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        m1 = torch.zeros_like(W1, dtype=torch.bool)
-        Err1 = torch.zeros_like(W1)
-        for i in range(8):
-            if i % 4 == 0:
-                tmp = W1[:, i : i + 4] ** 2 / torch.diagonal(U1)[i : i + 4] ** 2
-                m1.scatter_(1, i + torch.topk(tmp, 2, dim=1, largest=False)[1], True)
-            q = torch.where(m1[:, i], torch.zeros_like(W1[:, i]), W1[:, i])
-            err = (W1[:, i] - q) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        ref[:, i1:i2] = W1
-        ref[:, i2:] -= Err1 @ U[i1:i2, i2:]
-        mask[:, i1:i2] = m1
+    def groups_of_4(W1, U1, i, m1, b):
+        if i % 4 == 0:
+            tmp = W1[:, i : i + 4] ** 2 / torch.diagonal(U1)[i : i + 4] ** 2
+            m1.scatter_(1, i + torch.topk(tmp, 2, dim=1, largest=False)[1], True)
+
+    ref, mask = sparsegpt_reference(W, U, 8, groups_of_4)
     assert torch.equal(pruned, mask)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
