@@ -359,3 +359,25 @@ def test_bad_input_is_refused_early_with_the_argument_named():
     with pytest.raises(ValueError, match="consumer"):
         prune(model, [(torch.randn(4, 3),)], pruner)
     assert isinstance(pruner.pattern, Channels)
+
+
+def test_structured_masks_survive_resume_exactly(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(folder, ckpt_path=None):
+        pl.seed_everything(0, verbose=False)
+        model = TinyNet(optimizer="sgd", lr=0.05)
+        pruner = OBDPruning(target=0.75, pattern="channels", num_batches=4, verbose=0)  # rounds after epochs 0-2
+        ckpt = ModelCheckpoint(dirpath=folder, filename="{epoch}", save_top_k=-1)
+        trainer = make_trainer(folder, max_epochs=4, callbacks=[pruner, ckpt], enable_checkpointing=True)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return model, pruner
+
+    ref_model, ref = run(tmp_path / "ref")
+    model, pruner = run(tmp_path / "resumed", ckpt_path=tmp_path / "ref" / "epoch=1.ckpt")
+    assert ref.history[-1]["structures_pruned"] == pruner.history[-1]["structures_pruned"] == 48
+    for name, mask in ref.masks.items():
+        assert torch.equal(pruner.masks[name], mask), name
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
