@@ -49,6 +49,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "reps": 2,
         "finetune": 200,
         "gradual": [0.7, 0.9],
+        "structured": [0.5, 0.75],  # of every block's heads (4) and MLP neurons (512)
     },
     "quick": {
         "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
@@ -59,6 +60,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "reps": 1,
         "finetune": 30,
         "gradual": [0.7],
+        "structured": [0.5],  # 2 heads per block: 75% would leave none
     },
 }
 # ours: name -> (callback class, keyword arguments); the target is added per cell
@@ -252,21 +254,34 @@ def make_peer_venv() -> bool:
     return True
 
 
-def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
+def finetuning_setup(plan: dict[str, Any], folder: Path) -> tuple[Any, Any, int]:
+    """``(datamodule, dense CausalLM with the fine-tuning optimizer, steps)``, seeded alike for every cell."""
     import lightning.pytorch as pl
 
-    import lightning_prune
     from lightning_prune.models import CausalLM
 
-    path = folder / "cells" / f"gradual-{method}-{target}.json".replace(" ", "_")
-    if path.exists():
-        return json.loads(path.read_text())
-    path.parent.mkdir(exist_ok=True)
     pl.seed_everything(1, verbose=False)
     dm = datamodule(plan)
     ft = plan["finetune"]
     lit = CausalLM(**dm.model_args, **plan["model"], lr=1e-3, warmup_steps=ft // 20)
     lit.load_state_dict(torch.load(folder / "lit.pt"))
+    return dm, lit, ft
+
+
+def calibration_batches(folder: Path, rows: int = 8) -> list[dict[str, torch.Tensor]]:
+    calib = torch.load(folder / "calib.pt")
+    return [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
+
+
+def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
+
+    import lightning_prune
+
+    path = folder / "cells" / f"gradual-{method}-{target}.json".replace(" ", "_")
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    dm, lit, ft = finetuning_setup(plan, folder)
     cls, kwargs = GRADUAL[method]
     every = max(ft // 10, 1)
     if cls != "MagnitudePruning":
@@ -295,23 +310,16 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
 def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, Any]:
     """One-shot N:M with ``prune()``, then ``FINETUNE`` steps of training with the masks frozen (the
     same pruner as a callback: its one round is done, so it only keeps the zeros)."""
-    import lightning.pytorch as pl
 
     import lightning_prune
-    from lightning_prune.models import CausalLM
     from lightning_prune.patterns import parse_pattern
 
     path = folder / "cells" / f"finetune-{method}.json".replace(" ", "_")
     if path.exists():
         return json.loads(path.read_text())
     path.parent.mkdir(exist_ok=True)
-    pl.seed_everything(1, verbose=False)
-    dm = datamodule(plan)
-    ft = plan["finetune"]
-    lit = CausalLM(**dm.model_args, **plan["model"], lr=1e-3, warmup_steps=ft // 20)
-    lit.load_state_dict(torch.load(folder / "lit.pt"))
-    calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
-    batches = [{"input_ids": calib[i : i + 8], "labels": calib[i : i + 8]} for i in range(0, len(calib), 8)]
+    dm, lit, ft = finetuning_setup(plan, folder)
+    batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
     cls, kwargs = NM_OURS[method]
     if cls != "MagnitudePruning":
         kwargs = {**kwargs, "num_batches": len(batches)}
@@ -338,6 +346,119 @@ def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, 
     }
     path.write_text(json.dumps(r))
     return r
+
+
+STRUCTURED: dict[str, tuple[str, dict[str, Any]]] = {
+    "magnitude (L1 of the structure)": ("MagnitudePruning", {}),
+    "OBD fisher": ("OBDPruning", {}),
+    "OBS layer-wise (structured)": ("OBSPruning", {}),
+}
+STRUCTURED_FINETUNE = ("magnitude (L1 of the structure)", "OBS layer-wise (structured)")
+
+
+def structured_cell(plan: dict[str, Any], folder: Path, method: str, target: float, finetune: bool) -> dict[str, Any]:
+    """``pattern="channels"``, ``scope="layer"``: ``target`` of every block's attention heads and MLP
+    neurons removed one-shot with ``prune()``, the model shrunk (outputs checked), and optionally
+    ``FINETUNE`` steps of training with the structures frozen (the same pruner as a callback)."""
+    import lightning_prune
+    from lightning_prune.structures import discover
+
+    path = folder / "cells" / f"structured-{method}-{target}-ft{int(finetune)}.json".replace(" ", "_")
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(exist_ok=True)
+    dm, lit, ft = finetuning_setup(plan, folder)
+    batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
+    cls, kwargs = STRUCTURED[method]
+    if cls != "MagnitudePruning":
+        kwargs = {**kwargs, "num_batches": len(batches)}
+    pruner = getattr(lightning_prune, cls)(
+        target=target,
+        pattern="channels",
+        scope="layer",
+        schedule="one_shot",
+        start_step=1,
+        end_step=1,
+        eval_batches=0,
+        verbose=0,
+        **kwargs,
+    )
+    start = time.perf_counter()
+    lightning_prune.prune(lit, batches, pruner)
+    seconds = time.perf_counter() - start
+    r: dict[str, Any] = {
+        "method": method,
+        "target": target,
+        "seconds_oneshot": seconds,
+        "perplexity_oneshot": perplexity(lit.model.eval(), evals),
+    }
+    small = lightning_prune.shrink(lit.model, example_inputs={"input_ids": evals[:4]})
+    kinds = {f.name: f.kind for f in discover(lit.model)[0]}
+    r.update(
+        params_before=small.params_before,
+        params_after=small.params_after,
+        heads_removed=sum(n for f, n in small.removed.items() if kinds[f] == "heads"),
+        neurons_removed=sum(n for f, n in small.removed.items() if kinds[f] == "neurons"),
+        shrink_max_abs_diff=small.max_abs_diff,
+    )
+    if finetune:
+        trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
+        start = time.perf_counter()
+        trainer.fit(lit, datamodule=dm)
+        r["fit_seconds"] = time.perf_counter() - start
+        r["perplexity"] = perplexity(lit.model.eval(), evals)
+        kept = pruner.bound_pattern.units(pruner.masks)
+        again = lightning_prune.shrink(lit.model)
+        r["structures_stay_removed"] = sum(again.removed.values()) == sum(p for p, _ in kept.values())
+    r["commit"] = common.commit()
+    path.write_text(json.dumps(r))
+    return r
+
+
+def structured_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
+    rows = [
+        "| method | "
+        + " | ".join(f"{t:.0%} one-shot ppl" for t in plan["structured"])
+        + " | "
+        + " | ".join(f"{t:.0%} after {plan['finetune']} steps" for t in plan["structured"])
+        + " | one-shot s |",
+        "|---" * (2 + 2 * len(plan["structured"])) + "|",
+        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['structured'])} |"
+        + " |" * (1 + len(plan["structured"])),
+    ]
+    sizes = []
+    for method in STRUCTURED:
+        cells = [
+            structured_cell(plan, folder, method, t, method in STRUCTURED_FINETUNE and t == plan["structured"][0])
+            for t in plan["structured"]
+        ]
+        for c in cells:
+            print(
+                f"structured {method} {c['target']}: {c['perplexity_oneshot']:.2f} -> {c.get('perplexity')}", flush=True
+            )
+            sizes.append((c["target"], c["params_before"], c["params_after"], c["heads_removed"], c["neurons_removed"]))
+        after = [f"{c['perplexity']:.2f}" if "perplexity" in c else "-" for c in cells]
+        oneshot = [f"{c['perplexity_oneshot']:.2f}" for c in cells]
+        rows.append(
+            f"| {method} | {' | '.join(oneshot)} | "
+            f"{' | '.join(after)} | {statistics.mean(c['seconds_oneshot'] for c in cells):.1f} |"
+        )
+    shapes = sorted(set(sizes))
+    shape_text = "; ".join(
+        f"{t:.0%}: {h} heads and {n} MLP neurons removed, {b / 1e6:.2f}M -> {a / 1e6:.2f}M parameters"
+        for t, b, a, h, n in shapes
+    )
+    return "\n".join(
+        [
+            "### Structured: attention heads and MLP neurons (pattern='channels', scope='layer': the same "
+            "fraction of every block's heads and neurons; test perplexity)",
+            "",
+            *rows,
+            "",
+            f"Shrunk with `lightning_prune.shrink` (outputs equal to the masked model's): {shape_text}. The CPU "
+            "speed-up of these shapes is in the structured section (`benchmarks/structured.py`).",
+        ]
+    )
 
 
 def nm_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
@@ -384,6 +505,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--nm", action="store_true", help="only the N:M section (its own block in RESULTS.md)")
+    p.add_argument("--structured", action="store_true", help="only the structured section (its own block)")
     p.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "SPARSITY", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
@@ -401,6 +523,18 @@ def main() -> None:
     params = sum(p.numel() for p in dense_model.parameters())
     train_s = json.loads((folder / "dense.json").read_text())["train_seconds"]
     print(f"dense: {params / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f}", flush=True)
+    if a.structured:
+        text = structured_section(plan, folder, dense_ppl)
+        print(text)
+        if not a.quick:
+            common.write_block(
+                "lm-structured",
+                f"## Language model: structured pruning (heads and neurons)\n\n`python benchmarks/lm.py --structured` "
+                f"at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on {common.machine()}; the dense "
+                f"model of the section above (test perplexity {dense_ppl:.2f}), the same 128 calibration "
+                f"windows.\n\n{text}",
+            )
+        return
     if a.nm:
         text = nm_section(plan, folder, dense_ppl)
         print(text)
