@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.obs.linalg import damped_cholesky
+from lightning_prune.obs.layerwise import prepare_hessian
 
 
 def group_update(W: Tensor, Hinv: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,16 +38,10 @@ def group_update(W: Tensor, Hinv: Tensor, cols: Tensor) -> tuple[Tensor, Tensor,
 
 
 def _inverse(A: Tensor, W: Tensor, damp: float, what: str) -> tuple[Tensor, Tensor, int, int]:
-    """Dead inputs (``H_jj = 0``: their weights never act on the data) get ``H_jj = 1`` and zero
-    weights, as in OBC/SparseGPT; then the damped inverse. ``(H^-1, W, damping increases, dead)``."""
-    H = A.clone()
-    dead = torch.diagonal(H) == 0
-    if dead.any():
-        H[dead, dead] = 1.0
-        W = W.clone()
-        W[:, dead] = 0.0
-    d = damped_cholesky(H, damp, what)
-    return torch.cholesky_inverse(d.L), W, d.increases, int(dead.sum())
+    """Layer-wise OBS's preparation (dead inputs, damping; :func:`prepare_hessian`), as the full
+    damped inverse the group update needs: ``(H^-1, W, damping increases, dead)``."""
+    U, W, damped, dead = prepare_hessian(A, W, damp, what)
+    return U.T @ U, W, damped.increases, int(dead.sum())
 
 
 def structured_prune(
