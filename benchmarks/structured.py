@@ -58,7 +58,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "finetune_seeds": [0],
         "latency": ["mlp", "lenet5", "lm"],
         "reps": 30,
-        "gradual": [("mlp", ["magnitude", "magnitude, scope=layer", "OBD fisher", "OBS layerwise"], [0])],  # ~40 min
+        "gradual": [("mlp", ["magnitude", "magnitude, scope=layer", "OBD fisher", "OBS layerwise"], [0, 1, 2])],  # ~10 min
     },
     "quick": {
         "one_shot": [("mlp", ["magnitude", "OBS layerwise"], [0])],
