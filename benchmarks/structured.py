@@ -58,7 +58,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "finetune_seeds": [0],
         "latency": ["mlp", "lenet5", "lm"],
         "reps": 30,
-        "gradual": [("mlp", ["magnitude", "magnitude, scope=layer", "OBD fisher", "OBS layerwise"], [0, 1, 2])],  # ~10 min
+        # --gradual, ~10 minutes
+        "gradual": [("mlp", ["magnitude", "magnitude, scope=layer", "OBD fisher", "OBS layerwise"], [0, 1, 2])],
     },
     "quick": {
         "one_shot": [("mlp", ["magnitude", "OBS layerwise"], [0])],

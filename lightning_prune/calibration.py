@@ -257,8 +257,8 @@ def calibration_pass(
 ) -> Any:
     """Fold ``batches`` into ``estimator`` at the *current* weights, then all-reduce it.
 
-    Runs in eval mode. Estimators that need gradients get them from ``torch.autograd.grad`` on the
-    target weights only, so no ``.grad`` of the model is touched; label-free ones (``needs_grad``
+    Runs in eval mode. Estimators that need gradients get them from ``torch.autograd.grad``
+    (:meth:`LayerCapture.grad`), so no ``.grad`` of the model is touched; label-free ones (``needs_grad``
     false) get forward passes under ``no_grad``. A batch whose captured inputs or gradients are not
     finite is skipped and counted in ``estimator.skipped``. Used by ``prune()`` for a round's
     statistics and by OBS to recompute curvature inside a round (as M-FAC/oBERT do).
@@ -269,14 +269,13 @@ def calibration_pass(
             f"{desc} needs gradients, and there is no loss ({calib.describe()}): pass loss_fn=lambda model, batch: ..."
         )
     capture = LayerCapture(targets, inputs_only=not needs_grad)
-    params = [t.param for t in targets]
     bar = calib.progress(len(batches), desc)
     capture.attach()
     try:
         with eval_mode(calib.model), torch.set_grad_enabled(needs_grad), calib.forward_context():
             for i, batch in enumerate(batches):
                 if needs_grad:
-                    torch.autograd.grad(calib.loss(batch, i), params, allow_unused=True)
+                    capture.grad(calib.loss(batch, i))
                 else:
                     calib.forward(batch, i)
                 items = list(capture.drain())

@@ -200,6 +200,7 @@ class LayerCapture:
         self.inputs_only = inputs_only
         self._inputs: dict[str, list[Tensor]] = {}
         self._grads: dict[str, dict[int, Tensor]] = {}
+        self._outputs: list[Tensor] = []  # the hooked outputs of this pass (what a sharded model differentiates)
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -227,6 +228,17 @@ class LayerCapture:
     def clear(self) -> None:
         self._inputs.clear()
         self._grads.clear()
+        self._outputs.clear()
+
+    def grad(self, output: Tensor, grad_outputs: Tensor | None = None, retain_graph: bool = False) -> None:
+        """Backpropagate ``output`` far enough for the gradient hooks, with ``torch.autograd.grad`` (no
+        ``.grad`` of the model is touched): with respect to the target weights, or, when FSDP2 shards
+        them (their DTensors are not leaves of the graph, the unsharded copies are), to the hooked
+        layer outputs, which reaches the same hooks."""
+        sharded = any(t.sharded for t in self.targets)
+        inputs = list(self._outputs) if sharded else [t.param for t in self.targets]
+        if inputs:
+            torch.autograd.grad(output, inputs, grad_outputs=grad_outputs, retain_graph=retain_graph, allow_unused=True)
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -250,6 +262,7 @@ class LayerCapture:
                 grads[idx] = g.detach()
 
             output.register_hook(grad_hook)
+            self._outputs.append(output)
 
         return hook
 

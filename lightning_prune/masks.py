@@ -1,6 +1,8 @@
 """The mask engine: boolean masks and the only code that zeroes weights, gradients and optimizer state.
 
-Masks are plain ``bool`` tensors keyed by parameter name (True = kept). The model is never
+Masks are plain ``bool`` tensors keyed by parameter name (True = kept); for a parameter FSDP2
+sharded, the mask of the rank's local block (:mod:`lightning_prune.sharding`), applied to the local
+shards of the weight, its gradient and its optimizer moments. The model is never
 reparametrised: no ``weight_orig``, no forward pre-hook, so the state dict keeps its keys and dtypes
 and the forward pass costs nothing extra. A pruned weight is *frozen* at exactly 0.0 by three
 cheap in-place operations:
@@ -26,6 +28,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
+
+from lightning_prune.sharding import local
 
 _BITS = {
     torch.float64: torch.int64,
@@ -56,14 +60,14 @@ def _zero_(tensors: list[Tensor], masks: list[Tensor]) -> None:
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Set the pruned entries of every masked parameter to exactly 0.0 (bool masks or multipliers)."""
     names = [n for n in masks if n in params]
-    _zero_([params[n].data for n in names], [masks[n] for n in names])
+    _zero_([local(params[n].data) for n in names], [masks[n] for n in names])
 
 
 @torch.no_grad()
 def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Set the gradients of pruned entries to exactly 0.0 (parameters without a gradient are skipped)."""
     names = [n for n in masks if n in params and params[n].grad is not None]
-    _zero_([params[n].grad for n in names], [masks[n] for n in names])  # type: ignore[misc]
+    _zero_([local(params[n].grad) for n in names], [masks[n] for n in names])  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -94,6 +98,7 @@ def zero_optimizer_state_(
                 reset = bool(reset_kept and reset_kept.get(name, False))
                 for value in state.values():
                     if isinstance(value, Tensor) and value.shape == p.shape and value.is_floating_point():
+                        value = local(value)  # FSDP2: the moments are DTensors sharded like the weight
                         if reset:
                             value.zero_()
                         else:

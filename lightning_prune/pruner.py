@@ -29,9 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune import masks as M
+from lightning_prune import sharding
 from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
-from lightning_prune.distributed import Collectives, warn
+from lightning_prune.distributed import Collectives, default_collectives, warn
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.schedule import SparsitySchedule, check_fraction
 from lightning_prune.selection import SCOPES, check_feasible
@@ -142,6 +143,7 @@ class Pruner:
         self._parameter_names: list[str] | None = None  # names of explicit `parameters` once a model is known
         self._bound: list[weakref.ref] = []  # the parameters the masks were computed on
         self._skipped: list[tuple[str, str]] = []  # defaults left out (frozen, tied), with the reason
+        self._kept: dict[str, int] | None = None  # kept entries per whole layer
 
     # ================================================================ public read-only state
     @property
@@ -165,11 +167,25 @@ class Pruner:
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool mask (True = kept), as copies on CPU. Empty before binding."""
+        """Parameter name -> bool mask (True = kept), as copies on CPU. Empty before binding.
+
+        Under FSDP2 each rank holds the masks of its shard (the rows of ``param.to_local()``);
+        :meth:`full_masks` gathers whole ones."""
         if self._targets is None:
             return MappingProxyType({})
         current = self.current_masks()
         return MappingProxyType({n: m.detach().to("cpu", copy=True) for n, m in current.items()})
+
+    def full_masks(self) -> dict[str, Tensor]:
+        """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective: call it
+        on every rank)."""
+        current = self.current_masks() if self._targets is not None else {}
+        return {t.name: t.gather(current[t.name]).to("cpu", copy=True) for t in self.targets} if current else {}
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some targets are FSDP2-sharded (masks are then per-rank blocks)."""
+        return self._targets is not None and any(t.sharded for t in self._targets)
 
     @property
     def history(self) -> tuple[Mapping[str, Any], ...]:
@@ -181,8 +197,9 @@ class Pruner:
         """Current fraction of the selected weights that are pruned."""
         if self._masks is None:
             return 0.0
-        pruned, total = M.count_pruned(self._masks)
-        return pruned / max(total, 1)
+        kept = self.kept_counts()
+        total = sum(t.param.numel() for t in self.targets)
+        return 1.0 - sum(kept.values()) / max(total, 1)
 
     @property
     def window_length(self) -> int:
@@ -208,8 +225,8 @@ class Pruner:
 
     def layer_table(self) -> str:
         """Per-layer kept/total/sparsity table of the current masks."""
-        current = self.current_masks()
-        rows = [(t.name, tuple(t.param.shape), int(current[t.name].sum()), t.param.numel()) for t in self.targets]
+        kept = self.kept_counts()
+        rows = [(t.name, tuple(t.param.shape), kept[t.name], t.param.numel()) for t in self.targets]
         table = layer_table(rows)
         if notes := getattr(self._pattern, "notes", None):
             table += f"\npattern='{self.pattern}' left alone: " + "; ".join(notes)
@@ -234,6 +251,9 @@ class Pruner:
             warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
         self.criterion.check_targets(targets)
         self.criterion.check_model(model, targets)
+        world = default_collectives().world_size
+        if sharding.check_sharding([t.name for t in targets], [t.param for t in targets], world):
+            self._check_sharded(targets)
         self._name_parameters(model)
         if not self.pattern.structured:  # a pattern keeps its own floor (checked against min_density)
             check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
@@ -249,7 +269,7 @@ class Pruner:
             )
             self._masks, self._history, self._last_point = None, [], None
         elif self._masks is not None:  # the same model: prune() then fit, or a second fit
-            self._masks = _fit_masks(self._masks, targets, "this pruner's")
+            self._masks = _fit_masks(self._masks, targets, "this pruner's", whole=False)
         if self._masks is not None:
             self._check_pattern(self._masks, targets)
         self._bound = [weakref.ref(t.param) for t in targets]
@@ -258,15 +278,57 @@ class Pruner:
         self._refresh_frozen()
         M.apply_masks_(self._params, self._frozen)
 
+    def _check_sharded(self, targets: Sequence[PruneTarget]) -> None:
+        """What FSDP2-sharded targets cannot do yet, refused before any work."""
+        if self.pattern.name == "channels":
+            raise ValueError(
+                "pattern='channels' couples the rows of one layer with the columns of the next, which FSDP2 "
+                "shards on different ranks: it is not supported on sharded models yet (use it without sharding, "
+                "or an unstructured or N:M pattern)"
+            )
+        transposed = [t.name for t in targets if t.sharded and t.transposed]
+        if transposed and (self.scope == "row" or self.pattern.structured):
+            raise ValueError(
+                f"scope={self.scope!r} / pattern={str(self.pattern)!r} choose within output rows, and FSDP2 shards "
+                f"{transposed[:3]} (Conv1D, stored inputs x outputs) across their inputs: use scope='global' or "
+                "'layer' with an unstructured pattern for these layers"
+            )
+        self.criterion.check_sharded(targets)
+
     def current_masks(self) -> dict[str, Tensor]:
         targets = self.targets
         if self._masks is not None:
             return self._masks
-        return {t.name: torch.ones_like(t.param, dtype=torch.bool) for t in targets}
+        return {t.name: torch.ones_like(t.local_param, dtype=torch.bool) for t in targets}
+
+    def units(self) -> dict[str, tuple[int, int]]:
+        """``(pruned, total)`` per layer of what ``target`` is a fraction of: weights, or structures
+        under ``pattern="channels"``; whole layers when sharded."""
+        if self.sharded:
+            kept = self.kept_counts()
+            return {t.name: (t.param.numel() - kept[t.name], t.param.numel()) for t in self.targets}
+        return self._pattern.units(self.current_masks())
+
+    def kept_counts(self) -> dict[str, int]:
+        """Kept entries per layer, whole layers (counted when the masks change: every rank agrees)."""
+        if self._kept is None:  # only before binding: _refresh_frozen counts on every rank
+            self._kept = self._count_kept()
+        return dict(self._kept)
+
+    def _count_kept(self) -> dict[str, int]:
+        current, targets = self.current_masks(), self.targets
+        counts = [float(current[t.name].sum()) for t in targets]
+        if self.sharded and (comm := default_collectives()).world_size > 1:
+            sharded = [t.sharded for t in targets]
+            device = targets[0].param.device  # where the backend reduces (NCCL: the GPU)
+            part = torch.tensor([c if s else 0.0 for c, s in zip(counts, sharded)], dtype=torch.float64, device=device)
+            comm.all_reduce_sum_([part])
+            counts = [p if s else c for p, c, s in zip(part.tolist(), counts, sharded)]
+        return {t.name: int(c) for t, c in zip(targets, counts)}
 
     def removes_something(self, sparsity: float) -> bool:
         """Whether a round to ``sparsity`` would prune any weight the masks still keep."""
-        units = self._pattern.units(self.current_masks())  # weights, or structures under pattern="channels"
+        units = self.units()
         if self.scope == "layer":
             return any(round(sparsity * n) > p for p, n in units.values())
         return round(sparsity * sum(n for _, n in units.values())) > sum(p for p, _ in units.values())
@@ -301,7 +363,8 @@ class Pruner:
     ) -> None:
         """Install new masks (which may only shrink), zero what they prune, and sync all ranks."""
         new = {n: result.masks[n].to(device=m.device, dtype=torch.bool) & m for n, m in before.items()}
-        comm.broadcast_([*new.values(), *(self._params[n].data for n in new)])
+        whole = [t.name for t in self.targets if not t.sharded]  # a sharded layer's blocks differ by rank
+        comm.broadcast_([*(new[n] for n in whole), *(self._params[n].data for n in whole)])
         self._masks = new
         self._refresh_frozen()
         M.apply_masks_(self._params, new)
@@ -324,6 +387,7 @@ class Pruner:
             if m.device != self._params[name].device:
                 masks[name] = m.to(self._params[name].device)
         self._frozen = {n: M.multiplier(m, self._params[n]) for n, m in masks.items() if not bool(m.all())}
+        self._kept = self._count_kept() if self._targets is not None else None  # a collective when sharded
 
     def _record(self, record: dict[str, Any], point: int | None) -> None:
         self._history.append(record)
@@ -333,8 +397,12 @@ class Pruner:
     # ================================================================ checkpointing
     def state_dict(self) -> dict[str, Any]:
         masks = None
-        if self._masks is not None:
-            masks = {n: {**M.pack_mask(m), "crc32": _crc(M.pack_mask(m))} for n, m in self._masks.items()}
+        if self._masks is not None:  # whole layers (gathered one at a time when sharded): any world size resumes
+            by_name = {t.name: t for t in self.targets}
+            masks = {}
+            for n, m in self._masks.items():
+                packed = M.pack_mask(by_name[n].gather(m) if by_name[n].sharded else m)
+                masks[n] = {**packed, "crc32": _crc(packed)}
         return {
             "version": STATE_VERSION,
             "pruner": type(self).__qualname__,
@@ -411,8 +479,13 @@ def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) ->
     return _fit_masks(masks, targets, "checkpointed")
 
 
-def _fit_masks(masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what: str) -> dict[str, Tensor]:
-    """Masks checked against the targets' names and shapes, on their parameters' devices."""
+def _fit_masks(
+    masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what: str, whole: bool = True
+) -> dict[str, Tensor]:
+    """Masks checked against the targets' names and shapes, on their parameters' devices.
+
+    ``whole``: the masks are of whole layers (a checkpoint), cut to this rank's block when sharded;
+    else they are already this rank's blocks."""
     names = {t.name for t in targets}
     if set(masks) != names:
         missing, extra = sorted(names - set(masks)), sorted(set(masks) - names)
@@ -423,9 +496,10 @@ def _fit_masks(masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what
     out = {}
     for t in targets:
         mask = masks[t.name]
-        if mask.shape != t.param.shape:
+        shape = t.param.shape if whole else t.local_param.shape
+        if mask.shape != shape:
             raise ValueError(
-                f"{what} mask for {t.name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(t.param.shape)}"
+                f"{what} mask for {t.name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(shape)}"
             )
-        out[t.name] = mask.to(t.param.device)
+        out[t.name] = (t.local(mask) if whole else mask).to(t.local_param.device)
     return out

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune import masks as M
 from lightning_prune.calibration import (
     Calibration,
     LossFn,
@@ -87,7 +86,7 @@ def run_round(
 
     # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
     before = pruner.current_masks()
-    saved = {t.name: t.param.detach().clone() for t in targets} if criterion.moves_weights else {}
+    saved = {t.name: t.local_param.clone() for t in targets} if criterion.moves_weights else {}
     ctx = RoundContext(
         model=calib.model,
         targets=targets,
@@ -110,7 +109,7 @@ def run_round(
         with torch.no_grad():
             for t in targets:
                 if t.name in saved:
-                    t.param.copy_(saved[t.name])
+                    t.local_param.copy_(saved[t.name])
         raise
     del saved
 
@@ -122,7 +121,8 @@ def run_round(
 
     # 6. the record
     masks = pruner.current_masks()
-    pruned, total = M.count_pruned(masks)
+    kept, numel = pruner.kept_counts(), {t.name: t.param.numel() for t in targets}  # whole layers when sharded
+    pruned, total = sum(numel.values()) - sum(kept.values()), sum(numel.values())
     structures = structure_sparsity(pruner.bound_pattern, masks)
     record = {
         "round": len(pruner.history),
@@ -140,7 +140,7 @@ def run_round(
         "actual_loss_increase": loss_after - loss_before,
         "loss_before": loss_before,
         "loss_after": loss_after,
-        "layer_sparsity": M.layer_sparsity(masks),
+        "layer_sparsity": {n: (numel[n] - kept[n]) / max(numel[n], 1) for n in numel},
         "monitor": dict(monitor or {}),
         "info": {
             **result.info,

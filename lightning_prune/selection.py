@@ -21,16 +21,23 @@ Rules (all deterministic, identical on every rank given identical scores):
   every entry outside its group's N lowest made unchoosable; with ``"groups"`` the same selection
   ranks whole groups by cost. The pattern keeps its own floor (M - N of every M), so
   ``min_density`` is not applied.
+* Sharded layers (FSDP2, :class:`Shards`): each rank passes the scores and masks of its block of
+  rows and gets the masks of that block, the same entries a single process would choose from the
+  whole layers. The k-th lowest key is found by bisection on its bits, one all-reduce of counts
+  per step (65 steps), and ties are split by position from a table of tie counts per layer and
+  block: the traffic is a few kilobytes per round, and no rank ever holds another rank's scores.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from lightning_prune.distributed import Collectives
 from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
 
 SCOPES = ("global", "layer", "row")
@@ -38,6 +45,20 @@ SCOPES = ("global", "layer", "row")
 
 class UnreachableSparsity(RuntimeError):
     """The round's count cannot be met from entries with finite scores."""
+
+
+@dataclass(frozen=True)
+class Shards:
+    """Where each layer's entries live when some are sharded across ranks.
+
+    ``chunk[name]``: the position of this rank's block among the layer's blocks (rows, in mesh
+    order; 0 for a layer every rank holds whole). ``owned[name]``: whether this rank's entries count
+    (a layer held whole by every rank is counted by rank 0 only, and every rank computes its mask).
+    """
+
+    comm: Collectives
+    chunk: Mapping[str, int]
+    owned: Mapping[str, bool]
 
 
 def floor_count(numel: int, min_density: float) -> int:
@@ -100,19 +121,23 @@ def select_masks(
     scope: str = "global",
     min_density: float | None = 0.0,
     pattern: Pattern = UNSTRUCTURED,
+    shards: Shards | None = None,
 ) -> dict[str, Tensor]:
     """Return new masks (True = kept) reaching ``sparsity`` under the rules in the module docstring
-    (``min_density=None``: no floor, not even one entry)."""
+    (``min_density=None``: no floor, not even one entry). With ``shards``, ``scores`` and ``masks``
+    are this rank's blocks (whole rows: ``scope="row"`` and N:M groups stay within a rank)."""
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
     names = list(masks)
     if isinstance(pattern, NM):
         pattern.check_masks(masks, "the current")
         if pattern.ramp == "groups":
-            return _select_groups(scores, masks, sparsity, scope, pattern)
+            return _select_groups(scores, masks, sparsity, scope, pattern, shards)
         min_density = None
     if scope == "row":
         return {n: _select_rows(scores[n], masks[n], sparsity, min_density, pattern).view_as(masks[n]) for n in names}
+    if shards is not None and shards.comm.world_size > 1:
+        return _select_sharded(scores, masks, sparsity, scope, min_density, pattern, shards)
     keys = {n: _protect_floor(_sort_key(scores[n], masks[n], pattern), masks[n].flatten(), min_density) for n in names}
 
     if scope == "layer":
@@ -132,7 +157,12 @@ def select_masks(
 
 
 def _select_groups(
-    scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, scope: str, pattern: NM
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    pattern: NM,
+    shards: Shards | None = None,
 ) -> dict[str, Tensor]:
     """The ``"groups"`` ramp: the same selection over whole groups (their cost: the sum of their
     ``n`` lowest scores), then each chosen group loses its ``n`` lowest entries."""
@@ -141,7 +171,9 @@ def _select_groups(
     for n, key in keys.items():
         costs[n], complete[n] = pattern.group_costs(key)
     fraction = min(1.0, sparsity / pattern.sparsity)
-    chosen = select_masks(costs, {n: ~c for n, c in complete.items()}, fraction, scope=scope, min_density=None)
+    chosen = select_masks(
+        costs, {n: ~c for n, c in complete.items()}, fraction, scope=scope, min_density=None, shards=shards
+    )
     return {n: pattern.complete_groups(keys[n], ~chosen[n]) for n in keys}
 
 
@@ -191,3 +223,135 @@ def _prune_lowest(key: Tensor, k: int) -> Tensor:
     if k > 0:
         keep[torch.sort(key, stable=True).indices[:k]] = False
     return keep
+
+
+# ---------------------------------------------------------------- sharded layers (FSDP2)
+_I64 = torch.iinfo(torch.int64)
+
+
+def _ordered(key: Tensor) -> Tensor:
+    """float64 keys -> int64 with the same order (``-0.0`` counted as ``+0.0``), for exact bisection."""
+    b = (key + 0.0).view(torch.int64)
+    return torch.where(b >= 0, b, _I64.min - b - 1)
+
+
+def _sums(shards: Shards, names: Sequence[str], values: Sequence[Sequence[float]], device: torch.device) -> Tensor:
+    """Per-layer values summed over the ranks that own them: ``[len(names), len(values[0])]`` (on the CPU)."""
+    t = torch.tensor(
+        [list(v) if shards.owned[n] else [0.0] * len(v) for n, v in zip(names, values)],
+        dtype=torch.float64,
+        device=device,  # where the backend reduces (NCCL: the GPU)
+    )
+    shards.comm.all_reduce_sum_([t])
+    return t.cpu()
+
+
+def _lowest_sharded(
+    keys: Mapping[str, Tensor], groups: Sequence[Sequence[str]], ks: Sequence[int], shards: Shards
+) -> dict[str, Tensor]:
+    """Keep-masks (flat) pruning the ``ks[g]`` lowest keys of each group of layers, ties by position
+    (layer order, then block, then index in the block): :func:`_prune_lowest` over ranks."""
+    ords = {n: _ordered(k) for n, k in keys.items()}
+    srt = {n: torch.sort(o).values for n, o in ords.items()}
+    names = [n for g in groups for n in g]
+    device = next(iter(keys.values())).device
+
+    def counts(bounds: Sequence[int]) -> list[float]:  # owned entries <= bound, per group, summed over ranks
+        local = [
+            sum(
+                float(torch.searchsorted(srt[n], torch.tensor(b, device=device), right=True))
+                for n in g
+                if shards.owned[n]
+            )
+            for g, b in zip(groups, bounds)
+        ]
+        t = torch.tensor(local, dtype=torch.float64, device=device)
+        shards.comm.all_reduce_sum_([t])
+        return t.tolist()
+
+    lo, hi = [_I64.min - 1] * len(groups), [_I64.max] * len(groups)  # count(<= lo) < k <= count(<= hi)
+    while any(h - low > 1 for low, h in zip(lo, hi)):
+        mid = [(low + h) // 2 for low, h in zip(lo, hi)]
+        for g, c in enumerate(counts([max(m, _I64.min) for m in mid])):
+            if hi[g] - lo[g] > 1:
+                if c >= ks[g]:
+                    hi[g] = mid[g]
+                else:
+                    lo[g] = mid[g]
+    value = {n: hi[g] for g, grp in enumerate(groups) for n in grp}
+    below = counts([max(h - 1, _I64.min) if k > 0 else _I64.min for h, k in zip(hi, ks)])
+    world = shards.comm.world_size
+    ties = torch.zeros(len(names), world, dtype=torch.float64)
+    for i, n in enumerate(names):
+        if shards.owned[n]:
+            ties[i, shards.chunk[n]] = float((ords[n] == value[n]).sum())
+    ties = ties.to(device)
+    shards.comm.all_reduce_sum_([ties])
+    ties = ties.cpu()
+    out, i = {}, 0
+    for g, grp in enumerate(groups):
+        need = ks[g] - int(below[g]) if ks[g] > 0 else 0
+        for n in grp:
+            row = ties[i].tolist()
+            before = sum(row[: shards.chunk[n]])
+            mine = int(min(max(need - before, 0), row[shards.chunk[n]]))
+            need -= int(sum(row))
+            if ks[g] <= 0:
+                out[n] = torch.ones_like(ords[n], dtype=torch.bool)
+            else:
+                tie = ords[n] == value[n]
+                out[n] = ~((ords[n] < value[n]) | (tie & (tie.cumsum(0) <= mine)))
+            i += 1
+    return out
+
+
+def _select_sharded(
+    scores: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    min_density: float | None,
+    pattern: Pattern,
+    shards: Shards,
+) -> dict[str, Tensor]:
+    """``scope="global"``/``"layer"`` over rank-local blocks: the floor, the count and the
+    reachability check on global counts, then :func:`_lowest_sharded`."""
+    names = list(masks)
+    keys = {n: _sort_key(scores[n], masks[n], pattern) for n in names}
+    device = next(iter(masks.values())).device
+    sizes = _sums(shards, names, [[m.numel(), float((~m).sum())] for m in masks.values()], device)
+    numel = {n: int(sizes[i, 0]) for i, n in enumerate(names)}
+    pruned = {n: int(sizes[i, 1]) for i, n in enumerate(names)}
+    if min_density is not None:
+        floors = [min(floor_count(numel[n], min_density), numel[n] - pruned[n]) for n in names]
+        # the floor: each layer's top entries, i.e. those its lowest (numel - floor) leave
+        protected = _lowest_sharded(keys, [[n] for n in names], [numel[n] - f for n, f in zip(names, floors)], shards)
+        keys = {n: torch.where(protected[n], torch.full_like(keys[n], math.inf), keys[n]) for n in names}
+    if scope == "layer":
+        groups = [[n] for n in names]
+        ks = [max(round(sparsity * numel[n]), pruned[n]) for n in names]
+    else:
+        groups = [names]
+        ks = [max(round(sparsity * sum(numel.values())), sum(pruned.values()))]
+    stats = _sums(
+        shards,
+        names,
+        [[float((keys[n] < math.inf).sum()), float((~torch.isfinite(scores[n])).sum())] for n in names],
+        device,
+    )
+    start = 0
+    for g, k in zip(groups, ks):
+        rows = stats[start : start + len(g)]
+        start += len(g)
+        choosable = int(rows[:, 0].sum())
+        if k > choosable:
+            bad = {n: int(c) for n, c in zip(g, rows[:, 1].tolist()) if c}
+            where = f" in {g[0]}" if len(g) == 1 else ""
+            raise UnreachableSparsity(
+                f"the round cannot reach sparsity {sparsity:.6g} ({k} pruned entries{where})"
+                f": only {choosable} entries can be pruned. Never pruned: entries with non-finite (NaN/inf) scores "
+                f"{bad or 'none'} and entries the per-layer floor (min_density) or the pattern keeps. The weights "
+                "were not touched"
+            )
+    keep = _lowest_sharded(keys, groups, ks, shards)
+    return {n: keep[n].view_as(masks[n]).to(masks[n].device) for n in names}

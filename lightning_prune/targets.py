@@ -24,11 +24,15 @@ i.e. after ``configure_model`` has built the layers and the strategy moved them 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+import torch
 from torch import Tensor, nn
+
+from lightning_prune import sharding
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -81,16 +85,48 @@ class PruneTarget:
         shape = self.param.shape
         if self.transposed:
             return int(shape[1]), int(shape[0])
-        return int(shape[0]), int(self.param[0].numel()) if self.param.dim() > 0 else 1
+        return int(shape[0]), math.prod(int(s) for s in shape[1:]) if len(shape) > 0 else 1
 
     def matrix(self, tensor: Tensor | None = None) -> Tensor:
-        """``tensor`` (default: the weight, detached), laid out like the weight, as ``(d_out, d_in)``."""
-        t = self.param.detach() if tensor is None else tensor
-        return t.T if self.transposed else t.reshape(self.shape2d)
+        """``tensor`` (default: the whole weight, detached; gathered when sharded), laid out like the
+        weight, as ``(d_out, d_in)``."""
+        t = sharding.gather(self.param) if tensor is None else tensor  # or this rank's block of rows
+        return t.T if self.transposed else t.reshape(t.shape[0], -1)
+
+    # Under FSDP2 the parameter is a DTensor and this rank holds a block of its rows (lightning_prune.sharding):
+    # masks and scores are kept for that block, whole layers are gathered one at a time.
+    @property
+    def sharded(self) -> bool:
+        return sharding.is_sharded(self.param)
+
+    @property
+    def local_param(self) -> Tensor:
+        """The weight's local shard (the weight itself when not sharded), detached, sharing storage."""
+        return sharding.local(self.param.detach())
+
+    def local(self, full: Tensor) -> Tensor:
+        """This rank's block of ``full``, a tensor laid out like the whole weight."""
+        return sharding.shard_of(self.param, full)
+
+    def gather(self, part: Tensor) -> Tensor:
+        """The whole-layer tensor from this rank's block ``part`` (a collective when sharded)."""
+        return sharding.gather(self.param, part)
+
+    def write_(self, full: Tensor) -> None:
+        """Write a whole-layer weight (the weight's layout) into the parameter (its shard when sharded)."""
+        if self.sharded:
+            sharding.write_(self.param, full)
+        else:
+            with torch.no_grad():
+                self.param.copy_(full.to(self.param.dtype))
 
     def unmatrix(self, matrix: Tensor) -> Tensor:
         """The inverse of :meth:`matrix`: a ``(d_out, d_in)`` tensor in the weight's own layout."""
-        return matrix.reshape(self.shape2d).T if self.transposed else matrix.reshape(self.param.shape)
+        if self.transposed:
+            return (matrix if matrix.dim() == 2 else matrix.reshape(self.shape2d)).T
+        if self.param.dim() == 0:
+            return matrix.reshape(())
+        return matrix.reshape(-1, *self.param.shape[1:])  # the whole weight, or this rank's block of rows
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

@@ -7,27 +7,44 @@ from collections.abc import Iterable
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from torch import Tensor
 
 from lightning_prune.distributed import Collectives
 
-SUPPORTED = "single device, 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook' (any accelerator, any number of nodes)"
+SUPPORTED = (
+    "single device, 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook' (any accelerator, any number of nodes), and "
+    "ModelParallelStrategy(tensor_parallel_size=1) with torch.distributed.fsdp.fully_shard in configure_model (FSDP2)"
+)
 
 
 def check_strategy(trainer: pl.Trainer) -> None:
-    """Refuse strategies that shard parameters: pruning them would be silently wrong.
+    """Refuse strategies whose shards the core cannot prune: that would be silently wrong.
 
-    FSDP, DeepSpeed and model-parallel strategies hold only a shard of each weight per rank, so
-    per-layer scores, masks and OBS updates computed from a shard are not those of the layer.
+    FSDP2 (``ModelParallelStrategy`` with data-parallel ``fully_shard``) is supported: its DTensor
+    weights are pruned through their local rows (:mod:`lightning_prune.sharding`). Tensor
+    parallelism shards the layer inputs the statistics come from; FSDP1 (``FSDPStrategy``) flattens
+    parameters into shards that do not follow rows; DeepSpeed likewise.
     """
     strategy = trainer.strategy
-    sharded = any("DeepSpeed" in cls.__name__ for cls in type(strategy).__mro__)
-    if isinstance(strategy, SingleDeviceStrategy) or (isinstance(strategy, DDPStrategy) and not sharded):
+    names = [cls.__name__ for cls in type(strategy).__mro__]
+    if isinstance(strategy, SingleDeviceStrategy) or (
+        isinstance(strategy, DDPStrategy) and not any("DeepSpeed" in n for n in names)
+    ):
         return
+    if isinstance(strategy, ModelParallelStrategy):
+        tp = getattr(strategy, "_tensor_parallel_size", None)
+        if tp == 1:
+            return
+        raise ValueError(
+            f"ModelParallelStrategy(tensor_parallel_size={tp!r}): tensor parallelism shards the layer inputs and "
+            "output gradients that pruning statistics come from, which lightning-prune does not handle. Use "
+            "ModelParallelStrategy(data_parallel_size=<world size>, tensor_parallel_size=1) with fully_shard "
+            "(FSDP2) in configure_model (the default 'auto' makes every device a tensor-parallel rank)"
+        )
     raise ValueError(
-        f"lightning-prune does not support strategy {type(strategy).__name__}: it shards parameters, so "
-        f"masks and weight updates would be computed from shards. Supported strategies: {SUPPORTED}."
+        f"lightning-prune does not support strategy {type(strategy).__name__}: it shards parameters in a way "
+        f"masks and weight updates cannot follow. Supported strategies: {SUPPORTED}."
     )
 
 

@@ -15,13 +15,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from lightning_prune import sharding
 from lightning_prune.calibration import Calibration
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
-from lightning_prune.selection import select_masks
+from lightning_prune.selection import Shards, select_masks
 from lightning_prune.structures import Channels
 from lightning_prune.targets import PruneTarget
 
@@ -45,8 +47,35 @@ class RoundContext:
     solver_budget: float | None = None  # OBS solver="auto": element updates for the round; None: per layer
     pattern: Pattern = UNSTRUCTURED
 
+    @property
+    def sharded(self) -> bool:
+        """Whether some targets are sharded across ranks (FSDP2): masks and scores are then this rank's blocks."""
+        return self.comm.world_size > 1 and any(t.sharded for t in self.targets)
+
+    def shards(self) -> Shards | None:
+        if not self.sharded:
+            return None
+        return Shards(
+            self.comm,
+            {t.name: sharding.chunk(t.param) for t in self.targets},
+            {t.name: t.sharded or self.comm.rank == 0 for t in self.targets},
+        )
+
+    def global_sum(self, per_layer: Mapping[str, float]) -> float:
+        """Sum of per-layer values computed on this rank's blocks (e.g. removed scores), over all ranks
+        when sharded (a layer every rank holds whole counts once)."""
+        if not self.sharded:
+            return float(sum(per_layer.values()))
+        owned = {t.name: t.sharded or self.comm.rank == 0 for t in self.targets}
+        value = sum(v for n, v in per_layer.items() if owned[n])
+        t = torch.tensor([value], dtype=torch.float64, device=self.targets[0].param.device)
+        self.comm.all_reduce_sum_([t])
+        return float(t)
+
     def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Masks from scores under the pruner's scope, floor and pattern (NaN scores are kept, with a warning)."""
+        """Masks from scores under the pruner's scope, floor and pattern (NaN scores are kept, with a warning).
+
+        ``scores`` are laid out like the masks: this rank's blocks when sharded."""
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
@@ -61,9 +90,12 @@ class RoundContext:
                 scope=self.scope,
                 min_density=self.min_density,
                 pattern=self.pattern,
+                shards=self.shards(),
             )
             return {n: by_name[n].unmatrix(m) for n, m in out.items()}
-        return select_masks(scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density)
+        return select_masks(
+            scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density, shards=self.shards()
+        )
 
     def group_quotas(self, t: PruneTarget, pruned: Tensor) -> tuple[int, Tensor] | None:
         """For solvers that choose masks inside their sweep: ``(M, pruned per group)`` of an N:M
@@ -107,6 +139,9 @@ class Criterion:
 
     def check_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> None:
         """Refuse a model the criterion cannot run on (called when the pruner binds, after ``check_targets``)."""
+
+    def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
+        """Refuse what the criterion cannot do on FSDP2-sharded targets (called when the pruner binds)."""
 
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none."""

@@ -15,5 +15,5 @@ class Magnitude(Criterion):
         return eval_batches
 
     def prune(self, ctx: RoundContext) -> RoundResult:
-        scores = {t.name: t.param.detach().abs() for t in ctx.targets}
+        scores = {t.name: t.local_param.abs() for t in ctx.targets}  # this rank's block when sharded
         return RoundResult(ctx.select(scores))

@@ -100,6 +100,13 @@ class OBD(Criterion):
                 "are frozen (requires_grad=False): unfreeze or exclude them, or prune them with MagnitudePruning"
             )
 
+    def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
+        if not self.hooked:
+            raise ValueError(
+                "curvature='hutchinson' differentiates the loss twice with respect to the weights, which FSDP2 "
+                "shards (torch.autograd.grad cannot see DTensor shards): use curvature='fisher', 'kfac' or 'ekfac'"
+            )
+
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         if not self.hooked:
             return None
@@ -123,15 +130,15 @@ class OBD(Criterion):
         est = self._estimate(ctx)
         scores, negative, nonfinite = {}, 0, 0
         for t in ctx.targets:
-            h, neg, bad = sanitize_curvature(est.diagonal(t.name))
+            h, neg, bad = sanitize_curvature(t.local(est.diagonal(t.name)))  # this rank's rows when sharded
             negative, nonfinite = negative + neg, nonfinite + bad
-            scores[t.name] = 0.5 * h * t.param.detach().double() ** 2
+            scores[t.name] = 0.5 * h * t.local_param.double() ** 2
         if negative or nonfinite:
             warn(
                 f"OBD ({self.curvature}): {negative} negative curvature entries used as |h|, "
                 f"{nonfinite} non-finite entries kept unpruned"
             )
         masks = ctx.select(scores)
-        removed = sum(float(scores[n][ctx.masks[n] & ~masks[n]].nansum()) for n in masks)
+        removed = ctx.global_sum({n: float(scores[n][ctx.masks[n] & ~masks[n]].nansum()) for n in masks})
         info = {"negative_curvature": negative, "nonfinite_curvature": nonfinite}
         return RoundResult(masks, predicted_loss_increase=removed, info=info)

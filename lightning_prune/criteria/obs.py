@@ -190,6 +190,13 @@ class OBS(Criterion):
     def captures_in_window(self) -> bool:  # sequential: statistics block by block, at round time
         return self.blocks is None and (self.fisher_type == "empirical" or not self.needs_gradients)
 
+    def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
+        if self.blocks is not None:
+            raise ValueError(
+                f"blocks={self.blocks!r} (sequential calibration) runs the blocks outside the model's forward, which "
+                "FSDP2 has not been tested with: prune a sharded model with blocks=None (the default)"
+            )
+
     def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
         if self.blocks is not None:
             return None  # sequential: each block's statistics are gathered in the round, block by block
@@ -226,8 +233,7 @@ class OBS(Criterion):
 
     @staticmethod
     def _write(t: PruneTarget, W: Tensor) -> None:
-        with torch.no_grad():
-            t.param.copy_(t.unmatrix(W).to(t.param.dtype))
+        t.write_(t.unmatrix(W))  # into this rank's shard when sharded
 
     # ------------------------------------------------------------------ layer-wise OBS
     def _layerwise(self, ctx: RoundContext, est: Composite) -> RoundResult:
@@ -240,13 +246,15 @@ class OBS(Criterion):
         dtype = self._dtype()
         weighted = self.allocation != "reconstruction"  # rows weighted by G_ii: loss units
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
-        scores = {t.name: self._allocation_score(t, est, dtype) for t in ctx.targets}
+        # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
+        scores = {t.name: t.local(self._allocation_score(t, est, dtype)) for t in ctx.targets}
         allocated = ctx.select(scores)
+        del scores
         if isinstance(ctx.pattern, Channels):
             return self._structured(ctx, est, ctx.pattern, allocated, info)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
-        counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in ctx.targets}
+        counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in ctx.targets}
         solvers = self._solvers(ctx, ctx.targets, counts)
         groups = _split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
         for i, group in enumerate(groups):
@@ -256,10 +264,11 @@ class OBS(Criterion):
             for t in group:
                 A = (est["kfac"] if weighted else est["inputs"]).input_covariance(t.name)
                 adaptive = not weighted and ctx.scope == "layer"
-                quotas = ctx.group_quotas(t, ~allocated[t.name])
-                masks[t.name], losses = self._solve(
-                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, adaptive, quotas
+                quotas = ctx.group_quotas(t, ~t.gather(allocated[t.name]))
+                mask, losses = self._solve(
+                    t, A, counts[t.name], solvers[t.name], t.gather(ctx.masks[t.name]), info, adaptive, quotas
                 )
+                masks[t.name] = t.local(mask)
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
                 else:
@@ -330,7 +339,8 @@ class OBS(Criterion):
         adaptive: bool = False,
         groups: Groups | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place.
+        """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place
+        (the whole layer: ``mask`` and the returned mask are whole-layer masks, also when sharded).
 
         ``adaptive``: the fast solver keeps only the layer's total and picks each column block's
         mask across rows inside the sweep, as SparseGPT does (used for the unweighted
@@ -355,8 +365,7 @@ class OBS(Criterion):
     def _solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
         if self.solver != "auto":
             return dict.fromkeys(counts, self.solver)
-        dtype = self._dtype()
-        works = [solver_work(self._matrix(t, dtype), counts[t.name], self.block_size) for t in targets]
+        works = [solver_work(torch.empty(t.shape2d, device="meta"), counts[t.name], self.block_size) for t in targets]
         budget = LAYER_BUDGET if ctx.solver_budget is None else ctx.solver_budget
         return dict(zip(counts, choose_solvers(works, budget, per_layer=ctx.solver_budget is None)))
 
@@ -383,18 +392,26 @@ class OBS(Criterion):
             for t in block.targets:
                 A = stats.input_covariance(t.name).to(dtype)
                 U, W, _, _ = prepare_hessian(A, self._matrix(t, dtype), self.damp, t.name)
-                scores[t.name] = t.unmatrix(single_saliency(W, U))
+                scores[t.name] = t.local(t.unmatrix(single_saliency(W, U)))
             allocated = sub.select(scores)
-            counts = {t.name: t.matrix(~allocated[t.name]).sum(1) for t in block.targets}
+            counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in block.targets}
             solvers = self._solvers(sub, block.targets, counts)
             info["solver"] |= set(solvers.values())
             for t in block.targets:
                 A = stats.input_covariance(t.name)
                 info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
-                quotas = sub.group_quotas(t, ~allocated[t.name])
-                masks[t.name], losses = self._solve(
-                    t, A, counts[t.name], solvers[t.name], ctx.masks[t.name], info, ctx.scope == "layer", quotas
+                quotas = sub.group_quotas(t, ~t.gather(allocated[t.name]))
+                mask, losses = self._solve(
+                    t,
+                    A,
+                    counts[t.name],
+                    solvers[t.name],
+                    t.gather(ctx.masks[t.name]),
+                    info,
+                    ctx.scope == "layer",
+                    quotas,
                 )
+                masks[t.name] = t.local(mask)
                 reconstruction += float(losses.sum())
 
         done = run_sequential(ctx.calib, ctx.batches, blocks, ctx.comm, prune_block)
@@ -427,8 +444,13 @@ class OBS(Criterion):
     def _recomputed(self, ctx: RoundContext, est: Estimator) -> RoundResult:
         masks, predicted = dict(ctx.masks), 0.0
         info: dict[str, Any] = {"damping_increases": 0, "recomputes": 0}
-        units = ctx.pattern.units(masks).values()  # weights, or structures under pattern="channels"
-        start = sum(p for p, _ in units) / sum(n for _, n in units)
+        if ctx.sharded:  # weights of whole layers (pattern="channels" is refused when sharded)
+            start = ctx.global_sum({n: float((~m).sum()) for n, m in masks.items()}) / sum(
+                t.param.numel() for t in ctx.targets
+            )
+        else:
+            units = ctx.pattern.units(masks).values()  # weights, or structures under pattern="channels"
+            start = sum(p for p, _ in units) / sum(n for _, n in units)
         for step in range(self.recompute_steps):
             if step > 0:
                 est = self._recapture(ctx, f"recomputing curvature ({step}/{self.recompute_steps - 1})")
@@ -445,17 +467,19 @@ class OBS(Criterion):
     def _fisher_step(self, ctx: RoundContext, est: BlockFisher, info: dict) -> tuple[dict[str, Tensor], float]:
         dtype, B = self._dtype(), self.block_size
         inverses, scores = {}, {}
-        for t in ctx.targets:
+        for t in ctx.targets:  # sharded: one layer gathered at a time, and gathered again for its update
             Finv, damped = damped_inverse(est.blocks(t.name).to(dtype), self.damp, f"{t.name} Fisher blocks")
             info["damping_increases"] += damped.increases
             wb = to_blocks(t.matrix().to(dtype), B)
-            inverses[t.name] = (Finv, wb)
-            scores[t.name] = t.unmatrix(from_blocks(wb**2 / (2 * torch.diagonal(Finv, dim1=1, dim2=2)), t.shape2d))
+            inverses[t.name] = Finv
+            scores[t.name] = t.local(
+                t.unmatrix(from_blocks(wb**2 / (2 * torch.diagonal(Finv, dim1=1, dim2=2)), t.shape2d))
+            )
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
-            Finv, wb = inverses[t.name]
-            Z = to_blocks(t.matrix(~new[t.name]).to(dtype), B).bool()
+            Finv, wb = inverses[t.name], to_blocks(t.matrix().to(dtype), B)
+            Z = to_blocks(t.matrix(~t.gather(new[t.name])).to(dtype), B).bool()
             wb_new, block_loss = block_set_update(wb, Finv, Z)
             self._write(t, from_blocks(wb_new, t.shape2d))
             loss += float(block_loss.sum())
@@ -470,14 +494,13 @@ class OBS(Criterion):
             dG = damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G")
             info["damping_increases"] += dA.increases + dG.increases
             Ainv, Ginv = torch.cholesky_inverse(dA.L), torch.cholesky_inverse(dG.L)
-            W = self._matrix(t, dtype)
-            inverses[t.name] = (Ginv, Ainv, W)
-            scores[t.name] = t.unmatrix(kfac_saliency(W, Ginv, Ainv))
+            inverses[t.name] = (Ginv, Ainv)  # sharded: the layer is gathered for its score and again for its update
+            scores[t.name] = t.local(t.unmatrix(kfac_saliency(self._matrix(t, dtype), Ginv, Ainv)))
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
-            Ginv, Ainv, W = inverses[t.name]
-            W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, t.matrix(~new[t.name]))
+            (Ginv, Ainv), W = inverses[t.name], self._matrix(t, dtype)
+            W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, t.matrix(~t.gather(new[t.name])))
             self._write(t, W_new)
             loss += layer_loss
         return new, loss

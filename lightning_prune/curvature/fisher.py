@@ -201,7 +201,6 @@ def fisher_pass(
     if not calib.has_loss(batches[0]):
         raise ValueError(f"fisher_type={fisher_type!r} needs the model's loss, and there is {calib.describe()}")
     capture = LayerCapture(targets)
-    params = [t.param for t in targets]
     bar = calib.progress(len(batches), f"{desc} ({fisher_type})")
     capture.attach()
     try:
@@ -216,9 +215,7 @@ def fisher_pass(
                 vs, weight = directions(call, loss, factor, samples, fisher_type, mc_samples, generator)
                 stacked: dict[str, tuple[PruneTarget, list[Tensor], list[Tensor]]] = {}
                 for d, v in enumerate(vs):
-                    torch.autograd.grad(
-                        call.logits, params, grad_outputs=v, retain_graph=d + 1 < len(vs), allow_unused=True
-                    )
+                    capture.grad(call.logits, grad_outputs=v, retain_graph=d + 1 < len(vs))
                     for t, x, g in capture.drain(keep_inputs=True):
                         entry = stacked.setdefault(t.name, (t, [], []))
                         entry[1].append(x)
