@@ -61,6 +61,20 @@ class ShardedTinyNet(TinyNet):
         return torch.utils.data.DataLoader(loader.dataset, batch_size=self.hparams.batch_size, sampler=sampler)
 
 
+def moments_at_pruned(trainer: pl.Trainer, pruner) -> float:
+    """Largest |optimizer moment| at a pruned entry of this rank's shards (must be exactly 0)."""
+    worst = 0.0
+    by_id = {id(t.param): t.name for t in pruner.targets}
+    for opt in trainer.optimizers:
+        for p, state in opt.state.items():
+            name = by_id.get(id(p))
+            for v in state.values() if name else ():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    pruned = sharding.local(v)[~pruner._masks[name]]
+                    worst = max(worst, float(pruned.abs().max()) if pruned.numel() else 0.0)
+    return worst
+
+
 def train(a: argparse.Namespace) -> None:
     pl.seed_everything(0, verbose=False)
     batch = 16 if a.devices > 1 else 32  # the same samples per step
@@ -69,7 +83,7 @@ def train(a: argparse.Namespace) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=a.devices,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if a.devices > 1 else "auto",
+        strategy=ModelParallelStrategy(data_parallel_size=a.devices, tensor_parallel_size=1) if a.fsdp else "auto",
         max_epochs=a.epochs,
         logger=False,
         enable_progress_bar=False,
@@ -89,6 +103,7 @@ def train(a: argparse.Namespace) -> None:
             "sharded": [t.sharded for t in targets],
             "history": [dict(r) for r in pruner.history],
             "world": trainer.world_size,
+            "moments_at_pruned": moments_at_pruned(trainer, pruner),
         },
         os.path.join(a.out, f"rank{trainer.global_rank}.pt"),
     )
@@ -159,7 +174,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--resume", default=None)
     p.add_argument("--selection", action="store_true")
+    p.add_argument("--fsdp", type=int, default=None, help="ModelParallelStrategy (default: with --devices > 1)")
     a = p.parse_args()
+    a.fsdp = a.devices > 1 if a.fsdp is None else bool(a.fsdp)
     selection(a) if a.selection else train(a)
 
 

@@ -69,7 +69,7 @@ def test_two_sharded_ranks_equal_one_unsharded_process(tmp_path, method):
 def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
     """Training (lr > 0, K-FAC OBS), interrupted after epoch 1 and resumed from the distributed checkpoint
     on the same world size, ends with the uninterrupted run's masks and weights; the checkpoint's
-    masks are whole layers, so it also resumes unsharded in one process."""
+    masks are whole layers, so it also resumes on one rank (world size 1) to the same end."""
     full = job(tmp_path / "full", "--devices", "2", "--method", "obs_kfac", "--lr", "0.01")
     ckpt = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
     assert ckpt.is_dir()  # a distributed checkpoint: one shard file per rank, masks in the metadata
@@ -77,8 +77,24 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
     states = [s for k, s in meta["callbacks"].items() if "OBSPruning" in k]
     assert len(states) == 1 and states[0]["masks"]["net.4.weight"]["shape"] == [5, 28]
     resumed = job(tmp_path / "resumed", "--devices", "2", "--method", "obs_kfac", "--lr", "0.01", "--resume", str(ckpt))
-    for a, b in zip(full, resumed):
+    # another world size: the same checkpoint, one FSDP2 rank (DCP reshards the weights, the masks are cut anew)
+    alone = job(
+        tmp_path / "alone",
+        "--devices",
+        "1",
+        "--fsdp",
+        "1",
+        "--method",
+        "obs_kfac",
+        "--lr",
+        "0.01",
+        "--resume",
+        str(ckpt),
+    )
+    assert alone[0]["world"] == 1 and alone[0]["local_shapes"]["net.4.weight"] == (5, 28)
+    for a, b in [*zip(full, resumed), (full[0], alone[0])]:
         assert len(b["history"]) == len(a["history"]) >= 2
+        assert a["moments_at_pruned"] == 0.0 and b["moments_at_pruned"] == 0.0  # Adam moments frozen on the shards
         for n in a["masks"]:
             assert torch.equal(a["masks"][n], b["masks"][n]), n
             torch.testing.assert_close(a["weights"][n], b["weights"][n], atol=1e-6, rtol=0)
