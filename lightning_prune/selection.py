@@ -251,8 +251,7 @@ def _lowest_sharded(
 ) -> dict[str, Tensor]:
     """Keep-masks (flat) pruning the ``ks[g]`` lowest keys of each group of layers, ties by position
     (layer order, then block, then index in the block): :func:`_prune_lowest` over ranks."""
-    ords = {n: _ordered(k) for n, k in keys.items()}
-    srt = {n: torch.sort(o).values for n, o in ords.items()}
+    srt = {n: torch.sort(_ordered(k)).values for n, k in keys.items()}  # 8 bytes per local entry, kept
     names = [n for g in groups for n in g]
     device = next(iter(keys.values())).device
 
@@ -283,8 +282,12 @@ def _lowest_sharded(
     world = shards.comm.world_size
     ties = torch.zeros(len(names), world, dtype=torch.float64)
     for i, n in enumerate(names):
-        if shards.owned[n]:
-            ties[i, shards.chunk[n]] = float((ords[n] == value[n]).sum())
+        if shards.owned[n]:  # equal values are one run of the sorted keys
+            left = torch.searchsorted(srt[n], torch.tensor(value[n], device=device))
+            ties[i, shards.chunk[n]] = float(
+                torch.searchsorted(srt[n], torch.tensor(value[n], device=device), right=True) - left
+            )
+    srt.clear()  # the final masks compare the keys again, one layer at a time
     ties = ties.to(device)
     shards.comm.all_reduce_sum_([ties])
     ties = ties.cpu()
@@ -297,10 +300,11 @@ def _lowest_sharded(
             mine = int(min(max(need - before, 0), row[shards.chunk[n]]))
             need -= int(sum(row))
             if ks[g] <= 0:
-                out[n] = torch.ones_like(ords[n], dtype=torch.bool)
+                out[n] = torch.ones_like(keys[n], dtype=torch.bool)
             else:
-                tie = ords[n] == value[n]
-                out[n] = ~((ords[n] < value[n]) | (tie & (tie.cumsum(0) <= mine)))
+                o = _ordered(keys[n])
+                tie = o == value[n]
+                out[n] = ~((o < value[n]) | (tie & (tie.cumsum(0) <= mine)))
             i += 1
     return out
 
@@ -326,7 +330,8 @@ def _select_sharded(
         floors = [min(floor_count(numel[n], min_density), numel[n] - pruned[n]) for n in names]
         # the floor: each layer's top entries, i.e. those its lowest (numel - floor) leave
         protected = _lowest_sharded(keys, [[n] for n in names], [numel[n] - f for n, f in zip(names, floors)], shards)
-        keys = {n: torch.where(protected[n], torch.full_like(keys[n], math.inf), keys[n]) for n in names}
+        for n in names:
+            keys[n].masked_fill_(protected.pop(n), math.inf)
     if scope == "layer":
         groups = [[n] for n in names]
         ks = [max(round(sparsity * numel[n]), pruned[n]) for n in names]

@@ -52,8 +52,9 @@ def chunk(p: Tensor) -> int:
 
 
 def shard_of(p: Tensor, full: Tensor) -> Tensor:
-    """The rows of ``full`` (laid out like ``p``) that this rank holds."""
-    return full[rows(p)] if is_sharded(p) else full
+    """The rows of ``full`` (laid out like ``p``) that this rank holds: a copy when sharded, so the
+    whole layer it came from can be freed (a view would keep it alive)."""
+    return full[rows(p)].clone() if is_sharded(p) else full
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def gather(p: Tensor, part: Tensor | None = None) -> Tensor:
 @torch.no_grad()
 def write_(p: Tensor, full: Tensor) -> None:
     """Copy ``full`` (the whole layer, laid out like ``p``) into this rank's shard of ``p``."""
-    local(p).copy_(shard_of(p, full).to(p.dtype))
+    local(p).copy_(full[rows(p)] if is_sharded(p) else full)
 
 
 def check_sharding(names: Sequence[str], params: Sequence[Tensor], world_size: int) -> bool:
