@@ -97,6 +97,7 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
         assert a["moments_at_pruned"] == 0.0 and b["moments_at_pruned"] == 0.0  # Adam moments frozen on the shards
         for n in a["masks"]:
             assert torch.equal(a["masks"][n], b["masks"][n]), n
+            assert torch.all(b["weights"][n][~b["masks"][n]] == 0)  # frozen at 0.0 through Adam steps
             torch.testing.assert_close(a["weights"][n], b["weights"][n], atol=1e-6, rtol=0)
 
 
