@@ -345,7 +345,8 @@ class PruningCallback(Pruner, Callback):
         size = batch_size(batches[-1]) if batches else None
         if size is None or not math.isfinite(per_interval):
             return None
-        return ROUND_SHARE * 3 * sum(t.param.numel() for t in self.targets) * size * per_interval
+        samples = size * trainer.world_size  # the global batch: N ranks choose as one process with N times the batch
+        return ROUND_SHARE * 3 * sum(t.param.numel() for t in self.targets) * samples * per_interval
 
     # ================================================================ fit end
     @override

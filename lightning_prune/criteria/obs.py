@@ -261,13 +261,29 @@ class OBS(Criterion):
             if i > 0:
                 est = self._recapture(ctx, f"re-estimating inputs ({i}/{len(groups) - 1})")  # type: ignore[assignment]
                 info["recomputes"] += 1
-            for t in group:
-                A = (est["kfac"] if weighted else est["inputs"]).input_covariance(t.name)
-                adaptive = not weighted and ctx.scope == "layer"
-                quotas = ctx.group_quotas(t, ~t.gather(allocated[t.name]))
-                mask, losses = self._solve(
-                    t, A, counts[t.name], solvers[t.name], t.gather(ctx.masks[t.name]), info, adaptive, quotas
+            adaptive = not weighted and ctx.scope == "layer"
+            stats = est["kfac"] if weighted else est["inputs"]
+            solved = (
+                self._solve_spread(ctx, group, stats, counts, solvers, allocated, info, adaptive)
+                if ctx.sharded
+                else (
+                    (
+                        t,
+                        *self._solve(
+                            t,
+                            stats.input_covariance(t.name),
+                            counts[t.name],
+                            solvers[t.name],
+                            ctx.masks[t.name],
+                            info,
+                            adaptive,
+                            ctx.group_quotas(t, ~allocated[t.name]),
+                        ),
+                    )
+                    for t in group
                 )
+            )
+            for t, mask, losses in solved:
                 masks[t.name] = t.local(mask)
                 if weighted:
                     predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
@@ -328,6 +344,70 @@ class OBS(Criterion):
             info["reconstruction_error"], predicted = reconstruction, math.nan
         return RoundResult(pattern.expand(ctx.masks, gone), predicted, updated=updated, info=info)
 
+    def _solve_spread(
+        self,
+        ctx: RoundContext,
+        group: Sequence[PruneTarget],
+        stats: Estimator,
+        counts: dict[str, Tensor],
+        solvers: dict[str, str],
+        allocated: dict[str, Tensor],
+        info: dict[str, Any],
+        adaptive: bool,
+    ):
+        """Sharded layers: rank ``j`` solves layer ``j`` of every ``world_size`` consecutive layers, the ranks
+        solving at the same time; each result is broadcast from its solver and every rank keeps its rows.
+
+        Every rank takes part in every layer's gathers (collectives, in the same order) but keeps only
+        the layer it solves, so a rank holds at most one whole layer and its solve, plus one received
+        result. Yields ``(target, whole-layer mask, row losses)`` in layer order, as :meth:`_solve`."""
+        world, rank = ctx.comm.world_size, ctx.comm.rank
+        counters = torch.zeros(2, dtype=torch.float64)
+        for start in range(0, len(group), world):
+            chunk, mine = list(group[start : start + world]), None
+            for j, t in enumerate(chunk):
+                W, alloc, before = t.matrix(), t.gather(allocated[t.name]), t.gather(ctx.masks[t.name])
+                if j == rank:
+                    mine = (t, W, alloc, before)
+                del W, alloc, before
+            result = None
+            if mine is not None:
+                t, W, alloc, before = mine
+                local_info = {"damping_increases": 0, "dead_inputs": 0}
+                W_new, mask, losses = self._fit(
+                    t,
+                    stats.input_covariance(t.name),
+                    W,
+                    counts[t.name],
+                    solvers[t.name],
+                    before,
+                    local_info,
+                    adaptive,
+                    ctx.group_quotas(t, ~alloc),
+                )
+                counters += torch.tensor(
+                    [local_info["damping_increases"], local_info["dead_inputs"]], dtype=torch.float64
+                )
+                result = (t.unmatrix(W_new).to(t.param.dtype), mask, losses.to(torch.float64))
+                del mine, W, alloc, before
+            for j, t in enumerate(chunk):
+                device = t.local_param.device
+                if j == rank:
+                    w, mask, losses = (x.to(device).contiguous() for x in result)  # type: ignore[union-attr]
+                else:
+                    w = torch.empty(t.param.shape, dtype=t.param.dtype, device=device)
+                    mask = torch.empty(t.param.shape, dtype=torch.bool, device=device)
+                    losses = torch.empty(t.shape2d[0], dtype=torch.float64, device=device)
+                ctx.comm.broadcast_([w, mask, losses], src=j)
+                t.write_(w)
+                del w
+                yield t, mask, losses
+            result = None
+        counters = counters.to(ctx.targets[0].local_param.device)
+        ctx.comm.all_reduce_sum_([counters])
+        info["damping_increases"] += int(counters[0])
+        info["dead_inputs"] += int(counters[1])
+
     def _solve(
         self,
         t: PruneTarget,
@@ -348,8 +428,25 @@ class OBS(Criterion):
         ``groups`` (an N:M pattern): the allocation fixes how many entries of each group go, and
         every solver chooses which inside its sweep. Returns the new mask (weight layout) and each
         row's reconstruction loss."""
+        W_new, new_mask, losses = self._fit(t, A, t.matrix(), counts, solver, mask, info, adaptive, groups)
+        self._write(t, W_new)
+        return new_mask, losses
+
+    def _fit(
+        self,
+        t: PruneTarget,
+        A: Tensor,
+        W: Tensor,
+        counts: Tensor,
+        solver: str,
+        mask: Tensor,
+        info: dict[str, Any],
+        adaptive: bool = False,
+        groups: Groups | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_solve` on the whole-layer matrix ``W``, without writing: ``(W_new matrix, mask, row losses)``."""
         dtype = self._dtype()
-        U, W, damped, dead = prepare_hessian(A.to(dtype), self._matrix(t, dtype), self.damp, t.name)
+        U, W, damped, dead = prepare_hessian(A.to(dtype), W.to(dtype), self.damp, t.name)
         info["damping_increases"] += damped.increases
         info["dead_inputs"] += int(dead.sum())
         forced = ~t.matrix(mask)
@@ -359,8 +456,7 @@ class OBS(Criterion):
             W_new, pruned, losses = blocked_prune(W, U, counts, forced, self.block_size, groups)
         else:
             W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive, groups)
-        self._write(t, W_new)
-        return t.unmatrix(~pruned), losses
+        return W_new, t.unmatrix(~pruned), losses
 
     def _solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
         if self.solver != "auto":
