@@ -33,6 +33,7 @@ METHODS = {
     "obd_exact": lambda a: OBDPruning(0.8, curvature="fisher", num_batches=4, verbose=0),
     "obd_kfac": lambda a: OBDPruning(0.8, curvature="kfac", fisher_type="empirical", num_batches=4, verbose=0),
     "obs": lambda a: OBSPruning(0.8, num_batches=4, verbose=0, scope=a.scope),
+    "obs_layer": lambda a: OBSPruning(0.8, scope="layer", num_batches=4, verbose=0),
     "obs_kfac": lambda a: OBSPruning(0.8, hessian="kfac", num_batches=4, verbose=0),
     "obs_fisher": lambda a: OBSPruning(0.8, hessian="fisher", block_size=8, num_batches=4, verbose=0),
     "obs_nm": lambda a: OBSPruning(0.5, pattern="2:4", num_batches=4, verbose=0),

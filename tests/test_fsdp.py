@@ -44,7 +44,7 @@ def test_sharded_selection_equals_one_process_on_whole_layers(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["magnitude", "obd_exact", "obs", "obs_kfac", "obs_nm"])
+@pytest.mark.parametrize("method", ["magnitude", "obd_exact", "obs", "obs_layer", "obs_kfac", "obs_nm"])
 def test_two_sharded_ranks_equal_one_unsharded_process(tmp_path, method):
     """lr 0 and the same samples per step: whole-layer masks equal, OBS-moved weights within float32
     rounding, and each rank stores only its shard's rows (5 output rows: 3 + 2)."""
