@@ -162,6 +162,17 @@ def worker(out: str) -> None:
         dist.destroy_process_group()
 
 
+READING = (
+    "Reading: each rank holds half the weights; the statistics are replicated (every rank accumulates every "
+    "layer's sums from its own batches: 1x the weights for OBD's Fisher diagonal, 3.3x for layer-wise OBS's "
+    "diagonal + `d_in^2 + d_out^2`). Magnitude and OBD score their own rows, gather nothing, and their round "
+    "peak (selection temporaries: the float64 keys and their sort, per local weight) about halves. Layer-wise OBS "
+    "gathers each layer for its score and again for its solve (which rank j runs for every 2nd layer j, the "
+    "ranks at the same time), but its peak stays at the one-process level: the replicated statistics, the "
+    "re-estimated ones of `recompute_steps` and the float64 scores dominate, not the gathered layers."
+)
+
+
 def mb(b: float) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -203,14 +214,15 @@ def main() -> None:
                 )
     body = (
         "## FSDP2: what a round costs per rank\n\n"
-        f"`python benchmarks/fsdp.py` at `{common.commit()}` on {common.machine()}. One `prune()` round (the core "
+        f"`python benchmarks/fsdp.py` at `{common.commit()}` on {common.machine().split(', threads')[0]}, one thread "
+        "per process. One `prune()` round (the core "
         f"a `Trainer.fit` round runs) on an MLP 512-{WIDTH}x{LAYERS + 1}-16 ({weights / 2**20:.1f} MB of float32 "
         f"parameters, largest layer {largest / 2**20:.1f} MB), {BATCHES} batches of {BATCH} random samples, "
         "target 0.7. FSDP2: `fully_shard` on every Linear and the model, 2 gloo ranks on this machine's 2 cores, "
         "each with half of every batch; the one-process run has the whole model and whole batches. Peak RSS is "
         "sampled every millisecond above the RSS before `prune()` (an upper bound: freed memory can stay with "
         "the allocator). Gathered: bytes that `sharding.gather` assembled from the shards (weights of one layer "
-        "at a time, and bool masks).\n\n" + "\n".join(lines)
+        "at a time, and bool masks).\n\n" + "\n".join(lines) + "\n\n" + READING
     )
     print(body)
     common.write_block("fsdp", body)
