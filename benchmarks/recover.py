@@ -171,9 +171,12 @@ def plot(rows: dict, seeds: list[int]) -> None:
         goal = 100 * statistics.mean(rows[METHODS[0], target, s]["dense_acc"] for s in seeds) - 1
         ax.axhline(goal, color="gray", linestyle="--", linewidth=1, label="dense - 1")
         ax.set_title(f"{target:.0%} sparse")
-        ax.set_xscale("symlog", linthresh=1 / 16)
+        ax.set_xscale("symlog", linthresh=1 / 16, linscale=0.5)
+        ticks = [0, *FRACTIONS, *range(1, EPOCHS + 1)]
+        ax.set_xticks(ticks, ["0", "1/16", "", "1/4", "", "1", "2", "", "", "5"][: len(ticks)])
+        ax.set_xlim(0, EPOCHS * 1.05)
         ax.set_xlabel("fine-tuning epochs (symlog)")
-        ax.set_ylim(max(0, goal - 25), goal + 3)
+        ax.set_ylim(bottom=max(0, ax.get_ylim()[0]), top=goal + 3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[-1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()
