@@ -32,6 +32,7 @@ import common
 import methods
 import torch
 from lightning.pytorch.callbacks import Callback
+from quality import fmt
 
 from lightning_prune import prune
 
@@ -109,18 +110,11 @@ def at(r: dict[str, Any], epochs: float) -> float:
     return next(a for e, a in r["points"] if e == epochs)
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    start = time.time()
     rows = {}
     for seed in seeds:
         for target in SPARSITIES:
@@ -144,10 +138,13 @@ def main() -> None:
                 f"{fmt([at(r, 2.0) for r in rs])} | {fmt([at(r, float(EPOCHS)) for r in rs])} | {reach_s} |"
             )
     plot(rows, seeds)
+    commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in rows.values()}))
+    compute = sum(r["seconds"] for r in rows.values()) / 60
     body = (
         "## Fine-tuning to recover (MLP, one-shot then frozen-mask fine-tuning)\n\n"
-        f"`python benchmarks/recover.py --seeds {a.seeds}` at `{common.commit()}`, {(time.time() - start) / 60:.0f} "
-        f"minutes on {common.machine()} (cells cached). The converged dense MLP (8 epochs, test accuracy "
+        f"`python benchmarks/recover.py --seeds {a.seeds}` at `{common.commit()}`: cells computed at {commits}, "
+        f"{compute:.0f} minutes of compute on {common.machine()} (cells cached). "
+        "The converged dense MLP (8 epochs, test accuracy "
         f"{fmt(dense)}) pruned one-shot (`prune()`, 32 batches), then {EPOCHS} epochs of Adam with the masks frozen; "
         f"test accuracy (%), seeds {seeds}. Goal: dense - 1 point.\n\n" + "\n".join(lines) + "\n\n"
         "![accuracy against fine-tuning epochs](recover_mlp.png)"

@@ -126,14 +126,3 @@ def unpack_mask(packed: Mapping[str, object]) -> Tensor:
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
     flat = ((bits.to(torch.uint8).unsqueeze(1) >> shifts) & 1).flatten()[:numel]
     return flat.to(torch.bool).view(shape)
-
-
-def count_pruned(masks: Mapping[str, Tensor]) -> tuple[int, int]:
-    """(number of pruned entries, number of entries) over all masks."""
-    pruned = sum(int((~m).sum()) for m in masks.values())
-    return pruned, sum(m.numel() for m in masks.values())
-
-
-def layer_sparsity(masks: Mapping[str, Tensor]) -> dict[str, float]:
-    """Fraction of pruned entries per mask."""
-    return {n: float((~m).sum()) / max(m.numel(), 1) for n, m in masks.items()}

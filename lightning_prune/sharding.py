@@ -15,7 +15,6 @@ Placements other than one ``Shard(0)`` (tensor parallelism, HSDP's 2-D mesh) are
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -95,7 +94,3 @@ def check_sharding(names: Sequence[str], params: Sequence[Tensor], world_size: i
                 "sharding shard the layer inputs or replicate shards, which the statistics and masks do not handle"
             )
     return sharded
-
-
-def numel(shape: Sequence[int]) -> int:
-    return math.prod(int(s) for s in shape)

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyNet
+from ddp_job import OrderedTinyNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -40,8 +40,9 @@ METHODS = {
 }
 
 
-class ShardedTinyNet(TinyNet):
-    """TinyNet with FSDP2 applied in ``configure_model`` (one ``fully_shard`` per Linear, then the root)."""
+class ShardedTinyNet(OrderedTinyNet):
+    """ddp_job's ordered TinyNet with FSDP2 applied in ``configure_model`` (one ``fully_shard`` per Linear, then
+    the root)."""
 
     def configure_model(self) -> None:
         if not getattr(self, "_sharded", False) and torch.distributed.is_initialized():
@@ -53,13 +54,6 @@ class ShardedTinyNet(TinyNet):
                     fully_shard(m, mesh=mesh)
             fully_shard(self, mesh=mesh)
             self._sharded = True
-
-    def train_dataloader(self):
-        loader = super().train_dataloader()
-        if not torch.distributed.is_initialized():
-            return loader
-        sampler = torch.utils.data.DistributedSampler(loader.dataset, shuffle=False)
-        return torch.utils.data.DataLoader(loader.dataset, batch_size=self.hparams.batch_size, sampler=sampler)
 
 
 def moments_at_pruned(trainer: pl.Trainer, pruner) -> float:
