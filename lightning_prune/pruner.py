@@ -401,7 +401,7 @@ class Pruner:
             by_name = {t.name: t for t in self.targets}
             masks = {}
             for n, m in self._masks.items():
-                packed = M.pack_mask(by_name[n].gather(m) if by_name[n].sharded else m)
+                packed = M.pack_mask(by_name[n].gather(m))
                 masks[n] = {**packed, "crc32": _crc(packed)}
         return {
             "version": STATE_VERSION,

@@ -64,10 +64,10 @@ class RoundContext:
     def global_sum(self, per_layer: Mapping[str, float]) -> float:
         """Sum of per-layer values computed on this rank's blocks (e.g. removed scores), over all ranks
         when sharded (a layer every rank holds whole counts once)."""
-        if not self.sharded:
+        shards = self.shards()
+        if shards is None:
             return float(sum(per_layer.values()))
-        owned = {t.name: t.sharded or self.comm.rank == 0 for t in self.targets}
-        value = sum(v for n, v in per_layer.items() if owned[n])
+        value = sum(v for n, v in per_layer.items() if shards.owned[n])
         t = torch.tensor([value], dtype=torch.float64, device=self.targets[0].param.device)
         self.comm.all_reduce_sum_([t])
         return float(t)
