@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from lightning_prune.calibration import Calibration, eval_mode
 from lightning_prune.capture import LayerCapture, all_finite
-from lightning_prune.curvature.estimators import InputCovariance
+from lightning_prune.curvature.estimators import CrossCovariance, InputCovariance
 from lightning_prune.distributed import Collectives
 from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
@@ -150,41 +150,62 @@ def run_sequential(
     comm: Collectives,
     prune_block: Callable[[Block, InputCovariance], None],
     progress_desc: str = "sequential OBS",
+    reference: bool = False,
 ) -> dict[str, Any]:
     """Block by block: statistics of its layers' inputs, ``prune_block(block, stats)``, pruned outputs.
 
     ``prune_block`` changes the block's weights in place. Batches whose captured inputs are not
-    finite are left out of that block's statistics (counted in the returned ``skipped``). Returns
-    ``{"blocks", "skipped", "block_input_bytes"}``, the last being the largest block input held.
+    finite are left out of that block's statistics (counted in the returned ``skipped``).
+    ``reference``: the original outputs travel beside the pruned ones (each block run on them before
+    it is pruned), and the statistics are a :class:`CrossCovariance` of original and pruned inputs,
+    so the block can fit its original outputs; this holds two streams of block inputs instead of one.
+    Returns ``{"blocks", "skipped", "block_input_bytes"}``, the last being the block inputs held.
     """
     inputs = first_block_inputs(calib, batches, blocks[0])
+    originals = inputs  # the same objects until the first block is pruned
     held = sum(a.numel() * a.element_size() for args, _ in inputs for a in args if isinstance(a, Tensor))
     skipped = 0
     bar = calib.progress(len(blocks), progress_desc)
     try:
         with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
+                next_originals = []
                 if block.targets:
-                    stats = InputCovariance(block.targets, comm)
+                    stats = CrossCovariance(block.targets, comm) if reference else InputCovariance(block.targets, comm)
+                    by_name = {t.name: t for t in block.targets}
                     capture = LayerCapture(block.targets, inputs_only=True)
                     capture.attach()
                     try:
-                        for args, kwargs in inputs:
-                            block.module(*args, **kwargs)
-                            items = list(capture.drain())
-                            if items and not all_finite(items):
+                        for (args, kwargs), (ref_args, ref_kwargs) in zip(inputs, originals):
+                            same = ref_args is args
+                            if reference:  # the unpruned block on the original inputs: x_ref and the next originals
+                                next_originals.append(_output(block.module(*ref_args, **ref_kwargs)))
+                                ref = {t.name: x for t, x, _ in capture.drain()}
+                            if not (reference and same):
+                                block.module(*args, **kwargs)
+                            items = ref if reference and same else {t.name: x for t, x, _ in capture.drain()}
+                            pairs = [(by_name[n], ref[n] if reference else None, x) for n, x in items.items()]
+                            if pairs and not all_finite([(t, x, r) for t, r, x in pairs]):
                                 stats.skipped += 1
                                 continue
                             with exact_float32():
-                                for target, x, _ in items:
-                                    stats.update(target.name, x)
+                                for target, x_ref, x in pairs:
+                                    if reference:
+                                        stats.update_pair(target.name, x_ref, x)
+                                    else:
+                                        stats.update(target.name, x)
                             stats.end_batch()
                     finally:
                         capture.detach()
                     stats.reduce_()
                     skipped += stats.skipped
                     prune_block(block, stats)
+                elif reference:
+                    next_originals = [_output(block.module(*a, **k)) for a, k in originals]
                 inputs = [((_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                if reference:
+                    originals = [((out, *a[1:]), k) for out, (a, k) in zip(next_originals, originals)]
+                    held = max(held, 2 * sum(a[0].numel() * a[0].element_size() for a, _ in inputs))
                 bar()
     finally:
         bar.close()

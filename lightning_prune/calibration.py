@@ -295,3 +295,63 @@ def calibration_pass(
         bar.close()
     estimator.reduce_()
     return estimator
+
+
+@contextlib.contextmanager
+def swapped_weights(targets: Sequence[PruneTarget], weights: Mapping[str, Tensor]) -> Iterator[None]:
+    """Run with ``weights`` (this rank's blocks, by target name) in place of the targets' own,
+    restored afterwards (copied in place, so hooks, optimizers and FSDP2 keep their tensors)."""
+    own = {t.name: t.local_param.clone() for t in targets}
+    try:
+        with torch.no_grad():
+            for t in targets:
+                t.local_param.copy_(weights[t.name])
+        yield
+    finally:
+        with torch.no_grad():
+            for t in targets:
+                t.local_param.copy_(own[t.name])
+
+
+def reference_pass(
+    calib: Calibration,
+    batches: Sequence[Any],
+    estimator: Any,
+    targets: Sequence[PruneTarget],
+    reference: Mapping[str, Tensor],
+    swap: Sequence[PruneTarget],
+    desc: str = "reference inputs",
+) -> Any:
+    """Fold pairs ``(x_ref, x)`` of the ``targets``' inputs into ``estimator.update_pair``, then all-reduce it.
+
+    Each batch runs twice in eval mode, forward only: with the ``swap`` layers at their
+    ``reference`` weights (``x_ref``, what the layers saw before they were pruned), and at the
+    current weights (``x``). Only a batch's captured inputs are held at a time. A batch with
+    non-finite inputs in either pass is skipped and counted in ``estimator.skipped``.
+    """
+    capture = LayerCapture(targets, inputs_only=True)
+    bar = calib.progress(len(batches), desc)
+    capture.attach()
+    try:
+        with eval_mode(calib.model), torch.no_grad(), calib.forward_context():
+            for i, batch in enumerate(batches):
+                with swapped_weights(swap, reference):
+                    calib.forward(batch, i)
+                ref = list(capture.drain())
+                calib.forward(batch, i)
+                items = list(capture.drain())
+                if not items or not all_finite(ref) or not all_finite(items):
+                    estimator.skipped += bool(items)
+                    bar()
+                    continue
+                refs = {target.name: x_ref for target, x_ref, _ in ref}
+                with exact_float32():
+                    for target, x, _ in items:
+                        estimator.update_pair(target.name, refs[target.name], x)
+                estimator.end_batch()
+                bar()
+    finally:
+        capture.detach()
+        bar.close()
+    estimator.reduce_()
+    return estimator

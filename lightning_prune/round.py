@@ -102,6 +102,7 @@ def run_round(
         min_density=pruner.min_density,
         source=source,
         solver_budget=solver_budget,
+        reference=saved or None,
     )
     try:
         result = criterion.prune(ctx)
@@ -112,6 +113,7 @@ def run_round(
                     t.local_param.copy_(saved[t.name])
         raise
     del saved
+    ctx.reference = None
 
     # 4. commit: masks only shrink, pruned weights and their optimizer moments are zeroed, ranks agree
     pruner.commit_(result, before, comm, optimizers)

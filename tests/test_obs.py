@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import lightning.pytorch as pl
@@ -456,3 +457,54 @@ def test_adaptive_fast_solver_is_sparsegpts_reference_mask_selection():
     ref, mask = sparsegpt_reference(W, U, 8, lowest_of_the_block)
     assert torch.equal(pruned, mask)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+class ThreeLayers(pl.LightningModule):
+    """A ReLU MLP on fixed data: pruning a layer changes what the later layers see."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.X = torch.randn(512, 12, generator=g)
+        self.y = torch.randint(0, 4, (512,), generator=g)
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 10), nn.ReLU(), nn.Linear(10, 4))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(self.X, self.y), batch_size=128)
+
+
+@pytest.mark.parametrize("reconstruct", ["original", "current"])
+def test_later_layers_fit_the_outputs_they_are_asked_to(reconstruct):
+    """Layer-wise OBS over three layer groups: each later layer ends at the least-squares refit of
+    its kept weights, on the inputs the pruned layers before it give, to its original outputs
+    (``"original"``: W x_orig) or to its own outputs on those inputs (``"current"``: W x)."""
+    from lightning_prune import prune
+
+    original = ThreeLayers()
+    model = copy.deepcopy(original)
+    pruner = OBSPruning(0.7, solver="exact", damp=1e-10, recompute_steps=3, reconstruct=reconstruct, verbose=0)
+    prune(model, model.train_dataloader(), pruner, num_batches=4)
+
+    def inputs(m):
+        with torch.no_grad():
+            h1 = torch.relu(m.net[0](m.X))
+            return {2: h1.double(), 4: torch.relu(m.net[2](h1)).double()}
+
+    X, X_orig = inputs(model), inputs(original)
+    for i in (2, 4):
+        W0, W = original.net[i].weight.detach().double(), model.net[i].weight.detach().double()
+        Y = (X_orig[i] if reconstruct == "original" else X[i]) @ W0.T
+        assert 0 < int((W == 0).sum()) < W.numel()
+        torch.testing.assert_close(W, refit(X[i], Y, W != 0), rtol=0, atol=3e-4 * float(W0.abs().max()))
+
+
+def test_reconstruct_is_layerwise_only():
+    with pytest.raises(ValueError, match="`reconstruct`"):
+        OBSPruning(0.5, hessian="kfac", reconstruct="current")
+    with pytest.raises(ValueError, match="`reconstruct` must be one of"):
+        OBSPruning(0.5, reconstruct="dense")

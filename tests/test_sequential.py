@@ -52,7 +52,7 @@ def test_sequential_equals_pruning_each_block_on_the_pruned_model_before_it():
     final). All layers of a block are solved from one capture of its inputs, as SparseGPT does."""
     model, data = tiny_llama(), batches()
     reference = copy.deepcopy(model)
-    pruner = obs(blocks="auto")
+    pruner = obs(blocks="auto", reconstruct="current")
     record = prune(model, data, pruner)
     assert record["info"]["sequential_blocks"] == 3
     for i in range(3):
@@ -71,10 +71,60 @@ def test_sequential_equals_pruning_each_block_on_the_pruned_model_before_it():
 
 def test_sequential_memory_is_one_blocks_inputs():
     model, data = tiny_llama(), batches(n=5)
-    record = prune(model, data, obs(blocks="model.layers.*"))
+    record = prune(model, data, obs(blocks="model.layers.*", reconstruct="current"))
     info = record["info"]
     assert info["block_input_bytes"] == 5 * 3 * 12 * 24 * 4  # batches x rows x tokens x hidden x float32
     assert info["peak_hessian_bytes"] == 40 * 40 * 8  # the widest layer input (down_proj), float64
+    # fitting the original outputs carries the original block inputs beside the pruned ones
+    record = prune(tiny_llama(), data, obs(blocks="model.layers.*"))
+    assert record["info"]["block_input_bytes"] == 2 * 5 * 3 * 12 * 24 * 4
+
+
+def _layer_inputs(model: nn.Module, names: list[str], data) -> dict[str, torch.Tensor]:
+    """Every call's input rows of the named Linear layers over the batches, float64."""
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    hooks = [
+        modules[n].register_forward_hook(lambda m, a, o, n=n: rows[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n in names
+    ]
+    with torch.no_grad():
+        for b in data:
+            model(**b)
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(r).double() for n, r in rows.items()}
+
+
+def _refit(X: torch.Tensor, Y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    W = torch.zeros(keep.shape, dtype=torch.float64)
+    for r in range(keep.shape[0]):
+        K = keep[r].nonzero().flatten()
+        W[r, K] = torch.linalg.lstsq(X[:, K], Y[:, r : r + 1]).solution.flatten()
+    return W
+
+
+@pytest.mark.parametrize("reconstruct", ["original", "current"])
+def test_sequential_block_fits_the_outputs_it_is_asked_to(reconstruct):
+    """Block 2's layers, on the inputs they had when solved (blocks 0-1 pruned, block 2 not yet),
+    end at the least-squares refit of their kept weights to the original model's outputs
+    (``"original"``: W x_orig) or to their own outputs on those inputs (``"current"``: W x)."""
+    original, data = tiny_llama(), batches(n=6)
+    model = copy.deepcopy(original)
+    prune(model, data, obs(blocks="auto", damp=1e-10, reconstruct=reconstruct))
+    solved_on = copy.deepcopy(original)  # blocks 0-1 pruned, block 2 as it was
+    with torch.no_grad():
+        for (n, p), q in zip(solved_on.named_parameters(), model.parameters()):
+            if not n.startswith("model.layers.2."):
+                p.copy_(q)
+    names = [f"model.layers.2.{m}" for m in ("self_attn.q_proj", "mlp.up_proj", "mlp.down_proj")]
+    X = _layer_inputs(solved_on, names, data)
+    X_orig = _layer_inputs(original, names, data)
+    modules, orig = dict(model.named_modules()), dict(original.named_modules())
+    for n in names:
+        W0, W = orig[n].weight.double(), modules[n].weight.double()
+        Y = (X_orig[n] if reconstruct == "original" else X[n]) @ W0.T
+        torch.testing.assert_close(W, _refit(X[n], Y, W != 0), rtol=0, atol=2e-4 * float(W0.abs().max()))
 
 
 def test_find_blocks_auto_and_glob():

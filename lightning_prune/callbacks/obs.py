@@ -36,6 +36,14 @@ class OBSPruning(PruningCallback):
         block_size: ``"fisher"``: Fisher block size; ``"blocked"``/``"fast"`` solvers: column block size.
         recompute_steps: curvature re-estimations within a round (layer-wise: groups of layers whose
             inputs are re-captured after the earlier groups were pruned).
+        reconstruct: layer-wise only: the outputs each later layer group is fitted to.
+            ``"original"`` (default): the outputs it gave when the round started, from its original
+            weights on the original inputs (``min E||W x_orig - w x||^2``, asymmetric calibration as
+            in GPTAQ), so the error pruning earlier layers put into its inputs is corrected;
+            ``"current"``: its own outputs on the already-pruned inputs (SparseGPT/OBC). Costs two
+            forward passes over the round's batches per group instead of one pass with gradients;
+            with ``blocks=`` it holds the original block inputs beside the pruned ones (2x).
+            Measured one-shot on the Fashion-MNIST MLP (benchmarks/RESULTS.md, "extreme sparsity").
         optimizer_state: ``"reset"`` zeroes the optimizer moments of weights the update moved;
             ``"keep"`` leaves them (pruned entries are zeroed either way). Measured (Adam, MLP,
             gradual 99%, 3 seeds): reset 86.8 +- 0.2, keep 87.1 +- 0.3, within the seed spread.
@@ -67,6 +75,7 @@ class OBSPruning(PruningCallback):
         damp: float = 0.01,
         block_size: int = 128,
         recompute_steps: int = 4,
+        reconstruct: Literal["original", "current"] = "original",
         optimizer_state: Literal["keep", "reset"] = "reset",
         solver_dtype: Literal["float64", "float32"] = "float64",
         schedule: str | Callable[[int], float] = "cubic",
@@ -105,6 +114,7 @@ class OBSPruning(PruningCallback):
                 fisher_type,
                 mc_samples,
                 blocks,
+                reconstruct=reconstruct,
             ),
             target,
             schedule,

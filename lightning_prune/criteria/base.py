@@ -46,6 +46,9 @@ class RoundContext:
     source: str = "the round's batches"  # where the statistics came from, for error messages
     solver_budget: float | None = None  # OBS solver="auto": element updates for the round; None: per layer
     pattern: Pattern = UNSTRUCTURED
+    # the targets' weights (this rank's blocks) when the round started, for criteria that move weights:
+    # OBS reconstructs the outputs they gave (reconstruct='original')
+    reference: Mapping[str, Tensor] | None = None
 
     @property
     def sharded(self) -> bool:

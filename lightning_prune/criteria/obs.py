@@ -28,6 +28,14 @@ reported as ``info["reconstruction_error"]``).
 sequential (:mod:`lightning_prune.blocks`): one block at a time is calibrated, pruned, and its
 pruned outputs feed the next, as SparseGPT/OBC prune transformers.
 
+Layer-wise OBS solves its layers in ``recompute_steps`` groups, re-capturing the inputs of later
+groups after the earlier ones were pruned. ``reconstruct="original"`` (default) fits each later
+layer to the outputs it gave when the round started (its original weights on the original inputs),
+from the cross moment of original and current inputs, so the error pruning put into its inputs is
+corrected rather than reproduced (asymmetric calibration, GPTAQ); ``"current"`` fits the layer's
+own outputs on the already-pruned inputs (SparseGPT/OBC). With ``blocks=`` the original outputs
+travel block by block beside the pruned ones.
+
 For ``"fisher"`` and ``"kfac"`` a round is split into ``recompute_steps`` steps; after each, the
 curvature is re-estimated at the updated weights from the window's stored batches (as M-FAC and
 oBERT do), and each step removes its set of weights with the exact joint OBS update.
@@ -43,10 +51,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.calibration import reference_pass
 from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.criteria.obd import check_reduction
-from lightning_prune.curvature import KFAC, Composite, DiagFisher, Estimator, InputCovariance
+from lightning_prune.curvature import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
 from lightning_prune.curvature.fisher import check_fisher_type
 from lightning_prune.distributed import Collectives
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
@@ -59,6 +68,7 @@ from lightning_prune.obs.layerwise import (
     inverse_diagonal,
     obc_prune,
     prepare_hessian,
+    refit_to_reference,
     single_saliency,
     solver_work,
     sparsegpt_prune,
@@ -73,6 +83,7 @@ HESSIANS = ("layerwise", "fisher", "kfac")
 SOLVERS = ("auto", "exact", "blocked", "fast")
 ALLOCATIONS = ("obs", "fisher", "kfac", "reconstruction")
 OPTIMIZER_STATES = ("keep", "reset")
+RECONSTRUCTS = ("original", "current")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -111,8 +122,10 @@ class OBS(Criterion):
         fisher_type: str = "empirical",
         mc_samples: int = 1,
         blocks: str | None = None,
+        reconstruct: str = "original",
     ) -> None:
         for name, value, allowed in (
+            ("reconstruct", reconstruct, RECONSTRUCTS),
             ("hessian", hessian, HESSIANS),
             ("solver", solver, SOLVERS),
             ("allocation", allocation, ALLOCATIONS),
@@ -145,7 +158,12 @@ class OBS(Criterion):
                     "needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
                     f"(and scope='layer' or 'row'); got hessian={hessian!r}, allocation={allocation!r}"
                 )
-        self.blocks = blocks
+        if reconstruct != "original" and hessian != "layerwise":
+            raise ValueError(
+                f"`reconstruct` chooses the outputs layer-wise OBS fits; hessian={hessian!r} has no layer "
+                f"outputs to reconstruct (got reconstruct={reconstruct!r})"
+            )
+        self.blocks, self.reconstruct = blocks, reconstruct
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.hessian, self.solver, self.allocation = hessian, solver, allocation
         self.damp, self.block_size, self.recompute_steps = float(damp), block_size, recompute_steps
@@ -182,8 +200,8 @@ class OBS(Criterion):
         return self.allocation != "reconstruction"
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
-        if self.hessian == "layerwise":
-            return self.needs_gradients and self.recompute_steps > 1 and len(targets) > 1
+        if self.hessian == "layerwise":  # reconstruct="original" re-captures inputs with forward passes only
+            return self.needs_gradients and self.recompute_steps > 1 and len(targets) > 1 and not self._corrects
         return self.recompute_steps > 1
 
     @property
@@ -208,6 +226,23 @@ class OBS(Criterion):
         if self.hessian == "layerwise" and self.allocation == "fisher":
             parts["fisher"] = DiagFisher(targets, comm)
         return Composite(parts)
+
+    @property
+    def _corrects(self) -> bool:
+        """Whether later layers fit the round's original outputs (layer-wise, ``reconstruct="original"``)."""
+        return self.hessian == "layerwise" and self.reconstruct == "original"
+
+    def _reference_stats(
+        self, ctx: RoundContext, layers: Sequence[PruneTarget], changed: Sequence[PruneTarget], desc: str
+    ) -> CrossCovariance:
+        """``A`` and ``C = E[x_ref x^T]`` of ``layers``, with the ``changed`` layers at the round's original weights."""
+        if ctx.reference is None:
+            raise RuntimeError(
+                f"OBS round {ctx.round_index}: reconstruct='original' needs the weights the round started from "
+                "(RoundContext.reference); run the round through lightning_prune.round.run_round"
+            )
+        est = CrossCovariance(layers, ctx.comm)
+        return reference_pass(ctx.calib, ctx.batches, est, layers, ctx.reference, changed, desc)
 
     def _recapture(self, ctx: RoundContext, desc: str) -> Estimator:
         """Fresh statistics at the current weights from the round's batches (a calibration pass)."""
@@ -257,14 +292,23 @@ class OBS(Criterion):
         counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in ctx.targets}
         solvers = self._solvers(ctx, ctx.targets, counts)
         groups = _split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
+        G = {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in ctx.targets} if weighted else {}
         for i, group in enumerate(groups):
-            if i > 0:
-                est = self._recapture(ctx, f"re-estimating inputs ({i}/{len(groups) - 1})")  # type: ignore[assignment]
-                info["recomputes"] += 1
             adaptive = not weighted and ctx.scope == "layer"
-            stats = est["kfac"] if weighted else est["inputs"]
+            stats: Estimator = est["kfac"] if weighted else est["inputs"]
+            cross: CrossCovariance | None = None
+            if i > 0:
+                desc = f"re-estimating inputs ({i}/{len(groups) - 1})"
+                if self._corrects:  # current inputs and the original ones: forward passes only
+                    stats = cross = self._reference_stats(ctx, group, [t for g in groups[:i] for t in g], desc)
+                else:
+                    est = self._recapture(ctx, desc)  # type: ignore[assignment]
+                    stats = est["kfac"] if weighted else est["inputs"]
+                    if weighted:
+                        G.update({t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in group})
+                info["recomputes"] += 1
             solved = (
-                self._solve_spread(ctx, group, stats, counts, solvers, allocated, info, adaptive)
+                self._solve_spread(ctx, group, stats, counts, solvers, allocated, info, adaptive, cross)
                 if ctx.sharded
                 else (
                     (
@@ -278,6 +322,7 @@ class OBS(Criterion):
                             info,
                             adaptive,
                             ctx.group_quotas(t, ~allocated[t.name]),
+                            None if cross is None else cross.cross_covariance(t.name),
                         ),
                     )
                     for t in group
@@ -286,7 +331,7 @@ class OBS(Criterion):
             for t, mask, losses in solved:
                 masks[t.name] = t.local(mask)
                 if weighted:
-                    predicted += float((torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) * losses).sum())
+                    predicted += float((G[t.name] * losses).sum())
                 else:
                     reconstruction += float(losses.sum())
         info["solver"] = "+".join(sorted(set(solvers.values())))
@@ -306,22 +351,36 @@ class OBS(Criterion):
         before, after = pattern.pruned(ctx.masks), pattern.pruned(allocated)
         gone: dict[str, Tensor] = {}
         predicted, reconstruction, updated = 0.0, 0.0, set()
+        updated_targets: dict[str, PruneTarget] = {}
         families = _split(pattern.families, min(self.recompute_steps, len(pattern.families)))
+        G = {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in ctx.targets} if weighted else {}
         for i, group in enumerate(families):
+            stats: Estimator = est["kfac"] if weighted else est["inputs"]
+            cross: CrossCovariance | None = None
             if i > 0:
-                est = self._recapture(ctx, f"re-estimating inputs ({i}/{len(families) - 1})")  # type: ignore[assignment]
+                desc = f"re-estimating inputs ({i}/{len(families) - 1})"
+                if self._corrects:  # the consumers' current inputs and the original ones: forward passes only
+                    layers = list({t.name: t for f in group for _, t in pattern.slots(f, "consumers")}.values())
+                    stats = cross = self._reference_stats(ctx, layers, list(updated_targets.values()), desc)
+                else:
+                    est = self._recapture(ctx, desc)  # type: ignore[assignment]
+                    stats = est["kfac"] if weighted else est["inputs"]
+                    if weighted:
+                        G = {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in ctx.targets}
                 info["recomputes"] += 1
             for f in group:
                 count = int(after[f.name].sum()) - int(before[f.name].sum())
                 if count <= 0:
                     continue
                 consumers = [t for _, t in pattern.slots(f, "consumers")]
-                stats = est["kfac"] if weighted else est["inputs"]
-                rows = [
-                    torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) if weighted else None for t in consumers
-                ]
+                rows = [G[t.name] if weighted else None for t in consumers]
+                Ws = [self._matrix(t, dtype) for t in consumers]
+                if cross is not None:  # fit the consumers' original outputs (layer-wise preparation, then refit)
+                    for j, t in enumerate(consumers):
+                        U, _, _, _ = prepare_hessian(stats.input_covariance(t.name).to(dtype), Ws[j], self.damp, t.name)
+                        Ws[j] = refit_to_reference(Ws[j], cross.cross_covariance(t.name).to(dtype), U)
                 Ws, gone[f.name], costs, counts = structured_prune(
-                    [self._matrix(t, dtype) for t in consumers],
+                    Ws,
                     [stats.input_covariance(t.name).to(dtype) for t in consumers],
                     [s.width for s, _ in pattern.slots(f, "consumers")],
                     count,
@@ -333,6 +392,7 @@ class OBS(Criterion):
                 for t, W in zip(consumers, Ws):
                     self._write(t, W)
                     updated.add(t.name)
+                    updated_targets[t.name] = t
                 info["damping_increases"] += counts["damping_increases"]
                 info["dead_inputs"] += counts["dead_inputs"]
                 if weighted:
@@ -354,6 +414,7 @@ class OBS(Criterion):
         allocated: dict[str, Tensor],
         info: dict[str, Any],
         adaptive: bool,
+        cross: CrossCovariance | None = None,
     ):
         """Sharded layers: rank ``j`` solves layer ``j`` of every ``world_size`` consecutive layers, the ranks
         solving at the same time; each result is broadcast from its solver and every rank keeps its rows.
@@ -384,6 +445,7 @@ class OBS(Criterion):
                     local_info,
                     adaptive,
                     ctx.group_quotas(t, ~alloc),
+                    None if cross is None else cross.cross_covariance(t.name),
                 )
                 counters += torch.tensor(
                     [local_info["damping_increases"], local_info["dead_inputs"]], dtype=torch.float64
@@ -418,6 +480,7 @@ class OBS(Criterion):
         info: dict[str, Any],
         adaptive: bool = False,
         groups: Groups | None = None,
+        C: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Remove ``counts[i]`` weights of each row of ``t`` under ``H = A`` and refit the rest in place
         (the whole layer: ``mask`` and the returned mask are whole-layer masks, also when sharded).
@@ -426,9 +489,10 @@ class OBS(Criterion):
         mask across rows inside the sweep, as SparseGPT does (used for the unweighted
         reconstruction objective with ``scope="layer"``, where only per-layer counts are promised).
         ``groups`` (an N:M pattern): the allocation fixes how many entries of each group go, and
-        every solver chooses which inside its sweep. Returns the new mask (weight layout) and each
-        row's reconstruction loss."""
-        W_new, new_mask, losses = self._fit(t, A, t.matrix(), counts, solver, mask, info, adaptive, groups)
+        every solver chooses which inside its sweep. ``C`` (``E[x_ref x^T]``): fit the outputs of the
+        reference inputs instead of the layer's own (:func:`refit_to_reference`). Returns the new
+        mask (weight layout) and each row's reconstruction loss."""
+        W_new, new_mask, losses = self._fit(t, A, t.matrix(), counts, solver, mask, info, adaptive, groups, C)
         self._write(t, W_new)
         return new_mask, losses
 
@@ -443,10 +507,13 @@ class OBS(Criterion):
         info: dict[str, Any],
         adaptive: bool = False,
         groups: Groups | None = None,
+        C: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`_solve` on the whole-layer matrix ``W``, without writing: ``(W_new matrix, mask, row losses)``."""
         dtype = self._dtype()
-        U, W, damped, dead = prepare_hessian(A.to(dtype), W.to(dtype), self.damp, t.name)
+        U, W_live, damped, dead = prepare_hessian(A.to(dtype), W.to(dtype), self.damp, t.name)
+        # the original weights of inputs that died still carry the original outputs: refit from all of them
+        W = W_live if C is None else refit_to_reference(W.to(dtype), C.to(dtype), U)
         info["damping_increases"] += damped.increases
         info["dead_inputs"] += int(dead.sum())
         forced = ~t.matrix(mask)
@@ -485,9 +552,13 @@ class OBS(Criterion):
             if bad := stats.nonfinite_layers():
                 raise RuntimeError(f"OBS round {ctx.round_index}: the input statistics of {bad[:5]} are not finite")
             scores = {}
+            cross = stats if isinstance(stats, CrossCovariance) else None
             for t in block.targets:
                 A = stats.input_covariance(t.name).to(dtype)
-                U, W, _, _ = prepare_hessian(A, self._matrix(t, dtype), self.damp, t.name)
+                W = self._matrix(t, dtype)
+                U, W_live, _, _ = prepare_hessian(A, W, self.damp, t.name)
+                # the weights that fit the original outputs are the ones to score
+                W = W_live if cross is None else refit_to_reference(W, cross.cross_covariance(t.name).to(dtype), U)
                 scores[t.name] = t.local(t.unmatrix(single_saliency(W, U)))
             allocated = sub.select(scores)
             counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in block.targets}
@@ -506,11 +577,12 @@ class OBS(Criterion):
                     info,
                     ctx.scope == "layer",
                     quotas,
+                    None if cross is None else cross.cross_covariance(t.name),
                 )
                 masks[t.name] = t.local(mask)
                 reconstruction += float(losses.sum())
 
-        done = run_sequential(ctx.calib, ctx.batches, blocks, ctx.comm, prune_block)
+        done = run_sequential(ctx.calib, ctx.batches, blocks, ctx.comm, prune_block, reference=self._corrects)
         info["solver"] = "+".join(sorted(info["solver"]))
         info.update(
             sequential_blocks=done["blocks"],

@@ -2,7 +2,15 @@
 
 from collections.abc import Sequence
 
-from lightning_prune.curvature.estimators import EKFAC, KFAC, Composite, DiagFisher, Estimator, InputCovariance
+from lightning_prune.curvature.estimators import (
+    EKFAC,
+    KFAC,
+    Composite,
+    CrossCovariance,
+    DiagFisher,
+    Estimator,
+    InputCovariance,
+)
 from lightning_prune.curvature.hutchinson import Hutchinson
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.distributed import LOCAL, Collectives
@@ -40,6 +48,7 @@ __all__ = [
     "KFAC",
     "CaptureWindow",
     "Composite",
+    "CrossCovariance",
     "DiagFisher",
     "Estimator",
     "Hutchinson",

@@ -11,6 +11,7 @@ Per-layer inputs are rows ``x: (N, T, d_in)`` and per-sample output gradients
 
 =================  ===============================================================
 ``inputs``          ``A = E_{n,t}[x x^T]`` only: layer-wise OBS's label-free Hessian
+``cross``           ``A`` and ``C = E[x_ref x^T]`` with the inputs at reference weights
 ``fisher``          diag empirical Fisher ``E_n[G_n ** 2]`` (per-sample, never the
                     square of the batch gradient)
 ``kfac``            ``A = E_{n,t}[x x^T]``, ``G = E_n[sum_t g g^T]``; diag = diag(G) diag(A)^T
@@ -162,6 +163,39 @@ class InputCovariance(Estimator):
         if self.diagonal_only:
             raise RuntimeError("this input estimator kept only the diagonal")
         return self.A[name].double() / self.count[name]
+
+
+class CrossCovariance(InputCovariance):
+    """``A = E[x x^T]`` of each layer's current inputs and ``C = E[x_ref x^T]``, their cross moment
+    with the inputs the same samples produce at reference weights (the weights a round started from).
+
+    Layer-wise OBS then fits the reference outputs rather than the layer's own:
+    ``min_w E||W x_ref - w x||^2`` has the unconstrained solution ``W C A^-1``, so the error that
+    pruning earlier layers put into ``x`` is corrected instead of reproduced (asymmetric
+    calibration, as in GPTAQ). Filled by :func:`~lightning_prune.calibration.reference_pass`.
+    """
+
+    name = "cross"
+
+    def __init__(self, targets: Sequence[PruneTarget], comm: Collectives = LOCAL) -> None:
+        super().__init__(targets, comm)
+        self.C = {n: torch.zeros_like(a) for n, a in self.A.items()}
+
+    def update_pair(self, name: str, x_ref: Tensor, x: Tensor) -> None:
+        xf, rf = x.reshape(-1, x.shape[-1]).float(), x_ref.reshape(-1, x_ref.shape[-1]).float()
+        self.A[name].addmm_(xf.T, xf)
+        self.C[name].addmm_(rf.T, xf)
+        self.count[name] += xf.shape[0]
+
+    def update(self, name: str, x: Tensor, g: Tensor | None = None) -> None:
+        raise TypeError("CrossCovariance needs pairs of inputs: update_pair(name, x_ref, x)")
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.A.values(), *self.C.values(), *self.count.values()]
+
+    def cross_covariance(self, name: str) -> Tensor:
+        """Normalised ``C = E[x_ref x^T]`` in float64."""
+        return self.C[name].double() / self.count[name]
 
 
 class DiagFisher(Estimator):

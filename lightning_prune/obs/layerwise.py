@@ -70,6 +70,16 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float, what: str) -> tuple[Tenso
     return _lower_inverse(damped.L).flip(0, 1), W, damped, dead
 
 
+def refit_to_reference(W: Tensor, C: Tensor, U: Tensor) -> Tensor:
+    """``W C (A + damping)^-1``: the weights that best reproduce the reference outputs ``W x_ref`` from
+    the current inputs ``x`` (``C = E[x_ref x^T]``, ``(A + damping)^-1 = U^T U`` from
+    :func:`prepare_hessian`). Pruning these under ``A`` minimises ``E||W x_ref - w x||^2`` over the
+    kept weights, up to the damping. Pass the weights before :func:`prepare_hessian` zeroed the dead
+    inputs' columns: an input that died (always 0 now) still carried part of the reference outputs,
+    which the live ones take over; its own column comes out zero (so do its columns of ``C``)."""
+    return ((W @ C) @ U.T) @ U
+
+
 def _lower_inverse(L: Tensor, block: int = 512) -> Tensor:
     """Inverse of a lower-triangular matrix, column block by column block: each solve only touches
     the trailing rows (d^3/3 flops, LAPACK's trtri, which torch does not expose)."""
