@@ -1,0 +1,166 @@
+"""Gradual pruning to 99%: what stops it, measured (issue 19).
+
+    python benchmarks/gradual99.py                 # the study, seed 0 (~1.5 h on 2 cores)
+    python benchmarks/gradual99.py --seeds 0,1,2 --only baseline,cosine
+
+The regime of the quality tables: the MLP trained from scratch for 15 epochs (Adam, lr 1e-3,
+batch 128) with cubic rounds after epochs 0-9, then frozen-mask training to the end. Each row
+changes one thing against that setup, for every method alike, and the dense model of the same
+setup (same epochs, same learning-rate schedule) is its baseline:
+
+* ``baseline``: as the quality tables;
+* ``cosine``: the learning rate decays to 0 over the 15 epochs (per step, half a cosine);
+* ``cosine, rounds 0-6``: that, with the rounds over epochs 0-6 (8 epochs of fine-tuning);
+* ``cosine, linear``: that, with the linear schedule instead of the cubic one;
+* ``cosine, 128 batches``: that, with 128 curvature batches per round instead of 32;
+* ``cosine, keep state``: that, with OBS's ``optimizer_state="keep"``;
+* ``cosine, rewarm``: the learning rate is set back to its starting value after each round and
+  decays again (half a cosine) until the next round, then to 0 over the fine-tuning epochs.
+
+Cells are cached in ``benchmarks/.cache/cells`` (``gradual99-*``); the table goes between the
+``<!-- gradual99:start -->`` markers of ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import methods
+from lightning.pytorch.callbacks import Callback
+from quality import fmt
+
+CELLS = common.CACHE / "cells"
+EPOCHS, END = 15, 9
+TARGET = 0.99
+METHODS = ["magnitude", "obd-fisher", "obs-layerwise", "obs-kfac"]
+
+# name -> (learning-rate rule, pruner keyword arguments); "rewarm" restarts the decay at every round
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("constant", {}),
+    "cosine": ("cosine", {}),
+    "cosine, rounds 0-6": ("cosine", {"end_epoch": 6}),
+    "cosine, linear": ("cosine", {"schedule": "linear"}),
+    "cosine, 128 batches": ("cosine", {"num_batches": 128}),
+    "cosine, keep state": ("cosine", {"optimizer_state": "keep"}),
+    "cosine, rewarm": ("rewarm", {}),
+}
+
+
+class LearningRate(Callback):
+    """Sets every parameter group's learning rate before each step from ``rule`` (``"constant"``,
+    ``"cosine"``: half a cosine to 0 over the run; ``"rewarm"``: half a cosine from each round
+    epoch's end to the next round, then to 0 over the epochs after the last round)."""
+
+    def __init__(self, rule: str, end_epoch: int) -> None:
+        self.rule, self.end_epoch, self.base = rule, end_epoch, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        opt = trainer.optimizers[0]
+        if self.base is None:
+            self.base = [g["lr"] for g in opt.param_groups]
+        per_epoch = trainer.num_training_batches
+        t = trainer.current_epoch + batch_idx / per_epoch  # epochs done
+        if self.rule == "constant":
+            f = 1.0
+        elif self.rule == "cosine":
+            f = 0.5 * (1 + math.cos(math.pi * t / trainer.max_epochs))
+        else:  # rewarm: rounds end epochs 0..end_epoch; each interval decays from the base
+            if t < self.end_epoch + 1:
+                f = 0.5 * (1 + math.cos(math.pi * (t - math.floor(t))))
+            else:
+                left = trainer.max_epochs - (self.end_epoch + 1)
+                f = 0.5 * (1 + math.cos(math.pi * (t - self.end_epoch - 1) / left))
+        for g, base in zip(opt.param_groups, self.base):
+            g["lr"] = base * f
+
+
+def dense(rule: str, seed: int) -> float:
+    """The dense MLP trained the same way (15 epochs, the same learning-rate rule), cached."""
+    CELLS.mkdir(parents=True, exist_ok=True)
+    path = CELLS / f"gradual99-dense-{rule}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())["acc"]
+    acc, _ = common.train_with("mlp", seed, EPOCHS, [LearningRate(rule, END)])
+    path.write_text(json.dumps({"acc": acc, "commit": common.commit()}))
+    return acc
+
+
+def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
+    CELLS.mkdir(parents=True, exist_ok=True)
+    slug = variant.replace(" ", "").replace(",", "+")
+    path = CELLS / f"gradual99-{slug}-{method}-s{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rule, kw = VARIANTS[variant]
+    if method not in ("obs-layerwise", "obs-kfac"):
+        kw = {k: v for k, v in kw.items() if k != "optimizer_state"}
+    end = kw.pop("end_epoch", END)
+    start = time.perf_counter()
+    pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), start_epoch=0, end_epoch=end, **kw)
+    acc, net = common.train_with("mlp", seed, EPOCHS, [pruner, LearningRate(rule, end)])
+    rounds = getattr(pruner, "history", [])
+    r = {
+        "variant": variant,
+        "method": method,
+        "seed": seed,
+        "acc": acc,
+        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed),
+        "sparsity": common.sparsity_of(net),
+        "round_seconds": sum(x["seconds"] for x in rounds),
+        "seconds": time.perf_counter() - start,
+        "commit": common.commit(),
+    }
+    path.write_text(json.dumps(r))
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(",")]
+    names = [v for v in VARIANTS if not a.only or v in a.only.split(",")]
+    ms = a.methods.split(",")
+    start = time.time()
+    rows = []
+    for seed in seeds:
+        for v in names:
+            for m in ms:
+                r = cell(v, m, seed)
+                rows.append(r)
+                print(f"  {v:22s} {m:14s} seed {seed}: {r['acc']:.4f} ({r['seconds']:.0f}s)", flush=True)
+    lines = [
+        "| change (every method alike) | dense, same training | " + " | ".join(ms) + " |",
+        "|---|---|" + "---|" * len(ms),
+    ]
+    for v in names:
+        got = [r for r in rows if r["variant"] == v]
+        dense_accs = sorted({(r["seed"], r["dense_acc"]) for r in got})
+        cells = [fmt([r["acc"] for r in got if r["method"] == m]) for m in ms]
+        n = sorted({r["seed"] for r in got})
+        lines.append(f"| {v} (seeds {n}) | {fmt([d for _, d in dense_accs])} | " + " | ".join(cells) + " |")
+    commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in rows}))
+    body = (
+        "## Gradual to 99%: what stops it (MLP, 15 epochs, rounds after epochs 0-9)\n\n"
+        f"`python benchmarks/gradual99.py --seeds {a.seeds}` at `{common.commit()}`, cells computed at {commits}, "
+        f"{(time.time() - start) / 60:.0f} minutes on {common.machine()} (cells cached). One change per row, for "
+        "every method and for the dense model alike; test accuracy (%) at 99% sparsity, mean ± std over seeds. "
+        "Goal: 88.0.\n\n" + "\n".join(lines)
+    )
+    print("\n" + body)
+    common.write_block("gradual99", body)
+
+
+if __name__ == "__main__":
+    main()
