@@ -130,6 +130,30 @@ def test_exact_solver_makes_the_plain_greedy_choices(seed):
         assert torch.allclose(new_W, ref_W, atol=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_removal_costs_rank_each_rows_greedy_removals_first(seed):
+    """Whatever count c a row is given, the greedy's c removals are the row's c lowest costs (ties
+    allowed), and the costs grow along the removal order, so a global threshold on them hands each
+    row a count of the greedy's own choosing; forced entries cost nothing and go first."""
+    from lightning_prune.obs.layerwise import removal_costs
+
+    g = torch.Generator().manual_seed(seed)
+    X, Y, W, H = problem(n=300, d=24, rows=6, seed=seed, corr=1.0)
+    U, W, _, _ = prepare_hessian(H, W, 1e-6, "test")
+    forced = torch.rand(W.shape, generator=g) < 0.2
+    W = W.masked_fill(forced, 0.0)
+    cost = removal_costs(W, U, forced)
+    assert torch.all(cost[forced] == 0) and torch.all(cost[~forced] >= 0)
+    for c in range(int(forced.sum(1).max()), 25):
+        counts = torch.maximum(torch.full((6,), c), forced.sum(1))
+        _, pruned, losses = obc_prune(W, U, counts, forced)
+        for r in range(6):
+            if 0 < int(counts[r]) < 24:
+                assert float(cost[r][pruned[r]].max()) <= float(cost[r][~pruned[r]].min())
+            # the largest cost so far bounds each removal's loss: the summed losses never exceed c x it
+            assert float(losses[r]) <= float(cost[r][pruned[r]].max()) * int(counts[r]) + 1e-12
+
+
 def test_forced_weights_stay_pruned_and_still_constrain_the_refit():
     X, Y, W, H = problem(d=10, rows=3)
     forced = torch.zeros_like(W, dtype=torch.bool)

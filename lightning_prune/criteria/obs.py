@@ -13,10 +13,12 @@ Three Hessian models, one engine:
 Cross-layer allocation (``scope="global"``): every weight gets a loss-unit score, the engine's
 selection ranks them globally (with the per-layer floor), and the resulting per-row counts are
 what the OBS solver removes. ``allocation="fisher"`` (default) scores with OBD's ``1/2 F_ii w^2``
-(per-sample empirical Fisher diagonal); ``"obs"`` with the single-weight layer-wise OBS saliency
-weighted by ``G_ii``; ``"kfac"`` with the K-FAC OBS saliency. One-shot on the Fashion-MNIST MLP
-(benchmarks/RESULTS.md) "fisher" was best: 86.3% at 90% sparsity against 84.5% ("obs") and 82.9%
-("kfac"); uniform per-layer sparsity (``scope="layer"``) gave 59%.
+(per-sample empirical Fisher diagonal): cheap, and what scales to any layer. ``"obs"`` scores with
+each row's exact greedy error curve (:func:`~lightning_prune.obs.layerwise.removal_costs`, the
+compensated loss of removing entries in greedy order, weighted by ``G_ii``): OBC's per-layer error
+curves, per row, under one global budget; it runs the exact greedy over every row once more, so a
+round costs about twice the exact solve. ``"kfac"`` scores with the K-FAC OBS saliency. One-shot on
+the Fashion-MNIST MLP (benchmarks/RESULTS.md, "extreme sparsity"), 3 seeds.
 
 ``allocation="reconstruction"`` is the label-free objective of SparseGPT/OBC: the unweighted
 layer-wise saliency, from the layer inputs alone (no loss, no backward pass). Reconstruction errors
@@ -69,6 +71,7 @@ from lightning_prune.obs.layerwise import (
     obc_prune,
     prepare_hessian,
     refit_to_reference,
+    removal_costs,
     single_saliency,
     solver_work,
     sparsegpt_prune,
@@ -282,7 +285,9 @@ class OBS(Criterion):
         weighted = self.allocation != "reconstruction"  # rows weighted by G_ii: loss units
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
         # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
-        scores = {t.name: t.local(self._allocation_score(t, est, dtype)) for t in ctx.targets}
+        scores = {
+            t.name: t.local(self._allocation_score(t, est, dtype, ~t.gather(ctx.masks[t.name]))) for t in ctx.targets
+        }
         allocated = ctx.select(scores)
         del scores
         if isinstance(ctx.pattern, Channels):
@@ -592,8 +597,9 @@ class OBS(Criterion):
         )
         return RoundResult(masks, math.nan, updated={t.name for t in ctx.targets}, info=info)
 
-    def _allocation_score(self, t: PruneTarget, est: Composite, dtype: torch.dtype) -> Tensor:
-        """Score of removing each weight alone (loss units, or reconstruction units), used to share the removals."""
+    def _allocation_score(self, t: PruneTarget, est: Composite, dtype: torch.dtype, pruned: Tensor) -> Tensor:
+        """Score of removing each weight (loss units, or reconstruction units), used to share the removals;
+        ``pruned``: the layer's entries pruned before the round (whole layer)."""
         W = self._matrix(t, dtype)
         if self.allocation == "fisher":
             return t.unmatrix(0.5 * t.matrix(est["fisher"].diagonal(t.name)).to(dtype) * W**2)
@@ -604,7 +610,7 @@ class OBS(Criterion):
         U, W, _, _ = prepare_hessian(A.to(dtype), W, self.damp, t.name)
         if self.allocation == "obs":
             g = torch.diagonal(G).to(dtype)
-            return t.unmatrix(g[:, None] * single_saliency(W, U))
+            return t.unmatrix(g[:, None] * removal_costs(W, U, t.matrix(pruned)))
         Ginv = torch.cholesky_inverse(damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G").L)
         return t.unmatrix(W**2 / (2 * torch.outer(torch.diagonal(Ginv), inverse_diagonal(U))))
 

@@ -139,11 +139,17 @@ def _aligned(blocksize: int, d: int, groups: Groups | None) -> int:
 
 
 def _greedy_block(
-    w: Tensor, M: Tensor, n: Tensor, forced: Tensor, group: Groups | None = None
+    w: Tensor,
+    M: Tensor,
+    n: Tensor,
+    forced: Tensor,
+    group: Groups | None = None,
+    record: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Exact greedy OBS on one column block: ``M`` (rows, B, B) is each row's inverse Hessian of the
     block (overwritten); remove ``n[r]`` entries of row ``r`` (``forced`` first), at most
-    ``group[1][r, g]`` in group ``g`` of ``group[0]`` columns. Returns (w, removed, losses).
+    ``group[1][r, g]`` in group ``g`` of ``group[0]`` columns. Returns (w, removed, losses);
+    ``record=(cost, step)`` receives, at each removed entry, its removal's loss and its step.
 
     Every step removes the lowest ``w_q^2 / M_qq`` of each row and downdates ``M -= m m^T / M_qq``
     (``m = M[:, q]``). The downdates are deferred, as GPTQ defers its column updates: the last
@@ -190,6 +196,9 @@ def _greedy_block(
         a = active.to(dt)
         wq = W[ar, q]
         losses[rows] += a * wq**2 / (2 * mqq)
+        if record is not None:
+            at = (rows[active], col[ar, q][active])
+            record[0][at], record[1][at] = (wq**2 / (2 * mqq))[active], step
         W -= (a * wq / mqq)[:, None] * mq
         v = mq * (a / mqq.sqrt())[:, None]  # M -= v v^T
         V[:, :, k] = v
@@ -227,6 +236,30 @@ def _greedy_block(
                 start = step + 1
             dg = torch.diagonal(M, dim1=1, dim2=2).clone()
     return w_out, removed_out, losses
+
+
+def removal_costs(W: Tensor, U: Tensor, forced: Tensor) -> Tensor:
+    """What removing each weight costs on the way down: every row emptied by exact greedy OBS
+    (forced entries first), each entry scored with the largest single-removal loss up to its own
+    removal. Whatever count ``c`` a row gets, the entries its greedy removes first are its ``c``
+    lowest scores, so ranking the scores across rows allocates counts by the rows' actual error
+    curves (with compensation), not by single-weight saliencies at the dense weights. One exact
+    pass over every row: :func:`obc_prune`'s cost with every entry removed."""
+    R, d = W.shape
+    cost = torch.zeros_like(W)
+    step = torch.zeros(W.shape, dtype=torch.long, device=W.device)
+    Minv = U.T @ U
+    budget = EXACT_CHUNK_BYTES.get(W.device.type, EXACT_CHUNK_BYTES_DEFAULT)
+    chunk = max(1, budget // (Minv.numel() * Minv.element_size()))
+    everything = torch.full((R,), d, device=W.device)
+    for r1 in range(0, R, chunk):
+        rows = slice(r1, min(R, r1 + chunk))
+        M = Minv.expand(rows.stop - r1, d, d).clone()
+        c, s = cost[rows], step[rows]  # views: the greedy records into them
+        _greedy_block(W[rows].clone(), M, everything[rows], forced[rows], record=(c, s))
+        order = torch.argsort(s, dim=1)
+        cost[rows] = torch.zeros_like(c).scatter_(1, order, torch.cummax(c.gather(1, order), dim=1).values)
+    return cost
 
 
 def obc_prune(
