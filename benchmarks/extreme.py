@@ -59,12 +59,12 @@ VARIANTS: list[tuple[str, str, Callable[[float], Any]]] = [
     ("recompute_steps=1", "every layer from the dense inputs (no re-capture)", _obs(recompute_steps=1)),
     ("damp=0.001", "10x less damping", _obs(damp=0.001)),
     ("damp=0.1", "10x more damping", _obs(damp=0.1)),
-    ("allocation=obs", "G-weighted layer-wise saliency shares the removals", _obs(allocation="obs")),
+    ("allocation=obs", "each row's exact greedy error curve (G-weighted) shares the removals", _obs(allocation="obs")),
     ("allocation=kfac", "K-FAC OBS saliency shares the removals (K-FAC's cross-row view)", _obs(allocation="kfac")),
     ("obs-kfac", "hessian='kfac', recompute_steps=4", _obs(hessian="kfac")),
     ("obs-kfac, 16 steps", "hessian='kfac', recompute_steps=16", _obs(hessian="kfac", recompute_steps=16)),
 ]
-LENET = ["magnitude", "obd-fisher", "obs-layerwise", "reconstruct=current", "blocked, current", "obs-kfac"]
+LENET = ["magnitude", "obd-fisher", "obs-layerwise", "reconstruct=current", "blocked, current", "allocation=obs", "obs-kfac"]
 
 
 def cell(model: str, name: str, target: float, seed: int) -> dict[str, Any]:
