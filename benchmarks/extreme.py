@@ -64,7 +64,15 @@ VARIANTS: list[tuple[str, str, Callable[[float], Any]]] = [
     ("obs-kfac", "hessian='kfac', recompute_steps=4", _obs(hessian="kfac")),
     ("obs-kfac, 16 steps", "hessian='kfac', recompute_steps=16", _obs(hessian="kfac", recompute_steps=16)),
 ]
-LENET = ["magnitude", "obd-fisher", "obs-layerwise", "reconstruct=current", "blocked, current", "allocation=obs", "obs-kfac"]
+LENET = [
+    "magnitude",
+    "obd-fisher",
+    "obs-layerwise",
+    "reconstruct=current",
+    "blocked, current",
+    "allocation=obs",
+    "obs-kfac",
+]
 
 
 def cell(model: str, name: str, target: float, seed: int) -> dict[str, Any]:

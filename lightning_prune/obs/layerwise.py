@@ -400,6 +400,11 @@ def _greedy_work(rows_counts: Tensor, width: int) -> float:
     return float(((width**3 - (width - c) ** 3) / 3).sum())
 
 
+def removal_costs_work(rows: int, d: int) -> float:
+    """Element updates of :func:`removal_costs` on a ``rows x d`` layer (every row emptied)."""
+    return _greedy_work(torch.full((rows,), d), d)
+
+
 def solver_work(W: Tensor, counts: Tensor, blocksize: int) -> dict[str, float]:
     """Element updates of each solver's greedy removals for one layer.
 
