@@ -70,11 +70,23 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
     "OBD fisher (global)": ("OBDPruning", {}),
     "OBS sequential fast (layer)": (
         "OBSPruning",
-        {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "solver": "fast"},
+        {
+            "allocation": "reconstruction",
+            "scope": "layer",
+            "blocks": "auto",
+            "solver": "fast",
+            "reconstruct": "current",
+        },
     ),
     "OBS sequential exact (layer)": (
         "OBSPruning",
-        {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "solver": "exact"},
+        {
+            "allocation": "reconstruction",
+            "scope": "layer",
+            "blocks": "auto",
+            "solver": "exact",
+            "reconstruct": "current",
+        },
     ),
     "OBS global (default)": ("OBSPruning", {}),
     # the lm_head decision: the same criteria with the output head pruned too
@@ -83,7 +95,7 @@ OURS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 PEERS = {"llm-compressor SparseGPT": "sparsegpt", "llm-compressor Wanda": "wanda"}
 # N:M (``--nm``): the same criteria with a pattern, against llm-compressor's mask_structure
-SEQUENTIAL = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}
+SEQUENTIAL = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "reconstruct": "current"}
 NM_OURS: dict[str, tuple[str, dict[str, Any]]] = {}
 NM_PEERS: dict[str, tuple[str, str]] = {}
 for _p in ("2:4", "4:8"):
@@ -101,9 +113,25 @@ PAIRS = [
     ("OBS sequential fast (layer)", "llm-compressor SparseGPT"),
     ("wanda (OBD activations, row)", "llm-compressor Wanda"),
 ]
+# ``--reconstruct``: which outputs sequential OBS fits, the original ones (default since issue 19) or
+# the pruned model's own (SparseGPT's); pairs of (own outputs, original outputs)
+RECONSTRUCT: dict[str, tuple[str, dict[str, Any]]] = {}
+for _solver, _pattern in (("fast", None), ("exact", None), ("fast", "2:4")):
+    _kw = {**SEQUENTIAL, "solver": _solver, **({"pattern": _pattern} if _pattern else {})}
+    _name = f"OBS sequential {_solver}{' ' + _pattern if _pattern else ''}"
+    RECONSTRUCT[f"{_name}, own outputs"] = ("OBSPruning", {**_kw, "reconstruct": "current"})
+    RECONSTRUCT[f"{_name}, original outputs"] = ("OBSPruning", {**_kw, "reconstruct": "original"})
+RECONSTRUCT["OBS global (defaults)"] = ("OBSPruning", {})
+RECONSTRUCT["OBS global, previous defaults (Fisher allocation, own outputs)"] = (
+    "OBSPruning",
+    {"allocation": "fisher", "reconstruct": "current"},
+)
 GRADUAL = {
     "magnitude": ("MagnitudePruning", {"scope": "layer"}),
-    "OBS sequential (layer)": ("OBSPruning", {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}),
+    "OBS sequential (layer)": (
+        "OBSPruning",
+        {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "reconstruct": "current"},
+    ),
 }
 
 
@@ -168,7 +196,8 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
     calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
     rows = 8
     batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
-    cls, kwargs = {**OURS, **NM_OURS}[method][0], dict({**OURS, **NM_OURS}[method][1])
+    every = {**OURS, **NM_OURS, **RECONSTRUCT}
+    cls, kwargs = every[method][0], dict(every[method][1])
     if cls != "MagnitudePruning":  # magnitude needs no calibration batches
         kwargs = {**kwargs, "num_batches": len(batches)}
     if kwargs.pop("head", False):
@@ -501,11 +530,35 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def reconstruct_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
+    """One-shot perplexity with sequential OBS fitting its own outputs (SparseGPT) or the original ones."""
+    lines = [
+        "| method | "
+        + " | ".join(f"{s:.0%} ppl" for s in plan["sparsities"])
+        + " | "
+        + " | ".join(f"{s:.0%} s" for s in plan["sparsities"])
+        + " |",
+        "|---" * (1 + 2 * len(plan["sparsities"])) + "|",
+        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['sparsities'])} |" + " |" * len(plan["sparsities"]),
+    ]
+    for method in RECONSTRUCT:
+        targets = [0.5] if "2:4" in method else plan["sparsities"]
+        rs = {s: run_cell(folder, method, s, 0) for s in targets}
+        ppl = [f"{rs[s]['perplexity']:.2f}" if rs.get(s) else "-" for s in plan["sparsities"]]
+        secs = [f"{rs[s]['seconds_oneshot']:.1f}" if rs.get(s) else "-" for s in plan["sparsities"]]
+        print(f"{method}: {ppl} {secs}", flush=True)
+        lines.append(f"| {method} | {' | '.join(ppl)} | {' | '.join(secs)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--nm", action="store_true", help="only the N:M section (its own block in RESULTS.md)")
     p.add_argument("--structured", action="store_true", help="only the structured section (its own block)")
+    p.add_argument(
+        "--reconstruct", action="store_true", help="only the original-vs-own-outputs section (its own block)"
+    )
     p.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "SPARSITY", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
@@ -533,6 +586,20 @@ def main() -> None:
                 f"at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on {common.machine()}; the dense "
                 f"model of the section above (test perplexity {dense_ppl:.2f}), the same 128 calibration "
                 f"windows.\n\n{text}",
+            )
+        return
+    if a.reconstruct:
+        text = reconstruct_section(plan, folder, dense_ppl)
+        print(text)
+        if not a.quick:
+            trained = json.loads((folder / "dense.json").read_text()).get("trained_on", "this machine's CPU")
+            common.write_block(
+                "lm-reconstruct",
+                "## Language model: fitting the original outputs (reconstruct='original') or the pruned model's "
+                f"own\n\n`python benchmarks/lm.py --reconstruct` at `{common.commit()}`, "
+                f"{(time.time() - start) / 60:.0f} minutes on {common.machine()}. The dense model: lm.py's recipe "
+                f"(1500 steps), trained on {trained}; test perplexity {dense_ppl:.2f}; the same 128 calibration "
+                f"windows for every row.\n\n{text}",
             )
         return
     if a.nm:
