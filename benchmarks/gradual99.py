@@ -100,9 +100,9 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
     path = CELLS / f"gradual99-{slug}-{method}-s{seed}.json"
     if path.exists():
         return json.loads(path.read_text())
-    rule, kw = VARIANTS[variant]
+    rule, kw = VARIANTS[variant][0], dict(VARIANTS[variant][1])
     if method not in ("obs-layerwise", "obs-kfac"):
-        kw = {k: v for k, v in kw.items() if k != "optimizer_state"}
+        kw.pop("optimizer_state", None)
     end = kw.pop("end_epoch", END)
     start = time.perf_counter()
     pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), start_epoch=0, end_epoch=end, **kw)
