@@ -70,6 +70,11 @@ def mask_grads_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> No
     _zero_([local(params[n].grad) for n in names], [masks[n] for n in names])  # type: ignore[arg-type]
 
 
+# per-element optimizer states that estimate a gradient's scale, not its direction (Adam/AdamW/
+# NAdam/RAdam, AMSGrad, Adamax, RMSprop/Adadelta, Adagrad, Rprop): kept for weights an update moved
+SCALE_STATES = frozenset({"exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "acc_delta", "sum", "step_size"})
+
+
 @torch.no_grad()
 def zero_optimizer_state_(
     optimizers: Iterable[torch.optim.Optimizer],
@@ -82,8 +87,11 @@ def zero_optimizer_state_(
 
     Any state tensor with the parameter's shape counts as per-element (SGD's ``momentum_buffer``,
     Adam's ``exp_avg``/``exp_avg_sq``/``max_exp_avg_sq``, RMSprop, Adagrad, ...). Scalars such as
-    Adam's ``step`` are left alone. ``reset_kept[name] = True`` zeroes the state of the kept entries
-    too (used after an OBS weight update, see ``OBSPruning(optimizer_state=...)``).
+    Adam's ``step`` are left alone. ``reset_kept[name] = True`` also zeroes the kept entries' first
+    moments (after an OBS weight update their direction is stale, see ``OBSPruning(optimizer_state=
+    ...)``) but keeps their second moments (:data:`SCALE_STATES`): Adam's bias correction follows
+    the parameter's step count, which runs on, so a zeroed ``exp_avg_sq`` makes the next tens of
+    steps up to ~6x the learning rate (m/sqrt(v) with v refilling at 1 - beta2 per step).
     """
     touched = 0
     by_id = {id(p): n for n, p in params.items() if n in masks}
@@ -96,10 +104,10 @@ def zero_optimizer_state_(
                     continue
                 mask = masks[name]
                 reset = bool(reset_kept and reset_kept.get(name, False))
-                for value in state.values():
+                for key, value in state.items():
                     if isinstance(value, Tensor) and value.shape == p.shape and value.is_floating_point():
                         value = local(value)  # FSDP2: the moments are DTensors sharded like the weight
-                        if reset:
+                        if reset and key not in SCALE_STATES:
                             value.zero_()
                         else:
                             value.masked_fill_(~mask.to(value.device), 0.0)
