@@ -181,11 +181,11 @@ def fingerprint(obj: Any) -> str:
 __all__ = ["commit", "copy", "data", "dense", "machine", "one_shot", "sparsity_of", "test_accuracy", "train_with"]
 
 
-def write_block(name: str, body: str) -> None:
+def write_block(name: str, body: str, path: Path | None = None) -> None:
     """Put ``body`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of
-    RESULTS.md (appended, with the markers, the first time); the rest of the file is kept."""
+    ``path`` (RESULTS.md; appended, with the markers, the first time); the rest of the file is kept."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    path = ROOT / "RESULTS.md"
+    path = path or ROOT / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{start}\n{body}\n{end}"
     if start in text:

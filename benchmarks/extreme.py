@@ -7,7 +7,8 @@ Every row is one change against the library's defaults (``OBSPruning(target, sch
 through ``prune()`` on the cached dense model, 32 training batches, no fine-tuning), on the same
 dense models and calibration batches, so a row's difference is the change's. Rows that did not
 help stay in the table. Cells are cached in ``benchmarks/.cache/cells`` (``extreme-*``); the
-table goes between the ``<!-- extreme:start -->`` markers of ``benchmarks/RESULTS.md``.
+table goes between the ``<!-- extreme:start -->`` markers of ``benchmarks/RESULTS.md``, and the
+MLP's baselines and defaults between the ``<!-- results:start -->`` markers of the README.
 """
 
 from __future__ import annotations
@@ -161,6 +162,37 @@ def main() -> None:
     body = "\n".join(parts)
     print("\n" + body)
     common.write_block("extreme", body)
+    common.write_block("results", headline(rows, seeds), common.ROOT.parent / "README.md")
+
+
+HEADLINE = ["magnitude", "obd-fisher", "obs-kfac", "obs-layerwise"]
+
+
+def headline(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    """The README's results table: the MLP rows a user compares, the library's defaults last."""
+    mlp = [r for r in rows if r["model"] == "mlp"]
+    label = {
+        "magnitude": "MagnitudePruning",
+        "obd-fisher": "OBDPruning(curvature='fisher')",
+        "obs-kfac": "OBSPruning(hessian='kfac')",
+        "obs-layerwise": "OBSPruning (defaults)",
+    }
+    lines = [
+        f"Fashion-MNIST MLP 784-300-100-10, one-shot (`prune()`, 32 batches, no fine-tuning), test accuracy (%), "
+        f"seeds {seeds}, from `python benchmarks/extreme.py` at `{common.commit()}`:",
+        "",
+        "| method | " + " | ".join(f"{t:.0%} sparse" for t in SPARSITIES) + " |",
+        "|---|" + "---|" * len(SPARSITIES),
+        "| dense | "
+        + " | ".join(
+            fmt([r["dense_acc"] for r in mlp if r["method"] == "magnitude" and r["target"] == t]) for t in SPARSITIES
+        )
+        + " |",
+    ]
+    for m in HEADLINE:
+        cells = [fmt([r["acc"] for r in mlp if r["method"] == m and r["target"] == t]) for t in SPARSITIES]
+        lines.append(f"| {label.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The benchmark suite in one command: installs Fashion-MNIST if missing, runs every benchmark,
-writes ``benchmarks/RESULTS.md``, PNG plots and the README headline.
+writes ``benchmarks/RESULTS.md`` and PNG plots (the README headline comes from ``extreme.py``).
 
     python benchmarks/suite.py --quick     # about 10 minutes on 2 CPU cores
     python benchmarks/suite.py             # the full protocol (hours on 2 CPU cores)
@@ -35,7 +35,6 @@ import scale
 from lightning_prune.data import FASHION_MNIST_DIR, find_idx_files
 
 ROOT = Path(__file__).resolve().parent
-README = ROOT.parent / "README.md"
 
 ALL = [
     "magnitude",
@@ -249,32 +248,14 @@ def provenance(rows: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
-def headline(rows: dict[str, list[dict[str, Any]]]) -> str:
-    rs = rows.get("one_shot/mlp", [])
-    targets = [t for t in (0.9, 0.95) if any(r["target"] == t for r in rs)]
-    lines = [
-        "| one-shot, no fine-tuning | " + " | ".join(f"{t:.0%} sparse" for t in targets) + " |",
-        "|---|" + "---|" * len(targets),
-    ]
-    dense = [
-        quality.fmt([r["dense_acc"] for r in rs if r["method"] == "magnitude" and r["target"] == t]) for t in targets
-    ]
-    lines.append("| dense baseline | " + " | ".join(dense) + " |")
-    for m in HEADLINE:
-        cells = [quality.fmt([r["acc"] for r in rs if r["method"] == m and r["target"] == t]) for t in targets]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the ~10 minute subset")
-    p.add_argument("--no-readme", action="store_true", help="do not update the README headline")
     a = p.parse_args()
     mode = "quick" if a.quick else "full"
     plan = PLANS[mode]
     start = time.time()
-    # before anything runs: the suite itself rewrites tracked files (plots, RESULTS.md, README)
+    # before anything runs: the suite itself rewrites tracked files (plots, RESULTS.md)
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
@@ -365,14 +346,6 @@ def main() -> None:
         md += [kept.group(0), ""]  # sections written by oneshot_paths.py, masking.py: kept as they are
     (ROOT / "RESULTS.md").write_text("\n".join(md))
     (ROOT / ".cache" / f"suite-{mode}.json").write_text(json.dumps({"overhead": over, "scale": sc}, default=str))
-    if not a.no_readme:
-        text = README.read_text()
-        block = (
-            f"<!-- results:start -->\nFashion-MNIST MLP 784-300-100-10, test accuracy (%) from "
-            f"`benchmarks/suite.py{' --quick' if a.quick else ''}` at `{common.commit()}`:\n\n"
-            f"{headline(rows)}\n<!-- results:end -->"
-        )
-        README.write_text(re.sub(r"<!-- results:start -->.*?<!-- results:end -->", block, text, flags=re.S))
     print(f"\n[suite] wrote {ROOT / 'RESULTS.md'} in {(time.time() - start) / 60:.1f} min")
 
 
