@@ -175,8 +175,14 @@ def main() -> None:
         f"cells computed at {commits}, "
         f"{(time.time() - start) / 60:.0f} minutes on {common.machine()} (cells cached). One change per row, for "
         "every method and for the dense model alike; test accuracy (%) at 99% sparsity, mean ± std over seeds. "
-        "Goal: 88.0. Cells whose commit ends in `@H200` ran on a lent H200 GPU (15 at once), the others on "
-        "the CPU named here.\n\n" + "\n".join(lines)
+        "Goal: 88.0."
+        + (
+            " Cells whose commit ends in `@H200` ran on a lent H200 GPU (15 at once), the others on the CPU named here."
+            if any(c.endswith("@H200") for c in commits.split(", "))
+            else ""
+        )
+        + "\n\n"
+        + "\n".join(lines)
     )
     print("\n" + body)
     common.write_block("gradual99", body)

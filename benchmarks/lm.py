@@ -122,6 +122,8 @@ for _solver, _pattern in (("fast", None), ("exact", None), ("fast", "2:4")):
     RECONSTRUCT[f"{_name}, own outputs"] = ("OBSPruning", {**_kw, "reconstruct": "current"})
     RECONSTRUCT[f"{_name}, original outputs"] = ("OBSPruning", {**_kw, "reconstruct": "original"})
 RECONSTRUCT["OBS global (defaults)"] = ("OBSPruning", {})
+RECONSTRUCT["OBS global, own outputs"] = ("OBSPruning", {"reconstruct": "current"})
+RECONSTRUCT["OBS global, Fisher allocation"] = ("OBSPruning", {"allocation": "fisher"})
 RECONSTRUCT["OBS global, previous defaults (Fisher allocation, own outputs)"] = (
     "OBSPruning",
     {"allocation": "fisher", "reconstruct": "current"},
