@@ -49,7 +49,7 @@ def _one_shot(model: str, target: float, goal: float, method: str = "obs-layerwi
     if m is None:
         return name, None, "not run (benchmarks/extreme.py)"
     dense = _mean(rows, "dense_acc")
-    return name, m[0] >= goal, f"{_fmt(m)}; dense {100 * dense[0]:.1f}"  # type: ignore[index]
+    return name, m[0] >= goal, f"{_fmt(m)}, mean {100 * m[0]:.2f}; dense {100 * dense[0]:.1f}"  # type: ignore[index]
 
 
 def _gradual(goal: float) -> tuple[str, bool | None, str]:
