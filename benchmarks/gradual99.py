@@ -1,6 +1,7 @@
 """Gradual pruning to 99%: what stops it, measured (issue 19).
 
-    python benchmarks/gradual99.py --baseline-seeds 0,1,2   # the study at seed 0, the baseline at 3 (not obs-kfac)
+    python benchmarks/gradual99.py --methods magnitude,obd-fisher,obs-layerwise --more-seeds 1,2 \
+        --more-only "baseline,decay after rounds,rounds every 100 steps,30 epochs"   # the published study
     python benchmarks/gradual99.py --seeds 0,1,2 --only baseline,cosine
 
 The regime of the quality tables: the MLP trained from scratch for 15 epochs (Adam, lr 1e-3,
@@ -9,6 +10,10 @@ changes one thing against that setup, for every method alike, and the dense mode
 setup (same epochs, same learning-rate schedule) is its baseline:
 
 * ``baseline``: as the quality tables;
+* ``decay after rounds``: the learning rate stays constant while rounds fire, then decays to 0 over
+  the fine-tuning epochs (half a cosine): the usual gradual-magnitude recipe;
+* ``rounds every 100 steps``: 43 step-triggered rounds (steps 100, 200, ... 4300, the span of the
+  epoch rounds) instead of 10 epoch rounds, each removing less;
 * ``cosine``: the learning rate decays to 0 over the 15 epochs (per step, half a cosine);
 * ``cosine, rounds 0-6``: that, with the rounds over epochs 0-6 (8 epochs of fine-tuning);
 * ``cosine, linear``: that, with the linear schedule instead of the cubic one;
@@ -16,6 +21,12 @@ setup (same epochs, same learning-rate schedule) is its baseline:
 * ``cosine, keep state``: that, with OBS's ``optimizer_state="keep"``;
 * ``cosine, rewarm``: the learning rate is set back to its starting value after each round and
   decays again (half a cosine) until the next round, then to 0 over the fine-tuning epochs.
+
+Two rows change the budget and so do not count for the goal; they say whether the budget or the
+masks stop it:
+
+* ``30 epochs``: the baseline's rounds, then 20 epochs of frozen-mask training instead of 5;
+* ``45 epochs, rounds 0-29``: three times the whole schedule.
 
 Cells are cached in ``benchmarks/.cache/cells`` (``gradual99-*``); the table goes between the
 ``<!-- gradual99:start -->`` markers of ``benchmarks/RESULTS.md``.
@@ -38,27 +49,37 @@ import methods
 from lightning.pytorch.callbacks import Callback
 from quality import fmt
 
+from lightning_prune.targets import resolve_targets
+
 CELLS = common.CACHE / "cells"
 EPOCHS, END = 15, 9
 TARGET = 0.99
 METHODS = ["magnitude", "obd-fisher", "obs-layerwise", "obs-kfac"]
 
-# name -> (learning-rate rule, pruner keyword arguments); "rewarm" restarts the decay at every round
+STEPS = {"start_step": 100, "end_step": 4300, "every_n_steps": 100}  # 430 steps per epoch: epochs 0-9
+
+# name -> (learning-rate rule, pruner keyword arguments; "epochs" sets the run's length);
+# "rewarm" restarts the decay at every round, "after" decays over the epochs after the last round
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("constant", {}),
+    "decay after rounds": ("after", {}),
+    "rounds every 100 steps": ("constant", dict(STEPS)),
     "cosine": ("cosine", {}),
     "cosine, rounds 0-6": ("cosine", {"end_epoch": 6}),
     "cosine, linear": ("cosine", {"schedule": "linear"}),
     "cosine, 128 batches": ("cosine", {"num_batches": 128}),
     "cosine, keep state": ("cosine", {"optimizer_state": "keep"}),
     "cosine, rewarm": ("rewarm", {}),
+    "30 epochs": ("constant", {"epochs": 30}),
+    "45 epochs, rounds 0-29": ("constant", {"epochs": 45, "end_epoch": 29}),
 }
 
 
 class LearningRate(Callback):
     """Sets every parameter group's learning rate before each step from ``rule`` (``"constant"``,
-    ``"cosine"``: half a cosine to 0 over the run; ``"rewarm"``: half a cosine from each round
-    epoch's end to the next round, then to 0 over the epochs after the last round)."""
+    ``"cosine"``: half a cosine to 0 over the run; ``"after"``: constant to the last round epoch's
+    end, then half a cosine to 0; ``"rewarm"``: half a cosine from each round epoch's end to the
+    next round, then to 0 over the epochs after the last round)."""
 
     def __init__(self, rule: str, end_epoch: int) -> None:
         self.rule, self.end_epoch, self.base = rule, end_epoch, None
@@ -69,27 +90,29 @@ class LearningRate(Callback):
             self.base = [g["lr"] for g in opt.param_groups]
         per_epoch = trainer.num_training_batches
         t = trainer.current_epoch + batch_idx / per_epoch  # epochs done
+        left = trainer.max_epochs - (self.end_epoch + 1)  # fine-tuning epochs after the last round
         if self.rule == "constant":
             f = 1.0
         elif self.rule == "cosine":
             f = 0.5 * (1 + math.cos(math.pi * t / trainer.max_epochs))
+        elif self.rule == "after":
+            f = 0.5 * (1 + math.cos(math.pi * max(0.0, t - self.end_epoch - 1) / left))
         else:  # rewarm: rounds end epochs 0..end_epoch; each interval decays from the base
             if t < self.end_epoch + 1:
                 f = 0.5 * (1 + math.cos(math.pi * (t - math.floor(t))))
             else:
-                left = trainer.max_epochs - (self.end_epoch + 1)
                 f = 0.5 * (1 + math.cos(math.pi * (t - self.end_epoch - 1) / left))
         for g, base in zip(opt.param_groups, self.base):
             g["lr"] = base * f
 
 
-def dense(rule: str, seed: int) -> float:
-    """The dense MLP trained the same way (15 epochs, the same learning-rate rule), cached."""
+def dense(rule: str, seed: int, epochs: int = EPOCHS) -> float:
+    """The dense MLP trained the same way (as many epochs, the same learning-rate rule), cached."""
     CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"gradual99-dense-{rule}-s{seed}.json"
+    path = CELLS / f"gradual99-dense-{rule}-s{seed}{'' if epochs == EPOCHS else f'-e{epochs}'}.json"
     if path.exists():
         return json.loads(path.read_text())["acc"]
-    acc, _ = common.train_with("mlp", seed, EPOCHS, [LearningRate(rule, END)])
+    acc, _ = common.train_with("mlp", seed, epochs, [LearningRate(rule, END)])
     path.write_text(json.dumps({"acc": acc, "commit": common.commit()}))
     return acc
 
@@ -115,18 +138,26 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
     first = next(v for v in VARIANTS if effective(v, method) == (rule, kw))
     if first != variant:  # e.g. magnitude has no curvature batches: the same run as ``first``
         return {**cell(first, method, seed), "variant": variant}
-    end = kw.pop("end_epoch", END)
+    end, epochs = kw.pop("end_epoch", END), kw.pop("epochs", EPOCHS)
     start = time.perf_counter()
-    pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), start_epoch=0, end_epoch=end, **kw)
-    acc, net = common.train_with("mlp", seed, EPOCHS, [pruner, LearningRate(rule, end)])
+    when = {} if "every_n_steps" in kw else {"start_epoch": 0, "end_epoch": end}
+    pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), **when, **kw)
+    acc, net = common.train_with("mlp", seed, epochs, [pruner, LearningRate(rule, end)])
+    layers = resolve_targets(net)
     rounds = getattr(pruner, "history", [])
     r = {
         "variant": variant,
         "method": method,
         "seed": seed,
         "acc": acc,
-        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed),
+        "epochs": epochs,
+        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed, epochs),
         "sparsity": common.sparsity_of(net),
+        # per layer: kept weights, output rows with a kept weight (living neurons), inputs still read
+        "layers": {
+            t.name: [int((t.param != 0).sum()), int((t.param != 0).any(1).sum()), int((t.param != 0).any(0).sum())]
+            for t in layers
+        },
         "round_seconds": sum(x["seconds"] for x in rounds),
         "seconds": time.perf_counter() - start,
         "commit": common.commit(),
@@ -139,19 +170,21 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0")
     p.add_argument("--only", default="", help="comma-separated variants (default: all)")
-    p.add_argument("--baseline-seeds", default="", help="more seeds for the baseline row alone")
+    p.add_argument("--more-seeds", default="", help="more seeds for the --more-only rows")
+    p.add_argument("--more-only", default="baseline", help="the rows --more-seeds runs (comma-separated)")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--baseline-methods", default="magnitude,obd-fisher,obs-layerwise", help="for --baseline-seeds")
+    p.add_argument("--more-methods", default="magnitude,obd-fisher,obs-layerwise", help="for --more-seeds")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
-    more = [int(s) for s in a.baseline_seeds.split(",") if s and int(s) not in seeds]
+    more = [int(s) for s in a.more_seeds.split(",") if s and int(s) not in seeds]
+    more_only = a.more_only.split(",")
     names = [v for v in VARIANTS if not a.only or v in a.only.split(",")]
     ms = a.methods.split(",")
     start = time.time()
     rows = []
     for seed in seeds + more:
-        for v in names if seed in seeds else ["baseline"]:
-            for m in ms if seed in seeds else [m for m in ms if m in a.baseline_methods.split(",")]:
+        for v in names if seed in seeds else [v for v in names if v in more_only]:
+            for m in ms if seed in seeds else [m for m in ms if m in a.more_methods.split(",")]:
                 r = cell(v, m, seed)
                 rows.append(r)
                 print(f"  {v:22s} {m:14s} seed {seed}: {r['acc']:.4f} ({r['seconds']:.0f}s)", flush=True)
@@ -168,6 +201,19 @@ def main() -> None:
             accs = [r["acc"] for r in got if r["method"] == m]
             cells.append(fmt(accs) + (f" ({len(accs)} seed{'s' * (len(accs) > 1)})" if len(accs) != len(n) else ""))
         lines.append(f"| {v} (seeds {n}) | {fmt([d for _, d in dense_accs])} | " + " | ".join(cells) + " |")
+    # where the 1% of weights went: kept weights and living neurons per layer, first seed
+    names_of = next((r["layers"] for r in rows if "layers" in r), {})
+    shapes = [
+        "| change | method | " + " | ".join(f"{name}: kept, living rows" for name in names_of) + " |",
+        "|---|---|" + "---|" * len(names_of),
+    ]
+    for r in rows:
+        if r["seed"] == seeds[0] and r["variant"] in more_only and "layers" in r:
+            shapes.append(
+                f"| {r['variant']} | {r['method']} | "
+                + " | ".join(f"{kept}, {alive}" for kept, alive, _ in r["layers"].values())
+                + " |"
+            )
     commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in rows}))
     body = (
         "## Gradual to 99%: what stops it (MLP, 15 epochs, rounds after epochs 0-9)\n\n"
@@ -183,6 +229,8 @@ def main() -> None:
         )
         + "\n\n"
         + "\n".join(lines)
+        + f"\n\nWhere the kept weights went (seed {seeds[0]}; *living rows*: output rows with a kept weight):\n\n"
+        + "\n".join(shapes)
     )
     print("\n" + body)
     common.write_block("gradual99", body)
