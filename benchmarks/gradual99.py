@@ -1,8 +1,8 @@
 """Gradual pruning to 99%: what stops it, measured (issue 19).
 
     python benchmarks/gradual99.py --methods magnitude,obd-fisher,obs-layerwise --more-seeds 1,2 \
-        --more-only "baseline,decay after rounds,rounds every 100 steps,30 epochs"   # the published study
-    python benchmarks/gradual99.py --seeds 0,1,2 --only baseline,cosine
+        --more-only "baseline;decay after rounds;rounds every 100 steps;30 epochs;45 epochs, rounds 0-29"
+    python benchmarks/gradual99.py --seeds 0,1,2 --only "baseline;cosine, rounds 0-6"
 
 The regime of the quality tables: the MLP trained from scratch for 15 epochs (Adam, lr 1e-3,
 batch 128) with cubic rounds after epochs 0-9, then frozen-mask training to the end. Each row
@@ -56,6 +56,7 @@ EPOCHS, END = 15, 9
 TARGET = 0.99
 METHODS = ["magnitude", "obd-fisher", "obs-layerwise", "obs-kfac"]
 
+SHAPES = ("baseline", "rounds every 100 steps", "45 epochs, rounds 0-29")  # the rows whose masks differ
 STEPS = {"start_step": 100, "end_step": 4300, "every_n_steps": 100}  # 430 steps per epoch: epochs 0-9
 
 # name -> (learning-rate rule, pruner keyword arguments; "epochs" sets the run's length);
@@ -169,16 +170,16 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0")
-    p.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    p.add_argument("--only", default="", help="variants separated by ';' (their names hold commas; default: all)")
     p.add_argument("--more-seeds", default="", help="more seeds for the --more-only rows")
-    p.add_argument("--more-only", default="baseline", help="the rows --more-seeds runs (comma-separated)")
+    p.add_argument("--more-only", default="baseline", help="the rows --more-seeds runs (separated by ';')")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--more-methods", default="magnitude,obd-fisher,obs-layerwise", help="for --more-seeds")
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     more = [int(s) for s in a.more_seeds.split(",") if s and int(s) not in seeds]
-    more_only = a.more_only.split(",")
-    names = [v for v in VARIANTS if not a.only or v in a.only.split(",")]
+    more_only = a.more_only.split(";")
+    names = [v for v in VARIANTS if not a.only or v in a.only.split(";")]
     ms = a.methods.split(",")
     start = time.time()
     rows = []
@@ -208,7 +209,7 @@ def main() -> None:
         "|---|---|" + "---|" * len(names_of),
     ]
     for r in rows:
-        if r["seed"] == seeds[0] and r["variant"] in more_only and "layers" in r:
+        if r["seed"] == seeds[0] and r["variant"] in SHAPES and "layers" in r:
             shapes.append(
                 f"| {r['variant']} | {r['method']} | "
                 + " | ".join(f"{kept}, {alive}" for kept, alive, _ in r["layers"].values())
