@@ -57,14 +57,14 @@ def _gradual(goal: float) -> tuple[str, bool | None, str]:
     rows = [
         r
         for r in _load("gradual99-*-s*.json")  # the 15-epoch budget only: longer rows are diagnostics
-        if "variant" in r and r["method"].startswith("obs") and r.get("epochs", 15) == 15
+        if "variant" in r and r["method"].startswith(("obs", "obd")) and r.get("epochs", 15) == 15
     ]
     if not rows:
         return name, None, "not run (benchmarks/gradual99.py)"
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["variant"], r["method"]), []).append(r)
-    # the best setting measured on the most seeds
+    # the best second-order method and setting measured on the most seeds
     most = max(len(g) for g in groups.values())
     (variant, method), best = max(
         ((k, g) for k, g in groups.items() if len(g) == most), key=lambda kg: statistics.mean(r["acc"] for r in kg[1])

@@ -13,7 +13,12 @@ setup (same epochs, same learning-rate schedule) is its baseline:
 * ``decay after rounds``: the learning rate stays constant while rounds fire, then decays to 0 over
   the fine-tuning epochs (half a cosine): the usual gradual-magnitude recipe;
 * ``rounds every 100 steps``: 43 step-triggered rounds (steps 100, 200, ... 4300, the span of the
-  epoch rounds) instead of 10 epoch rounds, each removing less;
+  epoch rounds) instead of 10 epoch rounds, each removing less; ``rounds every 50 steps``: 86;
+* ``rounds 0-4``, ``rounds 0-12``: the rounds over fewer or more epochs (10 or 2 epochs of
+  fine-tuning);
+* ``keep state``: OBS's ``optimizer_state="keep"`` (Adam's moments of moved weights kept);
+* ``allocation=obs``, ``allocation=kfac``: layer-wise OBS shares the removals by each row's exact
+  error curve, or by K-FAC OBS saliencies, instead of the Fisher scores ``"auto"`` picks inside fit;
 * ``cosine``: the learning rate decays to 0 over the 15 epochs (per step, half a cosine);
 * ``cosine, rounds 0-6``: that, with the rounds over epochs 0-6 (8 epochs of fine-tuning);
 * ``cosine, linear``: that, with the linear schedule instead of the cubic one;
@@ -65,6 +70,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("constant", {}),
     "decay after rounds": ("after", {}),
     "rounds every 100 steps": ("constant", dict(STEPS)),
+    "rounds every 50 steps": ("constant", {**STEPS, "start_step": 50, "every_n_steps": 50}),
+    "rounds 0-4": ("constant", {"end_epoch": 4}),
+    "rounds 0-12": ("constant", {"end_epoch": 12}),
+    "keep state": ("constant", {"optimizer_state": "keep"}),
+    "allocation=obs": ("constant", {"allocation": "obs"}),
+    "allocation=kfac": ("constant", {"allocation": "kfac"}),
     "cosine": ("cosine", {}),
     "cosine, rounds 0-6": ("cosine", {"end_epoch": 6}),
     "cosine, linear": ("cosine", {"schedule": "linear"}),
@@ -120,10 +131,13 @@ def dense(rule: str, seed: int, epochs: int = EPOCHS) -> float:
 
 def effective(variant: str, method: str) -> tuple[str, dict[str, Any]]:
     """The learning-rate rule and the pruner arguments that apply to ``method`` (OBS alone moves
-    weights, so only it has optimizer state to keep; magnitude reads no curvature batches)."""
+    weights, so only it has optimizer state to keep, and only layer-wise OBS has an allocation
+    choice; magnitude reads no curvature batches)."""
     rule, kw = VARIANTS[variant][0], dict(VARIANTS[variant][1])
     if method not in ("obs-layerwise", "obs-kfac"):
         kw.pop("optimizer_state", None)
+    if method != "obs-layerwise":
+        kw.pop("allocation", None)
     if method == "magnitude":
         kw.pop("num_batches", None)
     return rule, kw
