@@ -13,7 +13,7 @@ setup (same epochs, same learning-rate schedule) is its baseline:
 * ``decay after rounds``: the learning rate stays constant while rounds fire, then decays to 0 over
   the fine-tuning epochs (half a cosine): the usual gradual-magnitude recipe;
 * ``rounds every 100 steps``: 43 step-triggered rounds (steps 100, 200, ... 4300, the span of the
-  epoch rounds) instead of 10 epoch rounds, each removing less; ``rounds every 50 steps``: 86;
+  epoch rounds) instead of 10 epoch rounds, each removing less;
 * ``rounds 0-4``, ``rounds 0-12``: the rounds over fewer or more epochs (10 or 2 epochs of
   fine-tuning);
 * ``keep state``: OBS's ``optimizer_state="keep"`` (Adam's moments of moved weights kept);
@@ -70,7 +70,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("constant", {}),
     "decay after rounds": ("after", {}),
     "rounds every 100 steps": ("constant", dict(STEPS)),
-    "rounds every 50 steps": ("constant", {**STEPS, "start_step": 50, "every_n_steps": 50}),
     "rounds 0-4": ("constant", {"end_epoch": 4}),
     "rounds 0-12": ("constant", {"end_epoch": 12}),
     "keep state": ("constant", {"optimizer_state": "keep"}),
