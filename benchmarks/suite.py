@@ -313,6 +313,11 @@ def main() -> None:
         "",
         "## Quality",
         "",
+        "The quality tables below come from the cells' commits listed above. The quality targets come from "
+        "`benchmarks/goals.py`, which reads the cells of extreme.py, gradual99.py and recover.py (the library's "
+        "current defaults, 3 seeds, the machine named in those sections); where the tables below and those "
+        "sections differ, the sections are the current measurement.",
+        "",
         *quality_md,
         *(["## Design measurements (benchmarks/ablations.py)", "", *ablation_md] if ablation_md else []),
         "## Overhead",
