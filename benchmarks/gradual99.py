@@ -16,9 +16,12 @@ setup (same epochs, same learning-rate schedule) is its baseline:
   epoch rounds) instead of 10 epoch rounds, each removing less;
 * ``rounds 0-4``, ``rounds 0-12``: the rounds over fewer or more epochs (10 or 2 epochs of
   fine-tuning);
+* ``128 batches``: 128 curvature batches per round instead of 32;
 * ``keep state``: OBS's ``optimizer_state="keep"`` (Adam's moments of moved weights kept);
 * ``allocation=obs``, ``allocation=kfac``: layer-wise OBS shares the removals by each row's exact
   error curve, or by K-FAC OBS saliencies, instead of the Fisher scores ``"auto"`` picks inside fit;
+* ``lr 3e-3``, ``lr 3e-3, decay after rounds``: three times the learning rate (the sparse models
+  train to a lower training loss slower than the dense one), constant or decayed after the rounds;
 * ``cosine``: the learning rate decays to 0 over the 15 epochs (per step, half a cosine);
 * ``cosine, rounds 0-6``: that, with the rounds over epochs 0-6 (8 epochs of fine-tuning);
 * ``cosine, linear``: that, with the linear schedule instead of the cubic one;
@@ -72,9 +75,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "rounds every 100 steps": ("constant", dict(STEPS)),
     "rounds 0-4": ("constant", {"end_epoch": 4}),
     "rounds 0-12": ("constant", {"end_epoch": 12}),
+    "128 batches": ("constant", {"num_batches": 128}),
     "keep state": ("constant", {"optimizer_state": "keep"}),
     "allocation=obs": ("constant", {"allocation": "obs"}),
     "allocation=kfac": ("constant", {"allocation": "kfac"}),
+    "lr 3e-3": ("constant", {"lr": 3e-3}),
+    "lr 3e-3, decay after rounds": ("after", {"lr": 3e-3}),
     "cosine": ("cosine", {}),
     "cosine, rounds 0-6": ("cosine", {"end_epoch": 6}),
     "cosine, linear": ("cosine", {"schedule": "linear"}),
@@ -117,13 +123,14 @@ class LearningRate(Callback):
             g["lr"] = base * f
 
 
-def dense(rule: str, seed: int, epochs: int = EPOCHS) -> float:
-    """The dense MLP trained the same way (as many epochs, the same learning-rate rule), cached."""
+def dense(rule: str, seed: int, epochs: int = EPOCHS, lr: float | None = None) -> float:
+    """The dense MLP trained the same way (epochs, learning rate and its rule), cached."""
     CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"gradual99-dense-{rule}-s{seed}{'' if epochs == EPOCHS else f'-e{epochs}'}.json"
+    suffix = ("" if epochs == EPOCHS else f"-e{epochs}") + ("" if lr is None else f"-lr{lr:g}")
+    path = CELLS / f"gradual99-dense-{rule}-s{seed}{suffix}.json"
     if path.exists():
         return json.loads(path.read_text())["acc"]
-    acc, _ = common.train_with("mlp", seed, epochs, [LearningRate(rule, END)])
+    acc, _ = common.train_with("mlp", seed, epochs, [LearningRate(rule, END)], lr=lr)
     path.write_text(json.dumps({"acc": acc, "commit": common.commit()}))
     return acc
 
@@ -152,11 +159,11 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
     first = next(v for v in VARIANTS if effective(v, method) == (rule, kw))
     if first != variant:  # e.g. magnitude has no curvature batches: the same run as ``first``
         return {**cell(first, method, seed), "variant": variant}
-    end, epochs = kw.pop("end_epoch", END), kw.pop("epochs", EPOCHS)
+    end, epochs, lr = kw.pop("end_epoch", END), kw.pop("epochs", EPOCHS), kw.pop("lr", None)
     start = time.perf_counter()
     when = {} if "every_n_steps" in kw else {"start_epoch": 0, "end_epoch": end}
     pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), **when, **kw)
-    acc, net = common.train_with("mlp", seed, epochs, [pruner, LearningRate(rule, end)])
+    acc, net = common.train_with("mlp", seed, epochs, [pruner, LearningRate(rule, end)], lr=lr)
     layers = resolve_targets(net)
     rounds = getattr(pruner, "history", [])
     r = {
@@ -165,7 +172,7 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "acc": acc,
         "epochs": epochs,
-        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed, epochs),
+        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed, epochs, lr),
         "sparsity": common.sparsity_of(net),
         # per layer: kept weights, output rows with a kept weight (living neurons), inputs still read
         "layers": {
