@@ -22,6 +22,9 @@ setup (same epochs, same learning-rate schedule) is its baseline:
   error curve, or by K-FAC OBS saliencies, instead of the Fisher scores ``"auto"`` picks inside fit;
 * ``lr 3e-3``, ``lr 3e-3, decay after rounds``: three times the learning rate (the sparse models
   train to a lower training loss slower than the dense one), constant or decayed after the rounds;
+* ``distill from dense``: the training loss is half cross-entropy, half the KL divergence (T = 2)
+  to the converged 8-epoch dense model of the one-shot tables, as oBERT's gradual recipe; a
+  setting chosen once, not tuned;
 * ``cosine``: the learning rate decays to 0 over the 15 epochs (per step, half a cosine);
 * ``cosine, rounds 0-6``: that, with the rounds over epochs 0-6 (8 epochs of fine-tuning);
 * ``cosine, linear``: that, with the linear schedule instead of the cubic one;
@@ -54,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 import methods
+import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from quality import fmt
 
@@ -81,6 +86,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "allocation=kfac": ("constant", {"allocation": "kfac"}),
     "lr 3e-3": ("constant", {"lr": 3e-3}),
     "lr 3e-3, decay after rounds": ("after", {"lr": 3e-3}),
+    "distill from dense": ("constant", {"distill": True}),
     "cosine": ("cosine", {}),
     "cosine, rounds 0-6": ("cosine", {"end_epoch": 6}),
     "cosine, linear": ("cosine", {"schedule": "linear"}),
@@ -90,6 +96,31 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "30 epochs": ("constant", {"epochs": 30}),
     "45 epochs, rounds 0-29": ("constant", {"epochs": 45, "end_epoch": 29}),
 }
+
+
+class Distill(Callback):
+    """Replaces the module's training loss by ``(1 - ALPHA) * CE + ALPHA * T^2 * KL(teacher || student)``
+    at temperature ``T``, the teacher being the cached dense model of ``seed`` (frozen, eval mode)."""
+
+    ALPHA, T = 0.5, 2.0
+
+    def __init__(self, seed: int) -> None:
+        self.teacher = common.dense_net("mlp", seed).eval().requires_grad_(False)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        teacher, alpha, temp = self.teacher, self.ALPHA, self.T
+
+        def training_step(batch, batch_idx):
+            x, y = batch
+            logits = pl_module(x)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x) / temp, 1)
+            kl = F.kl_div(F.log_softmax(logits / temp, 1), target, log_target=True, reduction="batchmean")
+            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * temp**2 * kl
+            pl_module.log("train/loss", loss)
+            return loss
+
+        pl_module.training_step = training_step
 
 
 class LearningRate(Callback):
@@ -123,14 +154,15 @@ class LearningRate(Callback):
             g["lr"] = base * f
 
 
-def dense(rule: str, seed: int, epochs: int = EPOCHS, lr: float | None = None) -> float:
-    """The dense MLP trained the same way (epochs, learning rate and its rule), cached."""
+def dense(rule: str, seed: int, epochs: int = EPOCHS, lr: float | None = None, distill: bool = False) -> float:
+    """The dense MLP trained the same way (epochs, learning rate and its rule, the loss), cached."""
     CELLS.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if epochs == EPOCHS else f"-e{epochs}") + ("" if lr is None else f"-lr{lr:g}")
+    suffix = ("" if epochs == EPOCHS else f"-e{epochs}") + ("" if lr is None else f"-lr{lr:g}") + "-kd" * distill
     path = CELLS / f"gradual99-dense-{rule}-s{seed}{suffix}.json"
     if path.exists():
         return json.loads(path.read_text())["acc"]
-    acc, _ = common.train_with("mlp", seed, epochs, [LearningRate(rule, END)], lr=lr)
+    callbacks: list[Callback] = [LearningRate(rule, END), *([Distill(seed)] if distill else [])]
+    acc, _ = common.train_with("mlp", seed, epochs, callbacks, lr=lr)
     path.write_text(json.dumps({"acc": acc, "commit": common.commit()}))
     return acc
 
@@ -160,10 +192,12 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
     if first != variant:  # e.g. magnitude has no curvature batches: the same run as ``first``
         return {**cell(first, method, seed), "variant": variant}
     end, epochs, lr = kw.pop("end_epoch", END), kw.pop("epochs", EPOCHS), kw.pop("lr", None)
+    distill = kw.pop("distill", False)
     start = time.perf_counter()
     when = {} if "every_n_steps" in kw else {"start_epoch": 0, "end_epoch": end}
     pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), **when, **kw)
-    acc, net = common.train_with("mlp", seed, epochs, [pruner, LearningRate(rule, end)], lr=lr)
+    callbacks = [pruner, LearningRate(rule, end), *([Distill(seed)] if distill else [])]
+    acc, net = common.train_with("mlp", seed, epochs, callbacks, lr=lr)
     layers = resolve_targets(net)
     rounds = getattr(pruner, "history", [])
     r = {
@@ -172,7 +206,7 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "acc": acc,
         "epochs": epochs,
-        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed, epochs, lr),
+        "dense_acc": dense("cosine" if rule == "rewarm" else rule, seed, epochs, lr, distill),
         "sparsity": common.sparsity_of(net),
         # per layer: kept weights, output rows with a kept weight (living neurons), inputs still read
         "layers": {
