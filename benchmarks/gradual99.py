@@ -1,7 +1,8 @@
 """Gradual pruning to 99%: what stops it, measured (issue 19).
 
     python benchmarks/gradual99.py --methods magnitude,obd-fisher,obs-layerwise --more-seeds 1,2 \
-        --more-only "baseline;decay after rounds;rounds every 100 steps;30 epochs;45 epochs, rounds 0-29"
+        --more-only "baseline;decay after rounds;rounds every 100 steps;rounds 0-4;rounds 0-12;128 batches;\
+keep state;lr 3e-3;lr 3e-3, decay after rounds;30 epochs;45 epochs, rounds 0-29"    # ~1 hour on 2 cores
     python benchmarks/gradual99.py --seeds 0,1,2 --only "baseline;cosine, rounds 0-6"
 
 The regime of the quality tables: the MLP trained from scratch for 15 epochs (Adam, lr 1e-3,

@@ -1,6 +1,6 @@
 """One-shot at 90% (issue 19): three more attempts on top of ``OBSPruning``'s defaults, measured.
 
-    python benchmarks/oneshot_attempts.py            # seeds 0,1,2 (~40 minutes on 2 cores)
+    python benchmarks/oneshot_attempts.py            # seeds 0,1,2 (~8 minutes on 2 cores)
 
 The same dense MLPs and 32 calibration batches as ``extreme.py``; no fine-tuning on training data
 beyond the calibration batches. Rows:
