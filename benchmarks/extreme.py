@@ -1,7 +1,7 @@
 """One-shot at extreme sparsity: what each attempt to raise layer-wise OBS bought (issue 19).
 
     python benchmarks/extreme.py                    # MLP seeds 0,1,2 at 90/95/98%, LeNet-5 seed 0 (~1 h, 2 cores)
-    python benchmarks/extreme.py --lenet-seeds 0,1,2
+    python benchmarks/extreme.py --lenet-seeds 0,1,2   # LeNet-5 over 3 seeds too, as RESULTS.md (+10 minutes)
 
 Every row is one change against the library's defaults (``OBSPruning(target, schedule="one_shot")``
 through ``prune()`` on the cached dense model, 32 training batches, no fine-tuning), on the same
