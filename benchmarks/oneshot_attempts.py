@@ -83,9 +83,9 @@ def bias_correct(net: torch.nn.Module, dense: torch.nn.Module, batches: list[Any
         layer.bias += (want - have).to(layer.bias.dtype)
 
 
-def distill(net: torch.nn.Module, dense: torch.nn.Module, batches: list[Any]) -> None:
-    """``PASSES`` passes of Adam over ``batches`` on KL(dense || net), pruned weights held at 0."""
-    masks = {p: p != 0 for p in (m.weight for m in _linears(net))}
+def distill(net: torch.nn.Module, dense: torch.nn.Module, batches: list[Any], pruner: OBSPruning) -> None:
+    """``PASSES`` passes of Adam over ``batches`` on KL(dense || net), ``pruner``'s masks frozen as a
+    fit would freeze them (gradients before each step, weights after)."""
     opt = torch.optim.Adam(net.parameters(), lr=LR)
     net.eval()
     dense.eval()
@@ -96,10 +96,9 @@ def distill(net: torch.nn.Module, dense: torch.nn.Module, batches: list[Any]) ->
             loss = F.kl_div(F.log_softmax(net(x), 1), t, log_target=True, reduction="batchmean")
             opt.zero_grad()
             loss.backward()
+            pruner.freeze_grads_()
             opt.step()
-            with torch.no_grad():
-                for p, keep in masks.items():
-                    p.mul_(keep)
+            pruner.freeze_weights_()
 
 
 def stepped(seed: int, target: float) -> torch.nn.Module:
@@ -127,8 +126,12 @@ def cell(attempt: str, target: float, seed: int) -> dict[str, Any]:
         net = stepped(seed, target)
     else:
         net, dense, batches = common.dense_net("mlp", seed), common.dense_net("mlp", seed), _batches(seed)
-        prune(net, batches, OBSPruning(target, schedule="one_shot", verbose=0))
-        (bias_correct if attempt == "bias correction" else distill)(net, dense, batches)
+        pruner = OBSPruning(target, schedule="one_shot", verbose=0)
+        prune(net, batches, pruner)
+        if attempt == "bias correction":
+            bias_correct(net, dense, batches)
+        else:
+            distill(net, dense, batches, pruner)
     seconds = time.perf_counter() - start
     r = {
         "attempt": attempt,
