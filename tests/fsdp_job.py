@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning.pytorch as pl
 import torch
-from ddp_job import OrderedTinyNet
+from ddp_job import OrderedTinyNet, exit_cleanly
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -172,7 +172,11 @@ def main() -> None:
     p.add_argument("--fsdp", type=int, default=None, help="ModelParallelStrategy (default: with --devices > 1)")
     a = p.parse_args()
     a.fsdp = a.devices > 1 if a.fsdp is None else bool(a.fsdp)
-    selection(a) if a.selection else train(a)
+    if a.selection:
+        selection(a)
+    else:
+        train(a)
+        exit_cleanly()
 
 
 if __name__ == "__main__":
