@@ -29,6 +29,7 @@ from lightning_prune.models import LeNet5Classifier, MLPClassifier
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
+CELLS = CACHE / "cells"
 MODELS = {
     "mlp": lambda shape, classes: MLPClassifier(shape, classes, hidden=(300, 100), lr=1e-3),
     "lenet5": lambda shape, classes: LeNet5Classifier(shape, classes, kernel_size=5, lr=1e-3),
@@ -166,6 +167,33 @@ def commit() -> str:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def cell(
+    name: str,
+    compute: Callable[[], dict[str, Any]],
+    folder: Path = CELLS,
+    reuse: Callable[[dict[str, Any]], bool] = lambda r: True,
+) -> dict[str, Any]:
+    """One benchmark result, computed once and kept as ``folder/name.json`` (read back with ``cached``).
+
+    Tables are rebuilt from these files: a new row or seed computes only what is new, and a cell
+    timed alone keeps its timing. ``compute`` may set ``seconds`` itself (to leave evaluation out);
+    otherwise the whole call is timed. ``commit`` records the code that measured it. A stored cell
+    that ``reuse`` rejects (it lacks what this call asks for) is computed again.
+    """
+    path = folder / f"{name}.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        if reuse(r):
+            return {**r, "cached": True}
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    r = compute()
+    r.setdefault("seconds", time.perf_counter() - start)
+    r.setdefault("commit", commit())
+    path.write_text(json.dumps(r))
+    return r
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

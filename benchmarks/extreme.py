@@ -14,7 +14,6 @@ MLP's baselines and defaults between the ``<!-- results:start -->`` markers of t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,6 @@ from quality import fmt
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
 
-CELLS = common.CACHE / "cells"
 SPARSITIES = [0.9, 0.95, 0.98]
 
 
@@ -80,17 +78,16 @@ LENET = [
 
 
 def cell(model: str, name: str, target: float, seed: int) -> dict[str, Any]:
-    CELLS.mkdir(parents=True, exist_ok=True)
     slug = name.replace(" ", "").replace(",", "+").replace("=", "-")
-    path = CELLS / f"extreme-{model}-{slug}-{target}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    return common.cell(f"extreme-{model}-{slug}-{target}-s{seed}", lambda: _measure(model, name, target, seed))
+
+
+def _measure(model: str, name: str, target: float, seed: int) -> dict[str, Any]:
     make = next(f for n, _, f in VARIANTS if n == name)
-    start = time.perf_counter()
     pruner = make(target)
     acc, net = common.one_shot(model, seed, pruner)
     record = pruner.history[-1] if getattr(pruner, "history", None) else {}
-    r = {
+    return {
         "model": model,
         "method": name,
         "target": target,
@@ -100,11 +97,7 @@ def cell(model: str, name: str, target: float, seed: int) -> dict[str, Any]:
         "sparsity": common.sparsity_of(net),
         "round_seconds": record.get("seconds"),
         "solver": record.get("info", {}).get("solver"),
-        "seconds": time.perf_counter() - start,
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def table(model: str, names: list[str], seeds: list[int]) -> tuple[str, list[dict[str, Any]]]:

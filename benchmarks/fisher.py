@@ -19,7 +19,6 @@ the round times and the targets of issue 14 into RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -73,11 +72,11 @@ def train_loss(regime: str, model: str, seed: int) -> float:
 
 
 def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict[str, Any]:
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"{regime}-{model}-{method}-{target}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
+    name = f"{regime}-{model}-{method}-{target}-s{seed}"
+    return common.cell(name, lambda: _measure(regime, model, method, target, seed), CELLS)
+
+
+def _measure(regime: str, model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     if regime == "gradual":
         callback = methods.make(method, target, schedule="cubic", start_epoch=0, end_epoch=9)
         acc, _ = common.train_with(model, seed, 15, [callback])
@@ -90,7 +89,7 @@ def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict
         callback = methods.make(method, target, schedule="one_shot")
         prune(net, common.data(seed, subset).train_dataloader(), callback, num_batches=min(32, callback.window_length))
         acc = common.test_accuracy(net, seed)
-    out = {
+    return {
         "regime": regime,
         "model": model,
         "method": method,
@@ -99,11 +98,7 @@ def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict
         "acc": acc,
         "dense_acc": dense_acc,
         "round_seconds": sum(r["seconds"] for r in callback.history),
-        "seconds": time.perf_counter() - start,
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(out))
-    return out
 
 
 def fmt(values: list[float]) -> str:

@@ -46,7 +46,6 @@ Cells are cached in ``benchmarks/.cache/cells`` (``gradual99-*``); the table goe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -64,7 +63,6 @@ from quality import fmt
 
 from lightning_prune.targets import resolve_targets
 
-CELLS = common.CACHE / "cells"
 EPOCHS, END = 15, 9
 TARGET = 0.99
 METHODS = ["magnitude", "obd-fisher", "obs-layerwise", "obs-kfac"]
@@ -179,15 +177,13 @@ class LearningRate(Callback):
 
 def dense(rule: str, seed: int, epochs: int = EPOCHS, lr: float | None = None, distill: bool = False) -> float:
     """The dense MLP trained the same way (epochs, learning rate and its rule, the loss), cached."""
-    CELLS.mkdir(parents=True, exist_ok=True)
     suffix = ("" if epochs == EPOCHS else f"-e{epochs}") + ("" if lr is None else f"-lr{lr:g}") + "-kd" * distill
-    path = CELLS / f"gradual99-dense-{rule}-s{seed}{suffix}.json"
-    if path.exists():
-        return json.loads(path.read_text())["acc"]
-    callbacks: list[Callback] = [LearningRate(rule, END), *([Distill(seed)] if distill else [])]
-    acc, _ = common.train_with("mlp", seed, epochs, callbacks, lr=lr)
-    path.write_text(json.dumps({"acc": acc, "commit": common.commit()}))
-    return acc
+
+    def train() -> dict[str, Any]:
+        callbacks: list[Callback] = [LearningRate(rule, END), *([Distill(seed)] if distill else [])]
+        return {"acc": common.train_with("mlp", seed, epochs, callbacks, lr=lr)[0]}
+
+    return common.cell(f"gradual99-dense-{rule}-s{seed}{suffix}", train)["acc"]
 
 
 def effective(variant: str, method: str) -> tuple[str, dict[str, Any]]:
@@ -205,25 +201,24 @@ def effective(variant: str, method: str) -> tuple[str, dict[str, Any]]:
 
 
 def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
-    CELLS.mkdir(parents=True, exist_ok=True)
-    slug = variant.replace(" ", "").replace(",", "+")
-    path = CELLS / f"gradual99-{slug}-{method}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     rule, kw = effective(variant, method)
     first = next(v for v in VARIANTS if effective(v, method) == (rule, kw))
     if first != variant:  # e.g. magnitude has no curvature batches: the same run as ``first``
         return {**cell(first, method, seed), "variant": variant}
+    slug = variant.replace(" ", "").replace(",", "+")
+    return common.cell(f"gradual99-{slug}-{method}-s{seed}", lambda: _measure(variant, method, seed, rule, kw))
+
+
+def _measure(variant: str, method: str, seed: int, rule: str, kw: dict[str, Any]) -> dict[str, Any]:
     end, epochs, lr = kw.pop("end_epoch", END), kw.pop("epochs", EPOCHS), kw.pop("lr", None)
     distill = kw.pop("distill", False)
-    start = time.perf_counter()
     when = {} if "every_n_steps" in kw else {"start_epoch": 0, "end_epoch": end}
     pruner = methods.make(method, TARGET, schedule=kw.pop("schedule", "cubic"), **when, **kw)
     callbacks = [pruner, LearningRate(rule, end), *([Distill(seed)] if distill else [])]
     acc, net = common.train_with("mlp", seed, epochs, callbacks, lr=lr)
     layers = resolve_targets(net)
     rounds = getattr(pruner, "history", [])
-    r = {
+    return {
         "variant": variant,
         "method": method,
         "seed": seed,
@@ -237,11 +232,7 @@ def cell(variant: str, method: str, seed: int) -> dict[str, Any]:
             for t in layers
         },
         "round_seconds": sum(x["seconds"] for x in rounds),
-        "seconds": time.perf_counter() - start,
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def main() -> None:

@@ -305,13 +305,17 @@ def calibration_batches(folder: Path, rows: int = 8) -> list[dict[str, torch.Ten
 
 
 def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
+    """Training with step rounds to ``target`` (``GRADUAL[method]``), perplexity at the end (cached)."""
+    return common.cell(
+        f"gradual-{method}-{target}".replace(" ", "_"),
+        lambda: _measure_gradual(plan, folder, method, target),
+        folder / "cells",
+    )
 
+
+def _measure_gradual(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
     import lightning_prune
 
-    path = folder / "cells" / f"gradual-{method}-{target}.json".replace(" ", "_")
-    if path.exists():
-        return json.loads(path.read_text())
-    path.parent.mkdir(exist_ok=True)
     dm, lit, ft = finetuning_setup(plan, folder)
     cls, kwargs = GRADUAL[method]
     every = max(ft // 10, 1)
@@ -324,7 +328,7 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
     start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
     seconds = time.perf_counter() - start
-    r = {
+    return {
         "method": method,
         "target": target,
         "sparsity": pruner.sparsity,
@@ -332,23 +336,20 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
         "round_seconds": sum(h["seconds"] for h in pruner.history),
         "fit_seconds": seconds,
         "rounds": len(pruner.history),
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, Any]:
     """One-shot N:M with ``prune()``, then ``FINETUNE`` steps of training with the masks frozen (the
     same pruner as a callback: its one round is done, so it only keeps the zeros)."""
+    name = f"finetune-{method}".replace(" ", "_")
+    return common.cell(name, lambda: _measure_finetune(plan, folder, method), folder / "cells")
 
+
+def _measure_finetune(plan: dict[str, Any], folder: Path, method: str) -> dict[str, Any]:
     import lightning_prune
     from lightning_prune.patterns import parse_pattern
 
-    path = folder / "cells" / f"finetune-{method}.json".replace(" ", "_")
-    if path.exists():
-        return json.loads(path.read_text())
-    path.parent.mkdir(exist_ok=True)
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
     cls, kwargs = NM_OURS[method]
@@ -367,16 +368,13 @@ def finetune_cell(plan: dict[str, Any], folder: Path, method: str) -> dict[str, 
         bool((nm.pruned_per_group(t.matrix(t.param.detach() == 0)) >= nm.n).all())  # type: ignore[attr-defined]
         for t in pruner.targets
     )
-    r = {
+    return {
         "method": method,
         "perplexity_oneshot": oneshot,
         "perplexity": perplexity(lit.model.eval(), evals),
         "pattern_holds": groups_ok,
         "fit_seconds": time.perf_counter() - start,
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 STRUCTURED: dict[str, tuple[str, dict[str, Any]]] = {
@@ -391,13 +389,19 @@ def structured_cell(plan: dict[str, Any], folder: Path, method: str, target: flo
     """``pattern="channels"``, ``scope="layer"``: ``target`` of every block's attention heads and MLP
     neurons removed one-shot with ``prune()``, the model shrunk (outputs checked), and optionally
     ``FINETUNE`` steps of training with the structures frozen (the same pruner as a callback)."""
+    return common.cell(
+        f"structured-{method}-{target}-ft{int(finetune)}".replace(" ", "_"),
+        lambda: _measure_structured(plan, folder, method, target, finetune),
+        folder / "cells",
+    )
+
+
+def _measure_structured(
+    plan: dict[str, Any], folder: Path, method: str, target: float, finetune: bool
+) -> dict[str, Any]:
     import lightning_prune
     from lightning_prune.structures import discover
 
-    path = folder / "cells" / f"structured-{method}-{target}-ft{int(finetune)}.json".replace(" ", "_")
-    if path.exists():
-        return json.loads(path.read_text())
-    path.parent.mkdir(exist_ok=True)
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
     cls, kwargs = STRUCTURED[method]
@@ -441,8 +445,6 @@ def structured_cell(plan: dict[str, Any], folder: Path, method: str, target: flo
         kept = pruner.bound_pattern.units(pruner.masks)
         again = lightning_prune.shrink(lit.model)
         r["structures_stay_removed"] = sum(again.removed.values()) == sum(p for p, _ in kept.values())
-    r["commit"] = common.commit()
-    path.write_text(json.dumps(r))
     return r
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,6 @@ from lightning_prune.calibration import Calibration, no_progress
 from lightning_prune.distributed import default_collectives
 from lightning_prune.round import run_round
 
-CELLS = common.CACHE / "cells"
 SPARSITIES = [0.9, 0.98]
 ATTEMPTS = ["defaults", "4 steps in the round", "bias correction", "calibration distillation"]
 STEPS, PASSES, LR = 4, 4, 1e-4
@@ -117,10 +115,12 @@ def cell(attempt: str, target: float, seed: int) -> dict[str, Any]:
     if attempt == "defaults":
         r = extreme.cell("mlp", "obs-layerwise", target, seed)
         return {**r, "attempt": attempt, "seconds": r["round_seconds"]}
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"attempt-{attempt.replace(' ', '-')}-{target}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    name = f"attempt-{attempt.replace(' ', '-')}-{target}-s{seed}"
+    return common.cell(name, lambda: _measure(attempt, target, seed))
+
+
+def _measure(attempt: str, target: float, seed: int) -> dict[str, Any]:
+    """``seconds``: the pruning (and any correction) alone, not the test evaluation."""
     start = time.perf_counter()
     if attempt == "4 steps in the round":
         net = stepped(seed, target)
@@ -133,7 +133,7 @@ def cell(attempt: str, target: float, seed: int) -> dict[str, Any]:
         else:
             distill(net, dense, batches, pruner)
     seconds = time.perf_counter() - start
-    r = {
+    return {
         "attempt": attempt,
         "target": target,
         "seed": seed,
@@ -141,10 +141,7 @@ def cell(attempt: str, target: float, seed: int) -> dict[str, Any]:
         "dense_acc": common.dense("mlp", seed)[1],
         "sparsity": common.sparsity_of(net),
         "seconds": seconds,
-        "commit": common.commit(),
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def main() -> None:

@@ -10,11 +10,9 @@ suite resumes where it stopped. Prints a Markdown table of test accuracy (mean Â
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import methods
 
-CELLS = common.CACHE / "cells"
 REGIMES = {
     # one round on the trained dense model, no fine-tuning
     "one_shot": dict(epochs=None),
@@ -36,12 +33,11 @@ REGIMES = {
 
 def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     """One (regime, model, method, target, seed) result, computed once and cached."""
-    CELLS.mkdir(parents=True, exist_ok=True)
     key = f"{regime}-{model}-{method.replace('/', '@')}-{target}-s{seed}"
-    path = CELLS / f"{key}.json"
-    if path.exists():
-        return {**json.loads(path.read_text()), "cached": True}
-    start = time.perf_counter()
+    return common.cell(key, lambda: _measure(regime, model, method, target, seed))
+
+
+def _measure(regime: str, model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     base, kwargs = methods.split_pattern(method, model)
     if regime == "one_shot":
         callback = methods.make(base, target, schedule="one_shot", **kwargs)
@@ -53,24 +49,20 @@ def cell(regime: str, model: str, method: str, target: float, seed: int) -> dict
         acc, net = common.train_with(model, seed, spec["epochs"], [callback])
         dense_acc = common.dense(model, seed, epochs=spec["epochs"])[1]
     history = getattr(callback, "history", ())
-    out = {
+    return {
         "regime": regime,
         "model": model,
         "method": method,
         "target": target,
         "seed": seed,
-        "commit": common.commit(),
         "acc": acc,
         "dense_acc": dense_acc,
         "sparsity": common.sparsity_of(net),
-        "seconds": time.perf_counter() - start,
         "rounds": [
             {k: r[k] for k in ("round", "sparsity", "predicted_loss_increase", "actual_loss_increase", "seconds")}
             for r in history
         ],
     }
-    path.write_text(json.dumps(out))
-    return out
 
 
 def run(

@@ -19,10 +19,8 @@ Writes the table between the ``<!-- recover:start -->`` markers of ``benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +34,6 @@ from quality import fmt
 
 from lightning_prune import prune
 
-CELLS = common.CACHE / "cells"
 METHODS = ["magnitude", "obd-fisher", "obs-kfac", "obs-layerwise"]
 SPARSITIES = [0.9, 0.95, 0.98]
 EPOCHS = 5
@@ -76,11 +73,12 @@ class Checkpoints(Callback):
 
 
 def cell(method: str, target: float, seed: int) -> dict[str, Any]:
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"recover-{MODEL}-{method}-{target}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
+    return common.cell(f"recover-{MODEL}-{method}-{target}-s{seed}", lambda: _measure(method, target, seed))
+
+
+def _measure(method: str, target: float, seed: int) -> dict[str, Any]:
+    """One-shot to ``target``, then ``EPOCHS`` of fine-tuning with the masks frozen, test accuracy
+    at each checkpoint."""
     net = common.dense_net(MODEL, seed)
     pruner = methods.make(method, target, schedule="one_shot")
     prune(net, common.data(seed).train_dataloader(), pruner, num_batches=min(32, pruner.window_length))
@@ -88,18 +86,14 @@ def cell(method: str, target: float, seed: int) -> dict[str, Any]:
     every = Checkpoints(seed)
     common.trainer(max_epochs=EPOCHS, limit_val_batches=0, callbacks=[pruner, every]).fit(net, common.data(seed))
     points += every.points
-    r = {
+    return {
         "method": method,
         "target": target,
         "seed": seed,
-        "commit": common.commit(),
         "dense_acc": common.dense(MODEL, seed)[1],
         "points": points,
         "sparsity": common.sparsity_of(net),
-        "seconds": time.perf_counter() - start,
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def epochs_to(points: list[list[float]], goal: float) -> float | None:

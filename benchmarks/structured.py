@@ -26,7 +26,6 @@ Writes the tables between the ``<!-- structured:start -->`` markers of ``benchma
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -41,7 +40,6 @@ import torch
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune, shrink
 
-CELLS = common.CACHE / "cells"
 # name -> (callback class, keyword arguments): the callbacks' defaults besides the pattern
 METHODS: dict[str, tuple[type, dict[str, Any]]] = {
     "magnitude": (MagnitudePruning, {}),
@@ -110,13 +108,14 @@ def record(net: torch.nn.Module, seed: int) -> dict[str, Any]:
 def cell(model: str, method: str, target: float, seed: int, finetune: bool = False) -> dict[str, Any]:
     """One-shot structured pruning of the cached dense model (and, with ``finetune``, one more
     epoch with the masks frozen), computed once and cached."""
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"structured-one_shot-{model}-{method.replace(' ', '_')}-{target}-s{seed}.json"
-    if path.exists():
-        r = json.loads(path.read_text())
-        if not finetune or "ft_acc" in r:
-            return r
-    start = time.perf_counter()
+    return common.cell(
+        f"structured-one_shot-{model}-{method.replace(' ', '_')}-{target}-s{seed}",
+        lambda: _measure(model, method, target, seed, finetune),
+        reuse=lambda r: not finetune or "ft_acc" in r,
+    )
+
+
+def _measure(model: str, method: str, target: float, seed: int, finetune: bool) -> dict[str, Any]:
     net = common.dense_net(model, seed)
     pruner = make(method, target)
     rec = prune(net, common.data(seed).train_dataloader(), pruner, num_batches=min(32, pruner.window_length))
@@ -125,7 +124,6 @@ def cell(model: str, method: str, target: float, seed: int, finetune: bool = Fal
         "method": method,
         "target": target,
         "seed": seed,
-        "commit": common.commit(),
         "dense_acc": common.dense(model, seed)[1],
         "structures_pruned": rec["structures_pruned"],
         "structures_total": rec["structures_total"],
@@ -142,37 +140,31 @@ def cell(model: str, method: str, target: float, seed: int, finetune: bool = Fal
             ft_params_after=after["params_after"],
             ft_seconds=time.perf_counter() - ft_start,
         )
-    r["seconds"] = time.perf_counter() - start
-    path.write_text(json.dumps(r))
     return r
 
 
 def gradual_cell(model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     """quality.py's short regime with ``pattern="channels"`` (cached)."""
-    CELLS.mkdir(parents=True, exist_ok=True)
-    path = CELLS / f"structured-{GRADUAL}-{model}-{method.replace(' ', '_')}-{target}-s{seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    name = f"structured-{GRADUAL}-{model}-{method.replace(' ', '_')}-{target}-s{seed}"
+    return common.cell(name, lambda: _measure_gradual(model, method, target, seed))
+
+
+def _measure_gradual(model: str, method: str, target: float, seed: int) -> dict[str, Any]:
     spec = quality.REGIMES[GRADUAL]
-    start = time.perf_counter()
     pruner = make(method, target, schedule="cubic", start_epoch=0, end_epoch=spec["end_epoch"])
     acc, net = common.train_with(model, seed, spec["epochs"], [pruner])
     s = shrink(net, example_inputs=example_images(seed))
-    r = {
+    return {
         "model": model,
         "method": method,
         "target": target,
         "seed": seed,
-        "commit": common.commit(),
         "acc": acc,
         "dense_acc": common.dense(model, seed, epochs=spec["epochs"])[1],
         "sparsity": common.sparsity_of(net),
         "params_after": s.params_after,
         "removed": s.removed,
-        "seconds": time.perf_counter() - start,
     }
-    path.write_text(json.dumps(r))
-    return r
 
 
 def pct(values: list[float]) -> str:
