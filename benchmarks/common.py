@@ -175,7 +175,8 @@ def cell(
     folder: Path = CELLS,
     reuse: Callable[[dict[str, Any]], bool] = lambda r: True,
 ) -> dict[str, Any]:
-    """One benchmark result, computed once and kept as ``folder/name.json`` (read back with ``cached``).
+    """One benchmark result, computed once and kept as ``folder/name.json``; read back, it carries
+    ``cached: True``.
 
     Tables are rebuilt from these files: a new row or seed computes only what is new, and a cell
     timed alone keeps its timing. ``compute`` may set ``seconds`` itself (to leave evaluation out);
@@ -194,6 +195,14 @@ def cell(
     r.setdefault("commit", commit())
     path.write_text(json.dumps(r))
     return r
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean: the distillation term of
+    Hinton et al. (``T^2`` keeps its gradients on the cross-entropy's scale at any temperature)."""
+    student = torch.log_softmax(logits / temp, 1)
+    teacher = torch.log_softmax(teacher_logits / temp, 1)
+    return temp**2 * torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

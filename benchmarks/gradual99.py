@@ -135,9 +135,8 @@ class Distill(Callback):
             x, y = batch
             logits = pl_module(x)
             with torch.no_grad():
-                target = F.log_softmax(teacher(x) / temp, 1)
-            kl = F.kl_div(F.log_softmax(logits / temp, 1), target, log_target=True, reduction="batchmean")
-            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * temp**2 * kl
+                target = teacher(x)
+            loss = (1 - alpha) * F.cross_entropy(logits, y) + alpha * common.distill_loss(logits, target, temp)
             pl_module.log("train/loss", loss)
             return loss
 

@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import extreme
 import torch
-import torch.nn.functional as F
 from quality import fmt
 
 from lightning_prune import OBSPruning, prune
@@ -88,10 +87,10 @@ def distill(net: torch.nn.Module, dense: torch.nn.Module, batches: list[Any], pr
     net.eval()
     dense.eval()
     with torch.no_grad():
-        targets = [F.log_softmax(dense(x), 1) for x, _ in batches]
+        targets = [dense(x) for x, _ in batches]
     for _ in range(PASSES):
         for (x, _), t in zip(batches, targets):
-            loss = F.kl_div(F.log_softmax(net(x), 1), t, log_target=True, reduction="batchmean")
+            loss = common.distill_loss(net(x), t)
             opt.zero_grad()
             loss.backward()
             pruner.freeze_grads_()
