@@ -37,7 +37,7 @@ from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.schedule import SparsitySchedule, check_fraction
 from lightning_prune.selection import SCOPES, check_feasible
 from lightning_prune.summary import layer_table
-from lightning_prune.targets import PruneTarget, resolve_targets
+from lightning_prune.targets import PruneTarget, match_names, resolve_targets, targets_of
 
 STATE_VERSION = 2
 
@@ -142,6 +142,7 @@ class Pruner:
         self._loaded: dict[str, Any] | None = None  # checkpoint state waiting for bind()
         self._parameter_names: list[str] | None = None  # names of explicit `parameters` once a model is known
         self._bound: list[weakref.ref] = []  # the parameters the masks were computed on
+        self._model: weakref.ref | None = None  # the model bound last (load_state_dict binds to it again)
         self._skipped: list[tuple[str, str]] = []  # defaults left out (frozen, tied), with the reason
         self._kept: dict[str, int] | None = None  # kept entries per whole layer
 
@@ -238,45 +239,112 @@ class Pruner:
     def bind(self, model: nn.Module) -> None:
         """Resolve the targets on ``model``; restore masks (checkpoint, earlier round) and freeze them.
 
-        Raises before any work if nothing matches, the criterion cannot handle a target, or the
-        target sparsity is unreachable under the per-layer floor.
+        Masks are bound to parameters, not names. Masks computed on these very parameters (``prune()``
+        then ``fit``, a second ``fit``) follow them into any wrapper: a LightningModule around the
+        model, ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer`` (frozen there, and still
+        masked). Checkpointed masks find their parameters by name, or by a unique name suffix
+        (:func:`~lightning_prune.targets.match_names`). Raises before any work if nothing matches, a
+        checkpoint names other parameters than this pruner selects, the criterion cannot handle a
+        target, or the target sparsity is unreachable under the per-layer floor.
         """
+        check_materialized(model)
         skipped: list[tuple[str, str]] = []
-        targets = resolve_targets(model, self.include, self.exclude, self._parameters, skipped)
+        previous = self._previous_targets(model)
+        keeps_masks = bool(self._loaded) or (previous is not None and self._loaded is None)
+        resolved = resolve_targets(
+            model, self.include, self.exclude, self._parameters, skipped, allow_empty=keeps_masks
+        )
+        masks: dict[str, Tensor] | None = None
+        if self._loaded is not None:
+            targets, masks = self._checkpoint_targets(model, resolved, skipped)
+        elif previous is not None:  # the same parameters: keep their masks under today's names
+            targets = previous
+            old = dict(zip([id(t.param) for t in previous], self._masks.values())) if self._masks else {}
+            masks = {t.name: old[id(t.param)] for t in previous} if old else None
+            mine = {id(t.param) for t in previous}
+            if new := [t.name for t in resolved if id(t.param) not in mine and t.param.requires_grad]:
+                warn(
+                    f"{type(self).__name__} keeps the {len(previous)} parameters it pruned before; {new[:5]}"
+                    f"{' ...' if len(new) > 5 else ''} of this model are not among them and stay dense "
+                    "(a new pruner would select them)"
+                )
+        else:
+            if self._masks is not None:
+                warn(
+                    f"{type(self).__name__} pruned another model before ({len(self._history)} rounds); its masks do "
+                    "not belong to this one and are dropped: this model starts dense. (Masks carry over only to the "
+                    "same parameters, or through a checkpoint: pruner.load_state_dict(...) / fit(ckpt_path=...))"
+                )
+                self._history, self._last_point = [], None
+            targets = resolved
+        skipped = [(n, why) for n, why in skipped if n not in {t.name for t in targets}]
         if skipped and skipped != self._skipped:
             warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
-        self._pattern = self.pattern.bind(model, targets, self.target, self.scope, self.min_density)
-        if notes := getattr(self._pattern, "notes", None):
+        pattern = self.pattern.bind(model, targets, self.target, self.scope, self.min_density)
+        if notes := getattr(pattern, "notes", None):
             warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
-        self.criterion.check_targets(targets)
-        self.criterion.check_model(model, targets)
         world = default_collectives().world_size
-        if sharding.check_sharding([t.name for t in targets], [t.param for t in targets], world):
-            self._check_sharded(targets)
-        self._name_parameters(model)
-        if not self.pattern.structured:  # a pattern keeps its own floor (checked against min_density)
-            check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
-        same_model = len(self._bound) == len(targets) and all(r() is t.param for r, t in zip(self._bound, targets))
-        if self._loaded is not None:
-            self._masks = _restore_masks(self._loaded, targets)
-            self._loaded = None
-        elif self._masks is not None and not same_model:
+        sharded = sharding.check_sharding([t.name for t in targets], [t.param for t in targets], world)
+        if masks is not None:
+            restored = self._loaded is not None  # whole layers from a checkpoint, else this rank's blocks
+            masks = _fit_masks(masks, targets, "checkpointed" if restored else "this pruner's", whole=restored)
+            self._check_pattern(masks, targets, pattern)
+        if sharded or masks is None or _sparsity(pattern, masks) < self.target:  # rounds may follow: check them now
+            self.criterion.check_targets(targets)
+            self.criterion.check_model(model, targets)
+            if sharded:
+                self._check_sharded(targets)
+            if not self.pattern.structured:  # a pattern keeps its own floor (checked against min_density)
+                check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
+        elif (reached := _sparsity(pattern, masks)) > self.target + 1e-9:
             warn(
-                f"{type(self).__name__} pruned another model before ({len(self._history)} rounds); its masks do not "
-                "belong to this one and are dropped: this model starts dense. (Masks carry over only to the same "
-                "model, or through a checkpoint: pruner.load_state_dict(...) / fit(ckpt_path=...))"
+                f"{type(self).__name__}(target={self.target}) is bound to masks that are already {reached:.4f} sparse: "
+                "masks only shrink, so the model stays sparser than the target asks"
             )
-            self._masks, self._history, self._last_point = None, [], None
-        elif self._masks is not None:  # the same model: prune() then fit, or a second fit
-            self._masks = _fit_masks(self._masks, targets, "this pruner's", whole=False)
-        if self._masks is not None:
-            self._check_pattern(self._masks, targets)
+        self._loaded = None
+        self._model = weakref.ref(model)
+        self._name_parameters(model)
+        self._pattern = pattern
+        self._masks = masks
         self._bound = [weakref.ref(t.param) for t in targets]
         self._targets = targets
         self._params = {t.name: t.param for t in targets}
         self._refresh_frozen()
         M.apply_masks_(self._params, self._frozen)
+
+    def _previous_targets(self, model: nn.Module) -> list[PruneTarget] | None:
+        """The targets this pruner was bound to, found by identity in ``model`` (renamed as ``model``
+        names them now), or ``None`` if it was never bound or they are not all parameters of ``model``."""
+        params = [r() for r in self._bound]
+        if not params or any(p is None for p in params):
+            return None
+        return targets_of(model, params)  # type: ignore[arg-type]
+
+    def _checkpoint_targets(
+        self, model: nn.Module, resolved: list[PruneTarget], skipped: list[tuple[str, str]]
+    ) -> tuple[list[PruneTarget], dict[str, Tensor] | None]:
+        """Targets and masks from checkpointed state: each mask finds its parameter by name or unique
+        name suffix; the parameters must be the ones this pruner selects (frozen ones included: PEFT
+        freezes the base weights it wraps)."""
+        packed = self._loaded
+        if not packed:  # a checkpoint taken before the first round: the selection decides
+            return resolved, None
+        names = match_names(list(packed), model, "checkpointed pruning")
+        named = dict(model.named_parameters())
+        targets = targets_of(model, [named[names[n]] for n in packed])
+        assert targets is not None  # match_names found every one
+        frozen = {n for n, why in skipped if why.startswith("frozen")}
+        chosen = {id(t.param) for t in targets}
+        missing = [t.name for t in resolved if id(t.param) not in chosen]
+        selected = {id(t.param) for t in resolved}
+        unexpected = [t.name for t in targets if id(t.param) not in selected and t.name not in frozen]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpointed pruning masks do not match this model's targets: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]} (check include/exclude/parameters)"
+            )
+        return targets, {t.name: m for t, m in zip(targets, _unpack_masks(packed).values())}
 
     def _check_sharded(self, targets: Sequence[PruneTarget]) -> None:
         """What FSDP2-sharded targets cannot do yet, refused before any work."""
@@ -421,6 +489,12 @@ class Pruner:
         needed = ("masks", "history") if version == 1 else ("masks", "history", "unit", "last_point")
         if missing := [k for k in needed if k not in state_dict]:
             raise ValueError(f"pruning state (version {version}) is missing {missing}: it is corrupted or hand-edited")
+        writer = state_dict.get("pruner")
+        if writer is not None and writer != type(self).__qualname__:
+            raise ValueError(
+                f"this pruning state was written by {writer}, and this pruner is {type(self).__qualname__}: load it "
+                f"into a {writer} (masks carry the criterion's assumptions, e.g. OBS's compensated weights)"
+            )
         history = [dict(r) for r in state_dict["history"]]
         if version == 1:  # epoch rounds only
             unit = "epoch"
@@ -432,21 +506,35 @@ class Pruner:
                 f"the checkpointed pruner ran {unit} rounds, this one has {self._schedule.unit} triggers: "
                 f"resume with the same kind of triggers ({unit} arguments)"
             )
-        self._history, self._last_point = history, last
         packed = state_dict["masks"]
-        if self._targets is None:
-            self._loaded = packed
-            return
-        masks = None if packed is None else _restore_masks(packed, self._targets)  # loaded after binding
-        if masks is not None:
-            self._check_pattern(masks, self._targets)
-        self._masks = masks
-        self._refresh_frozen()
+        if packed is not None:
+            _unpack_masks(packed)  # corrupted or hand-edited state is refused now, naming the parameter
+        self._history, self._last_point = history, last
+        self._loaded = dict(packed) if packed is not None else {}
+        model = self._model() if self._model is not None else None
+        if model is not None:  # already bound: bind again, to the same model, with these masks
+            self.bind(model)
 
-    def _check_pattern(self, masks: Mapping[str, Tensor], targets: Sequence[PruneTarget]) -> None:
+    def _check_pattern(self, masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], pattern: Pattern) -> None:
         """Masks from a checkpoint or an earlier round must fit the pattern: they only shrink."""
-        if self.pattern.structured:
-            self.pattern.check_masks({t.name: t.matrix(masks[t.name]) for t in targets}, "the restored")
+        if pattern.structured:
+            pattern.check_masks({t.name: t.matrix(masks[t.name]) for t in targets}, "the restored")
+
+
+def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:
+    """Fraction of the units ``target`` counts (weights, or structures) that ``masks`` prune."""
+    units = pattern.units(masks).values()
+    return sum(p for p, _ in units) / max(sum(n for _, n in units), 1)
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose parameters have no data (the ``meta`` device): nothing can be scored."""
+    if meta := [n for n, p in model.named_parameters() if p.device.type == "meta"]:
+        raise ValueError(
+            f"{type(model).__name__} has parameters on the 'meta' device, which hold no values: {meta[:5]}"
+            f"{' ...' if len(meta) > 5 else ''}. Materialise the weights before pruning (e.g. "
+            "model.to_empty(device='cpu') and load_state_dict, or from_pretrained without device_map='meta')"
+        )
 
 
 def is_pruning_state(state: Any) -> bool:
@@ -460,7 +548,8 @@ def _crc(packed: Mapping[str, Any]) -> int:
     return zlib.crc32(packed["bits"].numpy().tobytes(), zlib.crc32(shape.encode()))  # type: ignore[union-attr]
 
 
-def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) -> dict[str, Tensor]:
+def _unpack_masks(packed: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Checkpointed masks, each verified (size, checksum) and unpacked; whole layers."""
     masks = {}
     for name, p in packed.items():
         try:
@@ -476,7 +565,7 @@ def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) ->
             raise ValueError(
                 f"checkpointed mask for {name!r} is corrupted or hand-edited ({type(err).__name__}: {err})"
             ) from err
-    return _fit_masks(masks, targets, "checkpointed")
+    return masks
 
 
 def _fit_masks(

@@ -23,7 +23,7 @@ from lightning_prune.calibration import (
     no_progress,
     tqdm_progress,
 )
-from lightning_prune.criteria.base import RoundContext
+from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.pruner import Pruner
@@ -61,9 +61,16 @@ def run_round(
     targets, criterion = pruner.targets, pruner.criterion
 
     round_index = len(pruner.history)
+    # a round with nothing to remove (target=0, or masks already there) leaves every weight as it is:
+    # no statistics, no criterion (OBS would refit the weights it keeps), no commit
+    idle = not pruner.removes_something(sparsity)
 
     # 1. statistics, all-reduced across ranks; non-finite ones refuse before any weight is touched
-    if window is not None:
+    if idle:
+        stats = None
+        if window is not None:
+            window.discard()
+    elif window is not None:
         stats = window.close()
     else:
         stats = criterion.make_estimator(targets, comm, len(batches))
@@ -86,7 +93,7 @@ def run_round(
 
     # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
     before = pruner.current_masks()
-    saved = {t.name: t.local_param.clone() for t in targets} if criterion.moves_weights else {}
+    saved = {t.name: t.local_param.clone() for t in targets} if criterion.moves_weights and not idle else {}
     ctx = RoundContext(
         model=calib.model,
         targets=targets,
@@ -105,7 +112,7 @@ def run_round(
         reference=saved or None,
     )
     try:
-        result = criterion.prune(ctx)
+        result = RoundResult(before, 0.0, info={"idle": True}) if idle else criterion.prune(ctx)
     except BaseException:
         with torch.no_grad():
             for t in targets:
@@ -116,10 +123,11 @@ def run_round(
     ctx.reference = None
 
     # 4. commit: masks only shrink, pruned weights and their optimizer moments are zeroed, ranks agree
-    pruner.commit_(result, before, comm, optimizers)
+    if not idle:
+        pruner.commit_(result, before, comm, optimizers)
 
     # 5. loss after, on the same batches
-    loss_after = calib.mean_loss(eval_batches, comm)
+    loss_after = loss_before if idle else calib.mean_loss(eval_batches, comm)
 
     # 6. the record
     masks = pruner.current_masks()

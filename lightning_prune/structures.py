@@ -280,7 +280,11 @@ def discover(model: nn.Module) -> tuple[list[Family], list[str]]:
 
 def _view(t: PruneTarget, x: Tensor, slot: Slot, size: int) -> Tensor:
     """``(size, ...)`` view of ``x`` (weight layout) with structure ``j`` in row ``j``."""
-    m = t.matrix(x)
+    return _view_matrix(t.matrix(x), slot, size)
+
+
+def _view_matrix(m: Tensor, slot: Slot, size: int) -> Tensor:
+    """``(size, ...)`` view of ``m`` (``(d_out, d_in)`` layout) with structure ``j`` in row ``j``."""
     if slot.axis == "out":
         return m.reshape(size, slot.width * m.shape[1])
     return m.reshape(m.shape[0], size, slot.width).transpose(0, 1).reshape(size, -1)
@@ -399,6 +403,19 @@ class Channels(Pattern):
 
     def units(self, masks: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
         return {n: (int(p.sum()), p.numel()) for n, p in self.pruned(masks).items()}
+
+    def check_masks(self, masks: Mapping[str, Tensor], what: str) -> None:
+        """Masks (``(d_out, d_in)`` layout) must be what whole structures give: masks only shrink, so
+        unstructured or N:M masks can never become structures."""
+        by_name = {t.name: t for t in self._targets.values()}
+        weights = {n: by_name[n].unmatrix(m) if n in by_name else m for n, m in masks.items()}
+        expected = self.expand({n: torch.ones_like(m) for n, m in weights.items()}, self.pruned(weights))
+        if bad := [n for n, m in weights.items() if not torch.equal(m, expected[n])]:
+            raise ValueError(
+                f"{what} masks of {bad[:5]} prune parts of structures (or weights in none), not whole neurons, "
+                "channels or heads: pattern='channels' removes whole structures, and masks only shrink. Start from "
+                "the dense model (or masks pruned with pattern='channels')"
+            )
 
     def scores(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per family, each structure's summed weight score (float64)."""

@@ -4,7 +4,7 @@ By default: the ``weight`` of every ``nn.Linear``, ``nn.Conv1d/2d/3d`` (subclass
 Hugging Face ``Conv1D`` (GPT-2's layers, weight stored in x out: :meth:`PruneTarget.matrix` gives
 the core its ``(out, in)`` view, masks stay in the weight's own layout).
 Never biases, norm layers or embeddings unless the user names them explicitly through
-``parameters=[...]``. Two kinds of weight are left out of the defaults, with the reason recorded
+``parameters=[...]``. These weights are left out of the defaults, with the reason recorded
 (the pruner warns, and its per-layer table lists them):
 
 * frozen ones (``requires_grad=False``): nobody trains them, so nothing would fine-tune around
@@ -14,7 +14,8 @@ Never biases, norm layers or embeddings unless the user names them explicitly th
 * a language model's output head: the module a Hugging Face model returns from
   ``get_output_embeddings()``, or any module named ``lm_head``. SparseGPT, Wanda and llm-compressor
   leave it dense; it maps to the vocabulary, and every logit depends on all of it. A classifier's
-  last Linear stays a default target: it is small, and the global allocations keep it mostly dense.
+  last Linear stays a default target: it is small, and the global allocations keep it mostly dense;
+* adapters (PEFT's LoRA ``lora_A``/``lora_B``): they train beside the base weights they adapt.
 
 Named explicitly (``parameters=[...]``), they are pruned; one tensor has one mask, so a tie stays
 consistent. ``include``/``exclude`` patterns match every name a tied parameter has; its target
@@ -146,6 +147,7 @@ def resolve_targets(
     exclude: Sequence[str] | None = None,
     parameters: Sequence[Tensor] | None = None,
     skipped: list[tuple[str, str]] | None = None,
+    allow_empty: bool = False,
 ) -> list[PruneTarget]:
     """Pick the parameters to prune, in ``named_parameters()`` order.
 
@@ -153,21 +155,17 @@ def resolve_targets(
     such as ``"encoder.layers.*.weight"``. ``parameters`` is an explicit list of parameter objects
     of ``model``: it replaces the default Linear/Conv filter, and the patterns still apply.
     ``skipped``, if given, receives ``(name, reason)`` for the defaults left out (module docstring).
+    ``allow_empty``: return ``[]`` instead of raising when nothing is selected (a pruner whose masks
+    already name its parameters).
     """
     _check_patterns("include", include)
     _check_patterns("exclude", exclude)
     skipped = [] if skipped is None else skipped
-    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}  # id(param) -> (module name, module, attribute)
-    aliases: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        for param_name, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            aliases.setdefault(id(p), []).append(full)
-            if all(m is not module for _, m, _ in holders.get(id(p), [])):
-                holders.setdefault(id(p), []).append((module_name, module, param_name))
+    holders, aliases = _holders(model)
 
     named = dict(model.named_parameters())
     heads = output_heads(model)
+    adapters = adapter_parameters(model)
     if parameters is not None:
         by_id = {id(p): n for n, p in named.items()}
         candidates = []
@@ -183,7 +181,9 @@ def resolve_targets(
             own = holders[id(p)]
             if not any(attr == "weight" and is_prunable_layer(m) for _, m, attr in own):
                 continue
-            if len(own) > 1:
+            if id(p) in adapters:
+                _skip(skipped, n, "adapter (PEFT LoRA and the like): trained beside the base weights, never pruned")
+            elif len(own) > 1:
                 others = [h for h, _, _ in own]
                 _skip(skipped, n, f"tied: held by {others}; name it in parameters=[...] to prune it")
             elif any(id(m) in heads for _, m, _ in own):
@@ -201,7 +201,7 @@ def resolve_targets(
     chosen = [
         n for n in candidates if (include is None or matches(n, include)) and not (exclude and matches(n, exclude))
     ]
-    if not chosen:
+    if not chosen and not allow_empty:
         shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
         # the weights the patterns did match, among those left out of the defaults, and why
         left = {n: why for n, why in skipped if include is not None and matches(n, include)} or dict(skipped)
@@ -210,12 +210,113 @@ def resolve_targets(
             f"matched none of the candidates [{shown or 'no Linear/Conv weights found'}]"
             + (f"; left out of the defaults: {left}" if left else "")
         )
-    out = []
-    for n in chosen:
-        own = holders[id(named[n])]
-        # the holder that makes it a layer weight, if any: its hooks capture the layer's data
-        module_name, module, attr = next((h for h in own if h[2] == "weight" and is_prunable_layer(h[1])), own[0])
-        out.append(PruneTarget(n, module_name, module, attr, tuple(h for h, _, _ in own)))
+    return [_target(n, holders[id(named[n])]) for n in chosen]
+
+
+Holders = dict[int, list[tuple[str, nn.Module, str]]]
+
+
+def _holders(model: nn.Module) -> tuple[Holders, dict[int, list[str]]]:
+    """``id(param) -> [(module name, module, attribute)]`` of every module holding it, and every name
+    (alias) each parameter has."""
+    holders: Holders = {}
+    aliases: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            aliases.setdefault(id(p), []).append(full)
+            if all(m is not module for _, m, _ in holders.get(id(p), [])):
+                holders.setdefault(id(p), []).append((module_name, module, param_name))
+    return holders, aliases
+
+
+def _target(name: str, own: list[tuple[str, nn.Module, str]]) -> PruneTarget:
+    # the holder that makes it a layer weight, if any: its hooks capture the layer's data
+    module_name, module, attr = next((h for h in own if h[2] == "weight" and is_prunable_layer(h[1])), own[0])
+    return PruneTarget(name, module_name, module, attr, tuple(h for h, _, _ in own))
+
+
+def targets_of(model: nn.Module, params: Sequence[Tensor]) -> list[PruneTarget] | None:
+    """The targets for these parameter objects in ``model`` (found by identity, named as ``model``
+    names them now), or ``None`` if one of them is not a parameter of ``model``.
+
+    Masks are bound to parameters, not names: wrapping a model (a LightningModule around a Hugging
+    Face model, ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer``) renames the same tensors."""
+    holders, _ = _holders(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if any(id(p) not in names for p in params):
+        return None
+    return [_target(names[id(p)], holders[id(p)]) for p in params]
+
+
+# module names that wrappers insert between a model's own names (compile, PEFT, FSDP1, checkpointing)
+_WRAPPER_PARTS = frozenset({"_orig_mod", "base_layer", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    return tuple(p for p in name.split(".") if p not in _WRAPPER_PARTS)
+
+
+def match_names(wanted: Sequence[str], model: nn.Module, what: str) -> dict[str, str]:
+    """``wanted`` parameter names (from a checkpoint) -> this ``model``'s parameter names.
+
+    A name matches itself; otherwise the parameter whose dotted name, wrapper parts removed, ends
+    with the wanted one or is its end (``model.layers.0.mlp.up_proj.weight`` in a checkpoint of the
+    bare Hugging Face model and ``model.model.layers.0.mlp.up_proj.base_layer.weight`` once a
+    LightningModule and PEFT wrap it). The match must be one to one: an ambiguous or missing name
+    raises a ``ValueError`` naming it, never a guess."""
+    _, aliases = _holders(model)
+    named = dict(model.named_parameters())
+    canonical = {a: n for n in named for a in aliases[id(named[n])]}  # every alias -> the name used
+    out: dict[str, str] = {}
+    missing, ambiguous = [], {}
+    for w in wanted:
+        if w in canonical:
+            out[w] = canonical[w]
+            continue
+        pw = _parts(w)
+        found = {
+            canonical[a]
+            for a in canonical
+            if (pa := _parts(a)) and (pa[-len(pw) :] == pw if len(pa) >= len(pw) else pw[-len(pa) :] == pa)
+        }
+        if len(found) == 1:
+            out[w] = found.pop()
+        elif found:
+            ambiguous[w] = sorted(found)[:3]
+        else:
+            missing.append(w)
+    if missing or ambiguous:
+        raise ValueError(
+            f"{what} masks name parameters that {type(model).__name__} does not have"
+            + (f": no match for {missing[:5]}" if missing else "")
+            + (f"; ambiguous {ambiguous}" if ambiguous else "")
+            + " (masks follow a parameter through wrapping by a unique name suffix; check include/exclude/parameters "
+            "and that this is the model the masks were computed on)"
+        )
+    taken: dict[str, str] = {}
+    for w, n in out.items():
+        if n in taken:
+            raise ValueError(
+                f"{what} masks {taken[n]!r} and {w!r} both match {type(model).__name__}'s parameter {n!r}: "
+                "they cannot be bound one to one"
+            )
+        taken[n] = w
+    return out
+
+
+def adapter_parameters(model: nn.Module) -> set[int]:
+    """``id``s of adapter parameters: what PEFT tuner layers hold under their ``adapter_layer_names``
+    (LoRA's ``lora_A``/``lora_B``, ...). Recognised by that attribute, so the core needs no peft import."""
+    out: set[int] = set()
+    for module in model.modules():
+        names = getattr(module, "adapter_layer_names", None)
+        if not isinstance(names, (tuple, list)):
+            continue
+        for attr in names:
+            part = getattr(module, attr, None)
+            if isinstance(part, nn.Module):  # a ModuleDict or ParameterDict of adapters
+                out.update(id(p) for p in part.parameters())
     return out
 
 

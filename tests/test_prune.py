@@ -346,3 +346,28 @@ def test_hf_conv1d_prunes_exactly_as_the_same_model_with_linear_layers(name):
         assert torch.equal(a.masks[key], mask.T), key  # identical, transposed
     for c, li in zip(conv[::2], lin[::2]):
         torch.testing.assert_close(c.weight.detach(), li.weight.detach().T, rtol=1e-4, atol=1e-6)
+
+
+ZERO = {
+    "magnitude": lambda: MagnitudePruning(0.0, verbose=0),
+    "obd-fisher": lambda: OBDPruning(0.0, num_batches=4, verbose=0),
+    "obs-exact": lambda: OBSPruning(0.0, solver="exact", num_batches=4, verbose=0),
+    "obs-kfac": lambda: OBSPruning(0.0, hessian="kfac", num_batches=4, verbose=0),
+    "obs-fisher": lambda: OBSPruning(0.0, hessian="fisher", block_size=16, num_batches=4, verbose=0),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO))
+def test_a_round_with_nothing_to_remove_leaves_every_weight_bitwise(name):
+    """target=0, and a second prune() at the target already reached: no weight moves (OBS refits nothing)."""
+    model = sequential()
+    before = copy.deepcopy(model.state_dict())
+    record = prune(model, loader(), ZERO[name](), loss_fn=ce)
+    assert record["pruned"] == 0 and record["info"].get("idle")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    pruner = CRITERIA[name]()
+    prune(model, loader(), pruner, loss_fn=ce)
+    after = copy.deepcopy(model.state_dict())
+    again = prune(model, loader(), pruner, loss_fn=ce)
+    assert again["info"].get("idle") and again["actual_loss_increase"] == 0.0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in after.items())

@@ -69,15 +69,16 @@ class PruningCallback(Pruner, Callback):
             return
         check_strategy(trainer)
         self._name_parameters(pl_module)  # the state key is needed before on_fit_start, to restore
-        if self.schedule.unit == "epoch":
-            self.schedule.resolve(trainer.max_epochs)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.bind(pl_module)
         self._check_siblings(trainer)
-        if self.schedule.unit == "step" and not self.schedule.resolved:
-            self.schedule.resolve(trainer.estimated_stepping_batches)
+        # a pruner already at its target (prune() then fit, a finished schedule) has no rounds left: it
+        # only keeps its masks frozen, and needs no trigger that fits this Trainer
+        if not self.schedule.resolved and self.removes_something(self.target):
+            epochs = self.schedule.unit == "epoch"
+            self.schedule.resolve(trainer.max_epochs if epochs else trainer.estimated_stepping_batches)
         if not pl_module.automatic_optimization and self.loss_fn is None and self.criterion.recalibrates(self.targets):
             raise ValueError(
                 f"{type(self).__name__} re-runs the loss on stored batches inside a round, and training_step cannot "

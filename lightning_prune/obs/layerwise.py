@@ -365,7 +365,8 @@ def sparsegpt_prune(
         else:
             score = torch.where(forced[:, i1:i2], torch.full_like(W1, -torch.inf), W1**2 / diag2)
             if adaptive:
-                m1 = torch.zeros_like(score, dtype=torch.bool)
+                # contiguous (view(-1) below): a Conv1D weight's matrix is a transposed view
+                m1 = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
                 if totals[b]:
                     m1.view(-1)[torch.topk(score.reshape(-1), totals[b], largest=False, sorted=False).indices] = True
             else:
