@@ -4,8 +4,9 @@ Each ```python block is executed in a namespace that defines the names the READM
 reader (``model``, ``datamodule``, ``hf_model``, ``lit``, ``calibration_batches``, ...). Blocks that
 name ``hf_model`` run for a LLaMA and a GPT-2 (``Conv1D``) model. ``Trainer`` budgets are capped (as
 ``test_commands.py`` lowers ``max_epochs``) so the suite stays fast; nothing else is changed.
-Later blocks use what earlier ones imported (the package's public names). Blocks for GPUs (``.cuda()``, ``accelerator="gpu"``) are skipped. After a block runs, every pruner
-it made that pruned something still holds exact zeros under its masks.
+Later blocks use what earlier ones imported (the package's public names). Blocks for GPUs
+(``.cuda()``, ``accelerator="gpu"``) are skipped. After a block runs, every pruner it made that
+pruned something still holds exact zeros under its masks.
 """
 
 from __future__ import annotations
