@@ -91,7 +91,7 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
     return result
 
 
-class _Caught(Exception):
+class _Caught(BaseException):  # not an error: passes through BatchError wrapping
     """Raised by the first block's pre-hook: everything after it is not needed."""
 
 

@@ -114,6 +114,45 @@ def _isolated(module: nn.Module) -> Iterator[None]:
             m._update_count, m._computed = count, computed
 
 
+class RoundInterrupted(BaseException):
+    """The run was asked to stop (SIGTERM) inside a round: raised between layers (and between batches
+    of a pass), so the round stops within one layer's solve and restores the weights it moved. A
+    ``BaseException``, like ``KeyboardInterrupt``: code that catches ``Exception`` does not swallow it."""
+
+
+class BatchError(RuntimeError):
+    """The model, its ``training_step`` or ``loss_fn`` failed on a stored batch; says which call, on
+    which batch, and the batch's structure (the original exception is chained)."""
+
+
+def _never() -> bool:
+    return False
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by lightning_prune's own code (its innermost frame is ours)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("lightning_prune.")
+
+
+def describe_batch(batch: Any, depth: int = 0) -> str:
+    """A batch's structure and shapes, e.g. ``{'input_ids': int64[4, 16], 'labels': int64[4, 16]}``."""
+    if isinstance(batch, Tensor):
+        return f"{str(batch.dtype).removeprefix('torch.')}{list(batch.shape)}"
+    if depth > 2:
+        return "..."
+    if isinstance(batch, Mapping):
+        items = [f"{k!r}: {describe_batch(v, depth + 1)}" for k, v in list(batch.items())[:8]]
+        return "{" + ", ".join(items) + (", ..." if len(batch) > 8 else "") + "}"
+    if isinstance(batch, (tuple, list)):
+        items = [describe_batch(v, depth + 1) for v in batch[:8]]
+        inner = ", ".join(items) + (", ..." if len(batch) > 8 else "")
+        return f"({inner})" if isinstance(batch, tuple) else f"[{inner}]"
+    return type(batch).__name__
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on a batch by the usual conventions (see the module docstring)."""
     if isinstance(batch, Mapping):
@@ -176,6 +215,9 @@ class Calibration:
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
         self.forward_context, self.progress = forward_context, progress
+        # checked before every batch of a pass (one process only: ranks may hold different batch counts,
+        # so distributed rounds check between layers, together: RoundContext.check_interrupt)
+        self.should_stop: Callable[[], bool] = _never
         if loss_fn is not None:
             self.source: str | None = "loss_fn"
         elif training_step and callable(getattr(model, "training_step", None)):
@@ -190,7 +232,7 @@ class Calibration:
         """Whether a loss is available; an ``"output"`` source is probed on the batch ``probe``."""
         if self.source == "output" and self._output_has_loss is None and probe is not None:
             with torch.no_grad(), eval_mode(self.model), self.forward_context():
-                self._output_has_loss = _output_loss(default_forward(self.model, probe)) is not None
+                self._output_has_loss = _output_loss(self._forward(probe, 0)) is not None
         return self.source in ("loss_fn", "training_step") or bool(self._output_has_loss)
 
     def describe(self) -> str:
@@ -200,16 +242,38 @@ class Calibration:
             "output": "the model output's `.loss`",
         }.get(self.source or "", "no loss")
 
+    def _call(self, call: str, fn: Callable[[], Any], batch: Any, batch_idx: int) -> Any:
+        """``fn()``, with a failure turned into a :class:`BatchError` that names the call and the batch."""
+        if self.should_stop():
+            raise RoundInterrupted(f"the round stopped before batch {batch_idx} of a pass: the run was asked to stop")
+        try:
+            return fn()
+        except BatchError:
+            raise
+        except Exception as err:
+            if _raised_here(err):  # this library's own hooks (capture, the Fisher's loss spy) say what is wrong
+                raise
+            raise BatchError(
+                f"{call} failed on batch {batch_idx} of the round, {describe_batch(batch)}: "
+                f"{type(err).__name__}: {err}. Batches are passed as the data gives them (pass loss_fn=lambda model, "
+                "batch: ... to say how this model takes them)"
+            ) from err
+
     def loss(self, batch: Any, batch_idx: int) -> Tensor:
         """Mean loss of one batch, with autograd enabled or not as the caller decides."""
         if self.source == "loss_fn":
-            loss = self.loss_fn(self.model, batch)  # type: ignore[misc]
+            loss = self._call("loss_fn(model, batch)", lambda: self.loss_fn(self.model, batch), batch, batch_idx)  # type: ignore[misc]
         elif self.source == "training_step":
             with _isolated(self.model):
-                out = self.model.training_step(batch, batch_idx)  # type: ignore[operator]
+                out = self._call(
+                    f"{type(self.model).__name__}.training_step(batch, batch_idx)",
+                    lambda: self.model.training_step(batch, batch_idx),  # type: ignore[operator]
+                    batch,
+                    batch_idx,
+                )
             loss = out.get("loss") if isinstance(out, dict) else out
         elif self.source == "output":
-            loss = _output_loss(default_forward(self.model, batch))
+            loss = _output_loss(self._forward(batch, batch_idx))
             self._output_has_loss = loss is not None
             if loss is None:
                 raise ValueError(
@@ -232,7 +296,19 @@ class Calibration:
         if self.source in ("loss_fn", "training_step"):
             self.loss(batch, batch_idx)
         else:
-            default_forward(self.model, batch)
+            self._forward(batch, batch_idx)
+
+    def _forward(self, batch: Any, batch_idx: int) -> Any:
+        call = (
+            "model(**batch)"
+            if isinstance(batch, Mapping)
+            else "model(batch[0])"
+            if isinstance(batch, (tuple, list))
+            else "model(batch)"
+        )
+        return self._call(
+            f"{type(self.model).__name__}: {call}", lambda: default_forward(self.model, batch), batch, batch_idx
+        )
 
     @torch.no_grad()
     def mean_loss(self, batches: Sequence[Any], comm: Collectives = LOCAL) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ def run_round(
     monitor: Mapping[str, float] | None = None,
     source: str = "the round's batches",
     solver_budget: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Statistics -> loss before -> criterion -> commit -> loss after -> record.
 
@@ -55,7 +56,10 @@ def run_round(
     a criterion that needs statistics gets them from a calibration pass over ``batches`` at the
     current weights. ``skipped`` counts batches the caller already left out as non-finite.
     ``solver_budget`` bounds the work of OBS's ``solver="auto"`` for the whole round (``None``: the
-    per-layer budget). Returns the record appended to ``pruner.history``.
+    per-layer budget). ``should_stop`` (e.g. a SIGTERM flag) is checked between layers (and between
+    batches of a pass, in one process): the round then raises
+    :class:`~lightning_prune.calibration.RoundInterrupted` with every weight restored and no mask
+    changed. Returns the record appended to ``pruner.history``.
     """
     start = time.perf_counter()
     targets, criterion = pruner.targets, pruner.criterion
@@ -110,7 +114,11 @@ def run_round(
         source=source,
         solver_budget=solver_budget,
         reference=saved or None,
+        should_stop=should_stop,
     )
+    own_stop = calib.should_stop
+    if should_stop is not None and comm.world_size == 1:
+        calib.should_stop = should_stop  # also between the batches of the criterion's passes
     try:
         result = RoundResult(before, 0.0, info={"idle": True}) if idle else criterion.prune(ctx)
     except BaseException:
@@ -119,6 +127,8 @@ def run_round(
                 if t.name in saved:
                     t.local_param.copy_(saved[t.name])
         raise
+    finally:
+        calib.should_stop = own_stop
     del saved
     ctx.reference = None
 

@@ -324,3 +324,48 @@ def test_a_raising_schedule_callable_names_schedule_and_point():
     with pytest.raises(ValueError, match=r"`schedule` callable raised at epoch 0: ZeroDivisionError: boom") as err:
         MagnitudePruning(0.5, schedule=schedule, end_epoch=2)
     assert isinstance(err.value.__cause__, ZeroDivisionError)
+
+
+# ---------------------------------------------------------------- 7. SIGTERM inside a round
+@pytest.mark.parametrize("hessian", ["layerwise", "kfac"])
+def test_sigterm_inside_a_round_stops_within_one_layer_and_restores_the_weights(tmp_path, hessian):
+    """The signal arrives while the first layer is solved: the round stops before the next layer,
+    every weight is back to its value before the round, no mask changed, and Lightning's
+    on-exception checkpoint holds exactly that state."""
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    pl.seed_everything(0, verbose=False)
+    model = TinyNet()
+    pruner = OBSPruning(0.5, hessian=hessian, solver="exact", num_batches=2, verbose=0)
+    solves, state = [], {}
+    prune_round = pruner.criterion.prune
+
+    def spy(ctx):
+        state.update({k: v.clone() for k, v in model.state_dict().items()})
+        return prune_round(ctx)
+
+    pruner.criterion.prune = spy
+    target = "_solve" if hessian == "layerwise" else "_kfac_step"
+    inner = getattr(pruner.criterion, target)
+
+    def solve(*args, **kwargs):
+        solves.append(1)
+        out = inner(*args, **kwargs)
+        if len(solves) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets trainer.received_sigterm
+        return out
+
+    setattr(pruner.criterion, target, solve)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_on_exception=True, save_top_k=0, save_last=False)
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[pruner, ckpt], enable_checkpointing=True)
+    with pytest.raises(SIGTERMException, match="round.*stopped"):
+        trainer.fit(model)
+    assert len(solves) == 1 < len(pruner.targets) if hessian == "layerwise" else len(solves) == 1
+    assert not pruner.history and pruner.sparsity == 0.0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    (saved,) = list(tmp_path.glob("*.ckpt"))
+    weights = torch.load(saved, weights_only=False)["state_dict"]
+    assert all(torch.equal(weights[k], v) for k, v in state.items())

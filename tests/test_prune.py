@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, Pruner, prune
+from lightning_prune.calibration import BatchError
 from lightning_prune.criteria import OBS
 
 # every criterion and option family, as the callbacks users pass to a Trainer
@@ -371,3 +372,16 @@ def test_a_round_with_nothing_to_remove_leaves_every_weight_bitwise(name):
     again = prune(model, loader(), pruner, loss_fn=ce)
     assert again["info"].get("idle") and again["actual_loss_increase"] == 0.0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in after.items())
+
+
+def test_a_batch_the_model_cannot_take_names_the_call_the_batch_and_its_structure():
+    model = sequential()
+    dict_batches = [{"x": torch.randn(8, 12), "y": torch.randint(0, 4, (8,))}]
+    with pytest.raises(
+        BatchError,
+        match=r"loss_fn\(model, batch\) failed on batch 0.*\{'x': float32\[8, 12\], 'y': int64\[8\]\}.*KeyError: 0",
+    ):
+        prune(model, dict_batches, OBSPruning(0.5, verbose=0), loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    with pytest.raises(BatchError, match=r"Sequential: model\(\*\*batch\) failed on batch 0.*unexpected keyword"):
+        prune(model, dict_batches, MagnitudePruning(0.5, verbose=0))
+    assert all(bool(m.all()) for m in (model[0].weight != 0, model[2].weight != 0))  # nothing was pruned

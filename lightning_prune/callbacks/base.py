@@ -22,10 +22,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.calibration import Calibration, batch_size
+from lightning_prune.calibration import Calibration, RoundInterrupted, batch_size
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
 from lightning_prune.capture import compiled_parts
@@ -306,7 +307,26 @@ class PruningCallback(Pruner, Callback):
         window, batches = self._window, list(self._batches)
         self._window, self._collecting = None, False
         self._batches.clear()
-        record = run_round(
+        try:
+            record = self._run_round(trainer, pl_module, calib, window, batches, point)
+        except RoundInterrupted as stop:  # weights restored, masks unchanged: Lightning's own SIGTERM exit
+            raise SIGTERMException(str(stop)) from stop
+        log_round(trainer, record, self.history)
+        if self.verbose >= 1:
+            console(trainer, round_summary(record))
+        if self.verbose >= 2:
+            console(trainer, self.layer_table())
+
+    def _run_round(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        calib: Calibration,
+        window: CaptureWindow | None,
+        batches: list[Any],
+        point: int,
+    ) -> dict[str, Any]:
+        return run_round(
             self,
             calib,
             batches,
@@ -322,12 +342,8 @@ class PruningCallback(Pruner, Callback):
             monitor=_scalars(trainer.callback_metrics),
             source=f"the capture window (the last num_batches={self.window_length} training batches before the round)",
             solver_budget=self._solver_budget(trainer, batches),
+            should_stop=lambda: trainer.received_sigterm,
         )
-        log_round(trainer, record, self.history)
-        if self.verbose >= 1:
-            console(trainer, round_summary(record))
-        if self.verbose >= 2:
-            console(trainer, self.layer_table())
 
     def _solver_budget(self, trainer: pl.Trainer, batches: list[Any]) -> float | None:
         """A round's share of training: a quarter of the multiply-adds between two rounds.

@@ -11,7 +11,7 @@ training steps inside ``Trainer.fit`` (the capture window), or by one calibratio
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune import sharding
-from lightning_prune.calibration import Calibration
+from lightning_prune.calibration import Calibration, RoundInterrupted
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
@@ -49,6 +49,23 @@ class RoundContext:
     # the targets' weights (this rank's blocks) when the round started, for criteria that move weights:
     # OBS reconstructs the outputs they gave (reconstruct='original')
     reference: Mapping[str, Tensor] | None = None
+    should_stop: Callable[[], bool] | None = None  # the run was asked to stop (SIGTERM): see check_interrupt
+
+    def check_interrupt(self, where: str = "") -> None:
+        """Stop the round here (between layers) if the run was asked to stop; every rank agrees first,
+        so no rank is left waiting in a collective. Raises :class:`RoundInterrupted`; ``run_round``
+        restores the weights the round moved."""
+        if self.should_stop is None:
+            return
+        flag = float(bool(self.should_stop()))
+        if self.comm.world_size > 1:
+            t = torch.tensor([flag], dtype=torch.float64, device=self.targets[0].param.device)
+            self.comm.all_reduce_sum_([t])
+            flag = float(t)
+        if flag:
+            raise RoundInterrupted(
+                f"round {self.round_index} stopped{' ' + where if where else ''}: the run was asked to stop"
+            )
 
     @property
     def sharded(self) -> bool:

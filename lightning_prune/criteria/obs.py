@@ -290,10 +290,10 @@ class OBS(Criterion):
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
         allocation = info["allocation"] = self._allocation(ctx)
         # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
-        scores = {
-            t.name: t.local(self._allocation_score(t, est, dtype, ~t.gather(ctx.masks[t.name]), allocation))
-            for t in ctx.targets
-        }
+        scores = {}
+        for t in ctx.targets:
+            ctx.check_interrupt(f"scoring {t.name}")
+            scores[t.name] = t.local(self._allocation_score(t, est, dtype, ~t.gather(ctx.masks[t.name]), allocation))
         allocated = ctx.select(scores)
         del scores
         if isinstance(ctx.pattern, Channels):
@@ -340,6 +340,7 @@ class OBS(Criterion):
                 )
             )
             for t, mask, losses in solved:
+                ctx.check_interrupt(f"after solving {t.name}")
                 masks[t.name] = t.local(mask)
                 if weighted:
                     predicted += float((G[t.name] * losses).sum())
@@ -380,6 +381,7 @@ class OBS(Criterion):
                         G = {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in ctx.targets}
                 info["recomputes"] += 1
             for f in group:
+                ctx.check_interrupt(f"before {f.name}")
                 count = int(after[f.name].sum()) - int(before[f.name].sum())
                 if count <= 0:
                     continue
@@ -565,6 +567,7 @@ class OBS(Criterion):
             scores = {}
             cross = stats if isinstance(stats, CrossCovariance) else None
             for t in block.targets:
+                ctx.check_interrupt(f"scoring {t.name}")
                 A = stats.input_covariance(t.name).to(dtype)
                 W = self._matrix(t, dtype)
                 U, W_live, _, _ = prepare_hessian(A, W, self.damp, t.name)
@@ -576,6 +579,7 @@ class OBS(Criterion):
             solvers = self._solvers(sub, block.targets, counts)
             info["solver"] |= set(solvers.values())
             for t in block.targets:
+                ctx.check_interrupt(f"before solving {t.name}")
                 A = stats.input_covariance(t.name)
                 info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
                 quotas = sub.group_quotas(t, ~t.gather(allocated[t.name]))
@@ -661,6 +665,7 @@ class OBS(Criterion):
         dtype, B = self._dtype(), self.block_size
         inverses, scores = {}, {}
         for t in ctx.targets:  # sharded: one layer gathered at a time, and gathered again for its update
+            ctx.check_interrupt(f"inverting the Fisher blocks of {t.name}")
             Finv, damped = damped_inverse(est.blocks(t.name).to(dtype), self.damp, f"{t.name} Fisher blocks")
             info["damping_increases"] += damped.increases
             wb = to_blocks(t.matrix().to(dtype), B)
@@ -671,6 +676,7 @@ class OBS(Criterion):
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
+            ctx.check_interrupt(f"before updating {t.name}")
             Finv, wb = inverses[t.name], to_blocks(t.matrix().to(dtype), B)
             Z = to_blocks(t.matrix(~t.gather(new[t.name])).to(dtype), B).bool()
             wb_new, block_loss = block_set_update(wb, Finv, Z)
@@ -682,6 +688,7 @@ class OBS(Criterion):
         dtype = self._dtype()
         inverses, scores = {}, {}
         for t in ctx.targets:
+            ctx.check_interrupt(f"inverting the K-FAC factors of {t.name}")
             A, G = est["kfac"].factors(t.name)
             dA = damped_cholesky(A.to(dtype), self.damp, f"{t.name} K-FAC A")
             dG = damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G")
@@ -692,6 +699,7 @@ class OBS(Criterion):
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
+            ctx.check_interrupt(f"before updating {t.name}")
             (Ginv, Ainv), W = inverses[t.name], self._matrix(t, dtype)
             W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, t.matrix(~t.gather(new[t.name])))
             self._write(t, W_new)
