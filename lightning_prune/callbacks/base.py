@@ -201,10 +201,11 @@ class PruningCallback(Pruner, Callback):
         estimator = self.criterion.make_estimator(self.targets, comm, self.window_length)
         return estimator if self.criterion.captures_in_window else None  # else: a pass at round time
 
-    def _upcoming_round(self, trainer: pl.Trainer) -> int | None:
-        """The round the next capture window belongs to: this epoch's, or the next step round (one that prunes)."""
+    def _upcoming_round(self, trainer: pl.Trainer, epoch: int | None = None) -> int | None:
+        """The round the next capture window belongs to: this epoch's (or ``epoch``'s), or the next step round
+        (one that prunes)."""
         if self.schedule.unit == "epoch":
-            point = self.schedule.due(trainer.current_epoch, self._last_point)
+            point = self.schedule.due(trainer.current_epoch if epoch is None else epoch, self._last_point)
             return point if point is not None and self.removes_something(self.schedule.sparsity_at(point)) else None
         return self.next_round()
 
@@ -350,12 +351,23 @@ class PruningCallback(Pruner, Callback):
         if estimator is not None:
             self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
             self._window.open()
+        if self._late_epoch_round(trainer, self._window_point):
+            self._round(trainer, pl_module, self._window_point)
+
+    def _late_epoch_round(self, trainer: pl.Trainer, point: int) -> bool:
+        """Whether ``point`` is the round of the epoch before this one, not run yet: Lightning resumes a
+        checkpoint taken after an epoch's last batch at the next epoch, without that epoch's end hooks."""
+        last = trainer.current_epoch - 1
+        return self.schedule.unit == "epoch" and point == last and self._upcoming_round(trainer, epoch=last) == point
 
     def _window_mismatch(self, trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
         """Why this run cannot continue the checkpointed window, or ``None``."""
         if state["version"] != WINDOW_STATE_VERSION:
             return f"its format (version {state['version']!r}) is not this version's ({WINDOW_STATE_VERSION})"
-        if state["unit"] != self.schedule.unit or state["point"] != (upcoming := self._upcoming_round(trainer)):
+        upcoming = self._upcoming_round(trainer)
+        if state["unit"] != self.schedule.unit or (
+            state["point"] != upcoming and not self._late_epoch_round(trainer, state["point"])
+        ):
             return f"this run's next round is at {self.schedule.unit} {upcoming} (its schedule differs)"
         if state["window_length"] != self.window_length:
             return f"it spans {state['window_length']} batches, this run's windows {self.window_length} (num_batches)"
@@ -430,7 +442,7 @@ class PruningCallback(Pruner, Callback):
             trigger=self.schedule.unit,
             skipped=self._skipped_batches,
             point=point,
-            epoch=trainer.current_epoch,
+            epoch=point if self.schedule.unit == "epoch" else trainer.current_epoch,  # a late round: its own epoch
             global_step=trainer.global_step,
             monitor=_scalars(trainer.callback_metrics),
             source=f"the capture window (the last num_batches={self.window_length} training batches before the round)",
