@@ -9,6 +9,8 @@ equal and weights within 1e-6 of a run never stopped follow.
 
 from __future__ import annotations
 
+import io
+import threading
 import warnings
 
 import lightning.pytorch as pl
@@ -17,8 +19,13 @@ import torch
 from conftest import make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_steps import Net
+from torch import nn
 
 from lightning_prune import OBDPruning, OBSPruning
+from lightning_prune.curvature import EKFAC, KFAC, Composite, CrossCovariance, DiagFisher, Hutchinson, InputCovariance
+from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.obs.blockfisher import BlockFisher
+from lightning_prune.targets import resolve_targets
 
 WINDOW = 4  # optimizer steps a window spans: num_batches = WINDOW * accumulate_grad_batches
 ROUNDS = [6, 12]  # optimizer steps
@@ -124,3 +131,224 @@ def test_every_resume_point_inside_an_epoch_window_gives_the_uninterrupted_round
         assert state["window"]["point"] == 0 and len(state["window"]["batches"][0]) == step - 12
         got = _run_epochs(tmp_path / f"resumed{step}", ckpt_path=ref_dir / f"step={step}.ckpt")
         _same(ref, got, "epoch", [0, 1])
+
+
+# ---------------------------------------------------------------- estimators: state_dict / load_state_dict
+ESTIMATORS = {
+    "inputs": lambda t, c: InputCovariance(t, c),
+    "inputs_diagonal": lambda t, c: InputCovariance(t, c, diagonal_only=True),
+    "cross": lambda t, c: CrossCovariance(t, c),
+    "fisher": lambda t, c: DiagFisher(t, c),
+    "kfac": lambda t, c: KFAC(t, comm=c),
+    "kfac_diagonal": lambda t, c: KFAC(t, diagonal_only=True, comm=c),
+    "ekfac": lambda t, c: EKFAC(t, 4, c),  # phase one: batches 0-1, phase two: 2-3
+    "block_fisher": lambda t, c: BlockFisher(t, 8, c),
+    "composite": lambda t, c: Composite({"kfac": KFAC(t, comm=c), "fisher": DiagFisher(t, c)}),
+}
+BATCHES = 4
+
+
+def _targets(width: int = 5):
+    torch.manual_seed(0)
+    return resolve_targets(nn.Sequential(nn.Linear(6, width), nn.ReLU(), nn.Linear(width, 3)))
+
+
+def _stream(targets, rank: int = 0):
+    """Per batch and layer: rows ``x (N, T, d_in)`` and gradients ``g (N, T, d_out)`` (a rank's own data)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [
+        {
+            t.name: (torch.randn(5, 2, t.shape2d[1], generator=g), torch.randn(5, 2, t.shape2d[0], generator=g))
+            for t in targets
+        }
+        for _ in range(BATCHES)
+    ]
+
+
+def _feed(est, batches) -> None:
+    for batch in batches:
+        for name, (x, g) in batch.items():
+            if isinstance(est, CrossCovariance):
+                est.update_pair(name, g[..., :1].expand_as(x) + x, x)  # any reference inputs of the same shape
+            else:
+                est.update(name, x, g)
+        est.end_batch()
+
+
+def _saved(state):
+    """Through torch.save and torch.load(weights_only=True), as Lightning loads a checkpoint by default."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _flat(est) -> dict:
+    """Every statistic of an estimator, by path."""
+    out = {"batches": est.batches, "skipped": est.skipped}
+    for key, value in est._statistics().items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, dict) and value and all(hasattr(v, "_statistics") for v in value.values()):
+            out.update({f"{key}.{k}.{p}": v for k, part in value.items() for p, v in _flat(part).items()})
+        else:
+            out.update({f"{key}[{n}]": v for n, v in value.items()})
+    return out
+
+
+def _equal(a, b) -> bool:
+    fa, fb = _flat(a), _flat(b)
+    return fa.keys() == fb.keys() and all(
+        torch.equal(x, fb[k]) if isinstance(x, torch.Tensor) else x == fb[k] for k, x in fa.items()
+    )
+
+
+@pytest.mark.parametrize("kind", list(ESTIMATORS))
+@pytest.mark.parametrize("stop", range(1, BATCHES))
+def test_an_estimator_resumed_from_its_state_equals_the_uninterrupted_one(kind, stop):
+    targets = _targets()
+    batches = _stream(targets)
+    uninterrupted = ESTIMATORS[kind](targets, LOCAL)
+    _feed(uninterrupted, batches)
+    first = ESTIMATORS[kind](targets, LOCAL)
+    _feed(first, batches[:stop])
+    first.skipped = 2
+    state = _saved(first.state_dict())
+    resumed = ESTIMATORS[kind](targets, LOCAL)
+    resumed.load_state_dict(state)
+    assert _equal(resumed, first)  # bit for bit, including EKFAC's eigenbases after the switch (stop >= 2)
+    _feed(resumed, batches[stop:])
+    resumed.skipped = 0
+    assert _equal(resumed, uninterrupted)
+
+
+def test_hutchinson_sums_round_trip():
+    targets = _targets()
+    est = Hutchinson(targets)
+    for s in est.sum.values():
+        s.normal_()
+    est.count += 3
+    other = Hutchinson(targets)
+    other.load_state_dict(_saved(est.state_dict()))
+    assert _equal(other, est)
+
+
+@pytest.mark.parametrize(
+    "make_other,match",
+    [
+        (lambda t: KFAC(t), "they are 'fisher' statistics"),  # another estimator
+        (
+            lambda t: DiagFisher(_targets(width=7)),
+            r"sq\['0.weight'\] is torch.float32 \(5, 6\), this estimator has torch.float32 \(7, 6\)",
+        ),
+        (lambda t: DiagFisher(resolve_targets(nn.Sequential(nn.Linear(6, 5)))), r"holds layers \[.2.weight.\]"),
+    ],
+)
+def test_a_state_of_another_layout_is_refused_before_anything_changes(make_other, match):
+    targets = _targets()
+    est = DiagFisher(targets)
+    _feed(est, _stream(targets)[:2])
+    other = make_other(targets)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in _flat(other).items()}
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(est.state_dict())
+    after = _flat(other)
+    assert all(torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in before.items())
+
+
+def test_estimator_settings_and_corruption_are_refused():
+    targets = _targets()
+    state = KFAC(targets, diagonal_only=True).state_dict()
+    with pytest.raises(ValueError, match="settings .*'diagonal_only': True"):
+        KFAC(targets).load_state_dict(state)
+    with pytest.raises(ValueError, match="corrupted or hand-edited"):
+        KFAC(targets, diagonal_only=True).load_state_dict({k: v for k, v in state.items() if k != "fields"})
+
+
+class ThreadRanks:
+    """``world`` ranks as threads of one process, with a real (barrier-synchronised) all-reduce."""
+
+    def __init__(self, world: int) -> None:
+        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+
+    def run(self, fn):
+        results, errors = [None] * self.world, []
+
+        def main(rank):
+            try:
+                results[rank] = fn(rank, ThreadComm(self, rank))
+            except BaseException as err:  # re-raised in the test's thread
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class ThreadComm(Collectives):
+    def __init__(self, ranks: ThreadRanks, rank: int) -> None:
+        self.ranks, self._rank = ranks, rank
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ranks.world
+
+    def all_reduce_sum_(self, tensors) -> None:
+        tensors = list(tensors)
+        self.ranks.slots[self._rank] = [t.clone() for t in tensors]
+        self.ranks.barrier.wait()
+        totals = [sum(slot[i] for slot in self.ranks.slots) for i in range(len(tensors))]
+        self.ranks.barrier.wait()
+        for t, total in zip(tensors, totals):
+            t.copy_(total)
+
+
+@pytest.mark.parametrize("kind", ["fisher", "composite", "ekfac", "block_fisher"])
+@pytest.mark.parametrize("stop", range(1, BATCHES))
+def test_two_ranks_resume_to_the_totals_of_the_uninterrupted_window(kind, stop):
+    """Rank 0's checkpoint carries both ranks' partial sums; rank 0 restores them, rank 1 starts from zero
+    (EKFAC: phase one's factors, or phase two's sums after the switch's all-reduce), and the round's
+    all-reduce gives the uninterrupted totals."""
+    targets = _targets()
+    ranks = ThreadRanks(2)
+
+    def uninterrupted(rank, comm):
+        est = ESTIMATORS[kind](targets, comm)
+        _feed(est, _stream(targets, rank))
+        est.reduce_()
+        return est
+
+    def checkpointed(rank, comm):
+        est = ESTIMATORS[kind](targets, comm)
+        _feed(est, _stream(targets, rank)[:stop])
+        est.skipped = rank + 1
+        return est.state_dict(summed=True)  # a collective, on every rank; Lightning saves rank 0's
+
+    state = _saved(ranks.run(checkpointed)[0])
+    assert state["skipped"] == 3
+
+    def resumed(rank, comm):
+        est = ESTIMATORS[kind](targets, comm)
+        est.load_state_dict(state, sums=rank == 0)
+        assert est.skipped == (3 if rank == 0 else 0)
+        _feed(est, _stream(targets, rank)[stop:])
+        est.reduce_()
+        return est
+
+    expected, got = ranks.run(uninterrupted), ranks.run(resumed)
+    for rank in range(2):  # the same totals on both ranks, up to the order of float32 additions
+        a, b = _flat(got[rank]), _flat(expected[rank])
+        assert a.keys() == b.keys() and a["batches"] == b["batches"] == BATCHES
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)

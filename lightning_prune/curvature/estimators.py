@@ -87,7 +87,7 @@ def _field(field: Any, key: str, refuse: Any) -> tuple[str, Any]:
 def _check_tensor(saved: Any, into: Tensor, key: str, refuse: Any) -> None:
     if not isinstance(saved, Tensor) or saved.shape != into.shape or saved.dtype != into.dtype:
         what = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
-        raise refuse(f"{key!r} is {what}, this estimator has {into.dtype} {tuple(into.shape)}")
+        raise refuse(f"{key} is {what}, this estimator has {into.dtype} {tuple(into.shape)}")
 
 
 def _copy(into: Tensor, src: Tensor) -> None:
@@ -264,7 +264,7 @@ class Estimator:
             if tag != _tag(value):
                 raise refuse(f"{key!r} holds {tag!r}, this estimator {_tag(value)!r}")
             if isinstance(value, Tensor):
-                _check_tensor(saved, value, key, refuse)
+                _check_tensor(saved, value, repr(key), refuse)
                 plan.append(lambda into=value, src=saved: _copy(into, src))
             elif isinstance(value, Estimator):
                 plan += value._load_plan(saved, f"{where}[{key!r}]")
