@@ -10,6 +10,7 @@ equal and weights within 1e-6 of a run never stopped follow.
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 
@@ -30,7 +31,7 @@ from lightning_prune.targets import resolve_targets
 WINDOW = 4  # optimizer steps a window spans: num_batches = WINDOW * accumulate_grad_batches
 ROUNDS = [6, 12]  # optimizer steps
 PRUNERS = {
-    "obd_fisher": lambda kw: OBDPruning(0.6, curvature="fisher", fisher_type="empirical", **kw),  # sums in the window
+    "obd_fisher": lambda kw: OBDPruning(0.6, **{"curvature": "fisher", "fisher_type": "empirical", **kw}),  # sums
     "obs_layerwise": lambda kw: OBSPruning(0.6, **kw),  # K-FAC factors + Fisher diagonal in the window
     "obd_exact": lambda kw: OBDPruning(0.6, fisher_type="exact", **kw),  # the window only keeps batches
     "obd_ekfac": lambda kw: OBDPruning(0.6, curvature="ekfac", fisher_type="empirical", **kw),  # two phases
@@ -52,8 +53,9 @@ def spy(pruner):
     return pruner
 
 
-def _fit(tmp_path, pruner, ckpt_path=None, **trainer_kw):
-    """A run that checkpoints after every optimizer step (the reference), or one resumed from ``ckpt_path``."""
+def _fit(tmp_path, pruner, ckpt_path=None, dropped: str | None = None, **trainer_kw):
+    """A run that checkpoints after every optimizer step (the reference), or one resumed from ``ckpt_path``;
+    ``dropped``: the reason the resumed run must warn with when it drops the checkpoint's window."""
     pl.seed_everything(0, verbose=False)
     model = Net(optimizer="adam", lr=0.02)  # 16 batches an epoch, resumable mid-epoch
     callbacks = [spy(pruner)]
@@ -63,14 +65,26 @@ def _fit(tmp_path, pruner, ckpt_path=None, **trainer_kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(model, ckpt_path=ckpt_path)
-    assert not [w for w in caught if "capture window" in str(w.message)], [str(w.message) for w in caught]
+    drops = [str(w.message) for w in caught if "capture window" in str(w.message)]
+    if dropped is None:
+        assert not drops, drops
+    else:
+        assert len(drops) == 1 and re.search(dropped, drops[0]) and "are dropped" in drops[0], drops
     return model, pruner
 
 
-def _run(tmp_path, name: str, accumulate: int, ckpt_path=None):
+def _run(tmp_path, name: str, accumulate: int, ckpt_path=None, dropped: str | None = None, **changes):
     kw = dict(start_step=ROUNDS[0], every_n_steps=ROUNDS[1] - ROUNDS[0], end_step=ROUNDS[1])
-    pruner = PRUNERS[name](dict(kw, num_batches=WINDOW * accumulate, verbose=0))
-    return _fit(tmp_path, pruner, ckpt_path, max_steps=ROUNDS[1] + 1, max_epochs=-1, accumulate_grad_batches=accumulate)
+    pruner = PRUNERS[name]({**kw, "num_batches": WINDOW * accumulate, "verbose": 0, **changes})
+    return _fit(
+        tmp_path,
+        pruner,
+        ckpt_path,
+        dropped,
+        max_steps=ROUNDS[1] + 1,
+        max_epochs=-1,
+        accumulate_grad_batches=accumulate,
+    )
 
 
 def _inside_first_window(accumulate: int) -> list[int]:
@@ -113,6 +127,40 @@ def test_every_resume_point_inside_a_step_window_gives_the_uninterrupted_round(t
         assert state["window"]["point"] == ROUNDS[0]
         got = _run(tmp_path / f"resumed{step}", name, accumulate, ckpt_path=ref_dir / f"step={step}.ckpt")
         _same(ref, got, "global_step", ROUNDS)
+
+
+@pytest.fixture(scope="module")
+def step4(tmp_path_factory):
+    """A checkpoint at step 4: the window of the round at step 6 holds batches 2 and 3."""
+    path = tmp_path_factory.mktemp("step4")
+    _run(path, "obd_fisher", 1)
+    return path / "step=4.ckpt"
+
+
+def _edited(path, tmp_path, edit):
+    ckpt = torch.load(path, weights_only=False)
+    edit(ckpt["callbacks"]["OBDPruning"]["window"])
+    torch.save(ckpt, tmp_path / "edited.ckpt")
+    return tmp_path / "edited.ckpt"
+
+
+@pytest.mark.parametrize(
+    "changes,edit,dropped",
+    [
+        (dict(num_batches=3), None, "it spans 4 batches and this run's windows 3 \\(num_batches\\)"),
+        (dict(curvature="kfac"), None, "statistics do not fit this window's 'kfac' estimator: they are 'fisher'"),
+        (dict(fisher_type="exact"), None, "this run's criterion computes its statistics at round time"),
+        ({}, lambda w: w.update(world_size=2, batches=w["batches"] * 2), "taken on 2 ranks and this run has 1"),
+        ({}, lambda w: w.update(point=5), "this run's next round is at step 6"),
+        ({}, lambda w: w["statistics"].pop("fields"), "corrupted or hand-edited"),
+        ({}, lambda w: w.pop("batches"), "it cannot be read \\(KeyError"),
+    ],
+)
+def test_a_window_the_run_cannot_continue_is_dropped_with_the_reason(step4, tmp_path, changes, edit, dropped):
+    path = step4 if edit is None else _edited(step4, tmp_path, edit)
+    _, pruner = _run(tmp_path, "obd_fisher", 1, ckpt_path=path, dropped=dropped, **changes)
+    assert [r["global_step"] for r in pruner.history] == ROUNDS
+    assert len(pruner.seen[0][0]) == 2  # the batches trained after the resume
 
 
 def _run_epochs(tmp_path, ckpt_path=None):

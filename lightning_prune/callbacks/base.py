@@ -339,7 +339,7 @@ class PruningCallback(Pruner, Callback):
             where = f"{state.get('unit')} {state.get('point')}" if isinstance(state, dict) else "?"
             rank_zero_warn(
                 f"{type(self).__name__}: the checkpoint was taken inside the capture window of the round at {where}, "
-                f"and {why}: that window's statistics and kept batches are dropped, so its round uses only the "
+                f"and {why}; that window's statistics and kept batches are dropped, so its round uses only the "
                 "batches trained after the resume"
             )
             return
@@ -370,7 +370,8 @@ class PruningCallback(Pruner, Callback):
         ):
             return f"this run's next round is at {self.schedule.unit} {upcoming} (its schedule differs)"
         if state["window_length"] != self.window_length:
-            return f"it spans {state['window_length']} batches, this run's windows {self.window_length} (num_batches)"
+            spans = f"{state['window_length']} batches and this run's windows {self.window_length}"
+            return f"it spans {spans} (num_batches)"
         if state["criterion"] != self.criterion.name:
             return f"it was collected for criterion {state['criterion']!r}, this run prunes by {self.criterion.name!r}"
         if state["world_size"] != trainer.world_size:
