@@ -13,13 +13,15 @@ import io
 import re
 import threading
 import warnings
+from collections import namedtuple
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import make_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_steps import Net
+from test_steps import Net, ResumableLoader
+from test_steps import batches as training_batches
 from torch import nn
 
 from lightning_prune import OBDPruning, OBSPruning
@@ -53,19 +55,20 @@ def spy(pruner):
     return pruner
 
 
-def _fit(tmp_path, pruner, ckpt_path=None, dropped: str | None = None, **trainer_kw):
+def _fit(tmp_path, pruner, ckpt_path=None, dropped: str | None = None, net=Net, weights_only=None, **trainer_kw):
     """A run that checkpoints after every optimizer step (the reference), or one resumed from ``ckpt_path``;
     ``dropped``: the reason the resumed run must warn with when it drops the checkpoint's window."""
     pl.seed_everything(0, verbose=False)
-    model = Net(optimizer="adam", lr=0.02)  # 16 batches an epoch, resumable mid-epoch
+    model = net(optimizer="adam", lr=0.02)  # 16 batches an epoch, resumable mid-epoch
     callbacks = [spy(pruner)]
     if ckpt_path is None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1))
     trainer = make_trainer(tmp_path, callbacks=callbacks, enable_checkpointing=ckpt_path is None, **trainer_kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, ckpt_path=ckpt_path)
-    drops = [str(w.message) for w in caught if "capture window" in str(w.message)]
+        trainer.fit(model, ckpt_path=ckpt_path, weights_only=weights_only)
+    pruner.warned = [str(w.message) for w in caught]
+    drops = [m for m in pruner.warned if "taken inside the capture window" in m]
     if dropped is None:
         assert not drops, drops
     else:
@@ -161,6 +164,30 @@ def test_a_window_the_run_cannot_continue_is_dropped_with_the_reason(step4, tmp_
     _, pruner = _run(tmp_path, "obd_fisher", 1, ckpt_path=path, dropped=dropped, **changes)
     assert [r["global_step"] for r in pruner.history] == ROUNDS
     assert len(pruner.seen[0][0]) == 2  # the batches trained after the resume
+
+
+Pair = namedtuple("Pair", "x y")
+
+
+class PairNet(Net):
+    """Batches as named tuples, which torch.load(weights_only=True) does not load."""
+
+    def train_dataloader(self):
+        return ResumableLoader([Pair(*b) for b in training_batches(self.n_samples)])
+
+
+def test_kept_batches_weights_only_loading_refuses_are_named_when_saved(tmp_path):
+    def run(path, ckpt_path=None, weights_only=None):
+        pruner = OBDPruning(0.6, fisher_type="exact", start_step=6, every_n_steps=6, end_step=12, verbose=0)
+        kw = dict(max_steps=13, max_epochs=-1)
+        return _fit(path, pruner, ckpt_path, net=PairNet, weights_only=weights_only, **kw)
+
+    ref = run(tmp_path / "ref")
+    said = r"kept batches, which hold a test_resume_window.Pair: .*trainer.fit\(..., weights_only=False\)"
+    assert len([m for m in ref[1].warned if re.search(said, m)]) == 1  # once, not at every checkpoint
+    with pytest.raises(Exception, match="Weights only load failed"):
+        run(tmp_path / "default", tmp_path / "ref" / "step=4.ckpt")
+    _same(ref, run(tmp_path / "trusted", tmp_path / "ref" / "step=4.ckpt", weights_only=False), "global_step", ROUNDS)
 
 
 def _run_epochs(tmp_path, ckpt_path=None):

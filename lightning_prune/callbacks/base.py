@@ -14,7 +14,7 @@ This class only translates the training loop into it:
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -299,6 +299,14 @@ class PruningCallback(Pruner, Callback):
         skipped = torch.tensor([float(self._skipped_batches)], dtype=torch.float64, device=self.targets[0].param.device)
         comm.all_reduce_sum_([skipped])
         mine = [move_data_to_device(b, torch.device("cpu")) for b in self._batches]
+        if mine and (kind := _not_weights_only(mine)):
+            self._warn_once(
+                "weights_only",
+                f"{type(self).__name__} checkpoints the open capture window with its kept batches, which hold a "
+                f"{kind}: torch.load(weights_only=True), what fit(ckpt_path=...) uses by default, refuses it. Resume "
+                f"with trainer.fit(..., weights_only=False) (trusted checkpoints only) or register the type with "
+                "torch.serialization.add_safe_globals",
+            )
         return {
             "version": WINDOW_STATE_VERSION,
             "unit": self.schedule.unit,
@@ -352,7 +360,7 @@ class PruningCallback(Pruner, Callback):
             self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
             self._window.open()
         if self._late_epoch_round(trainer, self._window_point):
-            self._round(trainer, pl_module, self._window_point)
+            self._round(trainer, pl_module, self._window_point, epoch=self._window_point)  # the record: its epoch
 
     def _late_epoch_round(self, trainer: pl.Trainer, point: int) -> bool:
         """Whether ``point`` is the round of the epoch before this one, not run yet: Lightning resumes a
@@ -419,7 +427,7 @@ class PruningCallback(Pruner, Callback):
             self._round(trainer, pl_module, point)
 
     # ================================================================ the round
-    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
+    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int, epoch: int | None = None) -> None:
         calib = Calibration(
             pl_module,
             self.loss_fn,
@@ -443,7 +451,7 @@ class PruningCallback(Pruner, Callback):
             trigger=self.schedule.unit,
             skipped=self._skipped_batches,
             point=point,
-            epoch=point if self.schedule.unit == "epoch" else trainer.current_epoch,  # a late round: its own epoch
+            epoch=trainer.current_epoch if epoch is None else epoch,
             global_step=trainer.global_step,
             monitor=_scalars(trainer.callback_metrics),
             source=f"the capture window (the last num_batches={self.window_length} training batches before the round)",
@@ -523,6 +531,23 @@ def loss_scaling(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[in
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
     return (trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1), scale
+
+
+_PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _not_weights_only(obj: Any) -> str | None:
+    """The first type in ``obj`` that ``torch.load(weights_only=True)`` does not load (a named tuple, a dict
+    subclass such as transformers' ``BatchEncoding``), or ``None``."""
+    if isinstance(obj, _PLAIN):
+        return None
+    if type(obj) in (dict, OrderedDict):
+        items = [*obj.keys(), *obj.values()]
+    elif type(obj) in (list, tuple, set):
+        items = list(obj)
+    else:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return next((kind for item in items if (kind := _not_weights_only(item))), None)
 
 
 def _scalars(metrics: Any) -> dict[str, float]:
