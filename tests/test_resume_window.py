@@ -76,7 +76,9 @@ def _fit(tmp_path, pruner, ckpt_path=None, dropped: str | None = None, net=Net, 
     return model, pruner
 
 
-def _run(tmp_path, name: str, accumulate: int, ckpt_path=None, dropped: str | None = None, **changes):
+def _run(
+    tmp_path, name: str, accumulate: int, ckpt_path=None, dropped: str | None = None, accelerator="cpu", **changes
+):
     kw = dict(start_step=ROUNDS[0], every_n_steps=ROUNDS[1] - ROUNDS[0], end_step=ROUNDS[1])
     pruner = PRUNERS[name]({**kw, "num_batches": WINDOW * accumulate, "verbose": 0, **changes})
     return _fit(
@@ -87,6 +89,7 @@ def _run(tmp_path, name: str, accumulate: int, ckpt_path=None, dropped: str | No
         max_steps=ROUNDS[1] + 1,
         max_epochs=-1,
         accumulate_grad_batches=accumulate,
+        accelerator=accelerator,
     )
 
 
@@ -188,6 +191,17 @@ def test_kept_batches_weights_only_loading_refuses_are_named_when_saved(tmp_path
     with pytest.raises(Exception, match="Weights only load failed"):
         run(tmp_path / "default", tmp_path / "ref" / "step=4.ckpt")
     _same(ref, run(tmp_path / "trusted", tmp_path / "ref" / "step=4.ckpt", weights_only=False), "global_step", ROUNDS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_inside_a_window_on_gpu(tmp_path):
+    """Statistics and kept batches travel to the CPU in the checkpoint and back to the GPU on resume."""
+    ref = _run(tmp_path / "ref", "obs_layerwise", 1, accelerator="gpu")
+    for step in _inside_first_window(1):
+        got = _run(tmp_path / f"r{step}", "obs_layerwise", 1, tmp_path / "ref" / f"step={step}.ckpt", accelerator="gpu")
+        assert all(b.device.type == "cuda" for b in got[1].seen[0][0])
+        _same(ref, got, "global_step", ROUNDS)
 
 
 def _run_epochs(tmp_path, ckpt_path=None):
