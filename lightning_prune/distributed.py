@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,10 @@ class Collectives:
         """Mean of a Python float across ranks."""
         return value
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (pickled), in rank order: for host objects such as kept batches, not statistics."""
+        return [obj]
+
 
 class TorchDistributed(Collectives):
     """``torch.distributed``'s default process group (any backend)."""
@@ -65,6 +70,11 @@ class TorchDistributed(Collectives):
         t = torch.tensor([value], dtype=torch.float64, device=device)
         self.all_reduce_sum_([t])
         return float(t) / self.world_size
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 LOCAL = Collectives()

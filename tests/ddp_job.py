@@ -1,9 +1,13 @@
 """A small multi-process training job for the DDP tests (run as a script: Lightning relaunches it per rank).
 
     python tests/ddp_job.py --devices 2 --method obs --out DIR [--batch 16] [--lr 0] [--chaos] [--resume CKPT]
+    python tests/ddp_job.py --devices 2 --window-resume --out DIR
 
 Each rank writes DIR/rank{R}.pt with its final masks, pruned weights, the last round's curvature
-diagonals and the result of an all_gather check made after every round.
+diagonals and the result of an all_gather check made after every round. ``--window-resume`` runs
+step rounds with a checkpoint after every step, then resumes from each checkpoint taken inside the
+first round's capture window, in the same processes, and writes every run's masks, weights and
+what each round's criterion was given on this rank.
 """
 
 from __future__ import annotations
@@ -101,6 +105,82 @@ class GatherCheck(Callback):
         self.checks.append(bool(same))
 
 
+class RankBatches:
+    """This rank's batches (DistributedSampler order), resumable mid-epoch through ``state_dict``."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.start, self.pos = items, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        for i in range(start, len(self.items)):
+            self.pos = i + 1
+            yield self.items[i]
+
+    def state_dict(self) -> dict:
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["pos"] % len(self.items)
+
+
+class StepNet(OrderedTinyNet):
+    def train_dataloader(self):
+        return RankBatches(list(super().train_dataloader()))
+
+
+def window_resume(a) -> None:
+    """Rounds at steps 6 and 12 from windows of 4 batches; checkpoints at every step; resumed from steps 3-5."""
+
+    def run(ckpt_path=None) -> dict:
+        pl.seed_everything(0, verbose=False)
+        model = StepNet(batch_size=a.batch, lr=a.lr, n=256)  # 8 batches an epoch on each of 2 ranks
+        pruner = OBDPruning(0.8, start_step=6, every_n_steps=6, end_step=12, num_batches=4, verbose=0)
+        seen, prune = [], pruner.criterion.prune
+
+        def spying(ctx):
+            seen.append(([b[0].cpu() for b in ctx.batches], [t.cpu().clone() for t in ctx.stats.tensors()]))
+            return prune(ctx)
+
+        pruner.criterion.prune = spying
+        callbacks: list = [pruner]
+        if ckpt_path is None:
+            ckpt = ModelCheckpoint(os.path.join(a.out, "ckpt"), "{step}", every_n_train_steps=1, save_top_k=-1)
+            callbacks.append(ckpt)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=a.devices,
+            strategy=a.strategy,
+            max_steps=13,
+            max_epochs=-1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=ckpt_path is None,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            callbacks=callbacks,
+            use_distributed_sampler=False,
+        )
+        trainer.fit(model, ckpt_path=ckpt_path)
+        params = dict(model.named_parameters())
+        return {
+            "masks": {n: m.cpu() for n, m in pruner._masks.items()},
+            "weights": {n: p.detach().cpu() for n, p in params.items()},
+            "seen": seen,
+            "steps": [r["global_step"] for r in pruner.history],
+            "rank": trainer.global_rank,
+        }
+
+    runs = {"ref": run()}
+    for step in (3, 4, 5):
+        runs[step] = run(os.path.join(a.out, "ckpt", f"step={step}.ckpt"))
+    torch.save(runs, os.path.join(a.out, f"rank{runs['ref']['rank']}.pt"))
+
+
 def exit_cleanly() -> None:
     """Wait until every rank has written its file, then leave without interpreter finalization.
 
@@ -129,7 +209,10 @@ def main() -> None:
     p.add_argument("--chaos", action="store_true")
     p.add_argument("--resume", default=None)
     p.add_argument("--strategy", default="ddp")
+    p.add_argument("--window-resume", action="store_true")
     a = p.parse_args()
+    if a.window_resume:
+        return window_resume(a)
     pl.seed_everything(0, verbose=False)
     model = OrderedTinyNet(batch_size=a.batch, lr=a.lr, n=256)
     pruner = METHODS[a.method](a)

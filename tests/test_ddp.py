@@ -75,6 +75,29 @@ def test_resume_under_ddp(tmp_path):
         assert torch.equal(a["masks"][name], b["masks"][name]), name
 
 
+def test_resume_inside_a_capture_window_under_ddp(tmp_path):
+    """Checkpoints after 1, 2 and 3 of a window's 4 batches: rank 0's checkpoint carries both ranks' partial
+    sums and kept batches, and each resumed run gives every rank the uninterrupted round (one job, 4 fits)."""
+    job(tmp_path, "--devices", "2", "--window-resume")
+    for rank in (0, 1):
+        runs = load(tmp_path, rank)
+        ref = runs["ref"]
+        assert ref["rank"] == rank and ref["steps"] == [6, 12] and [len(b) for b, _ in ref["seen"]] == [4, 4]
+        for step in (3, 4, 5):
+            got = runs[step]
+            assert got["steps"] == ref["steps"], step
+            for (batches, stats), (ref_batches, ref_stats) in zip(got["seen"], ref["seen"], strict=True):
+                assert len(batches) == len(ref_batches) and all(map(torch.equal, batches, ref_batches)), (rank, step)
+                for a, b in zip(stats, ref_stats, strict=True):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            for name, mask in ref["masks"].items():
+                assert torch.equal(got["masks"][name], mask), (rank, step, name)
+            for name, w in ref["weights"].items():
+                torch.testing.assert_close(got["weights"][name], w, rtol=0, atol=1e-6, msg=name)
+    r0, r1 = load(tmp_path, 0)["ref"]["seen"][0][0], load(tmp_path, 1)["ref"]["seen"][0][0]
+    assert not torch.equal(r0[0], r1[0])  # the ranks keep different batches: each got its own back
+
+
 def test_sharding_strategies_are_refused_with_the_supported_list():
     from types import SimpleNamespace
 

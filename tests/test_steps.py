@@ -41,7 +41,7 @@ class ResumableLoader:
         return {"pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
-        self.start = state["pos"]
+        self.start = state["pos"] % len(self.items)  # after an epoch's last batch: the next epoch from its first
 
 
 class Stream(IterableDataset):

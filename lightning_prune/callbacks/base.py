@@ -14,11 +14,13 @@ This class only translates the training loop into it:
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -30,6 +32,7 @@ from lightning_prune.calibration import Calibration, RoundInterrupted, batch_siz
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
 from lightning_prune.capture import compiled_parts
+from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.pruner import Pruner, is_pruning_state
 from lightning_prune.round import run_round
@@ -52,6 +55,9 @@ class PruningCallback(Pruner, Callback):
         self._nonfinite_step = False  # this batch's step was left out of the statistics
         self._skipped_batches = 0  # window batches left out for a non-finite loss (criteria without hooks)
         self._batches: deque[Any] = deque()
+        self._window_point: int | None = None  # the round the open window belongs to
+        self._window_comm: StrategyCollectives | None = None  # the open window's ranks (for its checkpoint)
+        self._restored_window: dict[str, Any] | None = None  # a checkpoint's open window, continued at train start
         self._step_hooks: list[Any] = []
         self._warned: set[str] = set()
         self._gradients_checked = True
@@ -179,28 +185,37 @@ class PruningCallback(Pruner, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._collecting or not self._window_opens(trainer, batch_idx):
+        if self._collecting or (point := self._upcoming_round(trainer)) is None:
             return
-        self._collecting, self._skipped_batches = True, 0
+        if not self._window_opens(trainer, point, batch_idx):
+            return
+        self._collecting, self._skipped_batches, self._window_point = True, 0, point
+        self._window_comm = StrategyCollectives(trainer.strategy)
         self._batches = deque(maxlen=self.window_length)
-        estimator = self.criterion.make_estimator(
-            self.targets, StrategyCollectives(trainer.strategy), self.window_length
-        )
-        if estimator is not None and self.criterion.captures_in_window:  # else: a pass at round time
+        estimator = self._window_estimator(trainer)
+        if estimator is not None:
             self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
             self._window.open()
 
-    def _window_opens(self, trainer: pl.Trainer, batch_idx: int) -> bool:
-        """Whether this batch is one of the last ``window_length`` before the next round."""
+    def _window_estimator(self, trainer: pl.Trainer) -> Estimator | None:
+        """A fresh estimator for a window that captures statistics; ``None`` when the round computes them."""
+        comm = StrategyCollectives(trainer.strategy)
+        estimator = self.criterion.make_estimator(self.targets, comm, self.window_length)
+        return estimator if self.criterion.captures_in_window else None  # else: a pass at round time
+
+    def _upcoming_round(self, trainer: pl.Trainer, epoch: int | None = None) -> int | None:
+        """The round the next capture window belongs to: this epoch's (or ``epoch``'s), or the next step round
+        (one that prunes)."""
         if self.schedule.unit == "epoch":
-            point = self.schedule.due(trainer.current_epoch, self._last_point)
-            return (
-                point is not None
-                and self.removes_something(self.schedule.sparsity_at(point))
-                and batch_idx >= self._epoch_window_start(trainer)
-            )
-        point = self.next_round()
-        return point is not None and self._batches_until(trainer, point, batch_idx) <= self.window_length
+            point = self.schedule.due(trainer.current_epoch if epoch is None else epoch, self._last_point)
+            return point if point is not None and self.removes_something(self.schedule.sparsity_at(point)) else None
+        return self.next_round()
+
+    def _window_opens(self, trainer: pl.Trainer, point: int, batch_idx: int) -> bool:
+        """Whether this batch is one of the last ``window_length`` before the round at ``point``."""
+        if self.schedule.unit == "epoch":
+            return batch_idx >= self._epoch_window_start(trainer)
+        return self._batches_until(trainer, point, batch_idx) <= self.window_length
 
     def _epoch_window_start(self, trainer: pl.Trainer) -> int:
         n, length = trainer.num_training_batches, self.window_length
@@ -256,6 +271,126 @@ class PruningCallback(Pruner, Callback):
         if self.schedule.unit == "step" and (point := self.due(trainer.global_step)) is not None:
             self._round(trainer, pl_module, point)
 
+    # ================================================================ checkpoints inside a capture window
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`Pruner.state_dict`, plus the open capture window when the checkpoint is taken inside one.
+
+        Lightning calls this on every rank and saves rank 0's, so the window's partial sums are summed
+        over the ranks into it and every rank's kept batches are gathered into it (collectives that
+        every rank joins, as Lightning's checkpointing does).
+        """
+        state = Pruner.state_dict(self)
+        if self._collecting:
+            state["window"] = self._window_state()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        window = state.pop("window", None) if isinstance(state, dict) else None
+        Pruner.load_state_dict(self, state)
+        self._restored_window = window  # continued at train start (dropped at teardown if no training follows)
+
+    def _window_state(self) -> dict[str, Any]:
+        """The open window: its round, statistics (summed over ranks), skipped counts and every rank's kept
+        batches (on the CPU, oldest first)."""
+        comm = self._window_comm
+        assert comm is not None  # set whenever a window opens
+        stats = self._window.estimator.state_dict(summed=True) if self._window is not None else None
+        skipped = torch.tensor([float(self._skipped_batches)], dtype=torch.float64, device=self.targets[0].param.device)
+        comm.all_reduce_sum_([skipped])
+        mine = [move_data_to_device(b, torch.device("cpu")) for b in self._batches]
+        if mine and (kind := _not_weights_only(mine)):
+            self._warn_once(
+                "weights_only",
+                f"{type(self).__name__} checkpoints the open capture window with its kept batches, which hold a "
+                f"{kind}: torch.load(weights_only=True), what fit(ckpt_path=...) uses by default, refuses it. Resume "
+                f"with trainer.fit(..., weights_only=False) (trusted checkpoints only) or register the type with "
+                "torch.serialization.add_safe_globals",
+            )
+        return {
+            "version": WINDOW_STATE_VERSION,
+            "unit": self.schedule.unit,
+            "point": self._window_point,
+            "window_length": self.window_length,
+            "criterion": self.criterion.name,
+            "world_size": comm.world_size,
+            "statistics": stats,
+            "skipped": int(skipped.item()),
+            "batches": comm.all_gather_object(mine),  # one list per rank
+        }
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state, self._restored_window = self._restored_window, None
+        if state is not None:
+            self._resume_window(trainer, pl_module, state)
+
+    def _resume_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]) -> None:
+        """Continue a checkpoint's open window where it stopped; a window this run cannot continue exactly
+        (another round, layout or world size) is dropped with the reason, never mixed into a round."""
+        rank, estimator, batches, why = trainer.global_rank, None, [], None
+        try:
+            why = self._window_mismatch(trainer, state)
+            if why is None:
+                estimator = self._window_estimator(trainer)
+                if (estimator is None) != (state["statistics"] is None):
+                    when = "at round time" if estimator is None else "in the window"
+                    why = f"this run's criterion computes its statistics {when}"
+                elif estimator is not None:
+                    estimator.load_state_dict(state["statistics"], sums=rank == 0)  # rank 0 holds the ranks' sums
+                batches = list(state["batches"][rank])
+        except ValueError as err:  # the estimator's refusal: another layout
+            why = str(err)
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            why = f"it cannot be read ({type(err).__name__}: {err}; corrupted or hand-edited)"
+        if why is not None:
+            where = f"{state.get('unit')} {state.get('point')}" if isinstance(state, dict) else "?"
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint was taken inside the capture window of the round at {where}, "
+                f"and {why}; that window's statistics and kept batches are dropped, so its round uses only the "
+                "batches trained after the resume"
+            )
+            return
+        self._collecting, self._window_point = True, int(state["point"])
+        self._window_comm = StrategyCollectives(trainer.strategy)
+        self._skipped_batches = int(state["skipped"]) if rank == 0 else 0  # summed over ranks, like the statistics
+        device = trainer.strategy.root_device
+        self._batches = deque((move_data_to_device(b, device) for b in batches), maxlen=self.window_length)
+        if estimator is not None:
+            self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
+            self._window.open()
+        if self._late_epoch_round(trainer, self._window_point):
+            self._round(trainer, pl_module, self._window_point, epoch=self._window_point)  # the record: its epoch
+
+    def _late_epoch_round(self, trainer: pl.Trainer, point: int) -> bool:
+        """Whether ``point`` is the round of the epoch before this one, not run yet: Lightning resumes a
+        checkpoint taken after an epoch's last batch at the next epoch, without that epoch's end hooks."""
+        last = trainer.current_epoch - 1
+        return self.schedule.unit == "epoch" and point == last and self._upcoming_round(trainer, epoch=last) == point
+
+    def _window_mismatch(self, trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
+        """Why this run cannot continue the checkpointed window, or ``None``."""
+        if state["version"] != WINDOW_STATE_VERSION:
+            return f"its format (version {state['version']!r}) is not this version's ({WINDOW_STATE_VERSION})"
+        upcoming = self._upcoming_round(trainer)
+        if state["unit"] != self.schedule.unit or (
+            state["point"] != upcoming and not self._late_epoch_round(trainer, state["point"])
+        ):
+            return f"this run's next round is at {self.schedule.unit} {upcoming} (its schedule differs)"
+        if state["window_length"] != self.window_length:
+            spans = f"{state['window_length']} batches and this run's windows {self.window_length}"
+            return f"it spans {spans} (num_batches)"
+        if state["criterion"] != self.criterion.name:
+            return f"it was collected for criterion {state['criterion']!r}, this run prunes by {self.criterion.name!r}"
+        if state["world_size"] != trainer.world_size:
+            return (
+                f"it was taken on {state['world_size']} ranks and this run has {trainer.world_size} (the kept batches "
+                "and the statistics' shares belong to the ranks of that run)"
+            )
+        return None
+
     # ================================================================ frozen weights
     @override
     def on_before_optimizer_step(
@@ -294,7 +429,7 @@ class PruningCallback(Pruner, Callback):
             self._round(trainer, pl_module, point)
 
     # ================================================================ the round
-    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int) -> None:
+    def _round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, point: int, epoch: int | None = None) -> None:
         calib = Calibration(
             pl_module,
             self.loss_fn,
@@ -305,7 +440,7 @@ class PruningCallback(Pruner, Callback):
         if calib.source is None:
             self._warn_once("loss", "manual optimization without `loss_fn`: actual loss increase is not measured")
         window, batches = self._window, list(self._batches)
-        self._window, self._collecting = None, False
+        self._window, self._collecting, self._window_point = None, False, None
         self._batches.clear()
         try:
             record = self._run_round(trainer, pl_module, calib, window, batches, point)
@@ -337,7 +472,7 @@ class PruningCallback(Pruner, Callback):
             trigger=self.schedule.unit,
             skipped=self._skipped_batches,
             point=point,
-            epoch=trainer.current_epoch,
+            epoch=trainer.current_epoch if epoch is None else epoch,
             global_step=trainer.global_step,
             monitor=_scalars(trainer.callback_metrics),
             source=f"the capture window (the last num_batches={self.window_length} training batches before the round)",
@@ -388,7 +523,7 @@ class PruningCallback(Pruner, Callback):
         if self._window is not None:
             self._window.discard()
             self._window = None
-        self._collecting = False
+        self._collecting, self._window_point, self._restored_window = False, None, None
         self._batches.clear()
 
     @override
@@ -404,6 +539,7 @@ class PruningCallback(Pruner, Callback):
 
 
 ROUND_SHARE = 0.25  # of the training work between two rounds that OBS's solver="auto" may spend
+WINDOW_STATE_VERSION = 1  # the format of a checkpointed open window (PruningCallback.state_dict()["window"])
 
 
 def loss_scaling(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[int, float | None]:
@@ -412,6 +548,23 @@ def loss_scaling(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[in
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
     return (trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1), scale
+
+
+_PLAIN = (Tensor, int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _not_weights_only(obj: Any) -> str | None:
+    """The first type in ``obj`` that ``torch.load(weights_only=True)`` does not load (a named tuple, a dict
+    subclass such as transformers' ``BatchEncoding``), or ``None``."""
+    if isinstance(obj, _PLAIN):
+        return None
+    if type(obj) in (dict, OrderedDict):
+        items = [*obj.keys(), *obj.values()]
+    elif type(obj) in (list, tuple, set):
+        items = list(obj)
+    else:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    return next((kind for item in items if (kind := _not_weights_only(item))), None)
 
 
 def _scalars(metrics: Any) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -86,3 +87,10 @@ class StrategyCollectives(Collectives):
             return value
         t = torch.tensor([value], dtype=torch.float64, device=device)
         return float(self.strategy.reduce(t, reduce_op="mean"))
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out

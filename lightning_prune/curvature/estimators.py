@@ -24,7 +24,8 @@ Per-layer inputs are rows ``x: (N, T, d_in)`` and per-sample output gradients
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,6 +55,44 @@ def add_sum_sq_per_sample_grads_(out: Tensor, x: Tensor, g: Tensor) -> None:
         return
     for xc, gc in _chunks(x, g):
         out += (per_sample_grads(xc, gc) ** 2).sum(0)
+
+
+def _is_parts(value: Any) -> bool:
+    """A dict of nested estimators (``Composite.parts``)."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, Estimator) for v in value.values())
+
+
+def _tensors(value: Any) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, dict) and not _is_parts(value):
+        return list(value.values())
+    return []
+
+
+def _tag(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return "tensor"
+    if isinstance(value, Estimator):
+        return "estimator"
+    return "estimators" if _is_parts(value) else "layers"
+
+
+def _field(field: Any, key: str, refuse: Any) -> tuple[str, Any]:
+    if not isinstance(field, (tuple, list)) or len(field) != 2:
+        raise refuse(f"{key!r} is {type(field).__name__}, not a (kind, value) pair: corrupted or hand-edited")
+    return field[0], field[1]
+
+
+def _check_tensor(saved: Any, into: Tensor, key: str, refuse: Any) -> None:
+    if not isinstance(saved, Tensor) or saved.shape != into.shape or saved.dtype != into.dtype:
+        what = f"{saved.dtype} {tuple(saved.shape)}" if isinstance(saved, Tensor) else type(saved).__name__
+        raise refuse(f"{key} is {what}, this estimator has {into.dtype} {tuple(into.shape)}")
+
+
+def _copy(into: Tensor, src: Tensor) -> None:
+    with torch.no_grad():
+        into.copy_(src)
 
 
 class Estimator:
@@ -109,6 +148,152 @@ class Estimator:
 
     def seen(self, name: str) -> bool:
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpointing an open window
+    def pending(self) -> list[Tensor]:
+        """The sums this rank has not all-reduced with the other ranks yet (by default: all of :meth:`tensors`)."""
+        return self.tensors()
+
+    def state_dict(self, *, summed: bool = False) -> dict[str, Any]:
+        """The statistics so far as CPU copies, to continue a capture window after a resume.
+
+        Found generically (as in :meth:`nonfinite_layers`): every tensor attribute, every per-layer
+        ``{target name: tensor}`` dict and every nested estimator, with the scalar settings that fix
+        their layout and the batch counts, so a new estimator checkpoints without code of its own.
+        ``summed=True`` sums the :meth:`pending` sums and ``skipped`` over the ranks (a collective: every
+        rank must call it), so one rank's state carries the statistics of all ranks' batches.
+        """
+        fields = self._statistics()
+        own = {id(t) for v in fields.values() for t in _tensors(v)}
+        pending = [t for t in self.pending() if id(t) in own]  # nested estimators sum their own
+        device = next(iter(self.targets.values())).param.device  # where the backend reduces (NCCL: the GPU)
+        skipped = torch.tensor([float(self.skipped)], dtype=torch.float64, device=device)
+        reduced: dict[int, Tensor] = {}
+        if summed and self.comm.world_size > 1:
+            copies = [t.clone() for t in pending]
+            self.comm.all_reduce_sum_([*copies, skipped])
+            reduced = {id(t): c for t, c in zip(pending, copies)}
+
+        def cpu(t: Tensor) -> Tensor:
+            return reduced.get(id(t), t).detach().to("cpu", copy=True)
+
+        out: dict[str, Any] = {}
+        for key, value in fields.items():
+            if isinstance(value, Tensor):
+                out[key] = (_tag(value), cpu(value))
+            elif isinstance(value, Estimator):
+                out[key] = (_tag(value), value.state_dict(summed=summed))
+            elif _is_parts(value):
+                out[key] = (_tag(value), {k: v.state_dict(summed=summed) for k, v in value.items()})
+            else:
+                out[key] = (_tag(value), {n: cpu(t) for n, t in value.items()})
+        return {
+            "kind": self.name,
+            "settings": self._settings(),
+            "batches": self.batches,
+            "skipped": int(skipped.item()),
+            "fields": out,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, sums: bool = True) -> None:
+        """Continue from :meth:`state_dict`, into a fresh estimator made for the same window.
+
+        ``sums=False`` loads everything but leaves the :meth:`pending` sums and ``skipped`` at zero:
+        what a rank other than 0 does under DDP, whose share the checkpoint (rank 0's state, summed over
+        ranks) already holds, so the round's all-reduce gives the same totals. Another estimator's
+        state, or one of another layout (targets, shapes, settings), raises ``ValueError`` naming the
+        difference before anything is changed.
+        """
+        for apply in self._load_plan(state, "the checkpointed statistics"):
+            apply()
+        if not sums:
+            with torch.no_grad():
+                for t in self.pending():
+                    t.zero_()
+            self._zero_skipped()
+
+    def _statistics(self) -> dict[str, Any]:
+        """The attributes that hold statistics: tensors, per-layer tensor dicts, nested estimators."""
+        names = set(self.targets)
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if key in ("targets", "comm"):
+                continue
+            if isinstance(value, (Tensor, Estimator)) or (
+                isinstance(value, dict)
+                and (_is_parts(value) or (set(value) <= names and all(isinstance(v, Tensor) for v in value.values())))
+            ):
+                out[key] = value
+        return out
+
+    def _settings(self) -> dict[str, Any]:
+        """Scalar attributes (``diagonal_only``, ``block_size``, ``phase_one``, ...): they fix the layout."""
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if isinstance(v, (bool, int, float, str)) and k not in ("batches", "skipped")
+        }
+
+    def _zero_skipped(self) -> None:
+        self.skipped = 0
+        for value in self._statistics().values():
+            for part in [value] if isinstance(value, Estimator) else value.values() if _is_parts(value) else []:
+                part._zero_skipped()
+
+    def _load_plan(self, state: Mapping[str, Any], where: str) -> list[Any]:
+        """Check ``state`` against this estimator; the assignments that load it (nothing changed yet)."""
+
+        def refuse(why: str) -> ValueError:
+            return ValueError(f"{where} do not fit this window's {self.name!r} estimator: {why}")
+
+        try:
+            kind, settings, fields = state["kind"], dict(state["settings"]), dict(state["fields"])
+            batches, skipped = int(state["batches"]), int(state["skipped"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{where} are corrupted or hand-edited ({type(err).__name__}: {err})") from err
+        if kind != self.name:
+            raise refuse(f"they are {kind!r} statistics")
+        if settings != self._settings():
+            raise refuse(f"settings {settings}, this estimator has {self._settings()}")
+        mine = self._statistics()
+        if set(fields) != set(mine):
+            raise refuse(f"fields {sorted(fields)}, this estimator has {sorted(mine)}")
+        plan: list[Any] = []
+        for key, value in mine.items():
+            tag, saved = _field(fields[key], key, refuse)
+            if tag != _tag(value):
+                raise refuse(f"{key!r} holds {tag!r}, this estimator {_tag(value)!r}")
+            if isinstance(value, Tensor):
+                _check_tensor(saved, value, repr(key), refuse)
+                plan.append(lambda into=value, src=saved: _copy(into, src))
+            elif isinstance(value, Estimator):
+                plan += value._load_plan(saved, f"{where}[{key!r}]")
+            elif _is_parts(value):
+                if not isinstance(saved, Mapping) or set(saved) != set(value):
+                    raise refuse(f"{key!r} holds parts {sorted(saved)}, this estimator has {sorted(value)}")
+                for k, part in value.items():
+                    plan += part._load_plan(saved[k], f"{where}[{k!r}]")
+            else:
+                if not isinstance(saved, Mapping):
+                    raise refuse(f"{key!r} is not a per-layer dict")
+                if unknown := sorted(set(saved) - set(self.targets)):
+                    raise refuse(f"{key!r} holds layers {unknown[:5]} that are not this run's targets")
+                if value and set(saved) != set(value):  # filled from the start: the same layers
+                    raise refuse(f"{key!r} holds layers {sorted(saved)[:5]}, this estimator {sorted(value)[:5]}")
+                for n, src in saved.items():
+                    if n in value:
+                        _check_tensor(src, value[n], f"{key}[{n!r}]", refuse)
+                        plan.append(lambda into=value[n], src=src: _copy(into, src))
+                    elif isinstance(src, Tensor):  # filled during the window (EKFAC's eigenbases), as saved
+                        device = self.targets[n].param.device
+                        plan.append(lambda d=value, n=n, src=src, device=device: d.__setitem__(n, src.to(device)))
+                    else:
+                        raise refuse(f"{key}[{n!r}] is {type(src).__name__}, not a tensor")
+
+        def counts() -> None:
+            self.batches, self.skipped = batches, skipped
+
+        return [*plan, counts]
 
     def _shape(self, name: str, flat: Tensor) -> Tensor:
         """An ``(d_out, d_in)`` statistic (or its flattening) in the weight's own layout."""
@@ -337,6 +522,10 @@ class EKFAC(KFAC):
         # A and G were reduced at the phase switch; only the phase-two sums remain
         return [*self.S.values(), *self.s_count.values()]
 
+    def pending(self) -> list[Tensor]:
+        """Phase one: this rank's A and G (reduced at the switch); phase two: ``S`` and its counts."""
+        return self.tensors() if self.in_phase_two else super().tensors()
+
     def seen(self, name: str) -> bool:
         return name in self.s_count and bool(self.s_count[name] > 0)
 
@@ -370,6 +559,9 @@ class Composite(Estimator):
 
     def tensors(self) -> list[Tensor]:
         return [t for p in self.parts.values() for t in p.tensors()]
+
+    def pending(self) -> list[Tensor]:
+        return [t for p in self.parts.values() for t in p.pending()]
 
     def seen(self, name: str) -> bool:
         return all(p.seen(name) for p in self.parts.values())
