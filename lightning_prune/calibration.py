@@ -125,7 +125,7 @@ class BatchError(RuntimeError):
     which batch, and the batch's structure (the original exception is chained)."""
 
 
-def _never() -> bool:
+def never() -> bool:
     return False
 
 
@@ -217,7 +217,7 @@ class Calibration:
         self.forward_context, self.progress = forward_context, progress
         # checked before every batch of a pass (one process only: ranks may hold different batch counts,
         # so distributed rounds check between layers, together: RoundContext.check_interrupt)
-        self.should_stop: Callable[[], bool] = _never
+        self.should_stop: Callable[[], bool] = never
         if loss_fn is not None:
             self.source: str | None = "loss_fn"
         elif training_step and callable(getattr(model, "training_step", None)):

@@ -20,6 +20,7 @@ from lightning_prune.calibration import (
     Calibration,
     LossFn,
     move_to_device,
+    never,
     no_progress,
     tqdm_progress,
 )
@@ -65,6 +66,8 @@ def run_round(
     targets, criterion = pruner.targets, pruner.criterion
 
     round_index = len(pruner.history)
+    if should_stop is not None and comm.world_size == 1:  # between the batches of the round's passes, until the commit
+        calib.should_stop = should_stop
     # a round with nothing to remove (target=0, or masks already there) leaves every weight as it is:
     # no statistics, no criterion (OBS would refit the weights it keeps), no commit
     idle = not pruner.removes_something(sparsity)
@@ -116,9 +119,6 @@ def run_round(
         reference=saved or None,
         should_stop=should_stop,
     )
-    own_stop = calib.should_stop
-    if should_stop is not None and comm.world_size == 1:
-        calib.should_stop = should_stop  # also between the batches of the criterion's passes
     try:
         result = RoundResult(before, 0.0, info={"idle": True}) if idle else criterion.prune(ctx)
     except BaseException:
@@ -128,7 +128,7 @@ def run_round(
                     t.local_param.copy_(saved[t.name])
         raise
     finally:
-        calib.should_stop = own_stop
+        calib.should_stop = never  # from here on the round completes: its masks are committed
     del saved
     ctx.reference = None
 

@@ -243,15 +243,16 @@ def _targets(width: int = 5):
 
 
 def _stream(targets, rank: int = 0):
-    """Per batch and layer: rows ``x (N, T, d_in)`` and gradients ``g (N, T, d_out)`` (a rank's own data)."""
+    """Per batch and layer: rows ``x (N, T, d_in)`` and gradients ``g (N, T, d_out)`` (a rank's own data).
+
+    Each feature has its own scale, so the second moments have well separated eigenvalues: EKFAC's
+    eigenbases are then determined by them, not by the order of float32 additions."""
     g = torch.Generator().manual_seed(100 + rank)
-    return [
-        {
-            t.name: (torch.randn(5, 2, t.shape2d[1], generator=g), torch.randn(5, 2, t.shape2d[0], generator=g))
-            for t in targets
-        }
-        for _ in range(BATCHES)
-    ]
+
+    def rows(d: int) -> torch.Tensor:
+        return torch.randn(5, 2, d, generator=g) * 2.0 ** torch.arange(d)
+
+    return [{t.name: (rows(t.shape2d[1]), rows(t.shape2d[0])) for t in targets} for _ in range(BATCHES)]
 
 
 def _feed(est, batches) -> None:
@@ -441,3 +442,41 @@ def test_two_ranks_resume_to_the_totals_of_the_uninterrupted_window(kind, stop):
         for key, value in b.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["obs_layerwise", "obd_exact"])
+def test_a_round_stopped_by_sigterm_resumes_exactly_from_the_checkpoint_saved_on_the_exception(tmp_path, name):
+    """SIGTERM arrives inside the round at step 6: the round stops with every weight restored, Lightning's
+    on-exception checkpoint carries the round's window, and the resumed run runs that round first, with
+    the same batches and statistics, ending where the uninterrupted run ends."""
+    import os
+    import signal
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    ref = _run(tmp_path / "ref", name, 1)
+    kw = dict(start_step=ROUNDS[0], every_n_steps=ROUNDS[1] - ROUNDS[0], end_step=ROUNDS[1])
+    pruner = PRUNERS[name]({**kw, "num_batches": WINDOW, "verbose": 0})
+    # layer-wise OBS: the signal arrives as the solves start; the exact Fisher: as its pass over the batches starts
+    where = "prune" if name == "obs_layerwise" else "collect"
+    inner = getattr(pruner.criterion, where)
+
+    def interrupted(*args, **kwargs):
+        if not pruner.history:
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler sets trainer.received_sigterm
+        return inner(*args, **kwargs)
+
+    setattr(pruner.criterion, where, interrupted)
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "stop", filename="stopped", save_on_exception=True, save_top_k=0)
+    trainer = make_trainer(
+        tmp_path / "stop", callbacks=[pruner, ckpt], enable_checkpointing=True, max_steps=ROUNDS[1] + 1, max_epochs=-1
+    )
+    with pytest.raises(SIGTERMException):
+        trainer.fit(Net(optimizer="adam", lr=0.02))
+    assert not pruner.history
+    (saved,) = list((tmp_path / "stop").glob("*.ckpt"))
+    state = torch.load(saved, weights_only=False)["callbacks"][type(pruner).__name__]
+    assert state["window"]["point"] == ROUNDS[0] and len(state["window"]["batches"][0]) == WINDOW
+    got = _run(tmp_path / "resumed", name, 1, ckpt_path=saved)
+    _same(ref, got, "global_step", ROUNDS)

@@ -76,6 +76,7 @@ class PruningCallback(Pruner, Callback):
             return
         check_strategy(trainer)
         self._name_parameters(pl_module)  # the state key is needed before on_fit_start, to restore
+        self.teardown(trainer, pl_module, stage)  # what a failed fit left (on_exception keeps it for its checkpoint)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -361,14 +362,19 @@ class PruningCallback(Pruner, Callback):
         if estimator is not None:
             self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
             self._window.open()
-        if self._late_epoch_round(trainer, self._window_point):
-            self._round(trainer, pl_module, self._window_point, epoch=self._window_point)  # the record: its epoch
+        if self._late_round(trainer, self._window_point):
+            epoch = self._window_point if self.schedule.unit == "epoch" else None  # the record: its epoch
+            self._round(trainer, pl_module, self._window_point, epoch=epoch)
 
-    def _late_epoch_round(self, trainer: pl.Trainer, point: int) -> bool:
-        """Whether ``point`` is the round of the epoch before this one, not run yet: Lightning resumes a
-        checkpoint taken after an epoch's last batch at the next epoch, without that epoch's end hooks."""
+    def _late_round(self, trainer: pl.Trainer, point: int) -> bool:
+        """Whether the round at ``point`` is due already and has not run: a step round whose step the
+        checkpoint had reached (a round interrupted by SIGTERM, saved on the exception), or the round of
+        the epoch before this one (Lightning resumes a checkpoint taken after an epoch's last batch at the
+        next epoch, without that epoch's end hooks). It runs at train start, before any training."""
+        if self.schedule.unit == "step":
+            return point <= trainer.global_step and self.next_round() == point
         last = trainer.current_epoch - 1
-        return self.schedule.unit == "epoch" and point == last and self._upcoming_round(trainer, epoch=last) == point
+        return point == last and self._upcoming_round(trainer, epoch=last) == point
 
     def _window_mismatch(self, trainer: pl.Trainer, state: dict[str, Any]) -> str | None:
         """Why this run cannot continue the checkpointed window, or ``None``."""
@@ -376,7 +382,7 @@ class PruningCallback(Pruner, Callback):
             return f"its format (version {state['version']!r}) is not this version's ({WINDOW_STATE_VERSION})"
         upcoming = self._upcoming_round(trainer)
         if state["unit"] != self.schedule.unit or (
-            state["point"] != upcoming and not self._late_epoch_round(trainer, state["point"])
+            state["point"] != upcoming and not self._late_round(trainer, state["point"])
         ):
             return f"this run's next round is at {self.schedule.unit} {upcoming} (its schedule differs)"
         if state["window_length"] != self.window_length:
@@ -443,8 +449,12 @@ class PruningCallback(Pruner, Callback):
         self._window, self._collecting, self._window_point = None, False, None
         self._batches.clear()
         try:
-            record = self._run_round(trainer, pl_module, calib, window, batches, point)
-        except RoundInterrupted as stop:  # weights restored, masks unchanged: Lightning's own SIGTERM exit
+            record = self._run_round(trainer, pl_module, calib, window, batches, point, epoch)
+        except RoundInterrupted as stop:
+            # weights restored, masks unchanged: the round's window (its statistics, already summed over
+            # ranks, and batches) stays, so a checkpoint saved on this exception resumes the round exactly
+            self._window, self._collecting, self._window_point = window, True, point
+            self._batches = deque(batches, maxlen=self.window_length)
             raise SIGTERMException(str(stop)) from stop
         log_round(trainer, record, self.history)
         if self.verbose >= 1:
@@ -460,6 +470,7 @@ class PruningCallback(Pruner, Callback):
         window: CaptureWindow | None,
         batches: list[Any],
         point: int,
+        epoch: int | None,
     ) -> dict[str, Any]:
         return run_round(
             self,
@@ -528,9 +539,14 @@ class PruningCallback(Pruner, Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # Lightning skips teardown when fit fails: an open window's hooks (and eager mode for
-        # compiled code) must not outlive the failed fit
-        self.teardown(trainer, pl_module, "fit")
+        # Lightning skips teardown when fit fails: an open window's hooks (and eager mode for compiled
+        # code) must not outlive the failed fit. Its statistics and batches stay until the next fit, so
+        # a checkpoint saved on the exception (checkpoint callbacks run after this one) carries them.
+        for handle in self._step_hooks:
+            handle.remove()
+        self._step_hooks.clear()
+        if self._window is not None:
+            self._window.capture.detach()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -111,6 +111,7 @@ class Estimator:
         self.comm = comm
         self.batches = 0  # window batches folded in (this rank)
         self.skipped = 0  # batches dropped because their inputs or gradients were not finite (this rank)
+        self.reduced = False  # all-reduced: every rank holds the totals (a round interrupted after its window)
 
     def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         raise NotImplementedError
@@ -124,6 +125,7 @@ class Estimator:
 
     def reduce_(self) -> None:
         self.comm.all_reduce_sum_(self.tensors())
+        self.reduced = True
 
     def nonfinite_layers(self) -> list[str]:
         """Layers with a NaN/inf in any of their statistics.
@@ -163,6 +165,7 @@ class Estimator:
         ``summed=True`` sums the :meth:`pending` sums and ``skipped`` over the ranks (a collective: every
         rank must call it), so one rank's state carries the statistics of all ranks' batches.
         """
+        summed = summed and not self.reduced  # reduced sums are totals already, on every rank
         fields = self._statistics()
         own = {id(t) for v in fields.values() for t in _tensors(v)}
         pending = [t for t in self.pending() if id(t) in own]  # nested estimators sum their own
@@ -231,7 +234,7 @@ class Estimator:
         return {
             k: v
             for k, v in vars(self).items()
-            if isinstance(v, (bool, int, float, str)) and k not in ("batches", "skipped")
+            if isinstance(v, (bool, int, float, str)) and k not in ("batches", "skipped", "reduced")
         }
 
     def _zero_skipped(self) -> None:
@@ -285,8 +288,9 @@ class Estimator:
                         _check_tensor(src, value[n], f"{key}[{n!r}]", refuse)
                         plan.append(lambda into=value[n], src=src: _copy(into, src))
                     elif isinstance(src, Tensor):  # filled during the window (EKFAC's eigenbases), as saved
-                        device = self.targets[n].param.device
-                        plan.append(lambda d=value, n=n, src=src, device=device: d.__setitem__(n, src.to(device)))
+                        # a copy: the estimator adds into it, and must not into the checkpoint's tensor
+                        own = src.to(self.targets[n].param.device, copy=True)
+                        plan.append(lambda d=value, n=n, own=own: d.__setitem__(n, own))
                     else:
                         raise refuse(f"{key}[{n!r}] is {type(src).__name__}, not a tensor")
 
