@@ -238,9 +238,10 @@ class Pruner:
     def bind(self, model: nn.Module) -> None:
         """Resolve the targets on ``model``; restore masks (checkpoint, earlier round) and freeze them.
 
-        Raises before any work if nothing matches, the criterion cannot handle a target, or the
-        target sparsity is unreachable under the per-layer floor.
+        Raises before any work if the model has weights on the meta device, nothing matches, the
+        criterion cannot handle a target, or the target sparsity is unreachable under the per-layer floor.
         """
+        _check_materialised(model, type(self).__name__)
         skipped: list[tuple[str, str]] = []
         targets = resolve_targets(model, self.include, self.exclude, self._parameters, skipped)
         if skipped and skipped != self._skipped:
@@ -458,6 +459,20 @@ def _crc(packed: Mapping[str, Any]) -> int:
     """Checksum of a packed mask: its shape and its bits."""
     shape = ",".join(str(int(d)) for d in packed["shape"])  # type: ignore[union-attr]
     return zlib.crc32(packed["bits"].numpy().tobytes(), zlib.crc32(shape.encode()))  # type: ignore[union-attr]
+
+
+def _check_materialised(model: nn.Module, who: str) -> None:
+    """Meta tensors have shapes but no values: nothing can be scored, calibrated or masked on them,
+    and torch's own error (``Tensor.item() cannot be called on meta tensors``) names no tensor."""
+    names = [n for n, p in model.named_parameters() if p.is_meta]
+    names += [n for n, b in model.named_buffers() if b.is_meta]
+    if names:
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"{who}: {type(model).__name__} has {len(names)} parameters/buffers on the meta device (shapes, no "
+            f"values): {listed}. Materialise the weights before pruning, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict) (or initialise them)"
+        )
 
 
 def _restore_masks(packed: Mapping[str, Any], targets: Sequence[PruneTarget]) -> dict[str, Tensor]:

@@ -283,6 +283,31 @@ def test_prune_arguments_and_short_data():
         prune(sequential(), [], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
 
 
+@pytest.mark.parametrize("name", ["magnitude", "obs-exact"])
+def test_a_model_on_the_meta_device_is_refused_naming_its_tensors_and_the_remedy(name):
+    with torch.device("meta"):
+        model = sequential()
+    with pytest.raises(
+        ValueError,
+        match=r"Sequential has 6 parameters/buffers on the meta device \(shapes, no values\): "
+        r"0.weight, 0.bias, 2.weight, 2.bias, 4.weight, \.\.\.\. Materialise .*to_empty",
+    ):
+        prune(model, loader(), CRITERIA[name](), loss_fn=ce)
+    model.to_empty(device="cpu")  # what the message says: materialise, then load the weights
+    model.load_state_dict(sequential().state_dict())
+    assert prune(model, loader(), CRITERIA[name](), loss_fn=ce)["sparsity"] == pytest.approx(0.6, abs=1e-2)
+
+
+def test_a_callback_binding_a_partly_meta_model_names_the_meta_tensors():
+    """A callback binds the model at fit start (``Pruner.bind``); one layer left on meta is named."""
+    model = sequential()
+    model[2] = nn.Linear(32, 32, device="meta")  # e.g. a partial load
+    pruner = OBSPruning(0.5, verbose=0)
+    with pytest.raises(ValueError, match=r"OBSPruning: Sequential has 2 parameters.*: 2.weight, 2.bias\. Materialise"):
+        pruner.bind(model)
+    assert pruner.masks == {}  # nothing bound
+
+
 @pytest.mark.slow
 def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path):
     """Two gloo processes, each with half of every batch: identical masks and weights on both ranks,
