@@ -59,7 +59,8 @@ class Pruner:
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).
         min_density: floor per layer; each keeps ``max(1, ceil(min_density * numel))`` weights.
-        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses.
+        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses
+            (magnitude uses none, and keeps only ``min(num_batches, eval_batches)`` for the loss).
         eval_batches: how many of the round's last batches measure the actual loss increase
             (at most ``num_batches``; 0 disables the measurement).
         loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a

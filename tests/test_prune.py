@@ -106,6 +106,27 @@ def test_label_free_criteria_need_no_loss(name):
     assert record["loss_before"] != record["loss_before"]  # NaN: no loss to measure
 
 
+@pytest.mark.parametrize("num_batches, kept", [(3, 3), (32, 8)])
+def test_magnitude_num_batches_is_the_batches_a_round_keeps_capped_by_eval_batches(num_batches, kept):
+    """``MagnitudePruning(num_batches=...)`` as for every criterion: the round's batches, which for
+    magnitude only measure the loss, so no more than ``eval_batches`` (8) are kept."""
+    model, batches = sequential(), list(loader(batch_size=16))  # 16 batches
+    pruner = MagnitudePruning(0.5, num_batches=num_batches, verbose=0)
+    assert pruner.window_length == kept
+    with torch.no_grad():
+        expected = float(sum(ce(model, b) for b in batches[:kept]) / kept)
+    taken = []
+    record = prune(model, (taken.append(b) or b for b in batches), pruner, loss_fn=ce)
+    assert len(taken) == kept and record["loss_before"] == pytest.approx(expected, rel=1e-6)
+    # as a callback: the loss before and after the round each read the last `kept` training batches
+    calls = []
+    callback = MagnitudePruning(
+        0.5, schedule="one_shot", num_batches=num_batches, verbose=0, loss_fn=lambda m, b: calls.append(1) or ce(m, b)
+    )
+    make_trainer(max_epochs=1, callbacks=[callback], limit_val_batches=0).fit(TinyNet(n=512, batch_size=32))
+    assert len(calls) == 2 * kept
+
+
 @pytest.mark.parametrize(
     "make", [lambda: OBDPruning(0.5, num_batches=2, verbose=0), lambda: OBSPruning(0.5, num_batches=2, verbose=0)]
 )
