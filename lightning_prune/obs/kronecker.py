@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-DENSE_MAX = 4096  # the largest system formed explicitly: 4096^2 float64 entries, 128 MiB
+DENSE_MAX = 4096  # the largest system formed explicitly: 4096^2 float64 entries, 128 MiB (256 MiB while formed)
 CG_TOL = 1e-9  # relative residual norm at which conjugate gradients stop
 
 
