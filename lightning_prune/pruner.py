@@ -59,7 +59,8 @@ class Pruner:
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).
         min_density: floor per layer; each keeps ``max(1, ceil(min_density * numel))`` weights.
-        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses.
+        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses
+            (magnitude uses none, and keeps only ``min(num_batches, eval_batches)`` for the loss).
         eval_batches: how many of the round's last batches measure the actual loss increase
             (at most ``num_batches``; 0 disables the measurement).
         loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a
@@ -243,11 +244,12 @@ class Pruner:
         then ``fit``, a second ``fit``) follow them into any wrapper: a LightningModule around the
         model, ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer`` (frozen there, and still
         masked). Checkpointed masks find their parameters by name, or by a unique name suffix
-        (:func:`~lightning_prune.targets.match_names`). Raises before any work if nothing matches, a
-        checkpoint names other parameters than this pruner selects, the criterion cannot handle a
-        target, or the target sparsity is unreachable under the per-layer floor.
+        (:func:`~lightning_prune.targets.match_names`). Raises before any work if the model has
+        weights on the meta device, nothing matches, a checkpoint names other parameters than this
+        pruner selects, the criterion cannot handle a target, or the target sparsity is unreachable
+        under the per-layer floor.
         """
-        check_materialized(model)
+        _check_materialised(model, type(self).__name__)
         skipped: list[tuple[str, str]] = []
         previous = self._previous_targets(model)
         keeps_masks = bool(self._loaded) or (previous is not None and self._loaded is None)
@@ -527,16 +529,6 @@ def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:
     return sum(p for p, _ in units) / max(sum(n for _, n in units), 1)
 
 
-def check_materialized(model: nn.Module) -> None:
-    """Refuse a model whose parameters have no data (the ``meta`` device): nothing can be scored."""
-    if meta := [n for n, p in model.named_parameters() if p.device.type == "meta"]:
-        raise ValueError(
-            f"{type(model).__name__} has parameters on the 'meta' device, which hold no values: {meta[:5]}"
-            f"{' ...' if len(meta) > 5 else ''}. Materialise the weights before pruning (e.g. "
-            "model.to_empty(device='cpu') and load_state_dict, or from_pretrained without device_map='meta')"
-        )
-
-
 def is_pruning_state(state: Any) -> bool:
     """Whether a checkpoint entry looks like a pruner's :meth:`Pruner.state_dict`."""
     return isinstance(state, Mapping) and {"version", "masks", "history"} <= set(state)
@@ -546,6 +538,20 @@ def _crc(packed: Mapping[str, Any]) -> int:
     """Checksum of a packed mask: its shape and its bits."""
     shape = ",".join(str(int(d)) for d in packed["shape"])  # type: ignore[union-attr]
     return zlib.crc32(packed["bits"].numpy().tobytes(), zlib.crc32(shape.encode()))  # type: ignore[union-attr]
+
+
+def _check_materialised(model: nn.Module, who: str) -> None:
+    """Meta tensors have shapes but no values: nothing can be scored, calibrated or masked on them,
+    and torch's own error (``Tensor.item() cannot be called on meta tensors``) names no tensor."""
+    names = [n for n, p in model.named_parameters() if p.is_meta]
+    names += [n for n, b in model.named_buffers() if b.is_meta]
+    if names:
+        listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise ValueError(
+            f"{who}: {type(model).__name__} has {len(names)} parameters/buffers on the meta device (shapes, no "
+            f"values): {listed}. Materialise the weights before pruning, e.g. model.to_empty(device='cpu') then "
+            "model.load_state_dict(state_dict) (or initialise them)"
+        )
 
 
 def _unpack_masks(packed: Mapping[str, Any]) -> dict[str, Tensor]:

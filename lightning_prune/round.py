@@ -207,7 +207,7 @@ def prune(
             Face models with ``labels``). Magnitude and ``OBSPruning(allocation="reconstruction",
             scope="layer")`` need none; the other criteria refuse before any work without one.
         num_batches: calibration batches (default: the pruner's ``num_batches``, or for magnitude
-            its ``eval_batches``).
+            ``min(num_batches, eval_batches)``, the only batches it reads).
 
     Returns:
         The round's record (the fields of ``pruner.history[-1]``). The model is left pruned, with

@@ -17,7 +17,9 @@ loads into it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import numbers
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +132,27 @@ def _output(out: Any) -> Tensor:
     raise TypeError(f"shrink: cannot compare the model's output of type {type(out).__name__}; pass example_inputs=None")
 
 
+def _check_kept(name: str, kept: Any, size: int) -> None:
+    """``plan[name]`` must list distinct structure indices in ``0..size-1``, at least one: a repeated
+    index would duplicate a structure (a different model), and an empty family would leave layers
+    with no outputs or inputs."""
+    where = f"`plan[{name!r}]`"
+    if isinstance(kept, (str, bytes, Mapping)) or not isinstance(kept, Iterable):
+        raise ValueError(f"{where} must be a list of kept structure indices, got {kept!r}")
+    values = kept.tolist() if isinstance(kept, Tensor) else list(kept)
+    if bad := [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]:
+        raise ValueError(f"{where} must hold integer structure indices, got {bad[:5]}")
+    values = [int(v) for v in values]
+    if not values:
+        raise ValueError(
+            f"{where} keeps no structure of the {size}; every family keeps at least one (pruning's floor does)"
+        )
+    if outside := sorted({v for v in values if not 0 <= v < size}):
+        raise ValueError(f"{where} has indices {outside[:5]} outside 0..{size - 1}")
+    if repeated := sorted(v for v, n in Counter(values).items() if n > 1):
+        raise ValueError(f"{where} repeats indices {repeated[:5]}; each kept structure is listed once")
+
+
 @torch.no_grad()
 def _run(model: nn.Module, inputs: Any) -> Tensor:
     training = model.training
@@ -161,13 +184,20 @@ def shrink(
             original is untouched.
         plan: kept structures per family (``Shrunk.plan`` of an earlier call): rebuild a freshly
             built model to those shapes, whatever its weights, to load a small ``state_dict``.
+            Each listed family keeps at least one structure, each index once; a bad plan is refused
+            before anything changes.
         inplace: modify ``model`` itself (a pruning callback's masks then no longer fit it)
             instead of a deep copy.
     """
     families, notes = discover(model)
     by_name = {f.name: f for f in families}
-    if plan is not None and (unknown := sorted(set(plan) - set(by_name))):
-        raise ValueError(f"`plan` names families {unknown[:5]} that {type(model).__name__} does not have")
+    if plan is not None:
+        if not isinstance(plan, Mapping):
+            raise ValueError(f"`plan` must map family names to kept structure indices (Shrunk.plan), got {plan!r}")
+        if unknown := sorted(set(plan) - set(by_name)):
+            raise ValueError(f"`plan` names families {unknown[:5]} that {type(model).__name__} does not have")
+        for name, kept in plan.items():  # all checked before any layer changes (inplace=True loses nothing)
+            _check_kept(name, kept, by_name[name].size)
     reference = _run(model, example_inputs) if example_inputs is not None else None
     before = sum(p.numel() for p in model.parameters())
     out = model if inplace else copy.deepcopy(model)
@@ -177,8 +207,6 @@ def shrink(
             if f.name not in plan:
                 continue
             kept = torch.as_tensor(list(plan[f.name]), dtype=torch.long)
-            if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= f.size):
-                raise ValueError(f"`plan[{f.name!r}]` has indices outside 0..{f.size - 1}")
         else:
             kept = (~_removable(model, f)).nonzero().flatten()
         if kept.numel() == f.size:

@@ -165,15 +165,6 @@ def test_unstructured_masks_are_refused_by_a_channels_pruner():
     assert all(torch.equal(again.masks[n], m) for n, m in whole.masks.items())
 
 
-def test_a_model_on_the_meta_device_gets_a_clear_error():
-    with torch.device("meta"):
-        model = TinyNet()
-    with pytest.raises(ValueError, match=r"'meta' device.*\['net.0.weight'.*Materialise the weights"):
-        prune(model, BATCH, MagnitudePruning(0.5, verbose=0))
-    with pytest.raises(ValueError, match="'meta' device"):  # what a callback does at fit start
-        OBSPruning(0.5, verbose=0).bind(model)
-
-
 def test_fit_with_a_pruner_at_its_target_needs_no_trigger_and_keeps_training():
     model = TinyNet()
     pruner = OBSPruning(0.5, verbose=0)

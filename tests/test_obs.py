@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_prune import OBSPruning
 from lightning_prune.curvature.estimators import _chunks, per_sample_grads
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update
-from lightning_prune.obs.kronecker import kfac_set_update
+from lightning_prune.obs.kronecker import DENSE_MAX, kfac_set_update
 from lightning_prune.obs.layerwise import (
     blocked_prune,
     choose_solver,
@@ -323,22 +323,60 @@ def test_block_set_update_is_the_constrained_minimum():
         assert float(block_loss[b]) == pytest.approx(float(0.5 * d @ F[b] @ d))
 
 
-def test_kfac_set_update_matches_dense_solve():
-    g = torch.Generator().manual_seed(0)
-    A = (lambda m: m @ m.T + torch.eye(5, dtype=torch.float64))(torch.randn(5, 5, generator=g, dtype=torch.float64))
-    G = (lambda m: m @ m.T + torch.eye(4, dtype=torch.float64))(torch.randn(4, 4, generator=g, dtype=torch.float64))
-    W = torch.randn(4, 5, generator=g, dtype=torch.float64)
-    Z = torch.rand(4, 5, generator=g) < 0.5
-    new, pred, iters = kfac_set_update(W, torch.linalg.inv(G), torch.linalg.inv(A), Z)
+def _kfac_reference(W, G, A, Z):
+    """The set update from the explicit ``H = G (x) A``: refit the kept entries, ``(new W, loss)``."""
     H = torch.kron(G, A)  # row-major vec(W)
     z, w = Z.flatten(), W.flatten()
     K = (~z).nonzero().flatten()
-    expected = torch.zeros(20, dtype=torch.float64)
+    expected = torch.zeros_like(w)
     expected[K] = w[K] + torch.linalg.solve(H[K][:, K], H[K][:, z] @ w[z])
-    torch.testing.assert_close(new.flatten(), expected, rtol=1e-7, atol=1e-9)
-    d = new.flatten() - w
-    assert pred == pytest.approx(float(0.5 * d @ H @ d), rel=1e-7)
-    assert 0 < iters < 50
+    d = expected - w
+    return expected.view_as(W), float(0.5 * d @ H @ d)
+
+
+@pytest.mark.parametrize("removed", [0.1, 0.5, 0.8, 1.0])  # 1.0: the whole layer
+@pytest.mark.parametrize("dense_max", [0, DENSE_MAX])
+def test_kfac_set_update_matches_dense_solve(removed, dense_max):
+    """Every path (CG; the system over the removed entries; the one over the kept) is the exact update."""
+    g = torch.Generator().manual_seed(0)
+    A = (lambda m: m @ m.T + torch.eye(5, dtype=torch.float64))(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    G = (lambda m: m @ m.T + torch.eye(4, dtype=torch.float64))(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    W = torch.randn(4, 5, generator=g, dtype=torch.float64).T.contiguous().T  # strided, as HF Conv1D weights
+    Z = torch.rand(4, 5, generator=g) < removed
+    Ginv, Ainv = torch.linalg.inv(G), torch.linalg.inv(A)
+    new, pred, iters, residual = kfac_set_update(W, G, A, Ginv, Ainv, Z, dense_max=dense_max)
+    expected, loss = _kfac_reference(W, G, A, Z)
+    torch.testing.assert_close(new, expected, rtol=1e-7, atol=1e-9)
+    assert pred == pytest.approx(loss, rel=1e-7)
+    direct = min(int(Z.sum()), int((~Z).sum())) <= dense_max  # with 0: only when every weight is removed
+    assert iters == 0 if direct else 0 < iters < 50
+    assert residual <= 1e-9
+
+
+def test_kfac_set_update_solves_nearly_whole_layer_removals_directly():
+    """Issue #31: late rounds remove most of a layer (the old zeros stay in the set), where CG on
+    ``[H^-1]_ZZ`` needs ~sqrt(cond G cond A) iterations and stopped unconverged at its limit. With few
+    weights kept, the system over the kept ones is solved directly: no CG iteration, the exact update."""
+    g = torch.Generator().manual_seed(0)
+
+    def factor(n, cond):  # SPD with eigenvalues spread log-uniformly over [1, cond]
+        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        return Q @ torch.diag(torch.logspace(0, torch.log10(torch.tensor(cond)).item(), n, dtype=torch.float64)) @ Q.T
+
+    G, A = factor(20, 1e4), factor(80, 1e4)
+    W = torch.randn(20, 80, generator=g, dtype=torch.float64)
+    Z = torch.rand(20, 80, generator=g) < 0.95  # 1,520 removed, 80 kept
+    W[torch.rand(20, 80, generator=g) < 0.8] = 0.0  # most removed entries were pruned before: w = 0
+    Ginv, Ainv = torch.linalg.inv(G), torch.linalg.inv(A)
+    new, pred, iters, residual = kfac_set_update(W, G, A, Ginv, Ainv, Z)
+    expected, loss = _kfac_reference(W, G, A, Z)
+    assert iters == 0 and residual == 0.0
+    torch.testing.assert_close(new, expected, rtol=1e-7, atol=1e-9)
+    assert pred == pytest.approx(loss, rel=1e-7)
+    # CG on the same system (what was used before): 1,000 iterations, far from the update, and it says so
+    cg, _, cg_iters, cg_residual = kfac_set_update(W, G, A, Ginv, Ainv, Z, dense_max=0)
+    assert cg_iters == 1000 and cg_residual > 1e-9
+    assert float((cg - expected).abs().max()) > 1e-3
 
 
 def test_block_fisher_equals_woodbury_recursion():
@@ -420,6 +458,8 @@ def test_callback_fisher_and_kfac_reach_target_and_keep_pruned_at_zero(hessian):
     assert int((~keep).sum()) == round(0.6 * keep.numel())
     assert torch.all(model.lin.weight.detach()[~keep] == 0)
     assert pruner.history[0]["info"]["recomputes"] == 2
+    if hessian == "kfac":  # a small layer: every set update is solved directly, no CG iteration
+        assert pruner.history[0]["info"]["cg_iterations"] == 0 and pruner.history[0]["info"]["cg_unconverged"] == 0
     # the update compensates: better than zeroing the same weights without moving the others
     X, Y = model.X, model.Y
     _, _, W0, _ = problem(n=N, d=D_IN, rows=D_OUT, dtype=torch.float32)

@@ -107,6 +107,27 @@ def test_label_free_criteria_need_no_loss(name):
     assert record["loss_before"] != record["loss_before"]  # NaN: no loss to measure
 
 
+@pytest.mark.parametrize("num_batches, kept", [(3, 3), (32, 8)])
+def test_magnitude_num_batches_is_the_batches_a_round_keeps_capped_by_eval_batches(num_batches, kept):
+    """``MagnitudePruning(num_batches=...)`` as for every criterion: the round's batches, which for
+    magnitude only measure the loss, so no more than ``eval_batches`` (8) are kept."""
+    model, batches = sequential(), list(loader(batch_size=16))  # 16 batches
+    pruner = MagnitudePruning(0.5, num_batches=num_batches, verbose=0)
+    assert pruner.window_length == kept
+    with torch.no_grad():
+        expected = float(sum(ce(model, b) for b in batches[:kept]) / kept)
+    taken = []
+    record = prune(model, (taken.append(b) or b for b in batches), pruner, loss_fn=ce)
+    assert len(taken) == kept and record["loss_before"] == pytest.approx(expected, rel=1e-6)
+    # as a callback: the loss before and after the round each read the last `kept` training batches
+    calls = []
+    callback = MagnitudePruning(
+        0.5, schedule="one_shot", num_batches=num_batches, verbose=0, loss_fn=lambda m, b: calls.append(1) or ce(m, b)
+    )
+    make_trainer(max_epochs=1, callbacks=[callback], limit_val_batches=0).fit(TinyNet(n=512, batch_size=32))
+    assert len(calls) == 2 * kept
+
+
 @pytest.mark.parametrize(
     "make", [lambda: OBDPruning(0.5, num_batches=2, verbose=0), lambda: OBSPruning(0.5, num_batches=2, verbose=0)]
 )
@@ -282,6 +303,31 @@ def test_prune_arguments_and_short_data():
         prune(sequential(), list(loader())[:2], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
     with pytest.raises(RuntimeError, match="no batch was accumulated in the 0 batches of `data`"):
         prune(sequential(), [], OBDPruning(0.5, num_batches=4, verbose=0), loss_fn=ce)
+
+
+@pytest.mark.parametrize("name", ["magnitude", "obs-exact"])
+def test_a_model_on_the_meta_device_is_refused_naming_its_tensors_and_the_remedy(name):
+    with torch.device("meta"):
+        model = sequential()
+    with pytest.raises(
+        ValueError,
+        match=r"Sequential has 6 parameters/buffers on the meta device \(shapes, no values\): "
+        r"0.weight, 0.bias, 2.weight, 2.bias, 4.weight, \.\.\.\. Materialise .*to_empty",
+    ):
+        prune(model, loader(), CRITERIA[name](), loss_fn=ce)
+    model.to_empty(device="cpu")  # what the message says: materialise, then load the weights
+    model.load_state_dict(sequential().state_dict())
+    assert prune(model, loader(), CRITERIA[name](), loss_fn=ce)["sparsity"] == pytest.approx(0.6, abs=1e-2)
+
+
+def test_a_callback_binding_a_partly_meta_model_names_the_meta_tensors():
+    """A callback binds the model at fit start (``Pruner.bind``); one layer left on meta is named."""
+    model = sequential()
+    model[2] = nn.Linear(32, 32, device="meta")  # e.g. a partial load
+    pruner = OBSPruning(0.5, verbose=0)
+    with pytest.raises(ValueError, match=r"OBSPruning: Sequential has 2 parameters.*: 2.weight, 2.bias\. Materialise"):
+        pruner.bind(model)
+    assert pruner.masks == {}  # nothing bound
 
 
 @pytest.mark.slow

@@ -309,6 +309,27 @@ def test_shrink_refuses_a_plan_for_another_model_and_leaves_the_model_untouched(
     assert model.net[1].out_features == 6
 
 
+@pytest.mark.parametrize(
+    "kept, message",
+    [
+        ([0, 2, 2, 3, 3], r"`plan\['net.3'\]` repeats indices \[2, 3\]"),
+        ([], r"`plan\['net.3'\]` keeps no structure of the 4"),
+        ([0, -1, 4], r"`plan\['net.3'\]` has indices \[-1, 4\] outside 0..3"),
+        ([0, 1.5], r"`plan\['net.3'\]` must hold integer structure indices, got \[1.5\]"),
+        ("012", r"`plan\['net.3'\]` must be a list of kept structure indices, got '012'"),
+    ],
+)
+def test_shrink_refuses_a_plan_with_repeated_missing_or_outside_indices_before_changing_anything(kept, message):
+    """A repeated index would duplicate a neuron (another model), an empty family a layer with no
+    outputs; the plan is checked whole before any layer changes, so inplace=True loses nothing."""
+    model = MLPClassifier((1, 8, 8), 10, hidden=(6, 4))  # families net.1 (6 neurons), net.3 (4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        shrink(model, plan={"net.1": [0, 1, 2], "net.3": kept}, inplace=True)
+    assert model.net[1].out_features == 6 and model.net[3].in_features == 6
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_shrink_verifies_outputs_and_refuses_a_mismatch():
     class Doubled(nn.Module):  # the producer's output also leaves through a path the grouping cannot see
         def __init__(self):

@@ -19,8 +19,11 @@ class MagnitudePruning(PruningCallback):
 
     ``Trainer(callbacks=[MagnitudePruning(target=0.8)])`` prunes 80% of all Linear/Conv weights
     over a cubic schedule in the first half of training and fine-tunes in the second half. See
-    :class:`~lightning_prune.pruner.Pruner` for the arguments; magnitude needs no curvature, so a
-    round keeps only ``eval_batches`` batches, to measure the actual loss increase.
+    :class:`~lightning_prune.pruner.Pruner` for the arguments. Magnitude needs no curvature: a
+    round's batches only measure the actual loss increase, on the last ``min(num_batches,
+    eval_batches)`` training batches before it (in ``prune()``: on that many batches of ``data``).
+    So ``num_batches`` means what it means for the other criteria, the batches a round keeps,
+    capped by ``eval_batches`` since no others are read; ``eval_batches=0`` keeps none.
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class MagnitudePruning(PruningCallback):
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,
         min_density: float = 0.001,
+        num_batches: int = 32,
         eval_batches: int = 8,
         loss_fn: LossFn | None = None,
         verbose: int = 1,
@@ -58,7 +62,7 @@ class MagnitudePruning(PruningCallback):
             exclude,
             parameters,
             min_density,
-            num_batches=1,
+            num_batches=num_batches,
             eval_batches=eval_batches,
             loss_fn=loss_fn,
             verbose=verbose,

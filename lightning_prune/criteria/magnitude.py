@@ -6,13 +6,13 @@ from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult
 
 
 class Magnitude(Criterion):
-    """Score ``|w|``: no statistics, no loss; the round keeps only ``eval_batches`` batches, to
-    measure the actual loss increase."""
+    """Score ``|w|``: no statistics, no loss. A round's batches only measure the actual loss
+    increase, so it keeps ``min(num_batches, eval_batches)`` of them: more would be stored and never read."""
 
     name = "magnitude"
 
     def window_length(self, num_batches: int, eval_batches: int) -> int:
-        return eval_batches
+        return min(num_batches, eval_batches)
 
     def prune(self, ctx: RoundContext) -> RoundResult:
         scores = {t.name: t.local_param.abs() for t in ctx.targets}  # this rank's block when sharded

@@ -62,9 +62,9 @@ from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, 
 from lightning_prune.criteria.obd import check_reduction
 from lightning_prune.curvature import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
 from lightning_prune.curvature.fisher import check_fisher_type
-from lightning_prune.distributed import Collectives
+from lightning_prune.distributed import Collectives, warn
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
-from lightning_prune.obs.kronecker import kfac_saliency, kfac_set_update
+from lightning_prune.obs.kronecker import CG_TOL, kfac_saliency, kfac_set_update
 from lightning_prune.obs.layerwise import (
     LAYER_BUDGET,
     Groups,
@@ -641,6 +641,8 @@ class OBS(Criterion):
     def _recomputed(self, ctx: RoundContext, est: Estimator) -> RoundResult:
         masks, predicted = dict(ctx.masks), 0.0
         info: dict[str, Any] = {"damping_increases": 0, "recomputes": 0}
+        if self.hessian == "kfac":  # the work of the set updates: CG iterations (0 for the systems solved directly)
+            info.update(cg_iterations=0, cg_unconverged=0)
         if ctx.sharded:  # weights of whole layers (pattern="channels" is refused when sharded)
             start = ctx.global_sum({n: float((~m).sum()) for n, m in masks.items()}) / sum(
                 t.param.numel() for t in ctx.targets
@@ -694,14 +696,25 @@ class OBS(Criterion):
             dG = damped_cholesky(G.to(dtype), self.damp, f"{t.name} K-FAC G")
             info["damping_increases"] += dA.increases + dG.increases
             Ainv, Ginv = torch.cholesky_inverse(dA.L), torch.cholesky_inverse(dG.L)
-            inverses[t.name] = (Ginv, Ainv)  # sharded: the layer is gathered for its score and again for its update
+            # sharded: the layer is gathered for its score and again for its update
+            inverses[t.name] = (dG.L @ dG.L.mT, dA.L @ dA.L.mT, Ginv, Ainv)  # the damped factors and inverses
             scores[t.name] = t.local(t.unmatrix(kfac_saliency(self._matrix(t, dtype), Ginv, Ainv)))
         new = ctx.select(scores)
         loss = 0.0
         for t in ctx.targets:
             ctx.check_interrupt(f"before updating {t.name}")
-            (Ginv, Ainv), W = inverses[t.name], self._matrix(t, dtype)
-            W_new, layer_loss, _ = kfac_set_update(W, Ginv, Ainv, t.matrix(~t.gather(new[t.name])))
+            W = self._matrix(t, dtype)
+            W_new, layer_loss, iterations, residual = kfac_set_update(
+                W, *inverses[t.name], t.matrix(~t.gather(new[t.name]))
+            )
+            info["cg_iterations"] += iterations
+            if residual > CG_TOL:  # CG stopped at its iteration limit
+                info["cg_unconverged"] += 1
+                warn(
+                    f"K-FAC OBS: conjugate gradients for {t.name} stopped at {iterations} iterations with relative "
+                    f"residual {residual:.1e} (tolerance {CG_TOL:g}); its compensation is approximate (logged as "
+                    "prune/cg_unconverged)"
+                )
             self._write(t, W_new)
             loss += layer_loss
         return new, loss
