@@ -400,7 +400,7 @@ def _measure_structured(
     plan: dict[str, Any], folder: Path, method: str, target: float, finetune: bool
 ) -> dict[str, Any]:
     import lightning_prune
-    from lightning_prune.structures import discover
+    from lightning_prune.graph import discover
 
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
@@ -442,7 +442,7 @@ def _measure_structured(
         trainer.fit(lit, datamodule=dm)
         r["fit_seconds"] = time.perf_counter() - start
         r["perplexity"] = perplexity(lit.model.eval(), evals)
-        kept = pruner.bound_pattern.units(pruner.masks)
+        kept = pruner.pattern.units(pruner.masks)
         again = lightning_prune.shrink(lit.model)
         r["structures_stay_removed"] = sum(again.removed.values()) == sum(p for p, _ in kept.values())
     return r

@@ -217,7 +217,7 @@ def one_shot_table(model: str, names: list[str], seeds: list[int], ft_seeds: lis
 
 
 def family_sizes(model: str) -> dict[str, int]:
-    from lightning_prune.structures import discover
+    from lightning_prune.graph import discover
 
     return {f.name: f.size for f in discover(common.build(model, 0))[0]}
 

@@ -35,7 +35,7 @@ from lightning_prune.criteria.base import Criterion, RoundResult
 from lightning_prune.distributed import Collectives, default_collectives, warn
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.schedule import SparsitySchedule, check_fraction
-from lightning_prune.selection import SCOPES, check_feasible
+from lightning_prune.selection import SCOPES
 from lightning_prune.summary import layer_table
 from lightning_prune.targets import PruneTarget, match_names, resolve_targets, targets_of
 
@@ -122,8 +122,7 @@ class Pruner:
         self.pattern.check_target(self._schedule.target)
         self.pattern.check_min_density(self.min_density)
         self.pattern.check_scope(scope)
-        criterion.check_pattern(self.pattern)
-        self._pattern: Pattern = self.pattern  # bound to the model at bind() (structured patterns discover their units)
+        criterion.check_pattern(self.pattern, scope)
         for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
@@ -155,11 +154,6 @@ class Pruner:
     @property
     def schedule(self) -> SparsitySchedule:
         return self._schedule
-
-    @property
-    def bound_pattern(self) -> Pattern:
-        """The pattern as bound to the model (``pattern="channels"``: with its families), once bound."""
-        return self._pattern
 
     @property
     def targets(self) -> list[PruneTarget]:
@@ -230,7 +224,7 @@ class Pruner:
         kept = self.kept_counts()
         rows = [(t.name, tuple(t.param.shape), kept[t.name], t.param.numel()) for t in self.targets]
         table = layer_table(rows)
-        if notes := getattr(self._pattern, "notes", None):
+        if notes := self.pattern.notes:
             table += f"\npattern='{self.pattern}' left alone: " + "; ".join(notes)
         if self._skipped:
             table += "\nnot pruned: " + "; ".join(f"{n} ({why})" for n, why in self._skipped)
@@ -283,8 +277,10 @@ class Pruner:
         if skipped and skipped != self._skipped:
             warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
+        # the pattern for this model (channels: its families); it refuses layers it does not fit, and a
+        # target its floor makes unreachable
         pattern = self.pattern.bind(model, targets, self.target, self.scope, self.min_density)
-        if notes := getattr(pattern, "notes", None):
+        if notes := pattern.notes:
             warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
         world = default_collectives().world_size
         sharded = sharding.check_sharding([t.name for t in targets], [t.param for t in targets], world)
@@ -295,10 +291,9 @@ class Pruner:
         if sharded or masks is None or _sparsity(pattern, masks) < self.target:  # rounds may follow: check them now
             self.criterion.check_targets(targets)
             self.criterion.check_model(model, targets)
-            if sharded:
-                self._check_sharded(targets)
-            if not self.pattern.structured:  # a pattern keeps its own floor (checked against min_density)
-                check_feasible({t.name: t.param.numel() for t in targets}, self.target, self.scope, self.min_density)
+            if sharded:  # what sharded layers cannot do yet, refused before any work
+                pattern.check_sharded(targets, self.scope)
+                self.criterion.check_sharded(targets)
         elif (reached := _sparsity(pattern, masks)) > self.target + 1e-9:
             warn(
                 f"{type(self).__name__}(target={self.target}) is bound to masks that are already {reached:.4f} sparse: "
@@ -307,7 +302,7 @@ class Pruner:
         self._loaded = None
         self._model = weakref.ref(model)
         self._name_parameters(model)
-        self._pattern = pattern
+        self.pattern = pattern
         self._masks = masks
         self._bound = [weakref.ref(t.param) for t in targets]
         self._targets = targets
@@ -348,23 +343,6 @@ class Pruner:
             )
         return targets, {t.name: m for t, m in zip(targets, _unpack_masks(packed).values())}
 
-    def _check_sharded(self, targets: Sequence[PruneTarget]) -> None:
-        """What FSDP2-sharded targets cannot do yet, refused before any work."""
-        if self.pattern.name == "channels":
-            raise ValueError(
-                "pattern='channels' couples the rows of one layer with the columns of the next, which FSDP2 "
-                "shards on different ranks: it is not supported on sharded models yet (use it without sharding, "
-                "or an unstructured or N:M pattern)"
-            )
-        transposed = [t.name for t in targets if t.sharded and t.transposed]
-        if transposed and (self.scope == "row" or self.pattern.structured):
-            raise ValueError(
-                f"scope={self.scope!r} / pattern={str(self.pattern)!r} choose within output rows, and FSDP2 shards "
-                f"{transposed[:3]} (Conv1D, stored inputs x outputs) across their inputs: use scope='global' or "
-                "'layer' with an unstructured pattern for these layers"
-            )
-        self.criterion.check_sharded(targets)
-
     def current_masks(self) -> dict[str, Tensor]:
         targets = self.targets
         if self._masks is not None:
@@ -377,7 +355,7 @@ class Pruner:
         if self.sharded:
             kept = self.kept_counts()
             return {t.name: (t.param.numel() - kept[t.name], t.param.numel()) for t in self.targets}
-        return self._pattern.units(self.current_masks())
+        return self.pattern.units(self.current_masks())
 
     def kept_counts(self) -> dict[str, int]:
         """Kept entries per layer, whole layers (counted when the masks change: every rank agrees)."""
@@ -519,8 +497,7 @@ class Pruner:
 
     def _check_pattern(self, masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], pattern: Pattern) -> None:
         """Masks from a checkpoint or an earlier round must fit the pattern: they only shrink."""
-        if pattern.structured:
-            pattern.check_masks({t.name: t.matrix(masks[t.name]) for t in targets}, "the restored")
+        pattern.check_masks(masks, targets, "the restored")
 
 
 def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:

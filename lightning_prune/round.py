@@ -28,7 +28,6 @@ from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.pruner import Pruner
-from lightning_prune.structures import structure_sparsity
 from lightning_prune.summary import round_summary
 
 
@@ -112,7 +111,7 @@ def run_round(
         comm=comm,
         round_index=round_index,
         scope=pruner.scope,
-        pattern=pruner.bound_pattern,
+        pattern=pruner.pattern,
         min_density=pruner.min_density,
         source=source,
         solver_budget=solver_budget,
@@ -143,7 +142,7 @@ def run_round(
     masks = pruner.current_masks()
     kept, numel = pruner.kept_counts(), {t.name: t.param.numel() for t in targets}  # whole layers when sharded
     pruned, total = sum(numel.values()) - sum(kept.values()), sum(numel.values())
-    structures = structure_sparsity(pruner.bound_pattern, masks)
+    structures = pruner.pattern.structures(masks)
     record = {
         "round": len(pruner.history),
         "trigger": trigger,

@@ -16,11 +16,9 @@ Rules (all deterministic, identical on every rank given identical scores):
   ``scope="layer"``: every layer gets ``round(sparsity * numel)`` zeros.
   ``scope="row"``: every output row (``weight[i]``) gets ``round(sparsity * row_numel)`` zeros, the
   comparison groups of Wanda and SparseGPT's uniform allocation; the floor applies per row.
-* A structured ``pattern`` (:mod:`lightning_prune.patterns`, e.g. N:M) takes ``(d_out, d_in)``
-  matrices and only chooses masks it allows: with the ``"capped"`` ramp the same rules run with
-  every entry outside its group's N lowest made unchoosable; with ``"groups"`` the same selection
-  ranks whole groups by cost. The pattern keeps its own floor (M - N of every M), so
-  ``min_density`` is not applied.
+* ``allowed`` (how a pattern such as N:M restricts the choice, :mod:`lightning_prune.patterns`):
+  entries it rules out are never chosen, as if their scores were not finite. Patterns call this
+  module; it knows none of them.
 * Sharded layers (FSDP2, :class:`Shards`): each rank passes the scores and masks of its block of
   rows and gets the masks of that block, the same entries a single process would choose from the
   whole layers. The k-th lowest key is found by bisection on its bits, one all-reduce of counts
@@ -31,16 +29,16 @@ Rules (all deterministic, identical on every rank given identical scores):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lightning_prune.distributed import Collectives
-from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
 
 SCOPES = ("global", "layer", "row")
+Allowed = Callable[[Tensor], Tensor]  # sort keys laid out like the mask -> which entries may be chosen
 
 
 class UnreachableSparsity(RuntimeError):
@@ -87,15 +85,14 @@ def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_d
         )
 
 
-def _sort_key(score: Tensor, mask: Tensor, pattern: Pattern = UNSTRUCTURED) -> Tensor:
-    """Pruned entries -inf, non-finite scores +inf (never chosen), the rest their score. Under a
-    capped structured pattern, entries outside their group's ``n`` lowest are +inf too."""
+def sort_key(score: Tensor, mask: Tensor, allowed: Allowed | None = None) -> Tensor:
+    """Flat keys: pruned entries -inf, non-finite scores +inf (never chosen), the rest their score;
+    entries ``allowed`` rules out +inf too."""
     key = score.detach().flatten().to(torch.float64)
     key = torch.where(torch.isfinite(key), key, torch.full_like(key, math.inf))
     key = torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
-    if isinstance(pattern, NM):
-        allowed = pattern.eligible(key.view(mask.shape)).flatten()
-        key = torch.where(allowed, key, torch.full_like(key, math.inf))
+    if allowed is not None:
+        key = torch.where(allowed(key.view(mask.shape)).flatten(), key, torch.full_like(key, math.inf))
     return key
 
 
@@ -120,7 +117,7 @@ def select_masks(
     *,
     scope: str = "global",
     min_density: float | None = 0.0,
-    pattern: Pattern = UNSTRUCTURED,
+    allowed: Allowed | None = None,
     shards: Shards | None = None,
 ) -> dict[str, Tensor]:
     """Return new masks (True = kept) reaching ``sparsity`` under the rules in the module docstring
@@ -129,16 +126,11 @@ def select_masks(
     if scope not in SCOPES:
         raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
     names = list(masks)
-    if isinstance(pattern, NM):
-        pattern.check_masks(masks, "the current")
-        if pattern.ramp == "groups":
-            return _select_groups(scores, masks, sparsity, scope, pattern, shards)
-        min_density = None
     if scope == "row":
-        return {n: _select_rows(scores[n], masks[n], sparsity, min_density, pattern).view_as(masks[n]) for n in names}
+        return {n: _select_rows(scores[n], masks[n], sparsity, min_density, allowed).view_as(masks[n]) for n in names}
     if shards is not None and shards.comm.world_size > 1:
-        return _select_sharded(scores, masks, sparsity, scope, min_density, pattern, shards)
-    keys = {n: _protect_floor(_sort_key(scores[n], masks[n], pattern), masks[n].flatten(), min_density) for n in names}
+        return _select_sharded(scores, masks, sparsity, scope, min_density, allowed, shards)
+    keys = {n: _protect_floor(sort_key(scores[n], masks[n], allowed), masks[n].flatten(), min_density) for n in names}
 
     if scope == "layer":
         out = {}
@@ -156,34 +148,13 @@ def select_masks(
     return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
 
 
-def _select_groups(
-    scores: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
-    sparsity: float,
-    scope: str,
-    pattern: NM,
-    shards: Shards | None = None,
-) -> dict[str, Tensor]:
-    """The ``"groups"`` ramp: the same selection over whole groups (their cost: the sum of their
-    ``n`` lowest scores), then each chosen group loses its ``n`` lowest entries."""
-    keys = {n: _sort_key(scores[n], masks[n]).view(masks[n].shape) for n in masks}
-    costs, complete = {}, {}
-    for n, key in keys.items():
-        costs[n], complete[n] = pattern.group_costs(key)
-    fraction = min(1.0, sparsity / pattern.sparsity)
-    chosen = select_masks(
-        costs, {n: ~c for n, c in complete.items()}, fraction, scope=scope, min_density=None, shards=shards
-    )
-    return {n: pattern.complete_groups(keys[n], ~chosen[n]) for n in keys}
-
-
 def _select_rows(
-    score: Tensor, mask: Tensor, sparsity: float, min_density: float | None, pattern: Pattern = UNSTRUCTURED
+    score: Tensor, mask: Tensor, sparsity: float, min_density: float | None, allowed: Allowed | None = None
 ) -> Tensor:
     """``scope="row"`` for one layer, all rows at once: each row is a layer of its own."""
     m = mask.reshape(mask.shape[0], -1)
     rows, d = m.shape
-    key = _sort_key(score.reshape(rows, -1), m, pattern).view(rows, d)
+    key = sort_key(score.reshape(rows, -1), m, allowed).view(rows, d)
     rank = torch.empty_like(key, dtype=torch.long)
     rank.scatter_(1, torch.sort(key, dim=1, stable=True).indices, torch.arange(d, device=key.device).expand(rows, d))
     floor = torch.clamp(m.sum(1), max=0 if min_density is None else floor_count(d, min_density))  # top kept entries
@@ -315,13 +286,13 @@ def _select_sharded(
     sparsity: float,
     scope: str,
     min_density: float | None,
-    pattern: Pattern,
+    allowed: Allowed | None,
     shards: Shards,
 ) -> dict[str, Tensor]:
     """``scope="global"``/``"layer"`` over rank-local blocks: the floor, the count and the
     reachability check on global counts, then :func:`_lowest_sharded`."""
     names = list(masks)
-    keys = {n: _sort_key(scores[n], masks[n], pattern) for n in names}
+    keys = {n: sort_key(scores[n], masks[n], allowed) for n in names}
     device = next(iter(masks.values())).device
     sizes = _sums(shards, names, [[m.numel(), float((~m).sum())] for m in masks.values()], device)
     numel = {n: int(sizes[i, 0]) for i, n in enumerate(names)}

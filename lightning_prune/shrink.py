@@ -6,7 +6,7 @@ rows (and biases, and per-channel BatchNorm entries), the consumer columns, and 
 whole heads (Hugging Face LLaMA-style attention infers the number of heads from the projections'
 shapes, so fewer heads need no config change; ``num_heads``/``num_key_value_heads`` attributes,
 where a model class keeps them, are updated). The families are the ones
-:func:`lightning_prune.structures.discover` finds, so what pruning could remove, shrinking can.
+:func:`lightning_prune.graph.discover` finds, so what pruning could remove, shrinking can.
 
 The result computes what the masked model computes (checked on ``example_inputs`` when given).
 Its :attr:`Shrunk.plan` (kept structures per family, JSON-friendly) rebuilds the same shapes on a
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.structures import Family, Slot, discover
+from lightning_prune.graph import Family, Slot, discover
 from lightning_prune.targets import is_hf_conv1d
 
 

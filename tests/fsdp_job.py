@@ -110,7 +110,7 @@ def selection(a: argparse.Namespace) -> None:
 
     from lightning_prune.distributed import TorchDistributed
     from lightning_prune.patterns import NM, parse_pattern
-    from lightning_prune.selection import Shards, UnreachableSparsity, select_masks
+    from lightning_prune.selection import Shards, UnreachableSparsity
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,9 +133,7 @@ def selection(a: argparse.Namespace) -> None:
 
         def run(sc, ms, shards):
             try:
-                return select_masks(
-                    sc, ms, sparsity, scope=scope, min_density=min_density, pattern=pattern, shards=shards
-                )
+                return pattern.select(sc, ms, sparsity, scope=scope, min_density=min_density, shards=shards)
             except UnreachableSparsity:
                 return "unreachable"
 

@@ -12,9 +12,10 @@ from conftest import TinyNet, make_trainer
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune, shrink
+from lightning_prune.graph import discover
 from lightning_prune.models import LeNet5Classifier, MLPClassifier
 from lightning_prune.obs.structured import group_update, structured_prune
-from lightning_prune.structures import Channels, discover
+from lightning_prune.patterns import Channels
 
 warnings.filterwarnings("ignore", ".*leaves alone.*")
 
@@ -228,7 +229,7 @@ def test_magnitude_removes_the_structures_with_the_lowest_l1_norm_with_a_floor_p
         c for c in itertools.combinations(range(7), 4) if sum(j < 4 for j in c) <= 3 and sum(j >= 4 for j in c) <= 2
     ]
     best = min(choices, key=lambda c: sum(norms[j] for j in c))
-    gone = pruner.bound_pattern.pruned(pruner.masks)
+    gone = pruner.pattern.pruned(pruner.masks)
     got = tuple(j for j in range(4) if gone["0"][j]) + tuple(4 + j for j in range(3) if gone["2"][j])
     assert got == best
     assert pruner.history[-1]["structures_pruned"] == 4
@@ -241,7 +242,7 @@ def test_scope_layer_removes_the_fraction_of_every_family():
     model = llama(kv_heads=2)
     pruner = OBDPruning(target=0.5, pattern="channels", scope="layer", verbose=0)
     record = prune(model, token_batches(), pruner)
-    units = pruner.bound_pattern.units(pruner.masks)
+    units = pruner.pattern.units(pruner.masks)
     assert units["model.layers.0.self_attn"] == (1, 2) and units["model.layers.1.mlp"] == (24, 48)
     assert record["structures_pruned"] == 2 * (1 + 24) and record["structures_total"] == 2 * (2 + 48)
 
@@ -354,7 +355,7 @@ def test_pruned_structures_stay_frozen_through_training(optimizer, tmp_path):
     model = TinyNet(optimizer=optimizer, lr=0.05)
     pruner = OBSPruning(target=0.5, pattern="channels", start_epoch=0, end_epoch=1, num_batches=4, verbose=0)
     make_trainer(tmp_path, max_epochs=4, callbacks=[pruner]).fit(model)
-    gone = pruner.bound_pattern.pruned(pruner.masks)
+    gone = pruner.pattern.pruned(pruner.masks)
     assert sum(int(g.sum()) for g in gone.values()) == round(0.5 * 64)
     w = dict(model.net.named_parameters())
     for family, producer, consumer in (("net.0", "0.weight", "2.weight"), ("net.2", "2.weight", "4.weight")):

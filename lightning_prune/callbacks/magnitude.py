@@ -10,7 +10,6 @@ from torch import nn
 from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Magnitude
-from lightning_prune.distributed import warn
 from lightning_prune.patterns import Pattern
 
 
@@ -68,10 +67,3 @@ class MagnitudePruning(PruningCallback):
             verbose=verbose,
             pattern=pattern,
         )
-        if self.pattern.name == "channels" and scope == "global":
-            warn(
-                "MagnitudePruning(pattern='channels', scope='global') ranks the L1 norms of neurons with different "
-                "fan-in and scale against each other and tends to empty whole layers down to the floor "
-                "(benchmarks/RESULTS.md, MLP at 50%: 9% one-shot and 34% gradual, against 82% and 87% with "
-                "scope='layer', the per-layer criterion of 'Pruning Filters'): consider scope='layer'"
-            )

@@ -22,9 +22,8 @@ from lightning_prune import sharding
 from lightning_prune.calibration import Calibration, RoundInterrupted
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
-from lightning_prune.patterns import NM, UNSTRUCTURED, Pattern
-from lightning_prune.selection import Shards, select_masks
-from lightning_prune.structures import Channels
+from lightning_prune.patterns import UNSTRUCTURED, Pattern
+from lightning_prune.selection import Shards
 from lightning_prune.targets import PruneTarget
 
 
@@ -99,30 +98,15 @@ class RoundContext:
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
-        if isinstance(self.pattern, Channels):  # whole structures, ranked by their summed scores
-            return self.pattern.select(scores, self.masks, self.sparsity, self.scope, self.min_density)
-        if self.scope == "row" or self.pattern.structured:  # the (d_out, d_in) layout, whatever the weight's own
-            by_name = {t.name: t for t in self.targets}
-            out = select_masks(
-                {n: by_name[n].matrix(s) for n, s in scores.items()},
-                {n: by_name[n].matrix(m) for n, m in self.masks.items()},
-                self.sparsity,
-                scope=self.scope,
-                min_density=self.min_density,
-                pattern=self.pattern,
-                shards=self.shards(),
-            )
-            return {n: by_name[n].unmatrix(m) for n, m in out.items()}
-        return select_masks(
-            scores, self.masks, self.sparsity, scope=self.scope, min_density=self.min_density, shards=self.shards()
+        return self.pattern.select(
+            scores,
+            self.masks,
+            self.sparsity,
+            scope=self.scope,
+            min_density=self.min_density,
+            shards=self.shards(),
+            layers=self.targets,
         )
-
-    def group_quotas(self, t: PruneTarget, pruned: Tensor) -> tuple[int, Tensor] | None:
-        """For solvers that choose masks inside their sweep: ``(M, pruned per group)`` of an N:M
-        pattern, from the allocated ``pruned`` mask (weight layout); ``None`` when unstructured."""
-        if not isinstance(self.pattern, NM):
-            return None
-        return self.pattern.m, self.pattern.pruned_per_group(t.matrix(pruned))
 
 
 @dataclass
@@ -151,7 +135,7 @@ class Criterion:
         """How many batches a round keeps (curvature and evaluation)."""
         return num_batches
 
-    def check_pattern(self, pattern: Pattern) -> None:
+    def check_pattern(self, pattern: Pattern, scope: str) -> None:
         """Refuse a pattern the criterion cannot prune under (called when the pruner is built)."""
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:

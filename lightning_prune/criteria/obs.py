@@ -82,8 +82,7 @@ from lightning_prune.obs.layerwise import (
 )
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
 from lightning_prune.obs.structured import structured_prune
-from lightning_prune.patterns import Pattern
-from lightning_prune.structures import Channels
+from lightning_prune.patterns import Channels, Pattern
 from lightning_prune.targets import PruneTarget
 
 HESSIANS = ("layerwise", "fisher", "kfac")
@@ -186,8 +185,8 @@ class OBS(Criterion):
                 f"different layers are in different units): pass scope='layer' or 'row', got scope={scope!r}"
             )
 
-    def check_pattern(self, pattern: Pattern) -> None:
-        if isinstance(pattern, Channels) and self.blocks is not None:
+    def check_pattern(self, pattern: Pattern, scope: str) -> None:
+        if pattern.removes_structures and self.blocks is not None:
             raise ValueError(
                 f"pattern='channels' with blocks={self.blocks!r} (sequential calibration) is not supported: structured "
                 "OBS re-estimates the inputs of later layers itself (recompute_steps); pass blocks=None"
@@ -296,7 +295,7 @@ class OBS(Criterion):
             scores[t.name] = t.local(self._allocation_score(t, est, dtype, ~t.gather(ctx.masks[t.name]), allocation))
         allocated = ctx.select(scores)
         del scores
-        if isinstance(ctx.pattern, Channels):
+        if ctx.pattern.removes_structures:
             return self._structured(ctx, est, ctx.pattern, allocated, info)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
@@ -332,7 +331,7 @@ class OBS(Criterion):
                             ctx.masks[t.name],
                             info,
                             adaptive,
-                            ctx.group_quotas(t, ~allocated[t.name]),
+                            ctx.pattern.quotas(t, ~allocated[t.name]),
                             None if cross is None else cross.cross_covariance(t.name),
                         ),
                     )
@@ -457,7 +456,7 @@ class OBS(Criterion):
                     before,
                     local_info,
                     adaptive,
-                    ctx.group_quotas(t, ~alloc),
+                    ctx.pattern.quotas(t, ~alloc),
                     None if cross is None else cross.cross_covariance(t.name),
                 )
                 counters += torch.tensor(
@@ -582,7 +581,7 @@ class OBS(Criterion):
                 ctx.check_interrupt(f"before solving {t.name}")
                 A = stats.input_covariance(t.name)
                 info["peak_hessian_bytes"] = max(info["peak_hessian_bytes"], A.numel() * A.element_size())
-                quotas = sub.group_quotas(t, ~t.gather(allocated[t.name]))
+                quotas = sub.pattern.quotas(t, ~t.gather(allocated[t.name]))
                 mask, losses = self._solve(
                     t,
                     A,

@@ -1,4 +1,4 @@
-"""Structured pruning (``pattern="channels"``): whole neurons, channels and attention heads.
+"""The model graph that structured pruning and ``shrink`` share: which layers a structure spans.
 
 A *structure* is one unit of a layer's output that can disappear from the model: a hidden neuron,
 a Conv output channel, an attention head (with grouped-query attention: a key/value head together
@@ -10,14 +10,7 @@ with the query heads that share it). Removing it touches several layers at once,
   Conv's ``kh * kw`` unfolded columns, a Linear's ``H * W`` columns after a ``Flatten``, a head's
   ``head_dim`` columns of ``o_proj``).
 
-A structure is pruned when all its weights in the targets are masked. Zero consumer columns alone
-already make its output irrelevant, so the masked model computes what the smaller model of
-:func:`lightning_prune.shrink.shrink` computes. Training-time freezing, checkpoints and DDP are the
-unstructured masks' own machinery; selection picks structures instead of weights
-(:meth:`Channels.select`), and layer-wise OBS removes a structure's consumer columns ``Q`` with the
-group update ``dW = -W[:, Q] ([H^-1]_QQ)^-1 (H^-1)[Q, :]`` (:mod:`lightning_prune.obs.structured`).
-
-**Discovery** is a small graph of our own, not Torch-Pruning's DepGraph (measured in
+:func:`discover` is a small graph of our own, not Torch-Pruning's DepGraph (measured in
 ``benchmarks/RESULTS.md``: DepGraph groups Sequential MLPs and CNNs in 0.05 s, but did not finish
 tracing a one-layer LLaMA of transformers 5 in 5 minutes, and its groups carry no notion of the
 consumer columns OBS compensates in). It understands:
@@ -32,20 +25,18 @@ consumer columns OBS compensates in). It understands:
   is kept).
 
 Everything else (residual streams, LayerNorm'd features, grouped convolutions, the classifier's
-outputs, a layer used twice) is left alone and listed in :attr:`Channels.notes`.
+outputs, a layer used twice) is left alone and listed in the notes. ``pattern="channels"``
+(:mod:`lightning_prune.patterns.channels`) prunes these families; :func:`lightning_prune.shrink.shrink`
+removes them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_prune.patterns import Pattern
-from lightning_prune.selection import floor_count, select_masks
-from lightning_prune.targets import PruneTarget, is_hf_conv1d
+from lightning_prune.targets import is_hf_conv1d
 
 _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
@@ -276,190 +267,3 @@ def discover(model: nn.Module) -> tuple[list[Family], list[str]]:
             seen.update(s.module for s in f.producers)
             out.append(f)
     return out, notes
-
-
-def _view(t: PruneTarget, x: Tensor, slot: Slot, size: int) -> Tensor:
-    """``(size, ...)`` view of ``x`` (weight layout) with structure ``j`` in row ``j``."""
-    return _view_matrix(t.matrix(x), slot, size)
-
-
-def _view_matrix(m: Tensor, slot: Slot, size: int) -> Tensor:
-    """``(size, ...)`` view of ``m`` (``(d_out, d_in)`` layout) with structure ``j`` in row ``j``."""
-    if slot.axis == "out":
-        return m.reshape(size, slot.width * m.shape[1])
-    return m.reshape(m.shape[0], size, slot.width).transpose(0, 1).reshape(size, -1)
-
-
-class Channels(Pattern):
-    """``pattern="channels"``: prune whole structures (see the module docstring).
-
-    ``target`` is the fraction of *structures* removed (of all families under ``scope="global"``,
-    of each family under ``"layer"``); ``min_density`` keeps at least ``max(1, ceil(min_density *
-    size))`` structures of every family, so no layer loses all of them. A structure's score is the
-    sum of its weights' scores: magnitude ranks by the group's L1 norm (as "Pruning Filters" does,
-    over the producer rows and the consumer columns), OBD by the summed ``1/2 h w^2``.
-    """
-
-    name = "channels"
-
-    def __init__(self) -> None:
-        self.families: list[Family] = []
-        self.notes: list[str] = []
-        self._targets: dict[str, PruneTarget] = {}
-
-    @property
-    def structured(self) -> bool:
-        return True
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Channels)
-
-    def __hash__(self) -> int:
-        return hash(self.name)
-
-    def check_scope(self, scope: str) -> None:
-        if scope == "row":
-            raise ValueError(
-                "pattern='channels' removes whole rows and columns: use scope='global' or 'layer', got scope='row'"
-            )
-
-    # ------------------------------------------------------------------ binding
-    def bind(
-        self, model: nn.Module, targets: Sequence[PruneTarget], target: float, scope: str, min_density: float
-    ) -> Channels:
-        """Discover the families of ``model`` among ``targets``; refuse if none or the target is unreachable."""
-        families, notes = discover(model)
-        by_module = {t.module_name: t for t in targets if t.is_layer_weight}
-        kept = []
-        for f in families:
-            if missing := [s.module for s in f.consumers if s.module not in by_module]:
-                notes.append(f"{f.name}: consumer {missing} is not a pruning target, left alone")
-                continue
-            bad = [
-                s.module
-                for s in (*f.producers, *f.consumers)
-                if s.module in by_module and not _fits(by_module[s.module], s, f.size)
-            ]
-            if bad:
-                notes.append(f"{f.name}: the shapes of {bad} do not split into {f.size} structures, left alone")
-                continue
-            kept.append(f)
-        if not kept:
-            raise ValueError(
-                f"pattern='channels' found no structure to remove in {type(model).__name__} among the targets: "
-                + ("; ".join(notes[:6]) or "no Linear/Conv chain, gated MLP or attention block")
-                + ". Supported: nn.Sequential chains, Hugging Face MLPs and attention (see lightning_prune.structures)"
-            )
-        covered = {s.module for f in kept for s in (*f.producers, *f.consumers)}
-        if alone := [t.name for t in targets if t.module_name not in covered]:
-            notes.append(f"targets in no family stay dense: {alone[:8]}{' ...' if len(alone) > 8 else ''}")
-        bound = Channels()
-        bound.families, bound.notes = kept, notes
-        bound._targets = {
-            s.module: by_module[s.module] for f in kept for s in (*f.producers, *f.consumers) if s.module in by_module
-        }
-        bound._check_feasible(target, scope, min_density)
-        return bound
-
-    def _check_feasible(self, target: float, scope: str, min_density: float) -> None:
-        sizes = {f.name: f.size for f in self.families}
-        if scope == "layer":
-            for name, n in sizes.items():
-                if round(target * n) > n - floor_count(n, min_density):
-                    raise ValueError(
-                        f"target={target} with pattern='channels', scope='layer' would leave {name!r} ({n} structures) "
-                        f"fewer than the floor of {floor_count(n, min_density)} (min_density={min_density})"
-                    )
-            return
-        total = sum(sizes.values())
-        floor = sum(floor_count(n, min_density) for n in sizes.values())
-        if round(target * total) > total - floor:
-            raise ValueError(
-                f"target={target} is unreachable under pattern='channels': the floor (min_density={min_density}) keeps "
-                f"{floor} of {total} structures, so at most {(total - floor) / total:.4f} can go"
-            )
-
-    def slots(self, family: Family, which: str = "all") -> list[tuple[Slot, PruneTarget]]:
-        """``(slot, target)`` of a family's layers that are targets (``which``: all, producers, consumers)."""
-        chosen = (
-            family.producers
-            if which == "producers"
-            else family.consumers
-            if which == "consumers"
-            else (*family.producers, *family.consumers)
-        )
-        return [(s, self._targets[s.module]) for s in chosen if s.module in self._targets]
-
-    # ------------------------------------------------------------------ structures <-> masks
-    def pruned(self, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per family, which structures are pruned (every weight of theirs in the targets masked)."""
-        out = {}
-        for f in self.families:
-            gone = torch.ones(f.size, dtype=torch.bool, device=next(iter(masks.values())).device)
-            for s, t in self.slots(f):
-                gone &= ~_view(t, masks[t.name], s, f.size).any(1).to(gone.device)
-            out[f.name] = gone
-        return out
-
-    def units(self, masks: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
-        return {n: (int(p.sum()), p.numel()) for n, p in self.pruned(masks).items()}
-
-    def check_masks(self, masks: Mapping[str, Tensor], what: str) -> None:
-        """Masks (``(d_out, d_in)`` layout) must be what whole structures give: masks only shrink, so
-        unstructured or N:M masks can never become structures."""
-        by_name = {t.name: t for t in self._targets.values()}
-        weights = {n: by_name[n].unmatrix(m) if n in by_name else m for n, m in masks.items()}
-        expected = self.expand({n: torch.ones_like(m) for n, m in weights.items()}, self.pruned(weights))
-        if bad := [n for n, m in weights.items() if not torch.equal(m, expected[n])]:
-            raise ValueError(
-                f"{what} masks of {bad[:5]} prune parts of structures (or weights in none), not whole neurons, "
-                "channels or heads: pattern='channels' removes whole structures, and masks only shrink. Start from "
-                "the dense model (or masks pruned with pattern='channels')"
-            )
-
-    def scores(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Per family, each structure's summed weight score (float64)."""
-        out = {}
-        for f in self.families:
-            total = torch.zeros(f.size, dtype=torch.float64, device=next(iter(scores.values())).device)
-            for s, t in self.slots(f):
-                total += _view(t, scores[t.name].detach().to(torch.float64), s, f.size).sum(1).to(total.device)
-            out[f.name] = total
-        return out
-
-    def expand(self, masks: Mapping[str, Tensor], gone: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``masks`` with every weight of the ``gone`` structures (per family) masked."""
-        out = {n: m.clone() for n, m in masks.items()}
-        for f in self.families:
-            if f.name not in gone:
-                continue
-            for s, t in self.slots(f):
-                m = t.matrix(out[t.name])
-                g = gone[f.name].to(m.device)
-                if s.axis == "out":
-                    m.view(f.size, s.width, m.shape[1])[g] = False
-                else:
-                    m.view(m.shape[0], f.size, s.width)[:, g] = False
-        return out
-
-    def select(
-        self, scores: Mapping[str, Tensor], masks: Mapping[str, Tensor], sparsity: float, scope: str, min_density: float
-    ) -> dict[str, Tensor]:
-        """Weight masks (weight layout) removing ``sparsity`` of the structures with the lowest summed scores."""
-        unit_scores = self.scores(scores)
-        kept = {n: ~p for n, p in self.pruned(masks).items()}
-        chosen = select_masks(unit_scores, kept, sparsity, scope=scope, min_density=min_density)
-        return self.expand(masks, {n: ~c for n, c in chosen.items()})
-
-
-def _fits(t: PruneTarget, slot: Slot, size: int) -> bool:
-    d_out, d_in = t.shape2d
-    return (d_out if slot.axis == "out" else d_in) == size * slot.width
-
-
-def structure_sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> tuple[int, int] | None:
-    """``(pruned, total)`` structures under a bound :class:`Channels` pattern, else ``None``."""
-    if not isinstance(pattern, Channels) or not pattern.families:
-        return None
-    units = pattern.units(masks).values()
-    return sum(p for p, _ in units), sum(n for _, n in units)

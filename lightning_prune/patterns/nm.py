@@ -1,19 +1,11 @@
-"""Sparsity patterns: which weights may be zero together.
+"""``pattern="N:M"`` (e.g. ``"2:4"``, ``"4:8"``): N of every M consecutive weights of a row are zero.
 
-A pattern constrains the masks a round may choose; the criterion's scores still decide *which*
-weights go. Everything pattern-specific lives here, so adding a pattern touches this module (and
-the solvers, if they choose masks inside their sweep).
-
-* ``"unstructured"`` (default): any weight may be pruned.
-* ``"channels"``: whole neurons, Conv channels and attention heads, with the layers they couple
-  (:mod:`lightning_prune.structures`, which holds everything about it).
-* ``"N:M"`` (e.g. ``"2:4"``, ``"4:8"``): **N of every M consecutive weights are zero** (the
-  reading of SparseGPT, Wanda and llm-compressor's ``mask_structure``; NVIDIA's "2:4" is the same
-  thing for N = M/2). Groups run along the *input* dimension of each output row, in the layout
-  torch's semi-structured kernels expect: ``in_features`` of a Linear, ``in_channels * kh * kw`` of
-  an unfolded Conv, the rows of a Hugging Face ``Conv1D`` weight (stored in x out). Every target's
-  input dimension must be a multiple of M. The final sparsity of every layer is exactly N/M, so
-  ``target`` must be N/M.
+This is the reading of SparseGPT, Wanda and llm-compressor's ``mask_structure`` (NVIDIA's "2:4" is
+the same thing for N = M/2). Groups run along the *input* dimension of each output row, in the
+layout torch's semi-structured kernels expect: ``in_features`` of a Linear, ``in_channels * kh * kw``
+of an unfolded Conv, the rows of a Hugging Face ``Conv1D`` weight (stored in x out). Every target's
+input dimension must be a multiple of M. The final sparsity of every layer is exactly N/M, so
+``target`` must be N/M.
 
 **How gradual rounds reach N:M** (``ramp``). A schedule's intermediate sparsity ``s < N/M`` is met
 by masks that never break the pattern:
@@ -25,6 +17,7 @@ by masks that never break the pattern:
   lowest first; a fraction ``s / (N/M)`` of the groups is complete after the round, the rest dense.
 
 Both only shrink masks. ``benchmarks/RESULTS.md`` compares them (gradual MLP, magnitude and OBS).
+Layer-wise OBS chooses each group's zeros inside its column sweep (:meth:`NM.quotas`).
 """
 
 from __future__ import annotations
@@ -37,53 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.patterns.base import Pattern, as_matrices, from_matrices, register
+from lightning_prune.selection import Shards, select_masks, sort_key
 from lightning_prune.targets import PruneTarget
 
 RAMPS = ("capped", "groups")
-
-
-class Pattern:
-    """The unstructured pattern; base of the structured ones."""
-
-    name = "unstructured"
-
-    def __str__(self) -> str:
-        return self.name
-
-    @property
-    def structured(self) -> bool:
-        """Whether masks are constrained (and selection works on ``(d_out, d_in)`` matrices)."""
-        return False
-
-    def check_target(self, target: float) -> None:
-        """Refuse a final sparsity the pattern cannot have (called when the pruner is built)."""
-
-    def check_min_density(self, min_density: float) -> None:
-        """Refuse a per-layer floor the pattern can never meet."""
-
-    def check_scope(self, scope: str) -> None:
-        """Refuse a scope the pattern cannot select under (called when the pruner is built)."""
-
-    def check_targets(self, targets: Sequence[PruneTarget]) -> None:
-        """Refuse layers whose shape the pattern does not fit (called when the pruner binds)."""
-
-    def bind(
-        self, model: nn.Module, targets: Sequence[PruneTarget], target: float, scope: str, min_density: float
-    ) -> Pattern:
-        """The pattern for this model (structured patterns discover what they remove); refuses what cannot work."""
-        self.check_targets(targets)
-        return self
-
-    def units(self, masks: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
-        """``(pruned, total)`` units per layer, what ``target`` is a fraction of: weights here."""
-        return {n: (int((~m).sum()), m.numel()) for n, m in masks.items()}
-
-    def check_masks(self, masks: Mapping[str, Tensor], what: str) -> None:
-        """Refuse masks (``(d_out, d_in)`` layout) that break the pattern: masks only shrink, so a
-        pattern cannot be recovered from them."""
-
-
-UNSTRUCTURED = Pattern()
 
 
 @dataclass(frozen=True)
@@ -93,6 +44,7 @@ class NM(Pattern):
     n: int
     m: int
     ramp: str = "capped"
+    within_rows = True  # not a field: groups run along each output row
 
     def __post_init__(self) -> None:
         for name, value in (("n", self.n), ("m", self.m)):
@@ -109,10 +61,6 @@ class NM(Pattern):
 
     def __str__(self) -> str:
         return self.name if self.ramp == "capped" else f"{self.name} (ramp={self.ramp!r})"
-
-    @property
-    def structured(self) -> bool:
-        return True
 
     @property
     def sparsity(self) -> float:
@@ -132,8 +80,14 @@ class NM(Pattern):
                 f"{1 - self.sparsity:g} of every layer"
             )
 
-    def check_targets(self, targets: Sequence[PruneTarget]) -> None:
-        bad = [f"{t.name} (input dimension {t.shape2d[1]})" for t in targets if t.shape2d[1] % self.m]
+    def bind(
+        self, model: nn.Module, layers: Sequence[PruneTarget], target: float, scope: str, min_density: float
+    ) -> NM:
+        self.check_layers(layers)  # the pattern keeps its own floor (check_min_density): no feasibility check
+        return self
+
+    def check_layers(self, layers: Sequence[PruneTarget]) -> None:
+        bad = [f"{t.name} (input dimension {t.shape2d[1]})" for t in layers if t.shape2d[1] % self.m]
         if bad:
             raise ValueError(
                 f"pattern='{self.name}' groups {self.m} consecutive input weights, and these layers' input dimension "
@@ -141,8 +95,8 @@ class NM(Pattern):
                 "exclude=[...]"
             )
 
-    def check_masks(self, masks: Mapping[str, Tensor], what: str) -> None:
-        for name, mask in masks.items():
+    def check_masks(self, masks: Mapping[str, Tensor], layers: Sequence[PruneTarget] | None, what: str) -> None:
+        for name, mask in as_matrices(masks, layers).items():
             pruned = self.pruned_per_group(~mask)
             if bool((pruned > self.n).any()):
                 raise ValueError(
@@ -182,21 +136,46 @@ class NM(Pattern):
         pruned = self.eligible(key) & chosen.repeat_interleave(self.m, 1)
         return ~pruned & (key != -math.inf)
 
+    # ------------------------------------------------------------------ choosing
+    def select(
+        self,
+        scores: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        sparsity: float,
+        *,
+        scope: str = "global",
+        min_density: float | None = 0.0,
+        shards: Shards | None = None,
+        layers: Sequence[PruneTarget] | None = None,
+    ) -> dict[str, Tensor]:
+        """Masks that keep the pattern, in the ``(d_out, d_in)`` view (see the module docstring); the
+        pattern keeps its own floor (M - N of every M), so ``min_density`` is not applied."""
+        scores, masks = as_matrices(scores, layers), as_matrices(masks, layers)
+        self.check_masks(masks, None, "the current")
+        if self.ramp == "groups":
+            keys = {n: sort_key(scores[n], masks[n]).view(masks[n].shape) for n in masks}
+            costs, complete = {}, {}
+            for n, key in keys.items():
+                costs[n], complete[n] = self.group_costs(key)
+            fraction = min(1.0, sparsity / self.sparsity)
+            chosen = select_masks(
+                costs, {n: ~c for n, c in complete.items()}, fraction, scope=scope, min_density=None, shards=shards
+            )
+            out = {n: self.complete_groups(keys[n], ~chosen[n]) for n in keys}
+        else:
+            out = select_masks(
+                scores, masks, sparsity, scope=scope, min_density=None, allowed=self.eligible, shards=shards
+            )
+        return from_matrices(out, layers)
+
+    def quotas(self, layer: PruneTarget, pruned: Tensor) -> tuple[int, Tensor]:
+        return self.m, self.pruned_per_group(layer.matrix(pruned))
+
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-def parse_pattern(pattern: str | Pattern) -> Pattern:
-    """``"unstructured"``, ``"N:M"`` or a :class:`Pattern` -> a :class:`Pattern`."""
-    if isinstance(pattern, Pattern):
-        return pattern
-    if isinstance(pattern, str):
-        if pattern == "unstructured":
-            return UNSTRUCTURED
-        if pattern == "channels":
-            from lightning_prune.structures import Channels  # structured pruning builds on this module
-
-            return Channels()
-        if match := _NM.match(pattern):
-            return NM(int(match.group(1)), int(match.group(2)))
-    raise ValueError(f"`pattern` must be 'unstructured', 'N:M' (e.g. '2:4') or 'channels', got {pattern!r}")
+@register("'N:M' (e.g. '2:4')")
+def _parse(spec: str) -> Pattern | None:
+    match = _NM.match(spec)
+    return NM(int(match.group(1)), int(match.group(2))) if match else None
