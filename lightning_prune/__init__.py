@@ -1,6 +1,8 @@
 """lightning-prune: second-order pruning (OBD, OBS) as Lightning callbacks while you train, and ``prune()`` after.
 
-The pruning core (``prune``, ``Pruner``, :mod:`lightning_prune.criteria` and everything they use)
+Named algorithms (``SparseGPT``, ``Wanda``, ``OBC``, ``WoodFisher``, ``OBD``, ``GMP``:
+:mod:`lightning_prune.presets`) build the same pruners as the callbacks' flags. The pruning core
+(``prune``, ``Pruner``, the presets, :mod:`lightning_prune.criteria` and everything they use)
 imports nothing from Lightning; the callbacks, the Lightning adapters over it, are imported on
 first use, so ``from lightning_prune import prune`` works where Lightning is not installed.
 """
@@ -8,6 +10,7 @@ first use, so ``from lightning_prune import prune`` works where Lightning is not
 from typing import Any
 
 from lightning_prune.export import export_semi_structured
+from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
 from lightning_prune.shrink import shrink
@@ -15,11 +18,17 @@ from lightning_prune.shrink import shrink
 _CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
 __all__ = [
+    "GMP",
+    "OBC",
+    "OBD",
     "MagnitudePruning",
     "OBDPruning",
     "OBSPruning",
     "Pruner",
     "PruningCallback",
+    "SparseGPT",
+    "Wanda",
+    "WoodFisher",
     "export_semi_structured",
     "prune",
     "shrink",

@@ -19,9 +19,10 @@ checkpoint (``load_state_dict``, ``fit(ckpt_path=...)``) apply to whatever model
 
 from __future__ import annotations
 
+import inspect
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -34,7 +35,7 @@ from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
 from lightning_prune.distributed import Collectives, default_collectives, warn
 from lightning_prune.patterns import Pattern, parse_pattern
-from lightning_prune.schedule import SparsitySchedule, check_fraction
+from lightning_prune.schedule import Schedule, check_fraction, check_options, forwarded, schedule_parameters
 from lightning_prune.selection import SCOPES
 from lightning_prune.summary import layer_table
 from lightning_prune.targets import PruneTarget, match_names, resolve_targets, targets_of
@@ -48,13 +49,17 @@ class Pruner:
     Args:
         criterion: how a round scores (and, for OBS, moves) weights.
         target: final fraction of the selected weights that are exactly zero, in ``[0, 1)``.
-        schedule: ``"cubic"``, ``"linear"``, ``"one_shot"`` or a callable ``point -> sparsity``.
-        start_epoch, end_epoch, every_n_epochs: epoch triggers (rounds at the end of those epochs).
-        start_step, end_step, every_n_steps: step triggers, in optimizer steps
-            (``trainer.global_step``); not together with epoch triggers. See
-            :mod:`lightning_prune.schedule` for defaults and the default end.
         scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer
             the same sparsity; ``"row"`` each output row (Wanda's and SparseGPT's allocation).
+        pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
+            each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
+            sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
+            :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
+            each group's zeros inside its column sweep, from the compensated weights.
+            ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
+            couple (:mod:`lightning_prune.graph`); ``target`` is then the fraction of structures
+            removed and ``min_density`` keeps at least one of every family;
+            ``lightning_prune.shrink`` turns the result into a smaller dense model.
         include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).
@@ -67,29 +72,20 @@ class Pruner:
             LightningModule, or the output's ``.loss`` in ``prune()`` (see
             :mod:`lightning_prune.calibration`).
         verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
-        pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
-            each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
-            sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
-            :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
-            each group's zeros inside its column sweep, from the compensated weights.
-            ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
-            couple (:mod:`lightning_prune.structures`); ``target`` is then the fraction of
-            structures removed and ``min_density`` keeps at least one of every family;
-            ``lightning_prune.shrink`` turns the result into a smaller dense model.
+        **schedule: when rounds fire and how sparse each leaves the model: ``schedule``
+            (``"cubic"``, ``"linear"``, ``"one_shot"`` or a callable ``point -> sparsity``), epoch
+            triggers ``start_epoch``, ``end_epoch``, ``every_n_epochs`` or step triggers
+            ``start_step``, ``end_step``, ``every_n_steps`` (optimizer steps). They are
+            :class:`~lightning_prune.schedule.Schedule`'s arguments, defined there only.
     """
 
     def __init__(
         self,
         criterion: Criterion,
         target: float,
-        schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int | None = None,
-        end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        every_n_steps: int | None = None,
+        *,
         scope: str = "global",
+        pattern: str | Pattern = "unstructured",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         parameters: Sequence[nn.Parameter] | None = None,
@@ -98,19 +94,11 @@ class Pruner:
         eval_batches: int = 8,
         loss_fn: LossFn | None = None,
         verbose: int = 1,
-        pattern: str | Pattern = "unstructured",
+        **schedule: Any,
     ) -> None:
         self.criterion = criterion
-        self._schedule = SparsitySchedule(
-            target,
-            schedule,
-            start_epoch,
-            end_epoch,
-            every_n_epochs,
-            start_step=start_step,
-            end_step=end_step,
-            every_n_steps=every_n_steps,
-        )
+        check_options(type(self).__name__, schedule, schedule_parameters())
+        self._schedule = Schedule(target, **schedule)
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
         criterion.check_scope(scope)
@@ -152,7 +140,7 @@ class Pruner:
         return self._schedule.target
 
     @property
-    def schedule(self) -> SparsitySchedule:
+    def schedule(self) -> Schedule:
         return self._schedule
 
     @property
@@ -504,6 +492,17 @@ def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:
     """Fraction of the units ``target`` counts (weights, or structures) that ``masks`` prune."""
     units = pattern.units(masks).values()
     return sum(p for p, _ in units) / max(sum(n for _, n in units), 1)
+
+
+forwarded(Pruner.__init__, schedule_parameters())
+
+
+def pruner_parameters() -> list[inspect.Parameter]:
+    """:class:`Pruner`'s arguments after ``criterion`` and ``target`` (its schedule's included),
+    keyword-only: what callbacks and presets accept and forward to it."""
+    params = list(inspect.signature(Pruner.__init__, eval_str=True).parameters.values())
+    params = params[3:]  # not self, criterion, target
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
 
 
 def is_pruning_state(state: Any) -> bool:

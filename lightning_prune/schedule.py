@@ -29,9 +29,11 @@ fine-tuning in epochs 5-9). Steps: ``end_step = start_step + (total_steps - star
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 SCHEDULES = ("cubic", "linear", "one_shot")
 UNITS = ("epoch", "step")
@@ -70,18 +72,8 @@ class Triggers:
         return f"every_n_{self.unit}s" if what == "every" else f"{what}_{self.unit}"
 
 
-def triggers(
-    schedule: ScheduleArg = "cubic",
-    start_epoch: int | None = None,
-    end_epoch: int | None = None,
-    every_n_epochs: int | None = None,
-    start_step: int | None = None,
-    end_step: int | None = None,
-    every_n_steps: int | None = None,
-) -> Triggers:
+def _triggers(one_shot: bool, epoch_args: dict[str, int | None], step_args: dict[str, int | None]) -> Triggers:
     """Validate and normalise the epoch or step trigger arguments (see the module docstring)."""
-    epoch_args = {"start_epoch": start_epoch, "end_epoch": end_epoch, "every_n_epochs": every_n_epochs}
-    step_args = {"start_step": start_step, "end_step": end_step, "every_n_steps": every_n_steps}
     given_epoch = [k for k, v in epoch_args.items() if v is not None]
     given_step = [k for k, v in step_args.items() if v is not None]
     if given_epoch and given_step:
@@ -90,19 +82,21 @@ def triggers(
             f"and {given_step[0]}={step_args[given_step[0]]!r}"
         )
     if not given_step:
+        start_epoch, every_n = epoch_args["start_epoch"], epoch_args["every_n_epochs"]
         start = _check_int("start_epoch", 0 if start_epoch is None else start_epoch, 0)
-        every = _check_int("every_n_epochs", 1 if every_n_epochs is None else every_n_epochs, 1)
-        unit, end = "epoch", end_epoch
+        every = _check_int("every_n_epochs", 1 if every_n is None else every_n, 1)
+        unit, end = "epoch", epoch_args["end_epoch"]
     else:
-        if every_n_steps is not None:
-            _check_int("every_n_steps", every_n_steps, 1)
-        elif schedule != "one_shot" or start_step is None:
+        every_n, start_step = step_args["every_n_steps"], step_args["start_step"]
+        if every_n is not None:
+            _check_int("every_n_steps", every_n, 1)
+        elif not one_shot or start_step is None:
             raise ValueError(
                 "step triggers need `every_n_steps` (rounds at start_step, start_step + every_n_steps, ... "
                 f"end_step), or `start_step` with schedule='one_shot'; got {', '.join(given_step)}"
             )
-        start = _check_int("start_step", every_n_steps if start_step is None else start_step, 1)
-        unit, end, every = "step", end_step, every_n_steps or 1
+        start = _check_int("start_step", every_n if start_step is None else start_step, 1)
+        unit, end, every = "step", step_args["end_step"], every_n or 1
     t = Triggers(unit, start, end, every)
     if end is not None:
         _check_int(t.arg("end"), end, 0)
@@ -111,8 +105,39 @@ def triggers(
     return t
 
 
-class SparsitySchedule:
-    """Round points (epochs or steps) and the cumulative sparsity each round reaches."""
+def schedule_parameters() -> list[inspect.Parameter]:
+    """:class:`Schedule`'s arguments but ``target``, keyword-only: the trigger arguments that pruners,
+    callbacks and presets accept and forward here (their signatures are built from this list)."""
+    params = list(inspect.signature(Schedule.__init__, eval_str=True).parameters.values())[2:]  # not self, target
+    return [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+
+
+def forwarded(fn: Callable[..., Any], *sources: Sequence[inspect.Parameter]) -> Callable[..., Any]:
+    """``fn`` (whose ``**kwargs`` forwards arguments) with a signature that lists them: its own
+    parameters, then each of ``sources`` (keyword-only). LightningCLI (jsonargparse), ``inspect`` and
+    IDEs see every argument typed, while each one is written in a single place."""
+    own = inspect.signature(fn, eval_str=True).parameters.values()
+    own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    extra = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for src in sources for p in src if p.name not in names]
+    fn.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    return fn
+
+
+def check_options(who: str, options: Mapping[str, Any], allowed: Sequence[inspect.Parameter]) -> None:
+    """Refuse a keyword that no forwarded parameter takes, as Python would, naming ``who``."""
+    names = {p.name for p in allowed}
+    if unknown := [k for k in options if k not in names]:
+        raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+class Schedule:
+    """Round points (epochs or steps) and the cumulative sparsity each round reaches.
+
+    Its arguments are the trigger arguments of every pruner, callback and preset, written here only:
+    :func:`schedule_parameters` gives them to the signatures that forward them (see the module
+    docstring for their meaning and defaults).
+    """
 
     def __init__(
         self,
@@ -121,7 +146,6 @@ class SparsitySchedule:
         start_epoch: int | None = None,
         end_epoch: int | None = None,
         every_n_epochs: int | None = None,
-        *,
         start_step: int | None = None,
         end_step: int | None = None,
         every_n_steps: int | None = None,
@@ -130,7 +154,11 @@ class SparsitySchedule:
         if not callable(schedule) and schedule not in SCHEDULES:
             raise ValueError(f"`schedule` must be one of {SCHEDULES} or a callable point -> sparsity, got {schedule!r}")
         self.schedule = schedule
-        self.when = triggers(schedule, start_epoch, end_epoch, every_n_epochs, start_step, end_step, every_n_steps)
+        self.when = _triggers(
+            schedule == "one_shot",
+            {"start_epoch": start_epoch, "end_epoch": end_epoch, "every_n_epochs": every_n_epochs},
+            {"start_step": start_step, "end_step": end_step, "every_n_steps": every_n_steps},
+        )
         self._points: list[int] | None = None
         self._values: dict[int, float] = {}
         if self.when.end is not None or schedule == "one_shot":
@@ -230,11 +258,6 @@ class SparsitySchedule:
             raise RuntimeError("schedule not resolved yet: call resolve(horizon) first")
         return list(self._points)
 
-    @property
-    def round_epochs(self) -> list[int]:
-        """The round points under their historical name (epochs, or steps for step triggers)."""
-        return self.points
-
     def is_round(self, point: int) -> bool:
         return point in self._values
 
@@ -268,6 +291,6 @@ class SparsitySchedule:
 
     def __repr__(self) -> str:
         return (
-            f"SparsitySchedule(target={self.target}, schedule={self.schedule!r}, {self.unit}s={self._points}, "
+            f"Schedule(target={self.target}, schedule={self.schedule!r}, {self.unit}s={self._points}, "
             f"sparsities={[round(v, 4) for v in self._values.values()]})"
         )

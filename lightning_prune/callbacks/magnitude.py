@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any
 
-from torch import nn
-
-from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Magnitude
-from lightning_prune.patterns import Pattern
+from lightning_prune.pruner import pruner_parameters
+from lightning_prune.schedule import forwarded
 
 
 class MagnitudePruning(PruningCallback):
@@ -25,45 +22,8 @@ class MagnitudePruning(PruningCallback):
     capped by ``eval_batches`` since no others are read; ``eval_batches=0`` keeps none.
     """
 
-    def __init__(
-        self,
-        target: float,
-        schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int | None = None,
-        end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        every_n_steps: int | None = None,
-        scope: Literal["global", "layer", "row"] = "global",
-        pattern: str | Pattern = "unstructured",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        parameters: Sequence[nn.Parameter] | None = None,
-        min_density: float = 0.001,
-        num_batches: int = 32,
-        eval_batches: int = 8,
-        loss_fn: LossFn | None = None,
-        verbose: int = 1,
-    ) -> None:
-        super().__init__(
-            Magnitude(),
-            target,
-            schedule,
-            start_epoch,
-            end_epoch,
-            every_n_epochs,
-            start_step,
-            end_step,
-            every_n_steps,
-            scope,
-            include,
-            exclude,
-            parameters,
-            min_density,
-            num_batches=num_batches,
-            eval_batches=eval_batches,
-            loss_fn=loss_fn,
-            verbose=verbose,
-            pattern=pattern,
-        )
+    def __init__(self, target: float, **options: Any) -> None:
+        super().__init__(Magnitude(), target, **options)
+
+
+forwarded(MagnitudePruning.__init__, pruner_parameters())

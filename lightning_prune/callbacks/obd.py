@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from torch import nn
-
-from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBD
-from lightning_prune.patterns import Pattern
+from lightning_prune.pruner import pruner_parameters
+from lightning_prune.schedule import forwarded
 
 
 class OBDPruning(PruningCallback):
@@ -46,48 +43,15 @@ class OBDPruning(PruningCallback):
         self,
         target: float,
         curvature: Literal["fisher", "kfac", "ekfac", "hutchinson", "activations"] = "fisher",
-        schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int | None = None,
-        end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        every_n_steps: int | None = None,
-        scope: Literal["global", "layer", "row"] = "global",
-        pattern: str | Pattern = "unstructured",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        parameters: Sequence[nn.Parameter] | None = None,
-        min_density: float = 0.001,
-        num_batches: int = 32,
-        eval_batches: int = 8,
         num_probes: int = 8,
         fisher_type: Literal["auto", "empirical", "mc", "exact"] = "auto",
         mc_samples: int = 1,
         loss_reduction: Literal["mean", "sum"] = "mean",
-        loss_fn: LossFn | None = None,
-        verbose: int = 1,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            OBD(curvature, num_probes, loss_reduction, fisher_type, mc_samples),
-            target,
-            schedule,
-            start_epoch,
-            end_epoch,
-            every_n_epochs,
-            start_step,
-            end_step,
-            every_n_steps,
-            scope,
-            include,
-            exclude,
-            parameters,
-            min_density,
-            num_batches,
-            eval_batches,
-            loss_fn,
-            verbose,
-            pattern=pattern,
-        )
-        if curvature == "ekfac" and num_batches < 2:
-            raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")
+        super().__init__(OBD(curvature, num_probes, loss_reduction, fisher_type, mc_samples), target, **options)
+        if curvature == "ekfac" and self.num_batches < 2:
+            raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {self.num_batches}")
+
+
+forwarded(OBDPruning.__init__, pruner_parameters())

@@ -5,15 +5,12 @@ The criterion, its Hessian models, solvers and allocation live in :mod:`lightnin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from torch import nn
-
-from lightning_prune.calibration import LossFn
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBS
-from lightning_prune.patterns import Pattern
+from lightning_prune.pruner import pruner_parameters
+from lightning_prune.schedule import forwarded
 
 
 class OBSPruning(PruningCallback):
@@ -85,60 +82,28 @@ class OBSPruning(PruningCallback):
         reconstruct: Literal["original", "current"] = "original",
         optimizer_state: Literal["keep", "reset"] = "reset",
         solver_dtype: Literal["float64", "float32"] = "float64",
-        schedule: str | Callable[[int], float] = "cubic",
-        start_epoch: int | None = None,
-        end_epoch: int | None = None,
-        every_n_epochs: int | None = None,
-        start_step: int | None = None,
-        end_step: int | None = None,
-        every_n_steps: int | None = None,
-        scope: Literal["global", "layer", "row"] = "global",
-        pattern: str | Pattern = "unstructured",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        parameters: Sequence[nn.Parameter] | None = None,
-        min_density: float = 0.001,
-        num_batches: int = 32,
-        eval_batches: int = 8,
         fisher_type: Literal["auto", "empirical", "mc", "exact"] = "empirical",
         mc_samples: int = 1,
         blocks: str | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
-        loss_fn: LossFn | None = None,
-        verbose: int = 1,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            OBS(
-                hessian,
-                solver,
-                allocation,
-                damp,
-                block_size,
-                recompute_steps,
-                optimizer_state,
-                solver_dtype,
-                loss_reduction,
-                fisher_type,
-                mc_samples,
-                blocks,
-                reconstruct=reconstruct,
-            ),
-            target,
-            schedule,
-            start_epoch,
-            end_epoch,
-            every_n_epochs,
-            start_step,
-            end_step,
-            every_n_steps,
-            scope,
-            include,
-            exclude,
-            parameters,
-            min_density,
-            num_batches,
-            eval_batches,
-            loss_fn,
-            verbose,
-            pattern=pattern,
+        criterion = OBS(
+            hessian,
+            solver,
+            allocation,
+            damp,
+            block_size,
+            recompute_steps,
+            optimizer_state,
+            solver_dtype,
+            loss_reduction,
+            fisher_type,
+            mc_samples,
+            blocks,
+            reconstruct=reconstruct,
         )
+        super().__init__(criterion, target, **options)
+
+
+forwarded(OBSPruning.__init__, pruner_parameters())

@@ -1,0 +1,103 @@
+"""Named algorithms are the flags they stand for; trigger arguments are written once, in ``Schedule``."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from conftest import TinyNet, make_trainer
+from test_readme import hf
+
+from lightning_prune import (
+    GMP,
+    OBC,
+    OBD,
+    MagnitudePruning,
+    OBDPruning,
+    OBSPruning,
+    Pruner,
+    SparseGPT,
+    Wanda,
+    WoodFisher,
+    presets,
+    prune,
+)
+from lightning_prune.schedule import Schedule, schedule_parameters
+
+SEQUENTIAL = dict(allocation="reconstruction", scope="layer", blocks="auto", reconstruct="current")
+FLAGS = {
+    SparseGPT: (OBSPruning, dict(**SEQUENTIAL, solver="fast")),
+    OBC: (OBSPruning, dict(**SEQUENTIAL, solver="exact")),
+    Wanda: (OBDPruning, dict(curvature="activations", scope="row")),
+    WoodFisher: (OBSPruning, dict(hessian="fisher", fisher_type="empirical")),
+    OBD: (OBDPruning, dict(curvature="fisher")),
+    GMP: (MagnitudePruning, dict(schedule="cubic", scope="layer")),
+}  # fmt: skip
+LABEL_FREE = {SparseGPT, OBC, Wanda}
+
+
+def lm_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    return [{"input_ids": ids.roll(i, 1), "labels": ids.roll(i, 1)} for i in range(4)]
+
+
+@pytest.mark.parametrize("preset", list(FLAGS), ids=lambda p: p.__name__)
+def test_a_preset_prunes_exactly_as_its_flags(preset):
+    cls, flags = FLAGS[preset]
+    made, flagged = preset(0.5, num_batches=4, verbose=0), cls(0.5, num_batches=4, verbose=0, **flags)
+    assert type(made) is cls
+    assert vars(made.criterion) == vars(flagged.criterion)
+    assert (made.scope, str(made.pattern), made.schedule.when) == (
+        flagged.scope,
+        str(flagged.pattern),
+        flagged.schedule.when,
+    )
+    model = hf("llama")
+    twin = copy.deepcopy(model)
+    data = lm_batches()
+    prune(model, data, made)
+    prune(twin, data, flagged)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+    assert made.sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_options_override_a_preset_and_unknown_ones_are_refused():
+    nm = SparseGPT(0.5, pattern="2:4", verbose=0)
+    assert str(nm.pattern) == "2:4" and nm.criterion.solver == "fast"
+    assert GMP(0.8, every_n_steps=10, verbose=0).schedule.when.every == 10
+    with pytest.raises(TypeError, match="OBSPruning\\(\\) got an unexpected keyword argument 'curvature'"):
+        SparseGPT(0.5, curvature="fisher")
+    with pytest.raises(ValueError, match="`solver` must be one of"):
+        OBC(0.5, solver="slow")
+
+
+def test_trigger_arguments_are_defined_once_and_every_signature_lists_them():
+    triggers = [p.name for p in schedule_parameters()]
+    assert triggers == list(inspect.signature(Schedule.__init__).parameters)[2:]
+    for fn in (
+        Pruner.__init__,
+        MagnitudePruning.__init__,
+        OBDPruning.__init__,
+        OBSPruning.__init__,
+        *presets.PRESETS.values(),
+    ):
+        params = inspect.signature(fn).parameters
+        assert all(params[t].kind is inspect.Parameter.KEYWORD_ONLY for t in triggers), fn
+    assert inspect.signature(SparseGPT).parameters["solver"].default == "fast"  # the preset's own values
+    assert inspect.signature(GMP).parameters["scope"].default == "layer"
+
+
+def test_a_preset_is_a_callback_in_a_trainer():
+    model = TinyNet()
+    pruner = GMP(0.75, every_n_steps=4, end_step=12, verbose=0)
+    make_trainer(max_steps=16, max_epochs=-1, callbacks=[pruner]).fit(model)
+    assert [r["global_step"] for r in pruner.history] == [4, 8, 12]
+    assert pruner.sparsity == pytest.approx(0.75, abs=0.01)
+    assert all(
+        r["layer_sparsity"][n] == pytest.approx(r["target_sparsity"], abs=0.02)
+        for r in pruner.history
+        for n in r["layer_sparsity"]
+    )
