@@ -452,11 +452,11 @@ class Pruner:
         if not isinstance(state_dict, Mapping):
             raise ValueError(f"pruning state must be a dict, got {type(state_dict).__name__}")
         version = state_dict.get("version")
-        if version not in (1, STATE_VERSION):
-            raise ValueError(f"unsupported pruning state version {version!r}")
-        needed = ("masks", "history") if version == 1 else ("masks", "history", "unit", "last_point")
+        if version != STATE_VERSION:
+            raise ValueError(f"unsupported pruning state version {version!r} (this version reads {STATE_VERSION})")
+        needed = ("masks", "history", "unit", "last_point")
         if missing := [k for k in needed if k not in state_dict]:
-            raise ValueError(f"pruning state (version {version}) is missing {missing}: it is corrupted or hand-edited")
+            raise ValueError(f"pruning state is missing {missing}: it is corrupted or hand-edited")
         writer = state_dict.get("pruner")
         if writer is not None and writer != type(self).__qualname__:
             raise ValueError(
@@ -464,11 +464,7 @@ class Pruner:
                 f"into a {writer} (masks carry the criterion's assumptions, e.g. OBS's compensated weights)"
             )
         history = [dict(r) for r in state_dict["history"]]
-        if version == 1:  # epoch rounds only
-            unit = "epoch"
-            last = max((r["epoch"] for r in history), default=None)
-        else:
-            unit, last = state_dict["unit"], state_dict["last_point"]
+        unit, last = state_dict["unit"], state_dict["last_point"]
         if last is not None and unit != self._schedule.unit:
             raise ValueError(
                 f"the checkpointed pruner ran {unit} rounds, this one has {self._schedule.unit} triggers: "

@@ -18,8 +18,8 @@ from lightning_prune.curvature.estimators import _chunks, per_sample_grads
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update
 from lightning_prune.obs.kronecker import DENSE_MAX, kfac_set_update
 from lightning_prune.obs.layerwise import (
+    LAYER_BUDGET,
     blocked_prune,
-    choose_solver,
     choose_solvers,
     obc_prune,
     prepare_hessian,
@@ -203,10 +203,14 @@ def test_sparsegpt_is_block_size_invariant_for_a_fixed_mask():
 
 
 def test_auto_solver_choice_scales_with_work():
-    assert choose_solver(torch.zeros(300, 784), torch.full((300,), 700), 128) == "exact"  # ~10 s on 2 cores
-    assert choose_solver(torch.zeros(1024, 1024), torch.full((1024,), 512), 128) == "blocked"
-    assert choose_solver(torch.zeros(16, 150), torch.full((16,), 100), 128) == "exact"
-    assert choose_solver(torch.zeros(4096, 4096), torch.full((4096,), 2048), 128) == "fast"
+    def choose(shape, count):
+        work = solver_work(torch.zeros(shape), torch.full((shape[0],), count), 128)
+        return choose_solvers([work], LAYER_BUDGET, per_layer=True)[0]
+
+    assert choose((300, 784), 700) == "exact"  # ~10 s on 2 cores
+    assert choose((1024, 1024), 512) == "blocked"
+    assert choose((16, 150), 100) == "exact"
+    assert choose((4096, 4096), 2048) == "fast"
 
 
 def test_round_budget_upgrades_the_cheapest_layers_first_and_never_exceeds_it():

@@ -170,10 +170,7 @@ class PruningCallback(Pruner, Callback):
             return
         claimed = {cb.state_key for cb in trainer.callbacks}  # type: ignore[attr-defined]
         unclaimed = {k: v for k, v in states.items() if k not in claimed and is_pruning_state(v)}
-        legacy = type(self).__qualname__  # checkpoints from before per-selection keys: the class name
-        if legacy in unclaimed:
-            self.load_state_dict(unclaimed[legacy])
-        elif unclaimed:
+        if unclaimed:
             writers = {k: v.get("pruner", k) for k, v in unclaimed.items()}
             raise ValueError(
                 f"the checkpoint holds the pruning state of {writers}, and none for this run's {self.state_key!r}: "

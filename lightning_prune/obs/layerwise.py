@@ -420,11 +420,6 @@ def solver_work(W: Tensor, counts: Tensor, blocksize: int) -> dict[str, float]:
     return {"exact": _greedy_work(counts, d), "blocked": blocked, "fast": 0.0}
 
 
-def choose_solver(W: Tensor, counts: Tensor, blocksize: int, budget: float = LAYER_BUDGET) -> str:
-    """``solver="auto"`` for one layer: the most exact solver whose work fits ``budget``."""
-    return choose_solvers([solver_work(W, counts, blocksize)], budget, per_layer=True)[0]
-
-
 def choose_solvers(works: list[dict[str, float]], budget: float, per_layer: bool = False) -> list[str]:
     """``solver="auto"`` for a round's layers: the most exact solvers whose work fits ``budget``.
 
