@@ -177,16 +177,17 @@ class PruningCallback(Pruner, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._collecting or not self._window_opens(trainer, batch_idx):
-            return
-        self._collecting, self._skipped_batches = True, 0
-        self._batches = deque(maxlen=self.window_length)
-        estimator = self.criterion.make_estimator(
-            self.targets, StrategyCollectives(trainer.strategy), self.window_length
-        )
-        if estimator is not None and self.criterion.captures_in_window:  # else: a pass at round time
-            self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
-            self._window.open()
+        if not self._collecting and self._window_opens(trainer, batch_idx):
+            self._collecting, self._skipped_batches = True, 0
+            self._batches = deque(maxlen=self.window_length)
+            estimator = self.criterion.make_estimator(
+                self.targets, StrategyCollectives(trainer.strategy), self.window_length
+            )
+            if estimator is not None and self.criterion.captures_in_window:  # else: a pass at round time
+                self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
+                self._window.open()
+        if self._window is not None:
+            self._window.begin_batch()  # its loss calls say how many terms (tokens) the loss averages
 
     def _window_opens(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether this batch is one of the last ``window_length`` before the next round."""
@@ -229,6 +230,11 @@ class PruningCallback(Pruner, Callback):
                 steps += 1
             i = 0 if i + 1 == n else i + 1
         return count
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._window is not None:
+            self._window.before_backward(loss)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

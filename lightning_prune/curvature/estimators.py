@@ -72,6 +72,8 @@ class Estimator:
         self.comm = comm
         self.batches = 0  # window batches folded in (this rank)
         self.skipped = 0  # batches dropped because their inputs or gradients were not finite (this rank)
+        self.samples_seen = 0.0  # samples and loss terms of the gradient batches (this rank), for the record
+        self.terms_seen = 0.0
 
     def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         raise NotImplementedError
@@ -82,6 +84,17 @@ class Estimator:
     def tensors(self) -> list[Tensor]:
         """Every sum and count, for the cross-rank all-reduce."""
         raise NotImplementedError
+
+    def note_terms(self, samples: int, terms: float | None) -> None:
+        """Record a gradient batch's samples and the loss terms its loss call averaged over (``None``: one
+        per sample, the loss made no call that says; see :func:`~lightning_prune.capture.per_sample_factor`)."""
+        self.samples_seen += samples
+        self.terms_seen += samples if terms is None else terms
+
+    @property
+    def terms_per_sample(self) -> float:
+        """Loss terms per sample of the gradients folded in (tokens per sequence for a language model; NaN: none)."""
+        return self.terms_seen / self.samples_seen if self.samples_seen else math.nan
 
     def reduce_(self) -> None:
         self.comm.all_reduce_sum_(self.tensors())

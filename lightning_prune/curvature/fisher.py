@@ -211,7 +211,11 @@ def fisher_pass(
                 seed = zlib.crc32(f"{torch.initial_seed()}/{round_index}/{i}".encode())
                 generator = torch.Generator(device=call.logits.device).manual_seed(seed)
                 samples = capture.samples() or call.logits.shape[0]
-                factor = samples if reduction == "mean" else 1  # as per_sample_factor for the empirical Fisher
+                # c_r = samples * s, whatever the reduction (the call's own says what s is): the estimators'
+                # mean over samples is then the GGN of the loss itself (capture.per_sample_factor's rule)
+                factor = samples
+                terms = (call.target != call.ignore_index).sum() if call.kind == "cross_entropy" else None
+                estimator.note_terms(samples, None if terms is None else float(terms))
                 vs, weight = directions(call, loss, factor, samples, fisher_type, mc_samples, generator)
                 stacked: dict[str, tuple[PruneTarget, list[Tensor], list[Tensor]]] = {}
                 for d, v in enumerate(vs):
