@@ -87,7 +87,8 @@ def loss_series(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[fl
 
 
 def round_rows(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """The per-round table: each number in a column that names its unit (NaN: not predicted / not measured)."""
+    """The per-round table: each number in a column that names its unit; ``None`` (an empty cell):
+    not predicted by the criterion, or not measured (no loss, or ``eval_batches=0``)."""
     columns = [
         "round",
         "sparsity",
@@ -97,19 +98,22 @@ def round_rows(history: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
         "predicted loss increase (loss)",
         f"reconstruction error ({RECONSTRUCTION_UNIT})",
     ]
+
+    def cell(value: Any, known: bool = True) -> float | None:
+        return float(value) if known and isinstance(value, (int, float)) and not math.isnan(value) else None
+
     rows = []
     for r in history:
         measured = r.get("loss_measured", True)
-        reconstruction = r.get("info", {}).get("reconstruction_error", math.nan)
         rows.append(
             [
                 r["round"],
                 float(r["sparsity"]),
-                float(r["loss_before"]) if measured else math.nan,
-                float(r["loss_after"]) if measured else math.nan,
-                float(r["actual_loss_increase"]) if measured else math.nan,
-                float(r["predicted_loss_increase"]),
-                float(reconstruction),
+                cell(r["loss_before"], measured),
+                cell(r["loss_after"], measured),
+                cell(r["actual_loss_increase"], measured),
+                cell(r["predicted_loss_increase"]),
+                cell(r.get("info", {}).get("reconstruction_error")),
             ]
         )
     return columns, rows

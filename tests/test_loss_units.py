@@ -348,7 +348,9 @@ def test_wandb_chart_plots_loss_units_only_and_the_table_names_units():
     }
     columns, rows = round_rows([wanda, obd])
     assert "predicted loss increase (loss)" in columns and any("not a loss" in c for c in columns)
-    by = dict(zip(columns, zip(*rows)))
-    assert math.isnan(by["predicted loss increase (loss)"][0]) and by["predicted loss increase (loss)"][1] > 0
+    by = dict(zip(columns, zip(*rows)))  # an empty cell: not predicted by that criterion
+    assert by["predicted loss increase (loss)"] == (None, obd["predicted_loss_increase"])
     recon = next(c for c in columns if c.startswith("reconstruction error"))
-    assert by[recon][0] == wanda["info"]["reconstruction_error"] and math.isnan(by[recon][1])
+    assert by[recon] == (wanda["info"]["reconstruction_error"], None)
+    blind = dict(wanda, loss_measured=False, loss_before=math.nan, loss_after=math.nan, actual_loss_increase=math.nan)
+    assert round_rows([blind])[1][0][2:5] == [None, None, None]  # not measured: empty, not NaN

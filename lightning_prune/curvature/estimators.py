@@ -1,8 +1,10 @@
 """Curvature estimators fed from the training-time capture (:mod:`lightning_prune.capture`).
 
-Every estimator approximates the Hessian of the *mean* training loss and stores its statistics
-as **sums plus counts**, so a single all-reduce of :meth:`Estimator.tensors` gives the estimate of
-the union of all ranks' batches, what one process would compute. Sums are float32, accumulated
+Every estimator approximates the Hessian of the training loss as it is computed (a mean over its
+terms, such as a language model's tokens, or a sum; :func:`~lightning_prune.capture.per_sample_factor`
+scales the gradients it is fed) and stores its statistics as **sums plus counts**, so a single
+all-reduce of :meth:`Estimator.tensors` gives the estimate of the union of all ranks' batches, what
+one process would compute. Sums are float32, accumulated
 in place (``addmm_``, TF32 off) over at most ``num_batches`` batches whatever the training
 precision; counts are float64; estimates are returned in float64.
 

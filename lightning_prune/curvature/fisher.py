@@ -136,9 +136,10 @@ def directions(
     """Output directions ``V_d`` (the logits' shape) and the weight of each.
 
     ``sum_d w V_d V_d^T`` is, per output row ``r``, ``c_r Lambda_r`` (in expectation for ``"mc"``):
-    the Hessian in the logits of that row's share of the per-sample loss, ``c_r = factor s w_r``
-    for a loss that is ``s`` times the call, which weighs row ``r`` by ``w_r``. ``factor`` turns
-    the batch's loss into per-sample losses, as for the empirical Fisher (the batch size for a mean).
+    the Hessian in the logits of that row's share of the loss, ``c_r = factor s w_r`` for a loss
+    that is ``s`` times the call, which weighs row ``r`` by ``w_r`` (``1/n_valid`` for a mean, 1 for
+    a sum). ``factor`` is the batch's samples: the estimators average over them, so their mean is
+    the GGN of the loss itself, in its units (as :func:`~lightning_prune.capture.per_sample_factor`).
     """
     logits = call.logits.detach().float()
     rows = logits.shape[0]
