@@ -53,6 +53,7 @@ Two training styles re-run or bypass module forwards, and are handled here:
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -295,6 +296,11 @@ class _LossWatch:
             mode.__exit__(None, None, None)
         else:  # a mode pushed during the step is still above ours: never pop another's; ours stays, inert
             mode.inert = True
+            warnings.warn(
+                "lightning-prune: a torch function mode entered during a training step was not exited by the step's "
+                "end, so the pruner's loss-term watch stays under it (inert) instead of being removed",
+                stacklevel=2,
+            )
 
 
 LOSS_WATCH = _LossWatch()

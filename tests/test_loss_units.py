@@ -292,6 +292,27 @@ def test_two_pruners_watch_the_same_steps():
     assert torch.overrides._get_current_function_mode_stack() == []
 
 
+def test_a_mode_left_above_the_watch_is_never_popped():
+    """A function mode that a training step entered and did not exit stays on top: the watch is not
+    popped from under it (that would pop the other one), it goes inert and says so."""
+    from lightning_prune.capture import LOSS_WATCH, LossTerms
+
+    owner = object()
+    watch = LOSS_WATCH.hold(owner)
+    other = LossTerms()
+    other.__enter__()
+    try:
+        with pytest.warns(UserWarning, match="loss-term watch stays under it"):
+            LOSS_WATCH.release(owner)
+        assert torch.overrides._get_current_function_mode_stack()[-2:] == [watch, other] and watch.inert
+        F.cross_entropy(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+        assert watch.calls == [] and len(other.calls) == 1
+    finally:
+        other.__exit__(None, None, None)
+        watch.__exit__(None, None, None)
+    assert torch.overrides._get_current_function_mode_stack() == []
+
+
 # ================================================================ units in what a round reports
 def test_wanda_reports_a_reconstruction_error_and_no_loss_without_labels(capsys):
     """No labels: the loss is 'not measured' (no NaN printed); Wanda's score sum is a reconstruction
