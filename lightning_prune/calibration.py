@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.capture import LayerCapture, all_finite, per_sample_factor
+from lightning_prune.capture import LayerCapture, LossTerms, all_finite, per_sample_factor
 from lightning_prune.distributed import LOCAL, Collectives, global_rank
 from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
@@ -347,11 +347,16 @@ def calibration_pass(
     capture = LayerCapture(targets, inputs_only=not needs_grad)
     bar = calib.progress(len(batches), desc)
     capture.attach()
+    terms = LossTerms()
     try:
         with eval_mode(calib.model), torch.set_grad_enabled(needs_grad), calib.forward_context():
             for i, batch in enumerate(batches):
+                loss = None
                 if needs_grad:
-                    capture.grad(calib.loss(batch, i))
+                    terms.reset()
+                    with terms:
+                        loss = calib.loss(batch, i)
+                    capture.grad(loss)
                 else:
                     calib.forward(batch, i)
                 items = list(capture.drain())
@@ -359,10 +364,16 @@ def calibration_pass(
                     estimator.skipped += 1
                     bar()
                     continue
+                weight = None
+                if loss is not None and items:
+                    weight, counted = terms.weight(float(loss.detach()))
+                    estimator.note_terms(batch_size(batch) or items[0][1].shape[0], counted)
                 with exact_float32():
                     for target, x, g in items:
                         if g is not None:
-                            g = g * per_sample_factor(x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0)
+                            g = g * per_sample_factor(
+                                x.shape[0], reduction=reduction, accumulate=1, loss_scale=1.0, terms=weight
+                            )
                         estimator.update(target.name, x, g)
                 estimator.end_batch()
                 bar()

@@ -12,8 +12,26 @@ Everything is handed to the estimators as *rows*:
 * ``g``: ``(N, T, d_out)`` gradients of each sample's *own* loss w.r.t. the layer output.
 
 The per-sample weight gradient is ``sum_t g[n, t]^T x[n, t]``. Hook gradients carry the loss
-reduction (mean over the batch), Lightning's division by ``accumulate_grad_batches`` and the AMP
-loss scale; :func:`per_sample_factor` undoes all three.
+reduction, Lightning's division by ``accumulate_grad_batches`` and the AMP loss scale;
+:func:`per_sample_factor` rescales them so that the estimators' mean over samples of ``G_n G_n^T``
+is the Fisher of the loss itself, in the loss's own units:
+
+* Write a batch's loss as ``L = s * sum_k l_k`` over its log-likelihood *terms*: ``s = 1/K`` for a
+  mean over ``K`` terms, ``s = 1`` for a sum. A classifier has one term per sample; a language model
+  one per predicted token (labels that are not ignored), ``T`` per sequence.
+* The Fisher identity holds for each sample's own negative log-likelihood ``S_n = sum_{k in n} l_k``
+  (a sequence's tokens are one joint likelihood, ``log p(y_1..T) = sum_t log p(y_t | y_<t)``), so
+  ``H(L) = s sum_n H(S_n) ~ s sum_n grad S_n grad S_n^T = (1/s) sum_n h_n h_n^T``, with
+  ``h_n = s grad S_n`` the hook gradient of sample ``n``.
+* The estimators take the mean over the ``N`` samples, so the factor is ``sqrt(N / s)``: ``N`` for a
+  classifier's mean loss (each sample's own gradient), ``sqrt(N K)`` for a mean over ``K`` tokens.
+  Rescaling each sequence's gradient by ``N`` instead, as if a sequence were one term, made the
+  Fisher of a language model ``K / N`` (the tokens per sequence) times too small.
+
+``1/s`` comes from the loss's own call to ``F.cross_entropy`` or ``F.nll_loss`` (its non-ignored,
+class-weighted target rows, and the ratio of the loss to the call), seen by :class:`LossTerms`
+while the loss is computed. A loss that makes no such call, or several, counts one term per sample
+(``reduction="mean"``: ``1/s = N``; ``"sum"``: ``1/s = 1``).
 
 Two training styles re-run or bypass module forwards, and are handled here:
 
@@ -34,6 +52,8 @@ Two training styles re-run or bypass module forwards, and are handled here:
 
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -41,6 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from lightning_prune.targets import PruneTarget
@@ -181,10 +202,108 @@ def compiled_parts(model: nn.Module) -> list[str]:
     ]
 
 
-def per_sample_factor(batch_size: int, *, reduction: str, accumulate: int, loss_scale: float) -> float:
-    """Multiplier turning a hook gradient into the gradient of one sample's own loss."""
-    n = batch_size if reduction == "mean" else 1
-    return n * accumulate / loss_scale
+def per_sample_factor(
+    batch_size: int, *, reduction: str, accumulate: int, loss_scale: float, terms: float | None = None
+) -> float:
+    """Multiplier of hook gradients: ``sqrt(N / s) * accumulate / loss_scale`` (the module docstring).
+
+    ``terms`` is ``1/s``, the batch's loss terms as :meth:`LossTerms.weight` counts them; ``None``:
+    one term per sample (``batch_size`` for ``reduction="mean"``, 1 for ``"sum"``).
+    """
+    if terms is None:
+        terms = float(batch_size) if reduction == "mean" else 1.0
+    return math.sqrt(batch_size * terms) * accumulate / loss_scale
+
+
+Call = tuple[str, float, float]  # a loss call: (reduction, terms, value)
+
+
+def loss_weight(calls: Sequence[Call], loss: float) -> tuple[float | None, float | None]:
+    """``(1/s, terms)`` of a batch whose loss is ``loss`` and whose loss calls were ``calls``: ``1/s``
+    for :func:`per_sample_factor` and the terms the call counted; ``(None, None)`` when the calls do not
+    say (none, or several), where :func:`per_sample_factor` counts one term per sample."""
+    if len(calls) != 1:
+        return None, None
+    reduction, terms, value = calls[0]
+    ratio = value / loss if loss != 0 and value != 0 and math.isfinite(value / loss) else 1.0
+    return (terms if reduction == "mean" else 1.0) * ratio, terms
+
+
+class LossTerms(TorchFunctionMode):
+    """While active, records the loss's calls to ``F.cross_entropy`` / ``F.nll_loss``: how many terms
+    they average over, so that :func:`per_sample_factor` counts tokens, not sequences.
+
+    Only scalars are kept (no tensor, no graph). A call made inside another torch function is not
+    seen (the mode is off inside its own handler), so ``F.cross_entropy`` counts once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+        self.inert = False  # left on the stack under another mode (see _LossWatch.release): records nothing
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (func is F.cross_entropy or func is F.nll_loss) and not self.inert:
+            bound = dict(zip(("input", "target", "weight"), args)) | kwargs
+            reduction = bound.get("reduction", "mean")
+            if reduction in ("mean", "sum") and isinstance(out, Tensor) and out.numel() == 1:
+                target = bound["target"]
+                if target.is_floating_point():  # class probabilities: every row is a term
+                    terms = torch.tensor(1.0 if target.dim() == 1 else float(target.numel() // target.shape[1]))
+                else:  # what torch divides a mean by: the non-ignored rows, weighted by their class
+                    valid = target != bound.get("ignore_index", -100)
+                    weight = bound.get("weight")
+                    terms = valid.sum() if weight is None else weight[target.masked_fill(~valid, 0)][valid].sum()
+                self.calls.append((reduction, float(terms), float(out.detach())))
+        return out
+
+    def weight(self, loss: float) -> tuple[float | None, float | None]:
+        """:func:`loss_weight` of the calls seen since :meth:`reset`."""
+        return loss_weight(self.calls, loss)
+
+    def reset(self) -> None:
+        self.calls.clear()
+
+
+class _LossWatch:
+    """One :class:`LossTerms` on the function-mode stack while any capture window watches training steps.
+
+    Shared and reference-counted: several pruners' windows may begin and end their batches in the
+    same order (callbacks run in list order), which separate modes, popped last-in first-out, could
+    not do. Each window reads the calls appended since its own cursor.
+    """
+
+    def __init__(self) -> None:
+        self.mode: LossTerms | None = None
+        self._holders: set[int] = set()
+
+    def hold(self, owner: object) -> LossTerms:
+        if self.mode is None:
+            self.mode = LossTerms()
+            self.mode.__enter__()
+        self._holders.add(id(owner))
+        return self.mode
+
+    def release(self, owner: object) -> None:
+        self._holders.discard(id(owner))
+        if self._holders or self.mode is None:
+            return
+        mode, self.mode = self.mode, None
+        stack = torch.overrides._get_current_function_mode_stack()
+        if stack and stack[-1] is mode:
+            mode.__exit__(None, None, None)
+        else:  # a mode pushed during the step is still above ours: never pop another's; ours stays, inert
+            mode.inert = True
+            warnings.warn(
+                "lightning-prune: a torch function mode entered during a training step was not exited by the step's "
+                "end, so the pruner's loss-term watch stays under it (inert) instead of being removed",
+                stacklevel=2,
+            )
+
+
+LOSS_WATCH = _LossWatch()
 
 
 class LayerCapture:

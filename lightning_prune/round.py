@@ -95,6 +95,7 @@ def run_round(
 
     # 2. loss before, on the last eval_batches batches
     eval_batches = batches[max(0, len(batches) - pruner.eval_batches) :] if pruner.eval_batches else []
+    loss_measured = bool(eval_batches) and calib.has_loss(eval_batches[0])
     loss_before = calib.mean_loss(eval_batches, comm)
 
     # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
@@ -157,6 +158,7 @@ def run_round(
         **({"structures_pruned": structures[0], "structures_total": structures[1]} if structures else {}),
         "predicted_loss_increase": float(result.predicted_loss_increase),
         "actual_loss_increase": loss_after - loss_before,
+        "loss_measured": loss_measured,  # False: no loss or no eval batch (the losses are NaN, "not measured")
         "loss_before": loss_before,
         "loss_after": loss_after,
         "layer_sparsity": {n: (numel[n] - kept[n]) / max(numel[n], 1) for n in numel},
@@ -165,6 +167,11 @@ def run_round(
             **result.info,
             "skipped_batches": skipped,
             **({"fisher_type": stats.fisher_type} if stats is not None and stats.needs_grad else {}),
+            **(
+                {"loss_terms_per_sample": stats.terms_per_sample}
+                if stats is not None and stats.needs_grad and stats.samples_seen
+                else {}
+            ),
         },
         "seconds": time.perf_counter() - start,
     }

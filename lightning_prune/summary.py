@@ -68,9 +68,17 @@ def round_summary(record: Mapping[str, Any]) -> str:
     if "structures_total" in record:
         parts[0] += f", {record['structures_pruned']}/{record['structures_total']} structures removed"
     pred, act = record["predicted_loss_increase"], record["actual_loss_increase"]
-    if not math.isnan(act):
-        parts.append(f"loss {record['loss_before']:.4f} -> {record['loss_after']:.4f}")
+    measured = record.get("loss_measured", not math.isnan(act))
+    parts.append(f"loss {record['loss_before']:.4f} -> {record['loss_after']:.4f}" if measured else NOT_MEASURED)
     if not math.isnan(pred):
-        parts.append(f"predicted +{pred:.4g} / actual {act:+.4g}")
+        parts.append(f"predicted +{pred:.4g} / actual {f'{act:+.4g}' if measured else 'not measured'}")
+    reconstruction = record.get("info", {}).get("reconstruction_error")
+    if isinstance(reconstruction, (int, float)) and not math.isnan(reconstruction):
+        parts.append(f"reconstruction error +{reconstruction:.4g} ({RECONSTRUCTION_UNIT})")
     parts.append(f"in {record['seconds']:.2f}s")
     return " | ".join(parts)
+
+
+NOT_MEASURED = "loss not measured"
+# what layer-wise criteria predict instead of a loss: summed over the layers, each in its own output units
+RECONSTRUCTION_UNIT = "1/2 E||dW x||^2 of the layer outputs, not a loss"

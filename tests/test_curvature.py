@@ -190,7 +190,11 @@ def test_loss_scale_and_accumulation_are_divided_out():
     trainer = SimpleNamespace(accumulate_grad_batches=4, precision_plugin=SimpleNamespace(scaler=scaler))
     module = SimpleNamespace(automatic_optimization=True)
     assert hook_grad_multiplier(trainer, module, 32, "mean") == 32 * 4 / 1024
-    assert hook_grad_multiplier(trainer, module, 32, "sum") == 4 / 1024
+    # a summed loss: the estimators' mean over the 32 samples is the sum's Fisher, 32 times the mean's
+    assert hook_grad_multiplier(trainer, module, 32, "sum") == pytest.approx(32**0.5 * 4 / 1024)
+    # a mean over 32 x 127 tokens: sqrt(samples x terms) (capture.per_sample_factor)
+    tokens = per_sample_factor(32, reduction="mean", accumulate=4, loss_scale=1024.0, terms=32 * 127)
+    assert tokens == pytest.approx(32 * 127**0.5 * 4 / 1024)
     module.automatic_optimization = False  # manual optimization: Lightning does not divide the loss
     assert hook_grad_multiplier(trainer, module, 32, "mean") == 32 / 1024
 

@@ -183,17 +183,17 @@ class PruningCallback(Pruner, Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._collecting or (point := self._upcoming_round(trainer)) is None:
-            return
-        if not self._window_opens(trainer, point, batch_idx):
-            return
-        self._collecting, self._skipped_batches, self._window_point = True, 0, point
-        self._window_comm = StrategyCollectives(trainer.strategy)
-        self._batches = deque(maxlen=self.window_length)
-        estimator = self._window_estimator(trainer)
-        if estimator is not None:
-            self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
-            self._window.open()
+        point = None if self._collecting else self._upcoming_round(trainer)
+        if point is not None and self._window_opens(trainer, point, batch_idx):
+            self._collecting, self._skipped_batches, self._window_point = True, 0, point
+            self._window_comm = StrategyCollectives(trainer.strategy)
+            self._batches = deque(maxlen=self.window_length)
+            estimator = self._window_estimator(trainer)
+            if estimator is not None:
+                self._window = CaptureWindow(estimator, self.targets, self.criterion.loss_reduction)
+                self._window.open()
+        if self._window is not None:
+            self._window.begin_batch()  # its loss calls say how many terms (tokens) the loss averages
 
     def _window_estimator(self, trainer: pl.Trainer) -> Estimator | None:
         """A fresh estimator for a window that captures statistics; ``None`` when the round computes them."""
@@ -244,6 +244,11 @@ class PruningCallback(Pruner, Callback):
                 steps += 1
             i = 0 if i + 1 == n else i + 1
         return count
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._window is not None:
+            self._window.before_backward(loss)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

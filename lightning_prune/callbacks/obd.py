@@ -31,12 +31,15 @@ class OBDPruning(PruningCallback):
             makes no such call; chosen by measurement (see :mod:`lightning_prune.curvature.fisher`).
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
-            leading dimension, ``"sum"`` if it sums.
+            leading dimension, ``"sum"`` if it sums; used when the loss makes no single
+            ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
+            (a language model's tokens) are read instead (:func:`~lightning_prune.capture.per_sample_factor`).
 
     The saliencies are in loss units, so ``scope="global"`` compares them across layers, and their
     sum over the removed weights is logged as ``prune/predicted_loss_increase`` next to the
-    measured ``prune/actual_loss_increase``. Other arguments: see
-    :class:`~lightning_prune.pruner.Pruner`.
+    measured ``prune/actual_loss_increase``. ``"activations"`` scores in each layer's output units
+    instead: their sum is a reconstruction error, logged as ``prune/reconstruction_error``, not a
+    loss. Other arguments: see :class:`~lightning_prune.pruner.Pruner`.
     """
 
     def __init__(

@@ -65,7 +65,9 @@ class OBSPruning(PruningCallback):
             ``allocation="reconstruction"`` and ``scope="layer"`` or ``"row"``; every target must
             lie inside a block (a model's ``lm_head`` is not a default target).
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
-            leading dimension, ``"sum"`` if it sums.
+            leading dimension, ``"sum"`` if it sums; used when the loss makes no single
+            ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
+            (a language model's tokens) are read instead (:func:`~lightning_prune.capture.per_sample_factor`).
 
     Other arguments: see :class:`~lightning_prune.pruner.Pruner`.
     """

@@ -141,4 +141,9 @@ class OBD(Criterion):
         masks = ctx.select(scores)
         removed = ctx.global_sum({n: float(scores[n][ctx.masks[n] & ~masks[n]].nansum()) for n in masks})
         info = {"negative_curvature": negative, "nonfinite_curvature": nonfinite}
+        if self.curvature == "activations":
+            # Wanda's scores are the layer-wise reconstruction error (1/2 ||dW x||^2 with the inputs' diagonal
+            # second moment, nothing compensated), in each layer's output units: not a loss
+            info["reconstruction_error"] = removed
+            return RoundResult(masks, info=info)
         return RoundResult(masks, predicted_loss_increase=removed, info=info)

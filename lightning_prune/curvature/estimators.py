@@ -1,8 +1,10 @@
 """Curvature estimators fed from the training-time capture (:mod:`lightning_prune.capture`).
 
-Every estimator approximates the Hessian of the *mean* training loss and stores its statistics
-as **sums plus counts**, so a single all-reduce of :meth:`Estimator.tensors` gives the estimate of
-the union of all ranks' batches, what one process would compute. Sums are float32, accumulated
+Every estimator approximates the Hessian of the training loss as it is computed (a mean over its
+terms, such as a language model's tokens, or a sum; :func:`~lightning_prune.capture.per_sample_factor`
+scales the gradients it is fed) and stores its statistics as **sums plus counts**, so a single
+all-reduce of :meth:`Estimator.tensors` gives the estimate of the union of all ranks' batches, what
+one process would compute. Sums are float32, accumulated
 in place (``addmm_``, TF32 off) over at most ``num_batches`` batches whatever the training
 precision; counts are float64; estimates are returned in float64.
 
@@ -95,6 +97,9 @@ def _copy(into: Tensor, src: Tensor) -> None:
         into.copy_(src)
 
 
+COUNTS = ("batches", "skipped", "reduced", "samples_seen", "terms_seen")  # progress, not layout: not settings
+
+
 class Estimator:
     """Base: per-layer float32 sums + float64 counts; subclasses define what is summed.
 
@@ -112,6 +117,8 @@ class Estimator:
         self.batches = 0  # window batches folded in (this rank)
         self.skipped = 0  # batches dropped because their inputs or gradients were not finite (this rank)
         self.reduced = False  # all-reduced: every rank holds the totals (a round interrupted after its window)
+        self.samples_seen = 0.0  # samples and loss terms of the gradient batches (this rank), for the record
+        self.terms_seen = 0.0
 
     def update(self, name: str, x: Tensor, g: Tensor | None) -> None:
         raise NotImplementedError
@@ -122,6 +129,17 @@ class Estimator:
     def tensors(self) -> list[Tensor]:
         """Every sum and count, for the cross-rank all-reduce."""
         raise NotImplementedError
+
+    def note_terms(self, samples: int, terms: float | None) -> None:
+        """Record a gradient batch's samples and the loss terms its loss call averaged over (``None``: one
+        per sample, the loss made no call that says; see :func:`~lightning_prune.capture.per_sample_factor`)."""
+        self.samples_seen += samples
+        self.terms_seen += samples if terms is None else terms
+
+    @property
+    def terms_per_sample(self) -> float:
+        """Loss terms per sample of the gradients folded in (tokens per sequence for a language model; NaN: none)."""
+        return self.terms_seen / self.samples_seen if self.samples_seen else math.nan
 
     def reduce_(self) -> None:
         self.comm.all_reduce_sum_(self.tensors())
@@ -195,6 +213,7 @@ class Estimator:
             "settings": self._settings(),
             "batches": self.batches,
             "skipped": int(skipped.item()),
+            "terms": [self.samples_seen, self.terms_seen],  # this rank's, for the record only
             "fields": out,
         }
 
@@ -231,11 +250,7 @@ class Estimator:
 
     def _settings(self) -> dict[str, Any]:
         """Scalar attributes (``diagonal_only``, ``block_size``, ``phase_one``, ...): they fix the layout."""
-        return {
-            k: v
-            for k, v in vars(self).items()
-            if isinstance(v, (bool, int, float, str)) and k not in ("batches", "skipped", "reduced")
-        }
+        return {k: v for k, v in vars(self).items() if isinstance(v, (bool, int, float, str)) and k not in COUNTS}
 
     def _zero_skipped(self) -> None:
         self.skipped = 0
@@ -252,6 +267,7 @@ class Estimator:
         try:
             kind, settings, fields = state["kind"], dict(state["settings"]), dict(state["fields"])
             batches, skipped = int(state["batches"]), int(state["skipped"])
+            samples, terms = (float(x) for x in state.get("terms", (0.0, 0.0)))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where} are corrupted or hand-edited ({type(err).__name__}: {err})") from err
         if kind != self.name:
@@ -296,6 +312,7 @@ class Estimator:
 
         def counts() -> None:
             self.batches, self.skipped = batches, skipped
+            self.samples_seen, self.terms_seen = samples, terms
 
         return [*plan, counts]
 

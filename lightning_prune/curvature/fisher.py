@@ -136,9 +136,10 @@ def directions(
     """Output directions ``V_d`` (the logits' shape) and the weight of each.
 
     ``sum_d w V_d V_d^T`` is, per output row ``r``, ``c_r Lambda_r`` (in expectation for ``"mc"``):
-    the Hessian in the logits of that row's share of the per-sample loss, ``c_r = factor s w_r``
-    for a loss that is ``s`` times the call, which weighs row ``r`` by ``w_r``. ``factor`` turns
-    the batch's loss into per-sample losses, as for the empirical Fisher (the batch size for a mean).
+    the Hessian in the logits of that row's share of the loss, ``c_r = factor s w_r`` for a loss
+    that is ``s`` times the call, which weighs row ``r`` by ``w_r`` (``1/n_valid`` for a mean, 1 for
+    a sum). ``factor`` is the batch's samples: the estimators average over them, so their mean is
+    the GGN of the loss itself, in its units (as :func:`~lightning_prune.capture.per_sample_factor`).
     """
     logits = call.logits.detach().float()
     rows = logits.shape[0]
@@ -211,7 +212,11 @@ def fisher_pass(
                 seed = zlib.crc32(f"{torch.initial_seed()}/{round_index}/{i}".encode())
                 generator = torch.Generator(device=call.logits.device).manual_seed(seed)
                 samples = capture.samples() or call.logits.shape[0]
-                factor = samples if reduction == "mean" else 1  # as per_sample_factor for the empirical Fisher
+                # c_r = samples * s, whatever the reduction (the call's own says what s is): the estimators'
+                # mean over samples is then the GGN of the loss itself (capture.per_sample_factor's rule)
+                factor = samples
+                terms = (call.target != call.ignore_index).sum() if call.kind == "cross_entropy" else None
+                estimator.note_terms(samples, None if terms is None else float(terms))
                 vs, weight = directions(call, loss, factor, samples, fisher_type, mc_samples, generator)
                 stacked: dict[str, tuple[PruneTarget, list[Tensor], list[Tensor]]] = {}
                 for d, v in enumerate(vs):

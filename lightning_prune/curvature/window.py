@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lightning_prune.capture import LayerCapture, all_finite, per_sample_factor
+from torch import Tensor
+
+from lightning_prune.capture import LOSS_WATCH, LayerCapture, LossTerms, all_finite, loss_weight, per_sample_factor
 from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.numerics import exact_float32
 from lightning_prune.targets import PruneTarget
@@ -13,15 +15,21 @@ from lightning_prune.targets import PruneTarget
 class CaptureWindow:
     """Hooks on while open; each backward pass is folded into the estimator.
 
-    The training loop calls :meth:`after_backward` after every backward pass with what it knows
-    of the loss's scaling (gradient accumulation, AMP loss scale), and :meth:`end_batch` after every
-    batch. A step whose captured inputs or gradients are not finite (a NaN loss, an AMP overflow the
-    scaler will skip) is dropped as a whole and counted in :attr:`skipped`, with or without AMP.
+    The training loop calls :meth:`begin_batch` before every batch's training step (the loss's
+    calls are watched from there, :class:`~lightning_prune.capture.LossTerms`, so a language model's
+    curvature counts its tokens), :meth:`before_backward` with the loss that backward receives,
+    :meth:`after_backward` after every backward pass with what it knows of the loss's scaling
+    (gradient accumulation, AMP loss scale), and :meth:`end_batch` after every batch. A step whose
+    captured inputs or gradients are not finite (a NaN loss, an AMP overflow the scaler will skip)
+    is dropped as a whole and counted in :attr:`skipped`, with or without AMP.
     """
 
     def __init__(self, estimator: Estimator, targets: Sequence[PruneTarget], reduction: str = "mean") -> None:
         self.estimator, self.reduction = estimator, reduction
         self.capture = LayerCapture(targets)
+        self._terms: LossTerms | None = None  # the shared watch, while this window watches a batch
+        self._cursor = 0  # the watch's calls before this one belong to earlier steps (or other windows' rounds)
+        self._loss: float | None = None  # the loss backward received (divided by accumulation, AMP-scaled)
 
     @property
     def skipped(self) -> int:
@@ -30,33 +38,56 @@ class CaptureWindow:
     def open(self) -> None:
         self.capture.attach()
 
+    def begin_batch(self) -> None:
+        """Watch this batch's loss calls until :meth:`end_batch`."""
+        if self._terms is None:
+            self._terms = LOSS_WATCH.hold(self)
+        self._cursor, self._loss = len(self._terms.calls), None
+
+    def before_backward(self, loss: Tensor) -> None:
+        self._loss = float(loss.detach())
+
     def after_backward(self, *, accumulate: int = 1, loss_scale: float | None = None) -> bool:
         """Fold the step in; ``False`` if it was skipped as non-finite. ``loss_scale``: the AMP
         scaler's current scale, ``None`` without a scaler."""
         items = list(self.capture.drain())
+        scale = 1.0 if loss_scale is None else loss_scale
+        calls = [] if self._terms is None else self._terms.calls[self._cursor :]
+        weight, counted = (None, None) if self._loss is None else loss_weight(calls, self._loss * accumulate / scale)
+        if self._terms is not None:  # a manual step may run several forward/backward pairs
+            self._cursor = len(self._terms.calls)
+        self._loss = None
         if not items:
             return True
         if not all_finite(items):
             self.estimator.skipped += 1
             return False
-        scale = 1.0 if loss_scale is None else loss_scale
+        self.estimator.note_terms(items[0][1].shape[0], counted)
         with exact_float32():
             for target, x, g in items:
                 factor = per_sample_factor(
-                    x.shape[0], reduction=self.reduction, accumulate=accumulate, loss_scale=scale
+                    x.shape[0], reduction=self.reduction, accumulate=accumulate, loss_scale=scale, terms=weight
                 )
                 self.estimator.update(target.name, x, g * factor)  # type: ignore[operator]
         return True
 
     def end_batch(self) -> None:
+        self._unwatch()
         self.estimator.end_batch()
+
+    def _unwatch(self) -> None:
+        if self._terms is not None:
+            self._terms = None
+            LOSS_WATCH.release(self)
 
     def discard(self) -> None:
         """Remove hooks and drop the statistics (the fit ended before the round)."""
+        self._unwatch()
         self.capture.detach()
 
     def close(self) -> Estimator:
         """Remove hooks and all-reduce the statistics across ranks."""
+        self._unwatch()
         self.capture.detach()
         self.estimator.reduce_()
         return self.estimator
