@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.calibration import Calibration, eval_mode
-from lightning_prune.capture import LayerCapture, all_finite
-from lightning_prune.curvature.estimators import CrossCovariance, InputCovariance
 from lightning_prune.distributed import Collectives
 from lightning_prune.numerics import exact_float32
+from lightning_prune.stats.capture import LayerCapture, all_finite
+from lightning_prune.stats.estimators import CrossCovariance, InputCovariance
 from lightning_prune.targets import PruneTarget
 
 

@@ -101,3 +101,12 @@ def make_trainer(tmp_path=None, **kwargs) -> pl.Trainer:
 def tiny():
     pl.seed_everything(0, verbose=False)
     return TinyNet()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_function_modes():
+    """A test that leaves a torch function mode (a pruner's loss-term watch) pushed breaks later ones."""
+    before = len(torch.overrides._get_current_function_mode_stack())
+    yield
+    after = torch.overrides._get_current_function_mode_stack()
+    assert len(after) == before, f"torch function modes left pushed: {after[before:]}"

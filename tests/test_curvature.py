@@ -12,9 +12,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBDPruning
-from lightning_prune.capture import LayerCapture, unfold_conv_input
 from lightning_prune.criteria.obd import sanitize_curvature
-from lightning_prune.curvature import EKFAC, KFAC, DiagFisher
+from lightning_prune.stats import EKFAC, KFAC, DiagFisher
+from lightning_prune.stats.capture import LayerCapture, unfold_conv_input
 from lightning_prune.targets import resolve_targets
 
 # ---------------------------------------------------------------- linear regression, closed forms
@@ -180,7 +180,7 @@ def test_loss_scale_and_accumulation_are_divided_out():
     from types import SimpleNamespace
 
     from lightning_prune.callbacks.base import loss_scaling
-    from lightning_prune.capture import per_sample_factor
+    from lightning_prune.stats.capture import per_sample_factor
 
     def hook_grad_multiplier(trainer, module, batch_size, reduction):
         accumulate, scale = loss_scaling(trainer, module)
@@ -362,7 +362,7 @@ def test_curvature_needs_layer_weights():
     pruner = OBDPruning(0.5, parameters=[m.lin.weight], schedule="one_shot", verbose=0)
     make_trainer(max_epochs=1, callbacks=[pruner], limit_val_batches=0).fit(m)  # fine: a Linear weight
     grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
-    from lightning_prune.capture import check_hookable
+    from lightning_prune.stats.capture import check_hookable
 
     with pytest.raises(ValueError, match="grouped convolution.*exclude"):
         check_hookable(resolve_targets(grouped))

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBDPruning, OBSPruning, prune
 from lightning_prune.calibration import Calibration
-from lightning_prune.curvature import KFAC, DiagFisher
-from lightning_prune.curvature.fisher import fisher_pass
+from lightning_prune.stats import KFAC, DiagFisher
+from lightning_prune.stats.passes import fisher_pass
 from lightning_prune.targets import resolve_targets
 
 N, D_IN, C = 96, 5, 4
@@ -81,7 +81,7 @@ def test_mc_fisher_converges_to_the_exact_one(kind):
 def test_empirical_fisher_is_not_the_hessian_at_the_observed_labels():
     model, empirical = linear(), DiagFisher(resolve_targets(linear()))
     x, y = data("ce")
-    from lightning_prune.calibration import calibration_pass
+    from lightning_prune.stats.passes import calibration_pass
 
     targets = resolve_targets(model)
     est = calibration_pass(Calibration(model, LOSSES["ce"]), [(x, y)], DiagFisher(targets), targets)

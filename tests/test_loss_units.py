@@ -23,8 +23,9 @@ from torch.func import functional_call, hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
-from lightning_prune.calibration import Calibration, calibration_pass
-from lightning_prune.curvature import DiagFisher
+from lightning_prune.calibration import Calibration
+from lightning_prune.stats import DiagFisher
+from lightning_prune.stats.passes import calibration_pass
 from lightning_prune.summary import round_metrics, round_summary
 from lightning_prune.targets import resolve_targets
 
@@ -295,7 +296,7 @@ def test_two_pruners_watch_the_same_steps():
 def test_a_mode_left_above_the_watch_is_never_popped():
     """A function mode that a training step entered and did not exit stays on top: the watch is not
     popped from under it (that would pop the other one), it goes inert and says so."""
-    from lightning_prune.capture import LOSS_WATCH, LossTerms
+    from lightning_prune.stats.capture import LOSS_WATCH, LossTerms
 
     owner = object()
     watch = LOSS_WATCH.hold(owner)

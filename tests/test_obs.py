@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBSPruning
-from lightning_prune.curvature.estimators import _chunks, per_sample_grads
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update
 from lightning_prune.obs.kronecker import DENSE_MAX, kfac_set_update
 from lightning_prune.obs.layerwise import (
@@ -28,6 +27,7 @@ from lightning_prune.obs.layerwise import (
     sparsegpt_prune,
 )
 from lightning_prune.obs.linalg import damped_cholesky
+from lightning_prune.stats.estimators import _chunks, per_sample_grads
 from lightning_prune.targets import resolve_targets
 
 TINY = 1e-12

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.capture import EAGER_WHILE_CAPTURING, LayerCapture
-from lightning_prune.curvature import Estimator
+from lightning_prune.stats import Estimator
+from lightning_prune.stats.capture import EAGER_WHILE_CAPTURING, LayerCapture
 from lightning_prune.targets import resolve_targets
 
 

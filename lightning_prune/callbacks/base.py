@@ -31,11 +31,11 @@ from typing_extensions import override
 from lightning_prune.calibration import Calibration, RoundInterrupted, batch_size
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
-from lightning_prune.capture import compiled_parts
-from lightning_prune.curvature.estimators import Estimator
-from lightning_prune.curvature.window import CaptureWindow
 from lightning_prune.pruner import Pruner, is_pruning_state
 from lightning_prune.round import run_round
+from lightning_prune.stats.capture import compiled_parts
+from lightning_prune.stats.estimators import Estimator
+from lightning_prune.stats.window import CaptureWindow
 from lightning_prune.summary import round_summary
 
 
@@ -100,7 +100,7 @@ class PruningCallback(Pruner, Callback):
     def _check_compiled(self, pl_module: pl.LightningModule) -> None:
         """Refuse what ``torch.compile`` cannot run: the capture hooks without ``set_stance`` (torch < 2.6),
         and Hutchinson's double backward. (With ``set_stance`` the capture runs eagerly: see
-        :mod:`lightning_prune.capture`.)"""
+        :mod:`lightning_prune.stats.capture`.)"""
         if self.criterion.name == "magnitude" or not (parts := compiled_parts(pl_module)):
             return
         who = type(self).__name__
@@ -548,7 +548,7 @@ class PruningCallback(Pruner, Callback):
             handle.remove()
         self._step_hooks.clear()
         if self._window is not None:
-            self._window.capture.detach()
+            self._window.suspend()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -28,12 +28,12 @@ class OBDPruning(PruningCallback):
             exact stay informative at convergence and need one pass over the window's batches at
             round time; ``"auto"`` uses exact for classifiers (cross-entropy or MSE, one output row
             per sample, up to 64 outputs), mc for sequence or wide outputs, empirical when the loss
-            makes no such call; chosen by measurement (see :mod:`lightning_prune.curvature.fisher`).
+            makes no such call; chosen by measurement (see :mod:`lightning_prune.stats.fisher`).
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums; used when the loss makes no single
             ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
-            (a language model's tokens) are read instead (:func:`~lightning_prune.capture.per_sample_factor`).
+            (a language model's tokens) are read instead (:func:`~lightning_prune.stats.capture.per_sample_factor`).
 
     The saliencies are in loss units, so ``scope="global"`` compares them across layers, and their
     sum over the removed weights is logged as ``prune/predicted_loss_increase`` next to the

@@ -67,7 +67,7 @@ class OBSPruning(PruningCallback):
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums; used when the loss makes no single
             ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
-            (a language model's tokens) are read instead (:func:`~lightning_prune.capture.per_sample_factor`).
+            (a language model's tokens) are read instead (:func:`~lightning_prune.stats.capture.per_sample_factor`).
 
     Other arguments: see :class:`~lightning_prune.pruner.Pruner`.
     """

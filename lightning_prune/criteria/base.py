@@ -20,10 +20,10 @@ from torch import Tensor, nn
 
 from lightning_prune import sharding
 from lightning_prune.calibration import Calibration, RoundInterrupted
-from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.patterns import UNSTRUCTURED, Pattern
 from lightning_prune.selection import Shards
+from lightning_prune.stats.estimators import Estimator
 from lightning_prune.targets import PruneTarget
 
 
@@ -166,7 +166,7 @@ class Criterion:
         round_index: int,
     ) -> Estimator:
         """Statistics from a pass over stored batches (``prune()``, recomputation, non-empirical Fisher)."""
-        from lightning_prune.curvature.fisher import collect
+        from lightning_prune.stats.passes import collect
 
         return collect(
             calib,

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
-from lightning_prune.curvature import CURVATURES, Estimator, Hutchinson, make_estimator
-from lightning_prune.curvature.fisher import check_fisher_type
 from lightning_prune.distributed import Collectives, warn
+from lightning_prune.stats import CURVATURES, Estimator, Hutchinson, make_estimator
+from lightning_prune.stats.capture import check_hookable
+from lightning_prune.stats.fisher import check_fisher_type
 from lightning_prune.targets import PruneTarget
 
 REDUCTIONS = ("mean", "sum")

@@ -56,12 +56,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.calibration import reference_pass
-from lightning_prune.capture import check_hookable
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.criteria.obd import check_reduction
-from lightning_prune.curvature import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
-from lightning_prune.curvature.fisher import check_fisher_type
 from lightning_prune.distributed import Collectives, warn
 from lightning_prune.obs.blockfisher import BlockFisher, block_set_update, from_blocks, to_blocks
 from lightning_prune.obs.kronecker import CG_TOL, kfac_saliency, kfac_set_update
@@ -83,6 +79,10 @@ from lightning_prune.obs.layerwise import (
 from lightning_prune.obs.linalg import damped_cholesky, damped_inverse, exact_float32
 from lightning_prune.obs.structured import structured_prune
 from lightning_prune.patterns import Channels, Pattern
+from lightning_prune.stats import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
+from lightning_prune.stats.capture import check_hookable
+from lightning_prune.stats.fisher import check_fisher_type
+from lightning_prune.stats.passes import reference_pass
 from lightning_prune.targets import PruneTarget
 
 HESSIANS = ("layerwise", "fisher", "kfac")

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.curvature.estimators import Estimator, _chunks, per_sample_grads
 from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.stats.estimators import Estimator, _chunks, per_sample_grads
 from lightning_prune.targets import PruneTarget
 
 

@@ -1,7 +1,7 @@
-"""Curvature estimators fed from the training-time capture (:mod:`lightning_prune.capture`).
+"""Curvature estimators fed from the training-time capture (:mod:`lightning_prune.stats.capture`).
 
 Every estimator approximates the Hessian of the training loss as it is computed (a mean over its
-terms, such as a language model's tokens, or a sum; :func:`~lightning_prune.capture.per_sample_factor`
+terms, such as a language model's tokens, or a sum; :func:`~lightning_prune.stats.capture.per_sample_factor`
 scales the gradients it is fed) and stores its statistics as **sums plus counts**, so a single
 all-reduce of :meth:`Estimator.tensors` gives the estimate of the union of all ranks' batches, what
 one process would compute. Sums are float32, accumulated
@@ -132,7 +132,7 @@ class Estimator:
 
     def note_terms(self, samples: int, terms: float | None) -> None:
         """Record a gradient batch's samples and the loss terms its loss call averaged over (``None``: one
-        per sample, the loss made no call that says; see :func:`~lightning_prune.capture.per_sample_factor`)."""
+        per sample, the loss made no call that says; see :func:`~lightning_prune.stats.capture.per_sample_factor`)."""
         self.samples_seen += samples
         self.terms_seen += samples if terms is None else terms
 
@@ -378,7 +378,7 @@ class CrossCovariance(InputCovariance):
     Layer-wise OBS then fits the reference outputs rather than the layer's own:
     ``min_w E||W x_ref - w x||^2`` has the unconstrained solution ``W C A^-1``, so the error that
     pruning earlier layers put into ``x`` is corrected instead of reproduced (asymmetric
-    calibration, as in GPTAQ). Filled by :func:`~lightning_prune.calibration.reference_pass`.
+    calibration, as in GPTAQ). Filled by :func:`~lightning_prune.stats.passes.reference_pass`.
     """
 
     name = "cross"

@@ -24,13 +24,14 @@ makes no such call. The choice is recorded in the round's ``info["fisher_type"]`
 for OBD by up to 14 points and tie elsewhere; one MC sample is far worse than exact on confident
 classifiers (hence exact where it is affordable).
 
-MC and exact need backward passes of their own, so they run over a round's stored batches at round time
-(:func:`fisher_pass`), like every calibration pass: eval mode, ``torch.autograd.grad`` only (no
-``.grad`` touched), BatchNorm and metrics untouched, sums and counts all-reduced. The loss and the
-logits come from the user's own loss: the first ``F.cross_entropy`` or ``F.mse_loss`` call while
-the loss is computed (``loss_fn``, ``training_step`` or a Hugging Face model's ``.loss``) is
-intercepted with a ``TorchFunctionMode``, whatever way the function was imported, and its
-inputs give the logits, targets, reduction and ``ignore_index``.
+MC and exact need backward passes of their own, so they run over a round's stored batches at round
+time (:func:`~lightning_prune.stats.passes.fisher_pass`), like every calibration pass: eval mode,
+``torch.autograd.grad`` only (no ``.grad`` touched), BatchNorm and metrics untouched, sums and
+counts all-reduced. The loss and the logits come from the user's own loss: the first
+``F.cross_entropy`` or ``F.mse_loss`` call while the loss is computed (``loss_fn``,
+``training_step`` or a Hugging Face model's ``.loss``) is intercepted with a
+``TorchFunctionMode``, whatever way the function was imported, and its inputs give the logits,
+targets, reduction and ``ignore_index``.
 
 Each direction ``v`` backpropagated from the logits gives per-sample output gradients at every
 layer; the directions of a batch are stacked as extra samples (scaled so that the estimators'
@@ -40,8 +41,6 @@ Fisher blocks) takes them unchanged.
 
 from __future__ import annotations
 
-import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.calibration import Calibration, batch_size, calibration_pass, eval_mode
-from lightning_prune.capture import LayerCapture, all_finite
-from lightning_prune.numerics import exact_float32
-from lightning_prune.targets import PruneTarget
+from lightning_prune.calibration import Calibration, batch_size, eval_mode
 
 FISHER_TYPES = ("auto", "empirical", "mc", "exact")
 EXACT_MAX_OUTPUTS = 64  # "auto": the exact GGN costs one backward pass per output
@@ -139,7 +135,7 @@ def directions(
     the Hessian in the logits of that row's share of the loss, ``c_r = factor s w_r`` for a loss
     that is ``s`` times the call, which weighs row ``r`` by ``w_r`` (``1/n_valid`` for a mean, 1 for
     a sum). ``factor`` is the batch's samples: the estimators average over them, so their mean is
-    the GGN of the loss itself, in its units (as :func:`~lightning_prune.capture.per_sample_factor`).
+    the GGN of the loss itself, in its units (as :func:`~lightning_prune.stats.capture.per_sample_factor`).
     """
     logits = call.logits.detach().float()
     rows = logits.shape[0]
@@ -180,70 +176,6 @@ def directions(
     return out, 1.0 / mc_samples
 
 
-def fisher_pass(
-    calib: Calibration,
-    batches: Sequence[Any],
-    estimator: Any,
-    targets: Sequence[PruneTarget],
-    *,
-    fisher_type: str,
-    mc_samples: int = 1,
-    reduction: str = "mean",
-    round_index: int = 0,
-    desc: str = "Fisher",
-) -> Any:
-    """Fold the ``"mc"`` or ``"exact"`` Fisher of ``batches`` into ``estimator``, then all-reduce it.
-
-    Labels are sampled from a generator seeded by ``torch.initial_seed()`` (``seed_everything``),
-    the round and the batch: reruns are reproducible and every rank samples alike for the same data.
-    """
-    if not batches:
-        return estimator
-    if not calib.has_loss(batches[0]):
-        raise ValueError(f"fisher_type={fisher_type!r} needs the model's loss, and there is {calib.describe()}")
-    capture = LayerCapture(targets)
-    bar = calib.progress(len(batches), f"{desc} ({fisher_type})")
-    capture.attach()
-    try:
-        with eval_mode(calib.model), torch.enable_grad(), calib.forward_context():
-            for i, batch in enumerate(batches):
-                capture.clear()
-                loss, call = loss_call(calib, batch, i)
-                seed = zlib.crc32(f"{torch.initial_seed()}/{round_index}/{i}".encode())
-                generator = torch.Generator(device=call.logits.device).manual_seed(seed)
-                samples = capture.samples() or call.logits.shape[0]
-                # c_r = samples * s, whatever the reduction (the call's own says what s is): the estimators'
-                # mean over samples is then the GGN of the loss itself (capture.per_sample_factor's rule)
-                factor = samples
-                terms = (call.target != call.ignore_index).sum() if call.kind == "cross_entropy" else None
-                estimator.note_terms(samples, None if terms is None else float(terms))
-                vs, weight = directions(call, loss, factor, samples, fisher_type, mc_samples, generator)
-                stacked: dict[str, tuple[PruneTarget, list[Tensor], list[Tensor]]] = {}
-                for d, v in enumerate(vs):
-                    capture.grad(call.logits, grad_outputs=v, retain_graph=d + 1 < len(vs))
-                    for t, x, g in capture.drain(keep_inputs=True):
-                        entry = stacked.setdefault(t.name, (t, [], []))
-                        entry[1].append(x)
-                        entry[2].append(g)  # type: ignore[arg-type]
-                items = [
-                    (t, torch.cat(xs), torch.cat(gs) * math.sqrt(weight * len(vs))) for t, xs, gs in stacked.values()
-                ]
-                if not items or not all_finite(items):
-                    estimator.skipped += 1
-                    bar()
-                    continue
-                with exact_float32():
-                    for t, x, g in items:
-                        estimator.update(t.name, x, g)
-                estimator.end_batch()
-                bar()
-    finally:
-        capture.detach()
-        bar.close()
-    estimator.reduce_()
-    return estimator
-
-
 def resolve(calib: Calibration, batches: Sequence[Any], fisher_type: str) -> str:
     """``"auto"`` made concrete for this round's batches (the module docstring's rule); others as given."""
     if fisher_type != "auto" or not batches:
@@ -258,33 +190,3 @@ def resolve(calib: Calibration, batches: Sequence[Any], fisher_type: str) -> str
     if call.logits.shape[0] == batch_size(batches[0]) and call.logits.shape[-1] <= EXACT_MAX_OUTPUTS:
         return "exact"
     return "mc"
-
-
-def collect(
-    calib: Calibration,
-    batches: Sequence[Any],
-    estimator: Any,
-    targets: Sequence[PruneTarget],
-    *,
-    fisher_type: str = "empirical",
-    mc_samples: int = 1,
-    reduction: str = "mean",
-    round_index: int = 0,
-    desc: str = "calibration",
-) -> Any:
-    """A round's statistics from stored batches, by Fisher type (empirical: a calibration pass)."""
-    fisher_type = resolve(calib, batches, fisher_type)
-    estimator.fisher_type = fisher_type
-    if fisher_type == "empirical" or not estimator.needs_grad:
-        return calibration_pass(calib, batches, estimator, targets, reduction, desc=desc)
-    return fisher_pass(
-        calib,
-        batches,
-        estimator,
-        targets,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-        reduction=reduction,
-        round_index=round_index,
-        desc=desc,
-    )

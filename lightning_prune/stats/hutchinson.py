@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from lightning_prune.calibration import Calibration, eval_mode
-from lightning_prune.curvature.estimators import Estimator
 from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.stats.estimators import Estimator
 from lightning_prune.targets import PruneTarget
 
 

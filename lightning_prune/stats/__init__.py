@@ -2,7 +2,8 @@
 
 from collections.abc import Sequence
 
-from lightning_prune.curvature.estimators import (
+from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.stats.estimators import (
     EKFAC,
     KFAC,
     Composite,
@@ -11,9 +12,8 @@ from lightning_prune.curvature.estimators import (
     Estimator,
     InputCovariance,
 )
-from lightning_prune.curvature.hutchinson import Hutchinson
-from lightning_prune.curvature.window import CaptureWindow
-from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.stats.hutchinson import Hutchinson
+from lightning_prune.stats.window import CaptureWindow
 from lightning_prune.targets import PruneTarget
 
 CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson", "activations")

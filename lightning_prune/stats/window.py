@@ -6,9 +6,16 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from lightning_prune.capture import LOSS_WATCH, LayerCapture, LossTerms, all_finite, loss_weight, per_sample_factor
-from lightning_prune.curvature.estimators import Estimator
-from lightning_prune.numerics import exact_float32
+from lightning_prune.stats.capture import (
+    LOSS_WATCH,
+    LayerCapture,
+    LossTerms,
+    all_finite,
+    loss_weight,
+    per_sample_factor,
+)
+from lightning_prune.stats.estimators import Estimator
+from lightning_prune.stats.passes import fold
 from lightning_prune.targets import PruneTarget
 
 
@@ -16,7 +23,7 @@ class CaptureWindow:
     """Hooks on while open; each backward pass is folded into the estimator.
 
     The training loop calls :meth:`begin_batch` before every batch's training step (the loss's
-    calls are watched from there, :class:`~lightning_prune.capture.LossTerms`, so a language model's
+    calls are watched from there, :class:`~lightning_prune.stats.capture.LossTerms`, so a language model's
     curvature counts its tokens), :meth:`before_backward` with the loss that backward receives,
     :meth:`after_backward` after every backward pass with what it knows of the loss's scaling
     (gradient accumulation, AMP loss scale), and :meth:`end_batch` after every batch. A step whose
@@ -63,13 +70,9 @@ class CaptureWindow:
             self.estimator.skipped += 1
             return False
         self.estimator.note_terms(items[0][1].shape[0], counted)
-        with exact_float32():
-            for target, x, g in items:
-                factor = per_sample_factor(
-                    x.shape[0], reduction=self.reduction, accumulate=accumulate, loss_scale=scale, terms=weight
-                )
-                self.estimator.update(target.name, x, g * factor)  # type: ignore[operator]
-        return True
+        kw = dict(reduction=self.reduction, accumulate=accumulate, loss_scale=scale, terms=weight)
+        rows = [(t, x, g * per_sample_factor(x.shape[0], **kw), None) for t, x, g in items]  # type: ignore[operator]
+        return fold(self.estimator, rows, checked=True)
 
     def end_batch(self) -> None:
         self._unwatch()
@@ -79,6 +82,11 @@ class CaptureWindow:
         if self._terms is not None:
             self._terms = None
             LOSS_WATCH.release(self)
+
+    def suspend(self) -> None:
+        """Remove hooks and the loss-term watch (a failed fit), keeping the statistics for a checkpoint."""
+        self._unwatch()
+        self.capture.detach()
 
     def discard(self) -> None:
         """Remove hooks and drop the statistics (the fit ended before the round)."""
