@@ -136,7 +136,8 @@ def test_examples_run(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| obs[layerwise] |" in proc.stdout and len(list((tmp_path / "sweep").rglob("results.json"))) == 6
+    assert "| obs[layerwise] |" in proc.stdout and len(list((tmp_path / "sweep").rglob("results.json"))) == 7
+    assert "Dense baseline: dense (pruner=none, 1 run): test accuracy at the end of the same training" in proc.stdout
 
 
 @pytest.mark.slow
