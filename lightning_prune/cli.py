@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    from lightning_prune import cli_run  # Lightning and torch: only once there is something to run
+    from lightning_prune import cli_run  # imports Lightning: only once there is something to run
 
     if cfg.get("print_config", False):
         cli_run._print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
