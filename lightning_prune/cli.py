@@ -14,35 +14,22 @@ sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a train
 prunes it once with :func:`lightning_prune.prune` on ``pruner.num_batches`` training batches,
 evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, the pruner's masks in
 its callback state) next to ``results.json``.
+
+This module holds the entry point and what composing the config needs (Hydra and the resolvers);
+the runs themselves are in :mod:`lightning_prune.cli_run`, imported only once a run starts, so
+``--help`` and an override Hydra cannot compose answer without importing Lightning.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import pickle
 import re
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning.pytorch as pl
-import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-
-from lightning_prune.calibration import eval_mode
-from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.round import prune
-from lightning_prune.summary import when
 
 MODES = ("train", "oneshot", "eval")
 
@@ -108,112 +95,17 @@ def method_label(cfg: DictConfig) -> str:
     return name
 
 
-class RoundEvaluator(Callback):
-    """Validation quality right after each pruning round (before any fine-tuning).
-
-    The model's own ``round_metric(dataloader) -> (key, value)`` if it has one (accuracy for the
-    classifiers, perplexity for :class:`~lightning_prune.models.CausalLM`), else top-1 accuracy.
-
-    Listed after the pruner, so its hooks see the round's result: step rounds at the end of their
-    training batch, epoch rounds at the end of their epoch.
-    """
-
-    def __init__(self, pruner: PruningCallback, datamodule: pl.LightningDataModule) -> None:
-        self.pruner, self.datamodule = pruner, datamodule
-        self.after: list[dict[str, Any]] = []
-
-    @torch.no_grad()
-    def measure(self, pl_module: pl.LightningModule) -> tuple[str, float]:
-        if callable(metric := getattr(pl_module, "round_metric", None)):
-            with eval_mode(pl_module):
-                return metric(self.datamodule.val_dataloader())
-        correct = total = 0
-        with eval_mode(pl_module):
-            for x, y in self.datamodule.val_dataloader():
-                x, y = x.to(pl_module.device), y.to(pl_module.device)
-                correct += int((pl_module(x).argmax(1) == y).sum())
-                total += len(y)
-        return "val_acc", correct / max(total, 1)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._evaluate(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._evaluate(trainer, pl_module)
-
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        history = self.pruner.history
-        if len(history) == len(self.after):
-            return
-        record = history[-1]
-        key, value = self.measure(pl_module)
-        self.after.append(
-            {
-                "round": record["round"],
-                "when": when(record),
-                "epoch": record["epoch"],
-                "global_step": record["global_step"],
-                "sparsity": record["sparsity"],
-                key: value,
-            }
-        )
-        for logger in trainer.loggers:
-            logger.log_metrics({f"prune/{key}_after_round": value}, step=trainer.global_step)
-        _print(f"[lightning-prune] round {record['round']}: {_fmt({key: value}, 'val')} right after pruning")
-
-
-@rank_zero_only
-def _print(text: str) -> None:
-    print(text, flush=True)
-
-
-QUALITY = {"acc": "accuracy", "ppl": "perplexity"}
-
-
-def _quality(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
-    """``{stage}_acc`` and/or ``{stage}_ppl`` from the logged ``{stage}/acc`` and ``{stage}/ppl``."""
-    out = {f"{stage}_{k}": float(metrics[f"{stage}/{k}"]) for k in QUALITY if f"{stage}/{k}" in metrics}
-    return out or {f"{stage}_acc": math.nan}
-
-
-def _fmt(values: Mapping[str, Any], stage: str) -> str:
-    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds."""
-    parts = []
-    for k, word in QUALITY.items():
-        if (v := values.get(f"{stage}_{k}")) is not None:
-            parts.append(f"{stage} {word} {v:.2%}" if k == "acc" else f"{stage} {word} {v:.2f}")
-    return ", ".join(parts) or f"{stage}: no metric"
-
-
-def _loggers(cfg: DictConfig) -> list[Any]:
-    """Instantiate the logger list; W&B gets the resolved config, a run name, and a sweep group."""
-    if not cfg.logger:
-        return []
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = []
-    for entry in cfg.logger:
-        overrides: dict[str, Any] = {}
-        if entry.get("_target_", "").endswith("wandb_logger"):
-            if entry.get("group") is None and HydraConfig.get().mode == RunMode.MULTIRUN:
-                overrides["group"] = Path(HydraConfig.get().sweep.dir).name
-            if entry.get("name") is None:
-                target = cfg.pruner.get("target", 0) if cfg.pruner else 0
-                overrides["name"] = f"{method_label(cfg)}-{target}-seed{cfg.seed}"
-        logger = instantiate(entry, **overrides)
-        logger.log_hyperparams(resolved)  # W&B: the resolved Hydra config becomes the run config
-        loggers.append(logger)
-    return loggers
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """One experiment (``mode=train``) or one post-training round (``mode=oneshot``); returns its summary."""
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    from lightning_prune import cli_run  # imports Lightning: only once there is something to run
+
     if cfg.get("print_config", False):
-        _print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
+        cli_run._print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
     try:
-        return {"train": run_train, "oneshot": run_oneshot, "eval": run_eval}[mode](cfg)
+        return {"train": cli_run.run_train, "oneshot": cli_run.run_oneshot, "eval": cli_run.run_eval}[mode](cfg)
     except ValueError as err:
         raise ValueError(_with_config_keys(str(err), cfg)) from err
 
@@ -227,232 +119,6 @@ def _with_config_keys(message: str, cfg: DictConfig) -> str:
     for name in dict.fromkeys(re.findall(r"Trainer\((\w+)=", message)):
         keys.append(f"trainer.{name}=...")
     return message + (f" [on the command line: {', '.join(keys)}]" if keys else "")
-
-
-def run_train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit with the pruner as a callback (resuming from ``ckpt_path`` if given), test, report."""
-    output_dir = HydraConfig.get().runtime.output_dir
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    model = _model(cfg, datamodule)
-    callbacks: list[Callback] = []
-    pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
-    evaluator = None
-    if pruner is not None:
-        callbacks.append(pruner)
-        if cfg.eval_after_round:
-            evaluator = RoundEvaluator(pruner, datamodule)
-            callbacks.append(evaluator)
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = _loggers(cfg)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
-    )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    val = _quality(trainer.callback_metrics, "val")
-    test = _quality(trainer.test(model, datamodule=datamodule, verbose=False)[0], "test") if cfg.test else {}
-
-    summary = {
-        "method": method_label(cfg),
-        "target": float(cfg.pruner.get("target", 0.0)) if pruner is not None else 0.0,
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "data": cfg.data._target_.rsplit(".", 1)[-1],
-        "seed": cfg.seed,
-        "sparsity": pruner.sparsity if pruner is not None else 0.0,
-        **_dense(pruner),
-        "rounds": evaluator.after if evaluator else [],
-        **val,
-        **test,
-        "history": [dict(r) for r in pruner.history] if pruner is not None else [],
-        "checkpoint": _checkpoint_path(trainer),
-        "output_dir": output_dir,
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    if trainer.is_global_zero:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-        _print(_final_report(summary, pruner, loggers))
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish()  # flush now: the next sweep job starts a new run
-    return summary
-
-
-def _load(cfg: DictConfig, mode: str) -> tuple[pl.LightningDataModule, pl.LightningModule, dict[str, Any], Path]:
-    """The data, and the model with ``ckpt_path``'s weights, for ``mode=oneshot`` and ``mode=eval``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError(f"mode={mode} needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`)")
-    ckpt_path = Path(cfg.ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file")
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
-    model = _model(cfg, datamodule)
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"ckpt_path={str(ckpt_path)!r} holds Python objects besides tensors, so it is not loaded "
-            f"(weights_only=True): save a checkpoint with plain hyper-parameters ({err})"
-        ) from None
-    model.load_state_dict(ckpt["state_dict"], strict=True)
-    return datamodule, model, ckpt, ckpt_path
-
-
-def _evaluate(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, float]:
-    output_dir = HydraConfig.get().runtime.output_dir
-    evaluator = instantiate(
-        cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False, default_root_dir=output_dir
-    )
-    val = evaluator.validate(model, datamodule=datamodule, verbose=False)[0]
-    test = evaluator.test(model, datamodule=datamodule, verbose=False)[0] if cfg.test else {}
-    return {**_quality(val, "val"), **(_quality(test, "test") if cfg.test else {})}
-
-
-def run_eval(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``ckpt_path``: validation and test accuracy, and the zeros of its Linear/Conv weights."""
-    from lightning_prune.targets import resolve_targets
-
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    datamodule, model, _, ckpt_path = _load(cfg, "eval")
-    weights = [t.param.detach() for t in resolve_targets(model)]
-    sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    summary = {"mode": "eval", "checkpoint": str(ckpt_path), "sparsity": sparsity, **_evaluate(cfg, model, datamodule)}
-    if rank_zero_only.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-        _print(
-            f"\n{'=' * 72}\nlightning-prune eval: {ckpt_path}\n"
-            f"sparsity of the Linear/Conv weights {sparsity:.2%}, {_fmt(summary, 'val')}, {_fmt(summary, 'test')}"
-            f"\nresults.json: {output_dir / 'results.json'}\n{'=' * 72}"
-        )
-    return summary
-
-
-def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
-    """Load ``ckpt_path``, prune it once with :func:`prune`, evaluate before and after, save it."""
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    if not (cfg.pruner and cfg.pruner.get("_target_")):
-        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
-    datamodule, model, ckpt, ckpt_path = _load(cfg, "oneshot")
-    pruner: PruningCallback = instantiate(cfg.pruner)
-    state = ckpt.get("callbacks", {}).get(pruner.state_key)
-    if state is not None:  # a checkpoint of a pruning run: its masks only shrink from here
-        pruner.load_state_dict(state)
-    before = _evaluate(cfg, model, datamodule)
-    record = prune(model, datamodule.train_dataloader(), pruner)
-    after = _evaluate(cfg, model, datamodule)
-    pruned_path = output_dir / "pruned.ckpt"
-    summary = {
-        "mode": "oneshot",
-        "method": method_label(cfg),
-        "target": float(cfg.pruner.target),
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "data": cfg.data._target_.rsplit(".", 1)[-1],
-        "seed": cfg.seed,
-        "sparsity": pruner.sparsity,
-        "before": before,
-        "after": after,
-        **{f"dense_{k}": v for k, v in before.items() if k.startswith("val_")},
-        **after,
-        "history": [dict(r) for r in pruner.history],
-        "source_checkpoint": str(ckpt_path),
-        "checkpoint": str(pruned_path),
-        "output_dir": str(output_dir),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    if rank_zero_only.rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {
-                "state_dict": model.state_dict(),
-                "hyper_parameters": ckpt.get("hyper_parameters", {}),
-                "pytorch-lightning_version": pl.__version__,
-                "callbacks": {pruner.state_key: pruner.state_dict()},
-                "lightning_prune": {"source_checkpoint": str(ckpt_path), "round": dict(record)},
-            },
-            pruned_path,
-        )
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-        lines = [
-            "",
-            "=" * 72,
-            f"lightning-prune one-shot: {summary['method']} on {summary['model']} / {summary['data']}",
-            f"before: {_fmt(before, 'val')}, {_fmt(before, 'test')}",
-            f"after:  sparsity {summary['sparsity']:.2%}, {_fmt(after, 'val')}, {_fmt(after, 'test')}",
-            "",
-            pruner.layer_table(),
-            "",
-            f"pruned checkpoint: {pruned_path}",
-            f"results.json: {output_dir / 'results.json'}",
-            "=" * 72,
-        ]
-        _print("\n".join(lines))
-    return summary
-
-
-def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
-    # plain containers, so the hyper-parameters Lightning saves load with torch.load(weights_only=True)
-    args = getattr(datamodule, "model_args", None)
-    if args is None:
-        args = {"input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes}
-    return instantiate(cfg.model, **args, _convert_="all")
-
-
-def _checkpoint_path(trainer: pl.Trainer) -> str | None:
-    """Where the run's ModelCheckpoint saved the final model, if it did."""
-    ckpt = trainer.checkpoint_callback
-    if ckpt is None:
-        return None
-    return getattr(ckpt, "last_model_path", "") or getattr(ckpt, "best_model_path", "") or None
-
-
-def _float(value: Any) -> float:
-    return float(value) if value is not None else math.nan
-
-
-def _dense(pruner: PruningCallback | None) -> dict[str, float]:
-    """Validation quality logged before the first round pruned (``dense_val_acc``/``dense_val_ppl``)."""
-    monitor = pruner.history[0]["monitor"] if pruner is not None and pruner.history else {}
-    found = {f"dense_val_{k}": float(monitor[f"val/{k}"]) for k in QUALITY if f"val/{k}" in monitor}
-    return found or {"dense_val_acc": math.nan}
-
-
-def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, loggers: list[Any]) -> str:
-    lines = ["", "=" * 72, f"lightning-prune: {summary['method']} on {summary['model']} / {summary['data']}"]
-    if pruner is not None:
-        dense = {k.removeprefix("dense_"): v for k, v in summary.items() if k.startswith("dense_val_")}
-        if all(math.isnan(v) for v in dense.values()):
-            lines.append("dense: not validated before the first round (validation ran later)")
-        else:
-            lines.append(f"dense {_fmt(dense, 'val')} (before the first round)")
-        for r in summary["rounds"]:
-            lines.append(
-                f"  round {r['round']} ({r['when']}): sparsity {r['sparsity']:.2%}, "
-                f"{_fmt(r, 'val')} right after pruning"
-            )
-    lines.append(f"final: sparsity {summary['sparsity']:.2%}, {_fmt(summary, 'val')}, {_fmt(summary, 'test')}")
-    if pruner is not None and pruner.verbose == 0:  # verbose pruners already printed it at fit end
-        lines += ["", pruner.layer_table()]
-    lines += ["", f"outputs and results.json: {summary['output_dir']}"]
-    if summary.get("checkpoint"):
-        # quoted: Lightning's checkpoint names contain '=', which Hydra's override grammar needs quoted
-        lines.append(f"checkpoint: {summary['checkpoint']}")
-        lines.append(
-            f"  prune it post-training: lightning-prune mode=oneshot \"ckpt_path='{summary['checkpoint']}'\" pruner=obs"
-        )
-    for logger in loggers:
-        where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-        if isinstance(logger, WandbLogger):
-            run = logger.experiment
-            mode = getattr(getattr(run, "settings", None), "mode", "")
-            where = (
-                f"{Path(run.dir).parent} (W&B {mode or 'run'}{'; sync with `wandb sync`' if mode == 'offline' else ''})"
-            )
-        lines.append(f"{type(logger).__name__}: {where}")
-    lines.append("=" * 72)
-    return "\n".join(lines)
 
 
 def main() -> None:

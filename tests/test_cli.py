@@ -73,6 +73,23 @@ def test_help_names_the_app_groups_and_examples():
     assert "lightning-prune mode=oneshot ckpt_path=CKPT" in proc.stdout
 
 
+def test_help_does_not_import_lightning():
+    """`--help` took 10-21 s when the entry point imported Lightning; Hydra answers it before any run."""
+    script = (
+        "import sys\n"
+        "sys.argv = ['lightning-prune', '--help']\n"
+        "from lightning_prune.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code in (None, 0), exit.code\n"
+        "print('IMPORTED:', sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning'}))\n"
+    )
+    proc = run(["-c", script])
+    assert proc.stdout.startswith("lightning-prune: train and prune")  # the help text itself ran
+    assert proc.stdout.rstrip().endswith("IMPORTED: []"), proc.stdout[-300:]
+
+
 def test_every_constructor_argument_is_in_the_pruner_configs():
     import inspect
 
@@ -119,7 +136,8 @@ def test_examples_run(tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| obs[layerwise] |" in proc.stdout and len(list((tmp_path / "sweep").rglob("results.json"))) == 6
+    assert "| obs[layerwise] |" in proc.stdout and len(list((tmp_path / "sweep").rglob("results.json"))) == 7
+    assert "Dense baseline: dense (pruner=none, 1 run): test accuracy at the end of the same training" in proc.stdout
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from lightning_prune import cli
+from lightning_prune import cli, cli_run
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
@@ -68,7 +68,7 @@ def test_documented_command_composes_and_builds(command):
             cfg = compose("config", overrides=list(combo))
             if "fashion" in cfg.data._target_.lower() and not FASHION:
                 continue
-            cli._model(cfg, instantiate(cfg.data))
+            cli_run._model(cfg, instantiate(cfg.data))
             if cfg.pruner.get("_target_"):
                 instantiate(cfg.pruner)
 

@@ -91,3 +91,44 @@ def test_llama_example_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation perplexity: dense" in proc.stdout and "pruned to 60% and fine-tuned" in proc.stdout
+
+
+def test_documented_language_model_runs_take_minutes_and_the_long_run_is_one_override():
+    """`experiment=llama_text` was 1,500 steps of a 5.1M model on the whole library (over 70 minutes on
+    2 cores); the README's LM commands now compose to a bounded budget, the long run to the old one."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+
+    from lightning_prune import cli
+    from lightning_prune.cli_run import _model
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    commands = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("lightning-prune ")]
+    commands = [c for c in commands if "llama" in c]
+    assert "lightning-prune experiment=llama_text" in commands
+    assert "lightning-prune model=llama_tiny data=text trainer=steps pruner=magnitude" in commands
+    assert "experiment=llama_text_full" in readme
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.config_dir()), version_base="1.3"):
+        for command in commands:
+            cfg = compose("config", overrides=command.split()[1:])
+            model = _model(cfg, instantiate(cfg.data))
+            blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+            assert sum(p.numel() for p in model.parameters()) <= 2_000_000 and blocks <= 900_000, command
+            assert cfg.trainer.max_epochs == -1 and cfg.trainer.max_steps <= 300, command
+            assert cfg.trainer.max_steps * cfg.data.batch_size * cfg.data.seq_len <= 300 * 16 * 128, command  # tokens
+            assert cfg.data.max_files is not None and cfg.data.max_files <= 150, command  # tokenised in seconds
+            # rounds start after a dense warm-up and leave steps to fine-tune
+            start = cfg.pruner.start_step
+            end = cfg.pruner.end_step or start + (cfg.trainer.max_steps - start) // 2
+            assert 0 < start < end < cfg.trainer.max_steps, command
+            assert cfg.trainer.val_check_interval < start, command  # the dense perplexity, before the first round
+        full = compose("config", overrides=["experiment=llama_text_full"])
+        model = _model(full, instantiate(full.data))
+        assert full.model.num_layers == 8 and full.model.hidden_size == 192 and full.data.max_files is None
+        assert 5.0e6 < sum(p.numel() for p in model.parameters()) < 5.2e6
+        assert full.trainer.max_steps == 1500 and full.pruner.target == 0.6 and full.pruner.blocks == "auto"
+    GlobalHydra.instance().clear()
