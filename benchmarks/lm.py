@@ -172,16 +172,12 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
 
     warnings.filterwarnings("ignore")
     model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
-    calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
-    rows = 8
-    batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
-    every = {**OURS, **NM_OURS}
-    cls, kwargs = every[method][0], dict(every[method][1])
-    if cls != "MagnitudePruning":  # magnitude needs no calibration batches
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    if kwargs.pop("head", False):
-        kwargs["parameters"] = [t.param for t in common.targets(model)] + [model.lm_head.weight]
-    pruner = getattr(lightning_prune, cls)(target=sparsity, eval_batches=0, verbose=0, **kwargs)
+    batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
+    cls, kwargs = {**OURS, **NM_OURS}[method]
+    if kwargs.get("head"):  # the same criterion with the output head pruned too
+        head = {"parameters": [t.param for t in common.targets(model)] + [model.lm_head.weight]}
+        kwargs = {**{k: v for k, v in kwargs.items() if k != "head"}, **head}
+    pruner = make_pruner((cls, kwargs), sparsity, len(batches), eval_batches=0)
     rss_before = common.rss_mib()
     common.reset_peak_rss()  # VmHWM then measures the pruning alone
     start = time.perf_counter()
@@ -275,6 +271,21 @@ def calibration_batches(folder: Path, rows: int = 8) -> list[dict[str, torch.Ten
     return [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
 
 
+def make_pruner(spec: tuple[str, dict[str, Any]], target: float, num_batches: int, **extra: Any) -> Any:
+    """The callback ``spec = (class name, keyword arguments)`` names, reading ``num_batches``
+    calibration batches (magnitude reads none)."""
+    import lightning_prune
+
+    cls, kwargs = spec
+    if cls != "MagnitudePruning":
+        kwargs = {**kwargs, "num_batches": num_batches}
+    return getattr(lightning_prune, cls)(target=target, verbose=0, **extra, **kwargs)
+
+
+# a one-shot round inside a fine-tuning fit's pruner: ``prune()`` runs it, the fit only keeps the masks
+ONE_SHOT = {"schedule": "one_shot", "start_step": 1, "end_step": 1, "eval_batches": 0}
+
+
 def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
     """Training with step rounds to ``target`` (``GRADUAL[method]``), perplexity at the end (cached)."""
     return common.cell(
@@ -285,16 +296,9 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
 
 
 def _measure_gradual(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
-    import lightning_prune
-
     dm, lit, ft = finetuning_setup(plan, folder)
-    cls, kwargs = GRADUAL[method]
     every = max(ft // 10, 1)
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": 16}
-    pruner = getattr(lightning_prune, cls)(
-        target=target, start_step=every, end_step=every * 6, every_n_steps=every, verbose=0, **kwargs
-    )
+    pruner = make_pruner(GRADUAL[method], target, 16, start_step=every, end_step=every * 6, every_n_steps=every)
     trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
@@ -323,18 +327,13 @@ def _measure_finetune(plan: dict[str, Any], folder: Path, method: str) -> dict[s
 
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
-    cls, kwargs = NM_OURS[method]
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    pruner = getattr(lightning_prune, cls)(
-        target=0.5, schedule="one_shot", start_step=1, end_step=1, eval_batches=0, verbose=0, **kwargs
-    )
+    pruner = make_pruner(NM_OURS[method], 0.5, len(batches), **ONE_SHOT)
     lightning_prune.prune(lit, batches, pruner)
     oneshot = perplexity(lit.model.eval(), evals)
     trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
-    nm = parse_pattern(kwargs["pattern"])
+    nm = parse_pattern(NM_OURS[method][1]["pattern"])
     groups_ok = all(
         bool((nm.pruned_per_group(t.matrix(t.param.detach() == 0)) >= nm.n).all())  # type: ignore[attr-defined]
         for t in pruner.targets
@@ -375,20 +374,7 @@ def _measure_structured(
 
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
-    cls, kwargs = STRUCTURED[method]
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    pruner = getattr(lightning_prune, cls)(
-        target=target,
-        pattern="channels",
-        scope="layer",
-        schedule="one_shot",
-        start_step=1,
-        end_step=1,
-        eval_batches=0,
-        verbose=0,
-        **kwargs,
-    )
+    pruner = make_pruner(STRUCTURED[method], target, len(batches), pattern="channels", scope="layer", **ONE_SHOT)
     start = time.perf_counter()
     lightning_prune.prune(lit, batches, pruner)
     seconds = time.perf_counter() - start
