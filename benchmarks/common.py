@@ -1,21 +1,27 @@
-"""Shared harness for the benchmark scripts: data, dense baselines (cached), one-shot and gradual runs.
+"""The harness every benchmark script shares: models and data, dense baselines, one-shot and gradual
+runs, cached cells, alternated timing and memory, Markdown tables and the RESULTS.md blocks.
 
 Gradual and short runs go through the real callbacks inside a real ``Trainer``. One-shot pruning of
 a trained model is :func:`lightning_prune.prune` on the first ``num_batches`` training batches,
 with the same callback objects. Lightning's ``ModelPruning``, a peer with no one-shot API, prunes
 one-shot in a one-epoch ``fit`` whose optimizer has lr 0 (the weights it sees are the dense ones).
+
+The library internals the scripts read (the default target layers) are imported here only, so a
+move inside ``lightning_prune`` is one edit.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
+import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +150,16 @@ def train_with(
     return test_accuracy(net, seed), net
 
 
-def sparsity_of(net: torch.nn.Module) -> float:
-    """Fraction of zeros over all Linear/Conv weights (what a user would measure)."""
+def targets(net: torch.nn.Module, **kwargs: Any) -> list[Any]:
+    """The layers a pruner targets by default (``.name``, ``.param``, ``.shape2d``), the library's own choice."""
     from lightning_prune.targets import resolve_targets
 
-    ws = [t.param.detach() for t in resolve_targets(net)]
+    return resolve_targets(net, **kwargs)
+
+
+def sparsity_of(net: torch.nn.Module) -> float:
+    """Fraction of zeros over all Linear/Conv weights (what a user would measure)."""
+    ws = [t.param.detach() for t in targets(net)]
     return float(sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws))
 
 
@@ -197,25 +208,61 @@ def cell(
     return r
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float = 1.0) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, batch mean: the distillation term of
-    Hinton et al. (``T^2`` keeps its gradients on the cross-entropy's scale at any temperature)."""
-    student = torch.log_softmax(logits / temp, 1)
-    teacher = torch.log_softmax(teacher_logits / temp, 1)
-    return temp**2 * torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def fingerprint(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-__all__ = ["commit", "copy", "data", "dense", "machine", "one_shot", "sparsity_of", "test_accuracy", "train_with"]
+# ---------------------------------------------------------------------------------------- timing, memory
+def alternation(names: list[Any], reps: int, swap: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(repetition, name)`` in the order to measure them: every name once per repetition, in turn,
+    so drift and a shared machine's bursts hit all alike (timing them one after the other would not);
+    ``swap`` reverses the order on odd repetitions, so that no one always runs first."""
+    for rep in range(reps):
+        order = list(names)
+        yield from ((rep, k) for k in (order[::-1] if swap and rep % 2 else order))
+
+
+def alternated(measures: dict[Any, Callable[[], Any]], reps: int, swap: bool = False) -> dict[Any, list[Any]]:
+    """Each of ``measures`` called in :func:`alternation`; their results per name, in repetition order."""
+    out: dict[Any, list[Any]] = {k: [] for k in measures}
+    for _, k in alternation(list(measures), reps, swap):
+        out[k].append(measures[k]())
+    return out
+
+
+def rss_mib(field: str = "VmRSS") -> float:
+    """A memory line of ``/proc/self/status`` in MiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so it measures what follows (Linux)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+# ---------------------------------------------------------------------------------------- tables
+def fmt(values: list[float]) -> str:
+    """Accuracies (fractions) as %: one value, or mean ± std over seeds; NaNs dropped, ``-`` if none."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table: ``header`` and ``rows`` of cells (each cell ``str()``-ed; an empty one is ``| |``)."""
+
+    def line(cells: list[Any]) -> str:
+        return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *(line(row) for row in rows)])
 
 
 def write_block(name: str, body: str, path: Path | None = None) -> None:

@@ -199,19 +199,15 @@ def main() -> None:
     full = model()
     weights = sum(p.numel() * 4 for p in full.parameters())
     largest = max(m.weight.numel() * 4 for m in full if isinstance(m, nn.Linear))
-    lines = [
-        "| criterion | run | rank | weights held (MB) | statistics (MB) | peak extra RSS in the round (MB) | "
-        "gathered (MB) | largest gather (MB) | round s | sparsity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    body = []
     for name in pruners():
         for label, ranks in results.items():
             for rank, rows in enumerate(ranks):
                 r = rows[name]
-                lines.append(
-                    f"| {name} | {label} | {rank} | {mb(r['held'])} | {mb(r['stats'])} | {mb(r['peak'])} | "
-                    f"{mb(r['gathered'])} | {mb(r['largest'])} | {r['seconds']:.2f} | {r['sparsity']:.3f} |"
-                )
+                body.append([name, label, rank, mb(r["held"]), mb(r["stats"]), mb(r["peak"]), mb(r["gathered"])])
+                body[-1] += [mb(r["largest"]), f"{r['seconds']:.2f}", f"{r['sparsity']:.3f}"]
+    header = ["criterion", "run", "rank", "weights held (MB)", "statistics (MB)", "peak extra RSS in the round (MB)"]
+    header += ["gathered (MB)", "largest gather (MB)", "round s", "sparsity"]
     body = (
         "## FSDP2: what a round costs per rank\n\n"
         f"`python benchmarks/fsdp.py` at `{common.commit()}` on {common.machine().split(', threads')[0]}, one thread "
@@ -222,7 +218,7 @@ def main() -> None:
         "each with half of every batch; the one-process run has the whole model and whole batches. Peak RSS is "
         "sampled every millisecond above the RSS before `prune()` (an upper bound: freed memory can stay with "
         "the allocator). Gathered: bytes that `sharding.gather` assembled from the shards (weights of one layer "
-        "at a time, and bool masks).\n\n" + "\n".join(lines) + "\n\n" + READING
+        "at a time, and bool masks).\n\n" + common.md_table(header, body) + "\n\n" + READING
     )
     print(body)
     common.write_block("fsdp", body)

@@ -113,21 +113,6 @@ PAIRS = [
     ("OBS sequential fast (layer)", "llm-compressor SparseGPT"),
     ("wanda (OBD activations, row)", "llm-compressor Wanda"),
 ]
-# ``--reconstruct``: which outputs sequential OBS fits, the original ones (default since issue 19) or
-# the pruned model's own (SparseGPT's); pairs of (own outputs, original outputs)
-RECONSTRUCT: dict[str, tuple[str, dict[str, Any]]] = {}
-for _solver, _pattern in (("fast", None), ("exact", None), ("fast", "2:4")):
-    _kw = {**SEQUENTIAL, "solver": _solver, **({"pattern": _pattern} if _pattern else {})}
-    _name = f"OBS sequential {_solver}{' ' + _pattern if _pattern else ''}"
-    RECONSTRUCT[f"{_name}, own outputs"] = ("OBSPruning", {**_kw, "reconstruct": "current"})
-    RECONSTRUCT[f"{_name}, original outputs"] = ("OBSPruning", {**_kw, "reconstruct": "original"})
-RECONSTRUCT["OBS global (defaults)"] = ("OBSPruning", {})
-RECONSTRUCT["OBS global, own outputs"] = ("OBSPruning", {"reconstruct": "current"})
-RECONSTRUCT["OBS global, Fisher allocation"] = ("OBSPruning", {"allocation": "fisher"})
-RECONSTRUCT["OBS global, previous defaults (Fisher allocation, own outputs)"] = (
-    "OBSPruning",
-    {"allocation": "fisher", "reconstruct": "current"},
-)
 GRADUAL = {
     "magnitude": ("MagnitudePruning", {"scope": "layer"}),
     "OBS sequential (layer)": (
@@ -177,14 +162,6 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 8) -> flo
     return ppl(model, [{"input_ids": ids[i : i + batch]} for i in range(0, len(ids), batch)])
 
 
-def _rss_mib(field: str = "VmRSS") -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
     """One measurement of ours, in this (fresh) process: load, prune(), time, memory, perplexity."""
     import warnings
@@ -195,28 +172,18 @@ def ours_cell(folder: Path, method: str, sparsity: float, out: Path) -> None:
 
     warnings.filterwarnings("ignore")
     model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
-    calib, evals = torch.load(folder / "calib.pt"), torch.load(folder / "eval.pt")
-    rows = 8
-    batches = [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
-    every = {**OURS, **NM_OURS, **RECONSTRUCT}
-    cls, kwargs = every[method][0], dict(every[method][1])
-    if cls != "MagnitudePruning":  # magnitude needs no calibration batches
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    if kwargs.pop("head", False):
-        from lightning_prune.targets import resolve_targets
-
-        kwargs["parameters"] = [t.param for t in resolve_targets(model)] + [model.lm_head.weight]
-    pruner = getattr(lightning_prune, cls)(target=sparsity, eval_batches=0, verbose=0, **kwargs)
-    rss_before = _rss_mib()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark: VmHWM then measures the pruning alone
-    except OSError:
-        pass
+    batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
+    cls, kwargs = {**OURS, **NM_OURS}[method]
+    if kwargs.get("head"):  # the same criterion with the output head pruned too
+        head = {"parameters": [t.param for t in common.targets(model)] + [model.lm_head.weight]}
+        kwargs = {**{k: v for k, v in kwargs.items() if k != "head"}, **head}
+    pruner = make_pruner((cls, kwargs), sparsity, len(batches), eval_batches=0)
+    rss_before = common.rss_mib()
+    common.reset_peak_rss()  # VmHWM then measures the pruning alone
     start = time.perf_counter()
     record = lightning_prune.prune(model, batches, pruner)
     seconds = time.perf_counter() - start
-    peak = _rss_mib("VmHWM")
+    peak = common.rss_mib("VmHWM")
     zeros = [int((t.param == 0).sum()) for t in pruner.targets]
     out.write_text(
         json.dumps(
@@ -304,6 +271,21 @@ def calibration_batches(folder: Path, rows: int = 8) -> list[dict[str, torch.Ten
     return [{"input_ids": calib[i : i + rows], "labels": calib[i : i + rows]} for i in range(0, len(calib), rows)]
 
 
+def make_pruner(spec: tuple[str, dict[str, Any]], target: float, num_batches: int, **extra: Any) -> Any:
+    """The callback ``spec = (class name, keyword arguments)`` names, reading ``num_batches``
+    calibration batches (magnitude reads none)."""
+    import lightning_prune
+
+    cls, kwargs = spec
+    if cls != "MagnitudePruning":
+        kwargs = {**kwargs, "num_batches": num_batches}
+    return getattr(lightning_prune, cls)(target=target, verbose=0, **extra, **kwargs)
+
+
+# a one-shot round inside a fine-tuning fit's pruner: ``prune()`` runs it, the fit only keeps the masks
+ONE_SHOT = {"schedule": "one_shot", "start_step": 1, "end_step": 1, "eval_batches": 0}
+
+
 def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
     """Training with step rounds to ``target`` (``GRADUAL[method]``), perplexity at the end (cached)."""
     return common.cell(
@@ -314,16 +296,9 @@ def gradual_cell(plan: dict[str, Any], folder: Path, method: str, target: float)
 
 
 def _measure_gradual(plan: dict[str, Any], folder: Path, method: str, target: float) -> dict[str, Any]:
-    import lightning_prune
-
     dm, lit, ft = finetuning_setup(plan, folder)
-    cls, kwargs = GRADUAL[method]
     every = max(ft // 10, 1)
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": 16}
-    pruner = getattr(lightning_prune, cls)(
-        target=target, start_step=every, end_step=every * 6, every_n_steps=every, verbose=0, **kwargs
-    )
+    pruner = make_pruner(GRADUAL[method], target, 16, start_step=every, end_step=every * 6, every_n_steps=every)
     trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
@@ -352,18 +327,13 @@ def _measure_finetune(plan: dict[str, Any], folder: Path, method: str) -> dict[s
 
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
-    cls, kwargs = NM_OURS[method]
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    pruner = getattr(lightning_prune, cls)(
-        target=0.5, schedule="one_shot", start_step=1, end_step=1, eval_batches=0, verbose=0, **kwargs
-    )
+    pruner = make_pruner(NM_OURS[method], 0.5, len(batches), **ONE_SHOT)
     lightning_prune.prune(lit, batches, pruner)
     oneshot = perplexity(lit.model.eval(), evals)
     trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[pruner], limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(lit, datamodule=dm)
-    nm = parse_pattern(kwargs["pattern"])
+    nm = parse_pattern(NM_OURS[method][1]["pattern"])
     groups_ok = all(
         bool((nm.pruned_per_group(t.matrix(t.param.detach() == 0)) >= nm.n).all())  # type: ignore[attr-defined]
         for t in pruner.targets
@@ -404,20 +374,7 @@ def _measure_structured(
 
     dm, lit, ft = finetuning_setup(plan, folder)
     batches, evals = calibration_batches(folder), torch.load(folder / "eval.pt")
-    cls, kwargs = STRUCTURED[method]
-    if cls != "MagnitudePruning":
-        kwargs = {**kwargs, "num_batches": len(batches)}
-    pruner = getattr(lightning_prune, cls)(
-        target=target,
-        pattern="channels",
-        scope="layer",
-        schedule="one_shot",
-        start_step=1,
-        end_step=1,
-        eval_batches=0,
-        verbose=0,
-        **kwargs,
-    )
+    pruner = make_pruner(STRUCTURED[method], target, len(batches), pattern="channels", scope="layer", **ONE_SHOT)
     start = time.perf_counter()
     lightning_prune.prune(lit, batches, pruner)
     seconds = time.perf_counter() - start
@@ -449,21 +406,18 @@ def _measure_structured(
 
 
 def structured_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
-    rows = [
-        "| method | "
-        + " | ".join(f"{t:.0%} one-shot ppl" for t in plan["structured"])
-        + " | "
-        + " | ".join(f"{t:.0%} after {plan['finetune']} steps" for t in plan["structured"])
-        + " | one-shot s |",
-        "|---" * (2 + 2 * len(plan["structured"])) + "|",
-        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['structured'])} |"
-        + " |" * (1 + len(plan["structured"])),
+    targets = plan["structured"]
+    header = [
+        "method",
+        *(f"{t:.0%} one-shot ppl" for t in targets),
+        *(f"{t:.0%} after {plan['finetune']} steps" for t in targets),
+        "one-shot s",
     ]
+    body = [["dense", *(f"{dense_ppl:.2f}" for _ in targets), *([""] * (1 + len(targets)))]]
     sizes = []
     for method in STRUCTURED:
         cells = [
-            structured_cell(plan, folder, method, t, method in STRUCTURED_FINETUNE and t == plan["structured"][0])
-            for t in plan["structured"]
+            structured_cell(plan, folder, method, t, method in STRUCTURED_FINETUNE and t == targets[0]) for t in targets
         ]
         for c in cells:
             print(
@@ -472,61 +426,47 @@ def structured_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> 
             sizes.append((c["target"], c["params_before"], c["params_after"], c["heads_removed"], c["neurons_removed"]))
         after = [f"{c['perplexity']:.2f}" if "perplexity" in c else "-" for c in cells]
         oneshot = [f"{c['perplexity_oneshot']:.2f}" for c in cells]
-        rows.append(
-            f"| {method} | {' | '.join(oneshot)} | "
-            f"{' | '.join(after)} | {statistics.mean(c['seconds_oneshot'] for c in cells):.1f} |"
-        )
-    shapes = sorted(set(sizes))
+        body.append([method, *oneshot, *after, f"{statistics.mean(c['seconds_oneshot'] for c in cells):.1f}"])
     shape_text = "; ".join(
         f"{t:.0%}: {h} heads and {n} MLP neurons removed, {b / 1e6:.2f}M -> {a / 1e6:.2f}M parameters"
-        for t, b, a, h, n in shapes
+        for t, b, a, h, n in sorted(set(sizes))
     )
-    return "\n".join(
-        [
-            "### Structured: attention heads and MLP neurons (pattern='channels', scope='layer': the same "
-            "fraction of every block's heads and neurons; test perplexity)",
-            "",
-            *rows,
-            "",
-            f"Shrunk with `lightning_prune.shrink` (outputs equal to the masked model's): {shape_text}. The CPU "
-            "speed-up of these shapes is in the structured section (`benchmarks/structured.py`).",
-        ]
+    return (
+        "### Structured: attention heads and MLP neurons (pattern='channels', scope='layer': the same fraction of "
+        "every block's heads and neurons; test perplexity)\n\n"
+        f"{common.md_table(header, body)}\n\n"
+        f"Shrunk with `lightning_prune.shrink` (outputs equal to the masked model's): {shape_text}. The CPU "
+        "speed-up of these shapes is in the structured section (`benchmarks/structured.py`)."
     )
 
 
 def nm_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
     """One-shot 2:4 and 4:8 perplexity (ours and llm-compressor's), then a short fine-tune of ours."""
-    rows = ["| method | one-shot ppl | seconds |", "|---|---|---|", f"| dense | {dense_ppl:.2f} | |"]
+    body = [["dense", f"{dense_ppl:.2f}", ""]]
     for method in [*NM_OURS, *NM_PEERS]:
         r = run_cell(folder, method, 0.5, 0)
         if r is None:
-            rows.append(f"| {method} | not run | |")
+            body.append([method, "not run", ""])
             continue
         print(f"{method}: ppl {r['perplexity']:.2f}, {r['seconds_oneshot']:.1f} s", flush=True)
-        rows.append(f"| {method} | {r['perplexity']:.2f} | {r['seconds_oneshot']:.1f} |")
-    ft = ["| method (2:4) | one-shot ppl | after fine-tuning | 2:4 holds |", "|---|---|---|---|"]
+        body.append([method, f"{r['perplexity']:.2f}", f"{r['seconds_oneshot']:.1f}"])
+    ft = []
     for method in FINETUNE_NM:
         r = finetune_cell(plan, folder, method)
         print(f"finetune {method}: {r['perplexity_oneshot']:.2f} -> {r['perplexity']:.2f}", flush=True)
-        ft.append(
-            f"| {method} | {r['perplexity_oneshot']:.2f} | {r['perplexity']:.2f} | "
-            f"{'yes' if r['pattern_holds'] else '**no**'} |"
-        )
-    return "\n".join(
-        [
-            "### One-shot N:M (N of every M consecutive input weights zero; 50% of every decoder Linear; "
-            "test perplexity; seconds of the prune()/oneshot() call, one run each)",
-            "",
-            *rows,
-            "",
-            f"### 2:4, then fine-tuning {plan['finetune']} steps with the masks frozen (test perplexity)",
-            "",
-            *ft,
-        ]
+        holds = "yes" if r["pattern_holds"] else "**no**"
+        ft.append([method, f"{r['perplexity_oneshot']:.2f}", f"{r['perplexity']:.2f}", holds])
+    return (
+        "### One-shot N:M (N of every M consecutive input weights zero; 50% of every decoder Linear; test "
+        "perplexity; seconds of the prune()/oneshot() call, one run each)\n\n"
+        f"{common.md_table(['method', 'one-shot ppl', 'seconds'], body)}\n\n"
+        f"### 2:4, then fine-tuning {plan['finetune']} steps with the masks frozen (test perplexity)\n\n"
+        + common.md_table(["method (2:4)", "one-shot ppl", "after fine-tuning", "2:4 holds"], ft)
     )
 
 
-def fmt(values: list[float], digits: int = 2) -> str:
+def median_range(values: list[float], digits: int = 2) -> str:
+    """One value, or the median (min-max) of the repeats."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -534,25 +474,97 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def reconstruct_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> str:
-    """One-shot perplexity with sequential OBS fitting its own outputs (SparseGPT) or the original ones."""
-    lines = [
-        "| method | "
-        + " | ".join(f"{s:.0%} ppl" for s in plan["sparsities"])
-        + " | "
-        + " | ".join(f"{s:.0%} s" for s in plan["sparsities"])
-        + " |",
-        "|---" * (1 + 2 * len(plan["sparsities"])) + "|",
-        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['sparsities'])} |" + " |" * len(plan["sparsities"]),
+def oneshot_section(plan: dict[str, Any], folder: Path, dense_ppl: float, params: int) -> str:
+    """One-shot unstructured against llm-compressor (the ``PAIRS`` timed ``reps`` times, alternated),
+    the targets against SparseGPT, and the gradual table."""
+    sparsities = plan["sparsities"]
+    results: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for s in sparsities:
+        paired = [m for pair in PAIRS for m in pair]
+        runs = [*common.alternation(paired, plan["reps"], swap=True)]
+        runs += [(0, m) for m in [*OURS, *PEERS] if m not in paired]
+        for rep, method in runs:
+            r = run_cell(folder, method, s, rep)
+            if r is not None:
+                results.setdefault((method, s), []).append(r)
+                print(f"{method} {s}: ppl {r['perplexity']:.2f}, {r['seconds_oneshot']:.1f} s", flush=True)
+
+    header = ["method", *(f"{s:.0%} ppl" for s in sparsities), *(f"{s:.0%} s" for s in sparsities), "peak extra MiB"]
+    body = [["dense", *(f"{dense_ppl:.2f}" for _ in sparsities), *([""] * (1 + len(sparsities)))]]
+    for method in [*OURS, *PEERS]:
+        cells = [results.get((method, s), []) for s in sparsities]
+        if not any(cells):
+            body.append([method, "not run", *([""] * (2 * len(sparsities)))])
+            continue
+        ppl = [median_range([c[0]["perplexity"]]) if c else "-" for c in cells]
+        secs = [median_range([r["seconds_oneshot"] for r in c], 1) if c else "-" for c in cells]
+        mem = max((r["peak_rss_oneshot_mib"] - r["rss_before_mib"] for c in cells for r in c), default=float("nan"))
+        body.append([method, *ppl, *secs, f"{mem:.0f}"])
+    seq = [r for (m, s), rs in results.items() if m.startswith("OBS sequential fast") for r in rs]
+    block_mib = max((r["info"].get("block_input_bytes", 0) for r in seq), default=0) / 2**20
+    hess_mib = max((r["info"].get("peak_hessian_bytes", 0) for r in seq), default=0) / 2**20
+
+    targets = []
+    for s in sparsities:
+        ours, theirs = results.get(("OBS sequential fast (layer)", s)), results.get(("llm-compressor SparseGPT", s))
+        exact = results.get(("OBS sequential exact (layer)", s))
+        if ours and theirs:
+            best = min(ours[0]["perplexity"], exact[0]["perplexity"] if exact else float("inf"))
+            ok = best <= theirs[0]["perplexity"] * 1.001
+            targets.append(
+                [
+                    f"OBS perplexity <= SparseGPT's at {s:.0%}",
+                    "yes" if ok else "**no**",
+                    f"{best:.2f} vs {theirs[0]['perplexity']:.2f}",
+                ]
+            )
+            t_ours = statistics.median(r["seconds_oneshot"] for r in ours)
+            t_theirs = statistics.median(r["seconds_oneshot"] for r in theirs)
+            targets.append(
+                [
+                    f"one-shot wall time <= SparseGPT's at {s:.0%} (median of {len(ours)})",
+                    "yes" if t_ours <= t_theirs else "**no**",
+                    f"{t_ours:.1f} s vs {t_theirs:.1f} s ({t_ours / t_theirs:.2f}x)",
+                ]
+            )
+
+    grad = []
+    for method in GRADUAL:
+        rs = [gradual_cell(plan, folder, method, t) for t in plan["gradual"]]
+        print(f"gradual {method}: {[round(r['perplexity'], 2) for r in rs]}", flush=True)
+        grad.append(
+            [method, *(f"{r['perplexity']:.2f}" for r in rs), f"{statistics.mean(r['round_seconds'] for r in rs):.1f}"]
+        )
+
+    cells = [r for rs in results.values() for r in rs] + [
+        json.loads(p.read_text()) for p in (folder / "cells").glob("gradual-*.json")
     ]
-    for method in RECONSTRUCT:
-        targets = [0.5] if "2:4" in method else plan["sparsities"]
-        rs = {s: run_cell(folder, method, s, 0) for s in targets}
-        ppl = [f"{rs[s]['perplexity']:.2f}" if rs.get(s) else "-" for s in plan["sparsities"]]
-        secs = [f"{rs[s]['seconds_oneshot']:.1f}" if rs.get(s) else "-" for s in plan["sparsities"]]
-        print(f"{method}: {ppl} {secs}", flush=True)
-        lines.append(f"| {method} | {' | '.join(ppl)} | {' | '.join(secs)} |")
-    return "\n".join(lines)
+    commits = sorted({r.get("commit", FIRST_RUN) for r in cells})
+    train_s = json.loads((folder / "dense.json").read_text())["train_seconds"]
+    return (
+        f"Cells computed at commits {', '.join(commits)} (each cell's commit is in its JSON).\n\n"
+        f"Dense: {params / 1e6:.1f}M parameters ({plan['model']['num_layers']} blocks), {plan['steps']} steps "
+        f"({train_s / 60:.0f} min), test perplexity {dense_ppl:.2f}. Calibration: {plan['calib']} windows of "
+        f"{plan['data']['seq_len']} tokens (ours in batches of 8, llm-compressor one per sample).\n\n"
+        "### One-shot, unstructured (perplexity on the test split; seconds of the prune()/oneshot() call, median "
+        "(min-max) of the alternating repeats; peak extra MiB: resident memory above the loaded model during it)\n\n"
+        f"{common.md_table(header, body)}\n\n"
+        f"Sequential OBS holds one block's inputs ({block_mib:.1f} MiB: {plan['calib']} windows x "
+        f"{plan['data']['seq_len']} tokens x hidden {plan['model']['hidden_size']}, float32) and one layer's "
+        f"Hessian at a time ({hess_mib:.1f} MiB, float64).\n\n"
+        f"{common.md_table(['target', 'met', 'measured'], targets)}\n\n"
+        f"### Gradual, step-based (fine-tuning the dense model {plan['finetune']} steps; rounds every "
+        f"{max(plan['finetune'] // 10, 1)} steps over the first 60%; test perplexity)\n\n"
+        + common.md_table(["method", *(f"{t:.0%}" for t in plan["gradual"]), "round s"], grad)
+    )
+
+
+# block name -> (title, section); the dense model's section comes first in RESULTS.md
+SECTIONS = {
+    "lm": ("Language model: one-shot and gradual, against llm-compressor", oneshot_section),
+    "lm-nm": ("Language model: N:M (2:4, 4:8) against llm-compressor", nm_section),
+    "lm-structured": ("Language model: structured pruning (heads and neurons)", structured_section),
+}
 
 
 def main() -> None:
@@ -560,9 +572,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--nm", action="store_true", help="only the N:M section (its own block in RESULTS.md)")
     p.add_argument("--structured", action="store_true", help="only the structured section (its own block)")
-    p.add_argument(
-        "--reconstruct", action="store_true", help="only the original-vs-own-outputs section (its own block)"
-    )
     p.add_argument("--cell", nargs=4, metavar=("FOLDER", "METHOD", "SPARSITY", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.cell:
@@ -575,152 +584,27 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     dense_model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
-    evals = torch.load(folder / "eval.pt")
-    dense_ppl = perplexity(dense_model, evals)
+    dense_ppl = perplexity(dense_model, torch.load(folder / "eval.pt"))
     params = sum(p.numel() for p in dense_model.parameters())
-    train_s = json.loads((folder / "dense.json").read_text())["train_seconds"]
     print(f"dense: {params / 1e6:.1f}M parameters, test perplexity {dense_ppl:.2f}", flush=True)
-    if a.structured:
-        text = structured_section(plan, folder, dense_ppl)
-        print(text)
-        if not a.quick:
-            common.write_block(
-                "lm-structured",
-                f"## Language model: structured pruning (heads and neurons)\n\n`python benchmarks/lm.py --structured` "
-                f"at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on {common.machine()}; the dense "
-                f"model of the section above (test perplexity {dense_ppl:.2f}), the same 128 calibration "
-                f"windows.\n\n{text}",
-            )
-        return
-    if a.reconstruct:
-        text = reconstruct_section(plan, folder, dense_ppl)
-        print(text)
-        if not a.quick:
-            trained = json.loads((folder / "dense.json").read_text()).get("trained_on", "this machine's CPU")
-            common.write_block(
-                "lm-reconstruct",
-                "## Language model: fitting the original outputs (reconstruct='original') or the pruned model's "
-                f"own\n\n`python benchmarks/lm.py --reconstruct` at `{common.commit()}`, "
-                f"{(time.time() - start) / 60:.0f} minutes on {common.machine()}. The dense model: lm.py's recipe "
-                f"(1500 steps), trained on {trained}; test perplexity {dense_ppl:.2f}; the same 128 calibration "
-                f"windows for every row.\n\n{text}",
-            )
-        return
-    if a.nm:
-        text = nm_section(plan, folder, dense_ppl)
-        print(text)
-        if not a.quick:
-            common.write_block(
-                "lm-nm",
-                f"## Language model: N:M (2:4, 4:8) against llm-compressor\n\n`python benchmarks/lm.py --nm` at "
-                f"`{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on {common.machine()}; the dense "
-                f"model of the section above (test perplexity {dense_ppl:.2f}), the same 128 calibration "
-                f"windows.\n\n{text}",
-            )
-        return
-
-    results: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for s in plan["sparsities"]:
-        for rep in range(plan["reps"]):
-            order = [m for pair in PAIRS for m in (pair if rep % 2 == 0 else pair[::-1])]
-            if rep == 0:
-                order += [m for m in [*OURS, *PEERS] if m not in order]
-            for method in order:
-                r = run_cell(folder, method, s, rep)
-                if r is not None:
-                    results.setdefault((method, s), []).append(r)
-                    print(f"{method} {s}: ppl {r['perplexity']:.2f}, {r['seconds_oneshot']:.1f} s", flush=True)
-
-    header = "| method | " + " | ".join(f"{s:.0%} ppl" for s in plan["sparsities"]) + " | "
-    header += " | ".join(f"{s:.0%} s" for s in plan["sparsities"]) + " | peak extra MiB |"
-    lines = [header, "|---" * (2 + 2 * len(plan["sparsities"])) + "|"]
-    lines.append(
-        f"| dense | {' | '.join(f'{dense_ppl:.2f}' for _ in plan['sparsities'])} |"
-        + " |" * (1 + len(plan["sparsities"]))
-    )
-    for method in [*OURS, *PEERS]:
-        cells = [results.get((method, s), []) for s in plan["sparsities"]]
-        if not any(cells):
-            lines.append(f"| {method} | not run |" + " |" * (2 * len(plan["sparsities"])))
-            continue
-        ppl = [fmt([c[0]["perplexity"]]) if c else "-" for c in cells]
-        secs = [fmt([r["seconds_oneshot"] for r in c], 1) if c else "-" for c in cells]
-        mem = max((r["peak_rss_oneshot_mib"] - r["rss_before_mib"] for c in cells for r in c), default=float("nan"))
-        lines.append(f"| {method} | {' | '.join(ppl)} | {' | '.join(secs)} | {mem:.0f} |")
-    seq = [r for (m, s), rs in results.items() if m.startswith("OBS sequential fast") for r in rs]
-    block_mib = max((r["info"].get("block_input_bytes", 0) for r in seq), default=0) / 2**20
-    hess_mib = max((r["info"].get("peak_hessian_bytes", 0) for r in seq), default=0) / 2**20
-
-    targets = []
-    for s in plan["sparsities"]:
-        ours, theirs = results.get(("OBS sequential fast (layer)", s)), results.get(("llm-compressor SparseGPT", s))
-        exact = results.get(("OBS sequential exact (layer)", s))
-        if ours and theirs:
-            best = min(ours[0]["perplexity"], exact[0]["perplexity"] if exact else float("inf"))
-            ok = best <= theirs[0]["perplexity"] * 1.001
-            targets.append(
-                f"| OBS perplexity <= SparseGPT's at {s:.0%} | {'yes' if ok else '**no**'} | "
-                f"{best:.2f} vs {theirs[0]['perplexity']:.2f} |"
-            )
-            t_ours = statistics.median(r["seconds_oneshot"] for r in ours)
-            t_theirs = statistics.median(r["seconds_oneshot"] for r in theirs)
-            targets.append(
-                f"| one-shot wall time <= SparseGPT's at {s:.0%} (median of {len(ours)}) | "
-                f"{'yes' if t_ours <= t_theirs else '**no**'} | {t_ours:.1f} s vs {t_theirs:.1f} s "
-                f"({t_ours / t_theirs:.2f}x) |"
-            )
-
-    grad_lines = [
-        "| method | " + " | ".join(f"{t:.0%}" for t in plan["gradual"]) + " | round s |",
-        "|---" * (2 + len(plan["gradual"])) + "|",
-    ]
-    for method in GRADUAL:
-        rs = [gradual_cell(plan, folder, method, t) for t in plan["gradual"]]
-        print(f"gradual {method}: {[round(r['perplexity'], 2) for r in rs]}", flush=True)
-        grad_lines.append(
-            f"| {method} | {' | '.join(format(r['perplexity'], '.2f') for r in rs)} | "
-            f"{statistics.mean(r['round_seconds'] for r in rs):.1f} |"
-        )
-
-    cells = [r for rs in results.values() for r in rs] + [
-        json.loads(p.read_text()) for p in (folder / "cells").glob("gradual-*.json")
-    ]
-    commits = sorted({r.get("commit", FIRST_RUN) for r in cells})
-    md = [
-        f"Cells computed at commits {', '.join(commits)} (each cell's commit is in its JSON).",
-        "",
-        f"Dense: {params / 1e6:.1f}M parameters ({plan['model']['num_layers']} blocks), {plan['steps']} steps "
-        f"({train_s / 60:.0f} min), test perplexity {dense_ppl:.2f}. Calibration: {plan['calib']} windows of "
-        f"{plan['data']['seq_len']} tokens (ours in batches of 8, llm-compressor one per sample).",
-        "",
-        "### One-shot, unstructured (perplexity on the test split; seconds of the prune()/oneshot() call, median "
-        "(min-max) of the alternating repeats; peak extra MiB: resident memory above the loaded model during it)",
-        "",
-        *lines,
-        "",
-        f"Sequential OBS holds one block's inputs ({block_mib:.1f} MiB: {plan['calib']} windows x "
-        f"{plan['data']['seq_len']} tokens x hidden {plan['model']['hidden_size']}, float32) and one layer's "
-        f"Hessian at a time ({hess_mib:.1f} MiB, float64).",
-        "",
-        "| target | met | measured |",
-        "|---|---|---|",
-        *targets,
-        "",
-        f"### Gradual, step-based (fine-tuning the dense model {plan['finetune']} steps; rounds every "
-        f"{max(plan['finetune'] // 10, 1)} steps over the first 60%; test perplexity)",
-        "",
-        *grad_lines,
-    ]
-    text = "\n".join(md)
+    block = "lm-nm" if a.nm else "lm-structured" if a.structured else "lm"
+    title, section = SECTIONS[block]
+    text = section(plan, folder, dense_ppl, params) if block == "lm" else section(plan, folder, dense_ppl)
     print(text)
-    if a.quick:
+    if a.quick:  # a smoke run is not published
         return
-    block = (
-        f"## Language model: one-shot and gradual, against llm-compressor\n\n"
-        f"`python benchmarks/lm.py` at `{common.commit()}`, {(time.time() - start) / 60:.0f} minutes on "
-        f"{common.machine()} (cells cached in `benchmarks/.cache/lm`).\n\n{text}"
+    flag = {"lm-nm": " --nm", "lm-structured": " --structured"}.get(block, "")
+    where = (
+        " (cells cached in `benchmarks/.cache/lm`)"
+        if block == "lm"
+        else f"; the dense model of the section above (test perplexity {dense_ppl:.2f}), the same "
+        f"{plan['calib']} calibration windows"
     )
-    common.write_block("lm", block)
+    common.write_block(
+        block,
+        f"## {title}\n\n`python benchmarks/lm.py{flag}` at `{common.commit()}`, {(time.time() - start) / 60:.0f} "
+        f"minutes on {common.machine()}{where}.\n\n{text}",
+    )
 
 
 if __name__ == "__main__":

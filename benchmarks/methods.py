@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import common
 from lightning.pytorch.callbacks import Callback, ModelPruning
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
 from lightning_prune.patterns import NM, parse_pattern
-from lightning_prune.schedule import SparsitySchedule
-from lightning_prune.targets import PRUNABLE_TYPES, resolve_targets
+from lightning_prune.schedule import Schedule
+from lightning_prune.targets import PRUNABLE_TYPES
 
 
 class LightningModelPruning(ModelPruning):
@@ -21,7 +22,7 @@ class LightningModelPruning(ModelPruning):
     directly compounds (0.9 becomes 0.986, see ``naive=True``)."""
 
     def __init__(self, target: float, naive: bool = False, **schedule: Any) -> None:
-        self.plan = SparsitySchedule(target, **{k: v for k, v in schedule.items() if k in _SCHEDULE_KEYS})
+        self.plan = Schedule(target, **{k: v for k, v in schedule.items() if k in _SCHEDULE_KEYS})
         self.naive = naive
         super().__init__(
             "l1_unstructured",
@@ -72,11 +73,6 @@ METHODS: dict[str, Factory] = {
     "obs-fisher": lambda t, **kw: OBSPruning(t, **{"hessian": "fisher", "verbose": 0, **kw}),
     "obs-kfac": lambda t, **kw: OBSPruning(t, **{"hessian": "kfac", "verbose": 0, **kw}),
 }
-# the Fisher types of issue 14 (fisher_type="mc" / "exact"), for benchmarks/fisher.py and overhead.py
-for _name, _make in list(METHODS.items()):
-    if _name in ("obd-fisher", "obd-kfac", "obd-ekfac", "obs-layerwise", "obs-fisher", "obs-kfac"):
-        for _type in ("mc", "exact"):
-            METHODS[f"{_name}-{_type}"] = lambda t, _make=_make, _type=_type, **kw: _make(t, fisher_type=_type, **kw)
 
 
 def make(method: str, target: float, **kwargs: Any) -> Callback:
@@ -92,13 +88,11 @@ def split_pattern(method: str, model: str) -> tuple[str, dict[str, Any]]:
     100-input layers under 4:8), as a user would exclude them."""
     if "/" not in method:
         return method, {}
-    import common
-
     base, spec = method.split("/", 1)
     ramp = "capped"
     if spec.endswith("-groups"):
         spec, ramp = spec[: -len("-groups")], "groups"
     nm = parse_pattern(spec)
     assert isinstance(nm, NM)
-    exclude = [t.name for t in resolve_targets(common.build(model, 0)) if t.shape2d[1] % nm.m]
+    exclude = [t.name for t in common.targets(common.build(model, 0)) if t.shape2d[1] % nm.m]
     return base, {"pattern": NM(nm.n, nm.m, ramp), "exclude": exclude or None}

@@ -26,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 import quality
 
-from lightning_prune.targets import resolve_targets
-
 CRITERIA = ["magnitude", "obd-fisher", "obs-layerwise", "obs-fisher", "obs-kfac"]
 PLANS = {
     "full": {
@@ -44,10 +42,6 @@ PLANS = {
 }
 PATTERNS = ["2:4", "4:8"]
 GRADUAL = "short"  # the training regime of the gradual tables (benchmarks/quality.py REGIMES)
-
-
-def fmt(values: list[float]) -> str:
-    return quality.fmt(values)
 
 
 def pattern_table(regime: str, model: str, names: list[str], seeds: list[int], log: bool = True) -> str:
@@ -67,27 +61,29 @@ def pattern_table(regime: str, model: str, names: list[str], seeds: list[int], l
                 cells.setdefault((name, col), []).append(r["acc"])
                 if name == names[0] and col == "unstructured":
                     dense.append(r["dense_acc"])
-    lines = ["| method | 50% unstructured | 2:4 | 4:8 |", "|---|---|---|---|", f"| dense | {fmt(dense)} | | |"]
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(fmt(cells[(name, c)]) for c in cols) + " |")
-    return "\n".join(lines)
+    body = [["dense", common.fmt(dense), "", ""]]
+    body += [[name, *(common.fmt(cells[(name, c)]) for c in cols)] for name in names]
+    return common.md_table(["method", "50% unstructured", *PATTERNS], body)
 
 
 def ramp_table(model: str, names: list[str], seeds: list[int]) -> str:
     """Gradual 2:4, capped vs groups ramp."""
-    lines = ["| method | capped (default) | groups |", "|---|---|---|"]
-    for name in names:
-        row = []
-        for suffix in ("2:4", "2:4-groups"):
-            accs = [quality.cell(GRADUAL, model, f"{name}/{suffix}", 0.5, s)["acc"] for s in seeds]
-            row.append(fmt(accs))
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    body = [
+        [
+            name,
+            *(
+                common.fmt([quality.cell(GRADUAL, model, f"{name}/{sfx}", 0.5, s)["acc"] for s in seeds])
+                for sfx in ("2:4", "2:4-groups")
+            ),
+        ]
+        for name in names
+    ]
+    return common.md_table(["method", "capped (default)", "groups"], body)
 
 
 def pruned_share(model: str, m: int) -> float:
     """Fraction of the default targets' weights an N:M pattern with group size ``m`` prunes."""
-    targets = resolve_targets(common.build(model, 0))
+    targets = common.targets(common.build(model, 0))
     total = sum(t.param.numel() for t in targets)
     return sum(t.param.numel() for t in targets if t.shape2d[1] % m == 0) / total
 

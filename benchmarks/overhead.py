@@ -93,17 +93,22 @@ def measure(
     method_names: list[str], reps: int, batches: int, optimizer: str = "adam", accelerator: str = "cpu"
 ) -> dict[str, dict[str, float]]:
     method_names = [*method_names, "none (again)"]
-    samples: dict[str, dict[str, list[float]]] = {
-        m: {"accumulating": [], "other": [], "round": []} for m in ["none", *method_names]
-    }
     one_fit(None, batches, optimizer=optimizer, accelerator=accelerator)  # warm-up (data, caches, threads)
-    for rep in range(reps):
-        for m in ["none", *method_names]:
-            r = one_fit(None if m == "none" else m, batches, optimizer=optimizer, accelerator=accelerator)
-            samples[m]["accumulating"].append(r["accumulating"])
-            samples[m]["other"].extend(r["other"])
-            samples[m]["round"].append(r["round"])
-        print(f"  rep {rep + 1}/{reps} done", flush=True)
+    fits = common.alternated(
+        {
+            m: lambda m=m: one_fit(None if m == "none" else m, batches, optimizer=optimizer, accelerator=accelerator)
+            for m in ["none", *method_names]
+        },
+        reps,
+    )
+    samples = {
+        m: {
+            "accumulating": [r["accumulating"] for r in rs],
+            "other": [t for r in rs for t in r["other"]],
+            "round": [r["round"] for r in rs],
+        }
+        for m, rs in fits.items()
+    }
     # epoch 0 of a fit pays warm-up costs: compare it with the baseline's epoch 0, later epochs with later
     base0 = statistics.median(samples["none"]["accumulating"])
     base = statistics.median(samples["none"]["other"])
@@ -122,10 +127,7 @@ def measure(
 
 
 def table(result: dict[str, dict[str, float]]) -> str:
-    lines = [
-        "| callback | accumulating epoch | other epochs | round (x one epoch) |",
-        "|---|---|---|---|",
-    ]
+    rows = []
     for m, r in result.items():
         if m.startswith("_"):
             continue
@@ -134,8 +136,8 @@ def table(result: dict[str, dict[str, float]]) -> str:
             m = "no callback, measured again (noise floor)"
             acc = f"{r['accumulating']:.3f}x"
         rnd = "-" if r["round"] != r["round"] else f"{r['round']:.2f}"
-        lines.append(f"| {m} | {acc} | {r['other']:.3f}x | {rnd} |")
-    return "\n".join(lines)
+        rows.append([m, acc, f"{r['other']:.3f}x", rnd])
+    return common.md_table(["callback", "accumulating epoch", "other epochs", "round (x one epoch)"], rows)
 
 
 def main() -> None:

@@ -10,8 +10,6 @@ suite resumes where it stopped. Prints a Markdown table of test accuracy (mean �
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,27 +81,17 @@ def run(
     return rows
 
 
-def fmt(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
 def table(rows: list[dict[str, Any]], methods_order: list[str] | None = None) -> str:
     """Methods x targets, test accuracy in % (mean ± std over seeds), with the dense baseline row."""
     targets = sorted({r["target"] for r in rows})
     names = methods_order or sorted({r["method"] for r in rows})
     dense = {t: [r["dense_acc"] for r in rows if r["target"] == t and r["method"] == names[0]] for t in targets}
-    lines = ["| method | " + " | ".join(f"{t:.0%}" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-    lines.append("| dense (same seeds) | " + " | ".join(fmt(dense[t]) for t in targets) + " |")
+    body = [["dense (same seeds)", *(common.fmt(dense[t]) for t in targets)]]
     for name in names:
-        cells = [fmt([r["acc"] for r in rows if r["method"] == name and r["target"] == t]) for t in targets]
+        cells = [common.fmt([r["acc"] for r in rows if r["method"] == name and r["target"] == t]) for t in targets]
         if any(c != "-" for c in cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            body.append([name, *cells])
+    return common.md_table(["method", *(f"{t:.0%}" for t in targets)], body)
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import common
 import methods
 import torch
 from lightning.pytorch.callbacks import Callback
-from quality import fmt
 
 from lightning_prune import prune
 
@@ -117,20 +116,16 @@ def main() -> None:
                 curve = " ".join(f"{e:g}:{x:.4f}" for e, x in r["points"])
                 print(f"  {m:14s} {target:.2f} seed {seed}: {curve}", flush=True)
     dense = [rows[METHODS[0], SPARSITIES[0], s]["dense_acc"] for s in seeds]
-    lines = [
-        "| sparsity | method | one-shot | +1 epoch | +2 epochs | +5 epochs | epochs to dense - 1 (per seed; "
-        "resolution 1/16 in the first epoch) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    table = []
     for target in SPARSITIES:
         for m in METHODS:
             rs = [rows[m, target, s] for s in seeds]
             reach = [epochs_to(r["points"], r["dense_acc"] - 0.01) for r in rs]
             reach_s = ", ".join(f"{e:g}" if e is not None else f">{EPOCHS}" for e in reach)
-            lines.append(
-                f"| {target:.0%} | {m} | {fmt([at(r, 0.0) for r in rs])} | {fmt([at(r, 1.0) for r in rs])} | "
-                f"{fmt([at(r, 2.0) for r in rs])} | {fmt([at(r, float(EPOCHS)) for r in rs])} | {reach_s} |"
-            )
+            accs = [common.fmt([at(r, e) for r in rs]) for e in (0.0, 1.0, 2.0, float(EPOCHS))]
+            table.append([f"{target:.0%}", m, *accs, reach_s])
+    header = ["sparsity", "method", "one-shot", "+1 epoch", "+2 epochs", f"+{EPOCHS} epochs"]
+    header.append("epochs to dense - 1 (per seed; resolution 1/16 in the first epoch)")
     plot(rows, seeds)
     commits = ", ".join(f"`{c}`" for c in sorted({r["commit"] for r in rows.values()}))
     compute = sum(r["seconds"] for r in rows.values()) / 60
@@ -138,9 +133,9 @@ def main() -> None:
         "## Fine-tuning to recover (MLP, one-shot then frozen-mask fine-tuning)\n\n"
         f"`python benchmarks/recover.py --seeds {a.seeds}` at `{common.commit()}`: cells computed at {commits}, "
         f"{compute:.0f} minutes of compute on {common.machine()} (cells cached). "
-        "The converged dense MLP (8 epochs, test accuracy "
-        f"{fmt(dense)}) pruned one-shot (`prune()`, 32 batches), then {EPOCHS} epochs of Adam with the masks frozen; "
-        f"test accuracy (%), seeds {seeds}. Goal: dense - 1 point.\n\n" + "\n".join(lines) + "\n\n"
+        f"The converged dense MLP (8 epochs, test accuracy {common.fmt(dense)}) pruned one-shot (`prune()`, 32 "
+        f"batches), then {EPOCHS} epochs of Adam with the masks frozen; test accuracy (%), seeds {seeds}. Goal: "
+        "dense - 1 point.\n\n" + common.md_table(header, table) + "\n\n"
         "![accuracy against fine-tuning epochs](recover_mlp.png)"
     )
     print(body)

@@ -12,7 +12,6 @@ CUDA allocation) during the call minus what the inputs already held.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import statistics
 import sys
@@ -21,41 +20,32 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+from lightning_prune.obs.layerwise import prepare_hessian, sparsegpt_prune
+
 BLOCK = 128
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lightning_prune.obs.layerwise import prepare_hessian, sparsegpt_prune  # noqa: E402
-
-
-def _rss_peak_reset() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM (peak RSS)
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def timed(fn, device: torch.device) -> tuple[float, int]:
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """Seconds of ``fn()`` and the peak memory it added, in bytes (RSS on the CPU, allocations on CUDA)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        _rss_peak_reset()
-        base = _status("VmRSS")
+        common.reset_peak_rss()
+        base = common.rss_mib("VmRSS") * 2**20
     start = time.perf_counter()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _status("VmHWM") - base
+        peak = common.rss_mib("VmHWM") * 2**20 - base
     return time.perf_counter() - start, peak
 
 
@@ -81,14 +71,8 @@ def bench(d: int, reps: int, dtype: torch.dtype, device: torch.device) -> dict[s
         U, W1, _, _ = prepare_hessian(H, W, 0.01, "bench")
         sparsegpt_prune(W1, U, counts, forced, blocksize=BLOCK)
 
-    f_times, s_times, f_mem, s_mem = [], [], [], []
-    for _ in range(reps):
-        t, m = timed(floor, device)
-        f_times.append(t)
-        f_mem.append(m)
-        t, m = timed(solver, device)
-        s_times.append(t)
-        s_mem.append(m)
+    runs = common.alternated({"floor": lambda: timed(floor, device), "solver": lambda: timed(solver, device)}, reps)
+    (f_times, f_mem), (s_times, s_mem) = (list(zip(*runs[k])) for k in ("floor", "solver"))
     return {
         "d": d,
         "floor_s": statistics.median(f_times),
@@ -101,15 +85,13 @@ def bench(d: int, reps: int, dtype: torch.dtype, device: torch.device) -> dict[s
 
 
 def table(rows: list[dict[str, float]]) -> str:
-    lines = [
-        "| d (rows = cols) | solver / floor | peak extra memory (solver) | = x one d x d matrix |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['d']} | {r['ratio']:.2f}x | {r['solver_mem_mb']:.0f} MB | {r['solver_mem_mb'] / r['layer_mb']:.1f} |"
-        )
-    return "\n".join(lines)
+    return common.md_table(
+        ["d (rows = cols)", "solver / floor", "peak extra memory (solver)", "= x one d x d matrix"],
+        [
+            [r["d"], f"{r['ratio']:.2f}x", f"{r['solver_mem_mb']:.0f} MB", f"{r['solver_mem_mb'] / r['layer_mb']:.1f}"]
+            for r in rows
+        ],
+    )
 
 
 def main() -> None:

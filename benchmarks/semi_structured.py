@@ -76,25 +76,18 @@ def main() -> None:
     rows = []
     for tokens in [int(t) for t in a.tokens.split(",")]:
         x = torch.randn(tokens, a.d, device="cuda", dtype=dtype)
-        d_ms, s_ms = [], []
-        for _ in range(a.repeats):  # alternated, so drift hits both alike
-            d_ms.append(timed(dense, x, a.iters))
-            s_ms.append(timed(sparse, x, a.iters))
-        d, s = statistics.median(d_ms), statistics.median(s_ms)
-        rows.append(f"| {tokens} | {d:.3f} | {s:.3f} | {d / s:.2f}x |")
+        ms = common.alternated(
+            {"dense": lambda: timed(dense, x, a.iters), "2:4": lambda: timed(sparse, x, a.iters)}, a.repeats
+        )
+        d, s = statistics.median(ms["dense"]), statistics.median(ms["2:4"])
+        rows.append([tokens, f"{d:.3f}", f"{s:.3f}", f"{d / s:.2f}x"])
         print(rows[-1], flush=True)
     name = torch.cuda.get_device_name()
-    table = "\n".join(
-        [
-            f"2:4 MLP block {a.d}->{a.hidden}->{a.d} (SiLU-gated), {a.dtype}, {name}, torch {torch.__version__}; "
-            f"median of {a.repeats} alternations of {a.iters} calls",
-            "",
-            "| tokens | dense ms | 2:4 ms | speed-up |",
-            "|---|---|---|---|",
-            *rows,
-            "",
-            "`python benchmarks/semi_structured.py`",
-        ]
+    table = (
+        f"2:4 MLP block {a.d}->{a.hidden}->{a.d} (SiLU-gated), {a.dtype}, {name}, torch {torch.__version__}; "
+        f"median of {a.repeats} alternations of {a.iters} calls\n\n"
+        + common.md_table(["tokens", "dense ms", "2:4 ms", "speed-up"], rows)
+        + "\n\n`python benchmarks/semi_structured.py`"
     )
     print(table)
     common.write_block("semi", table)

@@ -26,6 +26,7 @@ Writes the tables between the ``<!-- structured:start -->`` markers of ``benchma
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -35,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
+import lm
 import quality
 import torch
 
@@ -67,8 +69,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "gradual": [],
     },
 }
-LM_MODEL = {"hidden_size": 192, "num_layers": 8, "num_heads": 4, "intermediate_size": 512}  # lm.py's full plan
-LM_VOCAB = 4096
+LM = lm.PLANS["full"]  # the language model of lm.py's tables (random weights here: latency only)
+LM_VOCAB = LM["data"]["vocab_size"]
 LM_BATCH, LM_TOKENS = 8, 256
 IMAGE_BATCH = 256
 GRADUAL = "short"
@@ -167,10 +169,6 @@ def _measure_gradual(model: str, method: str, target: float, seed: int) -> dict[
     }
 
 
-def pct(values: list[float]) -> str:
-    return quality.fmt(values)
-
-
 def one_shot_table(model: str, names: list[str], seeds: list[int], ft_seeds: list[int]) -> tuple[str, str]:
     """Methods x targets: accuracy (%), after the fine-tune, weight sparsity, parameters after shrink;
     and the structures each family lost (seed 0)."""
@@ -190,30 +188,36 @@ def one_shot_table(model: str, names: list[str], seeds: list[int], ft_seeds: lis
     dense_accs = [rows[names[0], TARGETS[0], s]["dense_acc"] for s in seeds]
     ft_seeds = [s for s in ft_seeds if s in seeds]
     ft_label = "+ 1 epoch, masks frozen" + (f" (seeds {ft_seeds})" if ft_seeds else "")
-    lines = [
-        f"| method | structures removed | test acc (%) | {ft_label} | weight sparsity | parameters after shrink |",
-        "|---|---|---|---|---|---|",
-        f"| dense | 0 of {first['structures_total']} | {pct(dense_accs)} | | 0% | {first['params_before']:,} |",
-    ]
+    header = ["method", "structures removed", "test acc (%)", ft_label, "weight sparsity", "parameters after shrink"]
+    dense = f"0 of {first['structures_total']}"
+    body = [["dense", dense, common.fmt(dense_accs), "", "0%", f"{first['params_before']:,}"]]
     for target in TARGETS:
         for name in names:
             rs = [rows[name, target, s] for s in seeds]
             fts = [r["ft_acc"] for r in rs if "ft_acc" in r]
             params = sorted({r["params_after"] for r in rs})
             p = f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}-{params[-1]:,}"
-            lines.append(
-                f"| {name} | {target:.0%} ({rs[0]['structures_pruned']}) | {pct([r['acc'] for r in rs])} | "
-                f"{pct(fts)} | {100 * statistics.mean(r['sparsity'] for r in rs):.1f}% | {p} |"
+            body.append(
+                [
+                    name,
+                    f"{target:.0%} ({rs[0]['structures_pruned']})",
+                    common.fmt([r["acc"] for r in rs]),
+                    common.fmt(fts),
+                    f"{100 * statistics.mean(r['sparsity'] for r in rs):.1f}%",
+                    p,
+                ]
             )
     sizes = family_sizes(model)
     families = list(sizes)
-    head = "| method | target | " + " | ".join(f"`{f}` ({sizes[f]})" for f in families) + " |"
-    fam = [head, "|---|---|" + "---|" * len(families)]
-    for target in TARGETS:
-        for name in names:
-            removed = rows[name, target, seeds[0]]["removed"]
-            fam.append(f"| {name} | {target:.0%} | " + " | ".join(str(removed.get(f, 0)) for f in families) + " |")
-    return "\n".join(lines), "\n".join(fam)
+    fam = [
+        [name, f"{target:.0%}", *(rows[name, target, seeds[0]]["removed"].get(f, 0) for f in families)]
+        for target in TARGETS
+        for name in names
+    ]
+    return (
+        common.md_table(header, body),
+        common.md_table(["method", "target", *(f"`{f}` ({sizes[f]})" for f in families)], fam),
+    )
 
 
 def family_sizes(model: str) -> dict[str, int]:
@@ -232,16 +236,16 @@ def timed_call(model: torch.nn.Module, inputs: Any, calls: int) -> float:
 
 @torch.no_grad()
 def latency(dense: torch.nn.Module, small: torch.nn.Module, inputs: Any, reps: int, calls: int) -> tuple[float, float]:
-    """Median seconds per forward of each, the two measured alternately ``reps`` times."""
+    """Median seconds per forward of each, the two measured alternately ``reps`` times (first one, then the other)."""
     dense.eval(), small.eval()
     for m in (dense, small):  # warm-up
         timed_call(m, inputs, calls)
-    times: dict[int, list[float]] = {0: [], 1: []}
-    for rep in range(reps):
-        order = (0, 1) if rep % 2 == 0 else (1, 0)
-        for i in order:
-            times[i].append(timed_call((dense, small)[i], inputs, calls))
-    return statistics.median(times[0]), statistics.median(times[1])
+    times = common.alternated(
+        {"dense": lambda: timed_call(dense, inputs, calls), "small": lambda: timed_call(small, inputs, calls)},
+        reps,
+        swap=True,
+    )
+    return statistics.median(times["dense"]), statistics.median(times["small"])
 
 
 def lm_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -259,9 +263,9 @@ def speed_cell(model: str, target: float, reps: int) -> dict[str, Any]:
         from lightning_prune.models import CausalLM
 
         torch.manual_seed(0)
-        dense = CausalLM(vocab_size=LM_VOCAB, **LM_MODEL).model.eval()
+        dense = CausalLM(vocab_size=LM_VOCAB, **LM["model"]).model.eval()
         batches = lm_batches(4)
-        pruned = common.copy.deepcopy(dense)
+        pruned = copy.deepcopy(dense)
         prune(
             pruned, batches, MagnitudePruning(target, pattern="channels", scope="layer", schedule="one_shot", verbose=0)
         )
@@ -293,10 +297,7 @@ def speed_table(models: list[str], reps: int) -> str:
         "lenet5": f"LeNet-5, batch {IMAGE_BATCH}",
         "lm": f"LM (lm.py, random weights), {LM_BATCH} x {LM_TOKENS} tokens",
     }
-    lines = [
-        "| model | structures removed | parameters dense -> shrunk | dense ms | shrunk ms | speed-up dense/shrunk |",
-        "|---|---|---|---|---|---|",
-    ]
+    body = []
     for model in models:
         for target in TARGETS:
             r = speed_cell(model, target, reps)
@@ -305,19 +306,21 @@ def speed_table(models: list[str], reps: int) -> str:
                 f"{r['dense_ms']:.3f} / {r['shrunk_ms']:.3f} ms (diff {r['max_abs_diff']:.1e})",
                 flush=True,
             )
-            lines.append(
-                f"| {names[model]} | {target:.0%} | {r['params_before']:,} -> {r['params_after']:,} "
-                f"({r['params_after'] / r['params_before']:.0%}) | {r['dense_ms']:.2f} | {r['shrunk_ms']:.2f} | "
-                f"{r['dense_ms'] / r['shrunk_ms']:.2f}x |"
+            body.append(
+                [
+                    names[model],
+                    f"{target:.0%}",
+                    f"{r['params_before']:,} -> {r['params_after']:,} ({r['params_after'] / r['params_before']:.0%})",
+                    f"{r['dense_ms']:.2f}",
+                    f"{r['shrunk_ms']:.2f}",
+                    f"{r['dense_ms'] / r['shrunk_ms']:.2f}x",
+                ]
             )
-    return "\n".join(lines)
+    header = ["model", "structures removed", "parameters dense -> shrunk", "dense ms", "shrunk ms"]
+    return common.md_table([*header, "speed-up dense/shrunk"], body)
 
 
 def gradual_table(model: str, names: list[str], seeds: list[int]) -> str:
-    lines = [
-        "| method | structures removed | test acc (%) | weight sparsity | parameters after shrink |",
-        "|---|---|---|---|---|",
-    ]
     dense = []
     for seed in seeds:
         for target in TARGETS:
@@ -326,15 +329,15 @@ def gradual_table(model: str, names: list[str], seeds: list[int]) -> str:
                 print(f"  {GRADUAL} {model} {name} {target:.2f} seed {seed}: {r['acc']:.4f} ({r['seconds']:.0f}s)")
                 if name == names[0] and target == TARGETS[0]:
                     dense.append(r["dense_acc"])
-    lines.append(f"| dense ({quality.REGIMES[GRADUAL]['epochs']} epochs) | 0 | {pct(dense)} | 0% | |")
+    body = [[f"dense ({quality.REGIMES[GRADUAL]['epochs']} epochs)", 0, common.fmt(dense), "0%", ""]]
     for target in TARGETS:
         for name in names:
             rs = [gradual_cell(model, name, target, s) for s in seeds]
-            lines.append(
-                f"| {name} | {target:.0%} | {pct([r['acc'] for r in rs])} | "
-                f"{100 * statistics.mean(r['sparsity'] for r in rs):.1f}% | {rs[0]['params_after']:,} |"
-            )
-    return "\n".join(lines)
+            sparsity = 100 * statistics.mean(r["sparsity"] for r in rs)
+            accs = common.fmt([r["acc"] for r in rs])
+            body.append([name, f"{target:.0%}", accs, f"{sparsity:.1f}%", f"{rs[0]['params_after']:,}"])
+    header = ["method", "structures removed", "test acc (%)", "weight sparsity", "parameters after shrink"]
+    return common.md_table(header, body)
 
 
 def gradual(plan: dict[str, Any], start: float) -> None:
