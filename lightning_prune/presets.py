@@ -46,7 +46,7 @@ def _callback_class(name: str) -> type | None:
     return getattr(callbacks, name)
 
 
-def _criterion(name: str) -> type:
+def _criterion(name: str) -> Any:
     from lightning_prune import criteria
 
     return getattr(criteria, {"OBSPruning": "OBS", "OBDPruning": "OBD", "MagnitudePruning": "Magnitude"}[name])
@@ -72,7 +72,7 @@ def _preset(name: str, target: float, overrides: dict[str, Any]) -> Any:
     if cls is not None:
         return cls(target, **options)
     criterion = _criterion(callback)
-    own = set(inspect.signature(criterion.__init__).parameters) - {"self"}
+    own = set(inspect.signature(criterion).parameters)
     return Pruner(
         criterion(**{k: v for k, v in options.items() if k in own}),
         target,
@@ -113,7 +113,7 @@ def GMP(target: float = 0.9, **overrides: Any) -> Any:
 PRESETS = {"SparseGPT": SparseGPT, "OBC": OBC, "Wanda": Wanda, "WoodFisher": WoodFisher, "OBD": OBD, "GMP": GMP}
 for _name, _fn in PRESETS.items():  # each preset's signature: every option, with the preset's values as defaults
     _callback, _settings = _SETTINGS[_name]
-    _own = list(inspect.signature(_criterion(_callback).__init__, eval_str=True).parameters.values())[1:]
+    _own = list(inspect.signature(_criterion(_callback), eval_str=True).parameters.values())
     _params = [
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY, default=_settings.get(p.name, p.default))
         for p in [*_own, *pruner_parameters()]

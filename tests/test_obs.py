@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBSPruning
-from lightning_prune.obs.blockfisher import BlockFisher, block_set_update
-from lightning_prune.obs.kronecker import DENSE_MAX, kfac_set_update
-from lightning_prune.obs.layerwise import (
+from lightning_prune.solvers.blockfisher import block_set_update
+from lightning_prune.solvers.kronecker import DENSE_MAX, kfac_set_update
+from lightning_prune.solvers.layerwise import (
     LAYER_BUDGET,
     blocked_prune,
     choose_solvers,
@@ -26,7 +26,8 @@ from lightning_prune.obs.layerwise import (
     solver_work,
     sparsegpt_prune,
 )
-from lightning_prune.obs.linalg import damped_cholesky
+from lightning_prune.solvers.linalg import damped_cholesky
+from lightning_prune.stats.blockfisher import BlockFisher
 from lightning_prune.stats.estimators import _chunks, per_sample_grads
 from lightning_prune.targets import resolve_targets
 
@@ -135,7 +136,7 @@ def test_removal_costs_rank_each_rows_greedy_removals_first(seed):
     """Whatever count c a row is given, the greedy's c removals are the row's c lowest costs (ties
     allowed), and the costs grow along the removal order, so a global threshold on them hands each
     row a count of the greedy's own choosing; forced entries cost nothing and go first."""
-    from lightning_prune.obs.layerwise import removal_costs
+    from lightning_prune.solvers.layerwise import removal_costs
 
     g = torch.Generator().manual_seed(seed)
     X, Y, W, H = problem(n=300, d=24, rows=6, seed=seed, corr=1.0)
@@ -506,7 +507,7 @@ def test_adaptive_fast_solver_is_sparsegpts_reference_mask_selection():
     """``adaptive=True`` reproduces SparseGPT's fasterprune (right-looking, written out here): each
     column block's mask is the block's lowest w^2 / [U]_jj^2 over all rows, from the weights as
     compensated by the blocks before it; the layer's total count is exact."""
-    from lightning_prune.obs.layerwise import _block_totals
+    from lightning_prune.solvers.layerwise import _block_totals
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)
@@ -576,3 +577,34 @@ def test_reconstruct_is_layerwise_only():
         OBSPruning(0.5, hessian="kfac", reconstruct="current")
     with pytest.raises(ValueError, match="`reconstruct` must be one of"):
         OBSPruning(0.5, reconstruct="dense")
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        ({"solver": "exact"}, "`solver='exact'`"),
+        ({"allocation": "kfac"}, "`allocation='kfac'`"),
+        ({"solver": "fast", "allocation": "obs"}, "`solver='fast'`, `allocation='obs'`"),
+    ],
+)
+@pytest.mark.parametrize("hessian", ["fisher", "kfac"])
+def test_layerwise_options_with_another_hessian_are_refused_not_ignored(hessian, options, named):
+    """``OBS(hessian="kfac", solver="exact")`` used to build K-FAC OBS and ignore the solver silently."""
+    from lightning_prune.criteria import OBS
+
+    with pytest.raises(ValueError, match=f"{named}.*hessian='{hessian}' does not use"):
+        OBS(hessian=hessian, **options)
+    with pytest.raises(ValueError, match="does not use"):
+        OBSPruning(0.5, hessian=hessian, **options)
+
+
+def test_each_hessian_is_its_own_class_with_its_options():
+    from lightning_prune.criteria import OBS
+    from lightning_prune.criteria.obs import KFACOBS, LayerwiseOBS, WoodFisherOBS
+
+    assert isinstance(OBS(), LayerwiseOBS) and OBS(solver="exact").solver == "exact"
+    assert isinstance(OBS(hessian="fisher", block_size=16), WoodFisherOBS) and OBS(hessian="fisher").hessian == "fisher"
+    assert isinstance(OBS(hessian="kfac", damp=0.1), KFACOBS) and OBS(hessian="kfac", damp=0.1).damp == 0.1
+    assert not hasattr(OBS(hessian="kfac"), "solver")
+    with pytest.raises(ValueError, match="`hessian` must be one of"):
+        OBS(hessian="diag")

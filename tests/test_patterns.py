@@ -15,9 +15,9 @@ from test_obs import loss, problem, refit
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
-from lightning_prune.obs.layerwise import blocked_prune, obc_prune, prepare_hessian, sparsegpt_prune
 from lightning_prune.patterns import NM, UNSTRUCTURED, parse_pattern
 from lightning_prune.selection import UnreachableSparsity
+from lightning_prune.solvers.layerwise import blocked_prune, obc_prune, prepare_hessian, sparsegpt_prune
 
 
 def per_group(keep: torch.Tensor, m: int) -> torch.Tensor:

@@ -52,7 +52,14 @@ class OBDPruning(PruningCallback):
         loss_reduction: Literal["mean", "sum"] = "mean",
         **options: Any,
     ) -> None:
-        super().__init__(OBD(curvature, num_probes, loss_reduction, fisher_type, mc_samples), target, **options)
+        criterion = OBD(
+            curvature=curvature,
+            num_probes=num_probes,
+            loss_reduction=loss_reduction,
+            fisher_type=fisher_type,
+            mc_samples=mc_samples,
+        )
+        super().__init__(criterion, target, **options)
         if curvature == "ekfac" and self.num_batches < 2:
             raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {self.num_batches}")
 

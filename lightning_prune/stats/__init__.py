@@ -1,8 +1,10 @@
-"""Curvature estimators: statistics as float32 sums with float64 counts, all-reducible across ranks."""
+"""Statistics of a round: estimators (float32 sums with float64 counts, all-reducible across ranks),
+the capture of layer inputs and output gradients, the calibration passes and the training window."""
 
 from collections.abc import Sequence
 
 from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.stats.blockfisher import BlockFisher
 from lightning_prune.stats.estimators import (
     EKFAC,
     KFAC,
@@ -46,6 +48,7 @@ __all__ = [
     "CURVATURES",
     "EKFAC",
     "KFAC",
+    "BlockFisher",
     "CaptureWindow",
     "Composite",
     "CrossCovariance",

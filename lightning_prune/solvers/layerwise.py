@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_prune.obs.linalg import Damped, damped_cholesky
+from lightning_prune.solvers.linalg import Damped, damped_cholesky
 
 # memory for the batched per-row inverses of the exact solver: its downdates are batched GEMMs
 # (``_LAZY``), which want many rows at once; measured on 2 CPU cores for 300 rows of 784 columns

@@ -1,14 +1,11 @@
-"""Block-diagonal empirical Fisher OBS (WoodFisher, Singh & Alistarh 2020).
+"""Block-diagonal empirical Fisher statistics (WoodFisher, Singh & Alistarh 2020).
 
 Each layer's flattened weight (its ``(d_out, d_in)`` matrix, row-major) is cut into blocks of
 ``block_size``; block ``b`` has ``F_b = (1/m) sum_n g_nb g_nb^T`` over ``m`` per-sample gradients.
-We accumulate the block sums (an all-reducible sufficient statistic) and invert ``F_b + damp * mean(diag F_b) * I`` by
-Cholesky at round time. This is the same matrix WoodFisher builds by Woodbury recursion over the
-``m`` gradients (tests check the equality); with ``m >= block_size`` gradients the direct
-factorisation is the cheaper of the two, and it does not need the gradients stored.
-
-Saliencies ``w_q^2 / (2 [F_b^-1]_qq)`` are in loss units. Removing a set ``Z_b`` per block is solved
-exactly (``dw = -F^-1_{:,Z} (F^-1_ZZ)^-1 w_Z``), not as a sum of single-weight updates.
+The block sums are an all-reducible sufficient statistic; WoodFisher's Woodbury recursion over the
+``m`` gradients builds the same matrix (tests check the equality), and with ``m >= block_size`` the
+direct sums are the cheaper of the two and need no gradients stored. The solver that inverts and
+uses them is :mod:`lightning_prune.solvers.blockfisher`.
 """
 
 from __future__ import annotations
@@ -81,13 +78,3 @@ def to_blocks(w: Tensor, block_size: int) -> Tensor:
 def from_blocks(wb: Tensor, shape: torch.Size) -> Tensor:
     numel = math.prod(shape)
     return wb.flatten()[:numel].view(shape)
-
-
-def block_set_update(wb: Tensor, Finv: Tensor, Z: Tensor) -> tuple[Tensor, Tensor]:
-    """Exact OBS removal of the set ``Z`` in every block: ``(new block weights, loss per block)``."""
-    z = Z.to(wb.dtype)
-    S = Finv * z[:, :, None] * z[:, None, :] + torch.diag_embed(1 - z)
-    u = torch.linalg.solve(S, (wb * z).unsqueeze(-1)).squeeze(-1)
-    new = wb - (Finv @ u.unsqueeze(-1)).squeeze(-1)
-    new = torch.where(Z, torch.zeros_like(new), new)
-    return new, 0.5 * (wb * z * u).sum(1)

@@ -1,0 +1,82 @@
+"""Layer-wise OBS on FSDP2-sharded layers: the ranks solve different layers at the same time.
+
+Rank ``j`` solves layer ``j`` of every ``world_size`` consecutive layers; each result is broadcast
+from its solver and every rank keeps its rows. Every rank takes part in every layer's gathers
+(collectives, in the same order) but keeps only the layer it solves, so a rank holds at most one
+whole layer and its solve, plus one received result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_prune.criteria.base import RoundContext
+from lightning_prune.stats import CrossCovariance, Estimator
+from lightning_prune.targets import PruneTarget
+
+if TYPE_CHECKING:
+    from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
+
+
+def solve_spread(
+    obs: LayerwiseOBS,
+    ctx: RoundContext,
+    group: Sequence[PruneTarget],
+    stats: Estimator,
+    counts: dict[str, Tensor],
+    solvers: dict[str, str],
+    allocated: dict[str, Tensor],
+    info: dict[str, Any],
+    adaptive: bool,
+    cross: CrossCovariance | None = None,
+) -> Iterator[tuple[PruneTarget, Tensor, Tensor]]:
+    """Yields ``(target, whole-layer mask, row losses)`` in layer order, each layer written on every rank."""
+    world, rank = ctx.comm.world_size, ctx.comm.rank
+    counters = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(group), world):
+        chunk, mine = list(group[start : start + world]), None
+        for j, t in enumerate(chunk):
+            W, alloc, before = t.matrix(), t.gather(allocated[t.name]), t.gather(ctx.masks[t.name])
+            if j == rank:
+                mine = (t, W, alloc, before)
+            del W, alloc, before
+        result = None
+        if mine is not None:
+            t, W, alloc, before = mine
+            local_info = {"damping_increases": 0, "dead_inputs": 0}
+            W_new, mask, losses = obs.fit(
+                t,
+                stats.input_covariance(t.name),  # type: ignore[attr-defined]
+                W,
+                counts[t.name],
+                solvers[t.name],
+                before,
+                local_info,
+                adaptive,
+                ctx.pattern.quotas(t, ~alloc),
+                None if cross is None else cross.cross_covariance(t.name),
+            )
+            counters += torch.tensor([local_info["damping_increases"], local_info["dead_inputs"]], dtype=torch.float64)
+            result = (t.unmatrix(W_new).to(t.param.dtype), mask, losses.to(torch.float64))
+            del mine, W, alloc, before
+        for j, t in enumerate(chunk):
+            device = t.local_param.device
+            if j == rank:
+                w, mask, losses = (x.to(device).contiguous() for x in result)  # type: ignore[union-attr]
+            else:
+                w = torch.empty(t.param.shape, dtype=t.param.dtype, device=device)
+                mask = torch.empty(t.param.shape, dtype=torch.bool, device=device)
+                losses = torch.empty(t.shape2d[0], dtype=torch.float64, device=device)
+            ctx.comm.broadcast_([w, mask, losses], src=j)
+            t.write_(w)
+            del w
+            yield t, mask, losses
+        result = None
+    counters = counters.to(ctx.targets[0].local_param.device)
+    ctx.comm.all_reduce_sum_([counters])
+    info["damping_increases"] += int(counters[0])
+    info["dead_inputs"] += int(counters[1])
