@@ -14,65 +14,57 @@ options, refusing an option the chosen Hessian does not use.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from lightning_prune.criteria.obs.base import OBSCriterion
 from lightning_prune.criteria.obs.curvature import KFACOBS, WoodFisherOBS
 from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
+from lightning_prune.schedule import check_options, forwarded
 
 HESSIANS = {"layerwise": LayerwiseOBS, "fisher": WoodFisherOBS, "kfac": KFACOBS}
-LAYERWISE_DEFAULTS = {"solver": "auto", "allocation": "auto", "reconstruct": "original", "blocks": None}
 
 
-def OBS(
-    hessian: str = "layerwise",
-    solver: str = "auto",
-    allocation: str = "auto",
-    damp: float = 0.01,
-    block_size: int = 128,
-    recompute_steps: int = 4,
-    optimizer_state: str = "reset",
-    solver_dtype: str = "float64",
-    loss_reduction: str = "mean",
-    fisher_type: str = "empirical",
-    mc_samples: int = 1,
-    blocks: str | None = None,
-    reconstruct: str = "original",
-) -> OBSCriterion:
-    """The OBS criterion of ``hessian`` with these options (:class:`~lightning_prune.OBSPruning` documents them)."""
+def _keywords(cls: type) -> list[inspect.Parameter]:
+    params = inspect.signature(cls, eval_str=True).parameters.values()
+    return [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+COMMON = _keywords(OBSCriterion)  # every Hessian's options
+LAYERWISE = [p for p in _keywords(LayerwiseOBS) if p.name not in {c.name for c in COMMON}]
+
+
+def OBS(hessian: str = "layerwise", **options: Any) -> OBSCriterion:
+    """The OBS criterion of ``hessian`` with these options (:class:`~lightning_prune.OBSPruning` documents
+    them); an option the chosen Hessian does not use is refused, not ignored."""
     if hessian not in HESSIANS:
         raise ValueError(f"`hessian` must be one of {tuple(HESSIANS)}, got {hessian!r}")
-    common = dict(
-        damp=damp,
-        block_size=block_size,
-        recompute_steps=recompute_steps,
-        optimizer_state=optimizer_state,
-        solver_dtype=solver_dtype,
-        loss_reduction=loss_reduction,
-        fisher_type=fisher_type,
-        mc_samples=mc_samples,
-    )
-    layerwise = dict(solver=solver, allocation=allocation, reconstruct=reconstruct, blocks=blocks)
+    check_options("OBS", options, [*COMMON, *LAYERWISE])
     if hessian == "layerwise":
-        return LayerwiseOBS(**layerwise, **common)  # type: ignore[arg-type]
-    if allocation == "reconstruction":
+        return LayerwiseOBS(**options)
+    if options.get("allocation") == "reconstruction":
         raise ValueError(f"`allocation='reconstruction'` is layer-wise OBS's objective; got hessian={hessian!r}")
-    if reconstruct != "original":
+    if options.get("reconstruct", "original") != "original":
         raise ValueError(
             f"`reconstruct` chooses the outputs layer-wise OBS fits; hessian={hessian!r} has no layer "
-            f"outputs to reconstruct (got reconstruct={reconstruct!r})"
+            f"outputs to reconstruct (got reconstruct={options['reconstruct']!r})"
         )
-    if blocks is not None:
+    if options.get("blocks") is not None:
         raise ValueError(
-            f"`blocks={blocks!r}` (sequential calibration) prunes each block from its own layer inputs, which "
-            "needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
-            f"(and scope='layer' or 'row'); got hessian={hessian!r}, allocation={allocation!r}"
+            f"`blocks={options['blocks']!r}` (sequential calibration) prunes each block from its own layer inputs, "
+            "which needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
+            f"(and scope='layer' or 'row'); got hessian={hessian!r}"
         )
-    unused = {k: v for k, v in layerwise.items() if v != LAYERWISE_DEFAULTS[k]}
-    if unused:
+    unused = {p.name: options.pop(p.name) for p in LAYERWISE if p.name in options}
+    if unused := {k: v for k, v in unused.items() if v != next(p.default for p in LAYERWISE if p.name == k)}:
         raise ValueError(
             f"{', '.join(f'`{k}={v!r}`' for k, v in unused.items())}: layer-wise OBS's options, which "
             f"hessian={hessian!r} does not use; drop them or pass hessian='layerwise'"
         )
-    return HESSIANS[hessian](**common)  # type: ignore[arg-type]
+    return HESSIANS[hessian](**options)
+
+
+forwarded(OBS, LAYERWISE, COMMON)
 
 
 __all__ = ["HESSIANS", "KFACOBS", "OBS", "LayerwiseOBS", "OBSCriterion", "WoodFisherOBS"]

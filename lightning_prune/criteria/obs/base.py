@@ -30,6 +30,11 @@ def split(items: list, n: int) -> list[list]:
     return out
 
 
+def row_weights(est: Estimator, targets: Sequence[PruneTarget], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``G_ii`` of each layer: the weights that put its rows' reconstruction errors in loss units."""
+    return {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in targets}  # type: ignore[index]
+
+
 class OBSCriterion(Criterion):
     """Prune by OBS saliency ``w_q^2 / (2 [H^-1]_qq)`` and move the surviving weights to compensate.
 

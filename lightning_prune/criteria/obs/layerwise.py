@@ -37,7 +37,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.criteria.base import RoundContext, RoundResult
-from lightning_prune.criteria.obs.base import OBSCriterion, split
+from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
+from lightning_prune.criteria.obs.sequential import prune_sequentially
+from lightning_prune.criteria.obs.spread import solve_spread
+from lightning_prune.criteria.obs.structured import prune_structures
 from lightning_prune.distributed import Collectives
 from lightning_prune.numerics import exact_float32
 from lightning_prune.patterns import Pattern
@@ -64,11 +67,6 @@ from lightning_prune.targets import PruneTarget
 SOLVERS = ("auto", "exact", "blocked", "fast")
 ALLOCATIONS = ("auto", "obs", "fisher", "kfac", "reconstruction")
 RECONSTRUCTS = ("original", "current")
-
-
-def row_weights(est: Estimator, targets: Sequence[PruneTarget], dtype: torch.dtype) -> dict[str, Tensor]:
-    """``G_ii`` of each layer: the weights that put its rows' reconstruction errors in loss units."""
-    return {t.name: torch.diagonal(est["kfac"].factors(t.name)[1]).to(dtype) for t in targets}  # type: ignore[index]
 
 
 class LayerwiseOBS(OBSCriterion):
@@ -181,8 +179,6 @@ class LayerwiseOBS(OBSCriterion):
     def prune(self, ctx: RoundContext) -> RoundResult:
         if self.blocks is None:
             return super().prune(ctx)
-        from lightning_prune.criteria.obs.sequential import prune_sequentially
-
         with exact_float32():
             return prune_sequentially(self, ctx)
 
@@ -200,8 +196,6 @@ class LayerwiseOBS(OBSCriterion):
         allocated = ctx.select(scores)
         del scores
         if ctx.pattern.removes_structures:
-            from lightning_prune.criteria.obs.structured import prune_structures
-
             return prune_structures(self, ctx, est, allocated, info)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
@@ -224,8 +218,6 @@ class LayerwiseOBS(OBSCriterion):
                         G.update(row_weights(est, group, dtype))
                 info["recomputes"] += 1
             if ctx.sharded:
-                from lightning_prune.criteria.obs.spread import solve_spread
-
                 solved = solve_spread(self, ctx, group, stats, counts, solvers, allocated, info, adaptive, cross)
             else:
                 solved = (

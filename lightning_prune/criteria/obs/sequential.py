@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
+from lightning_prune.blocks import Block, find_blocks, run_sequential
 from lightning_prune.criteria.base import RoundContext, RoundResult, require_stats
+from lightning_prune.criteria.obs.base import OBSCriterion
 from lightning_prune.solvers.layerwise import prepare_hessian, refit_to_reference, single_saliency
 from lightning_prune.stats import CrossCovariance, InputCovariance
 
-if TYPE_CHECKING:
-    from lightning_prune.blocks import Block
-    from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
 
-
-def prune_sequentially(obs: LayerwiseOBS, ctx: RoundContext) -> RoundResult:
+def prune_sequentially(obs: OBSCriterion, ctx: RoundContext) -> RoundResult:
     """The round, one block at a time: each block's layers scored, allocated and solved from its own inputs."""
-    from lightning_prune.blocks import find_blocks, run_sequential
-
     if not ctx.batches:
         raise RuntimeError(f"OBS round {ctx.round_index}: no batch in {ctx.source} for sequential calibration")
     blocks = find_blocks(ctx.model, obs.blocks, ctx.targets)  # type: ignore[arg-type]

@@ -9,21 +9,19 @@ whole layer and its solve, plus one received result.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext
+from lightning_prune.criteria.obs.base import OBSCriterion
 from lightning_prune.stats import CrossCovariance, Estimator
 from lightning_prune.targets import PruneTarget
 
-if TYPE_CHECKING:
-    from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
-
 
 def solve_spread(
-    obs: LayerwiseOBS,
+    obs: OBSCriterion,
     ctx: RoundContext,
     group: Sequence[PruneTarget],
     stats: Estimator,

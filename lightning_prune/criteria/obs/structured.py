@@ -9,27 +9,22 @@ groups, the inputs of later groups re-estimated after the earlier ones were prun
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext, RoundResult
-from lightning_prune.criteria.obs.base import split
+from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
 from lightning_prune.solvers.layerwise import prepare_hessian, refit_to_reference
 from lightning_prune.solvers.structured import structured_prune
 from lightning_prune.stats import CrossCovariance, Estimator
 from lightning_prune.targets import PruneTarget
 
-if TYPE_CHECKING:
-    from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
-
 
 def prune_structures(
-    obs: LayerwiseOBS, ctx: RoundContext, est: Estimator, allocated: dict[str, Tensor], info: dict[str, Any]
+    obs: OBSCriterion, ctx: RoundContext, est: Estimator, allocated: dict[str, Tensor], info: dict[str, Any]
 ) -> RoundResult:
     """The round after the allocation: remove each family's share of structures and refit its consumers."""
-    from lightning_prune.criteria.obs.layerwise import row_weights
-
     pattern, dtype = ctx.pattern, obs.dtype
     weighted = obs.allocation != "reconstruction"
     before, after = pattern.pruned(ctx.masks), pattern.pruned(allocated)  # type: ignore[attr-defined]
