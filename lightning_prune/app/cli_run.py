@@ -23,9 +23,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prune.app.cli import method_label
 from lightning_prune.calibration import eval_mode
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.app.cli import method_label
 from lightning_prune.round import prune
 from lightning_prune.summary import when
 
