@@ -155,7 +155,7 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         zf.extractall(tmp_path / "site")
-    assert "lightning_prune/conf/config.yaml" in names and "lightning_prune/conf/pruner/obs.yaml" in names
+    assert "lightning_prune/app/conf/config.yaml" in names and "lightning_prune/app/conf/pruner/obs.yaml" in names
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_prune", "--cfg", "job", "pruner=obd"],
