@@ -30,8 +30,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_prune import Pruner, prune
-from lightning_prune.data import FashionMNISTDataModule
-from lightning_prune.models import LeNet5Classifier, MLPClassifier
+from lightning_prune.app.data import FashionMNISTDataModule
+from lightning_prune.app.models import LeNet5Classifier, MLPClassifier
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"

@@ -3,7 +3,7 @@
     python benchmarks/lm.py            # the plan below (dense model and cells cached, resumable)
     python benchmarks/lm.py --quick    # a 2-block model, 60 steps: a smoke run, not published
 
-The model: ``lightning_prune.models.CausalLM`` (LLaMA architecture, ``transformers``), 8 blocks,
+The model: ``lightning_prune.app.models.CausalLM`` (LLaMA architecture, ``transformers``), 8 blocks,
 hidden 192, 5.1M parameters, trained from scratch for ``STEPS`` steps on Python's standard library
 (``TextDataModule``: byte-level BPE, 4096 tokens, windows of 128). Perplexity on the test split.
 
@@ -123,7 +123,7 @@ GRADUAL = {
 
 
 def datamodule(plan: dict[str, Any]):
-    from lightning_prune.data import TextDataModule
+    from lightning_prune.app.data import TextDataModule
 
     return TextDataModule(**plan["data"], cache_dir=str(CACHE / "text"))
 
@@ -132,7 +132,7 @@ def dense(plan: dict[str, Any], name: str) -> Path:
     """Train (or reuse) the dense model; save its state dict, a Hugging Face folder, calibration and eval ids."""
     import lightning.pytorch as pl
 
-    from lightning_prune.models import CausalLM
+    from lightning_prune.app.models import CausalLM
 
     folder = CACHE / f"dense-{name}-{common.fingerprint([plan['model'], plan['data'], plan['steps']])}"
     if (folder / "done").exists():
@@ -157,7 +157,7 @@ def dense(plan: dict[str, Any], name: str) -> Path:
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor, batch: int = 8) -> float:
-    from lightning_prune.models import perplexity as ppl
+    from lightning_prune.app.models import perplexity as ppl
 
     return ppl(model, [{"input_ids": ids[i : i + batch]} for i in range(0, len(ids), batch)])
 
@@ -256,7 +256,7 @@ def finetuning_setup(plan: dict[str, Any], folder: Path) -> tuple[Any, Any, int]
     """``(datamodule, dense CausalLM with the fine-tuning optimizer, steps)``, seeded alike for every cell."""
     import lightning.pytorch as pl
 
-    from lightning_prune.models import CausalLM
+    from lightning_prune.app.models import CausalLM
 
     pl.seed_everything(1, verbose=False)
     dm = datamodule(plan)

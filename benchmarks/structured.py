@@ -260,7 +260,7 @@ def lm_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 def speed_cell(model: str, target: float, reps: int) -> dict[str, Any]:
     """Parameters and latency, dense vs shrunk (not cached: timings belong to this run)."""
     if model == "lm":
-        from lightning_prune.models import CausalLM
+        from lightning_prune.app.models import CausalLM
 
         torch.manual_seed(0)
         dense = CausalLM(vocab_size=LM_VOCAB, **LM["model"]).model.eval()

@@ -31,7 +31,7 @@ import overhead
 import quality
 import scale
 
-from lightning_prune.data import FASHION_MNIST_DIR, find_idx_files
+from lightning_prune.app.data import FASHION_MNIST_DIR, find_idx_files
 
 ROOT = Path(__file__).resolve().parent
 

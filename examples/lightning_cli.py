@@ -7,9 +7,9 @@ Every constructor argument of the callbacks is type-annotated, so LightningCLI c
 validate them (`--trainer.callbacks.hessian=kfac`, `--trainer.callbacks.scope=layer`, ...).
 """
 
-from lightning_prune.data import DigitsDataModule
-from lightning_prune.lightning_cli import main as cli
-from lightning_prune.models import MLPClassifier
+from lightning_prune.app.data import DigitsDataModule
+from lightning_prune.app.lightning_cli import main as cli
+from lightning_prune.app.models import MLPClassifier
 
 
 class DigitsMLP(MLPClassifier):

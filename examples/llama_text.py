@@ -16,8 +16,8 @@ import argparse
 import lightning as L
 
 from lightning_prune import OBSPruning
-from lightning_prune.data import TextDataModule
-from lightning_prune.models import CausalLM, perplexity
+from lightning_prune.app.data import TextDataModule
+from lightning_prune.app.models import CausalLM, perplexity
 
 
 def main() -> None:

@@ -4,7 +4,9 @@ Named algorithms (``SparseGPT``, ``Wanda``, ``OBC``, ``WoodFisher``, ``OBD``, ``
 :mod:`lightning_prune.presets`) build the same pruners as the callbacks' flags. The pruning core
 (``prune``, ``Pruner``, the presets, :mod:`lightning_prune.criteria` and everything they use)
 imports nothing from Lightning; the callbacks, the Lightning adapters over it, are imported on
-first use, so ``from lightning_prune import prune`` works where Lightning is not installed.
+first use, so ``from lightning_prune import prune`` works where Lightning is not installed (torch
+and numpy are all it needs). The experiment app (:mod:`lightning_prune.app`: the commands, reference
+data and models; the ``cli`` extra) is never imported by the library.
 """
 
 from typing import Any

@@ -1,4 +1,4 @@
-from lightning_prune.cli import main
+from lightning_prune.app.cli import main
 
 if __name__ == "__main__":
     main()

@@ -74,9 +74,19 @@ class _Tqdm:
         self.bar.close()
 
 
+def _has_tqdm() -> bool:
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def tqdm_progress(total: int, desc: str) -> Progress:
-    """A tqdm bar on rank 0 (nothing elsewhere, or for an empty pass)."""
-    if global_rank() != 0 or total <= 0:
+    """A tqdm bar on rank 0 (nothing elsewhere, or for an empty pass). tqdm comes with Lightning, not
+    with torch: the core, installed with torch and numpy alone, runs its rounds without a bar (the
+    round's lines still print)."""
+    if global_rank() != 0 or total <= 0 or not _has_tqdm():
         return _NoProgress()
     return _Tqdm(total, desc)
 
@@ -95,9 +105,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def _isolated(module: nn.Module) -> Iterator[None]:
     """Mute logging and snapshot torchmetrics state around a borrowed ``training_step`` call."""
-    from torchmetrics import Metric
-
-    metrics = [m for m in module.modules() if isinstance(m, Metric)]
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # without torchmetrics no module holds a Metric
+        metrics = []
+    else:
+        metrics = [m for m in module.modules() if isinstance(m, Metric)]
     saved = [(m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed) for m in metrics]
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]

@@ -32,7 +32,7 @@ def offline_env(tmp_path):
 
 
 def test_wandb_mode_resolution(monkeypatch, tmp_path):
-    from lightning_prune.loggers import resolve_wandb_mode
+    from lightning_prune.app.loggers import resolve_wandb_mode
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -78,7 +78,7 @@ def test_help_does_not_import_lightning():
     script = (
         "import sys\n"
         "sys.argv = ['lightning-prune', '--help']\n"
-        "from lightning_prune.cli import main\n"
+        "from lightning_prune.app.cli import main\n"
         "try:\n"
         "    main()\n"
         "except SystemExit as exit:\n"
@@ -155,7 +155,7 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
         zf.extractall(tmp_path / "site")
-    assert "lightning_prune/conf/config.yaml" in names and "lightning_prune/conf/pruner/obs.yaml" in names
+    assert "lightning_prune/app/conf/config.yaml" in names and "lightning_prune/app/conf/pruner/obs.yaml" in names
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     proc = subprocess.run(
         [sys.executable, "-m", "lightning_prune", "--cfg", "job", "pruner=obd"],
@@ -168,7 +168,7 @@ def test_non_editable_install_ships_the_configs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "lightning_prune.OBDPruning" in proc.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import lightning_prune.cli as c; print(c.config_dir())"],
+        [sys.executable, "-c", "import lightning_prune.app.cli as c; print(c.config_dir())"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -27,7 +27,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from lightning_prune import cli, cli_run
+from lightning_prune.app import cli, cli_run
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
@@ -122,12 +122,12 @@ def test_documented_commands_run_as_written(tmp_path):
         out = tmp_path / f"run{i}"
         if command.startswith("lightning-prune-report"):
             assert sweep is not None
-            proc = launch(["lightning_prune.report", str(sweep)], env)
+            proc = launch(["lightning_prune.app.report", str(sweep)], env)
             assert "| obs[layerwise] |" in proc.stdout and "WARNING" not in proc.stdout
             assert (sweep / "report.png").stat().st_size > 1000 and "| method | 80% | 90% |" in proc.stdout
             (sweep / "3" / "results.json").unlink()  # a job that crashed
             shutil.rmtree(sweep / "5")  # a job that never ran
-            proc = launch(["lightning_prune.report", str(sweep)], env)
+            proc = launch(["lightning_prune.app.report", str(sweep)], env)
             assert "WARNING: failed: 3 (pruner=obd pruner.target=0.9 trainer.max_epochs=2)" in proc.stdout
             assert "WARNING: never ran: 1 of the sweep's 6 jobs" in proc.stdout
             ran.append(command)
@@ -136,7 +136,7 @@ def test_documented_commands_run_as_written(tmp_path):
             args = [
                 re.sub(r"^--trainer.max_epochs=\d+$", "--trainer.max_epochs=2", a) for a in shlex.split(command)[1:]
             ]
-            proc = launch(["lightning_prune.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
+            proc = launch(["lightning_prune.app.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
             assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
             ran.append(command)
             continue

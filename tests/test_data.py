@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_prune.data import (
+from lightning_prune.app.data import (
     DigitsDataModule,
     FashionMNISTDataModule,
     IDXDataModule,

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,3 +24,26 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     # .ci/run adds -q to pip for quieter logs; otherwise the command is the README's
     assert tests.replace("pip install ", "pip install -q ") in ci
+
+
+def test_the_main_job_installs_the_cli_extra_and_the_library_does_not_need_it():
+    """`lightning-prune` needs the `cli` extra (the README's main job installs it, the test command through
+    `dev`); the library's own requirements hold none of the app's packages, and the app's import check
+    names exactly the extra's packages."""
+    tomllib = pytest.importorskip("tomllib")
+    from lightning_prune.app import CLI_EXTRA
+
+    main_job, _ = _commands()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert 'pip install -e ".[cli]"' in main_job
+    assert "lightning-prune[cli]" in extras["dev"]
+    assert project["scripts"]["lightning-prune"] == "lightning_prune.app.cli:main"
+
+    def name(requirement: str) -> str:
+        return re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]
+
+    required = {name(r) for r in project["dependencies"]}
+    assert required == {"torch", "numpy", "lightning", "torchmetrics"}
+    assert set(CLI_EXTRA.values()) <= {name(r) for r in extras["cli"]}
+    assert not required & {name(r) for r in extras["cli"]}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lightning_prune.data import TextDataModule, stdlib_sources
+from lightning_prune.app.data import TextDataModule, stdlib_sources
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -60,7 +60,7 @@ def test_bad_text_arguments_name_themselves(kwargs, match, tmp_path):
 
 
 def test_causal_lm_perplexity_is_exp_of_the_mean_token_loss(text):
-    from lightning_prune.models import CausalLM, perplexity
+    from lightning_prune.app.models import CausalLM, perplexity
 
     lit = CausalLM(**text.model_args, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64).eval()
     names = [n for n, _ in lit.named_parameters()]
@@ -102,8 +102,8 @@ def test_documented_language_model_runs_take_minutes_and_the_long_run_is_one_ove
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
-    from lightning_prune import cli
-    from lightning_prune.cli_run import _model
+    from lightning_prune.app import cli
+    from lightning_prune.app.cli_run import _model
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     commands = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("lightning-prune ")]

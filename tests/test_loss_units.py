@@ -355,7 +355,7 @@ def test_summary_line_says_what_was_not_measured():
 
 
 def test_wandb_chart_plots_loss_units_only_and_the_table_names_units():
-    from lightning_prune.wandb_charts import loss_series, round_rows
+    from lightning_prune.callbacks.wandb_charts import loss_series, round_rows
 
     model = tiny_llama()
     batches = lm_batches(sample_tokens(model, 16, length=12))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_prune import report
+from lightning_prune.app import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_a_folder_without_results_gets_one_line_and_a_nonzero_exit(tmp_path, cas
         (folder / "0" / ".hydra").mkdir(parents=True)
         (folder / "0" / ".hydra" / "overrides.yaml").write_text("- pruner=obs\n")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "lightning_prune.report", str(folder)], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "lightning_prune.app.report", str(folder)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode != 0 and proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -28,7 +28,7 @@ def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
 @rank_zero_only
 def log_round(trainer: pl.Trainer, record: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> None:
     log_metrics(trainer, round_metrics(record))
-    from lightning_prune.wandb_charts import log_wandb_round
+    from lightning_prune.callbacks.wandb_charts import log_wandb_round
 
     log_wandb_round(trainer, record, history)
 

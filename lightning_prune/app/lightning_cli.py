@@ -1,7 +1,7 @@
 """``lightning-prune-cli``: LightningCLI with the pruning callbacks, for users of LightningCLI rather than Hydra.
 
-    lightning-prune-cli fit --model lightning_prune.models.MLPClassifier --model.input_shape=[1,8,8] \\
-        --model.num_classes=10 --data lightning_prune.data.DigitsDataModule \\
+    lightning-prune-cli fit --model lightning_prune.app.models.MLPClassifier --model.input_shape=[1,8,8] \\
+        --model.num_classes=10 --data lightning_prune.app.data.DigitsDataModule \\
         --trainer.callbacks+=lightning_prune.OBSPruning --trainer.callbacks.target=0.8
 
 Any LightningModule and LightningDataModule can be named by class path (``subclass_mode``); every

@@ -1,6 +1,6 @@
 """What ``lightning-prune`` runs once Hydra has composed the config: ``mode=train``, ``oneshot``, ``eval``.
 
-Imported by :func:`lightning_prune.cli.run` when a run starts, not by the entry point, so that
+Imported by :func:`lightning_prune.app.cli.run` when a run starts, not by the entry point, so that
 ``lightning-prune --help`` does not import Lightning.
 """
 
@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prune.calibration import eval_mode
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.cli import method_label
 from lightning_prune.round import prune
 from lightning_prune.summary import when
 
@@ -34,7 +33,7 @@ class RoundEvaluator(Callback):
     """Validation quality right after each pruning round (before any fine-tuning).
 
     The model's own ``round_metric(dataloader) -> (key, value)`` if it has one (accuracy for the
-    classifiers, perplexity for :class:`~lightning_prune.models.CausalLM`), else top-1 accuracy.
+    classifiers, perplexity for :class:`~lightning_prune.app.models.CausalLM`), else top-1 accuracy.
 
     Listed after the pruner, so its hooks see the round's result: step rounds at the end of their
     training batch, epoch rounds at the end of their epoch.
@@ -85,6 +84,19 @@ class RoundEvaluator(Callback):
 
 
 @rank_zero_only
+def method_label(cfg: DictConfig) -> str:
+    """Short name of the pruning method for tables: ``obs[kfac]``, ``obd[ekfac]``, ``magnitude``."""
+    target = cfg.pruner.get("_target_") if cfg.pruner else None
+    if not target:
+        return "dense"
+    name = target.rsplit(".", 1)[-1].replace("Pruning", "").lower()
+    if name == "obd":
+        return f"obd[{cfg.pruner.curvature}]"
+    if name == "obs":
+        return f"obs[{cfg.pruner.hessian}]"
+    return name
+
+
 def _print(text: str) -> None:
     print(text, flush=True)
 

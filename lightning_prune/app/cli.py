@@ -16,7 +16,7 @@ evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, th
 its callback state) next to ``results.json``.
 
 This module holds the entry point and what composing the config needs (Hydra and the resolvers);
-the runs themselves are in :mod:`lightning_prune.cli_run`, imported only once a run starts, so
+the runs themselves are in :mod:`lightning_prune.app.cli_run`, imported only once a run starts, so
 ``--help`` and an override Hydra cannot compose answer without importing Lightning.
 """
 
@@ -72,27 +72,14 @@ OmegaConf.register_new_resolver("lp.round_steps", round_steps, replace=True)
 
 
 def config_dir() -> Path:
-    """The configs: ``lightning_prune/conf`` in an installed wheel, ``<repo>/conf`` in a clone."""
+    """The configs: ``lightning_prune/app/conf`` in an installed wheel, ``<repo>/conf`` in a clone."""
     packaged = Path(__file__).resolve().parent / "conf"
     if packaged.is_dir():
         return packaged
-    repo = Path(__file__).resolve().parent.parent / "conf"
+    repo = Path(__file__).resolve().parents[2] / "conf"
     if repo.is_dir():
         return repo
     raise FileNotFoundError(f"lightning-prune configs not found in {packaged} or {repo}; reinstall the package")
-
-
-def method_label(cfg: DictConfig) -> str:
-    """Short name of the pruning method for tables: ``obs[kfac]``, ``obd[ekfac]``, ``magnitude``."""
-    target = cfg.pruner.get("_target_") if cfg.pruner else None
-    if not target:
-        return "dense"
-    name = target.rsplit(".", 1)[-1].replace("Pruning", "").lower()
-    if name == "obd":
-        return f"obd[{cfg.pruner.curvature}]"
-    if name == "obs":
-        return f"obs[{cfg.pruner.hessian}]"
-    return name
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -100,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    from lightning_prune import cli_run  # imports Lightning: only once there is something to run
+    from lightning_prune.app import cli_run  # imports Lightning: only once there is something to run
 
     if cfg.get("print_config", False):
         cli_run._print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
