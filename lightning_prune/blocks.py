@@ -28,9 +28,9 @@ from torch import Tensor, nn
 
 from lightning_prune.calibration import Calibration, eval_mode
 from lightning_prune.distributed import Collectives
-from lightning_prune.numerics import exact_float32
-from lightning_prune.stats.capture import LayerCapture, all_finite
-from lightning_prune.stats.estimators import CrossCovariance, InputCovariance
+from lightning_prune.stats.capture import LayerCapture
+from lightning_prune.stats.estimators import Estimator
+from lightning_prune.stats.passes import fold
 from lightning_prune.targets import PruneTarget
 
 
@@ -148,17 +148,20 @@ def run_sequential(
     batches: Sequence[Any],
     blocks: Sequence[Block],
     comm: Collectives,
-    prune_block: Callable[[Block, InputCovariance], None],
-    progress_desc: str = "sequential OBS",
+    prune_block: Callable[[Block, Estimator], None],
+    make_stats: Callable[[Sequence[PruneTarget]], Estimator],
+    *,
     reference: bool = False,
+    progress_desc: str = "sequential calibration",
 ) -> dict[str, Any]:
     """Block by block: statistics of its layers' inputs, ``prune_block(block, stats)``, pruned outputs.
 
-    ``prune_block`` changes the block's weights in place. Batches whose captured inputs are not
-    finite are left out of that block's statistics (counted in the returned ``skipped``).
-    ``reference``: the original outputs travel beside the pruned ones (each block run on them before
-    it is pruned), and the statistics are a :class:`CrossCovariance` of original and pruned inputs,
-    so the block can fit its original outputs; this holds two streams of block inputs instead of one.
+    ``make_stats(targets)`` gives a block's empty estimator (fed inputs only); ``prune_block`` changes
+    the block's weights in place. Batches whose captured inputs are not finite are left out of that
+    block's statistics (counted in the returned ``skipped``). ``reference``: the original outputs
+    travel beside the pruned ones (each block run on them before it is pruned), and the estimator is
+    fed pairs of original and pruned inputs (``update_pair``), so the block can fit its original
+    outputs; this holds two streams of block inputs instead of one.
     Returns ``{"blocks", "skipped", "block_input_bytes"}``, the last being the block inputs held.
     """
     inputs = first_block_inputs(calib, batches, blocks[0])
@@ -171,7 +174,7 @@ def run_sequential(
             for block in blocks:
                 next_originals = []
                 if block.targets:
-                    stats = CrossCovariance(block.targets, comm) if reference else InputCovariance(block.targets, comm)
+                    stats = make_stats(block.targets)
                     by_name = {t.name: t for t in block.targets}
                     capture = LayerCapture(block.targets, inputs_only=True)
                     capture.attach()
@@ -184,17 +187,9 @@ def run_sequential(
                             if not (reference and same):
                                 block.module(*args, **kwargs)
                             items = ref if reference and same else {t.name: x for t, x, _ in capture.drain()}
-                            pairs = [(by_name[n], ref[n] if reference else None, x) for n, x in items.items()]
-                            if pairs and not all_finite([(t, x, r) for t, r, x in pairs]):
-                                stats.skipped += 1
-                                continue
-                            with exact_float32():
-                                for target, x_ref, x in pairs:
-                                    if reference:
-                                        stats.update_pair(target.name, x_ref, x)
-                                    else:
-                                        stats.update(target.name, x)
-                            stats.end_batch()
+                            rows = [(by_name[n], x, None, ref[n] if reference else None) for n, x in items.items()]
+                            if fold(stats, rows):
+                                stats.end_batch()
                     finally:
                         capture.detach()
                     stats.reduce_()

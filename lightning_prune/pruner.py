@@ -37,6 +37,7 @@ from lightning_prune.distributed import Collectives, default_collectives, warn
 from lightning_prune.patterns import Pattern, parse_pattern
 from lightning_prune.schedule import Schedule, check_fraction, check_options, forwarded, schedule_parameters
 from lightning_prune.selection import SCOPES
+from lightning_prune.strategies import strategy_for
 from lightning_prune.summary import layer_table
 from lightning_prune.targets import PruneTarget, match_names, resolve_targets, targets_of
 
@@ -68,6 +69,13 @@ class Pruner:
             (magnitude uses none, and keeps only ``min(num_batches, eval_batches)`` for the loss).
         eval_batches: how many of the round's last batches measure the actual loss increase
             (at most ``num_batches``; 0 disables the measurement).
+        blocks: ``None`` (default: a round's statistics for every layer at once, from the training
+            steps before it or one pass over its batches), ``"auto"`` or a glob over module names
+            (``"model.layers.*"``): sequential calibration (:class:`~lightning_prune.strategies.Sequential`),
+            SparseGPT's loop for transformers: one block at a time is calibrated on the *pruned*
+            outputs of the blocks before it, then pruned. ``"auto"`` takes the ``nn.ModuleList`` of
+            identical blocks that holds the most targets. Needs a label-free criterion (layer-wise
+            reconstruction OBS, OBD ``curvature="activations"``) and ``scope="layer"`` or ``"row"``.
         loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a
             LightningModule, or the output's ``.loss`` in ``prune()`` (see
             :mod:`lightning_prune.calibration`).
@@ -92,6 +100,7 @@ class Pruner:
         min_density: float = 0.001,
         num_batches: int = 32,
         eval_batches: int = 8,
+        blocks: str | None = None,
         loss_fn: LossFn | None = None,
         verbose: int = 1,
         **schedule: Any,
@@ -111,6 +120,8 @@ class Pruner:
         self.pattern.check_min_density(self.min_density)
         self.pattern.check_scope(scope)
         criterion.check_pattern(self.pattern, scope)
+        self.round_strategy = strategy_for(blocks)
+        self.round_strategy.check(criterion, self.pattern, scope)
         for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
@@ -279,6 +290,7 @@ class Pruner:
         if sharded or masks is None or _sparsity(pattern, masks) < self.target:  # rounds may follow: check them now
             self.criterion.check_targets(targets)
             self.criterion.check_model(model, targets)
+            self.round_strategy.check_model(model, targets, sharded)
             if sharded:  # what sharded layers cannot do yet, refused before any work
                 pattern.check_sharded(targets, self.scope)
                 self.criterion.check_sharded(targets)

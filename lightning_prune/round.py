@@ -71,19 +71,14 @@ def run_round(
     # no statistics, no criterion (OBS would refit the weights it keeps), no commit
     idle = not pruner.removes_something(sparsity)
 
-    # 1. statistics, all-reduced across ranks; non-finite ones refuse before any weight is touched
+    # 1. statistics, all-reduced across ranks (the strategy says where they come from: the window, one
+    # pass, or block by block in step 3); non-finite ones refuse before any weight is touched
     if idle:
         stats = None
         if window is not None:
             window.discard()
-    elif window is not None:
-        stats = window.close()
     else:
-        stats = criterion.make_estimator(targets, comm, len(batches))
-        if stats is not None and batches:
-            stats = criterion.collect(calib, batches, stats, targets, round_index)
-        elif stats is not None:
-            stats = None  # nothing was accumulated: the criterion says so
+        stats = pruner.round_strategy.statistics(criterion, calib, batches, targets, window, comm, round_index)
     skipped = _total(skipped + (stats.skipped if stats is not None else 0), comm, calib)
     if skipped:
         warn(f"round {round_index}: {skipped} batches had non-finite inputs or gradients and were left out")
@@ -100,7 +95,8 @@ def run_round(
 
     # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
     before = pruner.current_masks()
-    saved = {t.name: t.local_param.clone() for t in targets} if criterion.moves_weights and not idle else {}
+    moves = criterion.moves_weights or pruner.round_strategy.writes_weights
+    saved = {t.name: t.local_param.clone() for t in targets} if moves and not idle else {}
     ctx = RoundContext(
         model=calib.model,
         targets=targets,
@@ -120,7 +116,7 @@ def run_round(
         should_stop=should_stop,
     )
     try:
-        result = RoundResult(before, 0.0, info={"idle": True}) if idle else criterion.prune(ctx)
+        result = RoundResult(before, 0.0, info={"idle": True}) if idle else pruner.round_strategy.prune(criterion, ctx)
     except BaseException:
         with torch.no_grad():
             for t in targets:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_prune import OBDPruning, OBSPruning, prune
+from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
 from lightning_prune.blocks import find_blocks
 from lightning_prune.targets import resolve_targets
 
@@ -140,7 +140,7 @@ def test_find_blocks_auto_and_glob():
 
 def test_sequential_refuses_at_bind_what_it_cannot_do():
     model = tiny_llama(layers=2)
-    with pytest.raises(ValueError, match="needs the label-free layer-wise objective"):
+    with pytest.raises(ValueError, match="needs a label-free criterion"):
         OBSPruning(target=0.5, blocks="auto")
     with pytest.raises(ValueError, match="scope='layer' or 'row'"):
         OBSPruning(target=0.5, allocation="reconstruction", blocks="auto")
@@ -243,3 +243,35 @@ def test_sequential_2_4_on_llama_is_2_4_in_every_layer_and_beats_magnitude(solve
         assert torch.all(zeros == 2), t.name
     ours, theirs = float((logits(model) - dense).norm()), float((logits(magnitude) - dense).norm())
     assert ours < 0.95 * theirs  # measured: exact under 0.8x, fast 0.89x magnitude's
+
+
+def test_sequential_is_a_round_strategy_any_label_free_criterion_uses():
+    """Wanda block by block (OBD with the activations' diagonal, as the Wanda reference prunes a decoder):
+    the same masks and weights as one prune() per block, in order, on the model whose earlier blocks
+    are already pruned."""
+    model, data = tiny_llama(), batches()
+    reference = copy.deepcopy(model)
+    wanda = dict(target=0.5, curvature="activations", scope="row", verbose=0, eval_batches=0)
+    record = prune(model, data, OBDPruning(blocks="auto", **wanda))
+    assert record["info"]["sequential_blocks"] == 3
+    for i in range(3):
+        prune(reference, data, OBDPruning(include=[f"model.layers.{i}.*"], **wanda))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    one_pass = copy.deepcopy(tiny_llama())
+    prune(one_pass, data, OBDPruning(**wanda))  # later blocks see dense inputs: other masks
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), one_pass.parameters()))
+
+
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda: OBDPruning(0.5, curvature="fisher", scope="layer", blocks="auto"), "needs gradients of a loss"),
+        (lambda: OBSPruning(0.5, scope="layer", blocks="auto"), r"OBS.*allocation='auto'.*needs gradients"),
+        (lambda: MagnitudePruning(0.5, scope="layer", blocks="auto"), "needs no statistics"),
+        (lambda: OBSPruning(0.5, allocation="reconstruction", blocks="auto"), "pass scope='layer' or 'row'"),
+    ],
+)
+def test_a_sequential_round_refuses_what_it_cannot_calibrate(make, says):
+    with pytest.raises(ValueError, match=says):
+        make()

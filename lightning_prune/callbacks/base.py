@@ -199,7 +199,7 @@ class PruningCallback(Pruner, Callback):
         """A fresh estimator for a window that captures statistics; ``None`` when the round computes them."""
         comm = StrategyCollectives(trainer.strategy)
         estimator = self.criterion.make_estimator(self.targets, comm, self.window_length)
-        return estimator if self.criterion.captures_in_window else None  # else: a pass at round time
+        return estimator if self.round_strategy.captures_in_window(self.criterion) else None  # else: at round time
 
     def _upcoming_round(self, trainer: pl.Trainer, epoch: int | None = None) -> int | None:
         """The round the next capture window belongs to: this epoch's (or ``epoch``'s), or the next step round

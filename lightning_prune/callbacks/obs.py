@@ -57,19 +57,13 @@ class OBSPruning(PruningCallback):
             OBS, and the cheapest), ``"mc"`` (``mc_samples`` sampled labels per input), ``"exact"``
             (the GGN) or ``"auto"``; see :class:`OBDPruning`.
         mc_samples: sampled labels per input for ``fisher_type="mc"``.
-        blocks: ``None`` (default: every layer from one pass over the batches), ``"auto"`` or a glob
-            over module names (``"model.layers.*"``): sequential calibration, as SparseGPT prunes
-            transformers: one block at a time is calibrated on the *pruned* outputs of the blocks
-            before it, so peak memory is one block's inputs plus its layers' Hessians. ``"auto"``
-            takes the ``nn.ModuleList`` of identical blocks that holds the most targets. Needs
-            ``allocation="reconstruction"`` and ``scope="layer"`` or ``"row"``; every target must
-            lie inside a block (a model's ``lm_head`` is not a default target).
         loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
             leading dimension, ``"sum"`` if it sums; used when the loss makes no single
             ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
             (a language model's tokens) are read instead (:func:`~lightning_prune.stats.capture.per_sample_factor`).
 
-    Other arguments: see :class:`~lightning_prune.pruner.Pruner`.
+    Other arguments (``blocks=`` for SparseGPT's block-by-block round among them): see
+    :class:`~lightning_prune.pruner.Pruner`.
     """
 
     def __init__(
@@ -86,7 +80,6 @@ class OBSPruning(PruningCallback):
         solver_dtype: Literal["float64", "float32"] = "float64",
         fisher_type: Literal["auto", "empirical", "mc", "exact"] = "empirical",
         mc_samples: int = 1,
-        blocks: str | None = None,
         loss_reduction: Literal["mean", "sum"] = "mean",
         **options: Any,
     ) -> None:
@@ -102,7 +95,6 @@ class OBSPruning(PruningCallback):
             loss_reduction=loss_reduction,
             fisher_type=fisher_type,
             mc_samples=mc_samples,
-            blocks=blocks,
             reconstruct=reconstruct,
         )
         super().__init__(criterion, target, **options)

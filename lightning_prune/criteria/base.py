@@ -49,6 +49,7 @@ class RoundContext:
     # OBS reconstructs the outputs they gave (reconstruct='original')
     reference: Mapping[str, Tensor] | None = None
     should_stop: Callable[[], bool] | None = None  # the run was asked to stop (SIGTERM): see check_interrupt
+    block: str | None = None  # a sequential round's block being pruned (its targets only, its inputs' statistics)
 
     def check_interrupt(self, where: str = "") -> None:
         """Stop the round here (between layers) if the run was asked to stop; every rank agrees first,
@@ -147,9 +148,25 @@ class Criterion:
     def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
         """Refuse what the criterion cannot do on FSDP2-sharded targets (called when the pruner binds)."""
 
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
-        """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none."""
+    def make_estimator(
+        self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
+    ) -> Estimator | None:
+        """Hook-fed statistics for a round over ``num_batches`` batches, or ``None`` if it needs none.
+        ``reference``: fed pairs of original and current inputs (a sequential round, where
+        :attr:`fits_reference`)."""
         return None
+
+    @property
+    def fits_reference(self) -> bool:
+        """Whether the criterion fits layers to the outputs they gave when the round started (then a
+        sequential round carries the original block outputs beside the pruned ones)."""
+        return False
+
+    def describe(self) -> str:
+        """The criterion and its defining options, for error messages."""
+        options = ("hessian", "allocation", "curvature")
+        shown = ", ".join(f"{k}={getattr(self, k)!r}" for k in options if getattr(self, k, "") != "")
+        return f"{type(self).__name__}({shown})"
 
     @property
     def captures_in_window(self) -> bool:

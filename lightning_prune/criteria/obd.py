@@ -107,7 +107,9 @@ class OBD(Criterion):
                 "shards (torch.autograd.grad cannot see DTensor shards): use curvature='fisher', 'kfac' or 'ekfac'"
             )
 
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
+    def make_estimator(
+        self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
+    ) -> Estimator | None:
         if not self.hooked:
             return None
         return make_estimator(self.curvature, targets, num_batches=num_batches, num_probes=self.num_probes, comm=comm)

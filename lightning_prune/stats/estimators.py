@@ -573,6 +573,10 @@ class Composite(Estimator):
         for p in self.parts.values():
             p.update(name, x, g)
 
+    def update_pair(self, name: str, x_ref: Tensor, x: Tensor) -> None:
+        for p in self.parts.values():
+            p.update_pair(name, x_ref, x)
+
     def end_batch(self) -> None:
         super().end_batch()
         for p in self.parts.values():

@@ -49,12 +49,6 @@ def OBS(hessian: str = "layerwise", **options: Any) -> OBSCriterion:
             f"`reconstruct` chooses the outputs layer-wise OBS fits; hessian={hessian!r} has no layer "
             f"outputs to reconstruct (got reconstruct={options['reconstruct']!r})"
         )
-    if options.get("blocks") is not None:
-        raise ValueError(
-            f"`blocks={options['blocks']!r}` (sequential calibration) prunes each block from its own layer inputs, "
-            "which needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
-            f"(and scope='layer' or 'row'); got hessian={hessian!r}"
-        )
     unused = {p.name: options.pop(p.name) for p in LAYERWISE if p.name in options}
     if unused := {k: v for k, v in unused.items() if v != next(p.default for p in LAYERWISE if p.name == k)}:
         raise ValueError(

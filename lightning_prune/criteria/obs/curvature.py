@@ -61,7 +61,9 @@ class WoodFisherOBS(RecomputedOBS):
 
     hessian = "fisher"
 
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator:
+    def make_estimator(
+        self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
+    ) -> Estimator:
         return BlockFisher(targets, self.block_size, comm)
 
     def step(self, ctx: RoundContext, est: BlockFisher, info: dict[str, Any]) -> tuple[dict[str, Tensor], float]:
@@ -93,7 +95,9 @@ class KFACOBS(RecomputedOBS):
 
     hessian = "kfac"
 
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator:
+    def make_estimator(
+        self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
+    ) -> Estimator:
         return Composite({"kfac": KFAC(targets, comm=comm)})
 
     def start_info(self, info: dict[str, Any]) -> None:

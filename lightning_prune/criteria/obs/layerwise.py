@@ -24,7 +24,7 @@ the earlier ones were pruned. ``reconstruct="original"`` (default) fits each lat
 outputs it gave when the round started, from the cross moment of original and current inputs, so
 the error pruning put into its inputs is corrected rather than reproduced (GPTAQ); ``"current"``
 fits the layer's own outputs on the already-pruned inputs (SparseGPT/OBC). ``blocks=`` runs the
-round block by block (:mod:`lightning_prune.criteria.obs.sequential`).
+round block by block (:class:`lightning_prune.strategies.Sequential`).
 """
 
 from __future__ import annotations
@@ -34,16 +34,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
-from lightning_prune.criteria.obs.sequential import prune_sequentially
 from lightning_prune.criteria.obs.spread import solve_spread
 from lightning_prune.criteria.obs.structured import prune_structures
 from lightning_prune.distributed import Collectives
-from lightning_prune.numerics import exact_float32
-from lightning_prune.patterns import Pattern
 from lightning_prune.solvers.layerwise import (
     LAYER_BUDGET,
     Groups,
@@ -80,7 +77,6 @@ class LayerwiseOBS(OBSCriterion):
         solver: str = "auto",
         allocation: str = "auto",
         reconstruct: str = "original",
-        blocks: str | None = None,
         fisher_type: str = "empirical",
         **options: Any,
     ) -> None:
@@ -97,18 +93,7 @@ class LayerwiseOBS(OBSCriterion):
                 f"`fisher_type` has no effect with allocation='reconstruction', which uses no Fisher "
                 f"(got {fisher_type!r})"
             )
-        if blocks is not None:
-            if not isinstance(blocks, str) or not blocks:
-                raise ValueError(
-                    f"`blocks` must be None, 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}"
-                )
-            if allocation != "reconstruction":
-                raise ValueError(
-                    f"`blocks={blocks!r}` (sequential calibration) prunes each block from its own layer inputs, which "
-                    "needs the label-free layer-wise objective: hessian='layerwise', allocation='reconstruction' "
-                    f"(and scope='layer' or 'row'); got hessian='layerwise', allocation={allocation!r}"
-                )
-        self.solver, self.allocation, self.reconstruct, self.blocks = solver, allocation, reconstruct, blocks
+        self.solver, self.allocation, self.reconstruct = solver, allocation, reconstruct
 
     # ------------------------------------------------------------------ what a round needs
     def check_scope(self, scope: str) -> None:
@@ -118,26 +103,6 @@ class LayerwiseOBS(OBSCriterion):
                 f"different layers are in different units): pass scope='layer' or 'row', got scope={scope!r}"
             )
 
-    def check_pattern(self, pattern: Pattern, scope: str) -> None:
-        if pattern.removes_structures and self.blocks is not None:
-            raise ValueError(
-                f"pattern='channels' with blocks={self.blocks!r} (sequential calibration) is not supported: structured "
-                "OBS re-estimates the inputs of later layers itself (recompute_steps); pass blocks=None"
-            )
-
-    def check_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> None:
-        if self.blocks is not None:
-            from lightning_prune.blocks import find_blocks
-
-            find_blocks(model, self.blocks, targets)
-
-    def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
-        if self.blocks is not None:
-            raise ValueError(
-                f"blocks={self.blocks!r} (sequential calibration) runs the blocks outside the model's forward, which "
-                "FSDP2 has not been tested with: prune a sharded model with blocks=None (the default)"
-            )
-
     @property
     def needs_gradients(self) -> bool:
         return self.allocation != "reconstruction"
@@ -145,15 +110,12 @@ class LayerwiseOBS(OBSCriterion):
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:  # "original" re-captures with forwards only
         return self.needs_gradients and self.recompute_steps > 1 and len(targets) > 1 and not self.corrects
 
-    @property
-    def captures_in_window(self) -> bool:  # sequential: statistics block by block, at round time
-        return self.blocks is None and super().captures_in_window
-
-    def make_estimator(self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int) -> Estimator | None:
-        if self.blocks is not None:
-            return None  # sequential: each block's statistics are gathered in the round, block by block
+    def make_estimator(
+        self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
+    ) -> Estimator | None:
         if self.allocation == "reconstruction":
-            return Composite({"inputs": InputCovariance(targets, comm)})
+            inputs = CrossCovariance(targets, comm) if reference else InputCovariance(targets, comm)
+            return Composite({"inputs": inputs})
         parts: dict[str, Estimator] = {"kfac": KFAC(targets, comm=comm)}
         if self.allocation in ("fisher", "auto"):
             parts["fisher"] = DiagFisher(targets, comm)
@@ -163,6 +125,10 @@ class LayerwiseOBS(OBSCriterion):
     def corrects(self) -> bool:
         """Whether later layers fit the round's original outputs (``reconstruct="original"``)."""
         return self.reconstruct == "original"
+
+    @property
+    def fits_reference(self) -> bool:
+        return self.corrects
 
     def reference_stats(
         self, ctx: RoundContext, layers: Sequence[PruneTarget], changed: Sequence[PruneTarget], desc: str
@@ -176,15 +142,10 @@ class LayerwiseOBS(OBSCriterion):
         est = CrossCovariance(layers, ctx.comm)
         return reference_pass(ctx.calib, ctx.batches, est, layers, ctx.reference, changed, desc)
 
-    def prune(self, ctx: RoundContext) -> RoundResult:
-        if self.blocks is None:
-            return super().prune(ctx)
-        with exact_float32():
-            return prune_sequentially(self, ctx)
-
     # ------------------------------------------------------------------ the round
     def solve(self, ctx: RoundContext, est: Estimator) -> RoundResult:
-        """Allocate counts from the scores, then solve layer by layer, in ``recompute_steps`` groups."""
+        """Allocate counts from the scores, then solve layer by layer, in ``recompute_steps`` groups (one
+        in a sequential round's block, whose statistics may pair original and current inputs)."""
         dtype = self.dtype
         weighted = self.allocation != "reconstruction"  # rows weighted by G_ii: loss units
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
@@ -201,12 +162,14 @@ class LayerwiseOBS(OBSCriterion):
         masks, predicted, reconstruction = {}, 0.0, 0.0
         counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in ctx.targets}
         solvers = self.solvers(ctx, ctx.targets, counts)
-        groups = split(ctx.targets, min(self.recompute_steps, len(ctx.targets)))
+        groups = split(ctx.targets, 1 if ctx.block else min(self.recompute_steps, len(ctx.targets)))
         G = row_weights(est, ctx.targets, dtype) if weighted else {}
         adaptive = not weighted and ctx.scope == "layer"
         for i, group in enumerate(groups):
             stats: Estimator = est["kfac"] if weighted else est["inputs"]  # type: ignore[index]
-            cross: CrossCovariance | None = None
+            cross = stats if isinstance(stats, CrossCovariance) else None  # a block's original and current inputs
+            if ctx.block:  # the largest layer-input covariance held (float64)
+                info["peak_hessian_bytes"] = max(t.shape2d[1] ** 2 * 8 for t in group)
             if i > 0:
                 desc = f"re-estimating inputs ({i}/{len(groups) - 1})"
                 if self.corrects:  # current inputs and the original ones: forward passes only
@@ -321,9 +284,11 @@ class LayerwiseOBS(OBSCriterion):
         if allocation == "fisher":
             return t.unmatrix(0.5 * t.matrix(est["fisher"].diagonal(t.name)).to(dtype) * W**2)  # type: ignore[index]
         if allocation == "reconstruction":
-            A = est["inputs"].input_covariance(t.name).to(dtype)  # type: ignore[index]
-            U, W, _, _ = prepare_hessian(A, W, self.damp, t.name)
-            return t.unmatrix(single_saliency(W, U))
+            inputs = est["inputs"]  # type: ignore[index]
+            U, W_live, _, _ = prepare_hessian(inputs.input_covariance(t.name).to(dtype), W, self.damp, t.name)
+            if isinstance(inputs, CrossCovariance):  # the weights that fit the original outputs are the ones to score
+                W_live = refit_to_reference(W, inputs.cross_covariance(t.name).to(dtype), U)
+            return t.unmatrix(single_saliency(W_live, U))
         A, G = est["kfac"].factors(t.name)  # type: ignore[index]
         U, W, _, _ = prepare_hessian(A.to(dtype), W, self.damp, t.name)
         if allocation == "obs":

@@ -1,0 +1,178 @@
+"""Round strategies: where a round's statistics come from, and how the criterion is run on them.
+
+* :class:`OnePass` (default): every target's statistics at once, from the training steps before the
+  round (the capture window) or, without one, from one calibration pass over the round's batches at
+  the current weights; the criterion then prunes every target in one call.
+* :class:`Sequential` (``blocks="auto"`` or a glob): SparseGPT's and OBC's loop for deep models. One
+  block at a time is calibrated on the *pruned* outputs of the blocks before it
+  (:func:`lightning_prune.blocks.run_sequential`), pruned by the criterion on its own, and its pruned
+  outputs feed the next; memory holds one block's inputs and statistics. Any label-free criterion can
+  run this way (layer-wise reconstruction OBS, OBD with ``curvature="activations"``, i.e. Wanda):
+  statistics from block inputs have no loss to differentiate. A criterion that fits its layers to the
+  round's original outputs (``reconstruct="original"``) gets them: the original outputs travel beside
+  the pruned ones.
+
+A strategy is chosen when the pruner is built (:func:`strategy_for`); ``run_round`` asks it for the
+statistics (step 1) and to run the criterion (step 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from lightning_prune.calibration import Calibration
+from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
+from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.masks import apply_masks_
+from lightning_prune.patterns import Pattern
+from lightning_prune.stats import CaptureWindow, Estimator
+from lightning_prune.targets import PruneTarget
+
+
+class OnePass:
+    """Every target's statistics at once (the window, or one calibration pass), then one criterion call."""
+
+    blocks: str | None = None
+    writes_weights = False  # whether the strategy zeroes pruned weights before the round commits
+
+    def check(self, criterion: Criterion, pattern: Pattern, scope: str) -> None:
+        """Refuse a criterion, pattern or scope this strategy cannot run (when the pruner is built)."""
+
+    def check_model(self, model: nn.Module, targets: Sequence[PruneTarget], sharded: bool) -> None:
+        """Refuse a model this strategy cannot run on (when the pruner binds)."""
+
+    def captures_in_window(self, criterion: Criterion) -> bool:
+        """Whether the training steps before a round feed its statistics (else a pass at round time)."""
+        return criterion.captures_in_window
+
+    def statistics(
+        self,
+        criterion: Criterion,
+        calib: Calibration,
+        batches: list[Any],
+        targets: Sequence[PruneTarget],
+        window: CaptureWindow | None,
+        comm: Collectives,
+        round_index: int,
+    ) -> Estimator | None:
+        """The round's statistics, all-reduced; ``None`` where the criterion needs none or no batch came."""
+        if window is not None:
+            return window.close()
+        stats = criterion.make_estimator(targets, comm, len(batches))
+        if stats is None or not batches:
+            return None  # nothing was accumulated: the criterion says so
+        return criterion.collect(calib, batches, stats, targets, round_index)
+
+    def prune(self, criterion: Criterion, ctx: RoundContext) -> RoundResult:
+        return criterion.prune(ctx)
+
+
+class Sequential(OnePass):
+    """Block by block, each calibrated on the pruned outputs of the blocks before it (whose pruned
+    weights are zeroed as soon as the block is done, so the next block's inputs are the pruned model's)."""
+
+    writes_weights = True
+
+    def __init__(self, blocks: str) -> None:
+        if not isinstance(blocks, str) or not blocks:
+            raise ValueError(
+                f"`blocks` must be None, 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}"
+            )
+        self.blocks = blocks
+
+    def check(self, criterion: Criterion, pattern: Pattern, scope: str) -> None:
+        if criterion.needs_gradients or criterion.make_estimator([], LOCAL, 1) is None:
+            what = "needs gradients of a loss" if criterion.needs_gradients else "needs no statistics"
+            raise ValueError(
+                f"`blocks={self.blocks!r}` (sequential calibration) calibrates each block on the pruned outputs of the "
+                f"blocks before it, from its layer inputs alone, which needs a label-free criterion with statistics "
+                f"(OBS with hessian='layerwise', allocation='reconstruction'; OBD with curvature='activations'); "
+                f"{criterion.describe()} {what}"
+            )
+        if pattern.removes_structures:
+            raise ValueError(
+                f"pattern='{pattern}' with blocks={self.blocks!r} (sequential calibration) is not supported: "
+                "structured OBS re-estimates the inputs of later layers itself (recompute_steps); pass blocks=None"
+            )
+        if scope not in ("layer", "row"):
+            raise ValueError(
+                f"`blocks={self.blocks!r}` (sequential calibration) allocates within each block as it goes: pass "
+                f"scope='layer' or 'row', got scope={scope!r}"
+            )
+
+    def check_model(self, model: nn.Module, targets: Sequence[PruneTarget], sharded: bool) -> None:
+        from lightning_prune.blocks import find_blocks
+
+        find_blocks(model, self.blocks, targets)
+        if sharded:
+            raise ValueError(
+                f"blocks={self.blocks!r} (sequential calibration) runs the blocks outside the model's forward, which "
+                "FSDP2 has not been tested with: prune a sharded model with blocks=None (the default)"
+            )
+
+    def captures_in_window(self, criterion: Criterion) -> bool:
+        return False  # gathered block by block at round time
+
+    def statistics(self, criterion, calib, batches, targets, window, comm, round_index) -> None:  # type: ignore[override]
+        if window is not None:
+            window.discard()
+        return None
+
+    def prune(self, criterion: Criterion, ctx: RoundContext) -> RoundResult:
+        from lightning_prune.blocks import find_blocks, run_sequential
+
+        if not ctx.batches:
+            raise RuntimeError(f"round {ctx.round_index}: no batch in {ctx.source} for sequential calibration")
+        blocks = find_blocks(ctx.model, self.blocks, ctx.targets)
+        masks, updated, predicted = {}, set(), 0.0
+        info: dict[str, Any] = {}
+
+        def make_stats(targets: Sequence[PruneTarget]) -> Estimator:
+            est = criterion.make_estimator(targets, ctx.comm, len(ctx.batches), reference=criterion.fits_reference)
+            return est  # type: ignore[return-value]  (check() refused criteria without statistics)
+
+        def prune_block(block: Any, stats: Estimator) -> None:
+            nonlocal predicted
+            masks_before = {t.name: ctx.masks[t.name] for t in block.targets}
+            sub = replace(ctx, targets=block.targets, masks=masks_before, stats=stats, block=block.name)
+            require_stats(sub, stats, f"sequential {criterion.name}")
+            if bad := stats.nonfinite_layers():
+                raise RuntimeError(f"round {ctx.round_index}: the input statistics of {bad[:5]} are not finite")
+            result = criterion.prune(sub)
+            apply_masks_({t.name: t.param for t in block.targets}, result.masks)  # the next block sees them pruned
+            masks.update(result.masks)
+            updated.update(result.updated)
+            predicted += result.predicted_loss_increase
+            _merge(info, result.info)
+
+        done = run_sequential(
+            ctx.calib, ctx.batches, blocks, ctx.comm, prune_block, make_stats, reference=criterion.fits_reference
+        )
+        info.update(
+            sequential_blocks=done["blocks"],
+            block_input_bytes=done["block_input_bytes"],
+            skipped_block_batches=done["skipped"],
+        )
+        return RoundResult(masks, predicted, updated=updated, info=info)
+
+
+def strategy_for(blocks: str | None) -> OnePass:
+    """The strategy a pruner's arguments ask for: ``blocks`` names a sequential round's blocks."""
+    return OnePass() if blocks is None else Sequential(blocks)
+
+
+def _merge(info: dict[str, Any], block: dict[str, Any]) -> None:
+    """A block's record into the round's: counts and errors add up, labels (solvers) are joined."""
+    for key, value in block.items():
+        if key not in info:
+            info[key] = value
+        elif isinstance(value, str):
+            info[key] = "+".join(sorted(set(info[key].split("+")) | set(value.split("+"))))
+        elif isinstance(value, bool):
+            info[key] = info[key] or value
+        elif isinstance(value, (int, float)):
+            info[key] = max(info[key], value) if key.startswith("peak_") else info[key] + value
