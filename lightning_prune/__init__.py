@@ -13,7 +13,7 @@ from lightning_prune.export import export_semi_structured
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
-from lightning_prune.shrink import shrink
+from lightning_prune.shrink import load_shrunk, shrink
 
 _CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
@@ -30,6 +30,7 @@ __all__ = [
     "Wanda",
     "WoodFisher",
     "export_semi_structured",
+    "load_shrunk",
     "prune",
     "shrink",
 ]
