@@ -266,6 +266,8 @@ def _output(out: Any) -> Tensor:
         return out
     if hasattr(out, "logits"):
         return out.logits
+    if isinstance(getattr(out, "last_hidden_state", None), Tensor):  # a bare Hugging Face encoder (AutoModel)
+        return out.last_hidden_state
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise TypeError(f"shrink: cannot compare the model's output of type {type(out).__name__}; pass example_inputs=None")
