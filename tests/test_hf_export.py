@@ -293,3 +293,22 @@ def test_load_shrunk_refuses_a_directory_without_a_plan(tmp_path):
     build("llama").save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="has no pruning_plan.json"):
         load_shrunk(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_example_prunes_shrinks_saves_and_loads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "small"
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / "shrink_to_hf.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cached generate() identical: True" in proc.stdout
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 48
