@@ -9,6 +9,7 @@ first use, so ``from lightning_prune import prune`` works where Lightning is not
 
 from typing import Any
 
+from lightning_prune.depth import prune_blocks
 from lightning_prune.export import export_semi_structured
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.pruner import Pruner
@@ -32,6 +33,7 @@ __all__ = [
     "export_semi_structured",
     "load_shrunk",
     "prune",
+    "prune_blocks",
     "shrink",
 ]
 __version__ = "0.1.0"
