@@ -213,7 +213,8 @@ def remove_blocks(
     On ``example_inputs`` the copy must compute what ``model`` computes with those blocks replaced by
     the identity (within ``atol + rtol * max|output|``), else it raises. ``Shrunk.hf_configs`` holds the
     config values written (``num_hidden_layers``, ``layer_types``); ``Shrunk.plan`` is empty (no width
-    change), ``Shrunk.removed`` is ``{block list: blocks removed}``.
+    change), ``Shrunk.removed`` is ``{block list: blocks removed}`` and ``Shrunk.blocks_kept`` the
+    original indices of the blocks left.
     """
     name, layers = find_block_list(model, blocks)
     total = len(layers)
@@ -243,7 +244,7 @@ def remove_blocks(
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = j  # the key/value cache is indexed by it
-    result = Shrunk(out, {}, {name: len(values)}, params_before=before)
+    result = Shrunk(out, {}, {name: len(values)}, params_before=before, blocks_kept={name: kept})
     result.params_after = sum(p.numel() for p in out.parameters())
     _update_depth_configs(result, name, total, kept)
     if reference is not None:

@@ -60,8 +60,10 @@ class Shrunk:
     params_after: int = 0
     # shrunk Hugging Face models, by their name in `model` ("": the model itself): the config values written,
     # or why no standard config describes the model (its config is then left as it was)
-    hf_configs: dict[str, dict[str, int]] = field(default_factory=dict)
+    hf_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonstandard: dict[str, str] = field(default_factory=dict)
+    # depth (lightning_prune.depth): block list -> the indices of the original blocks kept, in order
+    blocks_kept: dict[str, list[int]] = field(default_factory=dict)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, with_plan: bool = False, **kwargs: Any) -> Path:
         """Write the shrunk Hugging Face model as a checkpoint in ``directory``.

@@ -123,7 +123,8 @@ def test_a_block_that_is_already_the_identity_goes_first(score):
     assert scores[2] == pytest.approx(0.0, abs=1e-6)
     assert min(scores[i] for i in (0, 1, 3)) > 1e-4
     small = prune_blocks(model, data, 1, score=score, example_inputs={"input_ids": IDS})
-    assert small.removed == {"model.layers": 1} and "blocks removed [2]" in small.notes[-1]
+    assert small.removed == {"model.layers": 1} and small.blocks_kept == {"model.layers": [0, 1, 3]}
+    assert "blocks removed [2]" in small.notes[-1]
     torch.testing.assert_close(logits(small.model), logits(model), rtol=1e-5, atol=1e-5)
 
 
@@ -135,8 +136,9 @@ def test_a_fraction_of_the_blocks_and_width_then_depth_save_as_one_checkpoint(tm
     assert small.model.config.num_hidden_layers == 3 and small.model.config.intermediate_size == 24
     small.save_pretrained(tmp_path)
     loaded = load_cleanly("llama", tmp_path)
-    dropped = int(small.notes[-1].split("[")[1].split("]")[0])
-    with as_identity([model.model.layers[dropped]]):
+    (kept,) = small.blocks_kept.values()
+    assert len(kept) == 3
+    with as_identity([layer for i, layer in enumerate(model.model.layers) if i not in kept]):
         torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
     assert auto_class("llama") is transformers.AutoModelForCausalLM
 
