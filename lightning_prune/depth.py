@@ -24,8 +24,9 @@ Removal (:func:`remove_blocks`) deletes the blocks from their ``nn.ModuleList``,
 ``layer_idx`` in the blocks left (Hugging Face attention indexes the key/value cache by it, so
 ``generate()`` with a cache works), and on a Hugging Face model writes ``num_hidden_layers`` (and
 ``layer_types`` where the config has it) so that ``save_pretrained`` / ``from_pretrained`` round
-trip. GPT-2 with ``scale_attn_by_inverse_layer_idx`` is refused: its attention depends on the
-block's position, so a renumbered block computes something else.
+trip; a config with other per-block lists is refused (they would stay uncut). GPT-2 with
+``scale_attn_by_inverse_layer_idx`` is refused: its attention depends on the block's position, so a
+renumbered block computes something else.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lightning_prune.calibration import Calibration, LossFn, default_forward, ev
 from lightning_prune.shrink import Shrunk, _output, _run
 
 SCORES = ("loss", "reconstruction", "influence")
+PER_BLOCK = ("layer_types",)  # config lists with one entry per block, cut with the blocks
 
 
 def find_block_list(model: nn.Module, blocks: str = "auto") -> tuple[str, nn.ModuleList]:
@@ -276,6 +278,15 @@ def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[
         types = getattr(config, "layer_types", None)
         if isinstance(types, list) and len(types) == total:
             values["layer_types"] = [types[i] for i in kept]
+        per_block = [
+            k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in PER_BLOCK
+        ]
+        if per_block:  # a setting per block that would stay unsliced: the reloaded model would differ
+            raise ValueError(
+                f"{type(config).__name__} holds per-block settings {per_block} (lists of {total}, one per block) that "
+                f"remove_blocks does not know how to cut (it cuts {list(PER_BLOCK)}): the saved config would not "
+                "describe the blocks left, so the blocks are not removed"
+            )
         problem = hf.check_config(pretrained, values)
         if problem is not None:
             raise ValueError(f"the model without blocks cannot be described by its config: {problem}")

@@ -16,8 +16,9 @@ the same numbers can be described; otherwise the reason is returned and nothing 
 update is then checked the way ``from_pretrained`` would use it: the config class must accept it
 (``LlamaConfig`` refuses a ``hidden_size`` that is not a multiple of ``num_attention_heads``), and
 a model built from it (on the meta device: shapes only) must have exactly the shrunk model's
-parameter names and shapes. New kinds of sizes (``num_hidden_layers`` after removing blocks, the
-number of experts) are one more reader in :data:`READERS`.
+parameter names and shapes. New kinds of sizes (the number of experts) are one more reader in
+:data:`READERS`; ``num_hidden_layers`` after removing blocks is written by :mod:`lightning_prune.depth`,
+checked the same way (:func:`check_config`).
 
 GPT-2's fused ``c_attn`` and BERT's ``query``/``key``/``value`` heads are not removed: those models
 derive the head size from ``hidden_size / num_attention_heads`` (GPT-2 also splits ``c_attn`` at

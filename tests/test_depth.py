@@ -177,6 +177,14 @@ def test_a_model_whose_blocks_depend_on_their_position_is_refused():
         remove_blocks(transformers.GPT2LMHeadModel(config), [1])
 
 
+def test_a_config_with_per_block_settings_it_cannot_cut_is_refused():
+    model = deep("llama")
+    model.config.rope_per_block = [True, False, True, False]  # a setting the reloaded model would read per block
+    with pytest.raises(ValueError, match=r"per-block settings \['rope_per_block'\].*not removed"):
+        remove_blocks(model, [1])
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4  # nothing lost
+
+
 def test_the_loss_score_without_a_loss_says_what_to_pass():
     data = [{"input_ids": b["input_ids"]} for b in batches()]  # no labels
     with pytest.raises(ValueError, match="score='loss' needs a loss.*score='reconstruction'"):
