@@ -128,7 +128,9 @@ def main() -> None:
             "alternated with the dense model: ms = the fastest repetition, speed-up = the median of the "
             "per-repetition ratios. Width: `pattern='channels'` with the default (uniform) "
             "scope; depth: `prune_blocks(..., 0.25, score='influence')`. The machine is shared (load average "
-            f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs): read the ratios, not the milliseconds.",
+            f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs): the dense model's times differ "
+            "between rows by as much as the speed-ups, so these are indications, not measurements; rerun on a "
+            "quiet machine.",
             "",
             common.md_table(header, rows),
         ]

@@ -125,18 +125,30 @@ def block_scores(
     score: str = "loss",
     loss_fn: LossFn | None = None,
     blocks: str = "auto",
+    removed: Sequence[int] = (),
 ) -> list[float]:
     """The cost of replacing each block by the identity (see the module docstring), one per block in
-    order; lower goes first. ``data``: calibration batches as :func:`lightning_prune.prune` takes them."""
+    order; lower goes first. ``data``: calibration batches as :func:`lightning_prune.prune` takes them.
+    ``removed``: blocks already replaced by the identity in every pass (greedy removal); their score is
+    ``inf``. ``"loss"`` is then the increase over the model without them, ``"reconstruction"`` still the
+    error against the full model's outputs (what the smaller model would lose in all)."""
     if score not in SCORES:
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     batches = list(data)
     if not batches:
         raise ValueError("`data` gave no batches: block scores need calibration batches")
     _, layers = find_block_list(model, blocks)
+    gone = set(removed)
+    if bad := sorted(i for i in gone if not (isinstance(i, int) and 0 <= i < len(layers))):
+        raise ValueError(f"`removed` must hold block indices in 0..{len(layers) - 1}, got {bad[:5]}")
+    without = [layers[i] for i in sorted(gone)]
+    out = [math.inf] * len(layers)
     with eval_mode(model), _no_kv_cache(model):
         if score == "influence":
-            return _influence(model, layers, batches)
+            with as_identity(without):
+                for i, bi in _influence(model, layers, batches, gone).items():
+                    out[i] = bi
+            return out
         if score == "loss":
             calib = Calibration(model, loss_fn, training_step=True, output_loss=True)
             if not calib.has_loss(batches[0]):
@@ -144,30 +156,32 @@ def block_scores(
                     f"score='loss' needs a loss and {type(model).__name__} gave none: pass loss_fn=lambda model, "
                     "batch: ..., batches with labels (Hugging Face), or score='reconstruction' (label-free)"
                 )
-            base = calib.mean_loss(batches)
-            out = []
-            for block in layers:
-                with as_identity([block]):
-                    out.append(calib.mean_loss(batches) - base)
+            with as_identity(without):
+                base = calib.mean_loss(batches)
+            for i, block in enumerate(layers):
+                if i not in gone:
+                    with as_identity([*without, block]):
+                        out[i] = calib.mean_loss(batches) - base
             return out
         reference = [_output(default_forward(model, b)).float() for b in batches]
-        out = []
-        for block in layers:
-            with as_identity([block]):
+        for i, block in enumerate(layers):
+            if i in gone:
+                continue
+            with as_identity([*without, block]):
                 err = sum(
                     float(
                         (_output(default_forward(model, b)).float() - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)
                     )
                     for b, r in zip(batches, reference)
                 )
-            out.append(err / len(batches))
+            out[i] = err / len(batches)
         return out
 
 
-def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any]) -> list[float]:
+def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any], skip: set[int]) -> dict[int, float]:
     """ShortGPT's Block Influence: ``1 - cos(x_in, x_out)`` per token, averaged over all tokens."""
-    sums = [0.0] * len(layers)
-    counts = [0] * len(layers)
+    sums = dict.fromkeys(range(len(layers)), 0.0)
+    counts = dict.fromkeys(range(len(layers)), 0)
 
     def hook(i: int) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -178,14 +192,14 @@ def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any]) 
 
         return fn
 
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers) if i not in skip]
     try:
         for batch in batches:
             default_forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return [s / max(c, 1) for s, c in zip(sums, counts)]
+    return {i: sums[i] / max(counts[i], 1) for i in range(len(layers)) if i not in skip}
 
 
 def _count(n: int | float, total: int) -> int:
@@ -304,15 +318,25 @@ def prune_blocks(
     loss_fn: LossFn | None = None,
     blocks: str = "auto",
     example_inputs: Any = None,
+    greedy: bool = False,
 ) -> Shrunk:
     """Remove the ``n`` blocks (an integer, or a fraction of them) whose replacement by the identity costs
     least by ``score`` on ``data``; returns the smaller model (a copy, ready for ``save_pretrained``),
-    with ``Shrunk.notes`` giving every block's score and the ones removed."""
+    with ``Shrunk.notes`` giving the scores and the blocks removed.
+
+    ``greedy=True`` removes one block at a time and scores the rest again with it gone (``n`` times the
+    passes): blocks whose removals interact (two that each matter little, but not both) are seen."""
     _, layers = find_block_list(model, blocks)
     count = _count(n, len(layers))
-    scores = block_scores(model, data, score=score, loss_fn=loss_fn, blocks=blocks)
-    drop = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
+    drop: list[int] = []
+    steps = []
+    for _ in range(count if greedy else 1):
+        scores = block_scores(model, data, score=score, loss_fn=loss_fn, blocks=blocks, removed=drop)
+        order = [i for i in sorted(range(len(scores)), key=lambda i: scores[i]) if i not in drop]
+        drop += order[: 1 if greedy else count]
+        steps.append(", ".join(f"{i}: {s:.4g}" for i, s in enumerate(scores) if math.isfinite(s)))
+    drop.sort()
     result = remove_blocks(model, drop, blocks=blocks, example_inputs=example_inputs)
-    listed = ", ".join(f"{i}: {s:.4g}" for i, s in enumerate(scores))
-    result.notes.append(f"blocks removed {drop} by score={score!r} (per block {listed})")
+    listed = "; then ".join(f"({s})" for s in steps)
+    result.notes.append(f"blocks removed {drop} by score={score!r}{', greedy' if greedy else ''}: per block {listed}")
     return result

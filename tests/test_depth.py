@@ -90,6 +90,26 @@ def test_the_reconstruction_score_is_the_relative_output_error_without_the_block
         assert s == pytest.approx(sum(errs) / len(errs), rel=1e-4)
 
 
+def test_greedy_removal_scores_the_rest_with_the_chosen_blocks_gone():
+    """Brute force: the second block greedy removes is the one whose removal together with the first gives
+    the smallest output error against the full model (each pair's model built without the blocks)."""
+    model, data = deep("llama"), batches(n=2)
+    first = min(range(4), key=block_scores(model, data, score="reconstruction").__getitem__)
+    scores = block_scores(model, data, score="reconstruction", removed=[first])
+    assert scores[first] == float("inf")
+    full = [logits(model, b["input_ids"]) for b in data]
+    pairs = {}
+    for i in set(range(4)) - {first}:
+        without = remove_blocks(model, sorted([first, i])).model
+        errs = [float((logits(without, b["input_ids"]) - r).pow(2).sum() / r.pow(2).sum()) for b, r in zip(data, full)]
+        pairs[i] = sum(errs) / len(errs)
+        assert scores[i] == pytest.approx(pairs[i], rel=1e-4)
+    second = min(pairs, key=pairs.__getitem__)
+    small = prune_blocks(model, data, 2, score="reconstruction", greedy=True)
+    assert small.blocks_kept == {"model.layers": sorted(set(range(4)) - {first, second})}
+    assert "greedy" in small.notes[-1]
+
+
 def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output():
     """ShortGPT's BI against the hidden states the model reports (its last entry is after the final norm)."""
     model, data = deep("llama"), batches(n=2)
