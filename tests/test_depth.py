@@ -163,6 +163,20 @@ def test_a_fraction_of_the_blocks_and_width_then_depth_save_as_one_checkpoint(tm
     assert auto_class("llama") is transformers.AutoModelForCausalLM
 
 
+def test_a_lightning_module_around_the_hf_model_saves_the_hf_model_without_its_blocks(tmp_path):
+    from lightning_prune.models import CausalLM
+
+    torch.manual_seed(0)
+    lit = CausalLM(vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4, intermediate_size=48)
+    small = prune_blocks(lit, batches(), 1, loss_fn=lambda m, b: m.model(**b).loss, example_inputs={"input_ids": IDS})
+    assert small.hf_configs == {"model": {"num_hidden_layers": 2}} and list(small.blocks_kept) == ["model.model.layers"]
+    small.save_pretrained(tmp_path)
+    loaded = load_cleanly("llama", tmp_path)
+    (kept,) = small.blocks_kept.values()
+    with as_identity([b for i, b in enumerate(lit.model.model.layers) if i not in kept]):
+        torch.testing.assert_close(logits(loaded), logits(lit.model), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
