@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -139,7 +140,7 @@ def block_scores(
         raise ValueError("`data` gave no batches: block scores need calibration batches")
     _, layers = find_block_list(model, blocks)
     gone = set(removed)
-    if bad := sorted(i for i in gone if not (isinstance(i, int) and 0 <= i < len(layers))):
+    if bad := sorted(i for i in gone if isinstance(i, bool) or not (isinstance(i, int) and 0 <= i < len(layers))):
         raise ValueError(f"`removed` must hold block indices in 0..{len(layers) - 1}, got {bad[:5]}")
     without = [layers[i] for i in sorted(gone)]
     out = [math.inf] * len(layers)
@@ -204,10 +205,10 @@ def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any], 
 
 def _count(n: int | float, total: int) -> int:
     """Blocks to remove: an integer, or a fraction in ``(0, 1)`` of ``total`` (rounded); at least one stays."""
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or (isinstance(n, float) and not math.isfinite(n)):
+    if isinstance(n, bool) or not isinstance(n, numbers.Real) or not math.isfinite(n):
         raise ValueError(f"`n` must be a number of blocks or a fraction in (0, 1), got {n!r}")
-    count = round(n * total) if isinstance(n, float) and 0 < n < 1 else n
-    if isinstance(count, float) or not 1 <= count <= total - 1:
+    count = round(float(n) * total) if not isinstance(n, numbers.Integral) and 0 < n < 1 else n
+    if not isinstance(count, numbers.Integral) or not 1 <= count <= total - 1:
         raise ValueError(
             f"`n`={n!r} must remove between 1 and {total - 1} of the {total} blocks (an integer, or a fraction in "
             f"(0, 1) that rounds to one), got {count!r}"
@@ -235,7 +236,7 @@ def remove_blocks(
     name, layers = find_block_list(model, blocks)
     total = len(layers)
     values = list(drop)
-    if bad := [d for d in values if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < total]:
+    if bad := [d for d in values if isinstance(d, bool) or not isinstance(d, numbers.Integral) or not 0 <= d < total]:
         raise ValueError(f"`drop` must hold block indices in 0..{total - 1}, got {bad[:5]}")
     if len(set(values)) != len(values) or not 1 <= len(values) <= total - 1:
         raise ValueError(f"`drop` must name distinct blocks, at least one and at most {total - 1}, got {values}")
@@ -245,6 +246,7 @@ def remove_blocks(
                 f"{type(module).__name__} scales attention by 1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx): "
                 "a renumbered block would compute something else, so its blocks cannot be removed"
             )
+    values = [int(d) for d in values]
     kept = [i for i in range(total) if i not in set(values)]
     reference = None
     if example_inputs is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from test_hf_export import IDS, VOCAB, auto_class, batches, build, load_cleanly, logits
@@ -223,7 +224,8 @@ def test_the_loss_score_without_a_loss_says_what_to_pass():
     data = [{"input_ids": b["input_ids"]} for b in batches()]  # no labels
     with pytest.raises(ValueError, match="score='loss' needs a loss.*score='reconstruction'"):
         prune_blocks(deep("llama"), data, 1)
-    assert prune_blocks(deep("llama"), data, 1, score="reconstruction").model.config.num_hidden_layers == 3
+    small = prune_blocks(deep("llama"), data, np.int64(1), score="reconstruction")  # any integer type
+    assert small.model.config.num_hidden_layers == 3
 
 
 def test_pattern_blocks_in_a_pruner_points_to_prune_blocks():
