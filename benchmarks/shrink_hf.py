@@ -2,6 +2,7 @@
 
     python benchmarks/shrink_hf.py             # writes the "shrink-hf" block of RESULTS.md
     python benchmarks/shrink_hf.py --reps 3    # fewer timing repetitions
+    python benchmarks/shrink_hf.py --quality   # perplexity on a briefly trained model: "shrink-hf-quality"
 
 The model has the shape of ``benchmarks/lm.py``'s (LLaMA, 8 blocks, hidden 192, 4 heads, MLP 512,
 vocabulary 4096) with **random weights**: the trained model is not cached here and takes longer to
@@ -25,6 +26,7 @@ and the speed-up as the median of the per-repetition ratios (dense and small tim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -82,10 +84,102 @@ def latency(model: Any, batch: int) -> float:
     return time.perf_counter() - start
 
 
+# --quality: a small LLaMA of lm.py's family, trained briefly here (lm.py's 46-minute model is not cached)
+QUALITY_PLAN: dict[str, Any] = {
+    "model": {"hidden_size": 96, "num_layers": 8, "num_heads": 4, "intermediate_size": 256},
+    "data": {"vocab_size": 1024, "seq_len": 64, "batch_size": 16, "max_files": 200},
+    "steps": 400,
+    "calib": 64,
+}
+WIDTH = {  # name -> (callback, keyword arguments); the default scope: the same count in every block
+    "magnitude (L1)": ("MagnitudePruning", {}),
+    "OBS (structured, default)": ("OBSPruning", {}),
+}
+DEPTH = {  # name -> prune_blocks keyword arguments
+    "ShortGPT Block Influence": {"score": "influence"},
+    "output reconstruction": {"score": "reconstruction"},
+    "loss (identity replacement)": {"score": "loss"},
+    "loss, greedy": {"score": "loss", "greedy": True},
+}
+
+
+def quality() -> None:
+    """Perplexity and parameters of width 25/50% and depth 25% (one-shot) on a briefly trained model."""
+    import lm
+
+    import lightning_prune
+
+    started = time.perf_counter()
+    folder = lm.dense(QUALITY_PLAN, "shrink-hf")
+    batches, evals = lm.calibration_batches(folder), torch.load(folder / "eval.pt")
+    trained = json.loads((folder / "dense.json").read_text())
+
+    def load() -> Any:
+        return LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+
+    def params(model: Any) -> str:
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M"
+
+    dense = load()
+    rows = [["dense", "-", params(dense), f"{lm.perplexity(dense, evals):.2f}", ""]]
+    ids = {"input_ids": evals[:2]}
+    for fraction in (0.25, 0.5):
+        for name, (cls, kw) in WIDTH.items():
+            model = load()
+            start = time.perf_counter()
+            pruner = getattr(lightning_prune, cls)(target=fraction, pattern="channels", num_batches=len(batches),
+                                                   verbose=0, **kw)  # fmt: skip
+            prune(model, batches, pruner)
+            small = shrink(model, example_inputs=ids)
+            seconds = time.perf_counter() - start
+            ppl = lm.perplexity(_round_trip(small), evals)
+            rows.append([f"width {fraction:.0%}", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
+            print(rows[-1], flush=True)
+    for name, kw in DEPTH.items():
+        model = load()
+        start = time.perf_counter()
+        small = prune_blocks(model, batches, 0.25, example_inputs=ids, **kw)
+        seconds = time.perf_counter() - start
+        ppl = lm.perplexity(_round_trip(small), evals)
+        (kept,) = small.blocks_kept.values()
+        removed = sorted(set(range(QUALITY_PLAN["model"]["num_layers"])) - set(kept))
+        rows.append([f"depth 25% (blocks {removed})", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
+        print(rows[-1], flush=True)
+    body = "\n".join(
+        [
+            "## Smaller LLaMAs: perplexity of width and depth pruning, one-shot",
+            "",
+            f"`python benchmarks/shrink_hf.py --quality` at `{common.commit()}`, {time.perf_counter() - started:.0f} s "
+            f"on {common.machine()}. A small LLaMA of `benchmarks/lm.py`'s family ({QUALITY_PLAN['model']}, "
+            f"vocabulary {QUALITY_PLAN['data']['vocab_size']}, windows of {QUALITY_PLAN['data']['seq_len']}) trained "
+            f"here for {trained['steps']} steps ({trained['train_seconds'] / 60:.0f} min): lm.py's 46-minute model "
+            "is not cached on this machine, so these are a briefly trained model's numbers, one seed, no "
+            f"fine-tuning. Calibration: {QUALITY_PLAN['calib']} training windows; perplexity on the test split, "
+            "measured on the model loaded back with `AutoModelForCausalLM.from_pretrained` after `save_pretrained`. "
+            "Width: `pattern='channels'`, the default scope (the same number of heads and neurons in every block); "
+            "depth: `prune_blocks(model, batches, 0.25, ...)` (2 of 8 blocks).",
+            "",
+            common.md_table(["shrunk", "method", "parameters", "test ppl", "prune + shrink s"], rows),
+        ]
+    )
+    common.write_block("shrink-hf-quality", body)
+    print(body)
+
+
+def _round_trip(small: Any) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        small.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--quality", action="store_true", help="perplexity on a briefly trained model instead")
     args = parser.parse_args()
+    if args.quality:
+        quality()
+        return
     started = time.perf_counter()
     dense = dense_model()
     n_dense = sum(p.numel() for p in dense.parameters())
