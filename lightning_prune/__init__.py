@@ -11,11 +11,12 @@ data and models; the ``cli`` extra) is never imported by the library.
 
 from typing import Any
 
+from lightning_prune.depth import prune_blocks
 from lightning_prune.export import export_semi_structured
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
-from lightning_prune.shrink import shrink
+from lightning_prune.shrink import load_shrunk, shrink
 
 _CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
@@ -32,7 +33,9 @@ __all__ = [
     "Wanda",
     "WoodFisher",
     "export_semi_structured",
+    "load_shrunk",
     "prune",
+    "prune_blocks",
     "shrink",
 ]
 __version__ = "0.1.0"

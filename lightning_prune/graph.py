@@ -242,7 +242,11 @@ def _hf_families(model: nn.Module, notes: list[str]) -> list[Family]:
         if getattr(mod, "c_attn", None) is not None or all(
             _linear(mod, a) is not None for a in ("query", "key", "value")
         ):
-            notes.append(f"{name}: attention heads of this layout (fused c_attn, or query/key/value) are left alone")
+            notes.append(
+                f"{name}: attention heads of this layout (fused c_attn, or query/key/value) are left alone: GPT-2's "
+                "and BERT's configs derive the head size from hidden_size / num_attention_heads (GPT-2 also splits "
+                "c_attn at hidden_size), so no config of theirs describes fewer heads of the same size"
+            )
     return families
 
 

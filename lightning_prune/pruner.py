@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_prune import hf, sharding
 from lightning_prune import masks as M
-from lightning_prune import sharding
 from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
 from lightning_prune.distributed import Collectives, default_collectives, warn
@@ -52,6 +52,11 @@ class Pruner:
         target: final fraction of the selected weights that are exactly zero, in ``[0, 1)``.
         scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer
             the same sparsity; ``"row"`` each output row (Wanda's and SparseGPT's allocation).
+            ``None`` (default): ``"global"``, except ``pattern="channels"`` on a model holding a
+            Hugging Face ``PreTrainedModel``, where it is ``"layer"``: every block then loses the same
+            number of heads and neurons (the criterion picks which), the only shrunk model a standard
+            config describes (:meth:`lightning_prune.shrink.Shrunk.save_pretrained`). Decided when the
+            pruner meets its model (:attr:`scope` is the resolved value from then on).
         pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
             each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
             sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
@@ -92,7 +97,7 @@ class Pruner:
         criterion: Criterion,
         target: float,
         *,
-        scope: str = "global",
+        scope: str | None = None,
         pattern: str | Pattern = "unstructured",
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -108,20 +113,21 @@ class Pruner:
         self.criterion = criterion
         check_options(type(self).__name__, schedule, schedule_parameters())
         self._schedule = Schedule(target, **schedule)
-        if scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {SCOPES}, got {scope!r}")
-        criterion.check_scope(scope)
-        self.scope = scope
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {SCOPES} or None (chosen per model), got {scope!r}")
+        self._scope_arg = scope
         self.include, self.exclude = include, exclude
         self._parameters = list(parameters) if parameters is not None else None
         self.min_density = check_fraction("min_density", min_density, upper_inclusive=True)
         self.pattern = parse_pattern(pattern)
+        self.scope = "global" if scope is None else scope  # until bind() resolves scope=None for its model
+        self._scope_checked: str | None = None  # the scope the criterion accepted
         self.pattern.check_target(self._schedule.target)
         self.pattern.check_min_density(self.min_density)
-        self.pattern.check_scope(scope)
-        criterion.check_pattern(self.pattern, scope)
         self.round_strategy = strategy_for(blocks)
-        self.round_strategy.check(criterion, self.pattern, scope)
+        self.pattern.check_scope(self.scope)
+        if not self._scope_per_model:
+            self._check_scope(self.scope)
         for name, value, minimum in (("num_batches", num_batches, 1), ("eval_batches", eval_batches, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
@@ -213,6 +219,25 @@ class Pruner:
             out["parameters"] = self._parameter_names or [tuple(p.shape) for p in self._parameters]
         return out
 
+    @property
+    def _scope_per_model(self) -> bool:
+        """Whether the scope is decided by the model (scope=None under a structured pattern)."""
+        return self._scope_arg is None and self.pattern.removes_structures
+
+    def _check_scope(self, scope: str) -> None:
+        if scope != self._scope_checked:
+            self.criterion.check_scope(scope)
+            self.criterion.check_pattern(self.pattern, scope)
+            self.round_strategy.check(self.criterion, self.pattern, scope)
+            self._scope_checked = scope
+
+    def _resolve_scope(self, model: nn.Module) -> str:
+        """``scope=None``: ``"layer"`` for structures of a Hugging Face model (the same count in every
+        block, so a standard config describes the shrunk model), else ``"global"``."""
+        if self._scope_arg is not None:
+            return self._scope_arg
+        return "layer" if self.pattern.removes_structures and hf.pretrained_models(model) else "global"
+
     def _name_parameters(self, model: nn.Module) -> None:
         if self._parameters is not None:
             by_id = {id(p): n for n, p in model.named_parameters()}
@@ -243,6 +268,8 @@ class Pruner:
         under the per-layer floor.
         """
         _check_materialised(model, type(self).__name__)
+        scope = self._resolve_scope(model)
+        self._check_scope(scope)
         skipped: list[tuple[str, str]] = []
         previous = self._previous_targets(model)
         keeps_masks = bool(self._loaded) or (previous is not None and self._loaded is None)
@@ -278,7 +305,7 @@ class Pruner:
         self._skipped = skipped
         # the pattern for this model (channels: its families); it refuses layers it does not fit, and a
         # target its floor makes unreachable
-        pattern = self.pattern.bind(model, targets, self.target, self.scope, self.min_density)
+        pattern = self.pattern.bind(model, targets, self.target, scope, self.min_density)
         if notes := pattern.notes:
             warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
         world = default_collectives().world_size
@@ -292,7 +319,7 @@ class Pruner:
             self.criterion.check_model(model, targets)
             self.round_strategy.check_model(model, targets, sharded)
             if sharded:  # what sharded layers cannot do yet, refused before any work
-                pattern.check_sharded(targets, self.scope)
+                pattern.check_sharded(targets, scope)
                 self.criterion.check_sharded(targets)
         elif (reached := _sparsity(pattern, masks)) > self.target + 1e-9:
             warn(
@@ -302,6 +329,7 @@ class Pruner:
         self._loaded = None
         self._model = weakref.ref(model)
         self._name_parameters(model)
+        self.scope = scope
         self.pattern = pattern
         self._masks = masks
         self._bound = [weakref.ref(t.param) for t in targets]

@@ -12,22 +12,41 @@ The result computes what the masked model computes (checked on ``example_inputs`
 Its :attr:`Shrunk.plan` (kept structures per family, JSON-friendly) rebuilds the same shapes on a
 freshly built model, ``shrink(fresh, plan=plan)``, so a saved ``state_dict`` of the small model
 loads into it.
+
+Hugging Face models (``transformers.PreTrainedModel``, also inside a LightningModule) get their
+``config`` updated to the new sizes (:mod:`lightning_prune.hf`), so ``small.save_pretrained(d)``
+(:meth:`Shrunk.save_pretrained`) writes a checkpoint that ``AutoModelFor*.from_pretrained(d)`` loads
+without custom code. That needs the same sizes in every block, which is what ``pattern="channels"``
+prunes on Hugging Face models by default; a model whose blocks differ is refused there, or written
+with its plan (``with_plan=True``) for :func:`load_shrunk`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import numbers
+import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_prune import hf
+from lightning_prune.distributed import warn
 from lightning_prune.graph import Family, Slot, discover
 from lightning_prune.targets import is_hf_conv1d
+
+PLAN_FILE = "pruning_plan.json"
+WEIGHTS_FILE = "shrunk_model.safetensors"  # not a name from_pretrained reads: it fails instead of re-initialising
+PLAN_FORMAT = "lightning-prune shrunk model"
+PLAN_VERSION = 1
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
 @dataclass
@@ -39,6 +58,128 @@ class Shrunk:
     max_abs_diff: float | None = None  # outputs against the masked model, on example_inputs
     params_before: int = 0
     params_after: int = 0
+    # shrunk Hugging Face models, by their name in `model` ("": the model itself): the config values written,
+    # or why no standard config describes the model (its config is then left as it was)
+    hf_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nonstandard: dict[str, str] = field(default_factory=dict)
+    # depth (lightning_prune.depth): block list -> the indices of the original blocks kept, in order
+    blocks_kept: dict[str, list[int]] = field(default_factory=dict)
+
+    def save_pretrained(self, directory: str | os.PathLike[str], *, with_plan: bool = False, **kwargs: Any) -> Path:
+        """Write the shrunk Hugging Face model as a checkpoint in ``directory``.
+
+        With the same sizes in every block (``pattern="channels"``'s default on Hugging Face models)
+        this is the model's own ``save_pretrained(directory, **kwargs)``: the config says the new sizes
+        and ``AutoModelFor*.from_pretrained(directory)`` loads it anywhere (the tokenizer is not part
+        of the model: save yours beside it). Otherwise no standard config can describe the model, and
+        it refuses, saying why, unless ``with_plan=True``: then it writes the unpruned architecture's
+        config, the weights under a name ``from_pretrained`` does not read (so plain loading fails
+        loudly instead of re-initialising) and ``pruning_plan.json``, which :func:`load_shrunk` reads.
+        """
+        name, model = self._hf_model()
+        directory = Path(directory)
+        if name not in self.nonstandard:
+            model.save_pretrained(directory, **kwargs)
+            return directory
+        why = self.nonstandard[name]
+        if not with_plan:
+            raise ValueError(
+                f"the shrunk {type(model).__name__} cannot be saved as a standard Hugging Face checkpoint: {why}. "
+                "Plain from_pretrained could not load it (its config holds one size per kind for every block). "
+                "Prune with pattern='channels' and the default scope (the same number of heads and neurons in "
+                "every block), or pass with_plan=True to write the weights with their pruning plan, loaded by "
+                "lightning_prune.load_shrunk(directory)"
+            )
+        if kwargs:
+            raise ValueError(f"with_plan=True writes one safetensors file; {sorted(kwargs)} apply to save_pretrained")
+        from safetensors.torch import save_model
+
+        directory.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(model.config)  # the unpruned sizes: from_config builds what the plan shrinks
+        config.architectures = [type(model).__name__]  # as the model's save_pretrained records it
+        config.save_pretrained(directory)
+        plan = {hf.relative(name, f): kept for f, kept in self.plan.items() if hf.within(name, f)}
+        record = {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "plan": plan,
+            "weights": WEIGHTS_FILE,
+            "why_not_standard": why,
+            "load_with": "lightning_prune.load_shrunk(directory)",
+        }
+        (directory / PLAN_FILE).write_text(json.dumps(record, indent=1))
+        save_model(model, str(directory / WEIGHTS_FILE))
+        warn(
+            f"wrote {directory} with {PLAN_FILE}: the blocks of this {type(model).__name__} differ ({why}), so plain "
+            "from_pretrained cannot load it; lightning_prune.load_shrunk(directory) can"
+        )
+        return directory
+
+    def _hf_model(self) -> tuple[str, nn.Module]:
+        """The one Hugging Face model to save: the shrunk one, or the only one in ``model``."""
+        names = list(dict.fromkeys([*self.hf_configs, *self.nonstandard]))
+        found = dict(hf.pretrained_models(self.model))
+        if not names:
+            names = list(found)
+        if not names:
+            raise ValueError(
+                f"save_pretrained writes Hugging Face checkpoints, and {type(self.model).__name__} holds no "
+                "transformers.PreTrainedModel: save small.model.state_dict() and rebuild the shapes with "
+                "shrink(fresh_model, plan=small.plan)"
+            )
+        if len(names) > 1:
+            raise ValueError(
+                f"{type(self.model).__name__} holds several shrunk Hugging Face models {names}: save each with "
+                "small.model.get_submodule(name).save_pretrained(directory)"
+            )
+        return names[0], self.model.get_submodule(names[0]) if names[0] else self.model
+
+
+def load_shrunk(directory: str | os.PathLike[str], model_class: Any = None) -> nn.Module:
+    """Load what ``Shrunk.save_pretrained(directory, with_plan=True)`` wrote: the architecture from its
+    ``config.json`` (``model_class``, default the class its ``architectures`` names, e.g.
+    ``transformers.AutoModelForCausalLM`` or ``LlamaForCausalLM``), shrunk to the plan, then the
+    weights (strictly). Its config still holds the unpruned sizes: no standard one describes it."""
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    if not (directory / PLAN_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory} has no {PLAN_FILE}: load_shrunk reads what save_pretrained(..., with_plan=True) wrote "
+            "(a standard checkpoint loads with from_pretrained)"
+        )
+    record = json.loads((directory / PLAN_FILE).read_text())
+    if record.get("format") != PLAN_FORMAT or record.get("version") != PLAN_VERSION:
+        raise ValueError(
+            f"{directory / PLAN_FILE} is not a {PLAN_FORMAT} of version {PLAN_VERSION} "
+            f"(format {record.get('format')!r}, version {record.get('version')!r})"
+        )
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, archs[0], None) if len(archs) == 1 else None
+        if model_class is None:
+            raise ValueError(
+                f"{directory}/config.json names architectures {archs}: pass model_class (e.g. "
+                "transformers.AutoModelForCausalLM)"
+            )
+    if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+        model = model_class(config)
+    else:
+        model = model_class.from_config(config)
+    weights = str(directory / record["weights"])
+    with safe_open(weights, framework="pt") as f:  # build in the weights' dtype (from_config builds float32)
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    floating = {_DTYPES[d] for d in dtypes if d in _DTYPES}
+    if len(floating) == 1:
+        model.to(floating.pop())
+    with warnings.catch_warnings():  # it is known not to be standard: that is why it was saved with its plan
+        warnings.filterwarnings("ignore", message=".*standard Hugging Face config.*")
+        shrink(model, plan=record["plan"], inplace=True)
+    load_model(model, weights, strict=True)
+    return model.eval()
 
 
 def _matrix(module: nn.Module) -> Tensor:
@@ -127,6 +268,8 @@ def _output(out: Any) -> Tensor:
         return out
     if hasattr(out, "logits"):
         return out.logits
+    if isinstance(getattr(out, "last_hidden_state", None), Tensor):  # a bare Hugging Face encoder (AutoModel)
+        return out.last_hidden_state
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise TypeError(f"shrink: cannot compare the model's output of type {type(out).__name__}; pass example_inputs=None")
@@ -188,6 +331,11 @@ def shrink(
             before anything changes.
         inplace: modify ``model`` itself (a pruning callback's masks then no longer fit it)
             instead of a deep copy.
+
+    Returns:
+        :class:`Shrunk`; its ``model`` is ready for ``save_pretrained`` where it holds a Hugging Face
+        model whose blocks all kept the same sizes (config updated, ``Shrunk.hf_configs``), else
+        ``Shrunk.nonstandard`` says why not (with a warning).
     """
     families, notes = discover(model)
     by_name = {f.name: f for f in families}
@@ -226,4 +374,25 @@ def shrink(
                 "example_inputs; a structure was wired in a way the grouping did not see"
                 + (" (the original model was modified: inplace=True)" if inplace else "; the original is untouched")
             )
+    _update_configs(result)
     return result
+
+
+def _update_configs(result: Shrunk) -> None:
+    """Write the new sizes into the config of every shrunk Hugging Face model in ``result.model``, or
+    record (and warn) why no standard config describes it."""
+    for name, model in hf.pretrained_models(result.model):
+        if not any(hf.within(name, f) for f in result.plan):
+            continue  # nothing removed in it: its config still holds
+        values, problem = hf.config_update(model, discover(model)[0])
+        if problem is not None:
+            result.nonstandard[name] = problem
+            warn(
+                f"shrink: no standard Hugging Face config describes the shrunk {type(model).__name__}: {problem}. "
+                "Its config keeps the old sizes; Shrunk.save_pretrained refuses it (with_plan=True writes it with its "
+                "plan, for lightning_prune.load_shrunk)"
+            )
+            continue
+        for attr, value in values.items():
+            setattr(model.config, attr, value)
+        result.hf_configs[name] = values

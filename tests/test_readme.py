@@ -125,7 +125,8 @@ def namespace(arch: str | None) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("code", "arch"), cases())
-def test_readme_snippet_runs_as_printed(code, arch, monkeypatch):
+def test_readme_snippet_runs_as_printed(code, arch, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # what a snippet saves (a shrunk model's checkpoint) stays out of the repository
     monkeypatch.setattr(L, "Trainer", CappedTrainer)
     monkeypatch.setattr(pl, "Trainer", CappedTrainer)
     ns = namespace(arch)

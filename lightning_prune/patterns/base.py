@@ -23,7 +23,8 @@ _PARSERS: list[tuple[str, Callable[[str], Pattern | None]]] = []
 
 
 def register(form: str) -> Callable[[Callable[[str], Pattern | None]], Callable[[str], Pattern | None]]:
-    """Register a parser of ``pattern=`` strings; ``form`` is how the error message lists it."""
+    """Register a parser of ``pattern=`` strings; ``form`` is how the error message lists it (``""``: not
+    listed, for a string that is recognised only to say where it is handled instead)."""
 
     def deco(parser: Callable[[str], Pattern | None]) -> Callable[[str], Pattern | None]:
         _PARSERS.append((form, parser))
@@ -40,7 +41,7 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
         for _, parser in _PARSERS:
             if (found := parser(pattern)) is not None:
                 return found
-    forms = [form for form, _ in _PARSERS]
+    forms = [form for form, _ in _PARSERS if form]
     listed = ", ".join(forms[:-1]) + f" or {forms[-1]}" if len(forms) > 1 else "".join(forms)
     raise ValueError(f"`pattern` must be {listed}, got {pattern!r}")
 

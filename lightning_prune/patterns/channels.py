@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_prune import hf
+from lightning_prune.distributed import warn
 from lightning_prune.graph import Family, Slot, discover
 from lightning_prune.patterns.base import Pattern, register
 from lightning_prune.selection import Shards, floor_count, select_masks
@@ -100,7 +102,29 @@ class Channels(Pattern):
             s.module: by_module[s.module] for f in kept for s in (*f.producers, *f.consumers) if s.module in by_module
         }
         bound._check_feasible(target, scope, min_density)
+        bound._check_checkpoint(model, families, target, scope)
         return bound
+
+    def _check_checkpoint(self, model: nn.Module, families: Sequence[Family], target: float, scope: str) -> None:
+        """On a Hugging Face model, say at the start (not after the pruning) when the shrunk model will not
+        be a standard checkpoint: blocks that lose different numbers of structures, or sizes the config
+        class refuses. ``families``: all the model's, the bound ones among them."""
+        if not hf.pretrained_models(model):
+            return
+        if scope != "layer":
+            warn(
+                f"pattern='channels' with scope={scope!r} on a Hugging Face model removes different numbers of heads "
+                "and neurons in different blocks: no standard config describes the shrunk model, so "
+                "Shrunk.save_pretrained will refuse it (with_plan=True writes it for lightning_prune.load_shrunk). "
+                "Leave scope unset (or 'layer') to remove the same number in every block"
+            )
+            return
+        kept = {f.name: f.size - round(target * f.size) for f in self.families}
+        if problem := hf.predicted_problem(model, families, kept):
+            warn(
+                f"pattern='channels' at target={target}: {problem}. The shrunk model will not save as a standard "
+                "Hugging Face checkpoint (Shrunk.save_pretrained refuses it): choose another target"
+            )
 
     def _check_feasible(self, target: float, scope: str, min_density: float) -> None:
         sizes = {f.name: f.size for f in self.families}

@@ -1,0 +1,237 @@
+"""Smaller LLaMAs saved as Hugging Face checkpoints: parameters and CPU forward latency, dense vs small.
+
+    python benchmarks/shrink_hf.py             # writes the "shrink-hf" block of RESULTS.md
+    python benchmarks/shrink_hf.py --reps 3    # fewer timing repetitions
+    python benchmarks/shrink_hf.py --quality   # perplexity on a briefly trained model: "shrink-hf-quality"
+
+The model has the shape of ``benchmarks/lm.py``'s (LLaMA, 8 blocks, hidden 192, 4 heads, MLP 512,
+vocabulary 4096) with **random weights**: the trained model is not cached here and takes longer to
+train than this measurement, so no perplexity is reported (sizes and speed do not depend on the
+weights). Each small model is pruned, shrunk, written with ``save_pretrained`` and read back with
+``AutoModelForCausalLM.from_pretrained``; the loaded model is the one timed, and its logits are
+checked against the pruned model's (width: the masked model; depth: the dense model with the removed
+blocks replaced by the identity).
+
+* width 25% / 50%: ``pattern="channels"``, the default scope on Hugging Face models (the same
+  number of heads and MLP neurons removed in every block), magnitude ranking (the sizes are what
+  is timed; which structures go does not change the speed);
+* depth 25%: ``prune_blocks`` removes 2 of the 8 blocks (Block Influence).
+
+Forward latency: ``model(input_ids)`` without gradients, 128 tokens, batch 1 and 16; dense and small
+alternated in every repetition (``common.alternated``). On a shared machine a repetition's time is
+mostly the other processes': the table gives the fastest repetition of each (the least disturbed)
+and the speed-up as the median of the per-repetition ratios (dense and small timed back to back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from lightning_prune import MagnitudePruning, prune, prune_blocks, shrink
+from lightning_prune.depth import as_identity
+
+SHAPE = {"hidden_size": 192, "num_hidden_layers": 8, "num_attention_heads": 4, "intermediate_size": 512}
+VOCAB, SEQ = 4096, 128
+
+
+def dense_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=SEQ, num_key_value_heads=4, **SHAPE)
+    return LlamaForCausalLM(config).eval()
+
+
+def calibration() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": (x := torch.randint(0, VOCAB, (8, SEQ), generator=g)), "labels": x} for _ in range(4)]
+
+
+def small_model(kind: str, fraction: float, folder: Path) -> tuple[Any, dict[str, Any]]:
+    """Pruned, shrunk, saved and loaded back; the loaded model and what it records."""
+    model, data = dense_model(), calibration()
+    ids = data[0]["input_ids"][:2]
+    if kind == "width":
+        prune(model, data, MagnitudePruning(target=fraction, pattern="channels", num_batches=len(data), verbose=0))
+        small = shrink(model, example_inputs={"input_ids": ids})
+    else:
+        small = prune_blocks(model, data, fraction, score="influence", example_inputs={"input_ids": ids})
+    small.save_pretrained(folder)
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    kept = small.blocks_kept.get("model.layers", range(len(model.model.layers)))
+    with torch.no_grad(), as_identity([b for i, b in enumerate(model.model.layers) if i not in kept]):
+        diff = float((loaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max())
+    return loaded, {"config": dict(next(iter(small.hf_configs.values()))), "max_abs_diff": diff}
+
+
+def latency(model: Any, batch: int) -> float:
+    ids = torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=ids)
+    return time.perf_counter() - start
+
+
+# --quality: a small LLaMA of lm.py's family, trained briefly here (lm.py's 46-minute model is not cached)
+QUALITY_PLAN: dict[str, Any] = {
+    "model": {"hidden_size": 96, "num_layers": 8, "num_heads": 4, "intermediate_size": 256},
+    "data": {"vocab_size": 1024, "seq_len": 64, "batch_size": 16, "max_files": 200},
+    "steps": 400,
+    "calib": 64,
+}
+WIDTH = {  # name -> (callback, keyword arguments); the default scope: the same count in every block
+    "magnitude (L1)": ("MagnitudePruning", {}),
+    "OBS (structured, default)": ("OBSPruning", {}),
+}
+DEPTH = {  # name -> prune_blocks keyword arguments
+    "ShortGPT Block Influence": {"score": "influence"},
+    "output reconstruction": {"score": "reconstruction"},
+    "loss (identity replacement)": {"score": "loss"},
+    "loss, greedy": {"score": "loss", "greedy": True},
+}
+
+
+def quality() -> None:
+    """Perplexity and parameters of width 25/50% and depth 25% (one-shot) on a briefly trained model."""
+    import lm
+
+    import lightning_prune
+
+    started = time.perf_counter()
+    folder = lm.dense(QUALITY_PLAN, "shrink-hf")
+    batches, evals = lm.calibration_batches(folder), torch.load(folder / "eval.pt")
+    trained = json.loads((folder / "dense.json").read_text())
+
+    def load() -> Any:
+        return LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+
+    def params(model: Any) -> str:
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f}M"
+
+    dense = load()
+    rows = [["dense", "-", params(dense), f"{lm.perplexity(dense, evals):.2f}", ""]]
+    ids = {"input_ids": evals[:2]}
+    for fraction in (0.25, 0.5):
+        for name, (cls, kw) in WIDTH.items():
+            model = load()
+            start = time.perf_counter()
+            pruner = getattr(lightning_prune, cls)(target=fraction, pattern="channels", num_batches=len(batches),
+                                                   verbose=0, **kw)  # fmt: skip
+            prune(model, batches, pruner)
+            small = shrink(model, example_inputs=ids)
+            seconds = time.perf_counter() - start
+            ppl = lm.perplexity(_round_trip(small), evals)
+            rows.append([f"width {fraction:.0%}", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
+            print(rows[-1], flush=True)
+    for name, kw in DEPTH.items():
+        model = load()
+        start = time.perf_counter()
+        small = prune_blocks(model, batches, 0.25, example_inputs=ids, **kw)
+        seconds = time.perf_counter() - start
+        ppl = lm.perplexity(_round_trip(small), evals)
+        (kept,) = small.blocks_kept.values()
+        removed = sorted(set(range(QUALITY_PLAN["model"]["num_layers"])) - set(kept))
+        rows.append([f"depth 25% (blocks {removed})", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
+        print(rows[-1], flush=True)
+    body = "\n".join(
+        [
+            "## Smaller LLaMAs: perplexity of width and depth pruning, one-shot",
+            "",
+            f"`python benchmarks/shrink_hf.py --quality` at `{common.commit()}`, {time.perf_counter() - started:.0f} s "
+            f"on {common.machine()}. A small LLaMA of `benchmarks/lm.py`'s family ({QUALITY_PLAN['model']}, "
+            f"vocabulary {QUALITY_PLAN['data']['vocab_size']}, windows of {QUALITY_PLAN['data']['seq_len']}) trained "
+            f"here for {trained['steps']} steps ({trained['train_seconds'] / 60:.0f} min): lm.py's 46-minute model "
+            "is not cached on this machine, so these are a briefly trained model's numbers, one seed, no "
+            f"fine-tuning. Calibration: {QUALITY_PLAN['calib']} training windows; perplexity on the test split, "
+            "measured on the model loaded back with `AutoModelForCausalLM.from_pretrained` after `save_pretrained`. "
+            "Width: `pattern='channels'`, the default scope (the same number of heads and neurons in every block); "
+            "depth: `prune_blocks(model, batches, 0.25, ...)` (2 of 8 blocks).",
+            "",
+            common.md_table(["shrunk", "method", "parameters", "test ppl", "prune + shrink s"], rows),
+        ]
+    )
+    common.write_block("shrink-hf-quality", body)
+    print(body)
+
+
+def _round_trip(small: Any) -> Any:
+    with tempfile.TemporaryDirectory() as tmp:
+        small.save_pretrained(tmp)
+        return AutoModelForCausalLM.from_pretrained(tmp).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--quality", action="store_true", help="perplexity on a briefly trained model instead")
+    args = parser.parse_args()
+    if args.quality:
+        quality()
+        return
+    started = time.perf_counter()
+    dense = dense_model()
+    n_dense = sum(p.numel() for p in dense.parameters())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, fraction in (("width", 0.25), ("width", 0.5), ("depth", 0.25)):
+            small, record = small_model(kind, fraction, Path(tmp) / f"{kind}-{fraction}")
+            n_small = sum(p.numel() for p in small.parameters())
+            cells = []
+            for batch in (1, 16):
+                for m in (dense, small):  # warm-up
+                    latency(m, batch)
+                times = common.alternated(
+                    {"dense": lambda b=batch: latency(dense, b), "small": lambda b=batch, s=small: latency(s, b)},
+                    args.reps,
+                    swap=True,
+                )
+                d, s = min(times["dense"]), min(times["small"])
+                ratio = statistics.median(a / b for a, b in zip(times["dense"], times["small"]))
+                cells += [f"{1000 * d:.1f}", f"{1000 * s:.1f}", f"{ratio:.2f}x"]
+            config = ", ".join(f"{k}={v}" for k, v in record["config"].items())
+            rows.append(
+                [f"{kind} {fraction:.0%}", config, f"{n_dense / 1e6:.2f}M -> {n_small / 1e6:.2f}M", *cells,
+                 f"{record['max_abs_diff']:.1e}"]
+            )  # fmt: skip
+            print(rows[-1], flush=True)
+    header = [
+        "shrunk", "config written", "parameters", "b1 dense ms", "b1 small ms", "b1 speed-up", "b16 dense ms",
+        "b16 small ms", "b16 speed-up", "max abs logit diff (loaded vs pruned)",
+    ]  # fmt: skip
+    body = "\n".join(
+        [
+            "## Smaller LLaMAs as Hugging Face checkpoints: parameters and CPU forward latency",
+            "",
+            f"`python benchmarks/shrink_hf.py --reps {args.reps}` at `{common.commit()}`, "
+            f"{time.perf_counter() - started:.0f} s on {common.machine()}. LLaMA of `benchmarks/lm.py`'s shape "
+            f"({SHAPE}, vocabulary {VOCAB}) with **random weights** (no perplexity: the trained model is not cached "
+            "here). Every small model went through `save_pretrained` and `AutoModelForCausalLM.from_pretrained`, "
+            f"and the loaded one is timed: `model(input_ids)`, {SEQ} tokens, no gradients, {args.reps} repetitions "
+            "alternated with the dense model: ms = the fastest repetition, speed-up = the median of the "
+            "per-repetition ratios. Width: `pattern='channels'` with the default (uniform) "
+            "scope; depth: `prune_blocks(..., 0.25, score='influence')`. The machine is shared (load average "
+            f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs): the dense model's times differ "
+            "between rows by as much as the speed-ups, so these are indications, not measurements; rerun on a "
+            "quiet machine.",
+            "",
+            common.md_table(header, rows),
+        ]
+    )
+    common.write_block("shrink-hf", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()

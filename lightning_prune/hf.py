@@ -1,0 +1,174 @@
+"""Hugging Face checkpoints of shrunk models: the config that describes the new sizes.
+
+After :func:`lightning_prune.shrink.shrink` the layers of a ``transformers`` model are smaller than
+its ``config`` says, and ``from_pretrained`` builds a model from the config before it loads the
+weights: every shrunk projection would be a "size mismatch". :func:`config_update` reads the new
+sizes off the shrunk model's families and writes them where a standard config keeps them:
+
+* ``intermediate_size`` (gated MLPs: LLaMA, Mistral, Qwen2; BERT's intermediate), ``n_inner`` (GPT-2);
+* ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` (LLaMA-style attention: the
+  model reads ``head_dim`` from the config, else ``hidden_size // num_attention_heads``, which
+  changes with the heads; it is written even where the config class has no such field, as
+  Qwen2's: its attention reads it with ``getattr``).
+
+A standard config holds one size per kind for every block, so only a model whose blocks all kept
+the same numbers can be described; otherwise the reason is returned and nothing is written. The
+update is then checked the way ``from_pretrained`` would use it: the config class must accept it
+(``LlamaConfig`` refuses a ``hidden_size`` that is not a multiple of ``num_attention_heads``), and
+a model built from it (on the meta device: shapes only) must have exactly the shrunk model's
+parameter names and shapes. New kinds of sizes (the number of experts) are one more reader in
+:data:`READERS`; ``num_hidden_layers`` after removing blocks is written by :mod:`lightning_prune.depth`,
+checked the same way (:func:`check_config`).
+
+GPT-2's fused ``c_attn`` and BERT's ``query``/``key``/``value`` heads are not removed: those models
+derive the head size from ``hidden_size / num_attention_heads`` (GPT-2 also splits ``c_attn`` at
+``hidden_size``), so no config of theirs describes fewer heads of the same size, and discovery
+(:mod:`lightning_prune.graph`) leaves them alone, saying so. transformers 5 has no ``prune_heads``.
+
+``transformers`` is never imported here: a model of it exists only if it was imported already.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.graph import Family
+
+# a family's layout (the suffix of its first producer's name) -> the config attribute its size is
+_NEURONS = {"gate_proj": "intermediate_size", "intermediate.dense": "intermediate_size", "c_fc": "n_inner"}
+
+
+def pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost ``transformers.PreTrainedModel`` s in ``model`` (itself, or the one a
+    LightningModule holds), with their names (``""`` for ``model`` itself)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None:
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, transformers.PreTrainedModel) and not any(within(p, name) for p, _ in found):
+            found.append((name, module))
+    return found
+
+
+def within(prefix: str, name: str) -> bool:
+    """Whether module ``name`` is ``prefix`` or inside it (``""``: the root holds everything)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def relative(prefix: str, name: str) -> str:
+    return name if prefix == "" else name[len(prefix) + 1 :]
+
+
+def _family_fields(f: Family) -> dict[str, int]:
+    """The config attributes a family's size gives, by its layout."""
+    producer = "." + f.producers[0].module
+    if f.kind == "heads" and producer.endswith(".q_proj"):
+        q, k = f.producers[0].width, f.producers[1].width  # q: the query heads of one kv head; k: head_dim
+        return {"num_key_value_heads": f.size, "num_attention_heads": f.size * (q // k), "head_dim": k}
+    for suffix, attr in _NEURONS.items():
+        if producer.endswith("." + suffix):
+            return {attr: f.size}
+    return {}
+
+
+def _families(model: nn.Module, families: Sequence[Family]) -> Iterable[tuple[str, str, int]]:
+    for f in families:
+        for attr, value in _family_fields(f).items():
+            yield attr, f.name, value
+
+
+# readers: (the Hugging Face model, its families) -> (config attribute, where, value); one value per attribute
+# describes the model only if every "where" gives the same value
+READERS: list[Callable[[nn.Module, Sequence[Family]], Iterable[tuple[str, str, int]]]] = [_families]
+
+
+def config_values(model: nn.Module, families: Sequence[Family]) -> tuple[dict[str, int], str | None]:
+    """The config attributes the sizes of ``model`` (a ``PreTrainedModel``) give, or why one value per
+    attribute cannot describe them (blocks that differ)."""
+    found: dict[str, dict[str, int]] = {}
+    for reader in READERS:
+        for attr, where, value in reader(model, families):
+            found.setdefault(attr, {})[where] = value
+    differ = {attr: values for attr, values in found.items() if len(set(values.values())) > 1}
+    if differ:
+        parts = []
+        for attr, values in differ.items():
+            listed = ", ".join(f"{w or type(model).__name__}: {v}" for w, v in list(values.items())[:6])
+            parts.append(f"{attr} differs between blocks ({listed}{', ...' if len(values) > 6 else ''})")
+        return {}, "; ".join(parts)
+    return {attr: next(iter(values.values())) for attr, values in found.items()}, None
+
+
+def updated_config(config: Any, values: Mapping[str, int]) -> Any:
+    """A copy of ``config`` with ``values``, read back as ``from_pretrained`` reads a saved one (the
+    config class validates it)."""
+    new = copy.deepcopy(config)
+    for attr, value in values.items():
+        setattr(new, attr, value)
+    return type(config).from_dict(new.to_dict())
+
+
+def check_config(model: nn.Module, values: Mapping[str, int]) -> str | None:
+    """Why a standard config with ``values`` would not describe ``model``, or ``None`` if it does.
+
+    The config class must accept the values, and a model built from that config must hold exactly
+    ``model``'s parameter and buffer names and shapes (built on the meta device: no memory, no init)."""
+    config = model.config
+    try:
+        new = updated_config(config, values)
+    except Exception as err:  # the config class's own validation, whatever it raises
+        return f"{type(config).__name__} refuses {dict(values)}: {str(err).strip().splitlines()[-1].strip()}"
+    try:
+        with torch.device("meta"):
+            reference = type(model)(new)
+    except Exception as err:
+        return f"{type(model).__name__} cannot be built from the updated config ({type(err).__name__}: {err})"
+    want = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    keys = sorted(set(want) | set(have))
+    wrong = [f"{k}: {have.get(k)} here, {want.get(k)} from the config" for k in keys if want.get(k) != have.get(k)]
+    if wrong:
+        return (
+            f"a {type(model).__name__} built from the updated config {dict(values)} has other shapes "
+            f"({len(wrong)}: {'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}): the config does not say where "
+            "these sizes live"
+        )
+    return None
+
+
+def config_update(model: nn.Module, families: Sequence[Family]) -> tuple[dict[str, int], str | None]:
+    """The config values that describe the shrunk ``model`` (a ``PreTrainedModel``; ``families``: its
+    own, names relative to it), or why a standard config cannot (then the values are empty)."""
+    values, problem = config_values(model, families)
+    if problem is None:
+        problem = check_config(model, values)
+    return ({}, problem) if problem else (values, None)
+
+
+def predicted_problem(model: nn.Module, families: Sequence[Family], kept: Mapping[str, int]) -> str | None:
+    """Why the sizes a round will leave (``kept`` structures per family, families named in ``model``)
+    could not be saved as standard checkpoints of the Hugging Face models in ``model``, or ``None``.
+    Only what the config classes accept is checked: the shapes come after shrinking."""
+    for prefix, pretrained in pretrained_models(model):
+        mine = [
+            replace(f, name=relative(prefix, f.name), size=kept.get(f.name, f.size))
+            for f in families
+            if within(prefix, f.name)
+        ]
+        values, problem = config_values(pretrained, mine)
+        if problem is None and values:
+            try:
+                updated_config(pretrained.config, values)
+            except Exception as err:
+                problem = f"{type(pretrained.config).__name__} refuses {values}: {str(err).strip().splitlines()[-1]}"
+        if problem:
+            return problem
+    return None
