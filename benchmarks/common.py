@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_prune import Pruner, prune
 from lightning_prune.app.data import FashionMNISTDataModule
 from lightning_prune.app.models import LeNet5Classifier, MLPClassifier
+from lightning_prune.callbacks import PruningCallback
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
@@ -102,7 +103,7 @@ def test_accuracy(net: pl.LightningModule, seed: int) -> float:
 def one_shot(model: str, seed: int, callback: Callback, num_batches: int = 32) -> tuple[float, pl.LightningModule]:
     """Prune the cached dense model in one round (no weight updates besides the pruner's)."""
     net = dense_net(model, seed)
-    if isinstance(callback, Pruner):
+    if isinstance(callback, (Pruner, PruningCallback)):
         prune(net, data(seed).train_dataloader(), callback, num_batches=min(num_batches, callback.window_length))
     else:  # a peer callback (Lightning's ModelPruning)
         one_shot_fit(net, seed, callback, num_batches)

@@ -110,8 +110,9 @@ class Pruner:
         verbose: int = 1,
         **schedule: Any,
     ) -> None:
+        self.label = type(self).__name__  # what messages call it (a callback wrapping it gives its own name)
         self.criterion = criterion
-        check_options(type(self).__name__, schedule, schedule_parameters())
+        check_options(self.label, schedule, schedule_parameters())
         self._schedule = Schedule(target, **schedule)
         if scope is not None and scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {SCOPES} or None (chosen per model), got {scope!r}")
@@ -163,7 +164,7 @@ class Pruner:
     @property
     def targets(self) -> list[PruneTarget]:
         if self._targets is None:
-            raise RuntimeError(f"{type(self).__name__} is not bound to a model yet (fit or prune() binds it)")
+            raise RuntimeError(f"{self.label} is not bound to a model yet (fit or prune() binds it)")
         return list(self._targets)
 
     @property
@@ -267,7 +268,7 @@ class Pruner:
         pruner selects, the criterion cannot handle a target, or the target sparsity is unreachable
         under the per-layer floor.
         """
-        _check_materialised(model, type(self).__name__)
+        _check_materialised(model, self.label)
         scope = self._resolve_scope(model)
         self._check_scope(scope)
         skipped: list[tuple[str, str]] = []
@@ -286,14 +287,14 @@ class Pruner:
             mine = {id(t.param) for t in previous}
             if new := [t.name for t in resolved if id(t.param) not in mine and t.param.requires_grad]:
                 warn(
-                    f"{type(self).__name__} keeps the {len(previous)} parameters it pruned before; {new[:5]}"
+                    f"{self.label} keeps the {len(previous)} parameters it pruned before; {new[:5]}"
                     f"{' ...' if len(new) > 5 else ''} of this model are not among them and stay dense "
                     "(a new pruner would select them)"
                 )
         else:
             if self._masks is not None:
                 warn(
-                    f"{type(self).__name__} pruned another model before ({len(self._history)} rounds); its masks do "
+                    f"{self.label} pruned another model before ({len(self._history)} rounds); its masks do "
                     "not belong to this one and are dropped: this model starts dense. (Masks carry over only to the "
                     "same parameters, or through a checkpoint: pruner.load_state_dict(...) / fit(ckpt_path=...))"
                 )
@@ -301,13 +302,13 @@ class Pruner:
             targets = resolved
         skipped = [(n, why) for n, why in skipped if n not in {t.name for t in targets}]
         if skipped and skipped != self._skipped:
-            warn(f"{type(self).__name__}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
+            warn(f"{self.label}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
         self._skipped = skipped
         # the pattern for this model (channels: its families); it refuses layers it does not fit, and a
         # target its floor makes unreachable
         pattern = self.pattern.bind(model, targets, self.target, scope, self.min_density)
         if notes := pattern.notes:
-            warn(f"{type(self).__name__}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
+            warn(f"{self.label}: pattern='{self.pattern}' leaves alone: " + "; ".join(notes))
         world = default_collectives().world_size
         sharded = sharding.check_sharding([t.name for t in targets], [t.param for t in targets], world)
         if masks is not None:
@@ -323,7 +324,7 @@ class Pruner:
                 self.criterion.check_sharded(targets)
         elif (reached := _sparsity(pattern, masks)) > self.target + 1e-9:
             warn(
-                f"{type(self).__name__}(target={self.target}) is bound to masks that are already {reached:.4f} sparse: "
+                f"{self.label}(target={self.target}) is bound to masks that are already {reached:.4f} sparse: "
                 "masks only shrink, so the model stays sparser than the target asks"
             )
         self._loaded = None
@@ -481,7 +482,7 @@ class Pruner:
                 masks[n] = {**packed, "crc32": _crc(packed)}
         return {
             "version": STATE_VERSION,
-            "pruner": type(self).__qualname__,
+            "pruner": self.label,
             "masks": masks,
             "history": [dict(r) for r in self._history],
             "unit": self._schedule.unit,
@@ -498,9 +499,9 @@ class Pruner:
         if missing := [k for k in needed if k not in state_dict]:
             raise ValueError(f"pruning state is missing {missing}: it is corrupted or hand-edited")
         writer = state_dict.get("pruner")
-        if writer is not None and writer != type(self).__qualname__:
+        if writer is not None and writer != self.label:
             raise ValueError(
-                f"this pruning state was written by {writer}, and this pruner is {type(self).__qualname__}: load it "
+                f"this pruning state was written by {writer}, and this pruner is {self.label}: load it "
                 f"into a {writer} (masks carry the criterion's assumptions, e.g. OBS's compensated weights)"
             )
         history = [dict(r) for r in state_dict["history"]]

@@ -237,7 +237,7 @@ def prune(
         warn(f"prune(): `data` gave {len(batches)} batches, fewer than num_batches={n}; the round uses all of them")
     if pruner.criterion.needs_gradients and not calib.has_loss(batches[0] if batches else None):
         raise ValueError(
-            f"{type(pruner).__name__} needs gradients of a loss, and {type(model).__name__} has none "
+            f"{pruner.label} needs gradients of a loss, and {type(model).__name__} has none "
             f"({calib.describe()}): pass loss_fn=lambda model, batch: ... (the mean loss over the batch)"
             + _label_free_hint(pruner)
         )

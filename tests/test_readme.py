@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 import lightning_prune
 from lightning_prune import Pruner
+from lightning_prune.callbacks import PruningCallback
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,7 +133,7 @@ def test_readme_snippet_runs_as_printed(code, arch, monkeypatch, tmp_path):
     ns = namespace(arch)
     exec(compile(code, "README.md", "exec"), ns)
     for name, value in ns.items():
-        if isinstance(value, Pruner) and value.history:
+        if isinstance(value, (Pruner, PruningCallback)) and value.history:
             params = dict(value._params)
             for n, mask in value.masks.items():
                 assert torch.all(params[n].detach()[~mask.to(params[n].device)] == 0), (name, n)

@@ -31,25 +31,31 @@ from typing_extensions import override
 from lightning_prune.calibration import Calibration, RoundInterrupted, batch_size
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
-from lightning_prune.pruner import Pruner, is_pruning_state
+from lightning_prune.criteria.base import Criterion
+from lightning_prune.pruner import Pruner, is_pruning_state, pruner_parameters
 from lightning_prune.round import run_round
+from lightning_prune.schedule import check_options
 from lightning_prune.stats.capture import compiled_parts
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.window import CaptureWindow
 from lightning_prune.summary import round_summary
 
 
-class PruningCallback(Pruner, Callback):
-    """Base class of :class:`MagnitudePruning`, :class:`OBDPruning` and :class:`OBSPruning`.
+class PruningCallback(Callback):
+    """Base class of :class:`MagnitudePruning`, :class:`OBDPruning` and :class:`OBSPruning`: a Lightning
+    callback that drives the :class:`~lightning_prune.pruner.Pruner` it wraps (:attr:`pruner`).
 
-    See :class:`~lightning_prune.pruner.Pruner` for the arguments. Each instance checkpoints under
-    its own :attr:`state_key` (its class and its target selection), so several pruners on
-    disjoint parameter groups checkpoint and resume independently; overlapping ones are refused
-    at fit start.
+    See :class:`~lightning_prune.pruner.Pruner` for the arguments. The pruner's state and methods read
+    through the callback (``callback.history``, ``callback.masks``, ``callback.sparsity``), and the
+    callback can be passed to ``prune()`` as the pruner itself. Each instance checkpoints under its own
+    :attr:`state_key` (its class and its target selection), so several pruners on disjoint parameter
+    groups checkpoint and resume independently; overlapping ones are refused at fit start.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        Pruner.__init__(self, *args, **kwargs)
+    def __init__(self, criterion: Criterion, target: float, **options: Any) -> None:
+        check_options(type(self).__name__, options, pruner_parameters())
+        self.pruner = Pruner(criterion, target, **options)
+        self.pruner.label = type(self).__name__
         self._window: CaptureWindow | None = None
         self._collecting = False  # inside a capture window (batches kept, hooks on if the criterion has any)
         self._nonfinite_step = False  # this batch's step was left out of the statistics
@@ -61,6 +67,13 @@ class PruningCallback(Pruner, Callback):
         self._step_hooks: list[Any] = []
         self._warned: set[str] = set()
         self._gradients_checked = True
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped pruner's attributes (read-only through the callback: its state changes only by its
+        own methods, which the callback's hooks call)."""
+        if name.startswith("__") or "pruner" not in self.__dict__:  # copy/pickle protocol, or mid-construction
+            raise AttributeError(name)
+        return getattr(self.__dict__["pruner"], name)
 
     @property
     @override
@@ -75,12 +88,12 @@ class PruningCallback(Pruner, Callback):
         if stage != TrainerFn.FITTING:
             return
         check_strategy(trainer)
-        self._name_parameters(pl_module)  # the state key is needed before on_fit_start, to restore
+        self.pruner._name_parameters(pl_module)  # the state key is needed before on_fit_start, to restore
         self.teardown(trainer, pl_module, stage)  # what a failed fit left (on_exception keeps it for its checkpoint)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.bind(pl_module)
+        self.pruner.bind(pl_module)
         self._check_siblings(trainer)
         # a pruner already at its target (prune() then fit, a finished schedule) has no rounds left: it
         # only keeps its masks frozen, and needs no trigger that fits this Trainer
@@ -283,7 +296,7 @@ class PruningCallback(Pruner, Callback):
         over the ranks into it and every rank's kept batches are gathered into it (collectives that
         every rank joins, as Lightning's checkpointing does).
         """
-        state = Pruner.state_dict(self)
+        state = self.pruner.state_dict()
         if self._collecting:
             state["window"] = self._window_state()
         return state
@@ -292,7 +305,7 @@ class PruningCallback(Pruner, Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
         window = state.pop("window", None) if isinstance(state, dict) else None
-        Pruner.load_state_dict(self, state)
+        self.pruner.load_state_dict(state)
         self._restored_window = window  # continued at train start (dropped at teardown if no training follows)
 
     def _window_state(self) -> dict[str, Any]:
@@ -412,10 +425,10 @@ class PruningCallback(Pruner, Callback):
                     f"{type(self).__name__} needs the gradient of every target, and {missing[:5]} got none at the "
                     "first optimizer step: they are not used by the training loss. Exclude them (exclude=[...])"
                 )
-        self.freeze_grads_()  # before Lightning clips gradients, so the clip norm only sees live weights
+        self.pruner.freeze_grads_()  # before Lightning clips gradients, so the clip norm only sees live weights
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.freeze_weights_()
+        self.pruner.freeze_weights_()
 
     # ================================================================ epoch rounds
     @override
@@ -475,7 +488,7 @@ class PruningCallback(Pruner, Callback):
         epoch: int | None,
     ) -> dict[str, Any]:
         return run_round(
-            self,
+            self.pruner,
             calib,
             batches,
             self.schedule.sparsity_at(point),
