@@ -348,7 +348,7 @@ def test_sigterm_inside_a_round_stops_within_one_layer_and_restores_the_weights(
         return prune_round(ctx)
 
     pruner.criterion.prune = spy
-    target = "_solve" if hessian == "layerwise" else "_kfac_step"
+    target = "solve_layer" if hessian == "layerwise" else "step"
     inner = getattr(pruner.criterion, target)
 
     def solve(*args, **kwargs):
