@@ -339,7 +339,8 @@ def test_sigterm_inside_a_round_stops_within_one_layer_and_restores_the_weights(
 
     pl.seed_everything(0, verbose=False)
     model = TinyNet()
-    pruner = OBSPruning(0.5, hessian=hessian, solver="exact", num_batches=2, verbose=0)
+    solver = {"solver": "exact"} if hessian == "layerwise" else {}  # K-FAC OBS has no layer-wise solver
+    pruner = OBSPruning(0.5, hessian=hessian, num_batches=2, verbose=0, **solver)
     solves, state = [], {}
     prune_round = pruner.criterion.prune
 
