@@ -133,6 +133,24 @@ def find_feature_blocks(model: nn.Module, blocks: str) -> list[str]:
     return found
 
 
+def pair_block(name: str, teacher: nn.Module, blocks: str) -> str:
+    """The teacher's module for the student's block ``name``: the same name, else the one module whose
+    dotted name ends with the other's (a PEFT student's ``base_model.model.model.layers.0`` and a bare
+    teacher's ``model.layers.0``). Anything else is refused, naming the block."""
+    names = [n for n, _ in teacher.named_modules() if n]
+    if name in names:
+        return name
+    found = [n for n in names if name.endswith(f".{n}") or n.endswith(f".{name}")]
+    found = [n for n in found if len(n.split(".")) == max(len(f.split(".")) for f in found)] if found else []
+    if len(found) != 1:
+        raise ValueError(
+            f"`squarehead_blocks={blocks!r}`: the teacher ({type(teacher).__name__}) has "
+            f"{'several' if found else 'no'} block for the student's {name!r}{f' ({found[:3]})' if found else ''}; "
+            "SquareHead pairs blocks by name, so the teacher needs the student's architecture"
+        )
+    return found[0]
+
+
 class Distillation(Callback):
     """Distil the dense teacher into the pruned student while it trains: logit KD, optionally SquareHead.
 
@@ -201,7 +219,8 @@ class Distillation(Callback):
         self._teacher_arg = teacher
         self.teacher: nn.Module | None = None
         self._student: nn.Module | None = None
-        self._blocks: list[str] = []
+        self._blocks: list[str] = []  # SquareHead's blocks in the student module
+        self._teacher_blocks: list[str] = []  # the same blocks in the teacher
         self._hooks: list[Any] = []
         self._wrapped: pl.LightningModule | None = None
         self._active = False  # inside the wrapped training_step (or between begin() and loss()), training mode
@@ -305,14 +324,7 @@ class Distillation(Callback):
             raise ValueError("`teacher` shares parameters with the student: pass a separate (dense) model or a copy")
         self.teacher = teacher
         self._blocks = find_feature_blocks(student, self.squarehead_blocks) if self.squarehead_weight else []
-        for b in self._blocks:
-            try:
-                teacher.get_submodule(b)
-            except AttributeError:
-                raise ValueError(
-                    f"`squarehead_blocks={self.squarehead_blocks!r}`: the teacher ({type(teacher).__name__}) has no "
-                    f"block {b!r}; SquareHead pairs blocks by name, so the teacher needs the student's architecture"
-                ) from None
+        self._teacher_blocks = [pair_block(b, teacher, self.squarehead_blocks) for b in self._blocks]
         self._register(student, teacher)
         size = sum(p.numel() * p.element_size() for p in teacher.parameters()) + sum(
             b.numel() * b.element_size() for b in teacher.buffers()
@@ -369,10 +381,10 @@ class Distillation(Callback):
         self._remove_hooks()
         self._hooks.append(student.register_forward_pre_hook(self._student_pre, with_kwargs=True))
         self._hooks.append(student.register_forward_hook(self._student_post, with_kwargs=True))
-        for b in self._blocks:
-            for who, model in (("student", student), ("teacher", teacher)):
-                hook = functools.partial(self._block, who, b)
-                self._hooks.append(model.get_submodule(b).register_forward_hook(hook))
+        for b, tb in zip(self._blocks, self._teacher_blocks):
+            for who, model, name in (("student", student, b), ("teacher", teacher, tb)):
+                hook = functools.partial(self._block, who, b)  # both captured under the student's block name
+                self._hooks.append(model.get_submodule(name).register_forward_hook(hook))
 
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
