@@ -26,6 +26,7 @@ CORE = [
     "lightning_prune.round",
     "lightning_prune.distributed",
     "lightning_prune.summary",
+    "lightning_prune.lora",
 ]
 
 SCRIPT = textwrap.dedent(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import pytest
 import torch
@@ -124,17 +125,31 @@ def pl_callback():
     return Callback
 
 
+class Weights(pl_callback()):
+    """The student module's weights at the start of every training batch."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.seen = name, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        module = pl_module.get_submodule(self.name)
+        self.seen.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
 def test_the_teacher_is_frozen_dense_and_outside_the_optimizer_and_the_checkpoint(tiny, tmp_path):
-    dense = copy.deepcopy(tiny.net.state_dict())
-    pruner = MagnitudePruning(target=0.6, start_epoch=0, end_epoch=1, verbose=0)
-    distill = Distillation(squarehead_weight=0.0)
-    trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[pruner, distill])
+    """The default teacher follows the dense student until the first round (end of epoch 1, batch 15 of
+    8 a epoch), then stays: the weights at the start of that batch."""
+    pruner = MagnitudePruning(target=0.6, start_epoch=1, end_epoch=2, verbose=0)
+    distill, weights = Distillation(squarehead_weight=0.0), Weights("net")
+    trainer = make_trainer(tmp_path, max_epochs=4, callbacks=[weights, pruner, distill])
     trainer.fit(tiny)
     teacher = distill.teacher
     assert teacher is not None and not teacher.training
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert len(weights.seen) == 32 and pruner.history[0]["epoch"] == 1
     for k, v in teacher.state_dict().items():
-        assert torch.equal(v, dense[k])  # the dense weights of fit start, untouched by training and pruning
+        assert torch.equal(v, weights.seen[15][k])  # the last dense weights, untouched by training and pruning
+        assert not torch.equal(v, weights.seen[14][k])  # it did follow the student
     in_optimizer = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
     assert not in_optimizer & {id(p) for p in teacher.parameters()}
     assert in_optimizer == {id(p) for p in tiny.parameters()}
@@ -196,23 +211,22 @@ def test_manual_call_without_the_wrapper():
 def test_obs_and_distillation_on_a_tiny_llama_keep_the_masks():
     batches = lm_batches(8)
     lit = Lit(hf("llama"), batches)
-    dense = copy.deepcopy(lit.model.state_dict())
     pruner = OBSPruning(target=0.5, schedule="one_shot", start_step=2, every_n_steps=2, num_batches=2, verbose=0)
-    distill = Distillation(squarehead_weight=1.0)
+    distill, weights = Distillation(squarehead_weight=1.0), Weights("model")
     logged = {}
 
     class Log(pl_callback()):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("distill/")})
 
-    make_trainer(max_steps=6, max_epochs=-1, callbacks=[pruner, distill, Log()]).fit(lit)
+    make_trainer(max_steps=6, max_epochs=-1, callbacks=[weights, pruner, distill, Log()]).fit(lit)
     assert len(pruner.history) == 1 and pruner.sparsity == pytest.approx(0.5, abs=0.01)
     params = dict(lit.named_parameters())
     assert all(bool((params[n][~m] == 0).all()) for n, m in pruner.masks.items())
     assert set(logged) == {"distill/task", "distill/kd", "distill/squarehead"}
     assert logged["distill/kd"] > 0 and logged["distill/squarehead"] > 0  # the student moved away from the teacher
     for k, v in distill.teacher.state_dict().items():
-        assert torch.equal(v, dense[k])
+        assert torch.equal(v, weights.seen[1][k])  # the round ran after the second step
 
 
 def test_gradient_accumulation_and_bf16_mixed():
@@ -238,10 +252,11 @@ def test_gradients_equal_the_closed_form_loss_with_gradient_checkpointing():
         model.train()
         lit = Lit(model, [batch])
         distill = Distillation(teacher=copy.deepcopy(teacher), kd_weight=0.7, squarehead_weight=0.3)
-        distill.setup(None, lit, "fit")  # type: ignore[arg-type]
-        distill.on_fit_start(None, lit)  # type: ignore[arg-type]
+        trainer = types.SimpleNamespace(callbacks=[distill])  # no Trainer: one step by hand
+        distill.setup(trainer, lit, "fit")  # type: ignore[arg-type]
+        distill.on_fit_start(trainer, lit)  # type: ignore[arg-type]
         lit.training_step(batch, 0).backward()
-        distill.teardown(None, lit, "fit")  # type: ignore[arg-type]
+        distill.teardown(trainer, lit, "fit")  # type: ignore[arg-type]
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     # by hand, without the callback
     model, teacher = hf("llama"), hf("llama", seed=3)
@@ -267,3 +282,31 @@ def test_a_bad_student_name_is_refused():
     lit = Lit(hf("llama"), lm_batches(1))
     with pytest.raises(ValueError, match="`student='nope'`"):
         make_trainer(max_steps=1, max_epochs=-1, callbacks=[Distillation(student="nope")]).fit(lit)
+
+
+# ---------------------------------------------------------------- the Hydra CLI
+def test_the_distill_configs_name_every_argument_and_build():
+    import inspect
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lightning_prune import cli
+
+    conf = Path(cli.config_dir()) / "distill"
+    expected = set(inspect.signature(Distillation.__init__).parameters) - {"self"}
+    for name in ("kd", "squarehead"):
+        assert set(OmegaConf.load(conf / f"{name}.yaml")) - {"_target_"} == expected, name
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.config_dir()), version_base="1.3"):
+        assert not compose("config").distill  # none by default
+        cfg = compose(
+            "config", overrides=["experiment=llama_text", "distill=squarehead", "distill.teacher_dtype=bfloat16"]
+        )
+        built = instantiate(cfg.distill)
+        assert isinstance(built, Distillation) and built.squarehead_weight == 1.0
+        assert built.teacher_dtype is torch.bfloat16
+    GlobalHydra.instance().clear()

@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune.pruner import Pruner
 from lightning_prune.targets import is_prunable_layer
 
 # exactly-zero fraction of the student's Linear/Conv weights above which it is taken for a pruned model
@@ -158,10 +159,15 @@ class Distillation(Callback):
     ``task_weight · loss + kd_weight · KD + squarehead_weight · SquareHead`` (module docstring: how).
 
     Args:
-        teacher: ``None`` (default): a frozen deep copy of the student module taken at fit start,
-            before any pruning round can run (rounds run in training hooks), whatever the callbacks'
-            order. A model already pruned at fit start (``prune()`` then fit, or a resumed run) is
-            refused: the copy would not be dense; pass the dense teacher. An ``nn.Module`` called
+        teacher: ``None`` (default): a deep copy of the student module, the dense model just before
+            the first pruning round. With pruners in the Trainer that have not pruned yet (a dense
+            warm-up, as the CLI's runs from scratch have), the copy follows the student: its weights
+            are copied from the student's at the start of every training batch, and no distillation
+            term is added (it would be 0), until a pruner's first round; from then on the teacher is
+            frozen (the weights of the round's last batch, one optimizer step before the round).
+            Without pruners it is the model at fit start. A model already pruned at fit start
+            (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
+            dense teacher. Or an ``nn.Module`` called
             like the student; or a checkpoint path (a Lightning checkpoint of this LightningModule,
             or a state dict of the student module) loaded into a copy of the student.
         kd_weight: weight of the logit KL term.
@@ -227,6 +233,9 @@ class Distillation(Callback):
         self._in_student = False  # inside the student's forward (block hooks only capture then)
         self._captured: dict[str, Any] = {}
         self._module: pl.LightningModule | None = None  # logs the terms
+        self._pruners: list[Pruner] = []
+        self._tracking = False  # the default teacher follows the student until a pruner's first round
+        self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
 
     # ================================================================ setup: the student, the wrapper
@@ -273,7 +282,7 @@ class Distillation(Callback):
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            if not pl_module.training:  # a pruner's calibration pass (eval mode): the plain loss
+            if not pl_module.training or self._tracking:  # a calibration pass (eval mode), or still dense
                 return original(*args, **kwargs)
             self.begin()
             try:
@@ -319,6 +328,14 @@ class Distillation(Callback):
             teacher.to(dtype=self.teacher_dtype)
         teacher.eval()
         teacher.requires_grad_(False)
+        # the default teacher follows the dense student until the first round, if rounds are to come
+        pruners = [cb for cb in trainer.callbacks if isinstance(cb, Pruner)]  # type: ignore[attr-defined]
+        self._tracking = (
+            self._teacher_arg is None and not self._frozen and bool(pruners) and not any(p.history for p in pruners)
+        )
+        self._pruners = pruners
+        if not self._tracking:
+            self._frozen = True
         shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
         if shared:
             raise ValueError("`teacher` shares parameters with the student: pass a separate (dense) model or a copy")
@@ -386,6 +403,24 @@ class Distillation(Callback):
                 hook = functools.partial(self._block, who, b)  # both captured under the student's block name
                 self._hooks.append(model.get_submodule(name).register_forward_hook(hook))
 
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._tracking:
+            return
+        if any(p.history for p in self._pruners):  # the first round ran at the end of the last batch
+            self._tracking, self._frozen = False, True
+            rank_zero_info(
+                f"[lightning-prune] Distillation: the teacher is the dense model of step {trainer.global_step - 1}, "
+                "just before the first pruning round; distilling from now on"
+            )
+            return
+        assert self.teacher is not None and self._student is not None
+        with torch.no_grad():
+            for t, s in zip(self.teacher.state_dict().values(), self._student.state_dict().values()):
+                t.copy_(s)
+
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._active:
@@ -426,7 +461,7 @@ class Distillation(Callback):
         if self.teacher is None:
             raise RuntimeError("Distillation has no teacher yet: it is built at fit start (on_fit_start)")
         self._reset()
-        self._active = True
+        self._active = not self._tracking  # still dense: nothing to distil, the teacher is not run
 
     def _reset(self) -> None:
         self._active, self._in_student, self._captured = False, False, {}
@@ -461,7 +496,11 @@ class Distillation(Callback):
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_weight · task_loss`` plus the weighted distillation terms of this step; logs each term
-        (``distill/task``, ``distill/kd``, ``distill/squarehead``). Ends the step's capture."""
+        (``distill/task``, ``distill/kd``, ``distill/squarehead``). Ends the step's capture. Before the
+        first round, while the default teacher follows the dense student, ``task_loss`` unchanged."""
+        if self._tracking:
+            self._reset()
+            return task_loss
         try:
             terms = self.terms()
         finally:
