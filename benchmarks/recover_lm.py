@@ -146,6 +146,7 @@ def main() -> None:
     held = all(r.get("zeros_held", True) for r in rows)
     m = plan["model"]
     body = (
+        "## Language model: recovery after one-shot SparseGPT (distillation, LoRA and its masked merge)\n\n"
         f"LLaMA {m['num_layers']} blocks, hidden {m['hidden_size']}, {plan['steps']} dense steps on the stdlib; "
         f"one-shot `SparseGPT({plan['sparsity']})` ({plan['calib']} calibration windows), then {plan['finetune']} "
         f"fine-tuning steps per row (AdamW lr 1e-3, same batches), masks frozen; test perplexity on "

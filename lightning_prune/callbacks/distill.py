@@ -167,12 +167,12 @@ class Distillation(Callback):
             frozen (the weights of the round's last batch, one optimizer step before the round).
             Without pruners it is the model at fit start. A model already pruned at fit start
             (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
-            dense teacher. Or an ``nn.Module`` called
-            like the student; or a checkpoint path (a Lightning checkpoint of this LightningModule,
-            or a state dict of the student module) loaded into a copy of the student.
+            dense teacher. Or an ``nn.Module`` called like the student; or a checkpoint path (a
+            Lightning checkpoint of this LightningModule, or a state dict of the student module)
+            loaded into a copy of the student.
         kd_weight: weight of the logit KL term.
         temperature: softmax temperature ``T`` of the KL (the term is scaled by ``T²``).
-        task_weight: weight of the user's own loss (0: distillation alone, oBERT's "hardness 1").
+        task_weight: weight of the user's own loss (0: distillation alone).
         squarehead_weight: weight of SquareHead's normalised per-block MSE (0: off).
         squarehead_blocks: ``"auto"`` (the decoder layers) or a glob over the student module's
             module names.
