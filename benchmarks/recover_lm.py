@@ -176,7 +176,12 @@ def main() -> None:
         f"dense {dense_ppl:.2f}. KD: `Distillation()` (loss + KD at T=2 from the dense model); SquareHead weight 1; "
         f"LoRA r={plan['lora_rank']} on every block Linear (base frozen): adapters separate / `masked_merge` / PEFT's "
         f"plain merge. Zeros held in every row: {held}. From `python benchmarks/recover_lm.py` at "
-        f"`{common.commit()}` on {common.machine()}:\n\n{table}\n"
+        f"`{common.commit()}` on {common.machine()}:\n\n{table}\n\n"
+        "One seed, one sparsity, one budget: a first reading, not the issue's full grid. The dense model is not "
+        "trained to convergence, so every row also keeps learning: `dense CE` (no pruning, the same steps) is the "
+        "reference the recovered rows should be read against (`vs dense + steps`). LoRA rows train far fewer "
+        "parameters at the full fine-tuning's learning rate. Fit seconds are wall time on a machine shared with "
+        "other jobs: not comparable between rows.\n"
     )
     print(body)
     if not a.quick:
