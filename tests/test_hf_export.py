@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning_prune.app.models import MLPClassifier
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, load_shrunk, prune, shrink
+from lightning_prune.app.models import MLPClassifier
 
 transformers = pytest.importorskip("transformers")
 
