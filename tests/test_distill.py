@@ -294,7 +294,7 @@ def test_the_distill_configs_name_every_argument_and_build():
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from lightning_prune import cli
+    from lightning_prune.app import cli
 
     conf = Path(cli.config_dir()) / "distill"
     expected = set(inspect.signature(Distillation.__init__).parameters) - {"self"}
