@@ -18,12 +18,13 @@ from lightning_prune.pruner import Pruner
 from lightning_prune.round import prune
 from lightning_prune.shrink import load_shrunk, shrink
 
-_CALLBACKS = ("MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
+_CALLBACKS = ("Distillation", "MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 
 __all__ = [
     "GMP",
     "OBC",
     "OBD",
+    "Distillation",
     "MagnitudePruning",
     "OBDPruning",
     "OBSPruning",

@@ -2,6 +2,7 @@
 
     python tests/ddp_job.py --devices 2 --method obs --out DIR [--batch 16] [--lr 0] [--chaos] [--resume CKPT]
     python tests/ddp_job.py --devices 2 --window-resume --out DIR
+    python tests/ddp_job.py --devices 2 --method magnitude --distill --out DIR   # a Distillation beside it
 
 Each rank writes DIR/rank{R}.pt with its final masks, pruned weights, the last round's curvature
 diagonals and the result of an all_gather check made after every round. ``--window-resume`` runs
@@ -24,7 +25,7 @@ import torch
 from conftest import TinyNet
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
+from lightning_prune import Distillation, MagnitudePruning, OBDPruning, OBSPruning
 
 
 def spy(cls):
@@ -210,6 +211,7 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--strategy", default="ddp")
     p.add_argument("--window-resume", action="store_true")
+    p.add_argument("--distill", action="store_true", help="a Distillation callback beside the pruner")
     a = p.parse_args()
     if a.window_resume:
         return window_resume(a)
@@ -219,6 +221,9 @@ def main() -> None:
     check = GatherCheck(pruner)
     chaos = Chaos(pruner) if a.chaos else None
     callbacks = ([chaos] if chaos else []) + [pruner, check]
+    distill = Distillation(kd_weight=1.0, temperature=2.0) if a.distill else None
+    if distill is not None:
+        callbacks.append(distill)
     callbacks.append(ModelCheckpoint(dirpath=os.path.join(a.out, "ckpt"), filename="{epoch}", save_top_k=-1))
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -244,6 +249,9 @@ def main() -> None:
             "diverged_before_round": chaos.diverged if chaos else [],
             "history": [dict(r) for r in pruner.history],
             "world": trainer.world_size,
+            "all_weights": {n: p.detach().cpu() for n, p in params.items()},
+            "teacher": {k: v.cpu() for k, v in distill.teacher.state_dict().items()} if distill else None,
+            "terms": {k: float(v) for k, v in distill.last_terms.items()} if distill else None,
         },
         os.path.join(a.out, f"rank{trainer.global_rank}.pt"),
     )

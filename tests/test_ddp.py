@@ -134,3 +134,22 @@ def test_fsdp_is_refused_at_setup():
     )
     with pytest.raises(Exception, match="FSDP"):
         trainer.fit(TinyNet())
+
+
+def test_distillation_under_ddp_equals_one_process_with_twice_the_batch(tmp_path):
+    """The teacher is a per-rank replica outside DDP (no gradient sync): two ranks of 16 train, prune and
+    distil as one process of 32 (KD and CE are means over samples, DDP averages the ranks' gradients)."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    args = ["--method", "magnitude", "--distill", "--epochs", "3", "--lr", "0.01"]
+    job(two, "--devices", "2", "--batch", "16", *args)
+    job(one, "--devices", "1", "--batch", "32", *args)
+    r0, r1, single = load(two, 0), load(two, 1), load(one, 0)
+    assert r0["checks"] == r1["checks"] and all(r0["checks"])
+    assert r0["terms"]["kd"] > 0 and single["terms"]["kd"] > 0  # distilled after the first round
+    for name in r0["teacher"]:
+        assert torch.equal(r0["teacher"][name], r1["teacher"][name])  # the same replica on both ranks
+        torch.testing.assert_close(r0["teacher"][name], single["teacher"][name], rtol=1e-4, atol=1e-6)
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], single["masks"][name])
+    for name in r0["all_weights"]:
+        torch.testing.assert_close(r0["all_weights"][name], single["all_weights"][name], rtol=1e-4, atol=1e-5)

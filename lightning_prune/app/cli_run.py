@@ -153,6 +153,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval_after_round:
             evaluator = RoundEvaluator(pruner, datamodule)
             callbacks.append(evaluator)
+    if cfg.get("distill") and cfg.distill.get("_target_"):  # distill=kd|squarehead: beside the pruner
+        callbacks.append(instantiate(cfg.distill))
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = _loggers(cfg)
     trainer: pl.Trainer = instantiate(
@@ -168,6 +170,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "data": cfg.data._target_.rsplit(".", 1)[-1],
         "seed": cfg.seed,
+        "distill": _distill_label(cfg),
         "sparsity": pruner.sparsity if pruner is not None else 0.0,
         **_dense(pruner),
         "rounds": evaluator.after if evaluator else [],
@@ -308,6 +311,14 @@ def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningM
     if args is None:
         args = {"input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes}
     return instantiate(cfg.model, **args, _convert_="all")
+
+
+def _distill_label(cfg: DictConfig) -> str:
+    """``"none"``, ``"kd"`` or ``"kd+squarehead"``: the recovery loss of a run, for results.json."""
+    d = cfg.get("distill")
+    if not d or not d.get("_target_"):
+        return "none"
+    return "kd+squarehead" if d.get("squarehead_weight") else "kd"
 
 
 def _checkpoint_path(trainer: pl.Trainer) -> str | None:

@@ -1,0 +1,192 @@
+"""Recovery on the language model: one-shot SparseGPT, then the same fine-tuning budget per recipe.
+
+    python benchmarks/recover_lm.py            # the small plan below (about 15-25 CPU-minutes, cached)
+    python benchmarks/recover_lm.py --quick    # a 2-block smoke run, not published
+
+The dense model is ``benchmarks/lm.py``'s architecture at the size of ``experiment=llama_text``
+(LLaMA, 4 blocks, hidden 128, 1.9M parameters; Python's standard library, 150 files, byte-level
+BPE of 4096 tokens, windows of 128) trained from scratch for ``steps`` steps (cached like lm.py's).
+Each row prunes that model one-shot to 70% with the SparseGPT preset (``SparseGPT(0.7)``: 64
+calibration windows), then fine-tunes it for ``finetune`` steps (AdamW, lr 1e-3, the same seed and
+batches for every row) with the masks frozen:
+
+* plain cross-entropy; logit KD (``Distillation()``: loss + KD at T=2 from the dense model); KD +
+  SquareHead (``squarehead_weight=1``);
+* LoRA (PEFT, r=16 on every Linear of the blocks, the base weights frozen, the same steps and lr)
+  with plain CE and with KD: perplexity with the adapters kept separate, after ``masked_merge``
+  (the zeros kept) and after PEFT's plain merge (dense again, for reference).
+
+Test perplexity on the first ``eval_windows`` test windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+import lm
+import torch
+
+PLANS: dict[str, dict[str, Any]] = {
+    "small": {
+        "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384},
+        "data": {"vocab_size": 4096, "seq_len": 128, "batch_size": 16, "max_files": 150},
+        "steps": 300,
+        "calib": 64,
+        "finetune": 100,
+        "eval_windows": 256,
+        "sparsity": 0.7,
+        "lora_rank": 16,
+    },
+    "quick": {
+        "model": {"hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128},
+        "data": {"vocab_size": 1024, "seq_len": 64, "batch_size": 8, "max_files": 60},
+        "steps": 40,
+        "calib": 16,
+        "finetune": 10,
+        "eval_windows": 32,
+        "sparsity": 0.7,
+        "lora_rank": 4,
+    },
+}
+RECIPES = ("one-shot only", "CE", "KD", "KD + SquareHead", "LoRA CE", "LoRA KD", "dense CE")
+# "dense CE": the dense model trained the same steps, unpruned: what the extra steps alone give a model
+# that is not trained to convergence (the reference recovered perplexities are compared with)
+
+
+def evals(folder: Path, plan: dict[str, Any]) -> torch.Tensor:
+    return torch.load(folder / "eval.pt")[: plan["eval_windows"]]
+
+
+def measure(plan: dict[str, Any], folder: Path, recipe: str) -> dict[str, Any]:
+    import peft
+
+    import lightning_prune
+    from lightning_prune.lora import masked_merge
+
+    dm, lit, ft = lm.finetuning_setup(plan, folder)
+    ids = evals(folder, plan)
+    teacher = copy.deepcopy(lit.model).eval()
+    dense_ppl = lm.perplexity(teacher, ids)
+    batches = lm.calibration_batches(folder)
+    pruner = lightning_prune.SparseGPT(plan["sparsity"], verbose=0, **lm.ONE_SHOT)
+    if recipe == "dense CE":
+        trainer = common.trainer(max_steps=ft, max_epochs=-1, limit_val_batches=0)
+        start = time.perf_counter()
+        trainer.fit(lit, datamodule=dm)
+        seconds = time.perf_counter() - start
+        return {"recipe": recipe, "dense": dense_ppl, "one_shot": dense_ppl, "steps": ft, "fit_seconds": seconds,
+                "perplexity": lm.perplexity(lit.model.eval(), ids)}  # fmt: skip
+    lightning_prune.prune(lit, batches, pruner)
+    out: dict[str, Any] = {
+        "recipe": recipe,
+        "dense": dense_ppl,
+        "one_shot": lm.perplexity(lit.model.eval(), ids),
+        "steps": ft,
+    }
+    if recipe == "one-shot only":
+        return out
+    callbacks: list[Any] = [pruner]
+    if "KD" in recipe:
+        callbacks.append(
+            lightning_prune.Distillation(teacher=teacher, squarehead_weight=1.0 if "Square" in recipe else 0)
+        )
+    if recipe.startswith("LoRA"):
+        modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = peft.LoraConfig(r=plan["lora_rank"], lora_alpha=2 * plan["lora_rank"], target_modules=modules)
+        lit.model = peft.get_peft_model(lit.model, config)
+    trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=callbacks, limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(lit, datamodule=dm)
+    out["fit_seconds"] = time.perf_counter() - start
+    out["perplexity"] = lm.perplexity(lit.model.eval(), ids)
+    if recipe.startswith("LoRA"):
+        plain = copy.deepcopy(lit.model).merge_and_unload()
+        out["perplexity_plain_merge"] = lm.perplexity(plain.eval(), ids)
+        lit.model = masked_merge(lit.model, pruner)
+        out["perplexity_masked_merge"] = lm.perplexity(lit.model.eval(), ids)
+    masks = pruner.current_masks()  # by the parameters themselves: merging renamed them
+    out["zeros_held"] = all(bool((t.param.detach()[~masks[t.name]] == 0).all()) for t in pruner.targets)
+    out["sparsity"] = pruner.sparsity
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    name = "quick" if a.quick else "small"
+    plan = PLANS[name]
+    folder = lm.dense({**plan, "calib": plan["calib"]}, f"recover-{name}")
+    cells = folder / "recover-cells"
+    rows = []
+    for recipe in RECIPES:
+        key = f"{recipe}-{plan['sparsity']}-{plan['finetune']}".replace(" ", "_").replace("+", "plus")
+        r = common.cell(key, lambda recipe=recipe: measure(plan, folder, recipe), cells)
+        print(r, flush=True)
+        rows.append(r)
+    dense_ppl = rows[0]["dense"]
+    longer = next((r["perplexity"] for r in rows if r["recipe"] == "dense CE"), None)
+
+    def f(v: float | None) -> str:
+        return "" if v is None else f"{v:.2f}"
+
+    def final(r: dict[str, Any]) -> float:  # what is deployed sparse: the masked merge for LoRA
+        return r.get("perplexity_masked_merge", r.get("perplexity", r["one_shot"]))
+
+    table = common.md_table(
+        [
+            "recipe",
+            "perplexity",
+            "LoRA: masked merge",
+            "LoRA: plain merge (dense)",
+            "vs dense",
+            "vs dense + steps",
+            "fit s",
+        ],
+        [
+            [
+                r["recipe"],
+                f(r.get("perplexity", r["one_shot"])),
+                f(r.get("perplexity_masked_merge")),
+                f(r.get("perplexity_plain_merge")),
+                f"{final(r) / dense_ppl - 1:+.1%}",
+                f"{final(r) / longer - 1:+.1%}" if longer else "",
+                f"{r['fit_seconds']:.0f}" if "fit_seconds" in r else "",
+            ]
+            for r in rows
+        ],
+    )
+    held = all(r.get("zeros_held", True) for r in rows)
+    m = plan["model"]
+    body = (
+        "## Language model: recovery after one-shot SparseGPT (distillation, LoRA and its masked merge)\n\n"
+        f"LLaMA {m['num_layers']} blocks, hidden {m['hidden_size']}, {plan['steps']} dense steps on the stdlib; "
+        f"one-shot `SparseGPT({plan['sparsity']})` ({plan['calib']} calibration windows), then {plan['finetune']} "
+        f"fine-tuning steps per row (AdamW lr 1e-3, same batches), masks frozen; test perplexity on "
+        f"{plan['eval_windows']} windows, "
+        f"dense {dense_ppl:.2f}. KD: `Distillation()` (loss + KD at T=2 from the dense model); SquareHead weight 1; "
+        f"LoRA r={plan['lora_rank']} on every block Linear (base frozen): adapters separate / `masked_merge` / PEFT's "
+        f"plain merge. Zeros held in every row: {held}. From `python benchmarks/recover_lm.py` at "
+        f"`{common.commit()}` on {common.machine()}:\n\n{table}\n\n"
+        "One seed, one sparsity, one budget: a first reading, not the issue's full grid. The dense model is not "
+        "trained to convergence, so every row also keeps learning: `dense CE` (no pruning, the same steps) is the "
+        "reference the recovered rows should be read against (`vs dense + steps`). LoRA rows train far fewer "
+        "parameters at the full fine-tuning's learning rate. Fit seconds are wall time on a machine shared with "
+        "other jobs: not comparable between rows.\n"
+    )
+    print(body)
+    if not a.quick:
+        common.write_block("recover-lm", body)
+
+
+if __name__ == "__main__":
+    main()
