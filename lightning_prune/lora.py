@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from lightning_prune.masks import apply_masks_
-from lightning_prune.pruner import Pruner
+from lightning_prune.pruner import Pruner, as_pruner
 from lightning_prune.targets import match_names
 
 
@@ -45,9 +45,9 @@ def _masks_by_param(model: nn.Module, masks: Mapping[str, Tensor] | Pruner | Non
             if isinstance(weight, Tensor):
                 out[id(weight)] = (f"{name}.base_layer.weight", weight.detach() != 0)
         return out
-    if isinstance(masks, Pruner):  # bound to its parameters by identity, whatever they are named now
-        current = masks.current_masks()
-        return {id(t.param): (t.name, current[t.name].detach()) for t in masks.targets}
+    if (pruner := as_pruner(masks)) is not None:  # bound to its parameters by identity, whatever they are named now
+        current = pruner.current_masks()
+        return {id(t.param): (t.name, current[t.name].detach()) for t in pruner.targets}
     if not isinstance(masks, Mapping):
         raise ValueError(f"`masks` must be None, a pruner or a mapping of parameter names to masks, got {masks!r}")
     matched = match_names(list(masks), model, "masked_merge's")

@@ -534,6 +534,12 @@ def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:
 forwarded(Pruner.__init__, schedule_parameters())
 
 
+def as_pruner(obj: Any) -> Pruner | None:
+    """The :class:`Pruner` that ``obj`` is, or that a pruning callback wraps (its ``pruner``); else ``None``."""
+    inner = getattr(obj, "pruner", None) if not isinstance(obj, Pruner) else obj
+    return inner if isinstance(inner, Pruner) else None
+
+
 def pruner_parameters() -> list[inspect.Parameter]:
     """:class:`Pruner`'s arguments after ``criterion`` and ``target`` (its schedule's included),
     keyword-only: what callbacks and presets accept and forward to it."""

@@ -75,6 +75,15 @@ class PruningCallback(Callback):
             raise AttributeError(name)
         return getattr(self.__dict__["pruner"], name)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """An attribute of the wrapped pruner is set there (``callback.verbose = 0``; read-only state such as
+        ``masks`` refuses), so the callback never shadows it with a copy of its own."""
+        pruner = self.__dict__.get("pruner")
+        if pruner is not None and name not in self.__dict__ and hasattr(pruner, name):
+            setattr(pruner, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
     @property
     @override
     def state_key(self) -> str:

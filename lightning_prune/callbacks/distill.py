@@ -44,7 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune.pruner import Pruner
+from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.targets import is_prunable_layer
 
 # exactly-zero fraction of the student's Linear/Conv weights above which it is taken for a pruned model
@@ -233,7 +233,7 @@ class Distillation(Callback):
         self._in_student = False  # inside the student's forward (block hooks only capture then)
         self._captured: dict[str, Any] = {}
         self._module: pl.LightningModule | None = None  # logs the terms
-        self._pruners: list[Pruner] = []
+        self._pruners: list[PruningCallback] = []
         self._tracking = False  # the default teacher follows the student until a pruner's first round
         self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
@@ -329,7 +329,7 @@ class Distillation(Callback):
         teacher.eval()
         teacher.requires_grad_(False)
         # the default teacher follows the dense student until the first round, if rounds are to come
-        pruners = [cb for cb in trainer.callbacks if isinstance(cb, Pruner)]  # type: ignore[attr-defined]
+        pruners = [cb for cb in trainer.callbacks if isinstance(cb, PruningCallback)]  # type: ignore[attr-defined]
         self._tracking = (
             self._teacher_arg is None and not self._frozen and bool(pruners) and not any(p.history for p in pruners)
         )
