@@ -149,3 +149,27 @@ def test_core_prunes_with_only_torch_and_numpy():
     code = f"MODULES = {core_modules()!r}\nABSENT = {ABSENT!r}\n{SCRIPT}"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_the_import_graph_has_no_cycle():
+    """Module-level and function-level imports between the package's modules form no cycle (a cycle is
+    where one concept leaked into two places that now need each other)."""
+    import ast
+    import graphlib
+
+    files = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lightning_prune":
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    edges.add(sub if sub in files else node.module)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.split(".")[0] == "lightning_prune")
+        graph[name] = {e for e in edges if e != name and e in files}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
