@@ -302,7 +302,7 @@ class Pruner:
             targets = resolved
         skipped = [(n, why) for n, why in skipped if n not in {t.name for t in targets}]
         if skipped and skipped != self._skipped:
-            warn(f"{self.label}: not pruned by default: " + "; ".join(f"{n}: {why}" for n, why in skipped))
+            warn(f"{self.label}: not pruned by default: {_skipped_text(skipped)}")
         self._skipped = skipped
         # the pattern for this model (channels: its families); it refuses layers it does not fit, and a
         # target its floor makes unreachable
@@ -532,6 +532,22 @@ def _sparsity(pattern: Pattern, masks: Mapping[str, Tensor]) -> float:
 
 
 forwarded(Pruner.__init__, schedule_parameters())
+
+
+def _skipped_text(skipped: Sequence[tuple[str, str]], shown: int = 3) -> str:
+    """The parameters left out, one entry per reason (a PEFT model has dozens of adapters: a count and
+    the first few names, not a line each)."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in skipped:
+        by_reason.setdefault(why, []).append(name)
+    parts = []
+    for why, names in by_reason.items():
+        if len(names) == 1:
+            parts.append(f"{names[0]}: {why}")
+        else:
+            more = f", +{len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} parameters ({', '.join(names[:shown])}{more}): {why}")
+    return "; ".join(parts)
 
 
 def as_pruner(obj: Any) -> Pruner | None:
