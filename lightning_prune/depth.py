@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from lightning_prune import hf
 from lightning_prune.blocks import _no_kv_cache
 from lightning_prune.calibration import Calibration, LossFn, default_forward, eval_mode
-from lightning_prune.shrink import Shrunk, _output, _run
+from lightning_prune.shrink import Shrunk, _output, _run, check_outputs
 
 SCORES = ("loss", "reconstruction", "influence")
 PER_BLOCK = ("layer_types",)  # config lists with one entry per block, cut with the blocks
@@ -266,15 +266,18 @@ def remove_blocks(
     result.params_after = sum(p.numel() for p in out.parameters())
     _update_depth_configs(result, name, total, kept)
     if reference is not None:
-        got = _run(out, example_inputs)
-        diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
-        result.max_abs_diff = diff
-        if not diff <= atol + rtol * float(reference.abs().max()):
-            raise RuntimeError(
-                f"remove_blocks: the model without blocks {values} differs from the model with them replaced by the "
-                f"identity by {diff:.3g} on example_inputs (> atol={atol} + rtol={rtol} x max|output|): something in "
-                "the model depends on the blocks' positions; the original is untouched"
-            )
+        result.max_abs_diff = check_outputs(
+            out,
+            example_inputs,
+            reference,
+            atol,
+            rtol,
+            lambda diff: (
+                f"remove_blocks: the model without blocks {values} differs from the model with them replaced "
+                f"by the identity by {diff:.3g} on example_inputs (> atol={atol} + rtol={rtol} x max|output|): "
+                "something in the model depends on the blocks' positions; the original is untouched"
+            ),
+        )
     return result
 
 

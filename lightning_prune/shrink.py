@@ -29,7 +29,7 @@ import numbers
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -308,6 +308,17 @@ def _run(model: nn.Module, inputs: Any) -> Tensor:
         model.train(training)
 
 
+def check_outputs(
+    model: nn.Module, example_inputs: Any, reference: Tensor, atol: float, rtol: float, explain: Callable[[float], str]
+) -> float:
+    """The largest difference of ``model``'s output from ``reference``; raises ``explain(diff)`` past the tolerance."""
+    got = _run(model, example_inputs)
+    diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
+    if not diff <= atol + rtol * float(reference.abs().max()):
+        raise RuntimeError(explain(diff))
+    return diff
+
+
 def shrink(
     model: nn.Module,
     *,
@@ -364,16 +375,18 @@ def shrink(
     result = Shrunk(out, kept_plan, removed, notes, params_before=before)
     result.params_after = sum(p.numel() for p in out.parameters())
     if reference is not None:
-        got = _run(out, example_inputs)
-        diff = float((got - reference).abs().max()) if got.shape == reference.shape else float("inf")
-        result.max_abs_diff = diff
-        if not diff <= atol + rtol * float(reference.abs().max()):
-            raise RuntimeError(
+        result.max_abs_diff = check_outputs(
+            out,
+            example_inputs,
+            reference,
+            atol,
+            rtol,
+            lambda diff: (
                 f"shrink: the shrunk model's outputs differ from the original's by {diff:.3g} (> atol={atol} + "
-                f"rtol={rtol} x max|output|) on "
-                "example_inputs; a structure was wired in a way the grouping did not see"
+                f"rtol={rtol} x max|output|) on example_inputs; a structure was wired in a way the grouping did not see"
                 + (" (the original model was modified: inplace=True)" if inplace else "; the original is untouched")
-            )
+            ),
+        )
     _update_configs(result)
     return result
 
