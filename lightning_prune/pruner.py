@@ -142,7 +142,9 @@ class Pruner:
         self._targets: list[PruneTarget] | None = None
         self._params: dict[str, Tensor] = {}
         self._masks: dict[str, Tensor] | None = None  # None until the first round
-        self._frozen: dict[str, Tensor] = {}  # multipliers of layers with at least one pruned weight
+        # multipliers of layers with at least one pruned weight, built at the first training step that needs
+        # them (None: not built): on the CPU a bit mask as large as the weights, which prune() never needs
+        self._frozen: dict[str, Tensor] | None = {}
         self._history: list[dict[str, Any]] = []
         self._last_point: int | None = None  # the schedule point of the last round (epoch or step)
         self._loaded: dict[str, Any] | None = None  # checkpoint state waiting for bind()
@@ -337,7 +339,7 @@ class Pruner:
         self._targets = targets
         self._params = {t.name: t.param for t in targets}
         self._refresh_frozen()
-        M.apply_masks_(self._params, self._frozen)
+        M.apply_masks_(self._params, self._masks or {})
 
     def _previous_targets(self, model: nn.Module) -> list[PruneTarget] | None:
         """The targets this pruner was bound to, found by identity in ``model`` (renamed as ``model``
@@ -450,21 +452,27 @@ class Pruner:
 
     def freeze_grads_(self) -> None:
         """Zero the gradients of pruned weights (before an optimizer step)."""
-        if self._frozen:
-            M.mask_grads_(self._params, self._frozen)
+        if frozen := self._multipliers():
+            M.mask_grads_(self._params, frozen)
 
     def freeze_weights_(self) -> None:
         """Re-zero pruned weights (after an optimizer step)."""
-        if self._frozen:
-            M.apply_masks_(self._params, self._frozen)
+        if frozen := self._multipliers():
+            M.apply_masks_(self._params, frozen)
 
     def _refresh_frozen(self) -> None:
         masks = self._masks or {}
         for name, m in masks.items():
             if m.device != self._params[name].device:
                 masks[name] = m.to(self._params[name].device)
-        self._frozen = {n: M.multiplier(m, self._params[n]) for n, m in masks.items() if not bool(m.all())}
+        self._frozen = None
         self._kept = self._count_kept() if self._targets is not None else None  # a collective when sharded
+
+    def _multipliers(self) -> dict[str, Tensor]:
+        if self._frozen is None:
+            masks = self._masks or {}
+            self._frozen = {n: M.multiplier(m, self._params[n]) for n, m in masks.items() if not bool(m.all())}
+        return self._frozen
 
     def _record(self, record: dict[str, Any], point: int | None) -> None:
         self._history.append(record)

@@ -27,6 +27,7 @@ from lightning_prune.calibration import (
 from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.pruner import Pruner
+from lightning_prune.strategies import PARTIAL
 from lightning_prune.stats.window import CaptureWindow
 from lightning_prune.summary import round_summary
 
@@ -59,7 +60,9 @@ def run_round(
     per-layer budget). ``should_stop`` (e.g. a SIGTERM flag) is checked between layers (and between
     batches of a pass, in one process): the round then raises
     :class:`~lightning_prune.calibration.RoundInterrupted` with every weight restored and no mask
-    changed. Returns the record appended to ``pruner.history``.
+    changed; a sequential round (``blocks=``) keeps one block's copy, so the blocks it finished stay
+    pruned, with their masks committed, and the error says so. Returns the record appended to
+    ``pruner.history``.
     """
     start = time.perf_counter()
     targets, criterion = pruner.targets, pruner.criterion
@@ -95,8 +98,7 @@ def run_round(
 
     # 3. criterion: new masks, and for OBS moved weights (restored if the criterion fails half-way)
     before = pruner.current_masks()
-    moves = criterion.moves_weights or pruner.round_strategy.writes_weights
-    saved = {t.name: t.local_param.clone() for t in targets} if moves and not idle else {}
+    saved = {} if idle else pruner.round_strategy.originals(criterion, targets)
     ctx = RoundContext(
         model=calib.model,
         targets=targets,
@@ -117,11 +119,13 @@ def run_round(
     )
     try:
         result = RoundResult(before, 0.0, info={"idle": True}) if idle else pruner.round_strategy.prune(criterion, ctx)
-    except BaseException:
+    except BaseException as err:
         with torch.no_grad():
             for t in targets:
                 if t.name in saved:
                     t.local_param.copy_(saved[t.name])
+        if (partial := getattr(err, PARTIAL, None)) is not None:  # blocks a sequential round finished stay pruned
+            pruner.commit_(partial, before, comm, optimizers)
         raise
     finally:
         calib.should_stop = never  # from here on the round completes: its masks are committed

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lightning_prune.calibration import Calibration
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
@@ -37,7 +38,6 @@ class OnePass:
     """Every target's statistics at once (the window, or one calibration pass), then one criterion call."""
 
     blocks: str | None = None
-    writes_weights = False  # whether the strategy zeroes pruned weights before the round commits
 
     def check(self, criterion: Criterion, pattern: Pattern, scope: str) -> None:
         """Refuse a criterion, pattern or scope this strategy cannot run (when the pruner is built)."""
@@ -48,6 +48,12 @@ class OnePass:
     def captures_in_window(self, criterion: Criterion) -> bool:
         """Whether the training steps before a round feed its statistics (else a pass at round time)."""
         return criterion.captures_in_window
+
+    def originals(self, criterion: Criterion, targets: Sequence[PruneTarget]) -> dict[str, Tensor]:
+        """Copies of the weights the criterion may move, kept by ``run_round`` for the whole round: restored
+        if it fails, and the reference weights of ``reconstruct="original"``. Every target's: the round
+        solves them all from statistics gathered before any of them moved."""
+        return {t.name: t.local_param.clone() for t in targets} if criterion.moves_weights else {}
 
     def statistics(
         self,
@@ -74,8 +80,6 @@ class OnePass:
 class Sequential(OnePass):
     """Block by block, each calibrated on the pruned outputs of the blocks before it (whose pruned
     weights are zeroed as soon as the block is done, so the next block's inputs are the pruned model's)."""
-
-    writes_weights = True
 
     def __init__(self, blocks: str) -> None:
         if not isinstance(blocks, str) or not blocks:
@@ -117,6 +121,9 @@ class Sequential(OnePass):
     def captures_in_window(self, criterion: Criterion) -> bool:
         return False  # gathered block by block at round time
 
+    def originals(self, criterion: Criterion, targets: Sequence[PruneTarget]) -> dict[str, Tensor]:
+        return {}  # one block's copy at a time (see prune): memory for one block, not the model
+
     def statistics(self, criterion, calib, batches, targets, window, comm, round_index) -> None:  # type: ignore[override]
         if window is not None:
             window.discard()
@@ -138,26 +145,51 @@ class Sequential(OnePass):
         def prune_block(block: Any, stats: Estimator) -> None:
             nonlocal predicted
             masks_before = {t.name: ctx.masks[t.name] for t in block.targets}
-            sub = replace(ctx, targets=block.targets, masks=masks_before, stats=stats, block=block.name)
+            sub = replace(ctx, targets=block.targets, masks=masks_before, stats=stats, block=block.name, reference=None)
             require_stats(sub, stats, f"sequential {criterion.name}")
             if bad := stats.nonfinite_layers():
                 raise RuntimeError(f"round {ctx.round_index}: the input statistics of {bad[:5]} are not finite")
-            result = criterion.prune(sub)
-            apply_masks_({t.name: t.param for t in block.targets}, result.masks)  # the next block sees them pruned
+            saved = {t.name: t.local_param.clone() for t in block.targets}  # this block's weights only
+            try:
+                result = criterion.prune(sub)
+                apply_masks_({t.name: t.param for t in block.targets}, result.masks)  # the next block sees them pruned
+            except BaseException:
+                with torch.no_grad():
+                    for t in block.targets:
+                        t.local_param.copy_(saved[t.name])
+                raise
+            del saved
             masks.update(result.masks)
             updated.update(result.updated)
             predicted += result.predicted_loss_increase
             _merge(info, result.info)
+            finished.append(block.name)
 
-        done = run_sequential(
-            ctx.calib, ctx.batches, blocks, ctx.comm, prune_block, make_stats, reference=criterion.fits_reference
-        )
+        finished: list[str] = []
+        try:
+            done = run_sequential(
+                ctx.calib, ctx.batches, blocks, ctx.comm, prune_block, make_stats, reference=criterion.fits_reference
+            )
+        except BaseException as err:
+            if finished:  # the blocks already pruned stay pruned: run_round commits their masks (see PARTIAL)
+                setattr(err, PARTIAL, RoundResult({**ctx.masks, **masks}, predicted, updated=updated, info=info))
+                rest = len(blocks) - len(finished)
+                err.add_note(
+                    f"lightning-prune: the sequential round stopped after {len(finished)} of {len(blocks)} blocks "
+                    f"({finished[0]} ... {finished[-1]}): their masks are committed and their weights keep the "
+                    f"pruning; the block being pruned was restored and the {rest} others are untouched. "
+                    "Running the round again prunes the rest."
+                )
+            raise
         info.update(
             sequential_blocks=done["blocks"],
             block_input_bytes=done["block_input_bytes"],
             skipped_block_batches=done["skipped"],
         )
         return RoundResult(masks, predicted, updated=updated, info=info)
+
+
+PARTIAL = "lightning_prune_partial_round"  # an error's attribute: the part of a round done before it, to commit
 
 
 def strategy_for(blocks: str | None) -> OnePass:

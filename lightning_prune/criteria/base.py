@@ -92,21 +92,25 @@ class RoundContext:
         self.comm.all_reduce_sum_([t])
         return float(t)
 
-    def select(self, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def select(self, scores: Mapping[str, Tensor], layers: Sequence[PruneTarget] | None = None) -> dict[str, Tensor]:
         """Masks from scores under the pruner's scope, floor and pattern (NaN scores are kept, with a warning).
 
-        ``scores`` are laid out like the masks: this rank's blocks when sharded."""
+        ``scores`` are laid out like the masks: this rank's blocks when sharded. ``layers``: the targets
+        scored (default: all), a subset only where the scope allocates within each layer."""
+        layers = self.targets if layers is None else layers
         nan = sum(int(s.isnan().sum()) for s in scores.values())
         if nan:
             warn(f"{nan} NaN pruning scores in round {self.round_index}: those weights are kept")
+        if len(layers) < len(self.targets) and self.scope not in ("layer", "row"):
+            raise ValueError(f"selecting {len(layers)} of {len(self.targets)} layers needs scope 'layer' or 'row'")
         return self.pattern.select(
             scores,
-            self.masks,
+            {t.name: self.masks[t.name] for t in layers},
             self.sparsity,
             scope=self.scope,
             min_density=self.min_density,
             shards=self.shards(),
-            layers=self.targets,
+            layers=layers,
         )
 
 

@@ -60,14 +60,19 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float, what: str) -> tuple[Tenso
     weights are zeroed, as in OBC/SparseGPT: they never affect the layer's output on the
     calibration data, so removing them costs nothing and they are pruned first.
     """
-    H = H.clone()
-    dead = torch.diagonal(H) == 0
+    H = H.flip(0, 1)  # a copy, J H J (J reverses the order), the only one of H made here
+    dead = torch.diagonal(H).flip(0) == 0
     if dead.any():
-        H[dead, dead] = 1.0
+        flipped = dead.flip(0)
+        H[flipped, flipped] = 1.0
         W = W.clone()
         W[:, dead] = 0.0
-    damped = damped_cholesky(H.flip(0, 1), damp, what)
-    return _lower_inverse(damped.L).flip(0, 1), W, damped, dead
+    damped = damped_cholesky(H, damp, what)
+    del H
+    L, damped.L = damped.L, None  # type: ignore[assignment]  (freed as soon as it is inverted)
+    inverse = _lower_inverse(L)
+    del L
+    return inverse.flip(0, 1), W, damped, dead
 
 
 def refit_to_reference(W: Tensor, C: Tensor, U: Tensor) -> Tensor:

@@ -42,13 +42,19 @@ def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
     positive = diag_mean[diag_mean > 0]
     fallback = positive.mean() if positive.numel() else torch.ones((), dtype=H.dtype, device=H.device)
     diag_mean = torch.where(diag_mean > 0, diag_mean, fallback)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     # per-matrix damping: in a batch of blocks only the ones that fail get more, so one
     # ill-conditioned Fisher block cannot over-damp (and flatten the saliencies of) all the others
     current = torch.full(diag_mean.shape, damp, dtype=H.dtype, device=H.device)
     increases = 0
+    diagonal = torch.diagonal(H, dim1=-2, dim2=-1)
+    original = diagonal.clone()
     while True:
-        L, info = torch.linalg.cholesky_ex(H + (current * diag_mean)[..., None, None] * eye)
+        # damped on H's own diagonal and restored after the factorisation: no second whole-matrix copy
+        diagonal.add_(current[..., None] * diag_mean[..., None])
+        try:
+            L, info = torch.linalg.cholesky_ex(H)
+        finally:
+            diagonal.copy_(original)
         failed = info != 0
         if not bool(failed.any()):
             used = float(current.max()) if current.numel() else damp

@@ -368,7 +368,7 @@ class InputCovariance(Estimator):
         """Normalised ``A`` in float64."""
         if self.diagonal_only:
             raise RuntimeError("this input estimator kept only the diagonal")
-        return self.A[name].double() / self.count[name]
+        return self.A[name].to(torch.float64, copy=True).div_(self.count[name])  # one float64 copy
 
 
 class CrossCovariance(InputCovariance):
@@ -401,7 +401,7 @@ class CrossCovariance(InputCovariance):
 
     def cross_covariance(self, name: str) -> Tensor:
         """Normalised ``C = E[x_ref x^T]`` in float64."""
-        return self.C[name].double() / self.count[name]
+        return self.C[name].to(torch.float64, copy=True).div_(self.count[name])
 
 
 class DiagFisher(Estimator):

@@ -150,18 +150,39 @@ class LayerwiseOBS(OBSCriterion):
         weighted = self.allocation != "reconstruction"  # rows weighted by G_ii: loss units
         info: dict[str, Any] = {"damping_increases": 0, "dead_inputs": 0, "recomputes": 0}
         allocation = info["allocation"] = self.resolved_allocation(ctx)
-        scores = {}  # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
-        for t in ctx.targets:
-            ctx.check_interrupt(f"scoring {t.name}")
-            scores[t.name] = t.local(self.allocation_score(t, est, ~t.gather(ctx.masks[t.name]), allocation))
-        allocated = ctx.select(scores)
-        del scores
-        if ctx.pattern.removes_structures:
-            return prune_structures(self, ctx, est, allocated, info)
+        # a sequential block allocates within each layer (scope "layer"/"row"): each layer is scored, selected
+        # and solved in turn, so one layer's scores are held, not the block's (unless "auto" shares a round budget)
+        streaming = ctx.block is not None and (self.solver != "auto" or ctx.solver_budget is None)
+        allocated: dict[str, Tensor] = {}
+        counts: dict[str, Tensor] = {}
+        solvers: dict[str, str] = {}
+
+        def allocate(layers: Sequence[PruneTarget]) -> None:
+            scores = {}  # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
+            for t in layers:
+                ctx.check_interrupt(f"scoring {t.name}")
+                if self.picks_in_sweep(ctx, t):  # only the layer's total count matters: no Hessian needed
+                    scores[t.name] = t.param.detach().abs()
+                    continue
+                scores[t.name] = t.local(self.allocation_score(t, est, ~t.gather(ctx.masks[t.name]), allocation))
+            new = ctx.select(scores, layers)
+            del scores
+            allocated.update(new)
+            counts.update({t.name: t.matrix(~t.gather(new[t.name])).sum(1) for t in layers})
+            solvers.update(self.solvers(ctx, layers, {t.name: counts[t.name] for t in layers}))
+
+        def solve_each(group: Sequence[PruneTarget], stats: Estimator, cross: CrossCovariance | None):  # noqa: ANN202
+            for t in group:
+                if streaming:
+                    allocate([t])
+                yield t, *self.solve_layer(t, stats, counts, solvers, ctx.masks[t.name], allocated, ctx, info, cross)
+
+        if not streaming:
+            allocate(ctx.targets)
+            if ctx.pattern.removes_structures:
+                return prune_structures(self, ctx, est, allocated, info)
 
         masks, predicted, reconstruction = {}, 0.0, 0.0
-        counts = {t.name: t.matrix(~t.gather(allocated[t.name])).sum(1) for t in ctx.targets}
-        solvers = self.solvers(ctx, ctx.targets, counts)
         groups = split(ctx.targets, 1 if ctx.block else min(self.recompute_steps, len(ctx.targets)))
         G = row_weights(est, ctx.targets, dtype) if weighted else {}
         adaptive = not weighted and ctx.scope == "layer"
@@ -183,10 +204,7 @@ class LayerwiseOBS(OBSCriterion):
             if ctx.sharded:
                 solved = solve_spread(self, ctx, group, stats, counts, solvers, allocated, info, adaptive, cross)
             else:
-                solved = (
-                    (t, *self.solve_layer(t, stats, counts, solvers, ctx.masks[t.name], allocated, ctx, info, cross))
-                    for t in group
-                )
+                solved = solve_each(group, stats, cross)
             for t, mask, losses in solved:
                 ctx.check_interrupt(f"after solving {t.name}")
                 masks[t.name] = t.local(mask)
@@ -260,6 +278,17 @@ class LayerwiseOBS(OBSCriterion):
         else:
             W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive, groups)
         return W_new, t.unmatrix(~pruned), losses
+
+    def picks_in_sweep(self, ctx: RoundContext, t: PruneTarget) -> bool:
+        """Whether the fast solver picks ``t``'s whole mask inside its sweep (SparseGPT's adaptive selection:
+        unstructured, ``scope="layer"``, label-free), so the allocation only fixes the layer's total count."""
+        return (
+            self.solver == "fast"
+            and self.allocation == "reconstruction"
+            and ctx.scope == "layer"
+            and not ctx.sharded
+            and ctx.pattern.quotas(t, ~ctx.masks[t.name]) is None
+        )
 
     def solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
         """The solver of each layer: the one asked for, or ``"auto"``'s choice within the round's budget."""
