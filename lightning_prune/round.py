@@ -27,8 +27,8 @@ from lightning_prune.calibration import (
 from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.pruner import Pruner
-from lightning_prune.strategies import PARTIAL
 from lightning_prune.stats.window import CaptureWindow
+from lightning_prune.strategies import PARTIAL
 from lightning_prune.summary import round_summary
 
 

@@ -341,7 +341,7 @@ def test_a_sequential_rounds_memory_does_not_grow_with_depth(preset):
     for layers in (2, 8):
         model = tiny_llama(layers=layers)
         pruner = getattr(lightning_prune, preset)(0.5, verbose=0)
-        peak = _peak_tensor_bytes(lambda: prune(model, data, pruner))  # noqa: B023
+        peak = _peak_tensor_bytes(lambda: prune(model, data, pruner))
         held[layers] = peak - 2 * sum(m.numel() for m in pruner.masks.values())
     block = sum(p.numel() * 4 for n, p in tiny_llama(layers=1).named_parameters() if ".layers.0." in n)
     assert abs(held[8] - held[2]) < block / 20, (held, block)

@@ -171,7 +171,7 @@ class LayerwiseOBS(OBSCriterion):
             counts.update({t.name: t.matrix(~t.gather(new[t.name])).sum(1) for t in layers})
             solvers.update(self.solvers(ctx, layers, {t.name: counts[t.name] for t in layers}))
 
-        def solve_each(group: Sequence[PruneTarget], stats: Estimator, cross: CrossCovariance | None):  # noqa: ANN202
+        def solve_each(group: Sequence[PruneTarget], stats: Estimator, cross: CrossCovariance | None):
             for t in group:
                 if streaming:
                     allocate([t])
