@@ -241,6 +241,37 @@ class Pruner:
             return self._scope_arg
         return "layer" if self.pattern.removes_structures and hf.pretrained_models(model) else "global"
 
+    def plan_one_shot(self, model: nn.Module) -> str | None:
+        """``prune()``'s plan where the defaults leave it free: a criterion whose gradient-needing options were
+        left at their defaults (``OBSPruning(target)``), ``scope`` and ``blocks`` left at ``None``, a pattern
+        that is not structural, on a model of repeated blocks holding every target, runs block by block,
+        label-free (:meth:`~lightning_prune.criteria.base.Criterion.make_label_free`, ``scope="layer"``,
+        ``blocks="auto"``): memory for one block and no backward pass, where the whole-model round holds
+        every layer's statistics and backpropagates through the model. Returns what was chosen (printed and
+        recorded in the round's ``info["plan"]``), or ``None`` where nothing changed. Called after :meth:`bind`."""
+        from lightning_prune.blocks import find_blocks
+        from lightning_prune.strategies import Sequential
+
+        free = self._scope_arg is None and self.round_strategy.blocks is None and not self.pattern.removes_structures
+        if not free or self._history or not self.criterion.label_free_by_default():
+            return None
+        if any(t.sharded for t in self.targets):
+            return None
+        try:
+            blocks = find_blocks(model, "auto", self.targets)
+        except ValueError:
+            return None
+        chosen = self.criterion.make_label_free()
+        self.round_strategy = Sequential("auto")
+        self._scope_arg = self.scope = "layer"
+        self.pattern.check_scope("layer")
+        self._check_scope("layer")
+        return (
+            f"block by block over the {len(blocks)} blocks {blocks[0].name} ... {blocks[-1].name}, label-free "
+            f"({chosen}, scope='layer'); prune() chose this for the defaults (no backward pass, "
+            "memory for one block). For the whole-model round with gradients pass blocks=None and allocation='auto'"
+        )
+
     def _name_parameters(self, model: nn.Module) -> None:
         if self._parameters is not None:
             by_id = {id(p): n for n, p in model.named_parameters()}

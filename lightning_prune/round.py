@@ -227,6 +227,9 @@ def prune(
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
     pruner.bind(model)
+    plan = pruner.plan_one_shot(model)
+    if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
+        print(f"{pruner.label}: {plan}", flush=True)
     calib = Calibration(
         model,
         loss_fn if loss_fn is not None else pruner.loss_fn,
@@ -253,6 +256,8 @@ def prune(
         comm=default_collectives(),
         source=f"the {len(batches)} batches of `data`",
     )
+    if plan is not None:
+        record["info"]["plan"] = plan
     if pruner.verbose >= 1 and global_rank() == 0:
         print(round_summary(record), flush=True)
         if pruner.verbose >= 2:

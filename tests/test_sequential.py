@@ -345,3 +345,29 @@ def test_a_sequential_rounds_memory_does_not_grow_with_depth(preset):
         held[layers] = peak - 2 * sum(m.numel() for m in pruner.masks.values())
     block = sum(p.numel() * 4 for n, p in tiny_llama(layers=1).named_parameters() if ".layers.0." in n)
     assert abs(held[8] - held[2]) < block / 20, (held, block)
+
+
+def test_prune_runs_obs_defaults_block_by_block_on_a_model_of_blocks_and_says_so(capsys):
+    """``OBSPruning(target)`` through prune() on a decoder is the sequential label-free round, equal to
+    asking for it; any gradient option, a scope, blocks=None... asked for explicitly keeps the whole-model
+    round; a model without repeated blocks keeps it too."""
+    data = batches()
+    model, explicit = tiny_llama(), tiny_llama()
+    record = prune(model, data, OBSPruning(0.5, eval_batches=0, verbose=1))
+    assert "block by block over the 3 blocks" in record["info"]["plan"]
+    assert "prune() chose this for the defaults" in capsys.readouterr().out
+    assert record["info"]["sequential_blocks"] == 3
+    want = OBSPruning(
+        0.5, allocation="reconstruction", reconstruct="current", scope="layer", blocks="auto", eval_batches=0, verbose=0
+    )
+    prune(explicit, data, want)
+    for (name, a), b in zip(model.named_parameters(), explicit.parameters()):
+        assert torch.equal(a, b), name
+    for kwargs in ({"allocation": "auto"}, {"reconstruct": "original"}, {"scope": "global"}, {"fisher_type": "mc"}):
+        record = prune(tiny_llama(), data, OBSPruning(0.5, eval_batches=0, verbose=0, **kwargs))
+        assert "plan" not in record["info"] and "sequential_blocks" not in record["info"], kwargs
+        assert record["info"]["allocation"] != "reconstruction", kwargs
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    xs = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(2)]
+    record = prune(mlp, xs, OBSPruning(0.5, verbose=0), loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+    assert "plan" not in record["info"]

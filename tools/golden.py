@@ -85,7 +85,8 @@ CASES = {
     "lm-obc": ("llama", lambda: OBSPruning(0.5, solver="exact", reconstruct="current", num_batches=6, verbose=0, **SEQ)),
     "lm-sgpt-24": ("llama", lambda: OBSPruning(0.5, solver="fast", reconstruct="current", pattern="2:4", num_batches=6, verbose=0, **SEQ)),
     "lm-wanda": ("llama", lambda: OBDPruning(0.5, curvature="activations", scope="row", num_batches=6, verbose=0)),
-    "lm-obs-default": ("llama", lambda: OBSPruning(0.5, num_batches=6, verbose=0)),
+    "lm-obs-default": ("llama", lambda: OBSPruning(0.5, allocation="auto", num_batches=6, verbose=0)),  # whole-model
+    "lm-obs-prune-default": ("llama", lambda: OBSPruning(0.5, num_batches=6, verbose=0)),  # prune(): block by block
     "lm-obd-mc": ("llama", lambda: OBDPruning(0.5, num_batches=6, verbose=0)),
     "lm-channels-obs": ("llama", lambda: OBSPruning(0.5, pattern="channels", scope="layer", num_batches=6, verbose=0)),
     "lm-mag": ("llama", lambda: MagnitudePruning(0.5, verbose=0)),

@@ -166,6 +166,15 @@ class Criterion:
         sequential round carries the original block outputs beside the pruned ones)."""
         return False
 
+    def label_free_by_default(self) -> bool:
+        """Whether every option that makes this criterion need gradients was left to be chosen (``None``), so
+        that ``prune()`` may run it label-free, block by block (then :meth:`make_label_free` is called)."""
+        return False
+
+    def make_label_free(self) -> str:
+        """Switch to the label-free form; returns its options, for the record."""
+        raise NotImplementedError(f"{self.describe()} has no label-free form")
+
     def describe(self) -> str:
         """The criterion and its defining options, for error messages."""
         options = ("hessian", "allocation", "curvature")

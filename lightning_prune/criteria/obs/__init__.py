@@ -44,7 +44,7 @@ def OBS(hessian: str = "layerwise", **options: Any) -> OBSCriterion:
         return LayerwiseOBS(**options)
     if options.get("allocation") == "reconstruction":
         raise ValueError(f"`allocation='reconstruction'` is layer-wise OBS's objective; got hessian={hessian!r}")
-    if options.get("reconstruct", "original") != "original":
+    if options.get("reconstruct") not in (None, "original"):
         raise ValueError(
             f"`reconstruct` chooses the outputs layer-wise OBS fits; hessian={hessian!r} has no layer "
             f"outputs to reconstruct (got reconstruct={options['reconstruct']!r})"
