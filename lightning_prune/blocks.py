@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.calibration import Calibration, eval_mode
+from lightning_prune.calibration import Calibration, eval_mode, move_to_device
 from lightning_prune.distributed import Collectives
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
@@ -143,6 +143,44 @@ def _output(out: Any) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def onload(module: nn.Module, device: torch.device) -> torch.device:
+    """Move ``module`` to ``device`` (its parameters keep their identity, so masks stay bound); returns
+    where it was. The one place a block is moved (tests count the moves)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    return home
+
+
+def offload(module: nn.Module, home: torch.device) -> None:
+    """Move ``module`` back where :func:`onload` found it."""
+    module.to(home)
+
+
+@contextlib.contextmanager
+def _on(module: nn.Module, device: torch.device | None) -> Iterator[None]:
+    if device is None or next(module.parameters(), None) is None:
+        yield
+        return
+    home = onload(module, device)
+    try:
+        yield
+    finally:
+        offload(module, home)
+
+
+def check_offload(model: nn.Module, blocks: Sequence[Block], device: torch.device) -> None:
+    """Refuse what ``device=`` cannot run: an accelerate-dispatched model (its hooks move each module's
+    inputs to the device accelerate chose, which would fight the moves here)."""
+    hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
+    if hooked:
+        raise ValueError(
+            f"prune(device={str(device)!r}) moves one block at a time to the device itself; {type(model).__name__} "
+            f"is dispatched by accelerate (hooks on {hooked[:3]}). Load it on the CPU without device_map (or remove "
+            "the hooks: accelerate.hooks.remove_hook_from_submodules(model)), or pass device=None to prune it "
+            "where accelerate put it"
+        )
+
+
 def run_sequential(
     calib: Calibration,
     batches: Sequence[Any],
@@ -153,6 +191,7 @@ def run_sequential(
     *,
     reference: bool = False,
     progress_desc: str = "sequential calibration",
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Block by block: statistics of its layers' inputs, ``prune_block(block, stats)``, pruned outputs.
 
@@ -162,46 +201,72 @@ def run_sequential(
     travel beside the pruned ones (each block run on them before it is pruned), and the estimator is
     fed pairs of original and pruned inputs (``update_pair``), so the block can fit its original
     outputs; this holds two streams of block inputs instead of one.
+    ``device``: the model stays where it is (the CPU) and each block is moved to ``device`` for its
+    statistics, its pruning and its outputs, then moved back, so the device holds one block, its
+    statistics and the block inputs (the first block's inputs are computed where the model is).
     Returns ``{"blocks", "skipped", "block_input_bytes"}``, the last being the block inputs held.
     """
     inputs = first_block_inputs(calib, batches, blocks[0])
+    if device is not None:
+        inputs = [(move_to_device(args, device), move_to_device(kwargs, device)) for args, kwargs in inputs]
     originals = inputs  # the same objects until the first block is pruned
     held = sum(a.numel() * a.element_size() for args, _ in inputs for a in args if isinstance(a, Tensor))
-    skipped = 0
+    skipped_count = [0]
     bar = calib.progress(len(blocks), progress_desc)
     try:
         with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
-                next_originals = []
-                if block.targets:
-                    stats = make_stats(block.targets)
-                    by_name = {t.name: t for t in block.targets}
-                    capture = LayerCapture(block.targets, inputs_only=True)
-                    capture.attach()
-                    try:
-                        for (args, kwargs), (ref_args, ref_kwargs) in zip(inputs, originals):
-                            same = ref_args is args
-                            if reference:  # the unpruned block on the original inputs: x_ref and the next originals
-                                next_originals.append(_output(block.module(*ref_args, **ref_kwargs)))
-                                ref = {t.name: x for t, x, _ in capture.drain()}
-                            if not (reference and same):
-                                block.module(*args, **kwargs)
-                            items = ref if reference and same else {t.name: x for t, x, _ in capture.drain()}
-                            rows = [(by_name[n], x, None, ref[n] if reference else None) for n, x in items.items()]
-                            if fold(stats, rows):
-                                stats.end_batch()
-                    finally:
-                        capture.detach()
-                    stats.reduce_()
-                    skipped += stats.skipped
-                    prune_block(block, stats)
-                elif reference:
-                    next_originals = [_output(block.module(*a, **k)) for a, k in originals]
-                inputs = [((_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+                with _on(block.module, device):
+                    inputs, originals = _run_block(
+                        block, inputs, originals, reference, prune_block, make_stats, skipped_count
+                    )
                 if reference:
-                    originals = [((out, *a[1:]), k) for out, (a, k) in zip(next_originals, originals)]
                     held = max(held, 2 * sum(a[0].numel() * a[0].element_size() for a, _ in inputs))
                 bar()
     finally:
         bar.close()
-    return {"blocks": len(blocks), "skipped": skipped, "block_input_bytes": held}
+    return {"blocks": len(blocks), "skipped": skipped_count[0], "block_input_bytes": held}
+
+
+def _run_block(
+    block: Block,
+    inputs: list[BlockInput],
+    originals: list[BlockInput],
+    reference: bool,
+    prune_block: Callable[[Block, Estimator], None],
+    make_stats: Callable[[Sequence[PruneTarget]], Estimator],
+    skipped_count: list[int],
+) -> tuple[list[BlockInput], list[BlockInput]]:
+    """One block of :func:`run_sequential`: its statistics, ``prune_block``, and the next block's inputs
+    (and originals), as the pruned (and the unpruned) block gives them."""
+    next_originals = []
+    if block.targets:
+        stats = make_stats(block.targets)
+        by_name = {t.name: t for t in block.targets}
+        capture = LayerCapture(block.targets, inputs_only=True)
+        capture.attach()
+        try:
+            for (args, kwargs), (ref_args, ref_kwargs) in zip(inputs, originals):
+                same = ref_args is args
+                if reference:  # the unpruned block on the original inputs: x_ref and the next originals
+                    next_originals.append(_output(block.module(*ref_args, **ref_kwargs)))
+                    ref = {t.name: x for t, x, _ in capture.drain()}
+                if not (reference and same):
+                    block.module(*args, **kwargs)
+                items = ref if reference and same else {t.name: x for t, x, _ in capture.drain()}
+                rows = [(by_name[n], x, None, ref[n] if reference else None) for n, x in items.items()]
+                if fold(stats, rows):
+                    stats.end_batch()
+        finally:
+            capture.detach()
+        stats.reduce_()
+        skipped_count[0] += stats.skipped
+        prune_block(block, stats)
+    elif reference:
+        next_originals = [_output(block.module(*a, **k)) for a, k in originals]
+    inputs = [((_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+    if reference:
+        originals = [((out, *a[1:]), k) for out, (a, k) in zip(next_originals, originals)]
+    else:
+        originals = inputs
+    return inputs, originals

@@ -50,6 +50,7 @@ def run_round(
     source: str = "the round's batches",
     solver_budget: float | None = None,
     should_stop: Callable[[], bool] | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Statistics -> loss before -> criterion -> commit -> loss after -> record.
 
@@ -60,7 +61,8 @@ def run_round(
     per-layer budget). ``should_stop`` (e.g. a SIGTERM flag) is checked between layers (and between
     batches of a pass, in one process): the round then raises
     :class:`~lightning_prune.calibration.RoundInterrupted` with every weight restored and no mask
-    changed; a sequential round (``blocks=``) keeps one block's copy, so the blocks it finished stay
+    changed; ``device`` (a sequential round only) moves one block at a time there to prune it. A
+    sequential round (``blocks=``) keeps one block's copy, so the blocks it finished stay
     pruned, with their masks committed, and the error says so. Returns the record appended to
     ``pruner.history``.
     """
@@ -116,6 +118,7 @@ def run_round(
         solver_budget=solver_budget,
         reference=saved or None,
         should_stop=should_stop,
+        device=device,
     )
     try:
         result = RoundResult(before, 0.0, info={"idle": True}) if idle else pruner.round_strategy.prune(criterion, ctx)
@@ -196,6 +199,7 @@ def prune(
     *,
     loss_fn: LossFn | None = None,
     num_batches: int | None = None,
+    device: str | torch.device | None = None,
 ) -> Mapping[str, Any]:
     """Prune ``model`` once, to ``pruner.target``, from ``num_batches`` batches of ``data``.
 
@@ -214,6 +218,12 @@ def prune(
             scope="layer")`` need none; the other criteria refuse before any work without one.
         num_batches: calibration batches (default: the pruner's ``num_batches``, or for magnitude
             ``min(num_batches, eval_batches)``, the only batches it reads).
+        device: for models larger than the accelerator: the model stays where it is (the CPU) and a
+            block-by-block round (the defaults on a decoder, ``SparseGPT``, ``blocks=``) moves one block at
+            a time to ``device`` to calibrate and prune it, then back, so ``device`` needs memory for one
+            block, its statistics and the calibration activations at one block's boundary. The layers
+            before the first block (embeddings) and the loss before/after (``eval_batches``; 0 skips it)
+            run where the model is. ``None`` (default): everything runs where the model is.
 
     Returns:
         The round's record (the fields of ``pruner.history[-1]``). The model is left pruned, with
@@ -230,6 +240,8 @@ def prune(
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
         print(f"{pruner.label}: {plan}", flush=True)
+    if device is not None:
+        device = _offload_device(device, pruner, model)  # the round moves each block there
     calib = Calibration(
         model,
         loss_fn if loss_fn is not None else pruner.loss_fn,
@@ -238,8 +250,8 @@ def prune(
         progress=tqdm_progress if pruner.verbose >= 1 else no_progress,
     )
     n = pruner.window_length if num_batches is None else num_batches
-    device = next(iter(model.parameters())).device
-    batches = [move_to_device(b, device) for b in itertools.islice(iter(data), n)]
+    home = next(iter(model.parameters())).device
+    batches = [move_to_device(b, home) for b in itertools.islice(iter(data), n)]
     if len(batches) < n:
         warn(f"prune(): `data` gave {len(batches)} batches, fewer than num_batches={n}; the round uses all of them")
     if pruner.criterion.needs_gradients and not calib.has_loss(batches[0] if batches else None):
@@ -255,6 +267,7 @@ def prune(
         pruner.target,
         comm=default_collectives(),
         source=f"the {len(batches)} batches of `data`",
+        device=device,
     )
     if plan is not None:
         record["info"]["plan"] = plan
@@ -263,6 +276,24 @@ def prune(
         if pruner.verbose >= 2:
             print(pruner.layer_table(), flush=True)
     return record
+
+
+def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
+    """``prune(device=...)`` checked before any work: a device torch knows, a block-by-block round."""
+    from lightning_prune.blocks import check_offload, find_blocks
+
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"`device` must be a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}: {err}") from err
+    if pruner.round_strategy.blocks is None:
+        raise ValueError(
+            f"prune(device={str(device)!r}) moves one block at a time to the device, which needs a block-by-block "
+            f"round; {pruner.label} runs every layer at once ({pruner.criterion.describe()}, blocks=None). Use the "
+            "defaults on a decoder, a preset such as SparseGPT(...), or blocks='auto' with a label-free criterion"
+        )
+    check_offload(model, find_blocks(model, pruner.round_strategy.blocks, pruner.targets), device)
+    return device
 
 
 def _label_free_hint(pruner: Pruner) -> str:

@@ -144,7 +144,7 @@ class Sequential(OnePass):
 
         def prune_block(block: Any, stats: Estimator) -> None:
             nonlocal predicted
-            masks_before = {t.name: ctx.masks[t.name] for t in block.targets}
+            masks_before = {t.name: ctx.masks[t.name].to(t.param.device) for t in block.targets}  # device=: moved
             sub = replace(ctx, targets=block.targets, masks=masks_before, stats=stats, block=block.name, reference=None)
             require_stats(sub, stats, f"sequential {criterion.name}")
             if bad := stats.nonfinite_layers():
@@ -159,7 +159,7 @@ class Sequential(OnePass):
                         t.local_param.copy_(saved[t.name])
                 raise
             del saved
-            masks.update(result.masks)
+            masks.update({n: m.to(ctx.masks[n].device) for n, m in result.masks.items()})  # held where the model is
             updated.update(result.updated)
             predicted += result.predicted_loss_increase
             _merge(info, result.info)
@@ -168,7 +168,14 @@ class Sequential(OnePass):
         finished: list[str] = []
         try:
             done = run_sequential(
-                ctx.calib, ctx.batches, blocks, ctx.comm, prune_block, make_stats, reference=criterion.fits_reference
+                ctx.calib,
+                ctx.batches,
+                blocks,
+                ctx.comm,
+                prune_block,
+                make_stats,
+                reference=criterion.fits_reference,
+                device=ctx.device,
             )
         except BaseException as err:
             if finished:  # the blocks already pruned stay pruned: run_round commits their masks (see PARTIAL)

@@ -46,7 +46,8 @@ class OBSPruning(PruningCallback):
         recompute_steps: curvature re-estimations within a round (layer-wise: groups of layers whose
             inputs are re-captured after the earlier groups were pruned).
         reconstruct: layer-wise only: the outputs each later layer group is fitted to.
-            ``"original"`` (``None``, the default, outside ``prune()``'s block-by-block plan): the outputs it gave when the round started, from its original
+            ``"original"`` (``None``, the default, outside ``prune()``'s block-by-block plan): the outputs
+            it gave when the round started, from its original
             weights on the original inputs (``min E||W x_orig - w x||^2``, asymmetric calibration as
             in GPTAQ), so the error pruning earlier layers put into its inputs is corrected;
             ``"current"``: its own outputs on the already-pruned inputs (SparseGPT/OBC). Costs two

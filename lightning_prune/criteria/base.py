@@ -50,6 +50,7 @@ class RoundContext:
     reference: Mapping[str, Tensor] | None = None
     should_stop: Callable[[], bool] | None = None  # the run was asked to stop (SIGTERM): see check_interrupt
     block: str | None = None  # a sequential round's block being pruned (its targets only, its inputs' statistics)
+    device: torch.device | None = None  # prune(device=): where each block is moved to be pruned (the model stays)
 
     def check_interrupt(self, where: str = "") -> None:
         """Stop the round here (between layers) if the run was asked to stop; every rank agrees first,

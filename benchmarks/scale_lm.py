@@ -1,0 +1,198 @@
+"""Time and peak memory of one-shot pruning against llm-compressor, as LLaMA models grow.
+
+    python benchmarks/scale_lm.py                  # 60M and 220M parameters (about 25 minutes, one thread)
+    python benchmarks/scale_lm.py --sizes 60m      # one size
+
+Random-init LLaMAs (``save_pretrained``, float32; time and memory do not depend on training, quality
+does: see lm.py and defaults_lm.py), 16 calibration sequences of 256 random tokens. Each cell runs in a
+fresh process with one thread (``OMP_NUM_THREADS=1``), so the peak resident memory it measures is its
+own: the peak mark is reset just before the call (``/proc/self/clear_refs``) and the figure is that
+peak minus the resident memory just before (the loaded model, the interpreter and the libraries).
+
+* ours, ``SparseGPT(0.5)``: the preset (block by block, fast solver);
+* ours, ``OBSPruning(0.5)``: the defaults as a user types them, through ``prune()`` (block by block,
+  label-free, ``solver="auto"``: the most exact solver each layer's work budget allows);
+* ``llm-compressor SparseGPT``: ``benchmarks/lm_peer.py`` in its own venv (``oneshot``'s sequential
+  pipeline, ``SparseGPTModifier(sparsity=0.5)``), the llm-compressor section of lm.py.
+
+Both of ours also measure the loss before and after on their last 8 batches (the default
+``eval_batches``), which llm-compressor does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common
+
+CACHE = common.CACHE / "scale_lm"
+SIZES: dict[str, dict[str, int]] = {
+    "60m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4, "num_attention_heads": 16},
+    "220m": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 16},
+}
+VOCAB, SEQ, ROWS, BATCH = 4096, 256, 16, 4
+OURS = {"ours SparseGPT(0.5)": "sparsegpt", "ours OBSPruning(0.5) defaults": "defaults"}
+PEER = "llm-compressor SparseGPT"
+
+
+def model_dir(size: str) -> Path:
+    """The saved random-init model of ``size`` and its calibration/eval token ids (made once)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = CACHE / size
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    dims = SIZES[size]
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, max_position_embeddings=SEQ, num_key_value_heads=dims["num_attention_heads"], **dims
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder / "hf")
+    g = torch.Generator().manual_seed(1)
+    torch.save(torch.randint(0, VOCAB, (ROWS, SEQ), generator=g), folder / "calib.pt")
+    torch.save(torch.randint(0, VOCAB, (2, SEQ), generator=g), folder / "eval.pt")
+    (folder / "done").write_text("")
+    return folder
+
+
+def worker(method: str, folder: Path, out: Path) -> None:
+    """One measurement of ours in this process: load, prune, write the JSON."""
+    from transformers import LlamaForCausalLM
+
+    import lightning_prune as lp
+
+    model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+    ids = torch.load(folder / "calib.pt")
+    batches = [{"input_ids": ids[i : i + BATCH], "labels": ids[i : i + BATCH]} for i in range(0, len(ids), BATCH)]
+    pruner = lp.SparseGPT(0.5, verbose=0) if method == "sparsegpt" else lp.OBSPruning(0.5, verbose=0)
+    before = common.rss_mib()
+    common.reset_peak_rss()
+    wall, cpu = time.perf_counter(), time.process_time()
+    record = lp.prune(model, batches, pruner)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    info = record["info"]
+    out.write_text(
+        json.dumps(
+            {
+                "seconds": wall,
+                "cpu_seconds": cpu,
+                "peak_extra_mib": common.rss_mib("VmHWM") - before,
+                "rss_before_mib": before,
+                "sparsity": record["sparsity"],
+                "solver": info.get("solver"),
+                "block_input_bytes": info.get("block_input_bytes"),
+                "peak_hessian_bytes": info.get("peak_hessian_bytes"),
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
+
+
+def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
+    """Run (or read the cached) measurement ``name`` on ``size`` in a fresh one-thread process."""
+    out = CACHE / f"{size}-{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if name == PEER:
+        from lm import PEER_VENV, make_peer_venv
+
+        if not (PEER_VENV / "bin" / "python").exists() and not make_peer_venv():
+            return None
+        peer_out = out.with_suffix(".peer.json")
+        cmd = [
+            str(PEER_VENV / "bin" / "python"),
+            str(Path(__file__).parent / "lm_peer.py"),
+            "--model",
+            str(folder / "hf"),
+        ]
+        cmd += ["--calib", str(folder / "calib.pt"), "--eval", str(folder / "eval.pt"), "--method", "sparsegpt"]
+        cmd += ["--sparsity", "0.5", "--out", str(peer_out)]
+    else:
+        cmd = [sys.executable, __file__, "--worker", OURS[name], "--model", str(folder), "--out", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"FAILED {name} {size}:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    if name == PEER:
+        r = json.loads(peer_out.read_text())
+        result = {
+            "seconds": r["seconds_oneshot"],
+            "cpu_seconds": None,
+            "peak_extra_mib": r["peak_rss_oneshot_mib"] - r["rss_before_mib"],
+            "sparsity": r.get("achieved_sparsity"),
+        }
+        out.write_text(json.dumps(result))
+    result = json.loads(out.read_text())
+    took = time.perf_counter() - start
+    print(f"{size} {name}: {result['seconds']:.1f} s, {result['peak_extra_mib']:.0f} MiB ({took:.0f} s)", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default=",".join(SIZES))
+    parser.add_argument("--worker")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--out", type=Path)
+    a = parser.parse_args()
+    if a.worker:
+        worker(a.worker, a.model, a.out)
+        return
+    started = time.perf_counter()
+    rows = []
+    for size in a.sizes.split(","):
+        folder = model_dir(size)
+        results = {name: cell(name, size, folder) for name in [*OURS, PEER]}
+        params = next((r["params"] for r in results.values() if r and "params" in r), None)
+        model_mib = (params or 0) * 4 / 2**20
+        peer = results[PEER]
+        for name, r in results.items():
+            if r is None:
+                continue
+            extra = ""
+            if r.get("block_input_bytes"):
+                inputs, hessian = r["block_input_bytes"] / 2**20, r["peak_hessian_bytes"] / 2**20
+                extra = f"block inputs {inputs:.0f} MiB, widest Hessian {hessian:.0f} MiB"
+            rows.append(
+                [
+                    f"{size} ({params / 1e6:.0f}M, {model_mib:.0f} MiB)" if params else size,
+                    name,
+                    f"{r['seconds']:.1f}",
+                    f"{r['peak_extra_mib']:.0f}",
+                    f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
+                    f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name != PEER else "",
+                    r.get("solver") or "",
+                    extra,
+                ]
+            )
+    header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "memory vs peer", "solver", "held"]
+    body = "\n\n".join(
+        [
+            "## Scale: time and peak memory of one-shot pruning against llm-compressor",
+            f"`python benchmarks/scale_lm.py` at `{common.commit()}`, {(time.perf_counter() - started) / 60:.0f} min "
+            f"on {common.machine()}; one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
+            "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
+            "unstructured. Peak extra MiB: resident memory above the loaded model during the call.",
+            common.md_table(header, rows),
+        ]
+    )
+    common.write_block("scale-lm", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
