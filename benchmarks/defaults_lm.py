@@ -40,7 +40,9 @@ POINTS = {"50%": (0.5, "unstructured"), "70%": (0.7, "unstructured"), "2:4": (0.
 SEQ = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"}
 # name -> (class or preset, keyword arguments); every pruner also gets num_batches=len(batches), eval_batches=0
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "today's default: OBSPruning(target=S)": ("OBSPruning", {}),
+    # the whole-model round: what OBSPruning(target=S) ran in prune() before issue #33 made the defaults
+    # block by block there; allocation="auto" asks for it now (same masks and weights, golden-checked)
+    "today's default: OBSPruning(target=S)": ("OBSPruning", {"allocation": "auto"}),
     "SparseGPT(S) (sequential fast, current)": ("SparseGPT", {}),
     "sequential blocked, current": ("OBSPruning", {**SEQ, "solver": "blocked", "reconstruct": "current"}),
     "sequential blocked (block_size=32), current": (
