@@ -168,7 +168,7 @@ def _on(module: nn.Module, device: torch.device | None) -> Iterator[None]:
         offload(module, home)
 
 
-def check_offload(model: nn.Module, blocks: Sequence[Block], device: torch.device) -> None:
+def check_offload(model: nn.Module, device: torch.device) -> None:
     """Refuse what ``device=`` cannot run: an accelerate-dispatched model (its hooks move each module's
     inputs to the device accelerate chose, which would fight the moves here)."""
     hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
@@ -211,21 +211,22 @@ def run_sequential(
         inputs = [(move_to_device(args, device), move_to_device(kwargs, device)) for args, kwargs in inputs]
     originals = inputs  # the same objects until the first block is pruned
     held = sum(a.numel() * a.element_size() for args, _ in inputs for a in args if isinstance(a, Tensor))
-    skipped_count = [0]
+    skipped = 0
     bar = calib.progress(len(blocks), progress_desc)
     try:
         with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
                 with _on(block.module, device):
-                    inputs, originals = _run_block(
-                        block, inputs, originals, reference, prune_block, make_stats, skipped_count
+                    inputs, originals, left_out = _run_block(
+                        block, inputs, originals, reference, prune_block, make_stats
                     )
+                skipped += left_out
                 if reference:
                     held = max(held, 2 * sum(a[0].numel() * a[0].element_size() for a, _ in inputs))
                 bar()
     finally:
         bar.close()
-    return {"blocks": len(blocks), "skipped": skipped_count[0], "block_input_bytes": held}
+    return {"blocks": len(blocks), "skipped": skipped, "block_input_bytes": held}
 
 
 def _run_block(
@@ -235,11 +236,10 @@ def _run_block(
     reference: bool,
     prune_block: Callable[[Block, Estimator], None],
     make_stats: Callable[[Sequence[PruneTarget]], Estimator],
-    skipped_count: list[int],
-) -> tuple[list[BlockInput], list[BlockInput]]:
+) -> tuple[list[BlockInput], list[BlockInput], int]:
     """One block of :func:`run_sequential`: its statistics, ``prune_block``, and the next block's inputs
-    (and originals), as the pruned (and the unpruned) block gives them."""
-    next_originals = []
+    (and originals), as the pruned (and the unpruned) block gives them, and the batches its statistics left out."""
+    next_originals, skipped = [], 0
     if block.targets:
         stats = make_stats(block.targets)
         by_name = {t.name: t for t in block.targets}
@@ -260,7 +260,7 @@ def _run_block(
         finally:
             capture.detach()
         stats.reduce_()
-        skipped_count[0] += stats.skipped
+        skipped = stats.skipped
         prune_block(block, stats)
     elif reference:
         next_originals = [_output(block.module(*a, **k)) for a, k in originals]
@@ -269,4 +269,4 @@ def _run_block(
         originals = [((out, *a[1:]), k) for out, (a, k) in zip(next_originals, originals)]
     else:
         originals = inputs
-    return inputs, originals
+    return inputs, originals, skipped

@@ -280,7 +280,7 @@ def prune(
 
 def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
     """``prune(device=...)`` checked before any work: a device torch knows, a block-by-block round."""
-    from lightning_prune.blocks import check_offload, find_blocks
+    from lightning_prune.blocks import check_offload
 
     try:
         device = torch.device(device)
@@ -292,7 +292,7 @@ def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module
             f"round; {pruner.label} runs every layer at once ({pruner.criterion.describe()}, blocks=None). Use the "
             "defaults on a decoder, a preset such as SparseGPT(...), or blocks='auto' with a label-free criterion"
         )
-    check_offload(model, find_blocks(model, pruner.round_strategy.blocks, pruner.targets), device)
+    check_offload(model, device)  # the blocks were found when the pruner was bound
     return device
 
 

@@ -34,7 +34,8 @@ class Damped:
 def damped_cholesky(H: Tensor, damp: float, what: str) -> Damped:
     """Lower Cholesky factor of ``H + damp * mean(diag H) * I`` (batched over leading dims).
 
-    ``what`` names the layer in the warning and the error.
+    ``what`` names the layer in the warning and the error. ``H``'s diagonal is damped in place for each
+    attempt and restored after it (no second whole-matrix copy); ``H`` is unchanged on return.
     """
     diag_mean = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)
     # an all-zero block (weights whose loss never depends on them) borrows the scale of the others,
