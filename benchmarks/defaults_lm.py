@@ -55,6 +55,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "sequential exact, current": ("OBSPruning", {**SEQ, "solver": "exact", "reconstruct": "current"}),
     "sequential auto, current": ("OBSPruning", {**SEQ, "solver": "auto", "reconstruct": "current"}),
+    # float32 solves (TF32 off), SparseGPT's own precision: half the solver memory and GEMM time
+    "SparseGPT(S), float32 solves": ("SparseGPT", {"solver_dtype": "float32"}),
+    "sequential exact, current, float32 solves": (
+        "OBSPruning",
+        {**SEQ, "solver": "exact", "reconstruct": "current", "solver_dtype": "float32"},
+    ),
     "sequential fast, original": ("OBSPruning", {**SEQ, "solver": "fast", "reconstruct": "original"}),
     "sequential exact, original": ("OBSPruning", {**SEQ, "solver": "exact", "reconstruct": "original"}),
     "magnitude (layer)": ("MagnitudePruning", {"scope": "layer"}),

@@ -42,7 +42,16 @@ SIZES: dict[str, dict[str, int]] = {
     "220m": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 4, "num_attention_heads": 16},
 }
 VOCAB, SEQ, ROWS, BATCH = 4096, 256, 16, 4
-OURS = {"ours SparseGPT(0.5)": "sparsegpt", "ours OBSPruning(0.5) defaults": "defaults"}
+OURS = {
+    "ours SparseGPT(0.5)": "sparsegpt",
+    "ours SparseGPT(0.5, solver_dtype='float32')": "sparsegpt32",
+    "ours OBSPruning(0.5) defaults": "defaults",
+}
+PRUNERS = {  # worker method -> the pruner it measures
+    "sparsegpt": lambda lp: lp.SparseGPT(0.5, verbose=0),
+    "sparsegpt32": lambda lp: lp.SparseGPT(0.5, solver_dtype="float32", verbose=0),
+    "defaults": lambda lp: lp.OBSPruning(0.5, verbose=0),
+}
 PEER = "llm-compressor SparseGPT"
 
 
@@ -76,7 +85,7 @@ def worker(method: str, folder: Path, out: Path) -> None:
     model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
     ids = torch.load(folder / "calib.pt")
     batches = [{"input_ids": ids[i : i + BATCH], "labels": ids[i : i + BATCH]} for i in range(0, len(ids), BATCH)]
-    pruner = lp.SparseGPT(0.5, verbose=0) if method == "sparsegpt" else lp.OBSPruning(0.5, verbose=0)
+    pruner = PRUNERS[method](lp)
     before = common.rss_mib()
     common.reset_peak_rss()
     wall, cpu = time.perf_counter(), time.process_time()
@@ -102,7 +111,7 @@ def worker(method: str, folder: Path, out: Path) -> None:
 
 def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
     """Run (or read the cached) measurement ``name`` on ``size`` in a fresh one-thread process."""
-    out = CACHE / f"{size}-{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
+    out = CACHE / (f"{size}-" + "".join(c if c.isalnum() or c in "-." else "_" for c in name) + ".json")
     if out.exists():
         return json.loads(out.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -104,10 +104,21 @@ def _protect_floor(key: Tensor, mask: Tensor, min_density: float | None) -> Tens
     floor = min(floor_count(key.numel(), min_density), int(mask.sum()))
     if floor == 0:
         return key
-    order = torch.sort(key, stable=True).indices
     key = key.clone()
-    key[order[-floor:]] = math.inf
+    key[_extreme(key, floor, lowest=False)] = math.inf
     return key
+
+
+def _extreme(key: Tensor, k: int, *, lowest: bool = True) -> Tensor:
+    """Indices of the ``k`` lowest (or highest) keys, ties broken as a stable ascending sort breaks them
+    (lower index first among the lowest, higher among the highest), in linear time: the ``k``-th value,
+    everything beyond it, and the first (last) of its ties. A layer's full sort dominated selection."""
+    n = key.numel()
+    t = torch.kthvalue(key, k if lowest else n - k + 1).values
+    beyond = ((key < t) if lowest else (key > t)).nonzero().flatten()
+    ties = (key == t).nonzero().flatten()
+    rest = k - beyond.numel()
+    return torch.cat([beyond, ties[:rest] if lowest else ties[ties.numel() - rest :]])
 
 
 def select_masks(
@@ -192,7 +203,7 @@ def _check_reachable(keys: Mapping[str, Tensor], scores: Mapping[str, Tensor], k
 def _prune_lowest(key: Tensor, k: int) -> Tensor:
     keep = torch.ones_like(key, dtype=torch.bool)
     if k > 0:
-        keep[torch.sort(key, stable=True).indices[:k]] = False
+        keep[_extreme(key, k)] = False
     return keep
 
 

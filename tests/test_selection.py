@@ -90,3 +90,20 @@ def test_row_scope_prunes_each_row_to_its_count_and_only_shrinks():
         select_masks(
             {"a": torch.full((2, 4), float("nan"))}, {"a": torch.ones(2, 4, dtype=torch.bool)}, 0.5, scope="row"
         )
+
+
+def test_linear_time_selection_picks_what_a_stable_sort_picks():
+    """``_extreme`` (kthvalue, ties by index) against the stable sort it replaced, enumerated over random
+    keys full of ties, pruned (-inf) and protected (+inf) entries, at every k."""
+    from lightning_prune.selection import _extreme
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        key = torch.randint(-3, 4, (n,), generator=g).double()
+        key[torch.rand(n, generator=g) < 0.1] = float("inf")
+        key[torch.rand(n, generator=g) < 0.1] = -float("inf")
+        order = torch.sort(key, stable=True).indices
+        for k in range(1, n + 1):
+            assert sorted(_extreme(key, k).tolist()) == sorted(order[:k].tolist())
+            assert sorted(_extreme(key, k, lowest=False).tolist()) == sorted(order[-k:].tolist())
