@@ -9,7 +9,8 @@ fresh process with one thread (``OMP_NUM_THREADS=1``), so the peak resident memo
 own: the peak mark is reset just before the call (``/proc/self/clear_refs``) and the figure is that
 peak minus the resident memory just before (the loaded model, the interpreter and the libraries).
 
-* ours, ``SparseGPT(0.5)``: the preset (block by block, fast solver);
+* ours, ``SparseGPT(0.5)``: the preset (block by block, fast solver, float32 solves), and the same
+  with ``eval_batches=0`` (no loss measured before and after the round, as llm-compressor);
 * ours, ``OBSPruning(0.5)``: the defaults as a user types them, through ``prune()`` (block by block,
   label-free, ``solver="auto"``: the most exact solver each layer's work budget allows);
 * ``llm-compressor SparseGPT``: ``benchmarks/lm_peer.py`` in its own venv (``oneshot``'s sequential
@@ -44,12 +45,12 @@ SIZES: dict[str, dict[str, int]] = {
 VOCAB, SEQ, ROWS, BATCH = 4096, 256, 16, 4
 OURS = {
     "ours SparseGPT(0.5)": "sparsegpt",
-    "ours SparseGPT(0.5, solver_dtype='float32')": "sparsegpt32",
+    "ours SparseGPT(0.5, eval_batches=0)": "sparsegpt-noeval",
     "ours OBSPruning(0.5) defaults": "defaults",
 }
 PRUNERS = {  # worker method -> the pruner it measures
     "sparsegpt": lambda lp: lp.SparseGPT(0.5, verbose=0),
-    "sparsegpt32": lambda lp: lp.SparseGPT(0.5, solver_dtype="float32", verbose=0),
+    "sparsegpt-noeval": lambda lp: lp.SparseGPT(0.5, eval_batches=0, verbose=0),
     "defaults": lambda lp: lp.OBSPruning(0.5, verbose=0),
 }
 PEER = "llm-compressor SparseGPT"

@@ -472,7 +472,8 @@ class Pruner:
         optimizers: Iterable[torch.optim.Optimizer] = (),
     ) -> None:
         """Install new masks (which may only shrink), zero what they prune, and sync all ranks."""
-        new = {n: result.masks[n].to(device=m.device, dtype=torch.bool) & m for n, m in before.items()}
+        # in place on the round's own masks (consumed here): the old and the new masks, not a third set
+        new = {n: result.masks[n].to(device=m.device, dtype=torch.bool).logical_and_(m) for n, m in before.items()}
         whole = [t.name for t in self.targets if not t.sharded]  # a sharded layer's blocks differ by rank
         comm.broadcast_([*(new[n] for n in whole), *(self._params[n].data for n in whole)])
         self._masks = new

@@ -28,7 +28,7 @@ from lightning_prune.schedule import Schedule, schedule_parameters
 
 SEQUENTIAL = dict(allocation="reconstruction", scope="layer", blocks="auto", reconstruct="current")
 FLAGS = {
-    SparseGPT: (OBSPruning, dict(**SEQUENTIAL, solver="fast")),
+    SparseGPT: (OBSPruning, dict(**SEQUENTIAL, solver="fast", solver_dtype="float32")),
     OBC: (OBSPruning, dict(**SEQUENTIAL, solver="exact")),
     Wanda: (OBDPruning, dict(curvature="activations", scope="row")),
     WoodFisher: (OBSPruning, dict(hessian="fisher", fisher_type="empirical")),
