@@ -16,8 +16,9 @@ peak minus the resident memory just before (the loaded model, the interpreter an
 * ``llm-compressor SparseGPT``: ``benchmarks/lm_peer.py`` in its own venv (``oneshot``'s sequential
   pipeline, ``SparseGPTModifier(sparsity=0.5)``), the llm-compressor section of lm.py.
 
-Both of ours also measure the loss before and after on their last 8 batches (the default
-``eval_batches``), which llm-compressor does not.
+Ours measure the loss before and after on their last 8 batches (the default ``eval_batches``: two
+forward passes of the whole model), which llm-compressor does not; the ``eval_batches=0`` row leaves
+that out.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Named algorithms: one-line factories with each paper's settings, returning the ordinary pruner.
 
 ``SparseGPT(target=0.5)`` is ``OBSPruning(target=0.5, allocation="reconstruction", scope="layer",
-blocks="auto", solver="fast", reconstruct="current", solver_dtype="float32")``: the same object the flags build, usable in
-``prune()`` and as a Trainer callback, with every option overridable
+blocks="auto", solver="fast", reconstruct="current", solver_dtype="float32")``: the same object the
+flags build, usable in ``prune()`` and as a Trainer callback, with every option overridable
 (``SparseGPT(target=0.5, pattern="2:4")``, ``GMP(0.9, every_n_steps=100)``). Where Lightning is not
 installed a preset returns the Lightning-free :class:`~lightning_prune.pruner.Pruner` with the same
 criterion and options, which ``prune()`` takes alike.

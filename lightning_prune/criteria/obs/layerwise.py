@@ -200,7 +200,7 @@ class LayerwiseOBS(OBSCriterion):
         masks, predicted, reconstruction = {}, 0.0, 0.0
         groups = split(ctx.targets, 1 if ctx.block else min(self.recompute_steps, len(ctx.targets)))
         G = row_weights(est, ctx.targets, dtype) if weighted else {}
-        adaptive = not weighted and ctx.scope == "layer"
+        adaptive = self.adaptive(ctx)
         for i, group in enumerate(groups):
             stats: Estimator = est["kfac"] if weighted else est["inputs"]  # type: ignore[index]
             cross = stats if isinstance(stats, CrossCovariance) else None  # a block's original and current inputs
@@ -253,7 +253,7 @@ class LayerwiseOBS(OBSCriterion):
             solvers[t.name],
             mask,
             info,
-            adaptive=self.allocation == "reconstruction" and ctx.scope == "layer",
+            adaptive=self.adaptive(ctx),
             groups=ctx.pattern.quotas(t, ~allocated[t.name]),
             C=None if cross is None else cross.cross_covariance(t.name),
         )
@@ -294,13 +294,17 @@ class LayerwiseOBS(OBSCriterion):
             W_new, pruned, losses = sparsegpt_prune(W, U, counts, forced, self.block_size, adaptive, groups)
         return W_new, t.unmatrix(~pruned), losses
 
+    def adaptive(self, ctx: RoundContext) -> bool:
+        """Whether the fast solver keeps only each layer's total and picks its masks inside the sweep
+        (SparseGPT's own selection: label-free, ``scope="layer"``)."""
+        return self.allocation == "reconstruction" and ctx.scope == "layer"
+
     def picks_in_sweep(self, ctx: RoundContext, t: PruneTarget) -> bool:
-        """Whether the fast solver picks ``t``'s whole mask inside its sweep (SparseGPT's adaptive selection:
-        unstructured, ``scope="layer"``, label-free), so the allocation only fixes the layer's total count."""
+        """Whether ``t``'s whole mask comes from that sweep (the fast solver, unstructured, one process),
+        so the allocation only fixes the layer's total count."""
         return (
             self.solver == "fast"
-            and self.allocation == "reconstruction"
-            and ctx.scope == "layer"
+            and self.adaptive(ctx)
             and not ctx.sharded
             and ctx.pattern.quotas(t, ~ctx.masks[t.name]) is None
         )
