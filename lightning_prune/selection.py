@@ -88,23 +88,22 @@ def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_d
 def sort_key(score: Tensor, mask: Tensor, allowed: Allowed | None = None) -> Tensor:
     """Flat keys: pruned entries -inf, non-finite scores +inf (never chosen), the rest their score;
     entries ``allowed`` rules out +inf too."""
-    key = score.detach().flatten().to(torch.float64)
-    key = torch.where(torch.isfinite(key), key, torch.full_like(key, math.inf))
-    key = torch.where(mask.flatten(), key, torch.full_like(key, -math.inf))
+    key = score.detach().flatten().to(torch.float64, copy=True)  # one copy, filled in place
+    key.masked_fill_(~torch.isfinite(key), math.inf)
+    key.masked_fill_(~mask.flatten(), -math.inf)
     if allowed is not None:
-        key = torch.where(allowed(key.view(mask.shape)).flatten(), key, torch.full_like(key, math.inf))
+        key.masked_fill_(~allowed(key.view(mask.shape)).flatten(), math.inf)
     return key
 
 
 def _protect_floor(key: Tensor, mask: Tensor, min_density: float | None) -> Tensor:
     """Set the key of the layer's top ``floor`` kept entries to +inf so they are never chosen
-    (``min_density=None``: no floor at all)."""
+    (``min_density=None``: no floor at all); in place, on :func:`sort_key`'s own copy."""
     if min_density is None:
         return key
     floor = min(floor_count(key.numel(), min_density), int(mask.sum()))
     if floor == 0:
         return key
-    key = key.clone()
     key[_extreme(key, floor, lowest=False)] = math.inf
     return key
 
@@ -201,9 +200,14 @@ def _check_reachable(keys: Mapping[str, Tensor], scores: Mapping[str, Tensor], k
 
 
 def _prune_lowest(key: Tensor, k: int) -> Tensor:
-    keep = torch.ones_like(key, dtype=torch.bool)
-    if k > 0:
-        keep[_extreme(key, k)] = False
+    """Keep mask without the ``k`` lowest keys (ties: lower index first, as :func:`_extreme`), built from
+    the ``k``-th value without an index per pruned entry."""
+    if k <= 0:
+        return torch.ones_like(key, dtype=torch.bool)
+    t = torch.kthvalue(key, k).values
+    keep = key > t
+    ties = (key == t).nonzero().flatten()
+    keep[ties[k - int((key < t).sum()) :]] = True  # the ties after the first ones needed stay
     return keep
 
 

@@ -95,7 +95,7 @@ def test_row_scope_prunes_each_row_to_its_count_and_only_shrinks():
 def test_linear_time_selection_picks_what_a_stable_sort_picks():
     """``_extreme`` (kthvalue, ties by index) against the stable sort it replaced, enumerated over random
     keys full of ties, pruned (-inf) and protected (+inf) entries, at every k."""
-    from lightning_prune.selection import _extreme
+    from lightning_prune.selection import _extreme, _prune_lowest
 
     g = torch.Generator().manual_seed(0)
     for _ in range(100):
@@ -107,3 +107,4 @@ def test_linear_time_selection_picks_what_a_stable_sort_picks():
         for k in range(1, n + 1):
             assert sorted(_extreme(key, k).tolist()) == sorted(order[:k].tolist())
             assert sorted(_extreme(key, k, lowest=False).tolist()) == sorted(order[-k:].tolist())
+            assert sorted((~_prune_lowest(key, k)).nonzero().flatten().tolist()) == sorted(order[:k].tolist())

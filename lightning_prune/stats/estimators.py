@@ -364,11 +364,11 @@ class InputCovariance(Estimator):
     def seen(self, name: str) -> bool:
         return bool(self.count[name] > 0)
 
-    def input_covariance(self, name: str) -> Tensor:
-        """Normalised ``A`` in float64."""
+    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Normalised ``A`` in ``dtype``: one copy (a float32 solve never holds a float64 one)."""
         if self.diagonal_only:
             raise RuntimeError("this input estimator kept only the diagonal")
-        return self.A[name].to(torch.float64, copy=True).div_(self.count[name])  # one float64 copy
+        return self.A[name].to(dtype, copy=True).div_(self.count[name])
 
 
 class CrossCovariance(InputCovariance):
@@ -399,9 +399,9 @@ class CrossCovariance(InputCovariance):
     def tensors(self) -> list[Tensor]:
         return [*self.A.values(), *self.C.values(), *self.count.values()]
 
-    def cross_covariance(self, name: str) -> Tensor:
-        """Normalised ``C = E[x_ref x^T]`` in float64."""
-        return self.C[name].to(torch.float64, copy=True).div_(self.count[name])
+    def cross_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Normalised ``C = E[x_ref x^T]`` in ``dtype``."""
+        return self.C[name].to(dtype, copy=True).div_(self.count[name])
 
 
 class DiagFisher(Estimator):
@@ -480,9 +480,9 @@ class KFAC(Estimator):
             raise RuntimeError("this K-FAC estimator kept only the diagonals of its factors")
         return self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
 
-    def input_covariance(self, name: str) -> Tensor:
-        """Normalised ``A`` in float64 (as :class:`InputCovariance` gives it)."""
-        return self.factors(name)[0]
+    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
+        """Normalised ``A`` in ``dtype`` (as :class:`InputCovariance` gives it)."""
+        return self.factors(name)[0].to(dtype)
 
     def diagonal(self, name: str) -> Tensor:
         if self.diagonal_only:

@@ -247,7 +247,7 @@ class LayerwiseOBS(OBSCriterion):
         """:meth:`fit` one whole layer and write it: ``(whole-layer mask, row losses)``."""
         W_new, new_mask, losses = self.fit(
             t,
-            stats.input_covariance(t.name),  # type: ignore[attr-defined]
+            stats.input_covariance(t.name, self.dtype),  # type: ignore[attr-defined]
             t.matrix(),
             counts[t.name],
             solvers[t.name],
@@ -255,7 +255,7 @@ class LayerwiseOBS(OBSCriterion):
             info,
             adaptive=self.adaptive(ctx),
             groups=ctx.pattern.quotas(t, ~allocated[t.name]),
-            C=None if cross is None else cross.cross_covariance(t.name),
+            C=None if cross is None else cross.cross_covariance(t.name, self.dtype),
         )
         self.write(t, W_new)
         return new_mask, losses

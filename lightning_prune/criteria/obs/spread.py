@@ -48,7 +48,7 @@ def solve_spread(
             local_info = {"damping_increases": 0, "dead_inputs": 0}
             W_new, mask, losses = obs.fit(
                 t,
-                stats.input_covariance(t.name),  # type: ignore[attr-defined]
+                stats.input_covariance(t.name, obs.dtype),  # type: ignore[attr-defined]
                 W,
                 counts[t.name],
                 solvers[t.name],
@@ -56,7 +56,7 @@ def solve_spread(
                 local_info,
                 adaptive,
                 ctx.pattern.quotas(t, ~alloc),
-                None if cross is None else cross.cross_covariance(t.name),
+                None if cross is None else cross.cross_covariance(t.name, obs.dtype),
             )
             counters += torch.tensor([local_info["damping_increases"], local_info["dead_inputs"]], dtype=torch.float64)
             result = (t.unmatrix(W_new).to(t.param.dtype), mask, losses.to(torch.float64))
