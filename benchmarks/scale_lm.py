@@ -2,6 +2,7 @@
 
     python benchmarks/scale_lm.py                  # 60M and 220M parameters (about 25 minutes, one thread)
     python benchmarks/scale_lm.py --sizes 60m      # one size
+    python benchmarks/scale_lm.py --sizes 60m --ranks  # also prune() under torchrun, 2 ranks x 1 thread
 
 Random-init LLaMAs (``save_pretrained``, float32; time and memory do not depend on training, quality
 does: see lm.py and defaults_lm.py), 16 calibration sequences of 256 random tokens. Each cell runs in a
@@ -15,6 +16,11 @@ peak minus the resident memory just before (the loaded model, the interpreter an
   label-free, ``solver="auto"``: the most exact solver each layer's work budget allows);
 * ``llm-compressor SparseGPT``: ``benchmarks/lm_peer.py`` in its own venv (``oneshot``'s sequential
   pipeline, ``SparseGPTModifier(sparsity=0.5)``), the llm-compressor section of lm.py.
+
+``--ranks``: the same ``prune()`` calls under ``torch.distributed.run`` with two gloo processes of one
+thread each (the machine's two cores): each rank calibrates on half of every batch and solves half of
+each block's layers (``spread.py``); time and memory are rank 0's, the speed-up is against the
+one-process row of the same method.
 
 Ours measure the loss before and after on their last 8 batches (the default ``eval_batches``: two
 forward passes of the whole model), which llm-compressor does not; the ``eval_batches=0`` row leaves
@@ -55,6 +61,10 @@ PRUNERS = {  # worker method -> the pruner it measures
     "defaults": lambda lp: lp.OBSPruning(0.5, verbose=0),
 }
 PEER = "llm-compressor SparseGPT"
+RANKS = {  # row -> (worker method, one-process row it is compared with)
+    "ours SparseGPT(0.5, eval_batches=0), 2 ranks": ("sparsegpt-noeval", "ours SparseGPT(0.5, eval_batches=0)"),
+    "ours OBSPruning(0.5) defaults, 2 ranks": ("defaults", "ours OBSPruning(0.5) defaults"),
+}
 
 
 def model_dir(size: str) -> Path:
@@ -84,9 +94,15 @@ def worker(method: str, folder: Path, out: Path) -> None:
 
     import lightning_prune as lp
 
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("gloo")
     model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
     ids = torch.load(folder / "calib.pt")
-    batches = [{"input_ids": ids[i : i + BATCH], "labels": ids[i : i + BATCH]} for i in range(0, len(ids), BATCH)]
+    batches = [  # under torchrun each rank takes its share of every batch
+        {"input_ids": ids[i : i + BATCH][rank::world], "labels": ids[i : i + BATCH][rank::world]}
+        for i in range(0, len(ids), BATCH)
+    ]
     pruner = PRUNERS[method](lp)
     before = common.rss_mib()
     common.reset_peak_rss()
@@ -94,6 +110,10 @@ def worker(method: str, folder: Path, out: Path) -> None:
     record = lp.prune(model, batches, pruner)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     info = record["info"]
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank > 0:
+        return
     out.write_text(
         json.dumps(
             {
@@ -131,6 +151,9 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
         ]
         cmd += ["--calib", str(folder / "calib.pt"), "--eval", str(folder / "eval.pt"), "--method", "sparsegpt"]
         cmd += ["--sparsity", "0.5", "--out", str(peer_out)]
+    elif name in RANKS:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__]
+        cmd += ["--worker", RANKS[name][0], "--model", str(folder), "--out", str(out)]
     else:
         cmd = [sys.executable, __file__, "--worker", OURS[name], "--model", str(folder), "--out", str(out)]
     start = time.perf_counter()
@@ -153,12 +176,20 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
     return result
 
 
+def speedup(results: dict[str, dict[str, Any] | None], name: str) -> str:
+    if name not in RANKS:
+        return ""
+    one, two = results.get(RANKS[name][1]), results[name]
+    return f"{one['seconds'] / two['seconds']:.2f}x" if one and two else ""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--worker")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--ranks", action="store_true", help="also the 2-rank rows (torchrun)")
     a = parser.parse_args()
     if a.worker:
         worker(a.worker, a.model, a.out)
@@ -167,7 +198,8 @@ def main() -> None:
     rows = []
     for size in a.sizes.split(","):
         folder = model_dir(size)
-        results = {name: cell(name, size, folder) for name in [*OURS, PEER]}
+        names = [*OURS, *(RANKS if a.ranks else []), PEER]
+        results = {name: cell(name, size, folder) for name in names}
         params = next((r["params"] for r in results.values() if r and "params" in r), None)
         model_mib = (params or 0) * 4 / 2**20
         peer = results[PEER]
@@ -185,19 +217,23 @@ def main() -> None:
                     f"{r['seconds']:.1f}",
                     f"{r['peak_extra_mib']:.0f}",
                     f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
+                    speedup(results, name),
                     f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name != PEER else "",
                     r.get("solver") or "",
                     extra,
                 ]
             )
-    header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "memory vs peer", "solver", "held"]
+    header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "2-rank speed-up", "memory vs peer"]
+    header += ["solver", "held"]
     body = "\n\n".join(
         [
             "## Scale: time and peak memory of one-shot pruning against llm-compressor",
             f"`python benchmarks/scale_lm.py` at `{common.commit()}`, {(time.perf_counter() - started) / 60:.0f} min "
             f"on {common.machine()}; one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
             "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
-            "unstructured. Peak extra MiB: resident memory above the loaded model during the call.",
+            "unstructured. Peak extra MiB: resident memory above the loaded model during the call (rank 0's in the "
+            "2-rank rows: `torchrun --nproc_per_node=2`, one thread each, half of every batch per rank). 2-rank "
+            "speed-up: the one-process row's seconds over the 2-rank row's.",
             common.md_table(header, rows),
         ]
     )

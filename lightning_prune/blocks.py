@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from functools import partial
 from typing import Any
 
 import torch
@@ -186,21 +187,22 @@ def run_sequential(
     batches: Sequence[Any],
     blocks: Sequence[Block],
     comm: Collectives,
-    prune_block: Callable[[Block, Estimator], None],
+    prune_block: Callable[[Block, Estimator, Callable[[str], None]], None],
     make_stats: Callable[[Sequence[PruneTarget]], Estimator],
     *,
     reference: bool = False,
     progress_desc: str = "sequential calibration",
     device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Block by block: statistics of its layers' inputs, ``prune_block(block, stats)``, pruned outputs.
+    """Block by block: statistics of its layers' inputs, ``prune_block(block, stats, status)``, pruned outputs.
 
     ``make_stats(targets)`` gives a block's empty estimator (fed inputs only); ``prune_block`` changes
-    the block's weights in place. Batches whose captured inputs are not finite are left out of that
-    block's statistics (counted in the returned ``skipped``). ``reference``: the original outputs
-    travel beside the pruned ones (each block run on them before it is pruned), and the estimator is
-    fed pairs of original and pruned inputs (``update_pair``), so the block can fit its original
-    outputs; this holds two streams of block inputs instead of one.
+    the block's weights in place, and may say what it is doing with ``status(text)`` (shown beside the
+    blocks' progress bar: a block of a large model takes minutes). Batches whose captured inputs are
+    not finite are left out of that block's statistics (counted in the returned ``skipped``).
+    ``reference``: the original outputs travel beside the pruned ones (each block run on them before
+    it is pruned), and the estimator is fed pairs of original and pruned inputs (``update_pair``), so
+    the block can fit its original outputs; this holds two streams of block inputs instead of one.
     ``device``: the model stays where it is (the CPU) and each block is moved to ``device`` for its
     statistics, its pruning and its outputs, then moved back, so the device holds one block, its
     statistics and the block inputs (the first block's inputs are computed where the model is).
@@ -216,9 +218,10 @@ def run_sequential(
     try:
         with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
+                bar.describe(f"{block.name}: calibrating")
                 with _on(block.module, device):
                     inputs, originals, left_out = _run_block(
-                        block, inputs, originals, reference, prune_block, make_stats
+                        block, inputs, originals, reference, partial(prune_block, status=bar.describe), make_stats
                     )
                 skipped += left_out
                 if reference:

@@ -43,6 +43,9 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 class Progress(Protocol):
     def __call__(self, n: int = 1) -> None: ...
 
+    def describe(self, text: str) -> None:
+        """What the current step is doing (shown beside the bar): a long step is never silent."""
+
     def close(self) -> None: ...
 
 
@@ -51,6 +54,9 @@ ProgressFactory = Callable[[int, str], Progress]
 
 class _NoProgress:
     def __call__(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
     def close(self) -> None:
@@ -69,6 +75,9 @@ class _Tqdm:
 
     def __call__(self, n: int = 1) -> None:
         self.bar.update(n)
+
+    def describe(self, text: str) -> None:
+        self.bar.set_postfix_str(text)  # redraws now, with the elapsed time
 
     def close(self) -> None:
         self.bar.close()

@@ -18,7 +18,7 @@ statistics (step 1) and to run the criterion (step 3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -142,10 +142,18 @@ class Sequential(OnePass):
             est = criterion.make_estimator(targets, ctx.comm, len(ctx.batches), reference=criterion.fits_reference)
             return est  # type: ignore[return-value]  (check() refused criteria without statistics)
 
-        def prune_block(block: Any, stats: Estimator) -> None:
+        def prune_block(block: Any, stats: Estimator, status: Callable[[str], None]) -> None:
             nonlocal predicted
             masks_before = {t.name: ctx.masks[t.name].to(t.param.device) for t in block.targets}  # device=: moved
-            sub = replace(ctx, targets=block.targets, masks=masks_before, stats=stats, block=block.name, reference=None)
+            sub = replace(
+                ctx,
+                targets=block.targets,
+                masks=masks_before,
+                stats=stats,
+                block=block.name,
+                reference=None,
+                status=lambda what: status(f"{block.name}: {what}"),
+            )
             require_stats(sub, stats, f"sequential {criterion.name}")
             if bad := stats.nonfinite_layers():
                 raise RuntimeError(f"round {ctx.round_index}: the input statistics of {bad[:5]} are not finite")

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -113,53 +114,56 @@ LM_STEPS = ["trainer.max_steps=24", "pruner.start_step=8", "pruner.end_step=20",
 @pytest.mark.slow
 def test_documented_commands_run_as_written(tmp_path):
     env = offline_env(tmp_path / "home")
-    ckpt, sweep, ran = None, None, []
-    # the dense run first (it provides CKPT), the sweep before its report
-    order = sorted(COMMANDS, key=lambda c: (c != "lightning-prune pruner=none", c.startswith("lightning-prune-report")))
-    for i, command in enumerate(order):
-        if needs_gpu(command) or ("fmnist" in command and not FASHION):
-            continue
-        out = tmp_path / f"run{i}"
-        if command.startswith("lightning-prune-report"):
-            assert sweep is not None
-            proc = launch(["lightning_prune.app.report", str(sweep)], env)
-            assert "| obs[layerwise] |" in proc.stdout and "WARNING" not in proc.stdout
-            assert (sweep / "report.png").stat().st_size > 1000 and "| method | 80% | 90% |" in proc.stdout
-            (sweep / "3" / "results.json").unlink()  # a job that crashed
-            shutil.rmtree(sweep / "5")  # a job that never ran
-            proc = launch(["lightning_prune.app.report", str(sweep)], env)
-            assert "WARNING: failed: 3 (pruner=obd pruner.target=0.9 trainer.max_epochs=2)" in proc.stdout
-            assert "WARNING: never ran: 1 of the sweep's 6 jobs" in proc.stdout
-            ran.append(command)
-            continue
-        if command.startswith("lightning-prune-cli"):  # LightningCLI: lower max_epochs, keep logs out of the repo
-            args = [
-                re.sub(r"^--trainer.max_epochs=\d+$", "--trainer.max_epochs=2", a) for a in shlex.split(command)[1:]
-            ]
-            proc = launch(["lightning_prune.app.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
-            assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
-            ran.append(command)
-            continue
-        args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
-        if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
-            args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
-        if "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
-            args += [*LM_QUICK, "trainer.max_steps=24"] if "pruner=" in command else [*LM_QUICK, *LM_STEPS]
-        elif not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
-            args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
-        args.append(f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}")
-        proc = launch(["lightning_prune", *args], env)
-        text = proc.stdout + proc.stderr
-        results = [json.loads(p.read_text()) for p in sorted(out.rglob("results.json"))]
-        assert results, command
-        check(command, proc, text, results, out)
-        if command == "lightning-prune pruner=none":
-            ckpt = results[0]["checkpoint"]
-            assert ckpt and Path(ckpt).is_file() and "=" not in Path(ckpt).name  # pastes into ckpt_path=...
-        if "-m" in args:
-            sweep = out
-        ran.append(command)
-    assert len(ran) >= len(COMMANDS) - 3, ran  # only GPU / Fashion-MNIST commands may be skipped
+    env["OMP_NUM_THREADS"] = "1"  # two commands at a time on two cores (threads change no result checked here)
+    commands = [c for c in COMMANDS if not (needs_gpu(c) or ("fmnist" in c and not FASHION))]
+    outs = {c: tmp_path / f"run{i}" for i, c in enumerate(commands)}
+    # the dense run first (it provides CKPT), the report after the sweep it reads, the rest two at a time
+    dense = "lightning-prune pruner=none"
+    ckpt = run_documented(dense, outs[dense], env, None)
+    reports = [c for c in commands if c.startswith("lightning-prune-report")]
+    rest = [c for c in commands if c != dense and c not in reports]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda c: run_documented(c, outs[c], env, ckpt), rest))
+    (sweep,) = [outs[c] for c in rest if "-m" in shlex.split(c)]
+    assert len(reports) == 1, reports
+    if reports:
+        proc = launch(["lightning_prune.app.report", str(sweep)], env)
+        assert "| obs[layerwise] |" in proc.stdout and "WARNING" not in proc.stdout
+        assert (sweep / "report.png").stat().st_size > 1000 and "| method | 80% | 90% |" in proc.stdout
+        (sweep / "3" / "results.json").unlink()  # a job that crashed
+        shutil.rmtree(sweep / "5")  # a job that never ran
+        proc = launch(["lightning_prune.app.report", str(sweep)], env)
+        assert "WARNING: failed: 3 (pruner=obd pruner.target=0.9 trainer.max_epochs=2)" in proc.stdout
+        assert "WARNING: never ran: 1 of the sweep's 6 jobs" in proc.stdout
+    assert len(commands) >= len(COMMANDS) - 3, commands  # only GPU / Fashion-MNIST commands may be skipped
+
+
+def run_documented(command: str, out: Path, env: dict[str, str], ckpt: str | None) -> str | None:
+    """Run one documented command (not the report) as written, lowered, and check its output; the dense
+    run returns its checkpoint (CKPT)."""
+    if command.startswith("lightning-prune-cli"):  # LightningCLI: lower max_epochs, keep logs out of the repo
+        args = [re.sub(r"^--trainer.max_epochs=\d+$", "--trainer.max_epochs=2", a) for a in shlex.split(command)[1:]]
+        proc = launch(["lightning_prune.app.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
+        assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
+        return None
+    args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
+    if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
+        args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
+    if "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
+        args += [*LM_QUICK, "trainer.max_steps=24"] if "pruner=" in command else [*LM_QUICK, *LM_STEPS]
+    elif not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
+        args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
+    args.append(f"hydra.sweep.dir={out}" if "-m" in args else f"hydra.run.dir={out}")
+    proc = launch(["lightning_prune", *args], env)
+    text = proc.stdout + proc.stderr
+    results = [json.loads(p.read_text()) for p in sorted(out.rglob("results.json"))]
+    assert results, command
+    check(command, proc, text, results, out)
+    if command != "lightning-prune pruner=none":
+        return None
+    ckpt = results[0]["checkpoint"]
+    assert ckpt and Path(ckpt).is_file() and "=" not in Path(ckpt).name  # pastes into ckpt_path=...
+    return ckpt
 
 
 def check(command: str, proc, text: str, results: list[dict], out: Path) -> None:

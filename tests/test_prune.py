@@ -333,7 +333,9 @@ def test_a_callback_binding_a_partly_meta_model_names_the_meta_tensors():
 @pytest.mark.slow
 def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path):
     """Two gloo processes, each with half of every batch: identical masks and weights on both ranks,
-    equal to one process pruning from the whole batches (statistics are sums with counts)."""
+    equal to one process pruning from the whole batches (statistics are sums with counts). Block by
+    block on a decoder (SparseGPT, the defaults, 2:4), each rank solves half the layers and the
+    results are broadcast: the same masks as one process, the weights equal to rounding."""
     import os
     import subprocess
     import sys
@@ -360,6 +362,19 @@ def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path
             assert torch.equal(mask, pruner.masks[key]), (name, key)
         for key, w in r0[name]["weights"].items():
             assert torch.equal(w, r1[name]["weights"][key]), (name, key)
+    pytest.importorskip("transformers")
+    for name, make in prune_job.BLOCK_PRUNERS.items():  # block by block: solves spread over the two ranks
+        one = prune_job.run(make, prune_job.llama(), prune_job.token_batches())
+        assert r0[name]["info"]["sequential_blocks"] == one["info"]["sequential_blocks"] == 3, name
+        assert r0[name]["info"]["spread_solves"] == r1[name]["info"]["spread_solves"] > 0, name
+        assert "spread_solves" not in one["info"], name
+        for key, mask in one["masks"].items():
+            assert torch.equal(mask, r0[name]["masks"][key]), (name, key)
+            assert torch.equal(mask, r1[name]["masks"][key]), (name, key)
+            assert 0 < mask.float().mean() < 1, (name, key)
+        for key, w in one["weights"].items():  # statistics summed in another order: equal to rounding
+            assert torch.equal(r0[name]["weights"][key], r1[name]["weights"][key]), (name, key)
+            torch.testing.assert_close(r0[name]["weights"][key], w, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
 
 
 def _conv1d_twins():

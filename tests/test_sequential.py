@@ -419,3 +419,37 @@ def test_prune_with_a_device_refuses_what_it_cannot_offload():
     hooks.add_hook_to_module(model.model.layers[1], hooks.AlignDevicesHook(execution_device="cpu"))
     with pytest.raises(ValueError, match="dispatched by accelerate"):
         prune(model, data, OBSPruning(0.5, verbose=0), device="cpu")
+
+
+def test_a_block_by_block_round_says_which_layer_it_is_solving(monkeypatch):
+    """A block of a large model takes minutes: the blocks' bar says, before each layer's solve, which
+    layer of which block it is, in the order the layers are solved (never silent for a whole block)."""
+    import lightning_prune.round as round_module
+
+    said: list[str] = []
+
+    class Recorder:
+        def __init__(self, total: int, desc: str) -> None:
+            self.desc = desc
+
+        def __call__(self, n: int = 1) -> None:
+            said.append(f"{self.desc}: +{n}")
+
+        def describe(self, text: str) -> None:
+            said.append(text)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(round_module, "tqdm_progress", Recorder)
+    model = tiny_llama(layers=2)
+    prune(model, batches(), OBSPruning(0.5, verbose=1, eval_batches=0), num_batches=2)
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
+    expected = []
+    for i in range(2):
+        block = f"model.layers.{i}"
+        expected.append(f"{block}: calibrating")
+        expected += [f"{block}: solving {n}.weight" for n in targets if n.startswith(block + ".")]
+        expected.append("sequential calibration: +1")
+    shown = [s.split(" (")[0] for s in said if "calibrat" in s or "solving" in s]
+    assert shown == expected

@@ -51,6 +51,12 @@ class RoundContext:
     should_stop: Callable[[], bool] | None = None  # the run was asked to stop (SIGTERM): see check_interrupt
     block: str | None = None  # a sequential round's block being pruned (its targets only, its inputs' statistics)
     device: torch.device | None = None  # prune(device=): where each block is moved to be pruned (the model stays)
+    status: Callable[[str], None] | None = None  # what the round is doing now, for a progress bar (report)
+
+    def report(self, what: str) -> None:
+        """Say what the round does next (a layer's solve can take minutes on a large model)."""
+        if self.status is not None:
+            self.status(what)
 
     def check_interrupt(self, where: str = "") -> None:
         """Stop the round here (between layers) if the run was asked to stop; every rank agrees first,

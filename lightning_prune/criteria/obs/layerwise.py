@@ -190,6 +190,7 @@ class LayerwiseOBS(OBSCriterion):
             for t in group:
                 if streaming:
                     allocate([t])
+                ctx.report(f"solving {t.name} ({solvers[t.name]}, {t.shape2d[0]}x{t.shape2d[1]})")
                 yield t, *self.solve_layer(t, stats, counts, solvers, ctx.masks[t.name], allocated, ctx, info, cross)
 
         if not streaming:
@@ -216,8 +217,11 @@ class LayerwiseOBS(OBSCriterion):
                     if weighted:
                         G.update(row_weights(est, group, dtype))
                 info["recomputes"] += 1
-            if ctx.sharded:
+            if ctx.comm.world_size > 1:  # FSDP2 shards, or prune() under torchrun: rank j solves every j-th layer
+                if streaming:
+                    allocate(group)
                 solved = solve_spread(self, ctx, group, stats, counts, solvers, allocated, info, adaptive, cross)
+                info["spread_solves"] = info.get("spread_solves", 0) + len(group)
             else:
                 solved = solve_each(group, stats, cross)
             for t, mask, losses in solved:

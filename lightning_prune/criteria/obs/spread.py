@@ -1,9 +1,12 @@
-"""Layer-wise OBS on FSDP2-sharded layers: the ranks solve different layers at the same time.
+"""Layer-wise OBS on several ranks: the ranks solve different layers at the same time.
 
-Rank ``j`` solves layer ``j`` of every ``world_size`` consecutive layers; each result is broadcast
-from its solver and every rank keeps its rows. Every rank takes part in every layer's gathers
-(collectives, in the same order) but keeps only the layer it solves, so a rank holds at most one
-whole layer and its solve, plus one received result.
+Used whenever a round has more than one rank: FSDP2-sharded layers, and replicated ones (DDP, or
+``prune()`` under ``torchrun``, where the calibration batches are already split across ranks and the
+statistics all-reduced). Rank ``j`` solves layer ``j`` of every ``world_size`` consecutive layers;
+each result is broadcast from its solver and every rank keeps its rows (all of them when
+replicated), so the masks and weights are bitwise identical on every rank. Every rank takes part in
+every layer's gathers (collectives, in the same order; no-ops when replicated) but keeps only the
+layer it solves, so a rank holds at most one whole layer and its solve, plus one received result.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def solve_spread(
         result = None
         if mine is not None:
             t, W, alloc, before = mine
+            ctx.report(f"solving {t.name} and {len(chunk) - 1} more on the other ranks")
             local_info = {"damping_increases": 0, "dead_inputs": 0}
             W_new, mask, losses = obs.fit(
                 t,
