@@ -2,7 +2,7 @@
 
     python benchmarks/scale_lm.py                  # 60M and 220M parameters (about 25 minutes, one thread)
     python benchmarks/scale_lm.py --sizes 60m      # one size
-    python benchmarks/scale_lm.py --sizes 60m --ranks  # also prune() under torchrun, 2 ranks x 1 thread
+    python benchmarks/scale_lm.py --ranks 60m      # also prune() under torchrun at 60M, 2 ranks x 1 thread
 
 Random-init LLaMAs (``save_pretrained``, float32; time and memory do not depend on training, quality
 does: see lm.py and defaults_lm.py), 16 calibration sequences of 256 random tokens. Each cell runs in a
@@ -171,6 +171,8 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
         }
         out.write_text(json.dumps(result))
     result = json.loads(out.read_text())
+    result["commit"] = common.commit()  # cells are cached: each row says which code it measured
+    out.write_text(json.dumps(result))
     took = time.perf_counter() - start
     print(f"{size} {name}: {result['seconds']:.1f} s, {result['peak_extra_mib']:.0f} MiB ({took:.0f} s)", flush=True)
     return result
@@ -189,16 +191,15 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--ranks", action="store_true", help="also the 2-rank rows (torchrun)")
+    parser.add_argument("--ranks", default="", help="sizes that also get the 2-rank rows (torchrun), e.g. 60m")
     a = parser.parse_args()
     if a.worker:
         worker(a.worker, a.model, a.out)
         return
-    started = time.perf_counter()
     rows = []
     for size in a.sizes.split(","):
         folder = model_dir(size)
-        names = [*OURS, *(RANKS if a.ranks else []), PEER]
+        names = [*OURS, *(RANKS if size in a.ranks.split(",") else []), PEER]
         results = {name: cell(name, size, folder) for name in names}
         params = next((r["params"] for r in results.values() if r and "params" in r), None)
         model_mib = (params or 0) * 4 / 2**20
@@ -221,15 +222,16 @@ def main() -> None:
                     f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name != PEER else "",
                     r.get("solver") or "",
                     extra,
+                    r.get("commit", ""),
                 ]
             )
     header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "2-rank speed-up", "memory vs peer"]
-    header += ["solver", "held"]
+    header += ["solver", "held", "commit"]
     body = "\n\n".join(
         [
             "## Scale: time and peak memory of one-shot pruning against llm-compressor",
-            f"`python benchmarks/scale_lm.py` at `{common.commit()}`, {(time.perf_counter() - started) / 60:.0f} min "
-            f"on {common.machine()}; one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
+            f"`python benchmarks/scale_lm.py --ranks 60m` on {common.machine()} (cells cached: the commit column says "
+            "which code each row measured); one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
             "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
             "unstructured. Peak extra MiB: resident memory above the loaded model during the call (rank 0's in the "
             "2-rank rows: `torchrun --nproc_per_node=2`, one thread each, half of every batch per rank). 2-rank "

@@ -175,3 +175,25 @@ def test_non_editable_install_ships_the_configs(tmp_path):
         text=True,
     )
     assert str(tmp_path / "site") in probe.stdout
+
+
+def test_save_hf_is_checked_before_the_run_and_names_the_model():
+    """save_hf=DIR needs a Hugging Face model in the LightningModule's ``.model``: refused before any
+    training, naming the argument and the model (the positive path runs in test_commands.py)."""
+    from omegaconf import OmegaConf
+    from torch import nn
+
+    from lightning_prune.app import cli_run
+
+    cfg = OmegaConf.create({"save_hf": "small", "model": {"_target_": "lightning_prune.app.models.MLPClassifier"}})
+    lit = nn.Module()
+    lit.model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"save_hf='small'.*MLPClassifier holds no transformers model"):
+        cli_run._hf_model(cfg, lit)
+    assert cli_run._hf_model(OmegaConf.create({"save_hf": None}), lit) is None
+    transformers = pytest.importorskip("transformers")
+    lit.model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)
+    )  # fmt: skip
+    assert cli_run._hf_model(cfg, lit) is lit.model

@@ -147,6 +147,7 @@ def run_documented(command: str, out: Path, env: dict[str, str], ckpt: str | Non
         assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
         return None
     args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
+    args = [f"save_hf={out / a[len('save_hf=') :]}" if a.startswith("save_hf=") else a for a in args]  # not in ROOT
     if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
         args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
     if "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
@@ -179,6 +180,18 @@ def check(command: str, proc, text: str, results: list[dict], out: Path) -> None
         assert proc.stdout.rstrip().endswith("=" * 72)
         assert r["method"] == "obs[layerwise]" and r["sparsity"] == pytest.approx(0.8, abs=1e-3)
         assert len(r["rounds"]) == 2 and 0.0 < r["test_acc"] <= 1.0
+    elif "save_hf=" in command:  # prune, shrink, save, load: a smaller Hugging Face checkpoint with its tokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        (directory,) = [a.split("=", 1)[1] for a in shlex.split(command) if a.startswith("save_hf=")]
+        loaded = AutoModelForCausalLM.from_pretrained(out / directory)
+        config = loaded.config
+        target = float(r["config"]["pruner"]["target"])
+        assert config.intermediate_size == round(r["config"]["model"]["intermediate_size"] * (1 - target))
+        assert config.num_attention_heads == round(r["config"]["model"]["num_heads"] * (1 - target))
+        assert r["hf_checkpoint"] == str(out / directory) and "Hugging Face checkpoint:" in proc.stdout
+        ids = AutoTokenizer.from_pretrained(out / directory)("def main():\n    return 0")["input_ids"]
+        assert len(ids) > 0 and max(ids) < config.vocab_size
     elif "llama" in command:  # perplexity, not accuracy, all the way to the summary
         assert "right after pruning" in proc.stdout and "val perplexity" in proc.stdout and "test perplexity" in text
         assert r["test_ppl"] > 1 and r["dense_val_ppl"] > 1 and len(r["rounds"]) >= 3

@@ -145,6 +145,7 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = _model(cfg, datamodule)
+    _hf_model(cfg, model)  # save_hf=DIR checked before the fit
     callbacks: list[Callback] = []
     pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
     evaluator = None
@@ -182,6 +183,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if trainer.is_global_zero:
+        if cfg.get("save_hf"):
+            summary["hf_checkpoint"] = _save_hf(cfg, model, pruner, datamodule)
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
         _print(_final_report(summary, pruner, loggers))
@@ -249,6 +252,7 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
     if not (cfg.pruner and cfg.pruner.get("_target_")):
         raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
     datamodule, model, ckpt, ckpt_path = _load(cfg, "oneshot")
+    _hf_model(cfg, model)
     pruner: PruningCallback = instantiate(cfg.pruner)
     state = ckpt.get("callbacks", {}).get(pruner.state_key)
     if state is not None:  # a checkpoint of a pruning run: its masks only shrink from here
@@ -276,6 +280,8 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if rank_zero_only.rank == 0:
+        if cfg.get("save_hf"):
+            summary["hf_checkpoint"] = _save_hf(cfg, model, pruner, datamodule)
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
@@ -298,11 +304,68 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
             pruner.layer_table(),
             "",
             f"pruned checkpoint: {pruned_path}",
+            *([f"Hugging Face checkpoint: {summary['hf_checkpoint']}"] if cfg.get("save_hf") else []),
             f"results.json: {output_dir / 'results.json'}",
             "=" * 72,
         ]
         _print("\n".join(lines))
     return summary
+
+
+def _hf_model(cfg: DictConfig, model: pl.LightningModule) -> Any:
+    """The Hugging Face model ``save_hf=DIR`` writes (the LightningModule's ``model``), checked before any work."""
+    if not cfg.get("save_hf"):
+        return None
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as err:
+        raise ValueError(f"save_hf={cfg.save_hf!r} needs transformers: pip install 'lightning-prune[lm]'") from err
+    hf = getattr(model, "model", None)
+    if not isinstance(hf, PreTrainedModel):
+        raise ValueError(
+            f"save_hf={cfg.save_hf!r} writes a Hugging Face checkpoint, but {cfg.model._target_} holds no "
+            "transformers model in `.model`: use a Hugging Face model (e.g. experiment=llama_text), or drop save_hf"
+        )
+    return hf
+
+
+def _save_hf(cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback | None, datamodule: Any) -> str:
+    """Write the pruned model to ``save_hf`` as an ordinary Hugging Face checkpoint (and the data's tokenizer).
+
+    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.shrink`),
+    so the checkpoint is a smaller dense model with its sizes in the config; other patterns are saved
+    dense with their zeros. The written directory is read back with ``AutoModelForCausalLM.from_pretrained``
+    and must compute what the pruned model computes, else this raises."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_prune.shrink import shrink
+
+    hf, directory = _hf_model(cfg, model), Path(str(cfg.save_hf)).expanduser()
+    batch = next(iter(datamodule.val_dataloader()))
+    ids = batch["input_ids"][:2].to(hf.device)
+    structured = pruner is not None and pruner.pattern.removes_structures
+    with eval_mode(hf), torch.no_grad():
+        before = sum(p.numel() for p in hf.parameters())
+        out = shrink(hf, example_inputs={"input_ids": ids}) if structured else None
+        (out if out is not None else hf).save_pretrained(directory)
+        after = out.params_after if out is not None else before
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        if tokenizer is not None:
+            from transformers import PreTrainedTokenizerFast
+
+            PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
+        loaded = AutoModelForCausalLM.from_pretrained(directory).to(hf.device).eval()
+        want, got = hf(input_ids=ids).logits, loaded(input_ids=ids).logits
+    if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
+        raise RuntimeError(
+            f"save_hf={str(directory)!r}: the checkpoint read back computes other logits than the pruned model "
+            f"(max difference {(got - want).abs().max().item():.3g})"
+        )
+    _print(
+        f"Hugging Face checkpoint: {directory} ({before:,} -> {after:,} parameters"
+        f"{', shrunk' if structured else ', dense with zeros'}); AutoModelForCausalLM.from_pretrained reads it"
+    )
+    return str(directory)
 
 
 def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:
@@ -363,6 +426,8 @@ def _final_report(summary: dict[str, Any], pruner: PruningCallback | None, logge
         lines.append(
             f"  prune it post-training: lightning-prune mode=oneshot \"ckpt_path='{summary['checkpoint']}'\" pruner=obs"
         )
+    if summary.get("hf_checkpoint"):
+        lines.append(f"Hugging Face checkpoint: {summary['hf_checkpoint']} (AutoModelForCausalLM.from_pretrained)")
     for logger in loggers:
         where = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
         if isinstance(logger, WandbLogger):
