@@ -178,6 +178,31 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
     return result
 
 
+def plot(per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]]) -> None:
+    """Seconds and peak extra MiB against parameters, one line per method: ``benchmarks/scale_lm.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = dict.fromkeys(n for _, results in per_size.values() for n, r in results.items() if r)
+    for name in names:
+        points = sorted((params, r) for params, res in per_size.values() if (r := res.get(name)))
+        for ax, key in zip(axes, ("seconds", "peak_extra_mib")):
+            ax.plot([p / 1e6 for p, _ in points], [r[key] for _, r in points], marker="o", label=name)
+    for ax, label in zip(axes, ("seconds (one thread per process)", "peak MiB above the loaded model")):
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("One-shot 50% on random-init LLaMAs: ours against llm-compressor's SparseGPT")
+    fig.tight_layout()
+    fig.savefig(common.ROOT / "scale_lm.png", dpi=110)
+
+
 def speedup(results: dict[str, dict[str, Any] | None], name: str) -> str:
     if name not in RANKS:
         return ""
@@ -197,11 +222,14 @@ def main() -> None:
         worker(a.worker, a.model, a.out)
         return
     rows = []
+    per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]] = {}
     for size in a.sizes.split(","):
         folder = model_dir(size)
         names = [*OURS, *(RANKS if size in a.ranks.split(",") else []), PEER]
         results = {name: cell(name, size, folder) for name in names}
         params = next((r["params"] for r in results.values() if r and "params" in r), None)
+        if params:
+            per_size[size] = (params, results)
         model_mib = (params or 0) * 4 / 2**20
         peer = results[PEER]
         for name, r in results.items():
@@ -225,6 +253,7 @@ def main() -> None:
                     r.get("commit", ""),
                 ]
             )
+    plot(per_size)
     header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "2-rank speed-up", "memory vs peer"]
     header += ["solver", "held", "commit"]
     body = "\n\n".join(
@@ -237,6 +266,7 @@ def main() -> None:
             "2-rank rows: `torchrun --nproc_per_node=2`, one thread each, half of every batch per rank). 2-rank "
             "speed-up: the one-process row's seconds over the 2-rank row's.",
             common.md_table(header, rows),
+            "![time and peak memory against model size](scale_lm.png)",
         ]
     )
     common.write_block("scale-lm", body)
