@@ -3,6 +3,7 @@
     python benchmarks/shrink_hf.py             # writes the "shrink-hf" block of RESULTS.md
     python benchmarks/shrink_hf.py --reps 3    # fewer timing repetitions
     python benchmarks/shrink_hf.py --quality   # perplexity on a briefly trained model: "shrink-hf-quality"
+    python benchmarks/shrink_hf.py --generate  # a 111M LLaMA: prefill, decoding tok/s, memory: "shrink-hf-generate"
 
 The model has the shape of ``benchmarks/lm.py``'s (LLaMA, 8 blocks, hidden 192, 4 heads, MLP 512,
 vocabulary 4096) with **random weights**: the trained model is not cached here and takes longer to
@@ -26,6 +27,7 @@ and the speed-up as the median of the per-repetition ratios (dense and small tim
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -172,13 +174,134 @@ def _round_trip(small: Any) -> Any:
         return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
 
+GEN_SHAPE = {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "intermediate_size": 2816}
+GEN_PREFILL, GEN_PROMPT, GEN_NEW = 512, 64, 32
+
+
+def generate_speed(reps: int, threads: int) -> None:
+    """What users deploy: ``generate`` on a 111M-parameter LLaMA (random weights), dense against each smaller
+    checkpoint loaded back with ``from_pretrained``: prefill latency (batch 1, 512 tokens), decoding
+    tokens per second (batch 1, greedy, KV cache, 32 new tokens after 64), forward throughput (batch 16 x
+    128 tokens), the weights' MiB and the peak resident memory of a prefill above the loaded model."""
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=1024, num_key_value_heads=16, **GEN_SHAPE)
+    dense = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": (x := torch.randint(0, VOCAB, (4, SEQ), generator=g)), "labels": x} for _ in range(2)]
+    prefill = torch.randint(0, VOCAB, (1, GEN_PREFILL), generator=g)
+    prompt = prefill[:, :GEN_PROMPT]
+    batch16 = torch.randint(0, VOCAB, (16, SEQ), generator=g)
+
+    def measures(model: Any) -> dict[str, Any]:
+        def run_prefill() -> float:
+            with torch.no_grad():
+                start = time.perf_counter()
+                model(input_ids=prefill)
+            return time.perf_counter() - start
+
+        def run_decode() -> float:
+            kw = dict(max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False, use_cache=True, pad_token_id=0)
+            start = time.perf_counter()
+            model.generate(prompt, **kw)
+            return GEN_NEW / (time.perf_counter() - start)
+
+        def run_b16() -> float:
+            with torch.no_grad():
+                start = time.perf_counter()
+                model(input_ids=batch16)
+            return 16 * SEQ / (time.perf_counter() - start)
+
+        return {"prefill": run_prefill, "decode": run_decode, "b16": run_b16}
+
+    def build(kind: str) -> Any:
+        model = copy.deepcopy(dense)
+        ids = data[0]["input_ids"][:1]
+        if kind.startswith("width"):
+            fraction = float(kind.split()[1].rstrip("%")) / 100
+            prune(model, data, MagnitudePruning(target=fraction, pattern="channels", num_batches=2, verbose=0))
+            model = shrink(model, example_inputs={"input_ids": ids}).model
+        if "depth" in kind:
+            model = prune_blocks(model, data, 0.25, score="influence", example_inputs={"input_ids": ids}).model
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            return AutoModelForCausalLM.from_pretrained(tmp).eval()
+
+    def peak_mib(model: Any) -> float:
+        before = common.rss_mib()
+        common.reset_peak_rss()
+        with torch.no_grad():
+            model(input_ids=prefill)
+        return common.rss_mib("VmHWM") - before
+
+    def mib(model: Any) -> float:
+        return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+    rows = []
+    kinds = ["width 25%", "width 50%", "depth 25%", "width 25% + depth 25%"]
+    dense_row = None
+    for kind in kinds:
+        small = build(kind)
+        for m in (dense, small):  # warm-up
+            for f in measures(m).values():
+                f()
+        got = {k: {"dense": [], "small": []} for k in ("prefill", "decode", "b16")}
+        for _, who in common.alternation(["dense", "small"], reps, swap=True):
+            for key, f in measures(dense if who == "dense" else small).items():
+                got[key][who].append(f())
+        pairs = {k: list(zip(v["dense"], v["small"])) for k, v in got.items()}
+        prefill_ratio = statistics.median(d / s for d, s in pairs["prefill"])
+        decode_ratio = statistics.median(s / d for d, s in pairs["decode"])
+        b16_ratio = statistics.median(s / d for d, s in pairs["b16"])
+        if dense_row is None:
+            dense_row = ["dense", f"{sum(p.numel() for p in dense.parameters()) / 1e6:.1f}M", f"{mib(dense):.0f}",
+                         f"{peak_mib(dense):.0f}", f"{1000 * min(got['prefill']['dense']):.0f}", "",
+                         f"{max(got['decode']['dense']):.1f}", "", f"{max(got['b16']['dense']):.0f}", ""]  # fmt: skip
+            rows.append(dense_row)
+        rows.append(
+            [kind, f"{sum(p.numel() for p in small.parameters()) / 1e6:.1f}M", f"{mib(small):.0f}",
+             f"{peak_mib(small):.0f}", f"{1000 * min(got['prefill']['small']):.0f}", f"{prefill_ratio:.2f}x",
+             f"{max(got['decode']['small']):.1f}", f"{decode_ratio:.2f}x", f"{max(got['b16']['small']):.0f}",
+             f"{b16_ratio:.2f}x"]
+        )  # fmt: skip
+        print(rows[-1], flush=True)
+        del small
+    header = ["model", "parameters", "weights MiB", "prefill peak MiB", "prefill 512 ms", "prefill speed-up",
+              "decode tok/s", "decode speed-up", "b16 tok/s", "b16 speed-up"]  # fmt: skip
+    body = "\n".join(
+        [
+            "## Smaller LLaMAs: generate() speed and memory on the CPU",
+            "",
+            f"`python benchmarks/shrink_hf.py --generate --reps {reps} --threads {threads}` at `{common.commit()}`, "
+            f"{time.perf_counter() - started:.0f} s on {common.machine()} (load average {os.getloadavg()[0]:.1f} "
+            f"at the end). A random-init LLaMA ({GEN_SHAPE}, vocabulary {VOCAB}, float32); each smaller model is "
+            "pruned by magnitude (the sizes are what is timed), shrunk, saved with `save_pretrained` and the one "
+            "loaded back with `AutoModelForCausalLM.from_pretrained` is timed. Prefill: one forward of 512 tokens, "
+            f"batch 1; decode: `generate` of {GEN_NEW} new tokens after {GEN_PROMPT} (greedy, KV cache, batch 1, "
+            f"prompt included in the time); b16: a forward of 16 x {SEQ} tokens. {reps} repetitions alternated "
+            "with the dense model: the best repetition, and the speed-up as the median of the per-repetition "
+            "ratios. Prefill peak MiB: resident memory above the loaded model during the prefill.",
+            "",
+            common.md_table(header, rows),
+        ]
+    )
+    common.write_block("shrink-hf-generate", body)
+    print(body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--quality", action="store_true", help="perplexity on a briefly trained model instead")
+    parser.add_argument("--generate", action="store_true", help="generate() speed and memory on a 111M model")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.quality:
         quality()
+        return
+    if args.generate:
+        generate_speed(args.reps, args.threads)
         return
     started = time.perf_counter()
     dense = dense_model()

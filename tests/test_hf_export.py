@@ -258,8 +258,16 @@ def test_head_counts_the_config_class_refuses_are_said_at_bind_and_at_save(tmp_p
     32 cannot be saved, whatever head_dim says."""
     model = build("llama")
     pruner = MagnitudePruning(target=0.25, pattern="channels", verbose=0)  # 1 of 4 heads per block
-    with pytest.warns(UserWarning, match=r"LlamaConfig refuses .*choose another target"):
+    with pytest.warns(UserWarning, match=r"LlamaConfig refuses .*choose another target") as said:
         prune(model, batches(), pruner)
+    # 4 heads of 8 dimensions in a hidden size of 32: 2 or 1 heads kept (targets whose rounding keeps them)
+    (hint,) = [str(w.message) for w in said if "choose another target" in str(w.message)]
+    ranges = hint.split("targets that save here: ")[1].split(")")[0].split(", ")
+    bounds = [tuple(float(x) for x in r.split("-")) for r in ranges]
+    saves = {t / 100 for t in range(1, 100) if any(b[0] <= t / 100 <= b[-1] for b in bounds)}
+    assert {0.5, 0.75} <= saves and 0.25 not in saves, hint  # 2 or 1 heads of 4 save (divide 32), 3 do not
+    assert saves == {t / 100 for t in range(1, 100) if 4 - round(4 * t / 100) in (1, 2, 4)}, hint
+    assert "include=['*mlp*']" in hint
     with pytest.warns(UserWarning, match="no standard Hugging Face config"):
         small = shrink(model, example_inputs={"input_ids": IDS})
     assert "LlamaConfig refuses" in small.nonstandard[""] and "multiple" in small.nonstandard[""]

@@ -119,12 +119,25 @@ class Channels(Pattern):
                 "Leave scope unset (or 'layer') to remove the same number in every block"
             )
             return
-        kept = {f.name: f.size - round(target * f.size) for f in self.families}
-        if problem := hf.predicted_problem(model, families, kept):
+        if problem := self._checkpoint_problem(model, families, target):
+            ok = [t for t in range(1, 100) if not self._checkpoint_problem(model, families, t / 100)]
+            runs: list[list[int]] = []  # consecutive percentages, as [first, last]
+            for t in ok:
+                if runs and runs[-1][1] == t - 1:
+                    runs[-1][1] = t
+                else:
+                    runs.append([t, t])
+            ranges = [f"{a / 100}" if a == b else f"{a / 100}-{b / 100}" for a, b in runs]
+            hint = f"targets that save here: {', '.join(ranges)}" if ranges else "no target saves here"
             warn(
                 f"pattern='channels' at target={target}: {problem}. The shrunk model will not save as a standard "
-                "Hugging Face checkpoint (Shrunk.save_pretrained refuses it): choose another target"
+                f"Hugging Face checkpoint (Shrunk.save_pretrained refuses it): choose another target ({hint}), "
+                "or leave the heads whole (include=['*mlp*'] prunes MLP neurons only)"
             )
+
+    def _checkpoint_problem(self, model: nn.Module, families: Sequence[Family], target: float) -> str | None:
+        kept = {f.name: f.size - round(target * f.size) for f in self.families}
+        return hf.predicted_problem(model, families, kept)
 
     def _check_feasible(self, target: float, scope: str, min_density: float) -> None:
         sizes = {f.name: f.size for f in self.families}
