@@ -12,7 +12,7 @@ big). Each rank writes DIR/rank{R}.pt with the whole-layer masks and weights (ga
 history, the local mask shapes and the peak extra bytes a round held. ``--distill copy|module|path``
 adds a ``Distillation`` whose teacher is the default copy, the dense model passed as a module, or its
 state dict saved to a file; the rank's file then also holds the teacher (gathered), its local and
-full sizes and the last step's terms.
+full sizes, the last step's terms and the dense model at fit start.
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ def train(a: argparse.Namespace) -> None:
     model = ShardedTinyNet(batch_size=batch, lr=a.lr, n=256, hidden=28, classes=5)  # 5 rows: uneven shards 3/2
     pruner = METHODS[a.method](a)
     callbacks = [pruner, ModelCheckpoint(dirpath=os.path.join(a.out, "ckpt"), filename="{epoch}", save_top_k=-1)]
-    distill = None
+    distill, dense = None, {n: p.detach().clone() for n, p in model.net.named_parameters()}
     if a.distill:
         teacher = {"copy": lambda: None, "module": lambda: copy.deepcopy(model.net)}.get(a.distill)
-        if teacher is None:  # "path": the dense student module's state dict
-            torch.save(model.net.state_dict(), os.path.join(a.out, "teacher.pt"))
-            teacher = lambda: os.path.join(a.out, "teacher.pt")  # noqa: E731
+        if teacher is None:  # "path": the dense student module's state dict, one file per rank (no race)
+            path = os.path.join(a.out, f"teacher{os.environ.get('LOCAL_RANK', '0')}.pt")
+            torch.save(model.net.state_dict(), path)
+            teacher = lambda: path  # noqa: E731
         distill = Distillation(teacher=teacher(), kd_weight=1.0, temperature=2.0)
         callbacks.append(distill)
     trainer = pl.Trainer(
@@ -113,7 +114,7 @@ def train(a: argparse.Namespace) -> None:
             "history": [dict(r) for r in pruner.history],
             "world": trainer.world_size,
             "moments_at_pruned": moments_at_pruned(trainer, pruner),
-            **(distilled(distill) if distill is not None else {}),
+            **({**distilled(distill), "dense": dense, "state_keys": list(model.state_dict())} if distill else {}),
         },
         os.path.join(a.out, f"rank{trainer.global_rank}.pt"),
     )

@@ -236,7 +236,15 @@ class Distillation(Callback):
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"`teacher` must be None, an nn.Module or a checkpoint path, got {type(teacher).__name__}")
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():
-            raise ValueError(f"`teacher` is not a file: {str(teacher)!r}")
+            raise ValueError(
+                f"`teacher` is not a file: {str(teacher)!r}"
+                + (
+                    " (a directory: a distributed checkpoint, as FSDP2 saves, is not read; pass one file holding the "
+                    "student module's state dict or a one-process Lightning checkpoint, or the dense nn.Module)"
+                    if Path(teacher).is_dir()
+                    else ""
+                )
+            )
         if not isinstance(squarehead_blocks, str) or not squarehead_blocks:
             raise ValueError(f"`squarehead_blocks` must be 'auto' or a glob, got {squarehead_blocks!r}")
         if student is not None and not isinstance(student, str):
