@@ -287,7 +287,7 @@ class Distillation(Callback):
         params = list(student.parameters())
         # FSDP2 refuses to deepcopy a sharded module: copy the structure now, before configure_model shards it
         if (
-            isinstance(trainer.strategy, ModelParallelStrategy)
+            isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
             and not isinstance(self._teacher_arg, nn.Module)
             and self._skeleton is None
             and params
