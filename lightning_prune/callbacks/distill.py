@@ -31,10 +31,11 @@ forward) on the teacher's modules that have the names of the student's ``fully_s
 then on the teacher's root, over the student's mesh. FSDP2 refuses ``copy.deepcopy`` of a sharded
 module, so the default teacher's structure is copied at ``setup``, before ``configure_model``
 shards the student, with every parameter and buffer on the meta device (no memory); at fit start
-it is sharded and each rank copies its own rows from the student's shards. A checkpoint path is
-loaded into that structure (``assign=True``) and then sharded; a module passed as ``teacher`` is
-sharded in place. Its forward is a collective (all-gathers of its shards), which every rank runs,
-since every rank runs the student.
+it is sharded and each rank copies its own rows from the student's shards (a student built inside
+``configure_model`` has no structure to copy at ``setup``: it is refused, naming ``teacher``). A
+checkpoint path (one file, read whole by each rank) is loaded into that structure (``assign=True``)
+and then sharded; a module passed as ``teacher`` is sharded in place. Its forward is a collective
+(all-gathers of its shards), which every rank runs, since every rank runs the student.
 """
 
 from __future__ import annotations
@@ -199,7 +200,8 @@ class Distillation(Callback):
             (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
             dense teacher. Or an ``nn.Module`` called like the student; or a checkpoint path (a
             Lightning checkpoint of this LightningModule, or a state dict of the student module)
-            loaded into a copy of the student.
+            loaded into a copy of the student. Under FSDP2 the teacher is sharded like the student
+            (a module passed is sharded in place; module docstring).
         kd_weight: weight of the logit KL term.
         temperature: softmax temperature ``T`` of the KL (the term is scaled by ``T²``).
         task_weight: weight of the user's own loss (0: distillation alone).
