@@ -132,7 +132,7 @@ def test_distillation_under_fsdp2_equals_one_process_with_twice_the_batch(tmp_pa
     assert one["teacher_local"] == one["teacher_numel"]  # one process: the whole teacher
     local = sum(two[0]["teacher_local"].values()) * 4 / 2**10
     full = sum(two[0]["teacher_numel"].values()) * 4 / 2**10
-    said = re.search(r"([\d.]+) KiB of weights on rank 0 \(its FSDP2 shards of ([\d.]+) KiB over 2 ranks\)", log)
+    said = re.search(r"([\d.]+) KiB of weights on rank 0 \(its FSDP2 shards of ([\d.]+) KiB over 2 rank\(s\)\)", log)
     assert said and [float(said[1]), float(said[2])] == [round(local, 1), round(full, 1)] and local < 0.6 * full
     assert len(one["history"]) >= 2
     for r in two:
@@ -162,6 +162,20 @@ def test_a_given_teacher_is_sharded_like_the_student(tmp_path, form):
     for n, t in two[0]["dense"].items():
         assert torch.equal(two[0]["teacher"][n], t), n
     assert all(r["terms"]["kd"] > 0 for r in two)
+
+
+@pytest.mark.slow
+def test_the_default_teacher_is_refused_on_a_run_resumed_after_a_round(tmp_path):
+    """FSDP2 restores a checkpoint after fit start, so the default teacher's copy would hold the weights from
+    before the restore (the untrained model): a run resumed after a round is refused, naming `teacher`."""
+    args = ("--devices", "1", "--fsdp", "1", "--method", "magnitude", "--lr", "0.01")
+    job(tmp_path / "first", *args, "--epochs", "2")
+    ckpt = tmp_path / "first" / "ckpt" / "epoch=1.ckpt"
+    cmd = [sys.executable, str(JOB), "--out", str(tmp_path), *args, "--epochs", "3", "--distill", "copy"]
+    proc = subprocess.run([*cmd, "--resume", str(ckpt)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "ValueError: Distillation(teacher=None) found the pruners' rounds restored" in proc.stderr
+    assert "as `teacher`" in proc.stderr
 
 
 def test_distillation_on_a_sharded_student_in_one_process(one_rank_group, tmp_path):

@@ -276,6 +276,7 @@ class Distillation(Callback):
         self._pruners: list[PruningCallback] = []
         self._skeleton: nn.Module | None = None  # under FSDP2: the student's structure on meta, taken at setup
         self._tracking = False  # the default teacher follows the student until a pruner's first round
+        self._followed = False  # the tracking teacher has copied the student at least once in this fit
         self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
 
@@ -393,6 +394,7 @@ class Distillation(Callback):
             self._teacher_arg is None and not self._frozen and bool(pruners) and not any(p.history for p in pruners)
         )
         self._pruners = pruners
+        self._followed = False
         if not self._tracking:
             self._frozen = True
         shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
@@ -409,7 +411,7 @@ class Distillation(Callback):
         where = f"{_size(size)} of weights"
         if any(sharding.is_sharded(t) for t in tensors):
             ranks = next(t for t in tensors if sharding.is_sharded(t)).device_mesh.size()
-            where += f" on rank {pl_module.global_rank} (its FSDP2 shards of {_size(full)} over {ranks} ranks)"
+            where += f" on rank {pl_module.global_rank} (its FSDP2 shards of {_size(full)} over {ranks} rank(s))"
         rank_zero_info(
             f"[lightning-prune] Distillation teacher: {type(teacher).__name__}, {where} "
             f"({next(teacher.parameters()).dtype}), {len(self._blocks)} SquareHead blocks"
@@ -548,6 +550,12 @@ class Distillation(Callback):
         if not self._tracking:
             return
         if any(p.history for p in self._pruners):  # the first round ran at the end of the last batch
+            if not self._followed:  # or a checkpoint restored after fit start (FSDP2 restores then) had rounds
+                raise ValueError(
+                    "Distillation(teacher=None) found the pruners' rounds restored from a checkpoint after fit "
+                    "start, before it could copy the dense model (the weights it holds are not the dense model's): "
+                    "pass the dense model (a copy taken before pruning) or its checkpoint path as `teacher`"
+                )
             self._tracking, self._frozen = False, True
             rank_zero_info(
                 f"[lightning-prune] Distillation: the teacher is the dense model of step {trainer.global_step - 1}, "
@@ -558,6 +566,7 @@ class Distillation(Callback):
         with torch.no_grad():
             for t, s in zip(self.teacher.state_dict().values(), self._student.state_dict().values()):
                 sharding.local(t).copy_(sharding.local(s))  # a sharded teacher's shards are laid out like the student's
+        self._followed = True
 
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
