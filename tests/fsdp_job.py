@@ -2,18 +2,23 @@
 
     python tests/fsdp_job.py --devices 2 --method obs --out DIR [--lr 0] [--resume CKPT] [--epochs 4]
     python tests/fsdp_job.py --selection --out DIR        # under torch.distributed.run: sharded selection
+    python tests/fsdp_job.py --devices 2 --method magnitude --distill copy --out DIR   # a Distillation beside it
 
 ``--devices 2``: ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)`` with
 ``fully_shard`` on every Linear and on the model (weights are DTensors, rows split between the
 two ranks); ``--devices 1``: the same model unsharded in one process, the reference. Both see the
 same samples per step (rank r: samples r, r + 2, ...; one process: all of them, batch twice as
 big). Each rank writes DIR/rank{R}.pt with the whole-layer masks and weights (gathered), the
-history, the local mask shapes and the peak extra bytes a round held.
+history, the local mask shapes and the peak extra bytes a round held. ``--distill copy|module|path``
+adds a ``Distillation`` whose teacher is the default copy, the dense model passed as a module, or its
+state dict saved to a file; the rank's file then also holds the teacher (gathered), its local and
+full sizes, the last step's terms and the dense model at fit start.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -25,7 +30,7 @@ from ddp_job import OrderedTinyNet, exit_cleanly
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, sharding
+from lightning_prune import Distillation, MagnitudePruning, OBDPruning, OBSPruning, sharding
 
 METHODS = {
     "magnitude": lambda a: MagnitudePruning(0.8, verbose=0, scope=a.scope),
@@ -75,6 +80,16 @@ def train(a: argparse.Namespace) -> None:
     batch = 16 if a.devices > 1 else 32  # the same samples per step
     model = ShardedTinyNet(batch_size=batch, lr=a.lr, n=256, hidden=28, classes=5)  # 5 rows: uneven shards 3/2
     pruner = METHODS[a.method](a)
+    callbacks = [pruner, ModelCheckpoint(dirpath=os.path.join(a.out, "ckpt"), filename="{epoch}", save_top_k=-1)]
+    distill, dense = None, {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    if a.distill:
+        teacher = {"copy": lambda: None, "module": lambda: copy.deepcopy(model.net)}.get(a.distill)
+        if teacher is None:  # "path": the dense student module's state dict, one file per rank (no race)
+            path = os.path.join(a.out, f"teacher{os.environ.get('LOCAL_RANK', '0')}.pt")
+            torch.save(model.net.state_dict(), path)
+            teacher = lambda: path  # noqa: E731
+        distill = Distillation(teacher=teacher(), kd_weight=1.0, temperature=2.0)
+        callbacks.append(distill)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=a.devices,
@@ -85,7 +100,7 @@ def train(a: argparse.Namespace) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[pruner, ModelCheckpoint(dirpath=os.path.join(a.out, "ckpt"), filename="{epoch}", save_top_k=-1)],
+        callbacks=callbacks,
         use_distributed_sampler=False,
     )
     trainer.fit(model, ckpt_path=a.resume)
@@ -99,9 +114,23 @@ def train(a: argparse.Namespace) -> None:
             "history": [dict(r) for r in pruner.history],
             "world": trainer.world_size,
             "moments_at_pruned": moments_at_pruned(trainer, pruner),
+            **({**distilled(distill), "dense": dense, "state_keys": list(model.state_dict())} if distill else {}),
         },
         os.path.join(a.out, f"rank{trainer.global_rank}.pt"),
     )
+
+
+def distilled(distill: Distillation) -> dict:
+    """The teacher (whole tensors, gathered), each tensor's local and full sizes, and the last step's terms."""
+    teacher = distill.teacher
+    assert teacher is not None
+    return {
+        "teacher": {n: sharding.gather(p).cpu() for n, p in teacher.named_parameters()},
+        "teacher_local": {n: sharding.local(p).numel() for n, p in teacher.named_parameters()},
+        "teacher_numel": {n: p.numel() for n, p in teacher.named_parameters()},
+        "teacher_frozen": not any(p.requires_grad for p in teacher.parameters()) and not teacher.training,
+        "terms": {k: float(v) for k, v in distill.last_terms.items()},
+    }
 
 
 def selection(a: argparse.Namespace) -> None:
@@ -167,6 +196,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--resume", default=None)
     p.add_argument("--selection", action="store_true")
+    p.add_argument("--distill", choices=["copy", "module", "path"], default=None, help="a Distillation's teacher")
     p.add_argument("--fsdp", type=int, default=None, help="ModelParallelStrategy (default: with --devices > 1)")
     a = p.parse_args()
     a.fsdp = a.devices > 1 if a.fsdp is None else bool(a.fsdp)

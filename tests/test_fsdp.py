@@ -1,9 +1,11 @@
 """FSDP2 (ModelParallelStrategy + fully_shard) on 2 CPU processes: the same masks and OBS weights as one
-unsharded process, per-rank masks of the local shard, checkpoints that resume; and what stays refused."""
+unsharded process, per-rank masks of the local shard, checkpoints that resume, a Distillation teacher
+sharded like the student; and what stays refused."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lightning_prune import sharding
 from lightning_prune.callbacks.strategy import check_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,10 +22,11 @@ JOB = ROOT / "tests" / "fsdp_job.py"
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
-def run(*args: str, launcher: tuple[str, ...] = ()) -> None:
+def run(*args: str, launcher: tuple[str, ...] = ()) -> str:
     cmd = [sys.executable, *launcher, str(JOB), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
 
 
 def job(out: Path, *args: str) -> list[dict]:
@@ -101,6 +105,111 @@ def test_sharded_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
             assert torch.equal(a["masks"][n], b["masks"][n]), n
             assert torch.all(b["weights"][n][~b["masks"][n]] == 0)  # frozen at 0.0 through Adam steps
             torch.testing.assert_close(a["weights"][n], b["weights"][n], atol=1e-6, rtol=0)
+
+
+def assert_teacher_sharded(ranks: list[dict]) -> None:
+    """Each rank holds its rows of every teacher tensor (the 5-row last layer: 3 + 2), frozen and in eval mode."""
+    for name, numel in ranks[0]["teacher_numel"].items():
+        assert ranks[0]["teacher_local"][name] + ranks[1]["teacher_local"][name] == numel, name
+        assert ranks[1]["teacher_local"][name] <= ranks[0]["teacher_local"][name] <= numel // 2 + 28, name
+    assert [r["teacher_local"]["4.weight"] for r in ranks] == [3 * 28, 2 * 28]
+    assert all(r["teacher_frozen"] for r in ranks)
+    for name, t in ranks[0]["teacher"].items():
+        assert torch.equal(ranks[1]["teacher"][name], t)  # the shards of one teacher
+
+
+@pytest.mark.slow
+def test_distillation_under_fsdp2_equals_one_process_with_twice_the_batch(tmp_path):
+    """The default teacher (the dense student just before the first round) is sharded like the student and
+    kept out of the distributed checkpoint; two ranks of 16 train, prune and distil as one unsharded process
+    of 32 (KD and CE are means over samples, the ranks' gradients are averaged); the fit-start message gives
+    the per-rank shard size."""
+    args = ("--method", "magnitude", "--distill", "copy", "--epochs", "3", "--lr", "0.01")
+    log = run("--out", str(tmp_path / "two"), "--devices", "2", *args)
+    two = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    one = job(tmp_path / "one", "--devices", "1", *args)[0]
+    assert_teacher_sharded(two)
+    assert one["teacher_local"] == one["teacher_numel"]  # one process: the whole teacher
+    local = sum(two[0]["teacher_local"].values()) * 4 / 2**10
+    full = sum(two[0]["teacher_numel"].values()) * 4 / 2**10
+    said = re.search(r"([\d.]+) KiB of weights on rank 0 \(its FSDP2 shards of ([\d.]+) KiB over 2 rank\(s\)\)", log)
+    assert said and [float(said[1]), float(said[2])] == [round(local, 1), round(full, 1)] and local < 0.6 * full
+    assert len(one["history"]) >= 2
+    for r in two:
+        assert [h["sparsity"] for h in r["history"]] == [h["sparsity"] for h in one["history"]]
+        for n, t in one["teacher"].items():  # the dense model of the same step, frozen at the same round
+            torch.testing.assert_close(r["teacher"][n], t, rtol=1e-4, atol=1e-6)
+        for n, m in one["masks"].items():
+            assert torch.equal(r["masks"][n], m), n
+            torch.testing.assert_close(r["weights"][n], one["weights"][n], rtol=1e-4, atol=1e-5)
+    assert two[0]["terms"]["kd"] > 0 and two[1]["terms"]["kd"] > 0  # distilled after the first round
+    for term in ("kd", "task"):  # the ranks' means of 16 samples average to the mean of 32
+        assert (two[0]["terms"][term] + two[1]["terms"][term]) / 2 == pytest.approx(one["terms"][term], rel=1e-4)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(tmp_path / "two" / "ckpt" / "epoch=2.ckpt")).read_metadata()
+    saved = {k.removeprefix("state_dict.") for k in meta.state_dict_metadata if k.startswith("state_dict.")}
+    assert saved == set(two[0]["state_keys"]) == set(one["state_keys"])  # the student's, no teacher
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["module", "path"])
+def test_a_given_teacher_is_sharded_like_the_student(tmp_path, form):
+    """A dense teacher passed as a module (sharded in place) or as a state-dict file (loaded into the
+    student's structure, then sharded): each rank holds its rows of exactly the given weights, frozen."""
+    two = job(tmp_path, "--devices", "2", "--method", "magnitude", "--distill", form, "--epochs", "2", "--lr", "0.01")
+    assert_teacher_sharded(two)
+    for n, t in two[0]["dense"].items():
+        assert torch.equal(two[0]["teacher"][n], t), n
+    assert all(r["terms"]["kd"] > 0 for r in two)
+
+
+@pytest.mark.slow
+def test_the_default_teacher_is_refused_on_a_run_resumed_after_a_round(tmp_path):
+    """FSDP2 restores a checkpoint after fit start, so the default teacher's copy would hold the weights from
+    before the restore (the untrained model): a run resumed after a round is refused, naming `teacher`."""
+    args = ("--devices", "1", "--fsdp", "1", "--method", "magnitude", "--lr", "0.01")
+    job(tmp_path / "first", *args, "--epochs", "2")
+    ckpt = tmp_path / "first" / "ckpt" / "epoch=1.ckpt"
+    cmd = [sys.executable, str(JOB), "--out", str(tmp_path), *args, "--epochs", "3", "--distill", "copy"]
+    proc = subprocess.run([*cmd, "--resume", str(ckpt)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "ValueError: Distillation(teacher=None) found the pruners' rounds restored" in proc.stderr
+    assert "as `teacher`" in proc.stderr
+
+
+def test_distillation_on_a_sharded_student_in_one_process(one_rank_group, tmp_path):
+    """On a mesh of one rank: the default teacher needs the student's structure from setup (before
+    configure_model shards it), and is refused naming `teacher` without it; with it, the teacher is a
+    sharded copy in `teacher_dtype`, frozen, outside the student. A checkpoint directory is refused."""
+    from conftest import TinyNet
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_prune import Distillation
+
+    trainer = SimpleNamespace(
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), callbacks=[]
+    )
+    torch.manual_seed(0)
+    late, model = TinyNet(), TinyNet()
+    _sharded(late.net)
+    with pytest.raises(ValueError, match=r"Distillation\(teacher=None\) under FSDP2.*had no parameters then"):
+        Distillation().on_fit_start(trainer, late)
+    distill = Distillation(teacher_dtype=torch.bfloat16)
+    distill.setup(trainer, model, "fit")
+    _sharded(model.net)  # what configure_model does
+    distill.on_fit_start(trainer, model)
+    x = torch.randn(8, 12)
+    with torch.no_grad():
+        want = model.net(x)
+        got = distill.teacher(x.bfloat16())
+    assert all(sharding.is_sharded(p) and p.dtype == torch.bfloat16 for p in distill.teacher.parameters())
+    assert not any(p.requires_grad for p in distill.teacher.parameters()) and not distill.teacher.training
+    assert {id(p) for p in distill.teacher.parameters()}.isdisjoint(id(p) for p in model.parameters())
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    distill.teardown(trainer, model, "fit")
+    with pytest.raises(ValueError, match=r"`teacher` is not a file: .* \(a directory: a distributed checkpoint"):
+        Distillation(teacher=tmp_path)
 
 
 def test_model_parallel_strategy_needs_tensor_parallel_size_1():

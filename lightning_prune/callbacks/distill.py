@@ -24,6 +24,18 @@ in neither ``configure_optimizers``' ``self.parameters()``, the checkpoint's ``s
 DDP's gradient buckets (each rank holds its own replica). It runs in eval mode under
 ``torch.no_grad`` with ``requires_grad=False`` parameters, optionally in ``teacher_dtype``
 (``torch.bfloat16`` halves its memory).
+
+Under FSDP2 (a student whose parameters are DTensors) the teacher is sharded like the student, so
+each rank holds its shard of the teacher's weights, not a replica: ``fully_shard`` (resharding after
+forward) on the teacher's modules that have the names of the student's ``fully_shard`` modules,
+then on the teacher's root, over the student's mesh. FSDP2 refuses ``copy.deepcopy`` of a sharded
+module, so the default teacher's structure is copied at ``setup``, before ``configure_model``
+shards the student, with every parameter and buffer on the meta device (no memory); at fit start
+it is sharded and each rank copies its own rows from the student's shards (a student built inside
+``configure_model`` has no structure to copy at ``setup``: it is refused, naming ``teacher``). A
+checkpoint path (one file, read whole by each rank) is loaded into that structure (``assign=True``)
+and then sharded; a module passed as ``teacher`` is sharded in place. Its forward is a collective
+(all-gathers of its shards), which every rank runs, since every rank runs the student.
 """
 
 from __future__ import annotations
@@ -39,11 +51,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_prune import sharding
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.targets import is_prunable_layer
 
@@ -152,6 +166,23 @@ def pair_block(name: str, teacher: nn.Module, blocks: str) -> str:
     return found[0]
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def shard_like(teacher: nn.Module, student: nn.Module, mesh: Any) -> None:
+    """``fully_shard`` ``teacher`` in place as the FSDP2 ``student`` is: each of its modules named like one of the
+    student's ``fully_shard`` modules (children first), then its root, over ``mesh``. Every group reshards after
+    forward (a root keeps its parameters gathered by default, for the backward a teacher never runs)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    modules = dict(teacher.named_modules())
+    for n, m in reversed(list(student.named_modules())):
+        if n and isinstance(m, FSDPModule) and n in modules:
+            fully_shard(modules[n], mesh=mesh, reshard_after_forward=True)
+    fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+
+
 class Distillation(Callback):
     """Distil the dense teacher into the pruned student while it trains: logit KD, optionally SquareHead.
 
@@ -169,7 +200,8 @@ class Distillation(Callback):
             (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
             dense teacher. Or an ``nn.Module`` called like the student; or a checkpoint path (a
             Lightning checkpoint of this LightningModule, or a state dict of the student module)
-            loaded into a copy of the student.
+            loaded into a copy of the student. Under FSDP2 the teacher is sharded like the student
+            (a module passed is sharded in place; module docstring).
         kd_weight: weight of the logit KL term.
         temperature: softmax temperature ``T`` of the KL (the term is scaled by ``T²``).
         task_weight: weight of the user's own loss (0: distillation alone).
@@ -206,7 +238,15 @@ class Distillation(Callback):
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"`teacher` must be None, an nn.Module or a checkpoint path, got {type(teacher).__name__}")
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():
-            raise ValueError(f"`teacher` is not a file: {str(teacher)!r}")
+            raise ValueError(
+                f"`teacher` is not a file: {str(teacher)!r}"
+                + (
+                    " (a directory: a distributed checkpoint, as FSDP2 saves, is not read; pass one file holding the "
+                    "student module's state dict or a one-process Lightning checkpoint, or the dense nn.Module)"
+                    if Path(teacher).is_dir()
+                    else ""
+                )
+            )
         if not isinstance(squarehead_blocks, str) or not squarehead_blocks:
             raise ValueError(f"`squarehead_blocks` must be 'auto' or a glob, got {squarehead_blocks!r}")
         if student is not None and not isinstance(student, str):
@@ -234,7 +274,9 @@ class Distillation(Callback):
         self._captured: dict[str, Any] = {}
         self._module: pl.LightningModule | None = None  # logs the terms
         self._pruners: list[PruningCallback] = []
+        self._skeleton: nn.Module | None = None  # under FSDP2: the student's structure on meta, taken at setup
         self._tracking = False  # the default teacher follows the student until a pruner's first round
+        self._followed = False  # the tracking teacher has copied the student at least once in this fit
         self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
 
@@ -243,7 +285,18 @@ class Distillation(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._student_name(pl_module)  # fails now on a bad `student`
+        name = self._student_name(pl_module)  # fails now on a bad `student`
+        student = pl_module.get_submodule(name) if name else pl_module
+        params = list(student.parameters())
+        # FSDP2 refuses to deepcopy a sharded module: copy the structure now, before configure_model shards it
+        if (
+            isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+            and not isinstance(self._teacher_arg, nn.Module)
+            and self._skeleton is None
+            and params
+            and not any(sharding.is_sharded(p) for p in params)
+        ):
+            self._skeleton = self._copy(pl_module, student, meta=True)
         if not self.wrap_training_step:
             return
         if not pl_module.automatic_optimization:
@@ -321,11 +374,18 @@ class Distillation(Callback):
         # a second fit of the same model keeps the teacher of the first (the model is pruned by now)
         reuse = self.teacher is not None and self._student is student
         self._student = student
-        teacher = self.teacher if reuse else self._make_teacher(pl_module, student, name)
+        sharded = [p for p in student.parameters() if sharding.is_sharded(p)]
+        if reuse:
+            teacher = self.teacher
+        elif sharded:
+            teacher = self._make_sharded_teacher(pl_module, student, name, sharded[0].device_mesh)
+        else:
+            teacher = self._make_teacher(pl_module, student, name)
         assert teacher is not None
-        teacher.to(device=pl_module.device)
-        if self.teacher_dtype is not None:
-            teacher.to(dtype=self.teacher_dtype)
+        if not sharded:  # a sharded teacher is on the mesh's device, in its dtype, since it was sharded
+            teacher.to(device=pl_module.device)
+            if self.teacher_dtype is not None:
+                teacher.to(dtype=self.teacher_dtype)
         teacher.eval()
         teacher.requires_grad_(False)
         # the default teacher follows the dense student until the first round, if rounds are to come
@@ -334,6 +394,7 @@ class Distillation(Callback):
             self._teacher_arg is None and not self._frozen and bool(pruners) and not any(p.history for p in pruners)
         )
         self._pruners = pruners
+        self._followed = False
         if not self._tracking:
             self._frozen = True
         shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
@@ -343,11 +404,16 @@ class Distillation(Callback):
         self._blocks = find_feature_blocks(student, self.squarehead_blocks) if self.squarehead_weight else []
         self._teacher_blocks = [pair_block(b, teacher, self.squarehead_blocks) for b in self._blocks]
         self._register(student, teacher)
-        size = sum(p.numel() * p.element_size() for p in teacher.parameters()) + sum(
-            b.numel() * b.element_size() for b in teacher.buffers()
-        )
+        # what this rank holds: its shards of a sharded teacher (FSDP2), the whole of a replica
+        tensors = [*teacher.parameters(), *teacher.buffers()]
+        size = sum(sharding.local(t).numel() * t.element_size() for t in tensors)
+        full = sum(t.numel() * t.element_size() for t in tensors)
+        where = f"{_size(size)} of weights"
+        if any(sharding.is_sharded(t) for t in tensors):
+            ranks = next(t for t in tensors if sharding.is_sharded(t)).device_mesh.size()
+            where += f" on rank {pl_module.global_rank} (its FSDP2 shards of {_size(full)} over {ranks} rank(s))"
         rank_zero_info(
-            f"[lightning-prune] Distillation teacher: {type(teacher).__name__}, {size / 2**20:.1f} MiB of weights "
+            f"[lightning-prune] Distillation teacher: {type(teacher).__name__}, {where} "
             f"({next(teacher.parameters()).dtype}), {len(self._blocks)} SquareHead blocks"
         )
 
@@ -357,19 +423,37 @@ class Distillation(Callback):
             return arg
         teacher = self._copy(pl_module, student)
         if arg is None:
-            zeros, total = 0, 0
-            for m in student.modules():
-                if is_prunable_layer(m):
-                    zeros += int((m.weight.detach() == 0).sum())
-                    total += m.weight.numel()
-            if total and zeros / total > DENSE_ZEROS:
-                raise ValueError(
-                    f"Distillation(teacher=None) copies the model at fit start as the dense teacher, but "
-                    f"{zeros / total:.1%} of its Linear/Conv weights are already exactly zero (pruned before "
-                    "this fit, or a resumed run): "
-                    "pass the dense model (a copy taken before pruning) or its checkpoint path as `teacher`"
-                )
+            self._check_dense(student)
             return teacher
+        self._load(teacher, arg, student, name)
+        return teacher
+
+    @staticmethod
+    def _check_dense(student: nn.Module) -> None:
+        """Refuse a student already pruned at fit start as the default (dense) teacher. On sharded weights
+        the counts of the local rows are summed over the mesh, so every rank decides alike."""
+        zeros, total, mesh = 0, 0, None
+        for m in student.modules():
+            if is_prunable_layer(m):
+                w = m.weight.detach()
+                mesh = w.device_mesh if sharding.is_sharded(w) else mesh
+                zeros += int((sharding.local(w) == 0).sum())
+                total += sharding.local(w).numel()
+        if mesh is not None:
+            counts = torch.tensor([zeros, total], dtype=torch.float64, device=mesh.device_type)
+            torch.distributed.all_reduce(counts, group=mesh.get_group())
+            zeros, total = int(counts[0]), int(counts[1])
+        if total and zeros / total > DENSE_ZEROS:
+            raise ValueError(
+                f"Distillation(teacher=None) copies the model at fit start as the dense teacher, but "
+                f"{zeros / total:.1%} of its Linear/Conv weights are already exactly zero (pruned before "
+                "this fit, or a resumed run): "
+                "pass the dense model (a copy taken before pruning) or its checkpoint path as `teacher`"
+            )
+
+    @staticmethod
+    def _load(teacher: nn.Module, arg: str | Path, student: nn.Module, name: str, assign: bool = False) -> None:
+        """Load the checkpoint ``arg`` (a Lightning checkpoint or the student module's state dict) into ``teacher``."""
         ckpt = torch.load(arg, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
         if not isinstance(state, dict):
@@ -378,20 +462,76 @@ class Distillation(Callback):
         if prefix and any(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         try:
-            teacher.load_state_dict(state, strict=True)
+            teacher.load_state_dict(state, strict=True, assign=assign)
         except RuntimeError as err:
             raise ValueError(
                 f"`teacher={str(arg)!r}` does not fit the student {type(student).__name__}: {str(err)[:500]}"
             ) from None
+
+    def _make_sharded_teacher(
+        self, pl_module: pl.LightningModule, student: nn.Module, name: str, mesh: Any
+    ) -> nn.Module:
+        """The teacher of an FSDP2 student, sharded like it (module docstring)."""
+        arg = self._teacher_arg
+        if isinstance(arg, nn.Module):
+            if any(sharding.is_sharded(p) for p in arg.parameters()):  # the user sharded it
+                return arg
+            teacher = arg
+        else:
+            if self._skeleton is None:
+                raise ValueError(
+                    f"Distillation(teacher={None if arg is None else str(arg)!r}) under FSDP2 copies the student's "
+                    "structure at setup, before configure_model shards it, but "
+                    f"{type(student).__name__} had no parameters then (built in configure_model, or sharded "
+                    "before the fit): pass the dense teacher as an nn.Module as `teacher`, and Distillation shards "
+                    "it like the student"
+                )
+            teacher, self._skeleton = self._skeleton, None
+            if arg is None:
+                self._check_dense(student)
+            else:
+                self._load(teacher, arg, student, name, assign=True)
+                self._fill_buffers(teacher, student)  # non-persistent buffers are in no checkpoint
+        if self.teacher_dtype is not None:
+            teacher.to(dtype=self.teacher_dtype)
+        shard_like(teacher, student, mesh)
+        if any(t.is_meta for t in (*teacher.parameters(), *teacher.buffers())):  # the default: rows from the student
+            teacher.to_empty(device=pl_module.device)
+            self._copy_student(teacher, student)
         return teacher
 
     @staticmethod
-    def _copy(pl_module: pl.LightningModule, student: nn.Module) -> nn.Module:
+    def _fill_buffers(teacher: nn.Module, student: nn.Module) -> None:
+        buffers = dict(student.named_buffers())
+        for bname, b in list(teacher.named_buffers()):
+            if b.is_meta and bname in buffers:
+                owner, _, leaf = bname.rpartition(".")
+                module = teacher.get_submodule(owner)
+                module._buffers[leaf] = buffers[bname].detach().clone()
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_student(teacher: nn.Module, student: nn.Module) -> None:
+        """Copy the student's weights into the teacher, shard to shard (both laid out alike), without a gather."""
+        for (_, t), (_, s) in zip(
+            [*teacher.named_parameters(), *teacher.named_buffers()],
+            [*student.named_parameters(), *student.named_buffers()],
+            strict=True,
+        ):
+            sharding.local(t).copy_(sharding.local(s))
+
+    @staticmethod
+    def _copy(pl_module: pl.LightningModule, student: nn.Module, meta: bool = False) -> nn.Module:
         # a LightningModule student: its trainer (and fabric) are references, not part of the copy
         memo: dict[int, Any] = {}
         for attr in ("_trainer", "_fabric"):
             if (ref := vars(pl_module).get(attr)) is not None:
                 memo[id(ref)] = None
+        if meta:  # the structure only: every parameter and buffer on the meta device
+            for p in student.parameters():
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for b in student.buffers():
+                memo[id(b)] = torch.empty_like(b, device="meta")
         return copy.deepcopy(student, memo)
 
     def _register(self, student: nn.Module, teacher: nn.Module) -> None:
@@ -410,6 +550,12 @@ class Distillation(Callback):
         if not self._tracking:
             return
         if any(p.history for p in self._pruners):  # the first round ran at the end of the last batch
+            if not self._followed:  # or a checkpoint restored after fit start (FSDP2 restores then) had rounds
+                raise ValueError(
+                    "Distillation(teacher=None) found the pruners' rounds restored from a checkpoint after fit "
+                    "start, before it could copy the dense model (the weights it holds are not the dense model's): "
+                    "pass the dense model (a copy taken before pruning) or its checkpoint path as `teacher`"
+                )
             self._tracking, self._frozen = False, True
             rank_zero_info(
                 f"[lightning-prune] Distillation: the teacher is the dense model of step {trainer.global_step - 1}, "
@@ -419,7 +565,8 @@ class Distillation(Callback):
         assert self.teacher is not None and self._student is not None
         with torch.no_grad():
             for t, s in zip(self.teacher.state_dict().values(), self._student.state_dict().values()):
-                t.copy_(s)
+                sharding.local(t).copy_(sharding.local(s))  # a sharded teacher's shards are laid out like the student's
+        self._followed = True
 
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
