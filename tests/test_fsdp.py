@@ -153,10 +153,10 @@ def test_distillation_under_fsdp2_equals_one_process_with_twice_the_batch(tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", ["module", "path"])
+@pytest.mark.parametrize("form", ["path"])  # "module" (sharded in place) runs the same path minus the load: 15 s
 def test_a_given_teacher_is_sharded_like_the_student(tmp_path, form):
-    """A dense teacher passed as a module (sharded in place) or as a state-dict file (loaded into the
-    student's structure, then sharded): each rank holds its rows of exactly the given weights, frozen."""
+    """A dense teacher passed as a state-dict file (loaded into the student's structure, then sharded; a
+    module is sharded in place): each rank holds its rows of exactly the given weights, frozen."""
     two = job(tmp_path, "--devices", "2", "--method", "magnitude", "--distill", form, "--epochs", "2", "--lr", "0.01")
     assert_teacher_sharded(two)
     for n, t in two[0]["dense"].items():
