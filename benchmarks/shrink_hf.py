@@ -95,6 +95,7 @@ QUALITY_PLAN: dict[str, Any] = {
 }
 WIDTH = {  # name -> (callback, keyword arguments); the default scope: the same count in every block
     "magnitude (L1)": ("MagnitudePruning", {}),
+    "activations (Wanda-sp)": ("Wanda", {"scope": "layer"}),
     "OBS (structured, default)": ("OBSPruning", {}),
 }
 DEPTH = {  # name -> prune_blocks keyword arguments
@@ -129,7 +130,7 @@ def quality() -> None:
         for name, (cls, kw) in WIDTH.items():
             model = load()
             start = time.perf_counter()
-            pruner = getattr(lightning_prune, cls)(target=fraction, pattern="channels", num_batches=len(batches),
+            pruner = getattr(lightning_prune, cls)(fraction, pattern="channels", num_batches=len(batches),
                                                    verbose=0, **kw)  # fmt: skip
             prune(model, batches, pruner)
             small = shrink(model, example_inputs=ids)
@@ -137,6 +138,17 @@ def quality() -> None:
             ppl = lm.perplexity(_round_trip(small), evals)
             rows.append([f"width {fraction:.0%}", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
             print(rows[-1], flush=True)
+    for name, kw in {"OBS width 25%, then blocks by loss": {"score": "loss"}}.items():  # about width 50%'s size
+        model = load()
+        start = time.perf_counter()
+        prune(model, batches, lightning_prune.OBSPruning(target=0.25, pattern="channels", num_batches=len(batches),
+                                                         verbose=0))  # fmt: skip
+        width = shrink(model, example_inputs=ids)
+        small = prune_blocks(width.model, batches, 0.25, example_inputs=ids, **kw)
+        seconds = time.perf_counter() - start
+        ppl = lm.perplexity(_round_trip(small), evals)
+        rows.append(["width 25% + depth 25%", name, params(small.model), f"{ppl:.2f}", f"{seconds:.1f}"])
+        print(rows[-1], flush=True)
     for name, kw in DEPTH.items():
         model = load()
         start = time.perf_counter()
@@ -159,7 +171,9 @@ def quality() -> None:
             f"fine-tuning. Calibration: {QUALITY_PLAN['calib']} training windows; perplexity on the test split, "
             "measured on the model loaded back with `AutoModelForCausalLM.from_pretrained` after `save_pretrained`. "
             "Width: `pattern='channels'`, the default scope (the same number of heads and neurons in every block); "
-            "depth: `prune_blocks(model, batches, 0.25, ...)` (2 of 8 blocks).",
+            "activations (Wanda-sp): `Wanda(pattern='channels', scope='layer')`, `|w| ||x||` summed over each "
+            "structure; depth: `prune_blocks(model, batches, 0.25, ...)` (2 of 8 blocks); width + depth: OBS width "
+            "25%, shrunk, then 2 of its 8 blocks by loss (about width 50%'s parameters).",
             "",
             common.md_table(["shrunk", "method", "parameters", "test ppl", "prune + shrink s"], rows),
         ]
@@ -216,16 +230,22 @@ def generate_speed(reps: int, threads: int) -> None:
         return {"prefill": run_prefill, "decode": run_decode, "b16": run_b16}
 
     def build(kind: str) -> Any:
-        model = copy.deepcopy(dense)
+        """``kind``: "MLP 25%" (neurons only: 16 heads less 25% is 12, which LlamaConfig refuses for a hidden
+        size of 1024), "width 50%" (heads and neurons), "depth 25%", or two of them joined by " + "."""
+        model, small = copy.deepcopy(dense), None
         ids = data[0]["input_ids"][:1]
-        if kind.startswith("width"):
-            fraction = float(kind.split()[1].rstrip("%")) / 100
-            prune(model, data, MagnitudePruning(target=fraction, pattern="channels", num_batches=2, verbose=0))
-            model = shrink(model, example_inputs={"input_ids": ids}).model
-        if "depth" in kind:
-            model = prune_blocks(model, data, 0.25, score="influence", example_inputs={"input_ids": ids}).model
+        for part in kind.split(" + "):
+            fraction = float(part.split()[1].rstrip("%")) / 100
+            if part.startswith(("MLP", "width")):
+                include = ["*mlp*"] if part.startswith("MLP") else None
+                prune(model, data, MagnitudePruning(fraction, pattern="channels", include=include, verbose=0))
+                small = shrink(model, example_inputs={"input_ids": ids})
+            else:
+                small = prune_blocks(model, data, fraction, score="influence", example_inputs={"input_ids": ids})
+            model = small.model
+        assert small is not None
         with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
+            small.save_pretrained(tmp)  # refuses what a standard config cannot describe
             return AutoModelForCausalLM.from_pretrained(tmp).eval()
 
     def peak_mib(model: Any) -> float:
@@ -239,7 +259,7 @@ def generate_speed(reps: int, threads: int) -> None:
         return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
     rows = []
-    kinds = ["width 25%", "width 50%", "depth 25%", "width 25% + depth 25%"]
+    kinds = ["MLP 25%", "width 50%", "depth 25%", "MLP 25% + depth 25%"]
     dense_row = None
     for kind in kinds:
         small = build(kind)
@@ -276,7 +296,9 @@ def generate_speed(reps: int, threads: int) -> None:
             f"`python benchmarks/shrink_hf.py --generate --reps {reps} --threads {threads}` at `{common.commit()}`, "
             f"{time.perf_counter() - started:.0f} s on {common.machine()} (load average {os.getloadavg()[0]:.1f} "
             f"at the end). A random-init LLaMA ({GEN_SHAPE}, vocabulary {VOCAB}, float32); each smaller model is "
-            "pruned by magnitude (the sizes are what is timed), shrunk, saved with `save_pretrained` and the one "
+            "pruned by magnitude (the sizes are what is timed; MLP 25%: a quarter of the MLP neurons, heads kept, as "
+            "16 heads less a quarter is 12, which LlamaConfig refuses for a hidden size of 1024), shrunk, saved "
+            "with `save_pretrained` and the one "
             "loaded back with `AutoModelForCausalLM.from_pretrained` is timed. Prefill: one forward of 512 tokens, "
             f"batch 1; decode: `generate` of {GEN_NEW} new tokens after {GEN_PROMPT} (greedy, KV cache, batch 1, "
             f"prompt included in the time); b16: a forward of 16 x {SEQ} tokens. {reps} repetitions alternated "
