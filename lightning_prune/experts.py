@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -222,7 +223,7 @@ def _batches(data: Sequence[Any], num_batches: int | None) -> list[Any]:
         isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1
     ):
         raise ValueError(f"`num_batches` must be a positive integer or None (all of `data`), got {num_batches!r}")
-    batches = list(data)[:num_batches] if num_batches is not None else list(data)
+    batches = list(itertools.islice(iter(data), num_batches))  # a DataLoader is read only as far as needed
     if not batches:
         raise ValueError("`data` gave no batches: expert scores need calibration batches")
     return batches
