@@ -176,6 +176,32 @@ def ours(folder: Path, score: str, fraction: float) -> dict[str, Any]:
     }
 
 
+def routing(folder: Path) -> dict[str, Any]:
+    """Tokens routed to each expert of each block in forward passes of the dense model on the calibration windows:
+    causal as the model is, and with non-causal attention (a 4-D all-True mask: every token sees every other)."""
+    model, data = load(folder / "hf"), calibration(folder)
+    out: dict[str, Any] = {}
+    for key, causal in (("routed_tokens", True), ("noncausal_routed_tokens", False)):
+        counts = [torch.zeros(layer.mlp.experts.num_experts, dtype=torch.long) for layer in model.model.layers]
+
+        def count(c: torch.Tensor) -> Any:
+            def hook(module: Any, args: tuple[Any, ...], output: Any) -> None:  # returns None: the output stays
+                c.add_(torch.bincount(args[1].flatten(), minlength=c.numel()))
+
+            return hook
+
+        hooks = [layer.mlp.experts.register_forward_hook(count(c)) for layer, c in zip(model.model.layers, counts)]
+        with torch.no_grad():
+            for b in data:
+                x = b["input_ids"]
+                mask = None if causal else torch.ones(x.shape[0], 1, x.shape[1], x.shape[1], dtype=torch.bool)
+                model(input_ids=x, attention_mask=mask)
+        for h in hooks:
+            h.remove()
+        out[key] = [c.tolist() for c in counts]
+    return out
+
+
 def peer(folder: Path, fraction: float) -> dict[str, Any]:
     python = PEER_VENV / "bin" / "python"
     if not python.exists():
@@ -208,6 +234,11 @@ def main() -> None:
     total = model.config.num_local_experts
     rows = [["dense", f"{total}", f"{params / 1e6:.2f}M", f"{base['perplexity']:.2f}", "", ""]]
     kept: dict[str, Any] = {}
+    routing_counts = common.cell(
+        "routing", lambda: routing(folder), cells, reuse=lambda r: "noncausal_routed_tokens" in r
+    )
+    routed, noncausal = routing_counts["routed_tokens"][0], routing_counts["noncausal_routed_tokens"][0]
+    peer_notes = []
     for fraction in plan["fractions"]:
         for score in SCORES:
             r = common.cell(f"ours-{score}-{fraction}", lambda s=score, f=fraction: ours(folder, s, f), cells)
@@ -217,12 +248,19 @@ def main() -> None:
                 f"{r['perplexity']:.2f}", f"{r['seconds']:.1f}", f"{r['loaded_max_abs_diff']:.1e}",
             ])  # fmt: skip
         r = common.cell(
-            f"peer-reap-{fraction}", lambda f=fraction: peer(folder, f), cells, reuse=lambda r: "error" not in r
+            f"peer-reap-{fraction}", lambda f=fraction: peer(folder, f), cells, reuse=lambda r: "routed_tokens" in r
         )
         if "error" in r:
             rows.append(["llm-compressor REAPPruningModifier", "-", "-", "-", "-", r["error"]])
         else:
             same = r["kept"] == kept[("reap", fraction)]
+            theirs = [round(c) for c in r["routed_tokens"][0]]
+            peer_notes.append(
+                f"at {fraction:.0%}, the tokens its REAP saw routed to each expert of the first block, {theirs}, "
+                f"{'equal' if theirs == routed else 'differ from'} those of the dense model's forward pass on the same "
+                f"windows, {routed}, and {'equal' if theirs == noncausal else 'differ from'} those of the dense model "
+                f"with non-causal attention (every token attending to every other), {noncausal}"
+            )
             rows.append([
                 "llm-compressor REAPPruningModifier", f"{r['experts']}", f"{r['params'] / 1e6:.2f}M",
                 f"{r['perplexity']:.2f}", f"{r['seconds_oneshot']:.1f}",
@@ -246,7 +284,9 @@ def main() -> None:
         "error without the expert, routing renormalised), `loss` (the measured calibration loss increase), `reap` "
         "(mean router weight x expert output norm over the tokens routed to it), `frequency` (how often it is "
         "picked); all scored on the dense model, while llm-compressor's REAP scores block by block on the outputs of "
-        "the already pruned blocks (its sequential pipeline).\n\n" + table
+        "the already pruned blocks (its sequential pipeline).\n\n"
+        + table
+        + ("\n\nllm-compressor: " + "; ".join(peer_notes) + "." if peer_notes else "")
     )
     common.write_block("experts", body)
     print(body)

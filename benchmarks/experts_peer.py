@@ -12,7 +12,8 @@ shuffled, a stand-in tokenizer it never uses) and the recipe ``REAPPruningModifi
 (the block's inputs come from the already pruned blocks before it), drops ``int(num_experts * sparsity)`` experts
 per block and sets the config's expert count. Written to ``--out``: the perplexity of the pruned model (in this
 process, as lm_peer.py measures it), its parameters, the experts per block, the experts kept per block (its
-report), and the ``oneshot`` wall time.
+report), the tokens its saliency tracker saw routed to each expert of each block (read by wrapping
+``REAPSaliencyTracker.compute_retained_experts``), and the ``oneshot`` wall time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import REAPPruningModifier
+from llmcompressor.modifiers.pruning.reap import utils as reap_utils
 from lm_peer import perplexity, stand_in_tokenizer
 from transformers import AutoModelForCausalLM
 
@@ -41,6 +43,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sparsity", required=True, type=float)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
+
+    routed: list[list[float]] = []  # the tokens REAP saw routed to each expert, block by block, in pruning order
+    retained = reap_utils.REAPSaliencyTracker.compute_retained_experts
+
+    def recording(self: Any, *a: Any, **k: Any) -> Any:
+        routed.append(self.count.cpu().tolist())
+        return retained(self, *a, **k)
+
+    reap_utils.REAPSaliencyTracker.compute_retained_experts = recording
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     calib = torch.load(args.calib).long()
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "experts": getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None),
         "kept": kept,
+        "routed_tokens": routed,
         "seconds_oneshot": seconds,
         "calib_rows": n,
         "llmcompressor_version": llmcompressor.__version__,
