@@ -19,7 +19,7 @@ Scores, one per expert of each MoE block, lower goes first (``score=``):
   experts present), the quantity second-order criteria estimate (here measured, not expanded): one
   pass over the batches per expert, so ``blocks x experts`` passes. It sees what the later blocks
   make of the change; it needs a loss.
-* ``"reap"``: REAP's router-weighted expert activation (Lasby et al. 2025; llm-compressor's
+* ``"reap"``: REAP's router-weighted expert activation (arXiv:2510.13999; llm-compressor's
   ``REAPPruningModifier``): the mean over the tokens routed to expert ``j`` of ``g_j * ||f_j(x)||_2``,
   ``g_j`` the routing weight that multiplies its output, ``f_j(x)`` its output. An expert no token
   chose scores 0, as there.

@@ -222,7 +222,7 @@ def test_prune_experts_removes_the_lowest_scores_of_every_block(score):
     assert small.model.config.num_experts == 3 and f"score={score!r}, 3 per block" in small.notes[-1]
 
 
-def test_an_expert_with_no_output_goes_first_by_reap_and_a_never_chosen_one_by_frequency():
+def test_an_expert_with_no_output_goes_first_by_reap():
     model, data = moe("mixtral"), batches()
     with torch.no_grad():
         model.model.layers[1].mlp.experts.down_proj[3].zero_()
