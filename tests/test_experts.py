@@ -314,3 +314,23 @@ def test_a_router_that_does_not_compute_its_logits_with_its_weight_is_refused_no
     match = r"routers of \['model.layers.0.mlp'\] did not compute their logits"
     with pytest.raises(RuntimeError, match=match), masked_experts(model, {"model.layers.0.mlp": [1]}):
         logits(model)
+
+
+def test_a_module_around_the_hf_model_saves_the_hf_model_without_its_experts(tmp_path):
+    class Wrapper(nn.Module):  # what a LightningModule around a Hugging Face model looks like
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = moe("mixtral")
+
+        def forward(self, input_ids, labels=None):
+            return self.model(input_ids=input_ids, labels=labels)
+
+    wrapped = Wrapper()
+    small = prune_experts(wrapped, batches(), 2, example_inputs={"input_ids": IDS})
+    assert small.hf_configs == {"model": {"num_local_experts": 4}}
+    assert list(small.experts_kept) == ["model.model.layers.0.mlp", "model.model.layers.1.mlp"]
+    small.save_pretrained(tmp_path)
+    loaded = load_moe(tmp_path)
+    drop = {i: [e for e in range(EXPERTS) if e not in kept] for i, kept in enumerate(small.experts_kept.values())}
+    with never_picked(wrapped.model, drop):
+        torch.testing.assert_close(logits(loaded), logits(wrapped.model), rtol=1e-5, atol=1e-5)
