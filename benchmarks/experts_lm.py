@@ -255,12 +255,13 @@ def main() -> None:
         else:
             same = r["kept"] == kept[("reap", fraction)]
             theirs = [round(c) for c in r["routed_tokens"][0]]
-            peer_notes.append(
-                f"at {fraction:.0%}, the tokens its REAP saw routed to each expert of the first block, {theirs}, "
-                f"{'equal' if theirs == routed else 'differ from'} those of the dense model's forward pass on the same "
-                f"windows, {routed}, and {'equal' if theirs == noncausal else 'differ from'} those of the dense model "
-                f"with non-causal attention (every token attending to every other), {noncausal}"
-            )
+            if not peer_notes:  # the first block's routing does not depend on the fraction: said once
+                peer_notes.append(
+                    f"the tokens its REAP saw routed to each expert of the first block, {theirs}, "
+                    f"{'equal' if theirs == routed else 'differ from'} those of the dense model's forward pass on the "
+                    f"same windows, {routed}, and {'equal' if theirs == noncausal else 'differ from'} those of the "
+                    f"dense model with non-causal attention (every token attending to every other), {noncausal}"
+                )
             rows.append([
                 "llm-compressor REAPPruningModifier", f"{r['experts']}", f"{r['params'] / 1e6:.2f}M",
                 f"{r['perplexity']:.2f}", f"{r['seconds_oneshot']:.1f}",
@@ -287,6 +288,8 @@ def main() -> None:
         "the already pruned blocks (its sequential pipeline).\n\n"
         + table
         + ("\n\nllm-compressor: " + "; ".join(peer_notes) + "." if peer_notes else "")
+        + "\n\nSeconds: scoring and removal (ours), the `oneshot` call (llm-compressor), one thread each, on 2 cores "
+        "shared with another job."
     )
     common.write_block("experts", body)
     print(body)
