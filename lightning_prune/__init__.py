@@ -12,6 +12,7 @@ data and models; the ``cli`` extra) is never imported by the library.
 from typing import Any
 
 from lightning_prune.depth import prune_blocks
+from lightning_prune.experts import prune_experts
 from lightning_prune.export import export_semi_structured
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.pruner import Pruner
@@ -37,6 +38,7 @@ __all__ = [
     "load_shrunk",
     "prune",
     "prune_blocks",
+    "prune_experts",
     "shrink",
 ]
 __version__ = "0.1.0"

@@ -64,6 +64,8 @@ class Shrunk:
     nonstandard: dict[str, str] = field(default_factory=dict)
     # depth (lightning_prune.depth): block list -> the indices of the original blocks kept, in order
     blocks_kept: dict[str, list[int]] = field(default_factory=dict)
+    # experts (lightning_prune.experts): MoE block -> the indices of the original experts kept, in order
+    experts_kept: dict[str, list[int]] = field(default_factory=dict)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, with_plan: bool = False, **kwargs: Any) -> Path:
         """Write the shrunk Hugging Face model as a checkpoint in ``directory``.

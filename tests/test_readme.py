@@ -41,7 +41,8 @@ def cases() -> list[Any]:
     out = []
     for i, code in enumerate(snippets()):
         marks = [pytest.mark.skip(reason="needs GPUs")] if any(g in code for g in GPU) else []
-        for arch in ("llama", "gpt2") if "hf_model" in code else (None,):
+        archs = ("llama", "gpt2") if "hf_model" in code else ("mixtral",) if "moe_model" in code else (None,)
+        for arch in archs:
             out.append(pytest.param(code, arch, id=f"block{i}-{arch or 'plain'}", marks=marks))
     return out
 
@@ -68,6 +69,12 @@ class CappedTrainer(pl.Trainer):
 
 def hf(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if arch == "mixtral":  # 8 experts, top-2
+        config = transformers.MixtralConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32, num_local_experts=8,
+        )  # fmt: skip
+        return transformers.MixtralForCausalLM(config)
     if arch == "llama":
         config = transformers.LlamaConfig(
             vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -118,9 +125,9 @@ def namespace(arch: str | None) -> dict[str, Any]:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, 64, (4, 16), generator=g)
         batches = [{"input_ids": ids.roll(i, 1), "labels": ids.roll(i, 1)} for i in range(4)]
-        ns["hf_model"] = hf(arch)
+        ns["moe_model" if arch == "mixtral" else "hf_model"] = model = hf(arch)
         ns["ids"], ns["calibration_batches"] = ids, batches
-        ns["lit"] = Lit(ns["hf_model"], batches)
+        ns["lit"] = Lit(model, batches)
         ns["build_fresh_model"] = lambda: hf(arch, seed=1)
     return ns
 
