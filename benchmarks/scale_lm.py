@@ -3,6 +3,7 @@
     python benchmarks/scale_lm.py                  # 60M and 220M parameters (about 25 minutes, one thread)
     python benchmarks/scale_lm.py --sizes 60m      # one size
     python benchmarks/scale_lm.py --ranks 60m      # also prune() under torchrun at 60M, 2 ranks x 1 thread
+    python benchmarks/scale_lm.py --ranks 60m --fit 60m  # and the preset as a step round inside Trainer.fit
 
 Random-init LLaMAs (``save_pretrained``, float32; time and memory do not depend on training, quality
 does: see lm.py and defaults_lm.py), 16 calibration sequences of 256 random tokens. Each cell runs in a
@@ -61,6 +62,7 @@ PRUNERS = {  # worker method -> the pruner it measures
     "defaults": lambda lp: lp.OBSPruning(0.5, verbose=0),
 }
 PEER = "llm-compressor SparseGPT"
+FIT = "ours SparseGPT(0.5, eval_batches=0), a step round in Trainer.fit"
 RANKS = {  # row -> (worker method, one-process row it is compared with)
     "ours SparseGPT(0.5, eval_batches=0), 2 ranks": ("sparsegpt-noeval", "ours SparseGPT(0.5, eval_batches=0)"),
     "ours OBSPruning(0.5) defaults, 2 ranks": ("defaults", "ours OBSPruning(0.5) defaults"),
@@ -131,6 +133,68 @@ def worker(method: str, folder: Path, out: Path) -> None:
     )
 
 
+def fit_worker(folder: Path, out: Path) -> None:
+    """The SparseGPT preset as a step round inside ``Trainer.fit`` (AdamW, batches of 4): peak memory of the
+    round above the process at the round's start (model, gradients and optimizer state already there), and
+    its seconds. The round calibrates on the 4 batches of the 4 training steps before it."""
+    import lightning.pytorch as pl
+    from transformers import LlamaForCausalLM
+
+    import lightning_prune as lp
+
+    model = LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32)
+    ids = torch.load(folder / "calib.pt")
+    batches = [{"input_ids": ids[i : i + BATCH], "labels": ids[i : i + BATCH]} for i in range(0, len(ids), BATCH)]
+    loaded = common.rss_mib()
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.model(**batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-5)
+
+    steps = len(batches)
+    pruner = lp.SparseGPT(0.5, eval_batches=0, num_batches=steps, start_step=steps, schedule="one_shot", verbose=0)
+    mark: dict[str, float] = {}
+
+    class Before(pl.Callback):  # runs before the pruner's on_train_batch_end (callbacks run in list order)
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == steps:
+                mark["rss"] = common.rss_mib()
+                common.reset_peak_rss()
+                mark["start"] = time.perf_counter()
+
+    class After(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == steps:
+                mark["seconds"] = time.perf_counter() - mark["start"]
+                mark["peak"] = common.rss_mib("VmHWM")
+
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Before(), pruner, After()],
+    )  # fmt: skip
+    trainer.fit(Lit(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    out.write_text(
+        json.dumps(
+            {
+                "seconds": mark["seconds"],
+                "peak_extra_mib": mark["peak"] - mark["rss"],
+                "rss_before_mib": mark["rss"],
+                "training_state_mib": mark["rss"] - loaded,
+                "sparsity": pruner.sparsity,
+                "solver": "fast",
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+    )
+
+
 def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
     """Run (or read the cached) measurement ``name`` on ``size`` in a fresh one-thread process."""
     out = CACHE / (f"{size}-" + "".join(c if c.isalnum() or c in "-." else "_" for c in name) + ".json")
@@ -151,6 +215,8 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
         ]
         cmd += ["--calib", str(folder / "calib.pt"), "--eval", str(folder / "eval.pt"), "--method", "sparsegpt"]
         cmd += ["--sparsity", "0.5", "--out", str(peer_out)]
+    elif name == FIT:
+        cmd = [sys.executable, __file__, "--worker", "fit", "--model", str(folder), "--out", str(out)]
     elif name in RANKS:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", __file__]
         cmd += ["--worker", RANKS[name][0], "--model", str(folder), "--out", str(out)]
@@ -216,16 +282,18 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fit", default="", help="sizes that also get the Trainer.fit round row, e.g. 60m")
     parser.add_argument("--ranks", default="", help="sizes that also get the 2-rank rows (torchrun), e.g. 60m")
     a = parser.parse_args()
     if a.worker:
-        worker(a.worker, a.model, a.out)
+        (fit_worker if a.worker == "fit" else lambda f, o: worker(a.worker, f, o))(a.model, a.out)
         return
     rows = []
     per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]] = {}
     for size in a.sizes.split(","):
         folder = model_dir(size)
-        names = [*OURS, *(RANKS if size in a.ranks.split(",") else []), PEER]
+        names = [*OURS, *(RANKS if size in a.ranks.split(",") else []), *([FIT] if size in a.fit.split(",") else [])]
+        names.append(PEER)
         results = {name: cell(name, size, folder) for name in names}
         params = next((r["params"] for r in results.values() if r and "params" in r), None)
         if params:
@@ -236,7 +304,10 @@ def main() -> None:
             if r is None:
                 continue
             extra = ""
-            if r.get("block_input_bytes"):
+            if r.get("training_state_mib"):
+                held = r["training_state_mib"]
+                extra = f"the process held {held:.0f} MiB above the loaded model at the round's start"
+            elif r.get("block_input_bytes"):
                 inputs, hessian = r["block_input_bytes"] / 2**20, r["peak_hessian_bytes"] / 2**20
                 extra = f"block inputs {inputs:.0f} MiB, widest Hessian {hessian:.0f} MiB"
             rows.append(
@@ -247,7 +318,7 @@ def main() -> None:
                     f"{r['peak_extra_mib']:.0f}",
                     f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
                     speedup(results, name),
-                    f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name != PEER else "",
+                    f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name not in (PEER, FIT) else "",
                     r.get("solver") or "",
                     extra,
                     r.get("commit", ""),
@@ -259,12 +330,16 @@ def main() -> None:
     body = "\n\n".join(
         [
             "## Scale: time and peak memory of one-shot pruning against llm-compressor",
-            f"`python benchmarks/scale_lm.py --ranks 60m` on {common.machine()} (cells cached: the commit column says "
-            "which code each row measured); one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
+            f"`python benchmarks/scale_lm.py --ranks 60m --fit 60m` on {common.machine()} (cells cached: the commit "
+            "column says which code each row measured); one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh "
+            "process. "
             "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
             "unstructured. Peak extra MiB: resident memory above the loaded model during the call (rank 0's in the "
             "2-rank rows: `torchrun --nproc_per_node=2`, one thread each, half of every batch per rank). 2-rank "
-            "speed-up: the one-process row's seconds over the 2-rank row's.",
+            "speed-up: the one-process row's seconds over the 2-rank row's. Trainer.fit row: the preset as a step "
+            "round after 4 AdamW steps, its peak above the process at the round's start (which held the model, "
+            "gradients, optimizer state and the allocator's pages of the steps' activations: the round fits in them), "
+            "calibrated on the 4 training batches.",
             common.md_table(header, rows),
             "![time and peak memory against model size](scale_lm.png)",
         ]
