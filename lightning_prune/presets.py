@@ -16,7 +16,8 @@ criterion and options, which ``prune()`` takes alike.
 * ``OBC`` (Frantar & Alistarh 2022, ExactOBS): the same with the exact greedy solver per row
   (``solver="exact"``);
 * ``Wanda`` (Sun et al. 2023): ``|w_ij| ||x_j||`` compared within each output row, no labels, no
-  weight update: ``OBDPruning(curvature="activations", scope="row")``;
+  weight update: ``OBDPruning(curvature="activations", scope="row")``; with ``pattern="channels"``
+  (Wanda-sp) whole heads and neurons are compared with the pattern's own scope, as a row cannot hold one;
 * ``WoodFisher`` (Singh & Alistarh 2020): OBS with the block-diagonal empirical Fisher (Woodbury
   inverse), global allocation, recomputed inside the round: ``OBSPruning(hessian="fisher",
   fisher_type="empirical")``;
@@ -69,6 +70,10 @@ def _preset(name: str, target: float, overrides: dict[str, Any]) -> Any:
     """The preset's callback with its settings and ``overrides``, or the same core :class:`Pruner`
     without Lightning."""
     callback, settings = _SETTINGS[name]
+    if settings.get("scope") == "row" and "scope" not in overrides and _removes_structures(overrides.get("pattern")):
+        # Wanda-sp / FLAP: whole structures are compared within their layer (the pattern's own default
+        # scope), not within one output row, which a structure spans
+        settings = {k: v for k, v in settings.items() if k != "scope"}
     options = {**settings, **overrides}
     cls = _callback_class(callback)
     if cls is not None:
@@ -80,6 +85,17 @@ def _preset(name: str, target: float, overrides: dict[str, Any]) -> Any:
         target,
         **{k: v for k, v in options.items() if k not in own},
     )
+
+
+def _removes_structures(pattern: Any) -> bool:
+    if pattern is None:
+        return False
+    from lightning_prune.patterns import parse_pattern
+
+    try:
+        return bool(parse_pattern(pattern).removes_structures)
+    except (TypeError, ValueError):  # the pruner names the bad pattern
+        return False
 
 
 def SparseGPT(target: float = 0.5, **overrides: Any) -> Any:

@@ -101,3 +101,20 @@ def test_a_preset_is_a_callback_in_a_trainer():
         for r in pruner.history
         for n in r["layer_sparsity"]
     )
+
+
+def test_wanda_with_channels_compares_structures_as_the_flags_do():
+    """Wanda(pattern="channels") (Wanda-sp): a row holds no whole head or neuron, so the preset's row scope
+    gives way to the pattern's own, exactly as the flags without a scope; an explicit scope still wins."""
+    pytest.importorskip("transformers")
+    masks = []
+    for make in (lambda: Wanda(0.5, pattern="channels", verbose=0),
+                 lambda: OBDPruning(0.5, curvature="activations", pattern="channels", verbose=0)):  # fmt: skip
+        model, pruner = hf("llama"), make()
+        prune(model, lm_batches(), pruner, num_batches=4)
+        masks.append(pruner.masks)
+        assert 0 < pruner.sparsity < 1
+    assert masks[0].keys() == masks[1].keys()
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    with pytest.raises(ValueError, match="scope='row'"):
+        Wanda(0.5, pattern="channels", scope="row", verbose=0)
