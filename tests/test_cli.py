@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -48,20 +49,27 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
 
 
 def test_bad_overrides_name_the_key(tmp_path):
-    proc = run(["-m", "lightning_prune", "pruner.start_epoch=5", "trainer.max_epochs=3", "logger=none",
-                f"hydra.run.dir={tmp_path}"], check=False)  # fmt: skip
-    assert proc.returncode != 0 and "`start_epoch` (5) must be < Trainer(max_epochs=3)" in proc.stderr
-    assert "[on the command line: pruner.start_epoch=..., trainer.max_epochs=...]" in proc.stderr
-    proc = run(["-m", "lightning_prune", "model=lenet5", "logger=none", f"hydra.run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "does not fit 8x8 images" in proc.stderr and "model.kernel_size=3" in proc.stderr
-    proc = run(["-m", "lightning_prune", "mode=oneshot", f"hydra.run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "mode=oneshot needs ckpt_path=" in proc.stderr
-    proc = run(["-m", "lightning_prune", "pruner.targett=0.5", f"hydra.run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "pruner.targett" in proc.stderr
-    proc = run(["-m", "lightning_prune", "pruner.target=1.5", "logger=none", f"hydra.run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "`target` must be a number in [0, 1), got 1.5" in proc.stderr
-    proc = run(["-m", "lightning_prune", "pruner=lottery", f"hydra.run.dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "lottery" in proc.stderr
+    cases = [  # (arguments, what stderr must say), run two at a time: each is mostly the CLI's imports
+        (["pruner.start_epoch=5", "trainer.max_epochs=3", "logger=none"],
+         ["`start_epoch` (5) must be < Trainer(max_epochs=3)",
+          "[on the command line: pruner.start_epoch=..., trainer.max_epochs=...]"]),
+        (["model=lenet5", "logger=none"], ["does not fit 8x8 images", "model.kernel_size=3"]),
+        (["mode=oneshot"], ["mode=oneshot needs ckpt_path="]),
+        (["pruner.targett=0.5"], ["pruner.targett"]),
+        (["pruner.target=1.5", "logger=none"], ["`target` must be a number in [0, 1), got 1.5"]),
+        (["pruner=lottery"], ["lottery"]),
+    ]  # fmt: skip
+
+    def attempt(i: int):
+        args = ["-m", "lightning_prune", *cases[i][0], f"hydra.run.dir={tmp_path / str(i)}"]
+        return run(args, check=False, env={"OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(attempt, range(len(cases))))
+    for (args, says), proc in zip(cases, procs):
+        assert proc.returncode != 0, args
+        for text in says:
+            assert text in proc.stderr, (args, text, proc.stderr[-2000:])
 
 
 def test_help_names_the_app_groups_and_examples():
@@ -105,10 +113,20 @@ def test_every_constructor_argument_is_in_the_pruner_configs():
 
 
 def test_examples_run(tmp_path):
-    proc = run(["examples/plain_python.py", "--epochs", "3", "--target", "0.7"])
-    assert "sparsity 70.00%" in proc.stdout
-    proc = run(
-        [
+    """The three examples, two at a time (each is mostly one process's imports and a short fit)."""
+    env = {
+        "EPOCHS": "2",
+        "START_EPOCH": "0",
+        "SWEEP_DIR": str(tmp_path / "sweep"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+    }
+
+    def plain():
+        return run(["examples/plain_python.py", "--epochs", "3", "--target", "0.7"], env={"OMP_NUM_THREADS": "1"})
+
+    def cli():
+        args = [
             "examples/lightning_cli.py",
             "fit",
             "--trainer.max_epochs=3",
@@ -119,22 +137,24 @@ def test_examples_run(tmp_path):
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path}",
         ]
-    )
-    assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
-    env = {
-        "EPOCHS": "2",
-        "START_EPOCH": "0",
-        "SWEEP_DIR": str(tmp_path / "sweep"),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    proc = subprocess.run(
-        ["bash", "examples/hydra_sweep.sh"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+        return run(args, env={"OMP_NUM_THREADS": "1"})
+
+    def sweep():
+        return subprocess.run(
+            ["bash", "examples/hydra_sweep.sh"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        sweeping = pool.submit(sweep)
+        plain_proc, cli_proc = pool.submit(plain).result(), pool.submit(cli).result()
+        proc = sweeping.result()
+    assert "sparsity 70.00%" in plain_proc.stdout
+    assert "all pruned weights" in cli_proc.stdout and "80.00%" in cli_proc.stdout
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| obs[layerwise] |" in proc.stdout and len(list((tmp_path / "sweep").rglob("results.json"))) == 7
     assert "Dense baseline: dense (pruner=none, 1 run): test accuracy at the end of the same training" in proc.stdout
