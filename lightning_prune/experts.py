@@ -276,14 +276,19 @@ def _reconstruction_scores(
 
         return fn
 
-    handles = [layer.block.register_forward_hook(hook(layer), with_kwargs=True) for layer in layers]
+    _forward_hooked(model, batches, [(layer.block, hook(layer)) for layer in layers])
+    return {n: (errs[n] / max(norms[n], 1e-30)).tolist() for n in errs}
+
+
+def _forward_hooked(model: nn.Module, batches: Sequence[Any], hooks: Sequence[tuple[nn.Module, Any]]) -> None:
+    """Run ``batches`` through ``model`` with forward hooks (``(module, fn)``, called with kwargs) attached."""
+    handles = [module.register_forward_hook(fn, with_kwargs=True) for module, fn in hooks]
     try:
         for batch in batches:
             default_forward(model, batch)
     finally:
         for h in handles:
             h.remove()
-    return {n: (errs[n] / max(norms[n], 1e-30)).tolist() for n in errs}
 
 
 def _routing_scores(
@@ -332,13 +337,7 @@ def _routing_scores(
 
         return fn
 
-    handles = [layer.experts.register_forward_hook(hook(layer), with_kwargs=True) for layer in layers]
-    try:
-        for batch in batches:
-            default_forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_hooked(model, batches, [(layer.experts, hook(layer)) for layer in layers])
     if score == "frequency":
         return {n: (counts[n] / max(tokens[n], 1)).tolist() for n in sums}
     return {n: (sums[n] / counts[n].clamp_min(1.0)).tolist() for n in sums}
