@@ -153,7 +153,7 @@ def train_with(
 
 def targets(net: torch.nn.Module, **kwargs: Any) -> list[Any]:
     """The layers a pruner targets by default (``.name``, ``.param``, ``.shape2d``), the library's own choice."""
-    from lightning_prune.targets import resolve_targets
+    from lightning_prune.engine.targets import resolve_targets
 
     return resolve_targets(net, **kwargs)
 

@@ -9,9 +9,9 @@ import common
 from lightning.pytorch.callbacks import Callback, ModelPruning
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
+from lightning_prune.engine.schedule import Schedule
+from lightning_prune.engine.targets import PRUNABLE_TYPES
 from lightning_prune.patterns import NM, parse_pattern
-from lightning_prune.schedule import Schedule
-from lightning_prune.targets import PRUNABLE_TYPES
 
 
 class LightningModelPruning(ModelPruning):

@@ -92,7 +92,7 @@ def measure(plan: dict[str, Any], folder: Path, recipe: str) -> dict[str, Any]:
     import peft
 
     import lightning_prune
-    from lightning_prune.lora import masked_merge
+    from lightning_prune.surgery.lora import masked_merge
 
     dm, lit, ft = lm.finetuning_setup(plan, folder)
     ids = evals(folder, plan)
@@ -158,7 +158,7 @@ class Curve:
         self.callback, self.ids = _Callback(), ids
 
     def measure(self, step: int, lit: Any) -> None:
-        from lightning_prune.calibration import eval_mode
+        from lightning_prune.engine.calibration import eval_mode
 
         with eval_mode(lit):
             self.points.append((step, lm.perplexity(lit.model, self.ids)))

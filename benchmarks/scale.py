@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common
 
-from lightning_prune.solvers.layerwise import prepare_hessian, sparsegpt_prune
+from lightning_prune.solvers.obc import prepare_hessian, sparsegpt_prune
 
 BLOCK = 128
 

@@ -46,7 +46,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lightning_prune import MagnitudePruning, prune, prune_blocks, shrink
-from lightning_prune.depth import as_identity
+from lightning_prune.surgery.depth import as_identity
 
 SHAPE = {"hidden_size": 192, "num_hidden_layers": 8, "num_attention_heads": 4, "intermediate_size": 512}
 VOCAB, SEQ = 4096, 128

@@ -11,13 +11,13 @@ data and models; the ``cli`` extra) is never imported by the library.
 
 from typing import Any
 
-from lightning_prune.depth import prune_blocks
-from lightning_prune.experts import prune_experts
-from lightning_prune.export import export_semi_structured
+from lightning_prune.engine.pruner import Pruner
+from lightning_prune.engine.round import prune
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
-from lightning_prune.pruner import Pruner
-from lightning_prune.round import prune
-from lightning_prune.shrink import load_shrunk, shrink
+from lightning_prune.surgery.depth import prune_blocks
+from lightning_prune.surgery.experts import prune_experts
+from lightning_prune.surgery.export import export_semi_structured
+from lightning_prune.surgery.shrink import load_shrunk, shrink
 
 _CALLBACKS = ("Distillation", "MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
 

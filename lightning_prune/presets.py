@@ -4,7 +4,7 @@
 blocks="auto", solver="fast", reconstruct="current", solver_dtype="float32")``: the same object the
 flags build, usable in ``prune()`` and as a Trainer callback, with every option overridable
 (``SparseGPT(target=0.5, pattern="2:4")``, ``GMP(0.9, every_n_steps=100)``). Where Lightning is not
-installed a preset returns the Lightning-free :class:`~lightning_prune.pruner.Pruner` with the same
+installed a preset returns the Lightning-free :class:`~lightning_prune.engine.pruner.Pruner` with the same
 criterion and options, which ``prune()`` takes alike.
 
 * ``SparseGPT`` (Frantar & Alistarh 2023): layer-wise OBS, label-free reconstruction, the fast
@@ -35,8 +35,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from lightning_prune.pruner import Pruner, pruner_parameters
-from lightning_prune.schedule import forwarded
+from lightning_prune.engine.pruner import Pruner, pruner_parameters
+from lightning_prune.engine.schedule import forwarded
 
 SEQUENTIAL = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto", "reconstruct": "current"}
 

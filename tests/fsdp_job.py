@@ -137,9 +137,9 @@ def selection(a: argparse.Namespace) -> None:
     """Sharded ``select_masks`` on rows split between ranks against one process on whole layers."""
     import torch.distributed as dist
 
-    from lightning_prune.distributed import TorchDistributed
+    from lightning_prune.engine.selection import Shards, UnreachableSparsity
     from lightning_prune.patterns import NM, parse_pattern
-    from lightning_prune.selection import Shards, UnreachableSparsity
+    from lightning_prune.runtime.distributed import TorchDistributed
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -61,7 +61,7 @@ def imported_names(path: Path) -> set[str]:
 
 def test_core_modules_are_found():
     core = core_modules()
-    assert {"lightning_prune.round", "lightning_prune.pruner", "lightning_prune.presets"} <= set(core)
+    assert {"lightning_prune.engine.round", "lightning_prune.engine.pruner", "lightning_prune.presets"} <= set(core)
     assert "lightning_prune.criteria.obs" in core and "lightning_prune.stats.capture" in core
     assert not any(m.startswith(("lightning_prune.app", "lightning_prune.callbacks")) for m in core)
 

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBDPruning
 from lightning_prune.criteria.obd import sanitize_curvature
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.stats import EKFAC, KFAC, DiagFisher
 from lightning_prune.stats.capture import LayerCapture, unfold_conv_input
-from lightning_prune.targets import resolve_targets
 
 # ---------------------------------------------------------------- linear regression, closed forms
 N, D_IN, D_OUT = 128, 6, 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-from lightning_prune.callbacks.strategy import check_strategy
+from lightning_prune.callbacks.parallel import check_strategy
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "ddp_job.py"

@@ -14,9 +14,9 @@ from test_hf_export import IDS, VOCAB, auto_class, batches, build, load_cleanly,
 from torch import nn
 
 from lightning_prune import MagnitudePruning, Pruner, prune, prune_blocks, shrink
-from lightning_prune.calibration import Calibration
 from lightning_prune.criteria.magnitude import Magnitude
-from lightning_prune.depth import as_identity, block_scores, find_block_list, remove_blocks
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.surgery.depth import as_identity, block_scores, find_block_list, remove_blocks
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_prune import MagnitudePruning
-from lightning_prune.targets import resolve_targets
+from lightning_prune.engine.targets import resolve_targets
 
 
 class FrozenChecker(Callback):

@@ -15,8 +15,8 @@ from test_hf_export import IDS, LOAD_PROBLEMS, VOCAB, batches, load_messages, lo
 from torch import nn
 
 from lightning_prune import prune_experts
-from lightning_prune.calibration import Calibration
-from lightning_prune.experts import expert_scores, find_moe_layers, masked_experts, remove_experts
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.surgery.experts import expert_scores, find_moe_layers, masked_experts, remove_experts
 
 transformers = pytest.importorskip("transformers")
 

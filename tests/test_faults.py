@@ -16,8 +16,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
-from lightning_prune.selection import UnreachableSparsity, select_masks
-from lightning_prune.targets import resolve_targets
+from lightning_prune.engine.selection import UnreachableSparsity, select_masks
+from lightning_prune.engine.targets import resolve_targets
 
 
 def ce(model, batch):

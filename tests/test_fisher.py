@@ -13,10 +13,10 @@ from torch.func import functional_call, hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBDPruning, OBSPruning, prune
-from lightning_prune.calibration import Calibration
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.stats import KFAC, DiagFisher
 from lightning_prune.stats.passes import fisher_pass
-from lightning_prune.targets import resolve_targets
 
 N, D_IN, C = 96, 5, 4
 

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_prune import sharding
-from lightning_prune.callbacks.strategy import check_strategy
+from lightning_prune.callbacks.parallel import check_strategy
+from lightning_prune.runtime import sharding
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "fsdp_job.py"
@@ -302,7 +302,7 @@ def test_tensor_parallel_placements_are_refused_naming_the_parameter(one_rank_gr
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lightning_prune.sharding import check_sharding
+    from lightning_prune.runtime.sharding import check_sharding
 
     w = distribute_tensor(torch.randn(4, 6), init_device_mesh("cpu", (1,)), [Shard(1)])
     assert check_sharding(["plain"], [torch.randn(4, 6)], 1) is False

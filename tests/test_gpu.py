@@ -9,7 +9,7 @@ from conftest import TinyNet, make_trainer
 from test_engine import FrozenChecker
 
 from lightning_prune import OBDPruning, OBSPruning, prune
-from lightning_prune.solvers.layerwise import obc_prune, prepare_hessian, sparsegpt_prune
+from lightning_prune.solvers.obc import obc_prune, prepare_hessian, sparsegpt_prune
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -11,7 +11,7 @@ from conftest import make_trainer
 from test_readme import Lit, hf
 
 from lightning_prune import Distillation, MagnitudePruning, OBSPruning, prune
-from lightning_prune.lora import masked_merge
+from lightning_prune.surgery.lora import masked_merge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

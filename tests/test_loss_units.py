@@ -23,11 +23,11 @@ from torch.func import functional_call, hessian
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
-from lightning_prune.calibration import Calibration
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.engine.summary import round_metrics, round_summary
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.stats import DiagFisher
 from lightning_prune.stats.passes import calibration_pass
-from lightning_prune.summary import round_metrics, round_summary
-from lightning_prune.targets import resolve_targets
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_prune import masks as M
+from lightning_prune.engine import masks as M
 
 
 @pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (2, 3, 4, 5)])

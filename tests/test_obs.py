@@ -14,9 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import OBSPruning
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.solvers.blockfisher import block_set_update
 from lightning_prune.solvers.kronecker import DENSE_MAX, kfac_set_update
-from lightning_prune.solvers.layerwise import (
+from lightning_prune.solvers.linalg import damped_cholesky
+from lightning_prune.solvers.obc import (
     LAYER_BUDGET,
     blocked_prune,
     choose_solvers,
@@ -26,10 +28,8 @@ from lightning_prune.solvers.layerwise import (
     solver_work,
     sparsegpt_prune,
 )
-from lightning_prune.solvers.linalg import damped_cholesky
 from lightning_prune.stats.blockfisher import BlockFisher
 from lightning_prune.stats.estimators import _chunks, per_sample_grads
-from lightning_prune.targets import resolve_targets
 
 TINY = 1e-12
 
@@ -136,7 +136,7 @@ def test_removal_costs_rank_each_rows_greedy_removals_first(seed):
     """Whatever count c a row is given, the greedy's c removals are the row's c lowest costs (ties
     allowed), and the costs grow along the removal order, so a global threshold on them hands each
     row a count of the greedy's own choosing; forced entries cost nothing and go first."""
-    from lightning_prune.solvers.layerwise import removal_costs
+    from lightning_prune.solvers.obc import removal_costs
 
     g = torch.Generator().manual_seed(seed)
     X, Y, W, H = problem(n=300, d=24, rows=6, seed=seed, corr=1.0)
@@ -507,7 +507,7 @@ def test_adaptive_fast_solver_is_sparsegpts_reference_mask_selection():
     """``adaptive=True`` reproduces SparseGPT's fasterprune (right-looking, written out here): each
     column block's mask is the block's lowest w^2 / [U]_jj^2 over all rows, from the weights as
     compensated by the blocks before it; the layer's total count is exact."""
-    from lightning_prune.solvers.layerwise import _block_totals
+    from lightning_prune.solvers.obc import _block_totals
 
     g = torch.Generator().manual_seed(3)
     X = torch.randn(400, 24, generator=g, dtype=torch.float64) @ torch.randn(24, 24, generator=g, dtype=torch.float64)

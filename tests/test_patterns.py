@@ -15,9 +15,9 @@ from test_obs import loss, problem, refit
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
+from lightning_prune.engine.selection import UnreachableSparsity
 from lightning_prune.patterns import NM, UNSTRUCTURED, parse_pattern
-from lightning_prune.selection import UnreachableSparsity
-from lightning_prune.solvers.layerwise import blocked_prune, obc_prune, prepare_hessian, sparsegpt_prune
+from lightning_prune.solvers.obc import blocked_prune, obc_prune, prepare_hessian, sparsegpt_prune
 
 
 def per_group(keep: torch.Tensor, m: int) -> torch.Tensor:
@@ -359,7 +359,7 @@ def test_export_refuses_what_the_kernels_cannot_take_and_converts_nothing():
 def test_export_replaces_and_verifies_each_layer_and_restores_on_mismatch(monkeypatch):
     """The conversion itself needs a GPU (tests/test_gpu.py); here it is stood in for, to check the
     replacement, the output check and the restore."""
-    from lightning_prune import export
+    from lightning_prune.surgery import export
 
     monkeypatch.setattr(export, "_check_device", lambda weights, names: None)
     monkeypatch.setattr(export, "_to_sparse", lambda w: w.clone())

@@ -24,7 +24,7 @@ from lightning_prune import (
     presets,
     prune,
 )
-from lightning_prune.schedule import Schedule, schedule_parameters
+from lightning_prune.engine.schedule import Schedule, schedule_parameters
 
 SEQUENTIAL = dict(allocation="reconstruction", scope="layer", blocks="auto", reconstruct="current")
 FLAGS = {

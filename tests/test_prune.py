@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, Pruner, prune
-from lightning_prune.calibration import BatchError
 from lightning_prune.criteria import OBS
+from lightning_prune.engine.calibration import BatchError
 
 # every criterion and option family, as the callbacks users pass to a Trainer
 CRITERIA = {

@@ -25,10 +25,10 @@ from test_steps import batches as training_batches
 from torch import nn
 
 from lightning_prune import OBDPruning, OBSPruning
-from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.engine.targets import resolve_targets
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 from lightning_prune.stats import EKFAC, KFAC, Composite, CrossCovariance, DiagFisher, Hutchinson, InputCovariance
 from lightning_prune.stats.blockfisher import BlockFisher
-from lightning_prune.targets import resolve_targets
 
 WINDOW = 4  # optimizer steps a window spans: num_batches = WINDOW * accumulate_grad_batches
 ROUNDS = [6, 12]  # optimizer steps

@@ -3,7 +3,7 @@ import math
 import pytest
 
 from lightning_prune import MagnitudePruning
-from lightning_prune.schedule import Schedule
+from lightning_prune.engine.schedule import Schedule
 
 
 def test_cubic_matches_zhu_gupta():

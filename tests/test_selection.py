@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_prune.selection import UnreachableSparsity, check_feasible, floor_count, select_masks
+from lightning_prune.engine.selection import UnreachableSparsity, check_feasible, floor_count, select_masks
 
 
 def _ones(*shapes, names="l0 l1"):
@@ -95,7 +95,7 @@ def test_row_scope_prunes_each_row_to_its_count_and_only_shrinks():
 def test_linear_time_selection_picks_what_a_stable_sort_picks():
     """``_extreme`` (kthvalue, ties by index) against the stable sort it replaced, enumerated over random
     keys full of ties, pruned (-inf) and protected (+inf) entries, at every k."""
-    from lightning_prune.selection import _extreme, _prune_lowest
+    from lightning_prune.engine.selection import _extreme, _prune_lowest
 
     g = torch.Generator().manual_seed(0)
     for _ in range(100):

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
-from lightning_prune.blocks import find_blocks
-from lightning_prune.targets import resolve_targets
+from lightning_prune.engine.sequential import find_blocks
+from lightning_prune.engine.targets import resolve_targets
 
 transformers = pytest.importorskip("transformers")
 
@@ -377,7 +377,7 @@ def test_prune_with_a_device_moves_one_block_at_a_time_and_equals_pruning_in_pla
     """``prune(model, data, pruner, device=...)``: each block is moved to the device once, in order, and
     back before the next one comes (never two at once); the result is the in-place round's, bitwise.
     The device here is the CPU itself; the moves are counted through ``blocks.onload``/``offload``."""
-    import lightning_prune.blocks as blocks_module
+    import lightning_prune.engine.sequential as blocks_module
     from lightning_prune import SparseGPT
 
     moves: list[tuple[str, str]] = []
@@ -424,7 +424,7 @@ def test_prune_with_a_device_refuses_what_it_cannot_offload():
 def test_a_block_by_block_round_says_which_layer_it_is_solving(monkeypatch):
     """A block of a large model takes minutes: the blocks' bar says, before each layer's solve, which
     layer of which block it is, in the order the layers are solved (never silent for a whole block)."""
-    import lightning_prune.round as round_module
+    import lightning_prune.engine.round as round_module
 
     said: list[str] = []
 

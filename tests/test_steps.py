@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
-from lightning_prune.calibration import Calibration
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.stats import DiagFisher
 from lightning_prune.stats.passes import calibration_pass
-from lightning_prune.targets import resolve_targets
 
 BATCH = 16
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune, shrink
 from lightning_prune.app.models import LeNet5Classifier, MLPClassifier
-from lightning_prune.graph import discover
+from lightning_prune.models.graph import discover
 from lightning_prune.patterns import Channels
 from lightning_prune.solvers.structured import group_update, structured_prune
 

@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning
 from lightning_prune.callbacks.base import PruningCallback
+from lightning_prune.engine.targets import resolve_targets
 from lightning_prune.stats import Estimator
 from lightning_prune.stats.capture import EAGER_WHILE_CAPTURING, LayerCapture
-from lightning_prune.targets import resolve_targets
 
 
 @pytest.fixture(autouse=True)

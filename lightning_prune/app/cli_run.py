@@ -23,10 +23,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_prune.calibration import eval_mode
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.round import prune
-from lightning_prune.summary import when
+from lightning_prune.engine.calibration import eval_mode
+from lightning_prune.engine.round import prune
+from lightning_prune.engine.summary import when
 
 
 class RoundEvaluator(Callback):
@@ -228,7 +228,7 @@ def _evaluate(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lightni
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``ckpt_path``: validation and test accuracy, and the zeros of its Linear/Conv weights."""
-    from lightning_prune.targets import resolve_targets
+    from lightning_prune.engine.targets import resolve_targets
 
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     datamodule, model, _, ckpt_path = _load(cfg, "eval")
@@ -332,13 +332,13 @@ def _hf_model(cfg: DictConfig, model: pl.LightningModule) -> Any:
 def _save_hf(cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback | None, datamodule: Any) -> str:
     """Write the pruned model to ``save_hf`` as an ordinary Hugging Face checkpoint (and the data's tokenizer).
 
-    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.shrink`),
+    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.surgery.shrink`),
     so the checkpoint is a smaller dense model with its sizes in the config; other patterns are saved
     dense with their zeros. The written directory is read back with ``AutoModelForCausalLM.from_pretrained``
     and must compute what the pruned model computes, else this raises."""
     from transformers import AutoModelForCausalLM
 
-    from lightning_prune.shrink import shrink
+    from lightning_prune.surgery.shrink import shrink
 
     hf, directory = _hf_model(cfg, model), Path(str(cfg.save_hf)).expanduser()
     batch = next(iter(datamodule.val_dataloader()))

@@ -1,6 +1,6 @@
-"""The Lightning adapter: a :class:`~lightning_prune.pruner.Pruner` driven by ``Trainer.fit``'s hooks.
+"""The Lightning adapter: a :class:`~lightning_prune.engine.pruner.Pruner` driven by ``Trainer.fit``'s hooks.
 
-Everything a round computes lives in the Lightning-free core (:func:`lightning_prune.round.run_round`).
+Everything a round computes lives in the Lightning-free core (:func:`lightning_prune.engine.round.run_round`).
 This class only translates the training loop into it:
 
 * when a round is due (end of a round epoch, or right after ``global_step`` reaches a round
@@ -28,24 +28,24 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_prune.calibration import Calibration, RoundInterrupted, batch_size
+from lightning_prune.callbacks.parallel import StrategyCollectives, check_strategy
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
-from lightning_prune.callbacks.strategy import StrategyCollectives, check_strategy
 from lightning_prune.criteria.base import Criterion
-from lightning_prune.pruner import Pruner, is_pruning_state, pruner_parameters
-from lightning_prune.round import run_round
-from lightning_prune.schedule import check_options
+from lightning_prune.engine.calibration import Calibration, RoundInterrupted, batch_size
+from lightning_prune.engine.pruner import Pruner, is_pruning_state, pruner_parameters
+from lightning_prune.engine.round import run_round
+from lightning_prune.engine.schedule import check_options
+from lightning_prune.engine.summary import round_summary
 from lightning_prune.stats.capture import compiled_parts
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.window import CaptureWindow
-from lightning_prune.summary import round_summary
 
 
 class PruningCallback(Callback):
     """Base class of :class:`MagnitudePruning`, :class:`OBDPruning` and :class:`OBSPruning`: a Lightning
-    callback that drives the :class:`~lightning_prune.pruner.Pruner` it wraps (:attr:`pruner`).
+    callback that drives the :class:`~lightning_prune.engine.pruner.Pruner` it wraps (:attr:`pruner`).
 
-    See :class:`~lightning_prune.pruner.Pruner` for the arguments. The pruner's state and methods read
+    See :class:`~lightning_prune.engine.pruner.Pruner` for the arguments. The pruner's state and methods read
     through the callback (``callback.history``, ``callback.masks``, ``callback.sparsity``), and the
     callback can be passed to ``prune()`` as the pruner itself. Each instance checkpoints under its own
     :attr:`state_key` (its class and its target selection), so several pruners on disjoint parameter

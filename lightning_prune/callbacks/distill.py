@@ -57,9 +57,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_prune import sharding
 from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.targets import is_prunable_layer
+from lightning_prune.engine.targets import is_prunable_layer
+from lightning_prune.runtime import sharding
 
 # exactly-zero fraction of the student's Linear/Conv weights above which it is taken for a pruned model
 # (a dense trained network has essentially none), so the default teacher (a copy of it) would be sparse

@@ -6,8 +6,8 @@ from typing import Any
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Magnitude
-from lightning_prune.pruner import pruner_parameters
-from lightning_prune.schedule import forwarded
+from lightning_prune.engine.pruner import pruner_parameters
+from lightning_prune.engine.schedule import forwarded
 
 
 class MagnitudePruning(PruningCallback):
@@ -15,7 +15,7 @@ class MagnitudePruning(PruningCallback):
 
     ``Trainer(callbacks=[MagnitudePruning(target=0.8)])`` prunes 80% of all Linear/Conv weights
     over a cubic schedule in the first half of training and fine-tunes in the second half. See
-    :class:`~lightning_prune.pruner.Pruner` for the arguments. Magnitude needs no curvature: a
+    :class:`~lightning_prune.engine.pruner.Pruner` for the arguments. Magnitude needs no curvature: a
     round's batches only measure the actual loss increase, on the last ``min(num_batches,
     eval_batches)`` training batches before it (in ``prune()``: on that many batches of ``data``).
     So ``num_batches`` means what it means for the other criteria, the batches a round keeps,

@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBD
-from lightning_prune.pruner import pruner_parameters
-from lightning_prune.schedule import forwarded
+from lightning_prune.engine.pruner import pruner_parameters
+from lightning_prune.engine.schedule import forwarded
 
 
 class OBDPruning(PruningCallback):
@@ -39,7 +39,7 @@ class OBDPruning(PruningCallback):
     sum over the removed weights is logged as ``prune/predicted_loss_increase`` next to the
     measured ``prune/actual_loss_increase``. ``"activations"`` scores in each layer's output units
     instead: their sum is a reconstruction error, logged as ``prune/reconstruction_error``, not a
-    loss. Other arguments: see :class:`~lightning_prune.pruner.Pruner`.
+    loss. Other arguments: see :class:`~lightning_prune.engine.pruner.Pruner`.
     """
 
     def __init__(

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import OBS
-from lightning_prune.pruner import pruner_parameters
-from lightning_prune.schedule import forwarded
+from lightning_prune.engine.pruner import pruner_parameters
+from lightning_prune.engine.schedule import forwarded
 
 
 class OBSPruning(PruningCallback):
@@ -72,7 +72,7 @@ class OBSPruning(PruningCallback):
             (a language model's tokens) are read instead (:func:`~lightning_prune.stats.capture.per_sample_factor`).
 
     Other arguments (``blocks=`` for SparseGPT's block-by-block round among them): see
-    :class:`~lightning_prune.pruner.Pruner`.
+    :class:`~lightning_prune.engine.pruner.Pruner`.
     """
 
     def __init__(

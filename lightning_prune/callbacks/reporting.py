@@ -14,8 +14,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_prune.calibration import ProgressFactory, no_progress, tqdm_progress
-from lightning_prune.summary import round_metrics
+from lightning_prune.engine.calibration import ProgressFactory, no_progress, tqdm_progress
+from lightning_prune.engine.summary import round_metrics
 
 
 @rank_zero_only

@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_prune.summary import RECONSTRUCTION_UNIT
+from lightning_prune.engine.summary import RECONSTRUCTION_UNIT
 
 
 def curve_metric(monitor: Mapping[str, float]) -> str | None:

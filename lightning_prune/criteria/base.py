@@ -1,7 +1,7 @@
 """What a criterion is: how a round scores weights (and, for OBS, moves the survivors).
 
 A criterion knows nothing of Lightning, schedules or masks on disk. The round
-(:func:`lightning_prune.round.run_round`) hands it a :class:`RoundContext` (the targets, their
+(:func:`lightning_prune.engine.round.run_round`) hands it a :class:`RoundContext` (the targets, their
 current masks, the sparsity to reach, the round's batches and statistics) and installs the
 :class:`RoundResult` it returns. Statistics come from :meth:`Criterion.make_estimator`: fed by
 training steps inside ``Trainer.fit`` (the capture window), or by one calibration pass in
@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import sharding
-from lightning_prune.calibration import Calibration, RoundInterrupted
-from lightning_prune.distributed import Collectives, warn
+from lightning_prune.engine.calibration import Calibration, RoundInterrupted
+from lightning_prune.engine.selection import Shards
+from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns import UNSTRUCTURED, Pattern
-from lightning_prune.selection import Shards
+from lightning_prune.runtime import sharding
+from lightning_prune.runtime.distributed import Collectives, warn
 from lightning_prune.stats.estimators import Estimator
-from lightning_prune.targets import PruneTarget
 
 
 @dataclass

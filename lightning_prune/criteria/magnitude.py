@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult
-from lightning_prune.distributed import warn
 from lightning_prune.patterns import Pattern
+from lightning_prune.runtime.distributed import warn
 
 
 class Magnitude(Criterion):

@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
-from lightning_prune.distributed import Collectives, warn
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import Collectives, warn
 from lightning_prune.stats import CURVATURES, Estimator, Hutchinson, make_estimator
 from lightning_prune.stats.capture import check_hookable
 from lightning_prune.stats.fisher import check_fisher_type
-from lightning_prune.targets import PruneTarget
 
 REDUCTIONS = ("mean", "sum")
 

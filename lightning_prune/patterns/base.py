@@ -6,7 +6,7 @@ pruner and the callbacks never test a pattern's type, and a new pattern is one m
 package that registers a parser (:func:`register`); the package imports every module in it.
 
 Masks passed to and returned by a pattern are in each weight's own layout, keyed by layer name;
-``layers`` (the bound :class:`~lightning_prune.targets.PruneTarget` s) give the ``(d_out, d_in)``
+``layers`` (the bound :class:`~lightning_prune.engine.targets.PruneTarget` s) give the ``(d_out, d_in)``
 view where a pattern needs rows and columns. Without ``layers`` the masks are that view already.
 """
 
@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from lightning_prune.selection import Shards, check_feasible, select_masks
-from lightning_prune.targets import PruneTarget
+from lightning_prune.engine.selection import Shards, check_feasible, select_masks
+from lightning_prune.engine.targets import PruneTarget
 
 _PARSERS: list[tuple[str, Callable[[str], Pattern | None]]] = []
 
@@ -67,7 +67,7 @@ class Pattern:
 
     name = "unstructured"
     # whole structures (neurons, channels, heads) go: layer-wise OBS removes them with the structured
-    # solver, and lightning_prune.shrink deletes them
+    # solver, and lightning_prune.surgery.shrink deletes them
     removes_structures = False
     # masks are chosen within each output row (N:M groups): a weight stored transposed and sharded
     # by its inputs (GPT-2's Conv1D under FSDP2) cannot be
@@ -135,8 +135,8 @@ class Pattern:
         shards: Shards | None = None,
         layers: Sequence[PruneTarget] | None = None,
     ) -> dict[str, Tensor]:
-        """New masks reaching ``sparsity`` from ``scores`` (see :mod:`lightning_prune.selection`); ``scope="row"``
-        compares within each output row of the ``(d_out, d_in)`` view."""
+        """New masks reaching ``sparsity`` from ``scores`` (see :mod:`lightning_prune.engine.selection`);
+        ``scope="row"`` compares within each output row of the ``(d_out, d_in)`` view."""
         if scope != "row":
             return select_masks(scores, masks, sparsity, scope=scope, min_density=min_density, shards=shards)
         out = select_masks(

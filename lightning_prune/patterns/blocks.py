@@ -1,4 +1,4 @@
-"""``pattern="blocks"``: whole blocks are removed by :func:`lightning_prune.depth.prune_blocks`, not by masks.
+"""``pattern="blocks"``: whole blocks are removed by :func:`lightning_prune.surgery.depth.prune_blocks`, not by masks.
 
 A pattern turns a criterion's per-weight scores into masks; a block's cost (the loss when it is
 replaced by the identity, with the later blocks seeing the new inputs) is not a sum of weight

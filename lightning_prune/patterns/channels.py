@@ -1,8 +1,8 @@
 """``pattern="channels"``: whole neurons, channels and attention heads, with the layers they couple.
 
-The families come from :mod:`lightning_prune.graph`. A structure is pruned when all its weights in
+The families come from :mod:`lightning_prune.models.graph`. A structure is pruned when all its weights in
 the targets are masked. Zero consumer columns alone already make its output irrelevant, so the
-masked model computes what the smaller model of :func:`lightning_prune.shrink.shrink` computes.
+masked model computes what the smaller model of :func:`lightning_prune.surgery.shrink.shrink` computes.
 Training-time freezing, checkpoints and DDP are the unstructured masks' own machinery; selection
 picks structures instead of weights (:meth:`Channels.select`), and layer-wise OBS removes a
 structure's consumer columns ``Q`` with the group update ``dW = -W[:, Q] ([H^-1]_QQ)^-1 (H^-1)[Q, :]``
@@ -16,12 +16,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import hf
-from lightning_prune.distributed import warn
-from lightning_prune.graph import Family, Slot, discover
+from lightning_prune.engine.selection import Shards, floor_count, select_masks
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.models import hf_config as hf
+from lightning_prune.models.graph import Family, Slot, discover
 from lightning_prune.patterns.base import Pattern, register
-from lightning_prune.selection import Shards, floor_count, select_masks
-from lightning_prune.targets import PruneTarget
+from lightning_prune.runtime.distributed import warn
 
 
 def _view(t: PruneTarget, x: Tensor, slot: Slot, size: int) -> Tensor:
@@ -91,7 +91,8 @@ class Channels(Pattern):
             raise ValueError(
                 f"pattern='channels' found no structure to remove in {type(model).__name__} among the targets: "
                 + ("; ".join(notes[:6]) or "no Linear/Conv chain, gated MLP or attention block")
-                + ". Supported: nn.Sequential chains, Hugging Face MLPs and attention (see lightning_prune.graph)"
+                + ". Supported: nn.Sequential chains, Hugging Face MLPs and attention "
+                "(see lightning_prune.models.graph)"
             )
         covered = {s.module for f in kept for s in (*f.producers, *f.consumers)}
         if alone := [t.name for t in targets if t.module_name not in covered]:

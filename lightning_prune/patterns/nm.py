@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.engine.selection import Shards, select_masks, sort_key
+from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns.base import Pattern, as_matrices, from_matrices, register
-from lightning_prune.selection import Shards, select_masks, sort_key
-from lightning_prune.targets import PruneTarget
 
 RAMPS = ("capped", "groups")
 

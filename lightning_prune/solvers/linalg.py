@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_prune.distributed import warn
-from lightning_prune.numerics import exact_float32  # noqa: F401  (re-exported)
+from lightning_prune.runtime.distributed import warn
+from lightning_prune.runtime.numerics import exact_float32  # noqa: F401  (re-exported)
 
 MAX_DAMP = 10.0
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.solvers.layerwise import prepare_hessian
+from lightning_prune.solvers.obc import prepare_hessian
 
 
 def group_update(W: Tensor, Hinv: Tensor, cols: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -3,7 +3,8 @@ the capture of layer inputs and output gradients, the calibration passes and the
 
 from collections.abc import Sequence
 
-from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 from lightning_prune.stats.blockfisher import BlockFisher
 from lightning_prune.stats.estimators import (
     EKFAC,
@@ -16,7 +17,6 @@ from lightning_prune.stats.estimators import (
 )
 from lightning_prune.stats.hutchinson import Hutchinson
 from lightning_prune.stats.window import CaptureWindow
-from lightning_prune.targets import PruneTarget
 
 CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson", "activations")
 

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 from lightning_prune.stats.estimators import Estimator, _chunks, per_sample_grads
-from lightning_prune.targets import PruneTarget
 
 
 def _blocks(numel: int, block_size: int) -> tuple[int, int]:

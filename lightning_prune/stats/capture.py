@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from lightning_prune.targets import PruneTarget
+from lightning_prune.engine.targets import PruneTarget
 
 
 def check_hookable(targets: Sequence[PruneTarget], gradients: bool = True) -> None:

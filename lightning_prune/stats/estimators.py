@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.distributed import LOCAL, Collectives
-from lightning_prune.targets import PruneTarget
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 
 _CHUNK_ELEMENTS = 1 << 24  # per-sample gradients are materialised in chunks of at most this size
 

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.calibration import Calibration, batch_size, eval_mode
+from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode
 
 FISHER_TYPES = ("auto", "empirical", "mc", "exact")
 EXACT_MAX_OUTPUTS = 64  # "auto": the exact GGN costs one backward pass per output

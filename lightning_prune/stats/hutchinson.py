@@ -2,7 +2,7 @@
 
 Hessian-vector products need double backward, which ordinary training steps do not do, so this
 runs as a calibration pass at round time over the window's stored batches, in eval mode (see
-:mod:`lightning_prune.calibration`: BatchNorm statistics and metric states untouched). Probes are
+:mod:`lightning_prune.engine.calibration`: BatchNorm statistics and metric states untouched). Probes are
 Rademacher vectors from a generator seeded by (seed, round, rank, batch, probe): reruns are
 reproducible. Sums and counts are all-reduced like every other estimator.
 """
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.calibration import Calibration, eval_mode
-from lightning_prune.distributed import LOCAL, Collectives
+from lightning_prune.engine.calibration import Calibration, eval_mode
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 from lightning_prune.stats.estimators import Estimator
-from lightning_prune.targets import PruneTarget
 
 
 class Hutchinson(Estimator):

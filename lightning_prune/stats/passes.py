@@ -2,7 +2,7 @@
 
 Every pass hooks the target layers (:class:`~lightning_prune.stats.capture.LayerCapture`), runs
 each batch in eval mode (BatchNorm statistics and metric states untouched, see
-:mod:`lightning_prune.calibration`), turns what the hooks saw into *rows* ``(target, x, g, x_ref)``,
+:mod:`lightning_prune.engine.calibration`), turns what the hooks saw into *rows* ``(target, x, g, x_ref)``,
 folds a batch's rows into the estimator only if all are finite (else counts it in ``skipped``), and
 all-reduces the estimator at the end. What differs is how a batch becomes rows:
 
@@ -12,7 +12,7 @@ all-reduces the estimator at the end. What differs is how a batch becomes rows:
   weights and again at the current ones (OBS fitting the outputs layers gave before the round);
 * :func:`fisher_pass`: the ``"mc"``/``"exact"`` Fisher, output-space directions backpropagated from
   the logits of the loss's own call (:mod:`lightning_prune.stats.fisher`);
-* a block of a model run on its stored inputs (:mod:`lightning_prune.strategies`, block by block).
+* a block of a model run on its stored inputs (:mod:`lightning_prune.engine.rounds`, block by block).
 
 :func:`fold` is the step they share with the training window (:mod:`lightning_prune.stats.window`).
 :func:`collect` picks the pass an estimator needs.
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.calibration import Calibration, batch_size, eval_mode
-from lightning_prune.numerics import exact_float32
+from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.numerics import exact_float32
 from lightning_prune.stats.capture import LayerCapture, LossTerms, all_finite, per_sample_factor
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.fisher import directions, loss_call, resolve
-from lightning_prune.targets import PruneTarget
 
 Row = tuple[PruneTarget, Tensor, Tensor | None, Tensor | None]  # target, inputs, output gradients, reference inputs
 Rows = Callable[[LayerCapture, int, Any], list[Row]]  # a batch -> its rows

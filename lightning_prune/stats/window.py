@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.stats.capture import (
     LOSS_WATCH,
     LayerCapture,
@@ -16,7 +17,6 @@ from lightning_prune.stats.capture import (
 )
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.passes import fold
-from lightning_prune.targets import PruneTarget
 
 
 class CaptureWindow:

@@ -20,7 +20,7 @@ from typing import Any
 from lightning_prune.criteria.obs.base import OBSCriterion
 from lightning_prune.criteria.obs.curvature import KFACOBS, WoodFisherOBS
 from lightning_prune.criteria.obs.layerwise import LayerwiseOBS
-from lightning_prune.schedule import check_options, forwarded
+from lightning_prune.engine.schedule import check_options, forwarded
 
 HESSIANS = {"layerwise": LayerwiseOBS, "fisher": WoodFisherOBS, "kfac": KFACOBS}
 

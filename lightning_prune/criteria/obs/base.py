@@ -9,11 +9,11 @@ from torch import Tensor
 
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.criteria.obd import check_reduction
-from lightning_prune.numerics import exact_float32
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.numerics import exact_float32
 from lightning_prune.stats import Estimator
 from lightning_prune.stats.capture import check_hookable
 from lightning_prune.stats.fisher import check_fisher_type
-from lightning_prune.targets import PruneTarget
 
 OPTIMIZER_STATES = ("keep", "reset")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

@@ -16,13 +16,13 @@ from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.criteria.obs.base import OBSCriterion
-from lightning_prune.distributed import Collectives, warn
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import Collectives, warn
 from lightning_prune.solvers.blockfisher import block_set_update
 from lightning_prune.solvers.kronecker import CG_TOL, kfac_saliency, kfac_set_update
 from lightning_prune.solvers.linalg import damped_cholesky, damped_inverse
 from lightning_prune.stats import KFAC, BlockFisher, Composite, Estimator
 from lightning_prune.stats.blockfisher import from_blocks, to_blocks
-from lightning_prune.targets import PruneTarget
 
 
 class RecomputedOBS(OBSCriterion):

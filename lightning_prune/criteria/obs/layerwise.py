@@ -8,7 +8,7 @@ saliency in loss units.
 Cross-layer allocation (``scope="global"``): every weight gets a loss-unit score, the selection
 ranks them globally (with the per-layer floor), and the resulting per-row counts are what the
 solver removes. ``allocation="obs"`` scores with each row's exact greedy error curve
-(:func:`~lightning_prune.solvers.layerwise.removal_costs`, weighted by ``G_ii``): OBC's per-layer
+(:func:`~lightning_prune.solvers.obc.removal_costs`, weighted by ``G_ii``): OBC's per-layer
 error curves under one global budget. ``"fisher"`` scores with OBD's ``1/2 F_ii w^2``: cheap at any
 size. ``"auto"`` takes ``"obs"`` where those curves fit the solver budget and ``"fisher"`` otherwise
 (``info["allocation"]`` says which). ``"kfac"`` scores with the K-FAC OBS saliency. Measured one-shot
@@ -24,7 +24,7 @@ the earlier ones were pruned. ``reconstruct="original"`` (default) fits each lat
 outputs it gave when the round started, from the cross moment of original and current inputs, so
 the error pruning put into its inputs is corrected rather than reproduced (GPTAQ); ``"current"``
 fits the layer's own outputs on the already-pruned inputs (SparseGPT/OBC). ``blocks=`` runs the
-round block by block (:class:`lightning_prune.strategies.Sequential`).
+round block by block (:class:`lightning_prune.engine.rounds.BlockByBlock`).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
 from lightning_prune.criteria.obs.spread import solve_spread
 from lightning_prune.criteria.obs.structured import prune_structures
-from lightning_prune.distributed import Collectives
-from lightning_prune.solvers.layerwise import (
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import Collectives
+from lightning_prune.solvers.linalg import damped_cholesky
+from lightning_prune.solvers.obc import (
     LAYER_BUDGET,
     Groups,
     blocked_prune,
@@ -56,10 +58,8 @@ from lightning_prune.solvers.layerwise import (
     solver_work,
     sparsegpt_prune,
 )
-from lightning_prune.solvers.linalg import damped_cholesky
 from lightning_prune.stats import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
 from lightning_prune.stats.passes import reference_pass
-from lightning_prune.targets import PruneTarget
 
 SOLVERS = ("auto", "exact", "blocked", "fast")
 ALLOCATIONS = ("auto", "obs", "fisher", "kfac", "reconstruction")
@@ -152,7 +152,7 @@ class LayerwiseOBS(OBSCriterion):
         if ctx.reference is None:
             raise RuntimeError(
                 f"OBS round {ctx.round_index}: reconstruct='original' needs the weights the round started from "
-                "(RoundContext.reference); run the round through lightning_prune.round.run_round"
+                "(RoundContext.reference); run the round through lightning_prune.engine.round.run_round"
             )
         est = CrossCovariance(layers, ctx.comm)
         return reference_pass(ctx.calib, ctx.batches, est, layers, ctx.reference, changed, desc)

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext
 from lightning_prune.criteria.obs.base import OBSCriterion
+from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.stats import CrossCovariance, Estimator
-from lightning_prune.targets import PruneTarget
 
 
 def solve_spread(

@@ -15,10 +15,10 @@ from torch import Tensor
 
 from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
-from lightning_prune.solvers.layerwise import prepare_hessian, refit_to_reference
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.solvers.obc import prepare_hessian, refit_to_reference
 from lightning_prune.solvers.structured import structured_prune
 from lightning_prune.stats import CrossCovariance, Estimator
-from lightning_prune.targets import PruneTarget
 
 
 def prune_structures(

@@ -29,17 +29,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import hf, sharding
-from lightning_prune import masks as M
-from lightning_prune.calibration import LossFn
 from lightning_prune.criteria.base import Criterion, RoundResult
-from lightning_prune.distributed import Collectives, default_collectives, warn
+from lightning_prune.engine import masks as M
+from lightning_prune.engine.calibration import LossFn
+from lightning_prune.engine.rounds import strategy_for
+from lightning_prune.engine.schedule import Schedule, check_fraction, check_options, forwarded, schedule_parameters
+from lightning_prune.engine.selection import SCOPES
+from lightning_prune.engine.summary import layer_table
+from lightning_prune.engine.targets import PruneTarget, match_names, resolve_targets, targets_of
+from lightning_prune.models import hf_config as hf
 from lightning_prune.patterns import Pattern, parse_pattern
-from lightning_prune.schedule import Schedule, check_fraction, check_options, forwarded, schedule_parameters
-from lightning_prune.selection import SCOPES
-from lightning_prune.strategies import strategy_for
-from lightning_prune.summary import layer_table
-from lightning_prune.targets import PruneTarget, match_names, resolve_targets, targets_of
+from lightning_prune.runtime import sharding
+from lightning_prune.runtime.distributed import Collectives, default_collectives, warn
 
 STATE_VERSION = 2
 
@@ -55,7 +56,7 @@ class Pruner:
             ``None`` (default): ``"global"``, except ``pattern="channels"`` on a model holding a
             Hugging Face ``PreTrainedModel``, where it is ``"layer"``: every block then loses the same
             number of heads and neurons (the criterion picks which), the only shrunk model a standard
-            config describes (:meth:`lightning_prune.shrink.Shrunk.save_pretrained`). Decided when the
+            config describes (:meth:`lightning_prune.surgery.shrink.Shrunk.save_pretrained`). Decided when the
             pruner meets its model (:attr:`scope` is the resolved value from then on).
         pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
             each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
@@ -63,9 +64,9 @@ class Pruner:
             :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
             each group's zeros inside its column sweep, from the compensated weights.
             ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
-            couple (:mod:`lightning_prune.graph`); ``target`` is then the fraction of structures
+            couple (:mod:`lightning_prune.models.graph`); ``target`` is then the fraction of structures
             removed and ``min_density`` keeps at least one of every family;
-            ``lightning_prune.shrink`` turns the result into a smaller dense model.
+            ``lightning_prune.surgery.shrink`` turns the result into a smaller dense model.
         include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).
@@ -76,20 +77,20 @@ class Pruner:
             (at most ``num_batches``; 0 disables the measurement).
         blocks: ``None`` (default: a round's statistics for every layer at once, from the training
             steps before it or one pass over its batches), ``"auto"`` or a glob over module names
-            (``"model.layers.*"``): sequential calibration (:class:`~lightning_prune.strategies.Sequential`),
+            (``"model.layers.*"``): sequential calibration (:class:`~lightning_prune.engine.rounds.BlockByBlock`),
             SparseGPT's loop for transformers: one block at a time is calibrated on the *pruned*
             outputs of the blocks before it, then pruned. ``"auto"`` takes the ``nn.ModuleList`` of
             identical blocks that holds the most targets. Needs a label-free criterion (layer-wise
             reconstruction OBS, OBD ``curvature="activations"``) and ``scope="layer"`` or ``"row"``.
         loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a
             LightningModule, or the output's ``.loss`` in ``prune()`` (see
-            :mod:`lightning_prune.calibration`).
+            :mod:`lightning_prune.engine.calibration`).
         verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
         **schedule: when rounds fire and how sparse each leaves the model: ``schedule``
             (``"cubic"``, ``"linear"``, ``"one_shot"`` or a callable ``point -> sparsity``), epoch
             triggers ``start_epoch``, ``end_epoch``, ``every_n_epochs`` or step triggers
             ``start_step``, ``end_step``, ``every_n_steps`` (optimizer steps). They are
-            :class:`~lightning_prune.schedule.Schedule`'s arguments, defined there only.
+            :class:`~lightning_prune.engine.schedule.Schedule`'s arguments, defined there only.
     """
 
     def __init__(
@@ -193,7 +194,7 @@ class Pruner:
 
     @property
     def history(self) -> tuple[Mapping[str, Any], ...]:
-        """One record per round (see :func:`lightning_prune.round.run_round` for the fields)."""
+        """One record per round (see :func:`lightning_prune.engine.round.run_round` for the fields)."""
         return tuple(MappingProxyType(r) for r in self._history)
 
     @property
@@ -249,8 +250,8 @@ class Pruner:
         ``blocks="auto"``): memory for one block and no backward pass, where the whole-model round holds
         every layer's statistics and backpropagates through the model. Returns what was chosen (printed and
         recorded in the round's ``info["plan"]``), or ``None`` where nothing changed. Called after :meth:`bind`."""
-        from lightning_prune.blocks import find_blocks
-        from lightning_prune.strategies import Sequential
+        from lightning_prune.engine.rounds import BlockByBlock
+        from lightning_prune.engine.sequential import find_blocks
 
         free = self._scope_arg is None and self.round_strategy.blocks is None and not self.pattern.removes_structures
         if not free or self._history or not self.criterion.label_free_by_default():
@@ -262,7 +263,7 @@ class Pruner:
         except ValueError:
             return None
         chosen = self.criterion.make_label_free()
-        self.round_strategy = Sequential("auto")
+        self.round_strategy = BlockByBlock("auto")
         self._scope_arg = self.scope = "layer"
         self.pattern.check_scope("layer")
         self._check_scope("layer")
@@ -296,7 +297,7 @@ class Pruner:
         then ``fit``, a second ``fit``) follow them into any wrapper: a LightningModule around the
         model, ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer`` (frozen there, and still
         masked). Checkpointed masks find their parameters by name, or by a unique name suffix
-        (:func:`~lightning_prune.targets.match_names`). Raises before any work if the model has
+        (:func:`~lightning_prune.engine.targets.match_names`). Raises before any work if the model has
         weights on the meta device, nothing matches, a checkpoint names other parameters than this
         pruner selects, the criterion cannot handle a target, or the target sparsity is unreachable
         under the per-layer floor.

@@ -56,10 +56,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune import hf
-from lightning_prune.blocks import _no_kv_cache
-from lightning_prune.calibration import Calibration, LossFn, default_forward, eval_mode
-from lightning_prune.shrink import Shrunk, _run, check_outputs
+from lightning_prune.engine.calibration import Calibration, LossFn, default_forward, eval_mode
+from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.models import hf_config as hf
+from lightning_prune.surgery.shrink import Shrunk, _run, check_outputs
 
 SCORES = ("reconstruction", "loss", "reap", "frequency")
 COUNT_KEYS = ("num_local_experts", "num_experts")  # where a config keeps the number of routed experts

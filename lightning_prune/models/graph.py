@@ -26,7 +26,7 @@ consumer columns OBS compensates in). It understands:
 
 Everything else (residual streams, LayerNorm'd features, grouped convolutions, the classifier's
 outputs, a layer used twice) is left alone and listed in the notes. ``pattern="channels"``
-(:mod:`lightning_prune.patterns.channels`) prunes these families; :func:`lightning_prune.shrink.shrink`
+(:mod:`lightning_prune.patterns.channels`) prunes these families; :func:`lightning_prune.surgery.shrink.shrink`
 removes them.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_prune.targets import is_hf_conv1d
+from lightning_prune.engine.targets import is_hf_conv1d
 
 _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,

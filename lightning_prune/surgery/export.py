@@ -16,8 +16,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
+from lightning_prune.engine.targets import is_hf_conv1d, is_prunable_layer
 from lightning_prune.patterns import NM
-from lightning_prune.targets import is_hf_conv1d, is_prunable_layer
 
 TWO_FOUR = NM(2, 4)
 DTYPES = (torch.float16, torch.bfloat16)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.distributed import LOCAL, Collectives, global_rank
+from lightning_prune.runtime.distributed import LOCAL, Collectives, global_rank
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 

@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.calibration import Calibration, eval_mode, move_to_device
-from lightning_prune.distributed import Collectives
+from lightning_prune.engine.calibration import Calibration, eval_mode, move_to_device
+from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.distributed import Collectives
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.passes import fold
-from lightning_prune.targets import PruneTarget
 
 
 @dataclass

@@ -3,9 +3,9 @@
 * :class:`OnePass` (default): every target's statistics at once, from the training steps before the
   round (the capture window) or, without one, from one calibration pass over the round's batches at
   the current weights; the criterion then prunes every target in one call.
-* :class:`Sequential` (``blocks="auto"`` or a glob): SparseGPT's and OBC's loop for deep models. One
+* :class:`BlockByBlock` (``blocks="auto"`` or a glob): SparseGPT's and OBC's loop for deep models. One
   block at a time is calibrated on the *pruned* outputs of the blocks before it
-  (:func:`lightning_prune.blocks.run_sequential`), pruned by the criterion on its own, and its pruned
+  (:func:`lightning_prune.engine.sequential.run_sequential`), pruned by the criterion on its own, and its pruned
   outputs feed the next; memory holds one block's inputs and statistics. Any label-free criterion can
   run this way (layer-wise reconstruction OBS, OBD with ``curvature="activations"``, i.e. Wanda):
   statistics from block inputs have no loss to differentiate. A criterion that fits its layers to the
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.calibration import Calibration
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
-from lightning_prune.distributed import LOCAL, Collectives
-from lightning_prune.masks import apply_masks_
+from lightning_prune.engine.calibration import Calibration
+from lightning_prune.engine.masks import apply_masks_
+from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns import Pattern
+from lightning_prune.runtime.distributed import LOCAL, Collectives
 from lightning_prune.stats import CaptureWindow, Estimator
-from lightning_prune.targets import PruneTarget
 
 
 class OnePass:
@@ -77,7 +77,7 @@ class OnePass:
         return criterion.prune(ctx)
 
 
-class Sequential(OnePass):
+class BlockByBlock(OnePass):
     """Block by block, each calibrated on the pruned outputs of the blocks before it (whose pruned
     weights are zeroed as soon as the block is done, so the next block's inputs are the pruned model's)."""
 
@@ -109,7 +109,7 @@ class Sequential(OnePass):
             )
 
     def check_model(self, model: nn.Module, targets: Sequence[PruneTarget], sharded: bool) -> None:
-        from lightning_prune.blocks import find_blocks
+        from lightning_prune.engine.sequential import find_blocks
 
         find_blocks(model, self.blocks, targets)
         if sharded:
@@ -130,7 +130,7 @@ class Sequential(OnePass):
         return None
 
     def prune(self, criterion: Criterion, ctx: RoundContext) -> RoundResult:
-        from lightning_prune.blocks import find_blocks, run_sequential
+        from lightning_prune.engine.sequential import find_blocks, run_sequential
 
         if not ctx.batches:
             raise RuntimeError(f"round {ctx.round_index}: no batch in {ctx.source} for sequential calibration")
@@ -209,7 +209,7 @@ PARTIAL = "lightning_prune_partial_round"  # an error's attribute: the part of a
 
 def strategy_for(blocks: str | None) -> OnePass:
     """The strategy a pruner's arguments ask for: ``blocks`` names a sequential round's blocks."""
-    return OnePass() if blocks is None else Sequential(blocks)
+    return OnePass() if blocks is None else BlockByBlock(blocks)
 
 
 def _merge(info: dict[str, Any], block: dict[str, Any]) -> None:

@@ -33,7 +33,7 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import sharding
+from lightning_prune.runtime import sharding
 
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -94,7 +94,7 @@ class PruneTarget:
         t = sharding.gather(self.param) if tensor is None else tensor  # or this rank's block of rows
         return t.T if self.transposed else t.reshape(t.shape[0], -1)
 
-    # Under FSDP2 the parameter is a DTensor and this rank holds a block of its rows (lightning_prune.sharding):
+    # Under FSDP2 the parameter is a DTensor and this rank holds a block of its rows (lightning_prune.runtime.sharding):
     # masks and scores are kept for that block, whole layers are gathered one at a time.
     @property
     def sharded(self) -> bool:

@@ -6,7 +6,7 @@ rows (and biases, and per-channel BatchNorm entries), the consumer columns, and 
 whole heads (Hugging Face LLaMA-style attention infers the number of heads from the projections'
 shapes, so fewer heads need no config change; ``num_heads``/``num_key_value_heads`` attributes,
 where a model class keeps them, are updated). The families are the ones
-:func:`lightning_prune.graph.discover` finds, so what pruning could remove, shrinking can.
+:func:`lightning_prune.models.graph.discover` finds, so what pruning could remove, shrinking can.
 
 The result computes what the masked model computes (checked on ``example_inputs`` when given).
 Its :attr:`Shrunk.plan` (kept structures per family, JSON-friendly) rebuilds the same shapes on a
@@ -14,7 +14,7 @@ freshly built model, ``shrink(fresh, plan=plan)``, so a saved ``state_dict`` of 
 loads into it.
 
 Hugging Face models (``transformers.PreTrainedModel``, also inside a LightningModule) get their
-``config`` updated to the new sizes (:mod:`lightning_prune.hf`), so ``small.save_pretrained(d)``
+``config`` updated to the new sizes (:mod:`lightning_prune.models.hf_config`), so ``small.save_pretrained(d)``
 (:meth:`Shrunk.save_pretrained`) writes a checkpoint that ``AutoModelFor*.from_pretrained(d)`` loads
 without custom code. That needs the same sizes in every block, which is what ``pattern="channels"``
 prunes on Hugging Face models by default; a model whose blocks differ is refused there, or written
@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import hf
-from lightning_prune.distributed import warn
-from lightning_prune.graph import Family, Slot, discover
-from lightning_prune.targets import is_hf_conv1d
+from lightning_prune.engine.targets import is_hf_conv1d
+from lightning_prune.models import hf_config as hf
+from lightning_prune.models.graph import Family, Slot, discover
+from lightning_prune.runtime.distributed import warn
 
 PLAN_FILE = "pruning_plan.json"
 WEIGHTS_FILE = "shrunk_model.safetensors"  # not a name from_pretrained reads: it fails instead of re-initialising
@@ -62,9 +62,9 @@ class Shrunk:
     # or why no standard config describes the model (its config is then left as it was)
     hf_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonstandard: dict[str, str] = field(default_factory=dict)
-    # depth (lightning_prune.depth): block list -> the indices of the original blocks kept, in order
+    # depth (lightning_prune.surgery.depth): block list -> the indices of the original blocks kept, in order
     blocks_kept: dict[str, list[int]] = field(default_factory=dict)
-    # experts (lightning_prune.experts): MoE block -> the indices of the original experts kept, in order
+    # experts (lightning_prune.surgery.experts): MoE block -> the indices of the original experts kept, in order
     experts_kept: dict[str, list[int]] = field(default_factory=dict)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, with_plan: bool = False, **kwargs: Any) -> Path:

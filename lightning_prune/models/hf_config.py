@@ -1,6 +1,6 @@
 """Hugging Face checkpoints of shrunk models: the config that describes the new sizes.
 
-After :func:`lightning_prune.shrink.shrink` the layers of a ``transformers`` model are smaller than
+After :func:`lightning_prune.surgery.shrink.shrink` the layers of a ``transformers`` model are smaller than
 its ``config`` says, and ``from_pretrained`` builds a model from the config before it loads the
 weights: every shrunk projection would be a "size mismatch". :func:`config_update` reads the new
 sizes off the shrunk model's families and writes them where a standard config keeps them:
@@ -17,13 +17,13 @@ update is then checked the way ``from_pretrained`` would use it: the config clas
 (``LlamaConfig`` refuses a ``hidden_size`` that is not a multiple of ``num_attention_heads``), and
 a model built from it (on the meta device: shapes only) must have exactly the shrunk model's
 parameter names and shapes. New kinds of sizes (the number of experts) are one more reader in
-:data:`READERS`; ``num_hidden_layers`` after removing blocks is written by :mod:`lightning_prune.depth`,
+:data:`READERS`; ``num_hidden_layers`` after removing blocks is written by :mod:`lightning_prune.surgery.depth`,
 checked the same way (:func:`check_config`).
 
 GPT-2's fused ``c_attn`` and BERT's ``query``/``key``/``value`` heads are not removed: those models
 derive the head size from ``hidden_size / num_attention_heads`` (GPT-2 also splits ``c_attn`` at
 ``hidden_size``), so no config of theirs describes fewer heads of the same size, and discovery
-(:mod:`lightning_prune.graph`) leaves them alone, saying so. transformers 5 has no ``prune_heads``.
+(:mod:`lightning_prune.models.graph`) leaves them alone, saying so. transformers 5 has no ``prune_heads``.
 
 ``transformers`` is never imported here: a model of it exists only if it was imported already.
 """
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.graph import Family
+from lightning_prune.models.graph import Family
 
 # a family's layout (the suffix of its first producer's name) -> the config attribute its size is
 _NEURONS = {"gate_proj": "intermediate_size", "intermediate.dense": "intermediate_size", "c_fc": "n_inner"}

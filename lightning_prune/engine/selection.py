@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_prune.distributed import Collectives
+from lightning_prune.runtime.distributed import Collectives
 
 SCOPES = ("global", "layer", "row")
 Allowed = Callable[[Tensor], Tensor]  # sort keys laid out like the mask -> which entries may be chosen

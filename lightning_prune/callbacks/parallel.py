@@ -11,7 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from torch import Tensor
 
-from lightning_prune.distributed import Collectives
+from lightning_prune.runtime.distributed import Collectives
 
 SUPPORTED = (
     "single device, 'ddp', 'ddp_spawn', 'ddp_fork', 'ddp_notebook' (any accelerator, any number of nodes), and "
@@ -23,7 +23,7 @@ def check_strategy(trainer: pl.Trainer) -> None:
     """Refuse strategies whose shards the core cannot prune: that would be silently wrong.
 
     FSDP2 (``ModelParallelStrategy`` with data-parallel ``fully_shard``) is supported: its DTensor
-    weights are pruned through their local rows (:mod:`lightning_prune.sharding`). Tensor
+    weights are pruned through their local rows (:mod:`lightning_prune.runtime.sharding`). Tensor
     parallelism shards the layer inputs the statistics come from; FSDP1 (``FSDPStrategy``) flattens
     parameters into shards that do not follow rows; DeepSpeed likewise.
     """

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.calibration import (
+from lightning_prune.criteria.base import RoundContext, RoundResult
+from lightning_prune.engine.calibration import (
     Calibration,
     LossFn,
     move_to_device,
@@ -24,12 +25,11 @@ from lightning_prune.calibration import (
     no_progress,
     tqdm_progress,
 )
-from lightning_prune.criteria.base import RoundContext, RoundResult
-from lightning_prune.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
-from lightning_prune.pruner import Pruner
+from lightning_prune.engine.pruner import Pruner
+from lightning_prune.engine.rounds import PARTIAL
+from lightning_prune.engine.summary import round_summary
+from lightning_prune.runtime.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.stats.window import CaptureWindow
-from lightning_prune.strategies import PARTIAL
-from lightning_prune.summary import round_summary
 
 
 def run_round(
@@ -60,7 +60,7 @@ def run_round(
     ``solver_budget`` bounds the work of OBS's ``solver="auto"`` for the whole round (``None``: the
     per-layer budget). ``should_stop`` (e.g. a SIGTERM flag) is checked between layers (and between
     batches of a pass, in one process): the round then raises
-    :class:`~lightning_prune.calibration.RoundInterrupted` with every weight restored and no mask
+    :class:`~lightning_prune.engine.calibration.RoundInterrupted` with every weight restored and no mask
     changed; ``device`` (a sequential round only) moves one block at a time there to prune it. A
     sequential round (``blocks=``) keeps one block's copy, so the blocks it finished stay
     pruned, with their masks committed, and the error says so. Returns the record appended to
@@ -211,7 +211,7 @@ def prune(
     Args:
         model: any ``nn.Module`` or ``LightningModule``.
         data: a DataLoader or any iterable of batches (tensors, tuples, dicts).
-        pruner: a pruning callback (or any :class:`~lightning_prune.pruner.Pruner`).
+        pruner: a pruning callback (or any :class:`~lightning_prune.engine.pruner.Pruner`).
         loss_fn: ``loss_fn(model, batch) -> mean loss``. Default: ``pruner.loss_fn``, else a
             LightningModule's ``training_step``, else the ``.loss`` of the model's output (Hugging
             Face models with ``labels``). Magnitude and ``OBSPruning(allocation="reconstruction",
@@ -280,7 +280,7 @@ def prune(
 
 def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
     """``prune(device=...)`` checked before any work: a device torch knows, a block-by-block round."""
-    from lightning_prune.blocks import check_offload
+    from lightning_prune.engine.sequential import check_offload
 
     try:
         device = torch.device(device)

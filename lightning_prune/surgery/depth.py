@@ -41,10 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune import hf
-from lightning_prune.blocks import _no_kv_cache
-from lightning_prune.calibration import Calibration, LossFn, default_forward, eval_mode
-from lightning_prune.shrink import Shrunk, _output, _run, check_outputs
+from lightning_prune.engine.calibration import Calibration, LossFn, default_forward, eval_mode
+from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.models import hf_config as hf
+from lightning_prune.surgery.shrink import Shrunk, _output, _run, check_outputs
 
 SCORES = ("loss", "reconstruction", "influence")
 PER_BLOCK = ("layer_types",)  # config lists with one entry per block, cut with the blocks

@@ -1,7 +1,7 @@
 """The mask engine: boolean masks and the only code that zeroes weights, gradients and optimizer state.
 
 Masks are plain ``bool`` tensors keyed by parameter name (True = kept); for a parameter FSDP2
-sharded, the mask of the rank's local block (:mod:`lightning_prune.sharding`), applied to the local
+sharded, the mask of the rank's local block (:mod:`lightning_prune.runtime.sharding`), applied to the local
 shards of the weight, its gradient and its optimizer moments. The model is never
 reparametrised: no ``weight_orig``, no forward pre-hook, so the state dict keeps its keys and dtypes
 and the forward pass costs nothing extra. A pruned weight is *frozen* at exactly 0.0 by three
@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from lightning_prune.sharding import local
+from lightning_prune.runtime.sharding import local
 
 _BITS = {
     torch.float64: torch.int64,

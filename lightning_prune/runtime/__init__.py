@@ -1,0 +1,1 @@
+"""Where a round runs: collectives (``distributed``), FSDP2 rows (``sharding``), numerics."""
