@@ -176,6 +176,19 @@ def masked_merge(
     if not adapted_layers(model):
         raise ValueError(f"`model` ({type(model).__name__}) has no LoRA layers to merge")
     names = _check_adapter_names(model, adapter_names)
+    # layers whose adapters were merged already (merge_adapter()): their base weights hold W + Δ, no zeros
+    merged_in: dict[int, str] = {}
+    for layer_name, layer in adapted_layers(model):
+        weight = getattr(layer.get_base_layer(), "weight", None)
+        if getattr(layer, "merged", False) and isinstance(weight, Tensor):
+            merged_in[id(weight)] = layer_name
+    if masks is None and merged_in:
+        raise ValueError(
+            f"`masks=None` keeps the zeros the base weights hold, and {len(merged_in)} adapted layers "
+            f"({list(merged_in.values())[:3]}) have their adapters merged already (merge_adapter()): their weights "
+            "hold W + Δ, no zeros to keep. Pass the masks (the pruner that pruned the model, or pruner.masks), or "
+            "call model.unmerge_adapter() first. Nothing was merged"
+        )
     by_param = _masks_by_param(model, masks)
     params = {id(p): p for p in model.parameters()}
     for key, (name, mask) in by_param.items():
@@ -187,8 +200,8 @@ def masked_merge(
             raise ValueError(
                 f"`masks[{name!r}]` is {mask.dtype}; masks are bool (True = kept): pass mask.bool() (or mask != 0)"
             )
-    if masks is not None:
-        _check_consistent(params, by_param)
+    if masks is not None:  # the merged ones cannot be checked: their pruned entries hold Δ
+        _check_consistent(params, {k: v for k, v in by_param.items() if k not in merged_in})
         _warn_uncovered(model, by_param)
     if safe_merge:
         _check_finite(model, names)

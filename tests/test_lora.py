@@ -184,3 +184,20 @@ def test_safe_merge_checks_every_layer_before_any_merges():
     with pytest.raises(ValueError, match=r"safe_merge: adapter 'default' of .*layers\.1\.mlp\.down_proj.*non-finite"):
         masked_merge(lora, safe_merge=True)
     assert unchanged(lora, before)
+
+
+def test_adapters_merged_already_are_masked_by_the_masks_given_and_masks_none_is_refused():
+    """After merge_adapter() the base weights hold W + Δ: their zeros are gone, so masks=None has nothing
+    to keep (it lost every zero) and the consistency check cannot apply (it blamed the masks)."""
+    lora, pruner = pruned_lora("unstructured")
+    reference = masked_merge(copy.deepcopy(lora), pruner.masks)
+    lora.merge_adapter()
+    before = state(lora)
+    with pytest.raises(ValueError, match=r"(?s)merged already.*merge_adapter.*no zeros.*unmerge_adapter\(\)"):
+        masked_merge(lora, None)
+    assert unchanged(lora, before)
+    merged = masked_merge(lora, pruner.masks)
+    got, want = dict(merged.named_parameters()), dict(reference.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert bool((got[name].detach()[~mask] == 0).all())
+        torch.testing.assert_close(got[name], want[name])
