@@ -49,6 +49,7 @@ PLAN_FILE = "pruning_plan.json"
 WEIGHTS_FILE = "shrunk_model.safetensors"  # not a name from_pretrained reads: it fails instead of re-initialising
 PLAN_FORMAT = "lightning-prune shrunk model"
 PLAN_VERSION = 1
+STANDARD_WEIGHTS = ("model*.safetensors*", "pytorch_model*.bin*")  # what from_pretrained reads (with indices)
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -81,15 +82,21 @@ class Shrunk:
         it refuses, saying why, unless ``with_plan=True``: then it writes the unpruned architecture's
         config, the weights under a name ``from_pretrained`` does not read (so plain loading fails
         loudly instead of re-initialising) and ``pruning_plan.json``, which :func:`load_shrunk` reads.
+        A folder holding the other kind's files (a standard checkpoint's weights, or a plan) is refused:
+        the loader would read those instead.
         """
         name, model = self._hf_model()
         directory = Path(directory)
+        if directory.is_file():  # transformers logs this and writes nothing
+            raise ValueError(f"`directory` {str(directory)!r} is a file: save_pretrained writes a folder")
         if name not in self.nonstandard:
+            _check_stale(directory, (PLAN_FILE, WEIGHTS_FILE), "lightning_prune.load_shrunk would read them instead")
             model.save_pretrained(directory, **kwargs)
             return directory
         why = self.nonstandard[name]
         if not with_plan:
             raise ValueError(_not_standard(model, why, self.advice.get(name, ""), plain=False))
+        _check_stale(directory, STANDARD_WEIGHTS, "from_pretrained would load them with this unpruned config")
         if kwargs:
             raise ValueError(f"with_plan=True writes one safetensors file; {sorted(kwargs)} apply to save_pretrained")
         from safetensors.torch import save_model
@@ -133,6 +140,16 @@ class Shrunk:
                 "small.model.get_submodule(name).save_pretrained(directory)"
             )
         return names[0], self.model.get_submodule(names[0]) if names[0] else self.model
+
+
+def _check_stale(directory: Path, patterns: Iterable[str], why: str) -> None:
+    """Refuse a folder holding another kind of save's weights or plan: the loader would read those, not ours."""
+    found = sorted({f.name for p in patterns for f in directory.glob(p)}) if directory.is_dir() else []
+    if found:
+        raise ValueError(
+            f"`directory` {str(directory)!r} holds {found} from another save: {why}. Save into an empty or new "
+            "folder (or remove them). Nothing was written"
+        )
 
 
 def _not_standard(model: nn.Module, why: str, advice: str, *, plain: bool) -> str:

@@ -324,6 +324,37 @@ def test_the_plain_hf_save_of_a_model_no_config_describes_refuses_instead_of_wri
     torch.testing.assert_close(logits(loaded), logits(small.model), rtol=1e-5, atol=1e-5)
 
 
+def test_save_pretrained_refuses_a_directory_whose_files_would_be_loaded_instead(tmp_path):
+    """A plan beside a standard checkpoint's weights: from_pretrained loaded the old model.safetensors with
+    the plan's unpruned config (silently, the old model); a standard save beside an old plan: load_shrunk
+    read the old plan. A file for a directory: transformers logged and wrote nothing."""
+    model = build("llama")
+    with pytest.warns(UserWarning):
+        prune(model, batches(), MagnitudePruning(target=0.25, pattern="channels", verbose=0))
+        odd = shrink(model)
+    standard = build("llama", seed=1)
+    prune(standard, batches(), MagnitudePruning(target=0.5, pattern="channels", verbose=0))
+    even = shrink(standard)
+    old = tmp_path / "old"
+    build("llama").save_pretrained(old)
+    files = sorted(f.name for f in old.iterdir())
+    with pytest.raises(ValueError, match=r"(?s)`directory`.*holds \['model.safetensors'\].*from_pretrained would load"):
+        odd.save_pretrained(old, with_plan=True)
+    assert sorted(f.name for f in old.iterdir()) == files
+    planned = tmp_path / "planned"
+    with pytest.warns(UserWarning, match="plain from_pretrained cannot load it"):
+        odd.save_pretrained(planned, with_plan=True)
+    files = sorted(f.name for f in planned.iterdir())
+    with pytest.raises(ValueError, match=r"(?s)`directory`.*holds \['pruning_plan.json', 'shrunk_model.safetensors'\]"):
+        even.save_pretrained(planned)
+    assert sorted(f.name for f in planned.iterdir()) == files
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"`directory`.* is a file"):
+        even.save_pretrained(tmp_path / "file")
+    even.save_pretrained(tmp_path / "new")  # an empty or new folder: written and loaded
+    torch.testing.assert_close(logits(load_cleanly("llama", tmp_path / "new")), logits(standard), rtol=1e-5, atol=1e-5)
+
+
 def test_an_architecture_whose_sizes_the_config_update_does_not_know_is_refused_not_saved_wrong(tmp_path):
     """Qwen2-MoE's shared expert is a gated MLP sized by shared_expert_intermediate_size: the update
     would write intermediate_size, so a model built from that config has other shapes, and it says so."""
