@@ -151,6 +151,7 @@ def test_masked_merge_says_a_pruner_is_bound_to_another_copy_of_the_model():
         # PEFT skips an adapter name a layer does not have, then unloads every layer: the adapters would be dropped
         ({"adapter_names": ["nope"]}, r"`adapter_names=\['nope'\]`.*not adapters of this model.*\['default'\]"),
         ({"adapter_names": "default"}, r"`adapter_names='default'` must be a list.*\['default'\]"),
+        ({"adapter_names": []}, r"`adapter_names=\[\]` names no adapter: nothing would be merged"),
         ({"masks": "float"}, r"`masks\['model.layers.0.self_attn.q_proj.weight'\]` is torch.float32.*bool"),
     ],
 )
