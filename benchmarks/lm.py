@@ -384,7 +384,7 @@ def _measure_structured(
         "seconds_oneshot": seconds,
         "perplexity_oneshot": perplexity(lit.model.eval(), evals),
     }
-    small = lightning_prune.surgery.shrink(lit.model, example_inputs={"input_ids": evals[:4]})
+    small = lightning_prune.shrink(lit.model, example_inputs={"input_ids": evals[:4]})
     kinds = {f.name: f.kind for f in discover(lit.model)[0]}
     r.update(
         params_before=small.params_before,
@@ -400,7 +400,7 @@ def _measure_structured(
         r["fit_seconds"] = time.perf_counter() - start
         r["perplexity"] = perplexity(lit.model.eval(), evals)
         kept = pruner.pattern.units(pruner.masks)
-        again = lightning_prune.surgery.shrink(lit.model)
+        again = lightning_prune.shrink(lit.model)
         r["structures_stay_removed"] = sum(again.removed.values()) == sum(p for p, _ in kept.values())
     return r
 
@@ -435,7 +435,7 @@ def structured_section(plan: dict[str, Any], folder: Path, dense_ppl: float) -> 
         "### Structured: attention heads and MLP neurons (pattern='channels', scope='layer': the same fraction of "
         "every block's heads and neurons; test perplexity)\n\n"
         f"{common.md_table(header, body)}\n\n"
-        f"Shrunk with `lightning_prune.surgery.shrink` (outputs equal to the masked model's): {shape_text}. The CPU "
+        f"Shrunk with `lightning_prune.shrink` (outputs equal to the masked model's): {shape_text}. The CPU "
         "speed-up of these shapes is in the structured section (`benchmarks/structured.py`)."
     )
 

@@ -9,7 +9,7 @@
   ``scope="global"``, the callbacks' defaults otherwise (OBD: ``curvature="fisher"``, whose
   ``fisher_type="auto"`` is the exact GGN for 10 classes; OBS: ``hessian="layerwise"``). ``target``
   is the fraction of *structures* (hidden neurons, Conv output channels) removed, over all families
-  together. Each cell also shrinks the pruned model (``lightning_prune.surgery.shrink``) and checks its
+  together. Each cell also shrinks the pruned model (``lightning_prune.shrink``) and checks its
   outputs. The fine-tune column trains the pruned model one more epoch with the same pruner as a
   callback (its round is done, so it only keeps the masks frozen).
 * **speed-up**: CPU latency of the dense and the shrunk model in one process, calls alternated

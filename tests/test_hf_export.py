@@ -4,6 +4,7 @@ from_pretrained with no custom code, and the loaded model computes what the prun
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import re
@@ -275,6 +276,83 @@ def test_head_counts_the_config_class_refuses_are_said_at_bind_and_at_save(tmp_p
         small.save_pretrained(tmp_path)
     small.save_pretrained(tmp_path, with_plan=True)
     torch.testing.assert_close(logits(load_shrunk(tmp_path)), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_the_config_class_refusing_the_head_count_gets_the_bind_time_advice_at_save(tmp_path):
+    """8 heads over 4 key/value heads at target 0.3 keep 3 of 4 key/value heads, 6 heads: the blocks agree (the
+    default scope), but LlamaConfig needs hidden_size 64 to be a multiple of 6. The refusal says that, with
+    the targets that would save (the bind-time warning's) and the MLP-only alternative, not "prune with the
+    default scope", which was done."""
+    model = build("llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4)
+    with pytest.warns(UserWarning, match="choose another target") as said:
+        prune(model, batches(), MagnitudePruning(target=0.3, pattern="channels", verbose=0))
+    (hint,) = [str(w.message) for w in said if "choose another target" in str(w.message)]
+    targets = re.search(r"targets that save here: [^)]*", hint).group(0)
+    with pytest.warns(UserWarning, match="no standard Hugging Face config"):
+        small = shrink(model, example_inputs={"input_ids": IDS})
+    with pytest.raises(ValueError) as err:
+        small.save_pretrained(tmp_path / "plain")
+    message = str(err.value)
+    for part in ("LlamaConfig refuses", "'num_attention_heads': 6", "'num_key_value_heads': 3", "not a multiple",
+                 targets, "include=['*mlp*']", "with_plan=True"):  # fmt: skip
+        assert part in message, (part, message)
+    assert "default scope" not in message, message
+    assert not (tmp_path / "plain").exists()
+
+
+def test_the_plain_hf_save_of_a_model_no_config_describes_refuses_instead_of_writing_a_broken_checkpoint(tmp_path):
+    """small.model.config keeps the dense sizes when no standard config describes the shrunk model, so
+    the model's own save_pretrained would write a checkpoint from_pretrained cannot load (size mismatch):
+    it raises Shrunk.save_pretrained's explanation instead, also on a copy; once a further shrink makes the
+    sizes describable, it writes a checkpoint that loads."""
+    model = build("llama")
+    with pytest.warns(UserWarning, match="choose another target"):  # 3 heads of 4 in a hidden size of 32
+        prune(model, batches(), MagnitudePruning(target=0.25, pattern="channels", verbose=0))
+    with pytest.warns(UserWarning, match="no standard Hugging Face config"):
+        small = shrink(model, example_inputs={"input_ids": IDS})
+    explanation = r"(?s)cannot be saved as a standard Hugging Face checkpoint: LlamaConfig refuses.*with_plan=True"
+    for hf_model in (small.model, copy.deepcopy(small.model)):
+        with pytest.raises(ValueError, match=explanation):
+            hf_model.save_pretrained(tmp_path / "plain")
+        assert not (tmp_path / "plain").exists()
+    # 2 heads of the 3 and 24 neurons of the 36 left: a standard config describes it, and the plain call writes it
+    prune(small.model, batches(), MagnitudePruning(target=0.34, pattern="channels", verbose=0))
+    smaller = shrink(small.model, example_inputs={"input_ids": IDS})
+    assert smaller.nonstandard == {} and smaller.hf_configs[""]["num_attention_heads"] == 2
+    smaller.model.save_pretrained(tmp_path / "plain")
+    loaded = load_cleanly("llama", tmp_path / "plain")
+    torch.testing.assert_close(logits(loaded), logits(small.model), rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_refuses_a_directory_whose_files_would_be_loaded_instead(tmp_path):
+    """A plan beside a standard checkpoint's weights: from_pretrained loaded the old model.safetensors with
+    the plan's unpruned config (silently, the old model); a standard save beside an old plan: load_shrunk
+    read the old plan. A file for a directory: transformers logged and wrote nothing."""
+    model = build("llama")
+    with pytest.warns(UserWarning):
+        prune(model, batches(), MagnitudePruning(target=0.25, pattern="channels", verbose=0))
+        odd = shrink(model)
+    standard = build("llama", seed=1)
+    prune(standard, batches(), MagnitudePruning(target=0.5, pattern="channels", verbose=0))
+    even = shrink(standard)
+    old = tmp_path / "old"
+    build("llama").save_pretrained(old)
+    files = sorted(f.name for f in old.iterdir())
+    with pytest.raises(ValueError, match=r"(?s)`directory`.*holds \['model.safetensors'\].*from_pretrained would load"):
+        odd.save_pretrained(old, with_plan=True)
+    assert sorted(f.name for f in old.iterdir()) == files
+    planned = tmp_path / "planned"
+    with pytest.warns(UserWarning, match="plain from_pretrained cannot load it"):
+        odd.save_pretrained(planned, with_plan=True)
+    files = sorted(f.name for f in planned.iterdir())
+    with pytest.raises(ValueError, match=r"(?s)`directory`.*holds \['pruning_plan.json', 'shrunk_model.safetensors'\]"):
+        even.save_pretrained(planned)
+    assert sorted(f.name for f in planned.iterdir()) == files
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"`directory`.* is a file"):
+        even.save_pretrained(tmp_path / "file")
+    even.save_pretrained(tmp_path / "new")  # an empty or new folder: written and loaded
+    torch.testing.assert_close(logits(load_cleanly("llama", tmp_path / "new")), logits(standard), rtol=1e-5, atol=1e-5)
 
 
 def test_an_architecture_whose_sizes_the_config_update_does_not_know_is_refused_not_saved_wrong(tmp_path):

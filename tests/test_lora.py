@@ -4,6 +4,7 @@ PEFT's own merge on the kept entries; LoRA fine-tuning beside a pruner keeps the
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -96,3 +97,108 @@ def test_lora_fine_tuning_with_the_pruner_and_a_teacher_keeps_the_masks_through_
     params = dict(merged.named_parameters())
     for n, m in before.items():
         assert bool((params[n].detach()[~m] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------- refusals at the edges
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Every tensor (adapters included, so nothing was merged or unloaded) equal to ``before``."""
+    now = model.state_dict()
+    return now.keys() == before.keys() and all(torch.equal(now[k], v) for k, v in before.items())
+
+
+def test_masked_merge_refuses_masks_of_another_model_of_the_same_shapes_before_merging():
+    """Masks of another model prune other entries: merging with them would zero about half of each layer's
+    kept weights and leave its own pruned entries non-zero. The base weights must be zero wherever a mask
+    says pruned; otherwise nothing is merged."""
+    lora, _ = pruned_lora("unstructured")
+    other = hf("llama", seed=1)
+    other_pruner = MagnitudePruning(target=0.5, pattern="unstructured", scope="layer", verbose=0)
+    prune(other, lm_batches(1), other_pruner)
+    before = state(lora)
+    with pytest.raises(ValueError, match=r"(?s)`masks`.*q_proj.*non-zero.*another model") as err:
+        masked_merge(lora, dict(other_pruner.masks))
+    message = str(err.value)
+    assert re.search(r"\d+ of \d+", message) and "Nothing was merged" in message, message
+    assert unchanged(lora, before)
+    masked_merge(lora, None)  # the model is still a PEFT model that merges
+
+
+def test_masked_merge_says_a_pruner_is_bound_to_another_copy_of_the_model():
+    """get_peft_model(copy.deepcopy(model)): the pruner's masks are bound to the original's parameters, so
+    it names neither; the masks by name (pruner.masks) fit the copy."""
+    model = hf("llama")
+    pruner = MagnitudePruning(target=0.5, pattern="unstructured", scope="layer", verbose=0)
+    prune(model, lm_batches(1), pruner)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODULES, init_lora_weights=False)
+    lora = peft.get_peft_model(copy.deepcopy(model), config)
+    before = state(lora)
+    with pytest.raises(ValueError, match=r"(?s)bound to .*not in this .*deepcopy.*pruner\.masks") as err:
+        masked_merge(lora, pruner)
+    assert "shape" not in str(err.value)
+    assert unchanged(lora, before)
+    merged = masked_merge(lora, pruner.masks)  # the advice works
+    params = dict(merged.named_parameters())
+    assert all(bool((params[n].detach()[~m] == 0).all()) for n, m in pruner.masks.items())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # PEFT skips an adapter name a layer does not have, then unloads every layer: the adapters would be dropped
+        ({"adapter_names": ["nope"]}, r"`adapter_names=\['nope'\]`.*not adapters of this model.*\['default'\]"),
+        ({"adapter_names": "default"}, r"`adapter_names='default'` must be a list.*\['default'\]"),
+        ({"adapter_names": []}, r"`adapter_names=\[\]` names no adapter: nothing would be merged"),
+        ({"masks": "float"}, r"`masks\['model.layers.0.self_attn.q_proj.weight'\]` is torch.float32.*bool"),
+    ],
+)
+def test_masked_merge_refuses_bad_arguments_before_merging_anything(kwargs, message):
+    lora, pruner = pruned_lora("unstructured")
+    if kwargs.get("masks") == "float":  # 0/1 multipliers: the merge ran, then `~mask` failed
+        kwargs = {"masks": {n: m.float() for n, m in pruner.masks.items()}}
+    before = state(lora)
+    with pytest.raises(ValueError, match=message):
+        masked_merge(lora, **kwargs)
+    assert unchanged(lora, before)
+
+
+def test_masked_merge_warns_when_an_adapted_weight_with_zeros_has_no_mask():
+    """Masks for some layers only: the merge fills the zeros of the others; masks=None would keep them."""
+    lora, pruner = pruned_lora("unstructured")
+    some = {n: m for n, m in pruner.masks.items() if "q_proj" in n}
+    with pytest.warns(UserWarning, match=r"(?s)no mask.*v_proj.*zeros.*masks=None"):
+        merged = masked_merge(lora, some)
+    w = dict(merged.named_parameters())["model.layers.0.self_attn.q_proj.weight"].detach()
+    assert bool((w[~some["model.layers.0.self_attn.q_proj.weight"]] == 0).all())
+
+
+def test_safe_merge_checks_every_layer_before_any_merges():
+    """PEFT's safe_merge raises at the first broken layer, after merging the ones before it."""
+    lora, _ = pruned_lora("unstructured")
+    last = lora.base_model.model.model.layers[-1].mlp.down_proj
+    with torch.no_grad():
+        last.lora_B["default"].weight[0, 0] = float("inf")
+    before = state(lora)
+    with pytest.raises(ValueError, match=r"safe_merge: adapter 'default' of .*layers\.1\.mlp\.down_proj.*non-finite"):
+        masked_merge(lora, safe_merge=True)
+    assert unchanged(lora, before)
+
+
+def test_adapters_merged_already_are_masked_by_the_masks_given_and_masks_none_is_refused():
+    """After merge_adapter() the base weights hold W + Δ: their zeros are gone, so masks=None has nothing
+    to keep (it lost every zero) and the consistency check cannot apply (it blamed the masks)."""
+    lora, pruner = pruned_lora("unstructured")
+    reference = masked_merge(copy.deepcopy(lora), pruner.masks)
+    lora.merge_adapter()
+    before = state(lora)
+    with pytest.raises(ValueError, match=r"(?s)merged already.*merge_adapter.*no zeros.*unmerge_adapter\(\)"):
+        masked_merge(lora, None)
+    assert unchanged(lora, before)
+    merged = masked_merge(lora, pruner.masks)
+    got, want = dict(merged.named_parameters()), dict(reference.named_parameters())
+    for name, mask in pruner.masks.items():
+        assert bool((got[name].detach()[~mask] == 0).all())
+        torch.testing.assert_close(got[name], want[name])

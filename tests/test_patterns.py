@@ -356,6 +356,31 @@ def test_export_refuses_what_the_kernels_cannot_take_and_converts_nothing():
     assert all(p is before[n] for n, p in net.named_parameters())  # nothing was touched
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        # a string is iterated as its characters: include="*2" would take every module ("*")
+        ({"include": "*2"}, r"`include` must be a list of glob patterns, got the string '\*2': pass \['\*2'\]"),
+        ({"exclude": "3"}, r"`exclude` must be a list of glob patterns, got the string '3'"),
+        # a pattern that matches nothing (a typo) leaves the layer it meant converted, or not
+        ({"exclude": ["3", "lm_haed"]}, r"`exclude` pattern 'lm_haed' matches no module of Sequential"),
+        ({"include": ["0", "9"]}, r"`include` pattern '9' matches no module of Sequential"),
+        ({"include": ["0"], "exclude": ["0"]}, r"`exclude=\['0'\]` leaves none of the 1 2:4-sparse Linear layers"),
+        ({"check_rows": 0}, r"`check_rows=0`: each converted layer is verified on at least 1 row"),
+    ],
+)
+def test_export_refuses_arguments_that_would_convert_other_layers_or_skip_the_check(kwargs, message, monkeypatch):
+    from lightning_prune.surgery import export
+
+    monkeypatch.setattr(export, "_check_device", lambda weights, names: None)  # past the GPU check, as on a GPU
+    monkeypatch.setattr(export, "_to_sparse", lambda w: w.clone())
+    net = _two_four_mlp()
+    before = {n: p for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        export.export_semi_structured(net, **kwargs)
+    assert all(p is before[n] for n, p in net.named_parameters())
+
+
 def test_export_replaces_and_verifies_each_layer_and_restores_on_mismatch(monkeypatch):
     """The conversion itself needs a GPU (tests/test_gpu.py); here it is stood in for, to check the
     replacement, the output check and the restore."""

@@ -348,6 +348,20 @@ def test_shrink_verifies_outputs_and_refuses_a_mismatch():
     assert model.seq[0].out_features == 4
 
 
+def test_shrink_says_when_nothing_could_be_removed():
+    """Unstructured masks (or none) zero single weights, no whole neuron: shrink returns the model as it was,
+    and says why, instead of nothing at all."""
+    model = MLPClassifier((1, 8, 8), 10, hidden=(6, 4))
+    data = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)))]
+    prune(model, data, MagnitudePruning(target=0.5, verbose=0), loss_fn=ce)
+    for m in (model, MLPClassifier((1, 8, 8), 10, hidden=(6, 4))):
+        with pytest.warns(UserWarning, match=r"(?s)nothing could be removed.*no whole .*is zero.*pattern='channels'"):
+            small = shrink(m)
+        assert small.removed == {} and small.params_after == small.params_before
+    with pytest.warns(UserWarning, match=r"(?s)nothing could be removed.*finds no structure"):  # no family at all
+        shrink(nn.Sequential(nn.Linear(3, 2)))
+
+
 # ---------------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_pruned_structures_stay_frozen_through_training(optimizer, tmp_path):

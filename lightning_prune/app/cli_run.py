@@ -332,7 +332,7 @@ def _hf_model(cfg: DictConfig, model: pl.LightningModule) -> Any:
 def _save_hf(cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback | None, datamodule: Any) -> str:
     """Write the pruned model to ``save_hf`` as an ordinary Hugging Face checkpoint (and the data's tokenizer).
 
-    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.surgery.shrink`),
+    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.shrink`),
     so the checkpoint is a smaller dense model with its sizes in the config; other patterns are saved
     dense with their zeros. The written directory is read back with ``AutoModelForCausalLM.from_pretrained``
     and must compute what the pruned model computes, else this raises."""

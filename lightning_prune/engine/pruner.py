@@ -66,7 +66,7 @@ class Pruner:
             ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
             couple (:mod:`lightning_prune.models.graph`); ``target`` is then the fraction of structures
             removed and ``min_density`` keeps at least one of every family;
-            ``lightning_prune.surgery.shrink`` turns the result into a smaller dense model.
+            ``lightning_prune.shrink`` turns the result into a smaller dense model.
         include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).

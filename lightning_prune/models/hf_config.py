@@ -116,6 +116,11 @@ def updated_config(config: Any, values: Mapping[str, int]) -> Any:
     return type(config).from_dict(new.to_dict())
 
 
+def _refusal(config: Any, values: Mapping[str, int], err: Exception) -> str:
+    """The config class's refusal of ``values``: its last line (the constraint), as one sentence."""
+    return f"{type(config).__name__} refuses {dict(values)}: {str(err).strip().splitlines()[-1].strip().rstrip('.')}"
+
+
 def check_config(model: nn.Module, values: Mapping[str, int]) -> str | None:
     """Why a standard config with ``values`` would not describe ``model``, or ``None`` if it does.
 
@@ -125,7 +130,7 @@ def check_config(model: nn.Module, values: Mapping[str, int]) -> str | None:
     try:
         new = updated_config(config, values)
     except Exception as err:  # the config class's own validation, whatever it raises
-        return f"{type(config).__name__} refuses {dict(values)}: {str(err).strip().splitlines()[-1].strip()}"
+        return _refusal(config, values, err)
     try:
         with torch.device("meta"):
             reference = type(model)(new)
@@ -168,7 +173,52 @@ def predicted_problem(model: nn.Module, families: Sequence[Family], kept: Mappin
             try:
                 updated_config(pretrained.config, values)
             except Exception as err:
-                problem = f"{type(pretrained.config).__name__} refuses {values}: {str(err).strip().splitlines()[-1]}"
+                problem = _refusal(pretrained.config, values, err)
         if problem:
             return problem
     return None
+
+
+def target_hint(model: nn.Module, families: Sequence[Family], pruned: Sequence[Family]) -> str:
+    """The targets (0.01 to 0.99) whose rounding (``round(target * size)`` structures of each family in
+    ``pruned`` removed) leaves sizes the config classes in ``model`` accept, as ranges: said when a
+    target is chosen (pattern='channels' binding) and when a shrunk model is refused for it."""
+    ok = []
+    for t in range(1, 100):
+        kept = {f.name: f.size - round(t / 100 * f.size) for f in pruned}
+        if predicted_problem(model, families, kept) is None:
+            ok.append(t)
+    runs: list[list[int]] = []  # consecutive percentages, as [first, last]
+    for t in ok:
+        if runs and runs[-1][1] == t - 1:
+            runs[-1][1] = t
+        else:
+            runs.append([t, t])
+    ranges = [f"{a / 100}" if a == b else f"{a / 100}-{b / 100}" for a, b in runs]
+    return f"targets that save here: {', '.join(ranges)}" if ranges else "no target saves here"
+
+
+def advice(model: nn.Module, families: Sequence[Family], before: Sequence[Family], pruned: Sequence[str]) -> str:
+    """What to do instead, by why no standard config describes the shrunk ``model`` (a ``PreTrainedModel``;
+    ``families``: its own; ``before``: the families it was shrunk from, with their sizes then; ``pruned``:
+    the names of those that lost structures). Each cause has its own fix: the default scope is no help
+    when the blocks already agree and the config class refuses the counts."""
+    values, differ = config_values(model, families)
+    if differ:
+        return (
+            "Its config holds one size per kind for every block: prune with pattern='channels' and the default "
+            "scope (the same number of heads and neurons in every block)"
+        )
+    try:
+        updated_config(model.config, values)
+    except Exception:
+        hint = target_hint(model, before, [f for f in before if f.name in pruned])
+        return (
+            f"Every block kept the same sizes, but {type(model.config).__name__} refuses these counts: prune to a "
+            f"target whose rounding keeps counts it accepts ({hint}), or leave the heads whole (include=['*mlp*'] "
+            "prunes MLP neurons only)"
+        )
+    return (
+        f"Its config does not say where these sizes live ({type(model).__name__} reads them from other fields "
+        "than the ones written): leave those layers out of the pruning (exclude=[...])"
+    )

@@ -67,7 +67,7 @@ class Pattern:
 
     name = "unstructured"
     # whole structures (neurons, channels, heads) go: layer-wise OBS removes them with the structured
-    # solver, and lightning_prune.surgery.shrink deletes them
+    # solver, and lightning_prune.shrink deletes them
     removes_structures = False
     # masks are chosen within each output row (N:M groups): a weight stored transposed and sharded
     # by its inputs (GPT-2's Conv1D under FSDP2) cannot be

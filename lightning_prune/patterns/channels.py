@@ -121,15 +121,7 @@ class Channels(Pattern):
             )
             return
         if problem := self._checkpoint_problem(model, families, target):
-            ok = [t for t in range(1, 100) if not self._checkpoint_problem(model, families, t / 100)]
-            runs: list[list[int]] = []  # consecutive percentages, as [first, last]
-            for t in ok:
-                if runs and runs[-1][1] == t - 1:
-                    runs[-1][1] = t
-                else:
-                    runs.append([t, t])
-            ranges = [f"{a / 100}" if a == b else f"{a / 100}-{b / 100}" for a, b in runs]
-            hint = f"targets that save here: {', '.join(ranges)}" if ranges else "no target saves here"
+            hint = hf.target_hint(model, families, self.families)
             warn(
                 f"pattern='channels' at target={target}: {problem}. The shrunk model will not save as a standard "
                 f"Hugging Face checkpoint (Shrunk.save_pretrained refuses it): choose another target ({hint}), "

@@ -72,8 +72,9 @@ def export_semi_structured(
             ``pattern="2:4"`` (any criterion).
         include: glob patterns of module names to convert; each must be a 2:4-sparse Linear.
             Default: every Linear whose weight is 2:4 sparse (a dense ``lm_head`` is left alone).
-        exclude: glob patterns of module names to leave dense.
-        check_rows: rows of the random input each converted layer's output is verified on.
+        exclude: glob patterns of module names to leave dense. Each pattern (of either list) must
+            match a module: a typo would silently convert a layer meant to stay dense.
+        check_rows: rows of the random input each converted layer's output is verified on (>= 1).
 
     Returns:
         The names of the converted modules. The weights become non-trainable (``requires_grad=False``):
@@ -86,6 +87,13 @@ def export_semi_structured(
             layer's outputs differ from the dense ones (every weight is restored).
     """
     modules = dict(model.named_modules())
+    for arg, patterns in (("include", include), ("exclude", exclude)):
+        _check_patterns(arg, patterns, [n for n in modules if n], type(model).__name__)
+    if isinstance(check_rows, bool) or not isinstance(check_rows, int) or check_rows < 1:
+        raise ValueError(
+            f"`check_rows={check_rows!r}`: each converted layer is verified on at least 1 row of random input "
+            "(0 rows would check nothing). Nothing was converted"
+        )
     if include is not None:
         names = [n for n in modules if n and any(fnmatchcase(n, p) for p in include)]
         if not names:
@@ -98,7 +106,13 @@ def export_semi_structured(
             )
     else:
         names = [n for n, m in modules.items() if type(m) is nn.Linear and is_two_four(m.weight)]
+    chosen = names
     names = [n for n in names if not any(fnmatchcase(n, p) for p in exclude or ())]
+    if chosen and not names:
+        raise ValueError(
+            f"`exclude={list(exclude or ())}` leaves none of the {len(chosen)} 2:4-sparse Linear layers "
+            f"{chosen[:5]} to convert. Nothing was converted"
+        )
     if not names:
         others = [n for n, m in modules.items() if type(m) is not nn.Linear and _two_four_layer(m)]
         hint = (
@@ -148,6 +162,21 @@ def export_semi_structured(
             modules[n].weight = w
         raise
     return names
+
+
+def _check_patterns(arg: str, patterns: Sequence[str] | None, names: Sequence[str], model: str) -> None:
+    """Each pattern must match a module: a typo would convert the layer meant to stay dense (or skip one
+    meant to convert), and a string would be read as its characters (``"*"`` matches every module)."""
+    if patterns is None:
+        return
+    if isinstance(patterns, str):
+        raise ValueError(f"`{arg}` must be a list of glob patterns, got the string {patterns!r}: pass [{patterns!r}]")
+    for pattern in patterns:
+        if not any(fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"`{arg}` pattern {pattern!r} matches no module of {model} (module names such as "
+                f"{list(names)[:3]}). Nothing was converted"
+            )
 
 
 def _check_device(weights: list[Tensor], names: list[str]) -> None:

@@ -17,8 +17,11 @@ Hugging Face models (``transformers.PreTrainedModel``, also inside a LightningMo
 ``config`` updated to the new sizes (:mod:`lightning_prune.models.hf_config`), so ``small.save_pretrained(d)``
 (:meth:`Shrunk.save_pretrained`) writes a checkpoint that ``AutoModelFor*.from_pretrained(d)`` loads
 without custom code. That needs the same sizes in every block, which is what ``pattern="channels"``
-prunes on Hugging Face models by default; a model whose blocks differ is refused there, or written
-with its plan (``with_plan=True``) for :func:`load_shrunk`.
+prunes on Hugging Face models by default; a model no standard config describes (blocks that differ,
+counts the config class refuses) is refused there, with the advice for its cause, or written with its
+plan (``with_plan=True``) for :func:`load_shrunk`. Its config keeps the old sizes, so its own
+``save_pretrained`` is replaced by one that refuses the same way (:class:`RefusedSave`): transformers'
+would write a checkpoint ``from_pretrained`` cannot load.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,7 @@ PLAN_FILE = "pruning_plan.json"
 WEIGHTS_FILE = "shrunk_model.safetensors"  # not a name from_pretrained reads: it fails instead of re-initialising
 PLAN_FORMAT = "lightning-prune shrunk model"
 PLAN_VERSION = 1
+STANDARD_WEIGHTS = ("model*.safetensors*", "pytorch_model*.bin*")  # what from_pretrained reads (with indices)
 _DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
 
@@ -62,6 +66,7 @@ class Shrunk:
     # or why no standard config describes the model (its config is then left as it was)
     hf_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     nonstandard: dict[str, str] = field(default_factory=dict)
+    advice: dict[str, str] = field(default_factory=dict)  # what to do instead, by the cause in `nonstandard`
     # depth (lightning_prune.surgery.depth): block list -> the indices of the original blocks kept, in order
     blocks_kept: dict[str, list[int]] = field(default_factory=dict)
     # experts (lightning_prune.surgery.experts): MoE block -> the indices of the original experts kept, in order
@@ -77,21 +82,21 @@ class Shrunk:
         it refuses, saying why, unless ``with_plan=True``: then it writes the unpruned architecture's
         config, the weights under a name ``from_pretrained`` does not read (so plain loading fails
         loudly instead of re-initialising) and ``pruning_plan.json``, which :func:`load_shrunk` reads.
+        A folder holding the other kind's files (a standard checkpoint's weights, or a plan) is refused:
+        the loader would read those instead.
         """
         name, model = self._hf_model()
         directory = Path(directory)
+        if directory.is_file():  # transformers logs this and writes nothing
+            raise ValueError(f"`directory` {str(directory)!r} is a file: save_pretrained writes a folder")
         if name not in self.nonstandard:
+            _check_stale(directory, (PLAN_FILE, WEIGHTS_FILE), "lightning_prune.load_shrunk would read them instead")
             model.save_pretrained(directory, **kwargs)
             return directory
         why = self.nonstandard[name]
         if not with_plan:
-            raise ValueError(
-                f"the shrunk {type(model).__name__} cannot be saved as a standard Hugging Face checkpoint: {why}. "
-                "Plain from_pretrained could not load it (its config holds one size per kind for every block). "
-                "Prune with pattern='channels' and the default scope (the same number of heads and neurons in "
-                "every block), or pass with_plan=True to write the weights with their pruning plan, loaded by "
-                "lightning_prune.load_shrunk(directory)"
-            )
+            raise ValueError(_not_standard(model, why, self.advice.get(name, ""), plain=False))
+        _check_stale(directory, STANDARD_WEIGHTS, "from_pretrained would load them with this unpruned config")
         if kwargs:
             raise ValueError(f"with_plan=True writes one safetensors file; {sorted(kwargs)} apply to save_pretrained")
         from safetensors.torch import save_model
@@ -135,6 +140,46 @@ class Shrunk:
                 "small.model.get_submodule(name).save_pretrained(directory)"
             )
         return names[0], self.model.get_submodule(names[0]) if names[0] else self.model
+
+
+def _check_stale(directory: Path, patterns: Iterable[str], why: str) -> None:
+    """Refuse a folder holding another kind of save's weights or plan: the loader would read those, not ours."""
+    found = sorted({f.name for p in patterns for f in directory.glob(p)}) if directory.is_dir() else []
+    if found:
+        raise ValueError(
+            f"`directory` {str(directory)!r} holds {found} from another save: {why}. Save into an empty or new "
+            "folder (or remove them). Nothing was written"
+        )
+
+
+def _not_standard(model: nn.Module, why: str, advice: str, *, plain: bool) -> str:
+    """Why a shrunk model is no standard checkpoint, what to do instead, and how to save it anyway."""
+    anyway = (
+        "save it with small.save_pretrained(directory, with_plan=True) (small: what lightning_prune.shrink returned)"
+        if plain
+        else "pass with_plan=True"
+    )
+    return (
+        f"the shrunk {type(model).__name__} cannot be saved as a standard Hugging Face checkpoint: {why}. Plain "
+        f"from_pretrained could not load it: its config keeps the unpruned sizes. {advice + '; or ' if advice else ''}"
+        f"{anyway} to write the weights with their pruning plan, loaded by lightning_prune.load_shrunk(directory)"
+    )
+
+
+class RefusedSave:
+    """Set as a shrunk model's own ``save_pretrained`` when no standard config describes it: transformers'
+    would write the unpruned config beside the shrunk weights, a folder ``from_pretrained`` cannot load.
+    It raises :meth:`Shrunk.save_pretrained`'s explanation instead (it holds only that text, so copies and
+    pickles of the model refuse too; a later shrink that makes the sizes describable removes it)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(self.message)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message[:60]!r}...)"
 
 
 def load_shrunk(directory: str | os.PathLike[str], model_class: Any = None) -> nn.Module:
@@ -348,7 +393,9 @@ def shrink(
     Returns:
         :class:`Shrunk`; its ``model`` is ready for ``save_pretrained`` where it holds a Hugging Face
         model whose blocks all kept the same sizes (config updated, ``Shrunk.hf_configs``), else
-        ``Shrunk.nonstandard`` says why not (with a warning).
+        ``Shrunk.nonstandard`` says why not and ``Shrunk.advice`` what to do (with a warning), and the
+        model's own ``save_pretrained`` raises that instead of writing a checkpoint that would not load.
+        A shrink that removes nothing (no whole structure is zero) warns.
     """
     families, notes = discover(model)
     by_name = {f.name: f for f in families}
@@ -374,6 +421,8 @@ def shrink(
             continue
         _apply(out, f, kept)
         kept_plan[f.name], removed[f.name] = kept.tolist(), f.size - kept.numel()
+    if plan is None and not kept_plan:
+        _say_nothing_removed(model, families, notes)
     result = Shrunk(out, kept_plan, removed, notes, params_before=before)
     result.params_after = sum(p.numel() for p in out.parameters())
     if reference is not None:
@@ -389,25 +438,51 @@ def shrink(
                 + (" (the original model was modified: inplace=True)" if inplace else "; the original is untouched")
             ),
         )
-    _update_configs(result)
+    _update_configs(result, families)
     return result
 
 
-def _update_configs(result: Shrunk) -> None:
+def _say_nothing_removed(model: nn.Module, families: list[Family], notes: list[str]) -> None:
+    """A shrink that removes nothing returns the model as it was: say so, and why, rather than nothing."""
+    if not families:
+        warn(
+            f"shrink: nothing could be removed: discovery finds no structure in {type(model).__name__} "
+            f"({'; '.join(notes[:3]) or 'no Linear/Conv chain, gated MLP or attention block'}); it is returned "
+            "unchanged"
+        )
+        return
+    total = sum(f.size for f in families)
+    warn(
+        f"shrink: nothing could be removed from {type(model).__name__}: no whole head, neuron or channel is zero (none "
+        f"of its {total} structures in {len(families)} families has all its consumer weights zero), so it is returned "
+        "unchanged. Unstructured and N:M masks zero single weights, which make a model sparse, not smaller: prune "
+        "with pattern='channels' to remove whole structures"
+    )
+
+
+def _update_configs(result: Shrunk, before: list[Family]) -> None:
     """Write the new sizes into the config of every shrunk Hugging Face model in ``result.model``, or
-    record (and warn) why no standard config describes it."""
+    record (and warn) why no standard config describes it and make its own ``save_pretrained`` refuse
+    (``before``: the families the model was shrunk from, for the advice)."""
     for name, model in hf.pretrained_models(result.model):
         if not any(hf.within(name, f) for f in result.plan):
             continue  # nothing removed in it: its config still holds
-        values, problem = hf.config_update(model, discover(model)[0])
+        families = discover(model)[0]
+        values, problem = hf.config_update(model, families)
         if problem is not None:
+            mine = [replace(f, name=hf.relative(name, f.name)) for f in before if hf.within(name, f.name)]
+            pruned = [hf.relative(name, f) for f in result.plan if hf.within(name, f)]
             result.nonstandard[name] = problem
+            result.advice[name] = hf.advice(model, families, mine, pruned)
+            model.save_pretrained = RefusedSave(_not_standard(model, problem, result.advice[name], plain=True))
             warn(
                 f"shrink: no standard Hugging Face config describes the shrunk {type(model).__name__}: {problem}. "
-                "Its config keeps the old sizes; Shrunk.save_pretrained refuses it (with_plan=True writes it with its "
-                "plan, for lightning_prune.load_shrunk)"
+                "Its config keeps the old sizes, so Shrunk.save_pretrained and the model's own save_pretrained refuse "
+                f"it (with_plan=True writes it with its plan, for lightning_prune.load_shrunk). {result.advice[name]}"
             )
             continue
+        if isinstance(model.__dict__.get("save_pretrained"), RefusedSave):  # an earlier shrink's: described now
+            del model.__dict__["save_pretrained"]
         for attr, value in values.items():
             setattr(model.config, attr, value)
         result.hf_configs[name] = values
