@@ -236,6 +236,8 @@ def prune(
         raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if device is not None:  # before the pruner binds (it may drop another model's masks) and any block moves
+        device = _device(device)
     pruner.bind(model)
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
@@ -278,14 +280,23 @@ def prune(
     return record
 
 
-def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
-    """``prune(device=...)`` checked before any work: a device torch knows, a block-by-block round."""
-    from lightning_prune.blocks import check_offload
+def _device(device: str | torch.device) -> torch.device:
+    """``prune(device=...)`` checked before anything is bound or moved: a device torch knows, that this
+    machine has and that holds data."""
+    from lightning_prune.blocks import check_device
 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"`device` must be a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}: {err}") from err
+    check_device(device, f"prune(device={str(device)!r})")
+    return device
+
+
+def _offload_device(device: torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
+    """``prune(device=...)`` checked before any work: a block-by-block round, a model not dispatched by accelerate."""
+    from lightning_prune.blocks import check_offload
+
     if pruner.round_strategy.blocks is None:
         raise ValueError(
             f"prune(device={str(device)!r}) moves one block at a time to the device, which needs a block-by-block "
