@@ -196,7 +196,9 @@ class Distillation(Callback):
             are copied from the student's at the start of every training batch, and no distillation
             term is added (it would be 0), until a pruner's first round; from then on the teacher is
             frozen (the weights of the round's last batch, one optimizer step before the round).
-            Without pruners it is the model at fit start. A model already pruned at fit start
+            A fit in which no pruner will ever run a round (none in the Trainer, a first round past
+            the run's end, a target already reached) is refused before the first step: the term would
+            be nothing, or a pull back to the starting weights. A model already pruned at fit start
             (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
             dense teacher. Or an ``nn.Module`` called like the student; or a checkpoint path (a
             Lightning checkpoint of this LightningModule, or a state dict of the student module)
@@ -286,6 +288,16 @@ class Distillation(Callback):
         if stage != TrainerFn.FITTING:
             return
         name = self._student_name(pl_module)  # fails now on a bad `student`
+        found = list(getattr(trainer, "callbacks", []))
+        if self._teacher_arg is None and not any(isinstance(cb, PruningCallback) for cb in found):
+            callbacks = [type(cb).__name__ for cb in found]
+            raise ValueError(
+                "Distillation(teacher=None) distils from the dense model as it is just before the pruners' first "
+                f"round, and this Trainer has no pruning callback (callbacks: {callbacks}): it would only pull the "
+                "model back to its weights at fit start. Add a pruner to the callbacks "
+                "(OBSPruning(...), SparseGPT(...), ...), or pass the `teacher` (a dense nn.Module or its checkpoint "
+                "path; copy.deepcopy of the model to keep it near its starting weights)"
+            )
         student = pl_module.get_submodule(name) if name else pl_module
         params = list(student.parameters())
         # FSDP2 refuses to deepcopy a sharded module: copy the structure now, before configure_model shards it
@@ -542,6 +554,22 @@ class Distillation(Callback):
             for who, model, name in (("student", student, b), ("teacher", teacher, tb)):
                 hook = functools.partial(self._block, who, b)  # both captured under the student's block name
                 self._hooks.append(model.get_submodule(name).register_forward_hook(hook))
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a fit in which the default teacher would wait for a round that never comes (every pruner's
+        on_fit_start has run by now: their schedules are resolved against this Trainer)."""
+        if not self._tracking:
+            return
+        reasons = [(p, p.no_round_in_run(trainer)) for p in self._pruners]
+        if all(why is not None for _, why in reasons):
+            listed = "; ".join(f"{type(p).__name__}: {why}" for p, why in reasons)
+            raise ValueError(
+                "Distillation(teacher=None) takes the dense model at the pruners' first round as its teacher and "
+                f"distils from then on, and no pruner has a round in this fit ({listed}): it would add nothing for the "
+                "whole run. Bring a round into the run (start_step/start_epoch, or a longer run), or pass the dense "
+                "`teacher`"
+            )
 
     @override
     def on_train_batch_start(
