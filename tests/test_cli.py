@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -217,3 +218,22 @@ def test_save_hf_is_checked_before_the_run_and_names_the_model():
                                  num_attention_heads=2, num_key_value_heads=2)
     )  # fmt: skip
     assert cli_run._hf_model(cfg, lit) is lit.model
+
+
+def test_the_summary_of_a_language_model_without_validation_prints_no_nan():
+    """No validation ran (e.g. val_check_interval past the run): the summary used to say "val accuracy nan%" for
+    a language model. What was not measured is said so; the metrics that were are printed as before."""
+    from lightning_prune.app import cli_run
+
+    summary = {
+        "method": "obs[layerwise]", "model": "CausalLM", "data": "TextDataModule", "sparsity": 0.6,
+        **cli_run._quality({}, "val"), **cli_run._quality({"test/ppl": 123.4}, "test"), "dense_val_acc": math.nan,
+        "rounds": [{"round": 0, "when": "step 60", "sparsity": 0.3, "val_ppl": math.nan}], "output_dir": "out",
+    }  # fmt: skip
+    text = cli_run._final_report(summary, None, [])
+    assert "nan" not in text.lower() and "accuracy" not in text
+    assert "final: sparsity 60.00%, val: not measured, test perplexity 123.40" in text
+    assert cli_run._fmt(summary["rounds"][0], "val") == "val: not measured"
+    assert cli_run._fmt({"val_ppl": 45.678}, "val") == "val perplexity 45.68"
+    assert cli_run._fmt({"val_acc": 0.5, "val_ppl": math.nan}, "val") == "val accuracy 50.00%"
+    assert cli_run._fmt({}, "test") == "test: not measured"

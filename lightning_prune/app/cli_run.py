@@ -111,12 +111,15 @@ def _quality(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
 
 
 def _fmt(values: Mapping[str, Any], stage: str) -> str:
-    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds."""
+    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds; ``"val: not measured"``
+    when it holds none, or only NaN (results.json keeps ``val_acc: NaN`` when no validation ran, whatever the
+    model: "val accuracy nan%" would misname a language model's metric and hide that nothing was measured)."""
     parts = []
     for k, word in QUALITY.items():
-        if (v := values.get(f"{stage}_{k}")) is not None:
+        v = values.get(f"{stage}_{k}")
+        if v is not None and not math.isnan(v):
             parts.append(f"{stage} {word} {v:.2%}" if k == "acc" else f"{stage} {word} {v:.2f}")
-    return ", ".join(parts) or f"{stage}: no metric"
+    return ", ".join(parts) or f"{stage}: not measured"
 
 
 def _loggers(cfg: DictConfig) -> list[Any]:
