@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,6 +100,22 @@ def method_label(cfg: DictConfig) -> str:
 
 def _print(text: str) -> None:
     print(text, flush=True)
+
+
+def busy_hint() -> str | None:
+    """A one-line hint when other processes already load every core and torch runs several threads: those
+    threads wait for each other (a run many times slower, README). Said, never acted on: the thread count is
+    the user's (``OMP_NUM_THREADS``); ``None`` when it is set, or the machine has a core to spare."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads < 2 or load < cores:
+        return None
+    return (
+        f"[lightning-prune] this machine is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads, "
+        "which then mostly wait for each other: OMP_NUM_THREADS=1 in front of the command may run it several "
+        "times faster"
+    )
 
 
 QUALITY = {"acc": "accuracy", "ppl": "perplexity"}
