@@ -388,6 +388,7 @@ def prune_blocks(
     _, layers = find_block_list(model, blocks)
     count = _count(n, len(layers))
     _checked_module(model, layers, example_inputs)  # before the scores' passes
+    data = list(data)  # read once: greedy scores it again after each removal (a generator would be spent)
     drop: list[int] = []
     steps = []
     for _ in range(count if greedy else 1):

@@ -112,6 +112,15 @@ def test_greedy_removal_scores_the_rest_with_the_chosen_blocks_gone():
     assert "greedy" in small.notes[-1]
 
 
+def test_greedy_removal_reads_a_one_pass_iterable_once():
+    """A generator of batches used to be read by the first greedy step only: the second refused with "`data` gave
+    no batches" after the first step's passes. It is read once, and greedy removal equals the list's."""
+    model = deep("llama")
+    want = prune_blocks(model, batches(), 2, score="influence", greedy=True)
+    got = prune_blocks(model, (b for b in batches()), 2, score="influence", greedy=True)
+    assert got.blocks_kept == want.blocks_kept and got.notes == want.notes
+
+
 def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output():
     """ShortGPT's BI against the hidden states the model reports (its last entry is after the final norm)."""
     model, data = deep("llama"), batches(n=2)

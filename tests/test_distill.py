@@ -315,6 +315,39 @@ def test_a_pruner_with_no_round_in_the_run_leaves_the_default_teacher_nothing_to
     assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
 
 
+def test_a_teacher_without_values_is_refused_by_name():
+    """A teacher module on the meta device used to fail at fit start with torch's "Cannot copy out of meta tensor"
+    (and under FSDP2 would have been filled with the student's weights): refused when the callback is built."""
+    with torch.device("meta"):
+        teacher = Teacher()
+    with pytest.raises(ValueError, match=r"`teacher` has 6 parameters/buffers on the meta device.*Load its weights"):
+        Distillation(teacher=teacher)
+
+
+def test_without_the_wrapper_a_training_step_that_never_calls_loss_is_refused():
+    """wrap_training_step=False leaves the term to the user's training_step; one that never calls
+    distillation.loss(...) trained without it, silently. Refused at the end of the first such step, saying what
+    to call (a step that returns None, skipped, is not counted)."""
+    distill = Distillation(teacher=Teacher(), wrap_training_step=False)
+    with pytest.raises(RuntimeError, match=r"wrap_training_step=False.*no call of distillation.loss\(task_loss\)"):
+        make_trainer(max_steps=3, max_epochs=-1, callbacks=[distill]).fit(TinyNet())
+
+    class Manual(TinyNet):  # manual optimization: the step returns nothing
+        def __init__(self) -> None:
+            super().__init__(n=64)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            opt.step()
+
+    distill = Distillation(teacher=Teacher(), wrap_training_step=False)
+    with pytest.raises(RuntimeError, match=r"no call of distillation.loss\(task_loss\).*\(batch 0\)"):
+        make_trainer(max_epochs=1, callbacks=[distill]).fit(Manual())
+
+
 def test_a_bad_student_name_is_refused():
     lit = Lit(hf("llama"), lm_batches(1))
     with pytest.raises(ValueError, match="`student='nope'`"):

@@ -239,6 +239,14 @@ class Distillation(Callback):
             raise ValueError("`kd_weight` and `squarehead_weight` are both 0: Distillation would add nothing")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"`teacher` must be None, an nn.Module or a checkpoint path, got {type(teacher).__name__}")
+        if isinstance(teacher, nn.Module) and (
+            meta := [t for t in (*teacher.parameters(), *teacher.buffers()) if t.is_meta]
+        ):
+            raise ValueError(
+                f"`teacher` has {len(meta)} parameters/buffers on the meta device (shapes, no values): it cannot be "
+                "run or moved to the student's device. Load its weights first (e.g. to_empty(device='cpu') then "
+                "load_state_dict), or pass its checkpoint path"
+            )
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():
             raise ValueError(
                 f"`teacher` is not a file: {str(teacher)!r}"
@@ -281,6 +289,8 @@ class Distillation(Callback):
         self._followed = False  # the tracking teacher has copied the student at least once in this fit
         self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
+        self._loss_calls = 0  # calls of loss() in the current training batch (checked without the wrapper)
+        self._epoch_loss_calls = 0  # and in the current epoch (manual optimization: steps return nothing)
 
     # ================================================================ setup: the student, the wrapper
     @override
@@ -575,6 +585,7 @@ class Distillation(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._loss_calls = 0
         if not self._tracking:
             return
         if any(p.history for p in self._pruners):  # the first round ran at the end of the last batch
@@ -595,6 +606,33 @@ class Distillation(Callback):
             for t, s in zip(self.teacher.state_dict().values(), self._student.state_dict().values()):
                 sharding.local(t).copy_(sharding.local(s))  # a sharded teacher's shards are laid out like the student's
         self._followed = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Without the wrapper the term is the user's to add: a step that returned a loss without calling
+        :meth:`loss` trained without it (and so would every other), so it is refused now, not found at the end."""
+        if not self.wrap_training_step and outputs is not None and self._loss_calls == 0:
+            self._no_loss_call(pl_module, f"batch {batch_idx}")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_loss_calls = 0
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fallback for steps whose output Lightning does not pass on: no call in a whole epoch."""
+        if not self.wrap_training_step and self._epoch_loss_calls == 0:
+            self._no_loss_call(pl_module, f"epoch {trainer.current_epoch}")
+
+    def _no_loss_call(self, pl_module: pl.LightningModule, where: str) -> None:
+        raise RuntimeError(
+            f"Distillation(wrap_training_step=False) saw no call of distillation.loss(task_loss) in "
+            f"{type(pl_module).__name__}.training_step ({where}), so it trained without the distillation term: call "
+            "distillation.begin() at the start of training_step and return distillation.loss(loss) (or add it "
+            "before manual_backward), or pass wrap_training_step=True"
+        )
 
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -673,6 +711,8 @@ class Distillation(Callback):
         """``task_weight · task_loss`` plus the weighted distillation terms of this step; logs each term
         (``distill/task``, ``distill/kd``, ``distill/squarehead``). Ends the step's capture. Before the
         first round, while the default teacher follows the dense student, ``task_loss`` unchanged."""
+        self._loss_calls += 1
+        self._epoch_loss_calls += 1
         if self._tracking:
             self._reset()
             return task_loss
