@@ -277,12 +277,7 @@ def remove_blocks(
         raise ValueError(f"`drop` must hold block indices in 0..{total - 1}, got {bad[:5]}")
     if len(set(values)) != len(values) or not 1 <= len(values) <= total - 1:
         raise ValueError(f"`drop` must name distinct blocks, at least one and at most {total - 1}, got {values}")
-    for module in layers.modules():
-        if getattr(getattr(module, "config", None), "scale_attn_by_inverse_layer_idx", False):
-            raise ValueError(
-                f"{type(module).__name__} scales attention by 1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx): "
-                "a renumbered block would compute something else, so its blocks cannot be removed"
-            )
+    _check_removable(model, name, layers)
     values = [int(d) for d in values]
     kept = [i for i in range(total) if i not in set(values)]
     checked = _checked_module(model, layers, example_inputs)
@@ -319,6 +314,37 @@ def remove_blocks(
     return result
 
 
+def _check_removable(model: nn.Module, name: str, layers: nn.ModuleList) -> None:
+    """Refuse a model whose blocks cannot be removed whichever they are (before any scoring pass in
+    :func:`prune_blocks`): attention that depends on the block's position, a Hugging Face config that does not
+    count these blocks or holds per-block settings it could not cut."""
+    for module in layers.modules():
+        if getattr(getattr(module, "config", None), "scale_attn_by_inverse_layer_idx", False):
+            raise ValueError(
+                f"{type(module).__name__} scales attention by 1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx): "
+                "a renumbered block would compute something else, so its blocks cannot be removed"
+            )
+    total = len(layers)
+    for prefix, pretrained in hf.pretrained_models(model):
+        if not hf.within(prefix, name):
+            continue
+        config = pretrained.config
+        if getattr(config, "num_hidden_layers", None) != total:
+            raise ValueError(
+                f"{type(config).__name__}.num_hidden_layers is {getattr(config, 'num_hidden_layers', None)}, but "
+                f"{name!r} holds {total} blocks: the config does not describe this block list"
+            )
+        per_block = [
+            k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in PER_BLOCK
+        ]
+        if per_block:  # a setting per block that would stay unsliced: the reloaded model would differ
+            raise ValueError(
+                f"{type(config).__name__} holds per-block settings {per_block} (lists of {total}, one per block) that "
+                f"remove_blocks does not know how to cut (it cuts {list(PER_BLOCK)}): the saved config would not "
+                "describe the blocks left, so the blocks are not removed"
+            )
+
+
 def _checked_module(model: nn.Module, layers: nn.ModuleList, example_inputs: Any) -> str:
     """The name of the module ``example_inputs`` are run through (``model(**example_inputs)``): ``model``, or
     for a module without ``forward`` (a LightningModule with only ``training_step``) the submodule holding the
@@ -341,25 +367,11 @@ def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[
     for prefix, pretrained in hf.pretrained_models(result.model):
         if not hf.within(prefix, name):
             continue
-        config = pretrained.config
+        config = pretrained.config  # its block count and per-block settings were checked by _check_removable
         values: dict[str, Any] = {"num_hidden_layers": len(kept)}
-        if getattr(config, "num_hidden_layers", None) != total:
-            raise ValueError(
-                f"{type(config).__name__}.num_hidden_layers is {getattr(config, 'num_hidden_layers', None)}, but "
-                f"{name!r} holds {total} blocks: the config does not describe this block list"
-            )
         types = getattr(config, "layer_types", None)
         if isinstance(types, list) and len(types) == total:
             values["layer_types"] = [types[i] for i in kept]
-        per_block = [
-            k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in PER_BLOCK
-        ]
-        if per_block:  # a setting per block that would stay unsliced: the reloaded model would differ
-            raise ValueError(
-                f"{type(config).__name__} holds per-block settings {per_block} (lists of {total}, one per block) that "
-                f"remove_blocks does not know how to cut (it cuts {list(PER_BLOCK)}): the saved config would not "
-                "describe the blocks left, so the blocks are not removed"
-            )
         problem = hf.check_config(pretrained, values)
         if problem is not None:
             raise ValueError(f"the model without blocks cannot be described by its config: {problem}")
@@ -385,9 +397,10 @@ def prune_blocks(
 
     ``greedy=True`` removes one block at a time and scores the rest again with it gone (``n`` times the
     passes): blocks whose removals interact (two that each matter little, but not both) are seen."""
-    _, layers = find_block_list(model, blocks)
+    name, layers = find_block_list(model, blocks)
     count = _count(n, len(layers))
-    _checked_module(model, layers, example_inputs)  # before the scores' passes
+    _check_removable(model, name, layers)  # before the scores' passes
+    _checked_module(model, layers, example_inputs)
     data = list(data)  # read once: greedy scores it again after each removal (a generator would be spent)
     drop: list[int] = []
     steps = []

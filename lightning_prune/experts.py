@@ -538,7 +538,9 @@ def prune_experts(
             f"({ {layer.name: layer.num_experts for layer in layers} }): `n` cannot remove the same count from each"
         )
     count = counts.pop()
-    _checked_module(model, layers, example_inputs)  # before the scores' passes
+    total = layers[0].num_experts
+    _config_values(model, {layer.name: layer for layer in layers}, total - count, total)  # before the scores' passes
+    _checked_module(model, layers, example_inputs)
     scores = expert_scores(model, data, score=score, loss_fn=loss_fn, num_batches=num_batches)
     drop = {name: sorted(sorted(range(len(row)), key=lambda i: (row[i], i))[:count]) for name, row in scores.items()}
     result = remove_experts(model, drop, example_inputs=example_inputs)

@@ -290,6 +290,27 @@ def test_a_model_whose_blocks_depend_on_their_position_is_refused():
         remove_blocks(transformers.GPT2LMHeadModel(config), [1])
 
 
+def test_prune_blocks_refuses_what_it_could_not_remove_before_scoring():
+    """A model whose blocks cannot be removed (position-dependent attention, per-block config settings) used to be
+    scored first, every pass of it, and refused after: it is refused before the first pass, the model untouched."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, scale_attn_by_inverse_layer_idx=True
+    )
+    llama = deep("llama")
+    llama.config.rope_per_block = [True, False, True, False]
+    for model, match in (
+        (transformers.GPT2LMHeadModel(config), "scale_attn_by_inverse_layer_idx"),
+        (llama, r"per-block settings \['rope_per_block'\].*not removed"),
+    ):
+        calls = []
+        model.register_forward_pre_hook(lambda *a: calls.append(1))
+        for score in ("loss", "influence"):
+            with pytest.raises(ValueError, match=match):
+                prune_blocks(model, batches(), 1, score=score)
+        assert not calls
+
+
 def test_a_config_with_per_block_settings_it_cannot_cut_is_refused():
     model = deep("llama")
     model.config.rope_per_block = [True, False, True, False]  # a setting the reloaded model would read per block

@@ -296,6 +296,17 @@ def test_models_whose_experts_it_cannot_remove_are_refused():
         prune_experts(grouped, batches(), 1)
 
 
+def test_prune_experts_refuses_a_config_it_could_not_write_before_scoring():
+    """A config whose expert count does not describe its blocks used to be refused after every scoring pass: it
+    is refused before the first."""
+    model, calls = moe("mixtral"), []
+    model.config.num_local_experts = EXPERTS + 2
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"MixtralConfig.num_local_experts is 8, but its MoE blocks hold 6"):
+        prune_experts(model, batches(), 1)
+    assert not calls
+
+
 def test_the_loss_score_without_a_loss_says_what_to_pass():
     data = [{"input_ids": b["input_ids"]} for b in batches()]
     with pytest.raises(ValueError, match="score='loss' needs a loss.*score='reconstruction'"):
