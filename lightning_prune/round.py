@@ -237,7 +237,10 @@ def prune(
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
     if device is not None:  # before the pruner binds (it may drop another model's masks) and any block moves
+        from lightning_prune.blocks import check_offload
+
         device = _device(device)
+        check_offload(model, device)
     pruner.bind(model)
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
@@ -294,16 +297,13 @@ def _device(device: str | torch.device) -> torch.device:
 
 
 def _offload_device(device: torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
-    """``prune(device=...)`` checked before any work: a block-by-block round, a model not dispatched by accelerate."""
-    from lightning_prune.blocks import check_offload
-
+    """``prune(device=...)`` checked before any work, once the pruner is bound and planned: a block-by-block round."""
     if pruner.round_strategy.blocks is None:
         raise ValueError(
             f"prune(device={str(device)!r}) moves one block at a time to the device, which needs a block-by-block "
             f"round; {pruner.label} runs every layer at once ({pruner.criterion.describe()}, blocks=None). Use the "
             "defaults on a decoder, a preset such as SparseGPT(...), or blocks='auto' with a label-free criterion"
         )
-    check_offload(model, device)  # the blocks were found when the pruner was bound
     return device
 
 
