@@ -242,6 +242,9 @@ def prune(
         device = _device(device)
         check_offload(model, device)
     pruner.bind(model)
+    if not pruner.removes_something(pruner.target):  # legitimately nothing to do: said, not silent
+        why = "" if pruner.target == 0 else f": its masks already reach sparsity {pruner.sparsity:.4f}"
+        warn(f"prune(): {pruner.label}(target={pruner.target}) removes nothing{why}; the model is left unchanged")
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
         print(f"{pruner.label}: {plan}", flush=True)
