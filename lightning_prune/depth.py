@@ -396,7 +396,11 @@ def prune_blocks(
     with ``Shrunk.notes`` giving the scores and the blocks removed.
 
     ``greedy=True`` removes one block at a time and scores the rest again with it gone (``n`` times the
-    passes): blocks whose removals interact (two that each matter little, but not both) are seen."""
+    passes): blocks whose removals interact (two that each matter little, but not both) are seen.
+
+    A LightningModule that implements only ``training_step`` (a Hugging Face model in ``self.model``) is run as
+    :func:`~lightning_prune.prune` runs it (``loss_fn``, else its ``training_step``); ``"reconstruction"`` and
+    ``example_inputs`` use the model inside that holds the blocks."""
     name, layers = find_block_list(model, blocks)
     count = _count(n, len(layers))
     _check_removable(model, name, layers)  # before the scores' passes

@@ -529,7 +529,9 @@ def prune_experts(
     """Remove ``n`` experts (an integer, or a fraction of them) from every MoE block, those that cost least by
     ``score`` on ``data`` in each block; returns the smaller model (a copy, ready for ``save_pretrained``),
     with ``Shrunk.notes`` giving the scores and the experts removed. See the module docstring for the
-    scores and what removal changes."""
+    scores and what removal changes. A LightningModule that implements only ``training_step`` is run as
+    :func:`~lightning_prune.prune` runs it (``loss_fn``, else its ``training_step``); ``example_inputs`` go
+    through the model inside that holds the MoE blocks."""
     layers = find_moe_layers(model)
     counts = {_count(n, layer) for layer in layers}
     if len(counts) != 1:
