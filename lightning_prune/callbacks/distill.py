@@ -569,8 +569,8 @@ class Distillation(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a fit in which the default teacher would wait for a round that never comes (every pruner's
         on_fit_start has run by now: their schedules are resolved against this Trainer)."""
-        if not self._tracking:
-            return
+        if not self._tracking or any(p.history for p in self._pruners):  # rounds restored after fit start: the
+            return  # first batch refuses that, naming it
         reasons = [(p, p.no_round_in_run(trainer)) for p in self._pruners]
         if all(why is not None for _, why in reasons):
             listed = "; ".join(f"{type(p).__name__}: {why}" for p, why in reasons)
