@@ -5,8 +5,9 @@ random-init LLaMA; ``shrink`` turns the masks into smaller dense layers and writ
 into the config; ``save_pretrained`` writes an ordinary checkpoint, and ``from_pretrained`` loads
 it with no custom code. The loaded model computes what the pruned model computes.
 
-python examples/shrink_to_hf.py                       # writes ./small-llama, a few seconds on a CPU
+python examples/shrink_to_hf.py                       # writes ./small-llama, a few seconds on an idle CPU
 python examples/shrink_to_hf.py --out DIR --target 0.25
+OMP_NUM_THREADS=1 python examples/shrink_to_hf.py     # on a busy machine: one thread, not torch's one per core
 """
 
 from __future__ import annotations

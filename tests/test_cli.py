@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -217,3 +218,53 @@ def test_save_hf_is_checked_before_the_run_and_names_the_model():
                                  num_attention_heads=2, num_key_value_heads=2)
     )  # fmt: skip
     assert cli_run._hf_model(cfg, lit) is lit.model
+
+
+def test_the_summary_of_a_language_model_without_validation_prints_no_nan():
+    """No validation ran (e.g. val_check_interval past the run): the summary used to say "val accuracy nan%" for
+    a language model. What was not measured is said so; the metrics that were are printed as before."""
+    from lightning_prune.app import cli_run
+
+    summary = {
+        "method": "obs[layerwise]", "model": "CausalLM", "data": "TextDataModule", "sparsity": 0.6,
+        **cli_run._quality({}, "val"), **cli_run._quality({"test/ppl": 123.4}, "test"), "dense_val_acc": math.nan,
+        "rounds": [{"round": 0, "when": "step 60", "sparsity": 0.3, "val_ppl": math.nan}], "output_dir": "out",
+    }  # fmt: skip
+    text = cli_run._final_report(summary, None, [])
+    assert "nan" not in text.lower() and "accuracy" not in text
+    assert "final: sparsity 60.00%, val: not measured, test perplexity 123.40" in text
+    assert cli_run._fmt(summary["rounds"][0], "val") == "val: not measured"
+    assert cli_run._fmt({"val_ppl": 45.678}, "val") == "val perplexity 45.68"
+    assert cli_run._fmt({"val_acc": 0.5, "val_ppl": math.nan}, "val") == "val accuracy 50.00%"
+    assert cli_run._fmt({}, "test") == "test: not measured"
+
+
+def test_a_busy_machine_gets_the_thread_hint_and_the_thread_count_is_left_alone(monkeypatch):
+    """Other processes on every core and torch on several threads: the command says OMP_NUM_THREADS=1 may help
+    (the README's timings hold on an idle machine); it never sets the thread count itself."""
+    import torch
+
+    from lightning_prune.app import cli_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.5, 3.0, 2.0))
+    hint = cli_run.busy_hint()
+    assert hint is not None and "load 4.5 on 2 cores" in hint and "OMP_NUM_THREADS=1" in hint
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.7, 0.5, 0.5))
+    assert cli_run.busy_hint() is None  # a core to spare
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.5, 3.0, 2.0))
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert cli_run.busy_hint() is None  # the user chose
+
+
+def test_an_error_naming_a_distillation_argument_gives_its_command_line_key():
+    """`distill=kd pruner=none`: Distillation refuses a fit with no pruner and no teacher, naming `teacher`; on the
+    command line that is distill.teacher."""
+    from omegaconf import OmegaConf
+
+    from lightning_prune.app import cli
+
+    cfg = OmegaConf.create({"pruner": {}, "distill": {"_target_": "lightning_prune.Distillation", "teacher": None}})
+    assert cli._with_config_keys("pass the `teacher`", cfg).endswith("[on the command line: distill.teacher=...]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -111,6 +112,15 @@ def test_greedy_removal_scores_the_rest_with_the_chosen_blocks_gone():
     assert "greedy" in small.notes[-1]
 
 
+def test_greedy_removal_reads_a_one_pass_iterable_once():
+    """A generator of batches used to be read by the first greedy step only: the second refused with "`data` gave
+    no batches" after the first step's passes. It is read once, and greedy removal equals the list's."""
+    model = deep("llama")
+    want = prune_blocks(model, batches(), 2, score="influence", greedy=True)
+    got = prune_blocks(model, (b for b in batches()), 2, score="influence", greedy=True)
+    assert got.blocks_kept == want.blocks_kept and got.notes == want.notes
+
+
 def test_block_influence_is_one_minus_the_cosine_of_each_blocks_input_and_output():
     """ShortGPT's BI against the hidden states the model reports (its last entry is after the final norm)."""
     model, data = deep("llama"), batches(n=2)
@@ -178,6 +188,74 @@ def test_a_lightning_module_around_the_hf_model_saves_the_hf_model_without_its_b
         torch.testing.assert_close(logits(loaded), logits(lit.model), rtol=1e-5, atol=1e-5)
 
 
+class StepOnly(pl.LightningModule):
+    """A LightningModule around a Hugging Face model that implements ``training_step`` and no ``forward``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        self.log("loss", loss := self.model(**batch).loss)  # muted in the passes, as in prune()
+        return loss
+
+
+@pytest.mark.parametrize("score", ["reconstruction", "influence", "loss"])
+def test_a_lightning_module_with_only_a_training_step_is_scored_as_its_hf_model(score):
+    """Every score runs the module as prune() does (its training_step) and reads the output of the Hugging
+    Face model inside; example_inputs are checked on that model. The result is the bare model's, bitwise."""
+    bare, lit, example = deep("llama"), StepOnly(deep("llama")), {"input_ids": IDS}
+    assert block_scores(lit, batches(), score=score) == block_scores(bare, batches(), score=score)
+    want = prune_blocks(bare, batches(), 2, score=score, example_inputs=example)
+    got = prune_blocks(lit, batches(), 2, score=score, example_inputs=example)
+    assert got.blocks_kept == {f"model.{k}": v for k, v in want.blocks_kept.items()} and got.notes == want.notes
+    assert got.hf_configs == {"model": want.hf_configs[""]}
+    for (name, a), b in zip(got.model.model.state_dict().items(), want.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_module_with_no_forward_and_no_training_step_is_refused_before_any_pass():
+    """Nothing runs it but a loss_fn, which then runs every score (example_inputs go through the Hugging Face
+    model inside); without one it is refused by name before any pass. A module whose blocks sit in no
+    submodule with a forward cannot take example_inputs: refused before the scores' passes."""
+
+    class Holder(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    holder, calls = Holder(deep("llama")), []
+    handle = holder.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    for score in ("reconstruction", "influence", "loss"):
+        with pytest.raises(ValueError, match=r"Holder implements neither forward nor training_step.*loss_fn="):
+            prune_blocks(holder, batches(), 1, score=score)
+    assert not calls
+    handle.remove()
+    example, loss_fn = {"input_ids": IDS}, lambda m, b: m.model(**b).loss
+    got = prune_blocks(holder, batches(), 1, score="reconstruction", loss_fn=loss_fn, example_inputs=example)
+    want = prune_blocks(deep("llama"), batches(), 1, score="reconstruction", example_inputs=example)
+    assert got.notes == want.notes and got.max_abs_diff == want.max_abs_diff
+
+    class Stack(nn.Module):  # blocks, and nothing that implements forward around them
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+    stack = Stack()
+    stack.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(
+        ValueError, match=r"`example_inputs` are run as model\(\*\*example_inputs\).*Stack implements no"
+    ):
+        prune_blocks(
+            stack,
+            [torch.ones(2, 4)],
+            1,
+            loss_fn=lambda m, x: sum(b(x).sum() for b in m.layers),
+            example_inputs=torch.ones(2, 4),
+        )
+    assert not calls
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -210,6 +288,27 @@ def test_a_model_whose_blocks_depend_on_their_position_is_refused():
     )
     with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx"):
         remove_blocks(transformers.GPT2LMHeadModel(config), [1])
+
+
+def test_prune_blocks_refuses_what_it_could_not_remove_before_scoring():
+    """A model whose blocks cannot be removed (position-dependent attention, per-block config settings) used to be
+    scored first, every pass of it, and refused after: it is refused before the first pass, the model untouched."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, scale_attn_by_inverse_layer_idx=True
+    )
+    llama = deep("llama")
+    llama.config.rope_per_block = [True, False, True, False]
+    for model, match in (
+        (transformers.GPT2LMHeadModel(config), "scale_attn_by_inverse_layer_idx"),
+        (llama, r"per-block settings \['rope_per_block'\].*not removed"),
+    ):
+        calls = []
+        model.register_forward_pre_hook(lambda *a: calls.append(1))
+        for score in ("loss", "influence"):
+            with pytest.raises(ValueError, match=match):
+                prune_blocks(model, batches(), 1, score=score)
+        assert not calls
 
 
 def test_a_config_with_per_block_settings_it_cannot_cut_is_refused():

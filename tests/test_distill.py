@@ -168,8 +168,9 @@ def test_a_model_pruned_before_the_fit_needs_the_dense_teacher_passed(tiny):
         for m in tiny.net:
             if isinstance(m, nn.Linear):
                 m.weight[:, ::2] = 0
+    pruner = MagnitudePruning(0.5, every_n_steps=1, verbose=0)  # prune() then fit: its rounds may follow
     with pytest.raises(ValueError, match="already exactly zero.*`teacher`"):
-        make_trainer(max_steps=1, max_epochs=-1, callbacks=[Distillation()]).fit(tiny)
+        make_trainer(max_steps=4, max_epochs=-1, callbacks=[pruner, Distillation()]).fit(tiny)
     assert "training_step" not in vars(tiny)  # a failed fit removes the wrapper too
     distill = Distillation(teacher=dense)
     make_trainer(max_steps=1, max_epochs=-1, callbacks=[distill]).fit(tiny)
@@ -202,7 +203,7 @@ def test_manual_call_without_the_wrapper():
             return self.distill[0].loss(F.cross_entropy(self(x), y))
 
     torch.manual_seed(0)
-    distill = Distillation(wrap_training_step=False)
+    distill = Distillation(teacher=Teacher(), wrap_training_step=False)  # no pruner: the teacher is given
     model = Manual(distill)
     make_trainer(max_steps=2, max_epochs=-1, callbacks=[distill]).fit(model)
     assert "kd" in distill.last_terms and "training_step" not in vars(model)
@@ -231,7 +232,7 @@ def test_obs_and_distillation_on_a_tiny_llama_keep_the_masks():
 
 def test_gradient_accumulation_and_bf16_mixed():
     lit = Lit(hf("llama"), lm_batches(4))
-    distill = Distillation(squarehead_weight=1.0, teacher_dtype=torch.bfloat16)
+    distill = Distillation(teacher=hf("llama", seed=3), squarehead_weight=1.0, teacher_dtype=torch.bfloat16)
     trainer = make_trainer(max_steps=2, max_epochs=-1, accumulate_grad_batches=2, precision="bf16-mixed")
     trainer.callbacks.append(distill)
     trainer.fit(lit)
@@ -276,6 +277,75 @@ def test_gradients_equal_the_closed_form_loss_with_gradient_checkpointing():
         assert set(got) == set(expected)
         for n in expected:
             torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-6)
+
+
+def test_without_a_pruner_or_a_teacher_it_is_refused_at_setup(tiny):
+    """The default teacher is the dense model at the pruners' first round; with no pruner there is none, and the
+    term would only pull the student back to its starting weights. Refused before any step, naming the fixes;
+    a teacher passed makes it a plain distillation."""
+    before = copy.deepcopy(tiny.state_dict())
+    with pytest.raises(ValueError, match=r"Distillation\(teacher=None\).*no pruning callback.*Add a pruner.*`teacher`"):
+        make_trainer(max_steps=2, max_epochs=-1, callbacks=[Distillation()]).fit(tiny)
+    assert "training_step" not in vars(tiny)
+    assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())  # no step ran
+    distill = Distillation(teacher=Teacher())
+    make_trainer(max_steps=2, max_epochs=-1, callbacks=[distill]).fit(tiny)
+    assert distill.last_terms["kd"] > 0
+
+
+@pytest.mark.parametrize(
+    ("pruner", "limits", "match"),
+    [
+        (lambda: MagnitudePruning(0.5, start_step=10, every_n_steps=5, end_step=20), dict(max_steps=6), r"step 10.*6"),
+        (lambda: MagnitudePruning(0.5, start_epoch=3, end_epoch=4), dict(max_epochs=2), r"epoch 3.*max_epochs=2"),
+        (lambda: MagnitudePruning(0.5, start_epoch=1, end_epoch=2), dict(max_steps=6), r"epoch 1.*max_steps=6"),
+        (lambda: MagnitudePruning(0.0, every_n_steps=2), dict(max_steps=6), r"target=0.0.*nothing to prune"),
+    ],
+    ids=["steps", "epochs", "epochs-by-max_steps", "target-0"],
+)
+def test_a_pruner_with_no_round_in_the_run_leaves_the_default_teacher_nothing_to_do(tiny, pruner, limits, match):
+    """The default teacher waits for the first round: a schedule whose first round the run never reaches would
+    make Distillation a no-op for the whole fit. Refused before the first step, naming the pruner and its round."""
+    before = copy.deepcopy(tiny.state_dict())
+    trainer = make_trainer(max_epochs=limits.get("max_epochs", -1), max_steps=limits.get("max_steps", -1))
+    trainer.callbacks += [pruner(), Distillation()]
+    with pytest.raises(ValueError, match=r"Distillation\(teacher=None\).*MagnitudePruning.*" + match):
+        trainer.fit(tiny)
+    assert "training_step" not in vars(tiny)
+    assert all(torch.equal(v, before[k]) for k, v in tiny.state_dict().items())
+
+
+def test_a_teacher_without_values_is_refused_by_name():
+    """A teacher module on the meta device used to fail at fit start with torch's "Cannot copy out of meta tensor"
+    (and under FSDP2 would have been filled with the student's weights): refused when the callback is built."""
+    with torch.device("meta"):
+        teacher = Teacher()
+    with pytest.raises(ValueError, match=r"`teacher` has 6 parameters/buffers on the meta device.*Load its weights"):
+        Distillation(teacher=teacher)
+
+
+def test_without_the_wrapper_a_training_step_that_never_calls_loss_is_refused():
+    """wrap_training_step=False leaves the term to the user's training_step; one that never calls
+    distillation.loss(...) trained without it, silently. Refused at the end of the first such step, saying what
+    to call (a step that returns None, skipped, is not counted)."""
+    distill = Distillation(teacher=Teacher(), wrap_training_step=False)
+    with pytest.raises(RuntimeError, match=r"wrap_training_step=False.*no call of distillation.loss\(task_loss\)"):
+        make_trainer(max_steps=3, max_epochs=-1, callbacks=[distill]).fit(TinyNet())
+
+    class Manual(TinyNet):  # manual optimization: the step returns nothing
+        def __init__(self) -> None:
+            super().__init__(n=64)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            opt.step()
+
+    distill = Distillation(teacher=Teacher(), wrap_training_step=False)
+    with pytest.raises(RuntimeError, match=r"no call of distillation.loss\(task_loss\).*\(batch 0\)"):
+        make_trainer(max_epochs=1, callbacks=[distill]).fit(Manual())
 
 
 def test_a_bad_student_name_is_refused():

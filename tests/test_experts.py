@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,6 +296,17 @@ def test_models_whose_experts_it_cannot_remove_are_refused():
         prune_experts(grouped, batches(), 1)
 
 
+def test_prune_experts_refuses_a_config_it_could_not_write_before_scoring():
+    """A config whose expert count does not describe its blocks used to be refused after every scoring pass: it
+    is refused before the first."""
+    model, calls = moe("mixtral"), []
+    model.config.num_local_experts = EXPERTS + 2
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"MixtralConfig.num_local_experts is 8, but its MoE blocks hold 6"):
+        prune_experts(model, batches(), 1)
+    assert not calls
+
+
 def test_the_loss_score_without_a_loss_says_what_to_pass():
     data = [{"input_ids": b["input_ids"]} for b in batches()]
     with pytest.raises(ValueError, match="score='loss' needs a loss.*score='reconstruction'"):
@@ -314,6 +326,47 @@ def test_a_router_that_does_not_compute_its_logits_with_its_weight_is_refused_no
     match = r"routers of \['model.layers.0.mlp'\] did not compute their logits"
     with pytest.raises(RuntimeError, match=match), masked_experts(model, {"model.layers.0.mlp": [1]}):
         logits(model)
+
+
+class StepOnly(pl.LightningModule):
+    """A LightningModule around a Hugging Face model that implements ``training_step`` and no ``forward``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        self.log("loss", loss := self.model(**batch).loss)  # muted in the passes, as in prune()
+        return loss
+
+
+@pytest.mark.parametrize("score", ["reconstruction", "reap", "frequency", "loss"])
+def test_a_lightning_module_with_only_a_training_step_is_scored_as_its_hf_model(score):
+    """Every score runs the module as prune() does (its training_step); example_inputs are checked on the
+    Hugging Face model inside. Scores and the model left are the bare model's, bitwise."""
+    bare, lit, example = moe("mixtral"), StepOnly(moe("mixtral")), {"input_ids": IDS}
+    want = expert_scores(bare, batches(), score=score)
+    assert expert_scores(lit, batches(), score=score) == {f"model.{k}": v for k, v in want.items()}
+    want = prune_experts(bare, batches(), 2, score=score, example_inputs=example)
+    got = prune_experts(lit, batches(), 2, score=score, example_inputs=example)
+    assert got.experts_kept == {f"model.{k}": v for k, v in want.experts_kept.items()}
+    assert got.hf_configs == {"model": want.hf_configs[""]} and got.max_abs_diff == want.max_abs_diff
+    for (name, a), b in zip(got.model.model.state_dict().items(), want.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_module_with_no_forward_and_no_training_step_is_refused_before_any_pass():
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = moe("mixtral")
+
+    holder, calls = Holder(), []
+    holder.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    for score in ("reconstruction", "reap", "frequency", "loss"):
+        with pytest.raises(ValueError, match=r"Holder implements neither forward nor training_step.*loss_fn="):
+            prune_experts(holder, batches(), 1, score=score)
+    assert not calls
 
 
 def test_a_module_around_the_hf_model_saves_the_hf_model_without_its_experts(tmp_path):

@@ -185,10 +185,11 @@ def test_distillation_on_a_sharded_student_in_one_process(one_rank_group, tmp_pa
     from conftest import TinyNet
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_prune import Distillation
+    from lightning_prune import Distillation, MagnitudePruning
 
-    trainer = SimpleNamespace(
-        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), callbacks=[]
+    trainer = SimpleNamespace(  # a pruner beside it: the default teacher is the dense model at its first round
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        callbacks=[MagnitudePruning(0.5, every_n_steps=1, verbose=0)],
     )
     torch.manual_seed(0)
     late, model = TinyNet(), TinyNet()

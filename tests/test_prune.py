@@ -435,6 +435,18 @@ def test_a_round_with_nothing_to_remove_leaves_every_weight_bitwise(name):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in after.items())
 
 
+def test_a_prune_that_removes_nothing_says_so():
+    """target=0, or a pruner whose masks already reach its target: the model is legitimately left as it is, and
+    prune() says so (the record's info["idle"] was the only trace)."""
+    model = sequential()
+    with pytest.warns(UserWarning, match=r"prune\(\): MagnitudePruning\(target=0.0\) removes nothing.*unchanged"):
+        prune(model, loader(), MagnitudePruning(0.0, verbose=0))
+    pruner = MagnitudePruning(0.5, verbose=0)
+    prune(model, loader(), pruner)
+    with pytest.warns(UserWarning, match=r"removes nothing: its masks already reach sparsity 0.5000.*unchanged"):
+        prune(model, loader(), pruner)
+
+
 def test_a_batch_the_model_cannot_take_names_the_call_the_batch_and_its_structure():
     model = sequential()
     dict_batches = [{"x": torch.randn(8, 12), "y": torch.randint(0, 4, (8,))}]

@@ -144,3 +144,23 @@ def test_readme_snippet_runs_as_printed(code, arch, monkeypatch, tmp_path):
             params = dict(value._params)
             for n, mask in value.masks.items():
                 assert torch.all(params[n].detach()[~mask.to(params[n].device)] == 0), (name, n)
+
+
+@pytest.mark.parametrize(("arch", "attention", "mlp"), [("llama", 4, 3), ("gpt2", 2, 2)])
+def test_the_several_pruners_example_selects_attention_and_mlp_of_the_models_it_names(arch, attention, mlp):
+    """The README's several-pruners snippet selects by glob: on GPT-2 (``attn``) and LLaMA (``self_attn``) its first
+    pruner takes every attention projection of every block and its second every MLP projection, nothing twice
+    (``*.attn.*`` matched GPT-2 only: on LLaMA the first pruner found no weight). The checkpoint key the README
+    quotes is the pruner's."""
+    (code,) = [c for c in snippets() if "MagnitudePruning(0.8, include=" in c]
+    ns = namespace(None)
+    exec(compile(code, "README.md", "exec"), ns)
+    first, second = ns["callbacks"]
+    model = hf(arch)
+    first.pruner.bind(model)
+    second.pruner.bind(model)
+    blocks = model.config.num_hidden_layers
+    attn, ffn = [t.name for t in first.targets], [t.name for t in second.targets]
+    assert len(attn) == attention * blocks and all("attn." in n for n in attn), attn
+    assert len(ffn) == mlp * blocks and all(".mlp." in n for n in ffn), ffn
+    assert f"`{first.state_key}`" in (ROOT / "README.md").read_text()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
 
-from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
+from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, SparseGPT, prune
 from lightning_prune.engine.sequential import find_blocks
 from lightning_prune.engine.targets import resolve_targets
 
@@ -378,7 +379,6 @@ def test_prune_with_a_device_moves_one_block_at_a_time_and_equals_pruning_in_pla
     back before the next one comes (never two at once); the result is the in-place round's, bitwise.
     The device here is the CPU itself; the moves are counted through ``blocks.onload``/``offload``."""
     import lightning_prune.engine.sequential as blocks_module
-    from lightning_prune import SparseGPT
 
     moves: list[tuple[str, str]] = []
     names = {}
@@ -419,6 +419,37 @@ def test_prune_with_a_device_refuses_what_it_cannot_offload():
     hooks.add_hook_to_module(model.model.layers[1], hooks.AlignDevicesHook(execution_device="cpu"))
     with pytest.raises(ValueError, match="dispatched by accelerate"):
         prune(model, data, OBSPruning(0.5, verbose=0), device="cpu")
+
+
+def _unavailable_devices() -> list[Any]:
+    """Devices this machine cannot compute on, with what the refusal must say: meta (no data), an
+    accelerator torch was not built with or that is absent, and an index past the devices present."""
+    cases = [("meta", r"meta tensors hold no data.*lose its weights.*device=None")]
+    count = torch.cuda.device_count()
+    if not torch.cuda.is_available():
+        cases.append(("cuda", r"CUDA is not available.*device=None"))
+    cases.append((f"cuda:{count}", r"CUDA is not available" if not count else rf"only {count} CUDA device"))
+    if not torch.backends.mps.is_available():
+        cases.append(("mps", r"MPS is not available"))
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        cases.append(("xpu", r"XPU is not available"))
+    return [pytest.param(device, match, id=device) for device, match in cases]
+
+
+@pytest.mark.parametrize(("device", "match"), _unavailable_devices())
+def test_prune_refuses_a_device_it_cannot_use_before_moving_any_weight(device, match):
+    """``device="meta"`` used to move block 0 there and then fail copying it back (its weights gone);
+    ``device="cuda"`` on a CPU-only torch surfaced torch's AssertionError from inside the round. Both are
+    refused before any move or any pruner state changes, naming the argument, the value, why, and what
+    to pass; every weight stays where it was with its values."""
+    model, data = tiny_llama(layers=2), batches(2)
+    before = {n: (p.device, p.detach().clone()) for n, p in model.named_parameters()}
+    pruner = SparseGPT(0.5, verbose=0)
+    with pytest.raises(ValueError, match=rf"prune\(device='{device}'\): .*{match}"):
+        prune(model, data, pruner, device=device)
+    for name, p in model.named_parameters():
+        assert p.device == before[name][0] and torch.equal(p.detach(), before[name][1]), name
+    assert not pruner.history and pruner._masks is None
 
 
 def test_a_block_by_block_round_says_which_layer_it_is_solving(monkeypatch):

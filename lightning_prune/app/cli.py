@@ -91,6 +91,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("print_config", False):
         cli_run._print(f"lightning-prune config (mode={mode}):\n{OmegaConf.to_yaml(cfg, resolve=True)}")
+    if (hint := cli_run.busy_hint()) is not None:
+        cli_run._print(hint)
     try:
         return {"train": cli_run.run_train, "oneshot": cli_run.run_oneshot, "eval": cli_run.run_eval}[mode](cfg)
     except ValueError as err:
@@ -103,6 +105,8 @@ def _with_config_keys(message: str, cfg: DictConfig) -> str:
     for name in dict.fromkeys(re.findall(r"`(\w+)`", message)):
         if cfg.pruner and name in cfg.pruner:
             keys.append(f"pruner.{name}=...")
+        elif cfg.get("distill") and name in cfg.distill:  # e.g. Distillation's `teacher`
+            keys.append(f"distill.{name}=...")
     for name in dict.fromkeys(re.findall(r"Trainer\((\w+)=", message)):
         keys.append(f"trainer.{name}=...")
     return message + (f" [on the command line: {', '.join(keys)}]" if keys else "")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -101,6 +102,22 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
+def busy_hint() -> str | None:
+    """A one-line hint when other processes already load every core and torch runs several threads: those
+    threads wait for each other (a run many times slower, README). Said, never acted on: the thread count is
+    the user's (``OMP_NUM_THREADS``); ``None`` when it is set, or the machine has a core to spare."""
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    threads, cores, load = torch.get_num_threads(), os.cpu_count() or 1, os.getloadavg()[0]
+    if threads < 2 or load < cores:
+        return None
+    return (
+        f"[lightning-prune] this machine is busy (load {load:.1f} on {cores} cores) and torch runs {threads} threads, "
+        "which then mostly wait for each other: OMP_NUM_THREADS=1 in front of the command may run it several "
+        "times faster"
+    )
+
+
 QUALITY = {"acc": "accuracy", "ppl": "perplexity"}
 
 
@@ -111,12 +128,15 @@ def _quality(metrics: Mapping[str, Any], stage: str) -> dict[str, float]:
 
 
 def _fmt(values: Mapping[str, Any], stage: str) -> str:
-    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds."""
+    """``"val accuracy 97.10%"`` or ``"val perplexity 12.34"``: whichever ``values`` holds; ``"val: not measured"``
+    when it holds none, or only NaN (results.json keeps ``val_acc: NaN`` when no validation ran, whatever the
+    model: "val accuracy nan%" would misname a language model's metric and hide that nothing was measured)."""
     parts = []
     for k, word in QUALITY.items():
-        if (v := values.get(f"{stage}_{k}")) is not None:
+        v = values.get(f"{stage}_{k}")
+        if v is not None and not math.isnan(v):
             parts.append(f"{stage} {word} {v:.2%}" if k == "acc" else f"{stage} {word} {v:.2f}")
-    return ", ".join(parts) or f"{stage}: no metric"
+    return ", ".join(parts) or f"{stage}: not measured"
 
 
 def _loggers(cfg: DictConfig) -> list[Any]:

@@ -144,22 +144,37 @@ class PruningCallback(Callback):
         end, unit = self.schedule.end, self.schedule.unit
         if end is None or self.removes_something(self.target) is False:
             return
-        if unit == "epoch":
-            limit = f"Trainer(max_epochs={trainer.max_epochs})"
-            misses = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end
-            batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-            if not misses and trainer.max_steps > 0 and math.isfinite(batches):
-                limit = f"Trainer(max_steps={trainer.max_steps})"
-                misses = trainer.max_steps < (end + 1) * math.ceil(batches / accumulate)
-        else:
-            total = trainer.estimated_stepping_batches
-            limit, misses = f"the run's {total} optimizer steps", math.isfinite(total) and total < end
-        if misses:
+        if (limit := self._ends_before(trainer, end)) is not None:
             self._warn_once(
                 "end",
                 f"{type(self).__name__}'s last round is at {unit} {end}, but {limit} ends the run before it: the model "
                 f"will not reach target={self.target}. Lower `{self.schedule.when.arg('end')}` or lengthen the run",
             )
+
+    def _ends_before(self, trainer: pl.Trainer, point: int) -> str | None:
+        """The Trainer limit that ends the run before a round at ``point`` (an epoch or a step), or ``None``."""
+        if self.schedule.unit == "epoch":
+            if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= point:
+                return f"Trainer(max_epochs={trainer.max_epochs})"
+            batches, accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+            steps = (point + 1) * math.ceil(batches / accumulate) if math.isfinite(batches) else math.inf
+            return f"Trainer(max_steps={trainer.max_steps})" if 0 < trainer.max_steps < steps < math.inf else None
+        total = trainer.estimated_stepping_batches
+        return f"the run's {total} optimizer steps" if math.isfinite(total) and total < point else None
+
+    def no_round_in_run(self, trainer: pl.Trainer) -> str | None:
+        """Why this pruner will run no round in this fit (nothing left to prune, or the Trainer's limits end the
+        run before its next round), or ``None`` if one can come. After ``on_fit_start`` (the schedule resolved):
+        for callbacks that depend on a round (the default teacher of :class:`Distillation`)."""
+        if not self.removes_something(self.target):
+            return f"target={self.target} leaves nothing to prune (sparsity {self.sparsity:.4f} already)"
+        point = self.next_round()
+        if point is None:
+            return f"its schedule has no round left ({self.schedule.unit}s {self.schedule.points})"
+        limit = self._ends_before(trainer, point)
+        if limit is None:
+            return None
+        return f"its first round is at {self.schedule.unit} {point} and {limit} ends the run before it"
 
     def _check_siblings(self, trainer: pl.Trainer) -> None:
         """Refuse a second pruner on the same weights, or under the same checkpoint key."""

@@ -196,7 +196,9 @@ class Distillation(Callback):
             are copied from the student's at the start of every training batch, and no distillation
             term is added (it would be 0), until a pruner's first round; from then on the teacher is
             frozen (the weights of the round's last batch, one optimizer step before the round).
-            Without pruners it is the model at fit start. A model already pruned at fit start
+            A fit in which no pruner will ever run a round (none in the Trainer, a first round past
+            the run's end, a target already reached) is refused before the first step: the term would
+            be nothing, or a pull back to the starting weights. A model already pruned at fit start
             (``prune()`` then fit, a resumed run) is refused: the copy would not be dense; pass the
             dense teacher. Or an ``nn.Module`` called like the student; or a checkpoint path (a
             Lightning checkpoint of this LightningModule, or a state dict of the student module)
@@ -237,6 +239,14 @@ class Distillation(Callback):
             raise ValueError("`kd_weight` and `squarehead_weight` are both 0: Distillation would add nothing")
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise ValueError(f"`teacher` must be None, an nn.Module or a checkpoint path, got {type(teacher).__name__}")
+        if isinstance(teacher, nn.Module) and (
+            meta := [t for t in (*teacher.parameters(), *teacher.buffers()) if t.is_meta]
+        ):
+            raise ValueError(
+                f"`teacher` has {len(meta)} parameters/buffers on the meta device (shapes, no values): it cannot be "
+                "run or moved to the student's device. Load its weights first (e.g. to_empty(device='cpu') then "
+                "load_state_dict), or pass its checkpoint path"
+            )
         if isinstance(teacher, (str, Path)) and not Path(teacher).is_file():
             raise ValueError(
                 f"`teacher` is not a file: {str(teacher)!r}"
@@ -279,6 +289,8 @@ class Distillation(Callback):
         self._followed = False  # the tracking teacher has copied the student at least once in this fit
         self._frozen = False  # the teacher is fixed (after the first round, or given)
         self.last_terms: dict[str, Tensor] = {}  # the last step's terms, detached
+        self._loss_calls = 0  # calls of loss() in the current training batch (checked without the wrapper)
+        self._epoch_loss_calls = 0  # and in the current epoch (manual optimization: steps return nothing)
 
     # ================================================================ setup: the student, the wrapper
     @override
@@ -286,6 +298,16 @@ class Distillation(Callback):
         if stage != TrainerFn.FITTING:
             return
         name = self._student_name(pl_module)  # fails now on a bad `student`
+        found = list(getattr(trainer, "callbacks", []))
+        if self._teacher_arg is None and not any(isinstance(cb, PruningCallback) for cb in found):
+            callbacks = [type(cb).__name__ for cb in found]
+            raise ValueError(
+                "Distillation(teacher=None) distils from the dense model as it is just before the pruners' first "
+                f"round, and this Trainer has no pruning callback (callbacks: {callbacks}): it would only pull the "
+                "model back to its weights at fit start. Add a pruner to the callbacks "
+                "(OBSPruning(...), SparseGPT(...), ...), or pass the `teacher` (a dense nn.Module or its checkpoint "
+                "path; copy.deepcopy of the model to keep it near its starting weights)"
+            )
         student = pl_module.get_submodule(name) if name else pl_module
         params = list(student.parameters())
         # FSDP2 refuses to deepcopy a sharded module: copy the structure now, before configure_model shards it
@@ -544,9 +566,26 @@ class Distillation(Callback):
                 self._hooks.append(model.get_submodule(name).register_forward_hook(hook))
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a fit in which the default teacher would wait for a round that never comes (every pruner's
+        on_fit_start has run by now: their schedules are resolved against this Trainer)."""
+        if not self._tracking or any(p.history for p in self._pruners):  # rounds restored after fit start: the
+            return  # first batch refuses that, naming it
+        reasons = [(p, p.no_round_in_run(trainer)) for p in self._pruners]
+        if all(why is not None for _, why in reasons):
+            listed = "; ".join(f"{type(p).__name__}: {why}" for p, why in reasons)
+            raise ValueError(
+                "Distillation(teacher=None) takes the dense model at the pruners' first round as its teacher and "
+                f"distils from then on, and no pruner has a round in this fit ({listed}): it would add nothing for the "
+                "whole run. Bring a round into the run (start_step/start_epoch, or a longer run), or pass the dense "
+                "`teacher`"
+            )
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._loss_calls = 0
         if not self._tracking:
             return
         if any(p.history for p in self._pruners):  # the first round ran at the end of the last batch
@@ -567,6 +606,33 @@ class Distillation(Callback):
             for t, s in zip(self.teacher.state_dict().values(), self._student.state_dict().values()):
                 sharding.local(t).copy_(sharding.local(s))  # a sharded teacher's shards are laid out like the student's
         self._followed = True
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Without the wrapper the term is the user's to add: a step that returned a loss without calling
+        :meth:`loss` trained without it (and so would every other), so it is refused now, not found at the end."""
+        if not self.wrap_training_step and outputs is not None and self._loss_calls == 0:
+            self._no_loss_call(pl_module, f"batch {batch_idx}")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_loss_calls = 0
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A fallback for steps whose output Lightning does not pass on: no call in a whole epoch."""
+        if not self.wrap_training_step and self._epoch_loss_calls == 0:
+            self._no_loss_call(pl_module, f"epoch {trainer.current_epoch}")
+
+    def _no_loss_call(self, pl_module: pl.LightningModule, where: str) -> None:
+        raise RuntimeError(
+            f"Distillation(wrap_training_step=False) saw no call of distillation.loss(task_loss) in "
+            f"{type(pl_module).__name__}.training_step ({where}), so it trained without the distillation term: call "
+            "distillation.begin() at the start of training_step and return distillation.loss(loss) (or add it "
+            "before manual_backward), or pass wrap_training_step=True"
+        )
 
     # ================================================================ capture
     def _student_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -645,6 +711,8 @@ class Distillation(Callback):
         """``task_weight · task_loss`` plus the weighted distillation terms of this step; logs each term
         (``distill/task``, ``distill/kd``, ``distill/squarehead``). Ends the step's capture. Before the
         first round, while the default teacher follows the dense student, ``task_loss`` unchanged."""
+        self._loss_calls += 1
+        self._epoch_loss_calls += 1
         if self._tracking:
             self._reset()
             return task_loss

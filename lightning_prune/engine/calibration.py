@@ -181,6 +181,48 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def implements_forward(module: nn.Module) -> bool:
+    """Whether ``module`` has a ``forward`` of its own. A LightningModule may implement only ``training_step``
+    (around a Hugging Face model in ``self.model``): its inherited ``forward`` fails on the batch
+    (``_forward_unimplemented() got an unexpected keyword argument``), so it must be run another way."""
+    fn = getattr(type(module), "forward", None)
+    if fn is None or fn is nn.Module.forward:
+        return False
+    inherited = getattr(fn, "__qualname__", "") == "LightningModule.forward"
+    return not (inherited and str(getattr(fn, "__module__", "")).startswith(("lightning", "pytorch_lightning")))
+
+
+def output_module(model: nn.Module, holds: Sequence[nn.Module]) -> tuple[str, nn.Module] | None:
+    """The module whose output is ``model``'s: ``("", model)`` if it implements ``forward``, else the outermost
+    submodule that does and holds every module of ``holds`` (the Hugging Face model a LightningModule keeps in
+    ``self.model``); ``None`` if there is none."""
+    if implements_forward(model):
+        return "", model
+    wanted = {id(m) for m in holds}
+    for name, module in model.named_modules():
+        if name and implements_forward(module) and wanted <= {id(m) for m in module.modules()}:
+            return name, module
+    return None
+
+
+def batch_runner(model: nn.Module, loss_fn: LossFn | None, what: str) -> Callable[[Any, int], Any]:
+    """How a pass that only needs ``model`` to run on each batch (its hooks read what they need) calls it:
+    its own ``forward`` (:func:`default_forward`), else as ``prune()`` would, ``loss_fn(model, batch)`` or a
+    LightningModule's ``training_step`` (logging muted, metrics restored). A module with none of them is
+    refused now, before any pass, naming ``what`` needs it and how to fix it."""
+    if implements_forward(model):
+        return lambda batch, batch_idx: default_forward(model, batch)
+    calib = Calibration(model, loss_fn, training_step=getattr(model, "automatic_optimization", True))
+    if calib.source is None:
+        children = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"{what} runs {type(model).__name__} on every batch, and {type(model).__name__} implements neither "
+            "forward nor training_step (nn.Module's forward is unimplemented): pass loss_fn=lambda model, batch: ... "
+            f"(it is what runs each batch), implement forward, or pass the model inside (children: {children})"
+        )
+    return calib.run
+
+
 def _output_loss(out: Any) -> Tensor | None:
     loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     return loss if isinstance(loss, Tensor) else None
@@ -278,18 +320,27 @@ class Calibration:
                 "batch: ... to say how this model takes them)"
             ) from err
 
-    def loss(self, batch: Any, batch_idx: int) -> Tensor:
-        """Mean loss of one batch, with autograd enabled or not as the caller decides."""
+    def run(self, batch: Any, batch_idx: int) -> Any:
+        """What ``loss_fn``, ``training_step`` (logging muted, metrics restored) or the model's forward, whichever
+        this calibration uses, returns on one batch: a pass that only needs the model run (hooks)."""
         if self.source == "loss_fn":
-            loss = self._call("loss_fn(model, batch)", lambda: self.loss_fn(self.model, batch), batch, batch_idx)  # type: ignore[misc]
-        elif self.source == "training_step":
+            return self._call("loss_fn(model, batch)", lambda: self.loss_fn(self.model, batch), batch, batch_idx)  # type: ignore[misc]
+        if self.source == "training_step":
             with _isolated(self.model):
-                out = self._call(
+                return self._call(
                     f"{type(self.model).__name__}.training_step(batch, batch_idx)",
                     lambda: self.model.training_step(batch, batch_idx),  # type: ignore[operator]
                     batch,
                     batch_idx,
                 )
+        return self._forward(batch, batch_idx)
+
+    def loss(self, batch: Any, batch_idx: int) -> Tensor:
+        """Mean loss of one batch, with autograd enabled or not as the caller decides."""
+        if self.source == "loss_fn":
+            loss = self.run(batch, batch_idx)
+        elif self.source == "training_step":
+            out = self.run(batch, batch_idx)
             loss = out.get("loss") if isinstance(out, dict) else out
         elif self.source == "output":
             loss = _output_loss(self._forward(batch, batch_idx))

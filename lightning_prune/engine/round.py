@@ -236,7 +236,15 @@ def prune(
         raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if device is not None:  # before the pruner binds (it may drop another model's masks) and any block moves
+        from lightning_prune.engine.sequential import check_offload
+
+        device = _device(device)
+        check_offload(model, device)
     pruner.bind(model)
+    if not pruner.removes_something(pruner.target):  # legitimately nothing to do: said, not silent
+        why = "" if pruner.target == 0 else f": its masks already reach sparsity {pruner.sparsity:.4f}"
+        warn(f"prune(): {pruner.label}(target={pruner.target}) removes nothing{why}; the model is left unchanged")
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:
         print(f"{pruner.label}: {plan}", flush=True)
@@ -278,21 +286,27 @@ def prune(
     return record
 
 
-def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
-    """``prune(device=...)`` checked before any work: a device torch knows, a block-by-block round."""
-    from lightning_prune.engine.sequential import check_offload
+def _device(device: str | torch.device) -> torch.device:
+    """``prune(device=...)`` checked before anything is bound or moved: a device torch knows, that this
+    machine has and that holds data."""
+    from lightning_prune.engine.sequential import check_device
 
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"`device` must be a torch device (e.g. 'cuda', 'cuda:1'), got {device!r}: {err}") from err
+    check_device(device, f"prune(device={str(device)!r})")
+    return device
+
+
+def _offload_device(device: torch.device, pruner: Pruner, model: nn.Module) -> torch.device:
+    """``prune(device=...)`` checked before any work, once the pruner is bound and planned: a block-by-block round."""
     if pruner.round_strategy.blocks is None:
         raise ValueError(
             f"prune(device={str(device)!r}) moves one block at a time to the device, which needs a block-by-block "
             f"round; {pruner.label} runs every layer at once ({pruner.criterion.describe()}, blocks=None). Use the "
             "defaults on a decoder, a preset such as SparseGPT(...), or blocks='auto' with a label-free criterion"
         )
-    check_offload(model, device)  # the blocks were found when the pruner was bound
     return device
 
 

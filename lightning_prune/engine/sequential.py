@@ -169,6 +169,55 @@ def _on(module: nn.Module, device: torch.device | None) -> Iterator[None]:
         offload(module, home)
 
 
+_ACCELERATORS = {"cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
+
+
+def _visible_devices() -> list[str]:
+    """The devices this process can compute on, as ``torch.device`` strings (for error messages)."""
+    found = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        backend = getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            found += [f"{kind}:{i}" for i in range(backend.device_count())]
+    if torch.backends.mps.is_available():
+        found.append("mps")
+    return [repr(d) for d in found]
+
+
+def check_device(device: torch.device, where: str) -> None:
+    """Refuse, before any block is moved, a ``device`` a block cannot go to and come back from.
+
+    ``meta`` tensors hold no data: a block moved there loses its weights and cannot be moved back (torch
+    says so only on the way back, after the weights are gone). An accelerator this torch was not built
+    with, or an index past the devices visible, fails inside the round with torch's own error. Anything
+    else torch cannot allocate on and copy back is found by a one-element probe. ``where`` names the call.
+    """
+    fix = f"pass one this machine has ({', '.join(_visible_devices())}), or device=None to prune where the model is"
+    if device.type == "meta":
+        raise ValueError(
+            f"{where}: meta tensors hold no data (shapes only), so a block moved there would lose its weights and "
+            f"could not come back; {fix}"
+        )
+    name = _ACCELERATORS.get(device.type)
+    backend = getattr(torch, device.type, None) if name is not None else None
+    if name is not None:
+        available = torch.backends.mps.is_available() if device.type == "mps" else backend.is_available()
+        if not available:
+            built = {"cuda": torch.backends.cuda.is_built, "mps": torch.backends.mps.is_built}.get(device.type)
+            why = "was built without it" if built is not None and not built() else "sees no such device"
+            raise ValueError(f"{where}: {name} is not available: this torch ({torch.__version__}) {why}; {fix}")
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{where}: only {count} {name} device{'s are' if count != 1 else ' is'} visible (indices "
+                f"0..{count - 1}); {fix}"
+            )
+    try:
+        torch.zeros(1, device=device).cpu()
+    except Exception as err:  # a device type torch knows by name but cannot use here
+        raise ValueError(f"{where}: torch cannot hold a tensor there ({type(err).__name__}: {err}); {fix}") from None
+
+
 def check_offload(model: nn.Module, device: torch.device) -> None:
     """Refuse what ``device=`` cannot run: an accelerate-dispatched model (its hooks move each module's
     inputs to the device accelerate chose, which would fight the moves here)."""

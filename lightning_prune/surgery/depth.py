@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.engine.calibration import Calibration, LossFn, default_forward, eval_mode
+from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
 from lightning_prune.engine.sequential import _no_kv_cache
 from lightning_prune.models import hf_config as hf
 from lightning_prune.surgery.shrink import Shrunk, _output, _run, check_outputs
@@ -139,6 +139,7 @@ def block_scores(
     if not batches:
         raise ValueError("`data` gave no batches: block scores need calibration batches")
     _, layers = find_block_list(model, blocks)
+    run = batch_runner(model, loss_fn, f"score={score!r}")  # refuses a module it cannot run, before any pass
     gone = set(removed)
     if bad := sorted(i for i in gone if isinstance(i, bool) or not (isinstance(i, int) and 0 <= i < len(layers))):
         raise ValueError(f"`removed` must hold block indices in 0..{len(layers) - 1}, got {bad[:5]}")
@@ -147,7 +148,7 @@ def block_scores(
     with eval_mode(model), _no_kv_cache(model):
         if score == "influence":
             with as_identity(without):
-                for i, bi in _influence(model, layers, batches, gone).items():
+                for i, bi in _influence(run, layers, batches, gone).items():
                     out[i] = bi
             return out
         if score == "loss":
@@ -164,22 +165,58 @@ def block_scores(
                     with as_identity([*without, block]):
                         out[i] = calib.mean_loss(batches) - base
             return out
-        reference = [_output(default_forward(model, b)).float() for b in batches]
+        outputs = _outputs(model, layers, run)
+        reference = [outputs(b, j) for j, b in enumerate(batches)]
         for i, block in enumerate(layers):
             if i in gone:
                 continue
             with as_identity([*without, block]):
-                err = sum(
-                    float(
-                        (_output(default_forward(model, b)).float() - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-30)
-                    )
-                    for b, r in zip(batches, reference)
-                )
+                err = 0.0
+                for j, (b, ref) in enumerate(zip(batches, reference)):
+                    got = outputs(b, j)
+                    num = sum((y - r).pow(2).sum() for y, r in zip(got, ref, strict=True))
+                    err += float(num / sum(r.pow(2).sum() for r in ref).clamp_min(1e-30))
             out[i] = err / len(batches)
         return out
 
 
-def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any], skip: set[int]) -> dict[int, float]:
+def _outputs(
+    model: nn.Module, layers: nn.ModuleList, run: Callable[[Any, int], Any]
+) -> Callable[[Any, int], list[Tensor]]:
+    """The model's outputs on a batch (logits, or an encoder's last hidden states), in float32: what ``model``
+    returns, or for a module without ``forward`` (a LightningModule with only ``training_step``) what the
+    module holding the blocks returns in the call ``run`` makes (one entry per call)."""
+    found = output_module(model, [layers])
+    if found is None:
+        raise ValueError(
+            f"score='reconstruction' compares {type(model).__name__}'s outputs, and neither it nor a submodule holding "
+            "its blocks implements forward: use score='loss' or 'influence', or pass the model inside"
+        )
+    name, top = found
+    if top is model:
+        return lambda batch, batch_idx: [_output(run(batch, batch_idx)).float()]
+    captured: list[Tensor] = []
+
+    def outputs(batch: Any, batch_idx: int) -> list[Tensor]:
+        captured.clear()
+        handle = top.register_forward_hook(lambda module, args, out: captured.append(_output(out).float()))
+        try:
+            run(batch, batch_idx)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(
+                f"score='reconstruction' reads the output of {name!r}, and {type(model).__name__} did not call it on "
+                f"batch {batch_idx}"
+            )
+        return list(captured)
+
+    return outputs
+
+
+def _influence(
+    run: Callable[[Any, int], Any], layers: nn.ModuleList, batches: Sequence[Any], skip: set[int]
+) -> dict[int, float]:
     """ShortGPT's Block Influence: ``1 - cos(x_in, x_out)`` per token, averaged over all tokens."""
     sums = dict.fromkeys(range(len(layers)), 0.0)
     counts = dict.fromkeys(range(len(layers)), 0)
@@ -195,8 +232,8 @@ def _influence(model: nn.Module, layers: nn.ModuleList, batches: Sequence[Any], 
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers) if i not in skip]
     try:
-        for batch in batches:
-            default_forward(model, batch)
+        for j, batch in enumerate(batches):
+            run(batch, j)
     finally:
         for h in handles:
             h.remove()
@@ -240,18 +277,14 @@ def remove_blocks(
         raise ValueError(f"`drop` must hold block indices in 0..{total - 1}, got {bad[:5]}")
     if len(set(values)) != len(values) or not 1 <= len(values) <= total - 1:
         raise ValueError(f"`drop` must name distinct blocks, at least one and at most {total - 1}, got {values}")
-    for module in layers.modules():
-        if getattr(getattr(module, "config", None), "scale_attn_by_inverse_layer_idx", False):
-            raise ValueError(
-                f"{type(module).__name__} scales attention by 1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx): "
-                "a renumbered block would compute something else, so its blocks cannot be removed"
-            )
+    _check_removable(model, name, layers)
     values = [int(d) for d in values]
     kept = [i for i in range(total) if i not in set(values)]
+    checked = _checked_module(model, layers, example_inputs)
     reference = None
     if example_inputs is not None:
         with as_identity([layers[i] for i in values]):
-            reference = _run(model, example_inputs)
+            reference = _run(model.get_submodule(checked), example_inputs)
     before = sum(p.numel() for p in model.parameters())
     out = copy.deepcopy(model)
     new_layers = out.get_submodule(name)
@@ -267,7 +300,7 @@ def remove_blocks(
     _update_depth_configs(result, name, total, kept)
     if reference is not None:
         result.max_abs_diff = check_outputs(
-            out,
+            out.get_submodule(checked),
             example_inputs,
             reference,
             atol,
@@ -281,22 +314,26 @@ def remove_blocks(
     return result
 
 
-def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[int]) -> None:
-    """``num_hidden_layers`` (and ``layer_types``) of the Hugging Face model holding the block list,
-    checked as ``from_pretrained`` would build it (the config class and the shapes)."""
-    for prefix, pretrained in hf.pretrained_models(result.model):
+def _check_removable(model: nn.Module, name: str, layers: nn.ModuleList) -> None:
+    """Refuse a model whose blocks cannot be removed whichever they are (before any scoring pass in
+    :func:`prune_blocks`): attention that depends on the block's position, a Hugging Face config that does not
+    count these blocks or holds per-block settings it could not cut."""
+    for module in layers.modules():
+        if getattr(getattr(module, "config", None), "scale_attn_by_inverse_layer_idx", False):
+            raise ValueError(
+                f"{type(module).__name__} scales attention by 1/(layer_idx + 1) (scale_attn_by_inverse_layer_idx): "
+                "a renumbered block would compute something else, so its blocks cannot be removed"
+            )
+    total = len(layers)
+    for prefix, pretrained in hf.pretrained_models(model):
         if not hf.within(prefix, name):
             continue
         config = pretrained.config
-        values: dict[str, Any] = {"num_hidden_layers": len(kept)}
         if getattr(config, "num_hidden_layers", None) != total:
             raise ValueError(
                 f"{type(config).__name__}.num_hidden_layers is {getattr(config, 'num_hidden_layers', None)}, but "
                 f"{name!r} holds {total} blocks: the config does not describe this block list"
             )
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and len(types) == total:
-            values["layer_types"] = [types[i] for i in kept]
         per_block = [
             k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in PER_BLOCK
         ]
@@ -306,6 +343,35 @@ def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[
                 f"remove_blocks does not know how to cut (it cuts {list(PER_BLOCK)}): the saved config would not "
                 "describe the blocks left, so the blocks are not removed"
             )
+
+
+def _checked_module(model: nn.Module, layers: nn.ModuleList, example_inputs: Any) -> str:
+    """The name of the module ``example_inputs`` are run through (``model(**example_inputs)``): ``model``, or
+    for a module without ``forward`` (a LightningModule with only ``training_step``) the submodule holding the
+    blocks that implements one. Refused before any work when there is none."""
+    if example_inputs is None:
+        return ""
+    found = output_module(model, [layers])
+    if found is None:
+        raise ValueError(
+            f"`example_inputs` are run as model(**example_inputs), and {type(model).__name__} implements no forward "
+            "(nor does a submodule holding its blocks): implement forward, pass the model inside, or drop "
+            "example_inputs"
+        )
+    return found[0]
+
+
+def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[int]) -> None:
+    """``num_hidden_layers`` (and ``layer_types``) of the Hugging Face model holding the block list,
+    checked as ``from_pretrained`` would build it (the config class and the shapes)."""
+    for prefix, pretrained in hf.pretrained_models(result.model):
+        if not hf.within(prefix, name):
+            continue
+        config = pretrained.config  # its block count and per-block settings were checked by _check_removable
+        values: dict[str, Any] = {"num_hidden_layers": len(kept)}
+        types = getattr(config, "layer_types", None)
+        if isinstance(types, list) and len(types) == total:
+            values["layer_types"] = [types[i] for i in kept]
         problem = hf.check_config(pretrained, values)
         if problem is not None:
             raise ValueError(f"the model without blocks cannot be described by its config: {problem}")
@@ -330,9 +396,16 @@ def prune_blocks(
     with ``Shrunk.notes`` giving the scores and the blocks removed.
 
     ``greedy=True`` removes one block at a time and scores the rest again with it gone (``n`` times the
-    passes): blocks whose removals interact (two that each matter little, but not both) are seen."""
-    _, layers = find_block_list(model, blocks)
+    passes): blocks whose removals interact (two that each matter little, but not both) are seen.
+
+    A LightningModule that implements only ``training_step`` (a Hugging Face model in ``self.model``) is run as
+    :func:`~lightning_prune.prune` runs it (``loss_fn``, else its ``training_step``); ``"reconstruction"`` and
+    ``example_inputs`` use the model inside that holds the blocks."""
+    name, layers = find_block_list(model, blocks)
     count = _count(n, len(layers))
+    _check_removable(model, name, layers)  # before the scores' passes
+    _checked_module(model, layers, example_inputs)
+    data = list(data)  # read once: greedy scores it again after each removal (a generator would be spent)
     drop: list[int] = []
     steps = []
     for _ in range(count if greedy else 1):

@@ -47,7 +47,7 @@ import copy
 import itertools
 import math
 import numbers
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.engine.calibration import Calibration, LossFn, default_forward, eval_mode
+from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
 from lightning_prune.engine.sequential import _no_kv_cache
 from lightning_prune.models import hf_config as hf
 from lightning_prune.surgery.shrink import Shrunk, _run, check_outputs
@@ -210,12 +210,13 @@ def expert_scores(
         raise ValueError(f"`score` must be one of {SCORES}, got {score!r}")
     batches = _batches(data, num_batches)
     layers = find_moe_layers(model)
+    run = batch_runner(model, loss_fn, f"score={score!r}")  # refuses a module it cannot run, before any pass
     with eval_mode(model), _no_kv_cache(model):
         if score == "loss":
             return _loss_scores(model, layers, batches, loss_fn)
         if score == "reconstruction":
-            return _reconstruction_scores(model, layers, batches)
-        return _routing_scores(model, layers, batches, score)
+            return _reconstruction_scores(run, layers, batches)
+        return _routing_scores(run, layers, batches, score)
 
 
 def _batches(data: Sequence[Any], num_batches: int | None) -> list[Any]:
@@ -251,7 +252,7 @@ def _loss_scores(
 
 
 def _reconstruction_scores(
-    model: nn.Module, layers: Sequence[MoeLayer], batches: Sequence[Any]
+    run: Callable[[Any, int], Any], layers: Sequence[MoeLayer], batches: Sequence[Any]
 ) -> dict[str, list[float]]:
     """One model pass; each block, on the input it gets, is run again once per expert with that expert masked."""
     errs = {layer.name: torch.zeros(layer.num_experts, dtype=torch.float64) for layer in layers}
@@ -276,23 +277,26 @@ def _reconstruction_scores(
 
         return fn
 
-    _forward_hooked(model, batches, [(layer.block, hook(layer)) for layer in layers])
+    _forward_hooked(run, batches, [(layer.block, hook(layer)) for layer in layers])
     return {n: (errs[n] / max(norms[n], 1e-30)).tolist() for n in errs}
 
 
-def _forward_hooked(model: nn.Module, batches: Sequence[Any], hooks: Sequence[tuple[nn.Module, Any]]) -> None:
-    """Run ``batches`` through ``model`` with forward hooks (``(module, fn)``, called with kwargs) attached."""
+def _forward_hooked(
+    run: Callable[[Any, int], Any], batches: Sequence[Any], hooks: Sequence[tuple[nn.Module, Any]]
+) -> None:
+    """Run ``batches`` (``run(batch, index)``: :func:`~lightning_prune.engine.calibration.batch_runner`) with forward
+    hooks (``(module, fn)``, called with kwargs) attached."""
     handles = [module.register_forward_hook(fn, with_kwargs=True) for module, fn in hooks]
     try:
-        for batch in batches:
-            default_forward(model, batch)
+        for i, batch in enumerate(batches):
+            run(batch, i)
     finally:
         for h in handles:
             h.remove()
 
 
 def _routing_scores(
-    model: nn.Module, layers: Sequence[MoeLayer], batches: Sequence[Any], score: str
+    run: Callable[[Any, int], Any], layers: Sequence[MoeLayer], batches: Sequence[Any], score: str
 ) -> dict[str, list[float]]:
     """From the experts' inputs (hidden states, top-k indices, top-k weights): REAP or the routing frequency.
     An expert's own output is the experts module run on its tokens with only it chosen, at weight 1."""
@@ -337,7 +341,7 @@ def _routing_scores(
 
         return fn
 
-    _forward_hooked(model, batches, [(layer.experts, hook(layer)) for layer in layers])
+    _forward_hooked(run, batches, [(layer.experts, hook(layer)) for layer in layers])
     if score == "frequency":
         return {n: (counts[n] / max(tokens[n], 1)).tolist() for n in sums}
     return {n: (sums[n] / counts[n].clamp_min(1.0)).tolist() for n in sums}
@@ -412,10 +416,11 @@ def remove_experts(
             f"`drop` must remove the same number of experts (at least one) from every MoE block, got {counts}: a "
             "standard config holds one expert count, so plain from_pretrained could not load blocks that differ"
         )
+    checked = _checked_module(model, layers.values(), example_inputs)
     reference = None
     if example_inputs is not None:
         with eval_mode(model), _no_kv_cache(model), masked_experts(model, plan):
-            reference = _run(model, example_inputs)
+            reference = _run(model.get_submodule(checked), example_inputs)
     before = sum(p.numel() for p in model.parameters())
     total = next(iter(layers.values())).num_experts
     left = total - len(next(iter(plan.values())))
@@ -457,7 +462,7 @@ def remove_experts(
             result.hf_configs[prefix] = values[prefix]
     if reference is not None:
         result.max_abs_diff = check_outputs(
-            out,
+            out.get_submodule(checked),
             example_inputs,
             reference,
             atol,
@@ -469,6 +474,22 @@ def remove_experts(
             ),
         )
     return result
+
+
+def _checked_module(model: nn.Module, layers: Iterable[MoeLayer], example_inputs: Any) -> str:
+    """The name of the module ``example_inputs`` are run through (``model(**example_inputs)``): ``model``, or
+    for a module without ``forward`` (a LightningModule with only ``training_step``) the submodule holding every
+    MoE block that implements one. Refused before any work when there is none."""
+    if example_inputs is None:
+        return ""
+    found = output_module(model, [layer.block for layer in layers])
+    if found is None:
+        raise ValueError(
+            f"`example_inputs` are run as model(**example_inputs), and {type(model).__name__} implements no forward "
+            "(nor does a submodule holding its MoE blocks): implement forward, pass the model inside, or drop "
+            "example_inputs"
+        )
+    return found[0]
 
 
 def _config_values(
@@ -508,7 +529,9 @@ def prune_experts(
     """Remove ``n`` experts (an integer, or a fraction of them) from every MoE block, those that cost least by
     ``score`` on ``data`` in each block; returns the smaller model (a copy, ready for ``save_pretrained``),
     with ``Shrunk.notes`` giving the scores and the experts removed. See the module docstring for the
-    scores and what removal changes."""
+    scores and what removal changes. A LightningModule that implements only ``training_step`` is run as
+    :func:`~lightning_prune.prune` runs it (``loss_fn``, else its ``training_step``); ``example_inputs`` go
+    through the model inside that holds the MoE blocks."""
     layers = find_moe_layers(model)
     counts = {_count(n, layer) for layer in layers}
     if len(counts) != 1:
@@ -517,6 +540,9 @@ def prune_experts(
             f"({ {layer.name: layer.num_experts for layer in layers} }): `n` cannot remove the same count from each"
         )
     count = counts.pop()
+    total = layers[0].num_experts
+    _config_values(model, {layer.name: layer for layer in layers}, total - count, total)  # before the scores' passes
+    _checked_module(model, layers, example_inputs)
     scores = expert_scores(model, data, score=score, loss_fn=loss_fn, num_batches=num_batches)
     drop = {name: sorted(sorted(range(len(row)), key=lambda i: (row[i], i))[:count]) for name, row in scores.items()}
     result = remove_experts(model, drop, example_inputs=example_inputs)
