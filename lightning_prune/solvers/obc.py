@@ -34,6 +34,8 @@ still constrain the compensation, which therefore never revives them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -143,6 +145,73 @@ def _aligned(blocksize: int, d: int, groups: Groups | None) -> int:
     return max(m, blocksize // m * m)
 
 
+@dataclass
+class _Working:
+    """The rows of a greedy block still removing, and their columns.
+
+    The downdates ``M -= m m^T / M_qq`` (``m = M[:, q]``) are deferred, as GPTQ defers its column
+    updates: the last ``_LAZY`` vectors are kept aside in ``V``, a column of ``M`` is read through
+    them and its diagonal ``dg`` kept current, and they are applied to ``M`` with one batched GEMM.
+    At the same time rows that have removed their count are set aside and the removed coordinates
+    dropped (``M`` shrinks as the row empties), so removing most of a row costs about ``d^3 / 3``
+    instead of ``d^3``.
+    """
+
+    rows: Tensor  # original row of each working row
+    col: Tensor  # original column of each working column
+    W: Tensor
+    frc: Tensor
+    rem: Tensor
+    cnt: Tensor
+    M: Tensor
+    V: Tensor
+    dg: Tensor
+    quota: Tensor | None = None
+    gcount: Tensor | None = None
+
+    def keep_rows(self, keep: Tensor) -> None:
+        for name in ("rows", "col", "W", "frc", "rem", "cnt", "M", "V"):
+            setattr(self, name, getattr(self, name)[keep])
+        if self.quota is not None:
+            self.quota, self.gcount = self.quota[keep], self.gcount[keep]
+
+    def drop_removed(self, gone: int) -> None:
+        """Drop the ``gone`` removed coordinates of every working row: ``M`` shrinks with the row."""
+        Bw = self.W.shape[1]
+        idx = torch.argsort(self.rem.to(torch.int8), dim=1, stable=True)[:, : Bw - gone]
+        self.W, self.col, self.frc = self.W.gather(1, idx), self.col.gather(1, idx), self.frc.gather(1, idx)
+        self.M = self.M.gather(1, idx[:, :, None].expand(-1, -1, Bw)).gather(
+            2, idx[:, None, :].expand(-1, Bw - gone, -1)
+        )
+        self.rem = torch.zeros_like(self.frc)
+        self.V = self.V[:, : Bw - gone]
+
+
+def _greedy_choice(s: _Working, m: int | None) -> Tensor:
+    """Each working row's next entry: the lowest ``w^2 / M_qq``, forced ones first, closed groups never."""
+    score = s.W**2 / s.dg
+    score.masked_fill_(s.rem, torch.inf)
+    if m is not None:  # a group with its quota is closed
+        score.masked_fill_((s.gcount >= s.quota).gather(1, torch.div(s.col, m, rounding_mode="floor")), torch.inf)
+    score.masked_fill_(s.frc & ~s.rem, -torch.inf)  # forced first
+    return score.argmin(1)
+
+
+def _retire(s: _Working, step: int, last: bool, w_out: Tensor, removed_out: Tensor) -> bool:
+    """Rows that removed their count leave the working set, written to the outputs; ``True`` at the end."""
+    done = s.cnt <= step + 1
+    if bool(done.any()) or last:
+        d_rows = s.rows[done]
+        w_out[d_rows] = 0.0
+        w_out[d_rows[:, None], s.col[done]] = s.W[done]
+        removed_out[d_rows] = True
+        removed_out[d_rows[:, None], s.col[done]] = s.rem[done]
+        if last:
+            return True
+        s.keep_rows(~done)
+    return False
+
+
 def _greedy_block(
     w: Tensor,
     M: Tensor,
@@ -156,13 +225,8 @@ def _greedy_block(
     ``group[1][r, g]`` in group ``g`` of ``group[0]`` columns. Returns (w, removed, losses);
     ``record=(cost, step)`` receives, at each removed entry, its removal's loss and its step.
 
-    Every step removes the lowest ``w_q^2 / M_qq`` of each row and downdates ``M -= m m^T / M_qq``
-    (``m = M[:, q]``). The downdates are deferred, as GPTQ defers its column updates: the last
-    ``_LAZY`` vectors are kept aside, a column of ``M`` is read through them and its diagonal kept
-    current, and they are applied to ``M`` with one batched GEMM. At the same time rows that have
-    removed their count are set aside and the removed coordinates dropped (``M`` shrinks as the
-    row empties), so removing most of a row costs about ``d^3 / 3`` instead of ``d^3``. The choices
-    are those of the plain rank-1 loop, up to rounding.
+    Each step removes the lowest ``w_q^2 / M_qq`` of each row and downdates ``M -= m m^T / M_qq``,
+    lazily (see :class:`_Working`); the choices are those of the plain rank-1 loop, up to rounding.
     """
     R, B = w.shape
     dev, dt = w.device, w.dtype
@@ -173,73 +237,58 @@ def _greedy_block(
         w_out[removed_out] = 0.0
         return w_out, removed_out, losses
     tiny = torch.finfo(dt).tiny
-    rows = torch.arange(R, device=dev)  # original row of each working row
-    col = torch.arange(B, device=dev).expand(R, B).clone()  # original column of each working column
-    W, frc, cnt = w.clone(), forced.clone(), n.to(dev).clone()
-    rem = torch.zeros_like(frc)
-    dg = torch.diagonal(M, dim1=1, dim2=2).clone()
+    s = _Working(
+        rows=torch.arange(R, device=dev),
+        col=torch.arange(B, device=dev).expand(R, B).clone(),
+        W=w.clone(),
+        frc=forced.clone(),
+        rem=torch.zeros_like(forced),
+        cnt=n.to(dev).clone(),
+        M=M,
+        V=torch.zeros(R, B, _LAZY, dtype=dt, device=dev),
+        dg=torch.diagonal(M, dim1=1, dim2=2).clone(),
+    )
+    m = None
     if group is not None:
-        m, quota = group[0], group[1].to(dev)
-        gcount = torch.zeros_like(quota)
-    V = torch.zeros(R, B, _LAZY, dtype=dt, device=dev)
+        m, s.quota = group[0], group[1].to(dev)
+        s.gcount = torch.zeros_like(s.quota)
     k, start = 0, 0  # pending downdates; steps taken when the working set was last compacted
     for step in range(steps):
-        Rw, Bw = W.shape
-        ar = torch.arange(Rw, device=dev)
-        active = cnt > step
-        score = W**2 / dg
-        score.masked_fill_(rem, torch.inf)
-        if group is not None:  # a group with its quota is closed
-            score.masked_fill_((gcount >= quota).gather(1, torch.div(col, m, rounding_mode="floor")), torch.inf)
-        score.masked_fill_(frc & ~rem, -torch.inf)  # forced first
-        q = score.argmin(1)
-        mq = M[ar, :, q]
+        ar = torch.arange(s.W.shape[0], device=dev)
+        active = s.cnt > step
+        q = _greedy_choice(s, m)
+        mq = s.M[ar, :, q]
         if k:
-            mq = mq - torch.bmm(V[:, :, :k], V[ar, q, :k].unsqueeze(2)).squeeze(2)
-        mq = mq.masked_fill(rem, 0.0)  # removed coordinates are exactly 0
+            mq = mq - torch.bmm(s.V[:, :, :k], s.V[ar, q, :k].unsqueeze(2)).squeeze(2)
+        mq = mq.masked_fill(s.rem, 0.0)  # removed coordinates are exactly 0
         mqq = mq[ar, q].clamp_min(tiny)
         a = active.to(dt)
-        wq = W[ar, q]
-        losses[rows] += a * wq**2 / (2 * mqq)
+        wq = s.W[ar, q]
+        losses[s.rows] += a * wq**2 / (2 * mqq)
         if record is not None:
-            at = (rows[active], col[ar, q][active])
+            at = (s.rows[active], s.col[ar, q][active])
             record[0][at], record[1][at] = (wq**2 / (2 * mqq))[active], step
-        W -= (a * wq / mqq)[:, None] * mq
+        s.W -= (a * wq / mqq)[:, None] * mq
         v = mq * (a / mqq.sqrt())[:, None]  # M -= v v^T
-        V[:, :, k] = v
+        s.V[:, :, k] = v
         k += 1
-        dg -= v**2
+        s.dg -= v**2
         sel = ar[active]
-        W[sel, q[active]] = 0.0
-        rem[sel, q[active]] = True
-        if group is not None:
-            gcount[sel, torch.div(col[sel, q[active]], m, rounding_mode="floor")] += 1
+        s.W[sel, q[active]] = 0.0
+        s.rem[sel, q[active]] = True
+        if m is not None:
+            s.gcount[sel, torch.div(s.col[sel, q[active]], m, rounding_mode="floor")] += 1
         last = step == steps - 1
         if k == _LAZY or last:
-            M.baddbmm_(V[:, :, :k], V[:, :, :k].transpose(1, 2), alpha=-1.0)
+            s.M.baddbmm_(s.V[:, :, :k], s.V[:, :, :k].transpose(1, 2), alpha=-1.0)
             k = 0
-            done = cnt <= step + 1
-            if bool(done.any()) or last:  # finished rows leave the working set
-                d_rows = rows[done]
-                w_out[d_rows] = 0.0
-                w_out[d_rows[:, None], col[done]] = W[done]
-                removed_out[d_rows] = True
-                removed_out[d_rows[:, None], col[done]] = rem[done]
-                if last:
-                    break
-                keep = ~done
-                rows, col, W, frc, rem, cnt, M, V = (x[keep] for x in (rows, col, W, frc, rem, cnt, M, V))
-                if group is not None:
-                    quota, gcount = quota[keep], gcount[keep]
+            if _retire(s, step, last, w_out, removed_out):
+                break
             gone = step + 1 - start  # removed per working row since the last compaction
-            if gone * _SHRINK >= Bw:  # drop the removed coordinates: M shrinks with the row
-                idx = torch.argsort(rem.to(torch.int8), dim=1, stable=True)[:, : Bw - gone]
-                W, col, frc = W.gather(1, idx), col.gather(1, idx), frc.gather(1, idx)
-                M = M.gather(1, idx[:, :, None].expand(-1, -1, Bw)).gather(2, idx[:, None, :].expand(-1, Bw - gone, -1))
-                rem = torch.zeros_like(frc)
-                V = V[:, : Bw - gone]
+            if gone * _SHRINK >= s.W.shape[1]:
+                s.drop_removed(gone)
                 start = step + 1
-            dg = torch.diagonal(M, dim1=1, dim2=2).clone()
+            s.dg = torch.diagonal(s.M, dim1=1, dim2=2).clone()
     return w_out, removed_out, losses
 
 
