@@ -25,3 +25,10 @@ for f in files:
             classes.append((node.end_lineno - node.lineno + 1, f"{f}:{node.name}"))
 classes.sort(reverse=True)
 print("largest classes", classes[:4])
+functions = []
+for f in files:
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            functions.append((node.end_lineno - node.lineno + 1, f"{f}:{node.name}"))
+functions.sort(reverse=True)
+print("largest functions", functions[:6])
