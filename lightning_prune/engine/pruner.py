@@ -51,47 +51,42 @@ class Pruner:
     Args:
         criterion: how a round scores (and, for OBS, moves) weights.
         target: final fraction of the selected weights that are exactly zero, in ``[0, 1)``.
-        scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer
-            the same sparsity; ``"row"`` each output row (Wanda's and SparseGPT's allocation).
-            ``None`` (default): ``"global"``, except ``pattern="channels"`` on a model holding a
-            Hugging Face ``PreTrainedModel``, where it is ``"layer"``: every block then loses the same
-            number of heads and neurons (the criterion picks which), the only shrunk model a standard
-            config describes (:meth:`lightning_prune.surgery.shrink.Shrunk.save_pretrained`). Decided when the
-            pruner meets its model (:attr:`scope` is the resolved value from then on).
-        pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of
-            each row are zero (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M
-            sparse, so ``target`` must be N/M, and gradual rounds never break the pattern (see
-            :mod:`lightning_prune.patterns`). Every criterion supports it; layer-wise OBS chooses
-            each group's zeros inside its column sweep, from the compensated weights.
-            ``"channels"``: whole neurons, Conv channels and attention heads with the layers they
-            couple (:mod:`lightning_prune.models.graph`); ``target`` is then the fraction of structures
-            removed and ``min_density`` keeps at least one of every family;
-            ``lightning_prune.surgery.shrink`` turns the result into a smaller dense model.
+        scope: ``"global"`` ranks all selected weights together; ``"layer"`` gives each layer the same sparsity;
+            ``"row"`` each output row (Wanda's and SparseGPT's allocation). ``None`` (default): ``"global"``, except
+            ``pattern="channels"`` on a model holding a Hugging Face ``PreTrainedModel``, where it is ``"layer"``:
+            every block then loses the same number of heads and neurons (the criterion picks which), the only shrunk
+            model a standard config describes (:meth:`lightning_prune.surgery.shrink.Shrunk.save_pretrained`). Decided
+            when the pruner meets its model (:attr:`scope` is the resolved value from then on).
+        pattern: ``"unstructured"`` (default) or ``"N:M"``: N of every M consecutive input weights of each row are zero
+            (``"2:4"`` is what GPUs accelerate); every layer ends exactly N/M sparse, so ``target`` must be N/M, and
+            gradual rounds never break the pattern (see :mod:`lightning_prune.patterns`). Every criterion supports it;
+            layer-wise OBS chooses each group's zeros inside its column sweep, from the compensated weights.
+            ``"channels"``: whole neurons, Conv channels and attention heads with the layers they couple
+            (:mod:`lightning_prune.models.graph`); ``target`` is then the fraction of structures removed and
+            ``min_density`` keeps at least one of every family; ``lightning_prune.surgery.shrink`` turns the result
+            into a smaller dense model.
         include: glob patterns of parameter names to consider (default: all Linear/Conv weights).
         exclude: glob patterns of parameter names to leave dense.
         parameters: explicit parameters to prune (replaces the Linear/Conv default).
         min_density: floor per layer; each keeps ``max(1, ceil(min_density * numel))`` weights.
-        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses
-            (magnitude uses none, and keeps only ``min(num_batches, eval_batches)`` for the loss).
-        eval_batches: how many of the round's last batches measure the actual loss increase
-            (at most ``num_batches``; 0 disables the measurement).
-        blocks: ``None`` (default: a round's statistics for every layer at once, from the training
-            steps before it or one pass over its batches), ``"auto"`` or a glob over module names
-            (``"model.layers.*"``): sequential calibration (:mod:`lightning_prune.engine.rounds`),
-            SparseGPT's loop: one block at a time calibrated on the *pruned* outputs of the blocks
-            before it, then pruned. ``"auto"`` takes the ``nn.ModuleList`` of identical blocks holding
-            the most targets (none, as in an MLP or a CNN: one pass over the whole model, which the
+        num_batches: batches before each round (or given to ``prune()``) whose curvature it uses (magnitude uses none,
+            and keeps only ``min(num_batches, eval_batches)`` for the loss).
+        eval_batches: how many of the round's last batches measure the actual loss increase (at most ``num_batches``; 0
+            disables the measurement).
+        blocks: ``None`` (default: a round's statistics for every layer at once, from the training steps before it or
+            one pass over its batches), ``"auto"`` or a glob over module names (``"model.layers.*"``): sequential
+            calibration (:mod:`lightning_prune.engine.rounds`), SparseGPT's loop: one block at a time calibrated on the
+            *pruned* outputs of the blocks before it, then pruned. ``"auto"`` takes the ``nn.ModuleList`` of identical
+            blocks holding the most targets (none, as in an MLP or a CNN: one pass over the whole model, which the
             round's ``info["plan"]`` says). Needs a label-free criterion (reconstruction OBS, OBD
             ``curvature="activations"``) and ``scope="layer"`` or ``"row"``.
-        loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a
-            LightningModule, or the output's ``.loss`` in ``prune()`` (see
-            :mod:`lightning_prune.engine.calibration`).
+        loss_fn: ``loss_fn(model, batch) -> mean loss``; default: ``training_step`` of a LightningModule, or the
+            output's ``.loss`` in ``prune()`` (see :mod:`lightning_prune.engine.calibration`).
         verbose: 0 silent, 1 a line per round and a per-layer table at the end, 2 a table per round.
-        **schedule: when rounds fire and how sparse each leaves the model: ``schedule``
-            (``"cubic"``, ``"linear"``, ``"one_shot"`` or a callable ``point -> sparsity``), epoch
-            triggers ``start_epoch``, ``end_epoch``, ``every_n_epochs`` or step triggers
-            ``start_step``, ``end_step``, ``every_n_steps`` (optimizer steps). They are
-            :class:`~lightning_prune.engine.schedule.Schedule`'s arguments, defined there only.
+        **schedule: when rounds fire and how sparse each leaves the model: ``schedule`` (``"cubic"``, ``"linear"``,
+            ``"one_shot"`` or a callable ``point -> sparsity``), epoch triggers ``start_epoch``, ``end_epoch``,
+            ``every_n_epochs`` or step triggers ``start_step``, ``end_step``, ``every_n_steps`` (optimizer steps). They
+            are :class:`~lightning_prune.engine.schedule.Schedule`'s arguments, defined there only.
     """
 
     def __init__(
@@ -177,17 +172,14 @@ class Pruner:
 
     @property
     def masks(self) -> Mapping[str, Tensor]:
-        """Parameter name -> bool mask (True = kept), as copies on CPU. Empty before binding.
-
-        Under FSDP2 each rank holds the masks of its shard (the rows of ``param.to_local()``);
-        :meth:`full_masks` gathers whole ones."""
+        """Parameter name -> bool mask (True = kept), as copies on CPU. Empty before binding. Under FSDP2 each
+        rank holds the masks of its shard (the rows of ``param.to_local()``); :meth:`full_masks` gathers them."""
         if self._state is None:
             return MappingProxyType({})
         return MappingProxyType({n: m.detach().to("cpu", copy=True) for n, m in self._state.current().items()})
 
     def full_masks(self) -> dict[str, Tensor]:
-        """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective: call it
-        on every rank)."""
+        """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective: every rank calls it)."""
         return self._state.full() if self._state is not None else {}
 
     @property
@@ -197,8 +189,8 @@ class Pruner:
 
     @property
     def history(self) -> tuple[Mapping[str, Any], ...]:
-        """One record per round, read-only (:class:`~lightning_prune.engine.record.RoundRecord`; the rounds
-        a checkpoint restored read the same, as mappings)."""
+        """One record per round, read-only (:class:`~lightning_prune.engine.record.RoundRecord`; those a
+        checkpoint restored are mappings with the same keys)."""
         return tuple(r if isinstance(r, RoundRecord) else MappingProxyType(r) for r in self._history)  # type: ignore[arg-type]
 
     @property
@@ -257,13 +249,13 @@ class Pruner:
     def bind(self, model: nn.Module) -> None:
         """Resolve the targets on ``model``; restore masks (checkpoint, earlier round) and freeze them.
 
-        Masks are bound to parameters, not names. Masks computed on these very parameters (``prune()``
-        then ``fit``, a second ``fit``) follow them into any wrapper: a LightningModule around the
-        model, ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer`` (frozen there, and still
-        masked). Checkpointed masks find their parameters by name, or by a unique name suffix
-        (:mod:`lightning_prune.engine.binding`). Raises before any work if the model has weights on the
-        meta device, nothing matches, a checkpoint names other parameters than this pruner selects, the
-        criterion cannot handle a target, or the target sparsity is unreachable under the per-layer floor.
+        Masks are bound to parameters, not names. Masks computed on these very parameters (``prune()`` then
+        ``fit``, a second ``fit``) follow them into any wrapper: a LightningModule around the model,
+        ``torch.compile``'s ``_orig_mod``, PEFT's ``base_layer`` (frozen there, and still masked). Checkpointed
+        masks find their parameters by name, or by a unique name suffix (:mod:`lightning_prune.engine.binding`).
+        Raises before any work if the model has weights on the meta device, nothing matches, a checkpoint names
+        other parameters than this pruner selects, the criterion cannot handle a target, or the target sparsity
+        is unreachable under the per-layer floor.
         """
         scope = resolve_scope(self._scope_arg, self.pattern, model)
         self._check_scope(scope)
@@ -301,11 +293,9 @@ class Pruner:
         return self._bound_state().removes_something(sparsity, self.pattern, self.scope)
 
     def due(self, now: int) -> int | None:
-        """The schedule point whose round should run now (``now``: epoch or global step), or ``None``.
-
-        Rounds that would remove nothing (the masks already reach their sparsity, e.g. after a
-        one-shot ``prune()``) are marked done and skipped.
-        """
+        """The schedule point whose round should run now (``now``: epoch or global step), or ``None``. Rounds
+        that would remove nothing (the masks already reach their sparsity, e.g. after a one-shot ``prune()``)
+        are marked done and skipped."""
         point = self._schedule.due(now, self._last_point)
         if point is not None and not self.removes_something(self._schedule.sparsity_at(point)):
             self._last_point, point = point, None
@@ -340,8 +330,6 @@ class Pruner:
         self._history.append(record)
         if point is not None:
             self._last_point = point
-
-    _record = record_round  # the name run_round used before (kept working meanwhile)
 
     # ================================================================ checkpointing (engine/checkpoint.py)
     def state_dict(self) -> dict[str, Any]:
