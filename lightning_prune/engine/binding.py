@@ -81,8 +81,8 @@ def resolve_scope(scope: str | None, pattern: Pattern, model: nn.Module) -> str:
 def bind_model(model: nn.Module, plan: Plan, prior: Prior, scope: str) -> Binding:
     """Bind ``plan`` at ``scope`` to ``model``: the targets (a checkpoint's, the same parameters as before, or
     the selection), their masks, the pattern for this model, and every check a round would otherwise fail
-    late (the criterion on the targets, the round strategy on the model, sharding)."""
-    check_materialised(model, plan.label)
+    late (the criterion on the targets, the round strategy on the model, sharding). ``model`` is materialised
+    (:func:`check_materialised`, the first check of a bind)."""
     skipped: list[tuple[str, str]] = []
     previous = previous_targets(model, prior.bound)
     keeps_masks = bool(prior.loaded) or (previous is not None and prior.loaded is None)

@@ -29,11 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.criteria.base import Criterion, RoundResult
-from lightning_prune.engine.binding import Prior, bind_model, resolve_scope
+from lightning_prune.engine.binding import Prior, bind_model, check_materialised, resolve_scope
 from lightning_prune.engine.calibration import LossFn
 from lightning_prune.engine.checkpoint import STATE_VERSION, decode_state, encode_state, is_pruning_state
 from lightning_prune.engine.maskstate import MaskState
-from lightning_prune.engine.record import RoundRecord
 from lightning_prune.engine.rounds import OnePass, strategy_for
 from lightning_prune.engine.schedule import Schedule, check_fraction, check_options, forwarded, schedule_parameters
 from lightning_prune.engine.selection import SCOPES
@@ -191,7 +190,7 @@ class Pruner:
     def history(self) -> tuple[Mapping[str, Any], ...]:
         """One record per round, read-only (:class:`~lightning_prune.engine.record.RoundRecord`; those a
         checkpoint restored are mappings with the same keys)."""
-        return tuple(r if isinstance(r, RoundRecord) else MappingProxyType(r) for r in self._history)  # type: ignore[arg-type]
+        return tuple(MappingProxyType(r) if isinstance(r, dict) else r for r in self._history)
 
     @property
     def last_point(self) -> int | None:
@@ -257,6 +256,7 @@ class Pruner:
         other parameters than this pruner selects, the criterion cannot handle a target, or the target sparsity
         is unreachable under the per-layer floor.
         """
+        check_materialised(model, self.label)
         scope = resolve_scope(self._scope_arg, self.pattern, model)
         self._check_scope(scope)
         prior = Prior(self._loaded, self._bound, self._masks, len(self._history), self._skipped)

@@ -13,7 +13,7 @@
   the pruned ones. ``blocks="auto"`` on a model without repeated blocks (no ``nn.ModuleList`` of
   identical modules holding targets: an MLP, a CNN) runs :class:`WholeModel`: the whole model is the
   one block, calibrated once on the model's inputs and pruned, which is the one-pass round; the round's
-  ``info["plan"]`` says so, and binding warns once. (llm-compressor falls back the same way.)
+  ``info["plan"]`` says so, and binding warns once.
 
 A strategy is chosen when the pruner is built (:func:`strategy_for`); ``run_round`` asks it for the one
 that runs on the model (:meth:`OnePass.for_model`), then for the statistics (step 1) and to run the
@@ -128,15 +128,16 @@ class BlockByBlock(OnePass):
     def check_model(self, model: nn.Module, targets: Sequence[PruneTarget], sharded: bool) -> None:
         from lightning_prune.engine.sequential import find_blocks
 
-        if (runs := self.for_model(model, targets)) is not self:
-            warn(runs.plan)  # type: ignore[arg-type]  (WholeModel always says why)
-            return
-        find_blocks(model, self.blocks, targets)
-        if sharded:
+        runs = self.for_model(model, targets)
+        if runs is self:
+            find_blocks(model, self.blocks, targets)
+        if sharded:  # also where the model has no blocks: blocks=None is the round tested sharded
             raise ValueError(
                 f"blocks={self.blocks!r} (sequential calibration) runs the blocks outside the model's forward, which "
                 "FSDP2 has not been tested with: prune a sharded model with blocks=None (the default)"
             )
+        if runs is not self:
+            warn(runs.plan)  # type: ignore[arg-type]  (WholeModel always says why)
 
     def captures_in_window(self, criterion: Criterion) -> bool:
         return False  # gathered block by block at round time

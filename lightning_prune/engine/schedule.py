@@ -288,14 +288,10 @@ class Schedule:
         its sparsity)."""
         if self._points is None:
             return None
-        return next(
-            (
-                p
-                for p in self._points
-                if (last is None or p > last) and (removes is None or removes(self.sparsity_at(p)))
-            ),
-            None,
-        )
+        for p in self._points:
+            if (last is None or p > last) and (removes is None or removes(self.sparsity_at(p))):
+                return p
+        return None
 
     def __repr__(self) -> str:
         return (
