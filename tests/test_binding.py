@@ -179,10 +179,10 @@ def test_fit_with_a_pruner_at_its_target_needs_no_trigger_and_keeps_training():
 
 def test_parameters_left_out_for_one_reason_are_summarised_once():
     """A PEFT model leaves dozens of adapters out: one entry with a count and the first names, not a line each."""
-    from lightning_prune.engine.pruner import _skipped_text
+    from lightning_prune.engine.binding import skipped_text
 
     skipped = [(f"layers.{i}.lora_A.weight", "adapter") for i in range(40)] + [("lm_head.weight", "output head")]
-    text = _skipped_text(skipped)
+    text = skipped_text(skipped)
     assert text == (
         "40 parameters (layers.0.lora_A.weight, layers.1.lora_A.weight, layers.2.lora_A.weight, +37 more): adapter; "
         "lm_head.weight: output head"

@@ -84,6 +84,50 @@ def test_prune_every_criterion_on_a_plain_sequential(name):
     assert torch.isfinite(torch.tensor([record["loss_before"], record["loss_after"]])).all()  # measured
 
 
+def test_the_record_is_typed_and_reads_as_the_dict_it_was():
+    """A RoundRecord: fields by attribute, and the mapping the history always was (keys in the same order,
+    the structure counts only under a structured pattern), read-only, JSON through dict(), the same dict in a
+    checkpoint."""
+    import dataclasses
+    import json
+
+    from lightning_prune.engine.record import RoundRecord
+
+    pruner = MagnitudePruning(0.5, verbose=0)
+    record = prune(sequential(), loader(), pruner, loss_fn=ce)
+    assert isinstance(record, RoundRecord) and record is pruner.history[-1]
+    assert record.sparsity == record["sparsity"] == record.get("sparsity") and record.get("nope", 7) == 7
+    assert list(record) == [
+        "round", "trigger", "epoch", "global_step", "target", "target_sparsity", "pattern", "sparsity", "pruned",
+        "total", "predicted_loss_increase", "actual_loss_increase", "loss_measured", "loss_before", "loss_after",
+        "layer_sparsity", "monitor", "info", "seconds",
+    ]  # fmt: skip
+    assert "sparsity" in record and "structures_total" not in record and record.structures_total is None
+    with pytest.raises(KeyError):
+        record["structures_total"]
+    assert record == dict(record) and json.loads(json.dumps(dict(record)))["pruned"] == record.pruned
+    assert pruner.state_dict()["history"] == [dict(record)]
+    with pytest.raises(TypeError):
+        record["sparsity"] = 0.0  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.sparsity = 0.0  # type: ignore[misc]
+    channels = prune(sequential(), loader(), MagnitudePruning(0.5, pattern="channels", verbose=0), loss_fn=ce)
+    assert list(channels).index("structures_pruned") == list(channels).index("total") + 1
+    assert channels["structures_pruned"] == channels.structures_pruned > 0
+
+
+def test_run_round_takes_when_or_its_fields_one_by_one():
+    from lightning_prune.engine.record import RoundWhen
+
+    fields = {"trigger": "step", "point": 4, "epoch": 0, "global_step": 4, "monitor": {"val_loss": 1.5}}
+    assert RoundWhen.of(None, fields) == RoundWhen(**fields)
+    assert RoundWhen.of(None, {}) == RoundWhen() and RoundWhen().trigger == "prune"
+    with pytest.raises(TypeError, match="got when= and its fields"):
+        RoundWhen.of(RoundWhen(), {"point": 3})
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['pointt'\]"):
+        RoundWhen.of(None, {"pointt": 3})
+
+
 def test_record_has_the_fields_of_a_callback_round():
     pl.seed_everything(0, verbose=False)
     callback = MagnitudePruning(0.5, schedule="one_shot", verbose=0)

@@ -354,7 +354,12 @@ def test_prune_runs_obs_defaults_block_by_block_on_a_model_of_blocks_and_says_so
     round; a model without repeated blocks keeps it too."""
     data = batches()
     model, explicit = tiny_llama(), tiny_llama()
-    record = prune(model, data, OBSPruning(0.5, eval_batches=0, verbose=1))
+    pruner = OBSPruning(0.5, eval_batches=0, verbose=1)
+    asked = pruner.criterion
+    before = dict(vars(asked))
+    record = prune(model, data, pruner)
+    assert vars(asked) == before  # the criterion the user built is not changed: the plan runs a new one
+    assert pruner.criterion is not asked and pruner.criterion.allocation == "reconstruction" and pruner.scope == "layer"
     assert "block by block over the 3 blocks" in record["info"]["plan"]
     assert "prune() chose this for the defaults" in capsys.readouterr().out
     assert record["info"]["sequential_blocks"] == 3
@@ -372,6 +377,25 @@ def test_prune_runs_obs_defaults_block_by_block_on_a_model_of_blocks_and_says_so
     xs = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(2)]
     record = prune(mlp, xs, OBSPruning(0.5, verbose=0), loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     assert "plan" not in record["info"]
+
+
+def test_a_criterion_shared_by_two_pruners_is_planned_for_each_and_stays_as_built():
+    """prune()'s plan replaces the pruner's criterion by a label-free copy: the criterion object itself keeps its
+    defaults, so a second pruner built on it is planned the same way (it used to be switched in place, and the
+    second pruner then refused allocation='reconstruction' with scope='global')."""
+    from lightning_prune import Pruner
+    from lightning_prune.criteria import OBS
+
+    criterion, data = OBS(), batches()
+    before = dict(vars(criterion))
+    models, records = [tiny_llama(), tiny_llama()], []
+    for model in models:
+        pruner = Pruner(criterion, 0.5, eval_batches=0, verbose=0)
+        records.append(prune(model, data, pruner))
+        assert vars(criterion) == before and pruner.criterion is not criterion
+    assert records[0]["info"]["plan"] == records[1]["info"]["plan"]
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
 
 
 def test_prune_with_a_device_moves_one_block_at_a_time_and_equals_pruning_in_place(monkeypatch):

@@ -10,10 +10,14 @@
   run this way (layer-wise reconstruction OBS, OBD with ``curvature="activations"``, i.e. Wanda):
   statistics from block inputs have no loss to differentiate. A criterion that fits its layers to the
   round's original outputs (``reconstruct="original"``) gets them: the original outputs travel beside
-  the pruned ones.
+  the pruned ones. ``blocks="auto"`` on a model without repeated blocks (no ``nn.ModuleList`` of
+  identical modules holding targets: an MLP, a CNN) runs :class:`WholeModel`: the whole model is the
+  one block, calibrated once on the model's inputs and pruned, which is the one-pass round; the round's
+  ``info["plan"]`` says so, and binding warns once.
 
-A strategy is chosen when the pruner is built (:func:`strategy_for`); ``run_round`` asks it for the
-statistics (step 1) and to run the criterion (step 3).
+A strategy is chosen when the pruner is built (:func:`strategy_for`); ``run_round`` asks it for the one
+that runs on the model (:meth:`OnePass.for_model`), then for the statistics (step 1) and to run the
+criterion (step 3).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from lightning_prune.engine.calibration import Calibration
 from lightning_prune.engine.masks import apply_masks_
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns import Pattern
-from lightning_prune.runtime.distributed import LOCAL, Collectives
+from lightning_prune.runtime.distributed import LOCAL, Collectives, warn
 from lightning_prune.stats import CaptureWindow, Estimator
 
 
@@ -38,6 +42,12 @@ class OnePass:
     """Every target's statistics at once (the window, or one calibration pass), then one criterion call."""
 
     blocks: str | None = None
+    plan: str | None = None  # what runs instead of what was asked for, and why (the round's info["plan"])
+
+    def for_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> OnePass:
+        """The strategy that runs a round on ``model``: this one, except where the model decides (see
+        :class:`WholeModel`)."""
+        return self
 
     def check(self, criterion: Criterion, pattern: Pattern, scope: str) -> None:
         """Refuse a criterion, pattern or scope this strategy cannot run (when the pruner is built)."""
@@ -108,15 +118,26 @@ class BlockByBlock(OnePass):
                 f"scope='layer' or 'row', got scope={scope!r}"
             )
 
+    def for_model(self, model: nn.Module, targets: Sequence[PruneTarget]) -> OnePass:
+        from lightning_prune.engine.sequential import repeated_blocks
+
+        if self.blocks == "auto" and not repeated_blocks(model, targets):
+            return WholeModel(model)
+        return self
+
     def check_model(self, model: nn.Module, targets: Sequence[PruneTarget], sharded: bool) -> None:
         from lightning_prune.engine.sequential import find_blocks
 
-        find_blocks(model, self.blocks, targets)
-        if sharded:
+        runs = self.for_model(model, targets)
+        if runs is self:
+            find_blocks(model, self.blocks, targets)
+        if sharded:  # also where the model has no blocks: blocks=None is the round tested sharded
             raise ValueError(
                 f"blocks={self.blocks!r} (sequential calibration) runs the blocks outside the model's forward, which "
                 "FSDP2 has not been tested with: prune a sharded model with blocks=None (the default)"
             )
+        if runs is not self:
+            warn(runs.plan)  # type: ignore[arg-type]  (WholeModel always says why)
 
     def captures_in_window(self, criterion: Criterion) -> bool:
         return False  # gathered block by block at round time
@@ -202,6 +223,19 @@ class BlockByBlock(OnePass):
             skipped_block_batches=done["skipped"],
         )
         return RoundResult(masks, predicted, updated=updated, info=info)
+
+
+class WholeModel(OnePass):
+    """``blocks="auto"`` on a model without repeated blocks: every target is in the one block, the whole
+    model, calibrated once on the model's inputs and pruned: exactly the one-pass round, on the criterion and
+    scope that ``blocks=`` checked (label-free, ``"layer"``/``"row"``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.plan = (
+            f"blocks='auto' found no nn.ModuleList of identical blocks holding targets in {type(model).__name__}: "
+            "one pass over the whole model (every target calibrated at once on the model's inputs, then pruned). "
+            "Name the blocks with a glob (blocks='...') to run block by block"
+        )
 
 
 PARTIAL = "lightning_prune_partial_round"  # an error's attribute: the part of a round done before it, to commit

@@ -283,11 +283,15 @@ class Schedule:
         due = [p for p in self._points if p <= now and (last is None or p > last)]
         return due[-1] if due else None
 
-    def next_point(self, last: int | None) -> int | None:
-        """The first round point after ``last``."""
+    def next_point(self, last: int | None, removes: Callable[[float], bool] | None = None) -> int | None:
+        """The first round point after ``last`` (``removes``: whose round would remove something, given
+        its sparsity)."""
         if self._points is None:
             return None
-        return next((p for p in self._points if last is None or p > last), None)
+        for p in self._points:
+            if (last is None or p > last) and (removes is None or removes(self.sparsity_at(p))):
+                return p
+        return None
 
     def __repr__(self) -> str:
         return (

@@ -8,7 +8,9 @@ held at any time is one block's inputs over the batches plus that block's statis
 layer's statistics at once.
 
 Blocks are found by :func:`find_blocks`: ``"auto"`` takes the ``nn.ModuleList`` of identical modules
-that holds the most target weights (a decoder's ``layers``/``h``/``layer``), or a glob names them
+that holds the most target weights (a decoder's ``layers``/``h``/``layer``; :func:`repeated_blocks`;
+a model without one, an MLP or a CNN, is pruned in one pass over the whole model instead, see
+:class:`~lightning_prune.engine.rounds.BlockByBlock`), or a glob names them
 (``"model.layers.*"``; the outermost matches, in ``named_modules`` order). Blocks must run one after
 the other, each on the previous one's output (its first positional argument) with the same keyword
 arguments: true of Hugging Face decoders and encoders, whose layers all receive the same attention
@@ -50,28 +52,13 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
     """
     if not isinstance(blocks, str) or not blocks:
         raise ValueError(f"`blocks` must be 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}")
-    owner = {id(t.module): t for t in targets}
-
-    def inside(module: nn.Module) -> list[PruneTarget]:
-        return [owner[id(m)] for m in module.modules() if id(m) in owner]
-
     if blocks == "auto":
-        best: list[tuple[str, nn.Module]] = []
-        best_count = 0
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.ModuleList) or len(module) < 2:
-                continue
-            if len({type(m) for m in module}) != 1:
-                continue
-            count = sum(len(inside(m)) for m in module)
-            if count > best_count:
-                best, best_count = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(module)], count
-        if not best:
+        found = repeated_blocks(model, targets)
+        if not found:
             raise ValueError(
                 "`blocks='auto'` found no nn.ModuleList of identical modules holding target weights in "
                 f"{type(model).__name__}: name the blocks with a glob, e.g. blocks='model.layers.*'"
             )
-        found = best
     else:
         found = []
         for name, module in model.named_modules():
@@ -80,7 +67,8 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
         if not found:
             tops = [n for n, _ in model.named_children()]
             raise ValueError(f"`blocks={blocks!r}` matches no module of {type(model).__name__} (top level: {tops})")
-    result = [Block(name, module, inside(module)) for name, module in found]
+    owner = _owners(targets)
+    result = [Block(name, module, _inside(module, owner)) for name, module in found]
     covered = {t.name for b in result for t in b.targets}
     outside = [t.name for t in targets if t.name not in covered]
     if outside:
@@ -90,6 +78,32 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
             "runs the blocks: exclude them (exclude=[...]) or name blocks that contain them"
         )
     return result
+
+
+def repeated_blocks(model: nn.Module, targets: Sequence[PruneTarget]) -> list[tuple[str, nn.Module]]:
+    """What ``blocks="auto"`` takes: the ``nn.ModuleList`` of identical modules (at least two) that holds the
+    most targets, as ``(name, block)`` pairs; ``[]`` where no such list holds a target (an MLP, a CNN)."""
+    owner = _owners(targets)
+    best: list[tuple[str, nn.Module]] = []
+    best_count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        count = sum(len(_inside(m, owner)) for m in module)
+        if count > best_count:
+            best, best_count = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(module)], count
+    return best
+
+
+def _owners(targets: Sequence[PruneTarget]) -> dict[int, PruneTarget]:
+    return {id(t.module): t for t in targets}
+
+
+def _inside(module: nn.Module, owner: dict[int, PruneTarget]) -> list[PruneTarget]:
+    """The targets (``owner``: by their layer's id) whose layer is ``module`` or inside it, in ``modules()`` order."""
+    return [owner[id(m)] for m in module.modules() if id(m) in owner]
 
 
 class _Caught(BaseException):  # not an error: passes through BatchError wrapping

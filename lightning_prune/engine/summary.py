@@ -48,6 +48,20 @@ def layer_table(rows: Sequence[tuple[str, tuple[int, ...], int, int]]) -> str:
     return "\n".join(lines)
 
 
+def pruner_table(
+    targets: Sequence[Any], kept: Mapping[str, int], pattern: Any, skipped: Sequence[tuple[str, str]]
+) -> str:
+    """:func:`layer_table` of a pruner's ``targets`` with ``kept`` entries, then what its ``pattern`` left
+    alone and the parameters its selection ``skipped`` by default, with the reason."""
+    rows = [(t.name, tuple(t.param.shape), kept[t.name], t.param.numel()) for t in targets]
+    table = layer_table(rows)
+    if notes := pattern.notes:
+        table += f"\npattern='{pattern}' left alone: " + "; ".join(notes)
+    if skipped:
+        table += "\nnot pruned: " + "; ".join(f"{n} ({why})" for n, why in skipped)
+    return table
+
+
 def when(record: Mapping[str, Any]) -> str:
     """``epoch 3``, ``step 500`` or ``one-shot``: where a round ran."""
     trigger = record.get("trigger", "epoch")

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -340,3 +341,21 @@ def output_heads(model: nn.Module) -> set[int]:
 
 def _skip(skipped: list[tuple[str, str]], name: str, reason: str) -> None:
     skipped.append((name, reason))
+
+
+def selection_key(
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    parameters: Sequence[nn.Parameter] | None,
+    names: Sequence[str] | None,
+) -> dict[str, Any]:
+    """What a pruner selects, for its checkpoint key: the patterns given, and explicit ``parameters`` by their
+    ``names`` once a model has named them (else by shape)."""
+    out: dict[str, Any] = {}
+    if include is not None:
+        out["include"] = list(include)
+    if exclude is not None:
+        out["exclude"] = list(exclude)
+    if parameters is not None:
+        out["parameters"] = list(names) if names else [tuple(p.shape) for p in parameters]
+    return out
