@@ -45,7 +45,7 @@ from typing_extensions import override
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.distill.blocks import find_feature_blocks, pair_block
 from lightning_prune.distill.capture import Capture
-from lightning_prune.distill.losses import kd_loss, squarehead_loss
+from lightning_prune.distill.losses import kd_loss, output_logits, squarehead_loss
 from lightning_prune.distill.teacher import (
     TeacherSource,
     check_separate,
@@ -53,9 +53,20 @@ from lightning_prune.distill.teacher import (
     describe,
     follow_student,
     resolve_teacher_dtype,
+    shard_like,
 )
 
-__all__ = ["Distillation", "find_feature_blocks", "kd_loss", "pair_block", "squarehead_loss"]
+# with the callback, the functions this module held before the split (now in lightning_prune.distill) stay
+# importable from it
+__all__ = [
+    "Distillation",
+    "find_feature_blocks",
+    "kd_loss",
+    "output_logits",
+    "pair_block",
+    "shard_like",
+    "squarehead_loss",
+]
 
 
 def _check_arguments(
