@@ -70,6 +70,92 @@ def test_feature_blocks_are_the_decoder_layers_or_a_glob():
         find_feature_blocks(model, "nope.*")
 
 
+CORE = """
+import sys
+
+sys.modules.update(dict.fromkeys(ABSENT))  # Lightning and the app's packages cannot be imported
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_prune.distill.blocks import find_feature_blocks, pair_block
+from lightning_prune.distill.capture import Capture
+from lightning_prune.distill.losses import kd_loss, squarehead_loss
+from lightning_prune.distill.teacher import TeacherSource
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(6, 6), nn.Linear(6, 6)])
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+torch.manual_seed(0)
+student, x = Net(), torch.randn(4, 6)
+source = TeacherSource(None, torch.float64)  # the default teacher: a copy of the (dense) student
+teacher = source.build(student, student, "", torch.device("cpu"))
+source.freeze(teacher, student, torch.device("cpu"))
+assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+assert next(teacher.parameters()).dtype == torch.float64
+assert {id(p) for p in teacher.parameters()}.isdisjoint(id(p) for p in student.parameters())
+with torch.no_grad():
+    for p in student.parameters():  # the student moves away from its teacher
+        p.add_(0.1 * torch.randn_like(p))
+
+blocks = find_feature_blocks(student, "auto")
+assert blocks == ["blocks.0", "blocks.1"], blocks
+capture = Capture()
+capture.attach(student, teacher, blocks, [pair_block(b, teacher, "auto") for b in blocks], torch.float64)
+capture.start(active=True)
+logits = student(x)
+terms = capture.terms(kd_weight=1.0, temperature=2.0, squarehead_weight=1.0)
+capture.remove()
+
+def hidden(model, x):  # each block's output (before the tanh between blocks), by hand
+    out = []
+    for block in model.blocks:
+        out.append(block(x))
+        x = torch.tanh(out[-1])
+    return out, model.head(x)
+
+with torch.no_grad():
+    t_hidden, t_logits = hidden(teacher, x.double())
+s_hidden, _ = hidden(student, x)
+s_log, t_log = F.log_softmax(logits / 2.0, -1), F.log_softmax(t_logits.float() / 2.0, -1)
+kl = F.kl_div(s_log, t_log, reduction="batchmean", log_target=True)  # KL(teacher || student), mean over rows
+torch.testing.assert_close(terms["kd"], kl * 4.0)
+sq = sum(((s - t.float()) ** 2).mean() / ((t.float() ** 2).mean() + 1e-6) for s, t in zip(s_hidden, t_hidden))
+torch.testing.assert_close(terms["squarehead"], sq)
+assert terms["kd"] > 0 and terms["squarehead"] > 0 and terms["kd"].requires_grad
+torch.testing.assert_close(kd_loss(logits, t_logits, 2.0), terms["kd"])
+torch.testing.assert_close(squarehead_loss(s_hidden, t_hidden), terms["squarehead"])
+loaded = {n for n, m in sys.modules.items() if m is not None and n.split(".")[0] in ABSENT}
+assert not loaded, sorted(loaded)
+print("ok")
+"""
+
+
+def test_the_distillation_core_computes_its_terms_without_lightning():
+    """lightning_prune.distill is core: with Lightning and the app's packages unimportable, the default teacher
+    (a frozen float64 copy), the capture of one forward and its KD and SquareHead terms equal the closed forms."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_architecture import ABSENT
+
+    root = Path(__file__).resolve().parent.parent
+    code = f"ABSENT = {ABSENT!r}\n{CORE}"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "arg"),
     [
