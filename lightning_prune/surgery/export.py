@@ -94,6 +94,17 @@ def export_semi_structured(
             f"`check_rows={check_rows!r}`: each converted layer is verified on at least 1 row of random input "
             "(0 rows would check nothing). Nothing was converted"
         )
+    names = _chosen_layers(model, modules, include, exclude)
+    _check_kernels_take(modules, names)
+    _check_device([modules[n].weight for n in names], names)
+    _convert_verified(modules, names, check_rows)
+    return names
+
+
+def _chosen_layers(
+    model: nn.Module, modules: dict[str, nn.Module], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[str]:
+    """The Linear layers ``include``/``exclude`` choose, each 2:4 sparse; refused with the reason if none."""
     if include is not None:
         names = [n for n in modules if n and any(fnmatchcase(n, p) for p in include)]
         if not names:
@@ -122,6 +133,11 @@ def export_semi_structured(
             else ": prune with pattern='2:4' first"
         )
         raise ValueError(f"no nn.Linear of {type(model).__name__} has 2:4-sparse weights to export{hint}")
+    return names
+
+
+def _check_kernels_take(modules: dict[str, nn.Module], names: list[str]) -> None:
+    """Every layer's dtype and shape are ones the 2:4 kernels take (all checked before any converts)."""
     for n in names:
         w = modules[n].weight
         if w.dtype not in DTYPES:
@@ -137,8 +153,10 @@ def export_semi_structured(
                 f"layer {n!r} has weight shape {tuple(w.shape)}; 2:4 kernels need multiples of ({rows}, {cols}) in "
                 f"{w.dtype}: leave it dense with exclude=[{n!r}]. Nothing was converted"
             )
-    _check_device([modules[n].weight for n in names], names)
 
+
+def _convert_verified(modules: dict[str, nn.Module], names: list[str], check_rows: int) -> None:
+    """Convert each layer, checking its outputs on random rows; any failure restores every dense weight."""
     dense: dict[str, nn.Parameter] = {}
     try:
         for n in names:
@@ -161,7 +179,6 @@ def export_semi_structured(
         for n, w in dense.items():
             modules[n].weight = w
         raise
-    return names
 
 
 def _check_patterns(arg: str, patterns: Sequence[str] | None, names: Sequence[str], model: str) -> None:
