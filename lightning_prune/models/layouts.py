@@ -110,8 +110,9 @@ FUSED_GATED = MLP(("gate_up_proj",), "down_proj", fused=2)
 GPT2_MLP = MLP(("c_fc",), "c_proj", size_key="n_inner", conv1d=True)
 BERT_MLP = MLP(("intermediate.dense",), "output.dense")
 ATTENTION = Attention()
-GPT2_ATTENTION = Attention(None, None, None, "c_proj", qkv="c_attn", heads_key="n_head", fixed=FIXED_HEADS, conv1d=True)
-BERT_SELF_ATTENTION = Attention("query", "key", "value", None, fixed=FIXED_HEADS)
+_FIXED = dict(kv_heads_key=None, head_dim_key=None, fixed=FIXED_HEADS)  # their configs hold neither key
+GPT2_ATTENTION = Attention(None, None, None, "c_proj", qkv="c_attn", heads_key="n_head", conv1d=True, **_FIXED)
+BERT_SELF_ATTENTION = Attention("query", "key", "value", None, **_FIXED)
 GENERIC_MOE = MoE()
 # what discovery tries, in order, on every module of a model the registry does not describe
 GENERIC_PARTS: tuple[MLP | Attention, ...] = (GATED, GPT2_MLP, BERT_MLP, ATTENTION, GPT2_ATTENTION, BERT_SELF_ATTENTION)
@@ -164,8 +165,10 @@ class Architecture:
     one of ``mlp_parts`` or the ``moe`` block (Qwen2-MoE mixes them). ``norms``: the block's norms over
     the residual stream; ``embedding_norm``: one right after the embeddings (BERT). ``embed_scale``: the
     token embeddings are multiplied by sqrt(hidden size); ``norm_offset``: RMSNorms scale by
-    ``offset + weight`` (Gemma: 1). ``complete``: every reader and writer of the residual stream is
-    listed (BERT's pooler and task heads are not)."""
+    ``offset + weight`` (Gemma: 1). ``derived``: modules of a block whose size the config derives from
+    the hidden size though they do not carry the residual stream (OLMoE's q_norm over all heads).
+    ``complete``: every reader and writer of the residual stream is listed (BERT's pooler and task heads
+    are not)."""
 
     name: str
     model_types: tuple[str, ...]
@@ -185,6 +188,7 @@ class Architecture:
     hidden_key: str = "hidden_size"
     layers_key: str = "num_hidden_layers"
     per_block: tuple[str, ...] = ("layer_types",)
+    derived: tuple[str, ...] = ()
     complete: bool = True
 
     def config_keys(self) -> dict[str, str]:
@@ -219,21 +223,19 @@ def register(arch: Architecture) -> Architecture:
     return arch
 
 
+# the registry: one entry per architecture family (a decoder architecture is one more entry here)
 register(Architecture("llama", ("llama", "mistral", "qwen2"), "layers"))
-register(Architecture("phi3", ("phi3",), "layers", attention_parts=(Attention(
-    None, None, None, qkv="qkv_proj", reads_config=("num_attention_heads",)),), mlp_parts=(FUSED_GATED,)))  # fmt: skip
-_GEMMA_NORMS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "post_feedforward_layernorm",
-)
-register(
-    Architecture("gemma2", ("gemma2", "gemma3_text"), "layers", norms=_GEMMA_NORMS, embed_scale=True, norm_offset=1.0)
-)
 register(Architecture(
-    "mixtral", ("mixtral",), "layers", mlp_parts=(), moe=MoE(("gate",), count_keys=("num_local_experts",))
+    "phi3", ("phi3",), "layers", mlp_parts=(FUSED_GATED,),
+    attention_parts=(Attention(None, None, None, qkv="qkv_proj", reads_config=("num_attention_heads",)),),
 ))  # fmt: skip
+register(Architecture(
+    "gemma2", ("gemma2", "gemma3_text"), "layers", embed_scale=True, norm_offset=1.0,
+    norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+))  # fmt: skip
+register(
+    Architecture("mixtral", ("mixtral",), "layers", mlp_parts=(), moe=MoE(("gate",), count_keys=("num_local_experts",)))
+)
 register(Architecture("qwen2_moe", ("qwen2_moe",), "layers", moe=MoE(
     ("gate",), shared="shared_expert", shared_mlp=replace(GATED, size_key="shared_expert_intermediate_size"),
     shared_gate="shared_expert_gate", count_keys=("num_experts",), size_key="moe_intermediate_size",
@@ -242,15 +244,17 @@ _OLMOE_HEADS = (
     "attention heads are left alone: OLMoE's q_norm and k_norm normalise over all heads together (one RMSNorm of "
     "num_heads * head_dim), so removing a head changes what the others compute"
 )
-register(Architecture("olmoe", ("olmoe",), "layers", attention_parts=(Attention(fixed=_OLMOE_HEADS),), mlp_parts=(),
-                      moe=MoE(("gate",), count_keys=("num_experts",))))  # fmt: skip
+register(Architecture(
+    "olmoe", ("olmoe",), "layers", attention_parts=(Attention(fixed=_OLMOE_HEADS),), mlp_parts=(),
+    moe=MoE(("gate",), count_keys=("num_experts",)), derived=("self_attn.q_norm", "self_attn.k_norm"),
+))  # fmt: skip
 register(Architecture(
     "gpt2", ("gpt2",), "h", attention="attn", attention_parts=(GPT2_ATTENTION,), mlp_parts=(GPT2_MLP,),
     norms=("ln_1", "ln_2"), final_norm="ln_f", embeddings=("wte", "wpe"), hidden_key="n_embd", layers_key="n_layer",
 ))  # fmt: skip
 register(Architecture(
     "bert", ("bert",), "encoder.layer", attention="attention",
-    attention_parts=(Attention("self.query", "self.key", "self.value", "output.dense", fixed=FIXED_HEADS),),
+    attention_parts=(replace(BERT_SELF_ATTENTION, q="self.query", k="self.key", v="self.value", o="output.dense"),),
     mlp="", mlp_parts=(BERT_MLP,), norms=("attention.output.LayerNorm", "output.LayerNorm"), final_norm=None,
     embedding_norm="embeddings.LayerNorm", lm_head=None, complete=False,
     embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
@@ -361,8 +365,8 @@ class Stream:
     ``embeddings`` (weights ``[n, hidden]``, the token embedding first), ``norms`` (weights ``(hidden,)``:
     the blocks', the embedding's, the final one last), ``readers`` (weights whose input side is the
     hidden size: q/k/v/qkv, gate/up/gate_up/fc, routers and experts' inputs) and ``writers`` (their
-    output side, biases included: o, down/proj, experts' outputs), the ``lm_head`` (reads it) and whether
-    it is ``tied`` to the token embedding."""
+    output side, biases included: o, down/proj, experts' outputs), the ``lm_head`` (reads it), whether
+    it is ``tied`` to the token embedding, and the ``derived`` modules (:attr:`Architecture.derived`)."""
 
     arch: Architecture
     hidden_key: str
@@ -374,6 +378,7 @@ class Stream:
     writers: tuple[Port, ...]
     lm_head: str | None
     tied: bool
+    derived: tuple[str, ...] = ()
 
 
 def _ports(module: nn.Module, prefix: str, names: tuple[str, ...], conv1d: bool, out: bool) -> list[Port]:
@@ -424,6 +429,7 @@ def stream(model: nn.Module) -> Stream:
     readers: list[Port] = []
     writers: list[Port] = []
     norms: list[str] = []
+    derived: list[str] = []
     for i, block in enumerate(blocks):
         prefix = join(path, str(i))
         for where, part in block_parts(arch, block):
@@ -431,17 +437,28 @@ def stream(model: nn.Module) -> Stream:
             readers += r
             writers += w
         norms += [join(prefix, n) for n in arch.norms]
+        derived += [join(prefix, n) for n in arch.derived]
     norms += [join(base, n) for n in (arch.embedding_norm, arch.final_norm) if n]
     embeddings = tuple(join(base, e) for e in arch.embeddings)
     head = arch.lm_head if arch.lm_head and submodule(model, arch.lm_head) is not None else None
-    names = [*embeddings, *norms, *(p.module for p in (*readers, *writers)), *([head] if head else [])]
+    names = [*embeddings, *norms, *derived, *(p.module for p in (*readers, *writers)), *([head] if head else [])]
     if missing := [n for n in names if submodule(model, n) is None]:
         raise ValueError(f"{type(model).__name__} has no {missing[:5]}: its layout entry {arch.name!r} does not fit")
     tied = head is not None and model.get_submodule(head).weight is model.get_submodule(embeddings[0]).weight
     final = join(base, arch.final_norm) if arch.final_norm else None
     hidden = getattr(model.config, arch.hidden_key)
     return Stream(
-        arch, arch.hidden_key, hidden, embeddings, tuple(norms), final, tuple(readers), tuple(writers), head, tied
+        arch,
+        arch.hidden_key,
+        hidden,
+        embeddings,
+        tuple(norms),
+        final,
+        tuple(readers),
+        tuple(writers),
+        head,
+        tied,
+        tuple(derived),
     )
 
 

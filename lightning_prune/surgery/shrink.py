@@ -332,21 +332,23 @@ def _apply(model: nn.Module, family: Family, kept: Tensor) -> None:
         setattr(model.get_submodule(family.name).config, key, values[key])
 
 
-def _shared_config(model: nn.Module, cuts: list[tuple[Family, Tensor]]) -> dict[str, dict[str, Any]]:
+def _shared_config(model: nn.Module, families: list[Family], cuts: list[tuple[Family, Tensor]]) -> dict[str, dict]:
     """The config values the cut families' modules read at run time from their (shared) configs, before the
-    cut, by the Hugging Face model holding them; refused, before anything changes, where the blocks would need
-    different values of one config."""
+    cut, by the Hugging Face model holding them; refused, before anything changes, where the blocks (cut or
+    not) would need different values of one config."""
+    kept = {f.name: k.numel() for f, k in cuts}
     wanted: dict[tuple[int, str], dict[str, int]] = {}
     before: dict[str, dict[str, Any]] = {}
-    for f, kept in cuts:
+    for f in families:
         if not f.reads_config:
             continue
         config = model.get_submodule(f.name).config
-        values = hf.family_fields(replace(f, size=kept.numel()))
+        values = hf.family_fields(replace(f, size=kept.get(f.name, f.size)))
         for key in f.reads_config:
             wanted.setdefault((id(config), key), {})[f.name] = values[key]
-            holder = next((p for p, _ in hf.pretrained_models(model) if hf.within(p, f.name)), "")
-            before.setdefault(holder, {}).setdefault(key, getattr(config, key))
+            if f.name in kept:
+                holder = next((p for p, _ in hf.pretrained_models(model) if hf.within(p, f.name)), "")
+                before.setdefault(holder, {}).setdefault(key, getattr(config, key))
     for (_, key), values in wanted.items():
         if len(set(values.values())) > 1:
             listed = ", ".join(f"{n}: {v}" for n, v in list(values.items())[:4])
@@ -454,7 +456,7 @@ def shrink(
             kept = (~_removable(model, f)).nonzero().flatten()
         if kept.numel() != f.size:
             cuts.append((f, kept))
-    shared = _shared_config(model, cuts)
+    shared = _shared_config(model, families, cuts)
     reference = _run(model, example_inputs) if example_inputs is not None else None
     before = sum(p.numel() for p in model.parameters())
     out = model if inplace else copy.deepcopy(model)
