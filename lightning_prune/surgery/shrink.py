@@ -5,7 +5,10 @@ consumer columns, so it contributes nothing; :func:`shrink` deletes it physicall
 rows (and biases, and per-channel BatchNorm entries), the consumer columns, and for attention the
 whole heads (Hugging Face LLaMA-style attention infers the number of heads from the projections'
 shapes, so fewer heads need no config change; ``num_heads``/``num_key_value_heads`` attributes,
-where a model class keeps them, are updated). The families are the ones
+where a model class keeps them, are updated; Phi-3's attention reads ``num_attention_heads`` from the
+config all its blocks share, so that is written at once, and blocks keeping different counts of it
+are refused). Fused layers (Phi-3's ``qkv_proj``, ``gate_up_proj``) lose the structures' rows in each
+of their parts. The families are the ones
 :func:`lightning_prune.models.graph.discover` finds, so what pruning could remove, shrinking can.
 
 The result computes what the masked model computes (checked on ``example_inputs`` when given).
