@@ -235,18 +235,17 @@ def _attention_family(name: str, module: nn.Module, part: layouts.Attention, not
     prefix = f"{name}." if name else ""
     head_dim, rep = getattr(module, part.head_dim, None), getattr(module, part.groups, 1)
     ok = isinstance(head_dim, int) and isinstance(rep, int) and head_dim > 0 and rep > 0
-    o = _dims(module.get_submodule(part.o or ""))[1]
-    if part.qkv:  # rows [q (kv * rep heads) | k (kv heads) | v (kv heads)]
+    if ok and part.qkv:  # rows [q (kv * rep heads) | k (kv heads) | v (kv heads)]
         rows = _dims(module.get_submodule(part.qkv))[0]
-        kv = rows // ((rep + 2) * head_dim) if ok else 0
-        ok = ok and rows == (rep + 2) * kv * head_dim
+        kv = rows // ((rep + 2) * head_dim)
+        ok = rows == (rep + 2) * kv * head_dim
         names, offsets = (part.qkv,) * 3, (0, kv * rep * head_dim, (kv * rep + kv) * head_dim)
-    else:
+    elif ok:
         q, k, v = (_dims(module.get_submodule(n))[0] for n in part.inputs)
-        kv = k // head_dim if ok else 0
-        ok = ok and k == v == kv * head_dim and q == kv * rep * head_dim
+        kv = k // head_dim
+        ok = k == v == kv * head_dim and q == kv * rep * head_dim
         names, offsets = part.inputs, (0, 0, 0)
-    if not ok or o != kv * rep * head_dim:
+    if not ok or _dims(module.get_submodule(part.o or ""))[1] != kv * rep * head_dim:
         notes.append(f"{name}: attention whose head layout (head_dim, num_key_value_groups) is not readable")
         return None
     widths = (rep * head_dim, head_dim, head_dim)
