@@ -7,9 +7,10 @@ the next block's inputs. So each layer compensates for the pruning upstream of i
 held at any time is one block's inputs over the batches plus that block's statistics, not every
 layer's statistics at once.
 
-Blocks are found by :func:`find_blocks`: ``"auto"`` takes the ``nn.ModuleList`` of identical modules
-that holds the most target weights (a decoder's ``layers``/``h``/``layer``; :func:`repeated_blocks`;
-a model without one, an MLP or a CNN, is pruned in one pass over the whole model instead, see
+Blocks are found by :func:`find_blocks`: ``"auto"`` takes the block list the layout registry names
+(:mod:`lightning_prune.models.layouts`), else the ``nn.ModuleList`` of identical modules that holds
+the most target weights (a decoder's ``layers``/``h``/``layer``; :func:`repeated_blocks`; a model
+without one, an MLP or a CNN, is pruned in one pass over the whole model instead, see
 :class:`~lightning_prune.engine.rounds.BlockByBlock`), or a glob names them
 (``"model.layers.*"``; the outermost matches, in ``named_modules`` order). Blocks must run one after
 the other, each on the previous one's output (its first positional argument) with the same keyword
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from functools import partial
 from typing import Any
 
@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 from lightning_prune.engine.calibration import Calibration, eval_mode, move_to_device
 from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.models import layouts
+from lightning_prune.models.layouts import block_output
 from lightning_prune.runtime.distributed import Collectives
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
@@ -50,24 +52,10 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
     Raises a ``ValueError`` naming ``blocks`` if nothing matches, and naming the targets outside
     every block (sequential calibration never runs them, so it cannot prune them).
     """
-    if not isinstance(blocks, str) or not blocks:
-        raise ValueError(f"`blocks` must be 'auto' or a glob over module names (e.g. 'model.layers.*'), got {blocks!r}")
-    if blocks == "auto":
-        found = repeated_blocks(model, targets)
-        if not found:
-            raise ValueError(
-                "`blocks='auto'` found no nn.ModuleList of identical modules holding target weights in "
-                f"{type(model).__name__}: name the blocks with a glob, e.g. blocks='model.layers.*'"
-            )
-    else:
-        found = []
-        for name, module in model.named_modules():
-            if name and fnmatchcase(name, blocks) and not any(name.startswith(f"{outer}.") for outer, _ in found):
-                found.append((name, module))
-        if not found:
-            tops = [n for n, _ in model.named_children()]
-            raise ValueError(f"`blocks={blocks!r}` matches no module of {type(model).__name__} (top level: {tops})")
     owner = _owners(targets)
+    found = layouts.find_blocks(
+        model, blocks, weigh=lambda m: len(_inside(m, owner)), holding=" holding target weights"
+    )  # the list of blocks holding the most targets
     result = [Block(name, module, _inside(module, owner)) for name, module in found]
     covered = {t.name for b in result for t in b.targets}
     outside = [t.name for t in targets if t.name not in covered]
@@ -81,20 +69,14 @@ def find_blocks(model: nn.Module, blocks: str, targets: Sequence[PruneTarget]) -
 
 
 def repeated_blocks(model: nn.Module, targets: Sequence[PruneTarget]) -> list[tuple[str, nn.Module]]:
-    """What ``blocks="auto"`` takes: the ``nn.ModuleList`` of identical modules (at least two) that holds the
-    most targets, as ``(name, block)`` pairs; ``[]`` where no such list holds a target (an MLP, a CNN)."""
+    """What ``blocks="auto"`` takes, as ``(name, block)`` pairs (:func:`find_blocks`'s choice); ``[]`` where no
+    block list holds a target (an MLP, a CNN)."""
     owner = _owners(targets)
-    best: list[tuple[str, nn.Module]] = []
-    best_count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
-            continue
-        if len({type(m) for m in module}) != 1:
-            continue
-        count = sum(len(_inside(m, owner)) for m in module)
-        if count > best_count:
-            best, best_count = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(module)], count
-    return best
+    try:
+        found = layouts.find_blocks(model, "auto", weigh=lambda m: len(_inside(m, owner)))
+    except ValueError:
+        return []
+    return found if any(_inside(m, owner) for _, m in found) else []
 
 
 def _owners(targets: Sequence[PruneTarget]) -> dict[int, PruneTarget]:
@@ -152,10 +134,6 @@ def first_block_inputs(calib: Calibration, batches: Sequence[Any], block: Block)
     finally:
         handle.remove()
     return caught
-
-
-def _output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def onload(module: nn.Module, device: torch.device) -> torch.device:
@@ -315,7 +293,7 @@ def _run_block(
             for (args, kwargs), (ref_args, ref_kwargs) in zip(inputs, originals):
                 same = ref_args is args
                 if reference:  # the unpruned block on the original inputs: x_ref and the next originals
-                    next_originals.append(_output(block.module(*ref_args, **ref_kwargs)))
+                    next_originals.append(block_output(block.module(*ref_args, **ref_kwargs)))
                     ref = {t.name: x for t, x, _ in capture.drain()}
                 if not (reference and same):
                     block.module(*args, **kwargs)
@@ -329,8 +307,8 @@ def _run_block(
         skipped = stats.skipped
         prune_block(block, stats)
     elif reference:
-        next_originals = [_output(block.module(*a, **k)) for a, k in originals]
-    inputs = [((_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        next_originals = [block_output(block.module(*a, **k)) for a, k in originals]
+    inputs = [((block_output(block.module(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
     if reference:
         originals = [((out, *a[1:]), k) for out, (a, k) in zip(next_originals, originals)]
     else:

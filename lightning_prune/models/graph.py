@@ -17,12 +17,13 @@ consumer columns OBS compensates in). It understands:
 
 * ``nn.Sequential`` chains (not overriding ``forward``): Linear/Conv -> element-wise activations,
   dropout, per-channel BatchNorm, pooling, ``Flatten`` -> Linear/Conv;
-* Hugging Face blocks, by their layers' names: gated MLPs (``gate_proj``/``up_proj`` rows,
-  ``down_proj`` columns: LLaMA, Mistral, Qwen), GPT-2's MLP (``c_fc``/``c_proj``), BERT's
-  intermediate (``intermediate.dense``/``output.dense``), and attention with ``q_proj``/``k_proj``/
-  ``v_proj``/``o_proj`` and a ``head_dim`` (heads; under grouped-query attention each structure is
-  a key/value head with its ``num_key_value_groups`` query heads, so the ratio the model relies on
-  is kept).
+* Hugging Face blocks, as the layout registry (:mod:`lightning_prune.models.layouts`) places their parts,
+  or by their layers' names in models it does not describe: MLP neurons (gated ``gate_proj``/``up_proj``
+  rows or a fused ``gate_up_proj``'s two halves, ``down_proj`` columns; GPT-2's ``c_fc``/``c_proj``;
+  BERT's ``intermediate.dense``/``output.dense``) and attention heads (``q_proj``/``k_proj``/``v_proj``
+  or a fused ``qkv_proj``'s three parts, ``o_proj`` columns; under grouped-query attention each
+  structure is a key/value head with its ``num_key_value_groups`` query heads, so the ratio the model
+  relies on is kept). A fused layer holds several slots of one family, at their offsets.
 
 Everything else (residual streams, LayerNorm'd features, grouped convolutions, the classifier's
 outputs, a layer used twice) is left alone and listed in the notes. ``pattern="channels"``
@@ -32,11 +33,13 @@ removes them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_prune.engine.targets import is_hf_conv1d
+from lightning_prune.models import layouts
 
 _ELEMENTWISE = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
@@ -54,17 +57,58 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 @dataclass(frozen=True)
 class Slot:
-    """Where structure ``j`` lives in one layer: block ``j`` of ``width`` rows (``axis="out"``)
-    or columns (``"in"``) of the layer's ``(d_out, d_in)`` weight matrix."""
+    """Where structure ``j`` lives in one layer: rows (``axis="out"``) or columns (``"in"``)
+    ``offset + j * width`` to ``offset + (j + 1) * width`` of the layer's ``(d_out, d_in)`` weight matrix.
+    ``offset`` places the structures in a fused layer (Phi-3's ``qkv_proj`` rows ``[q | k | v]``: the
+    key heads start after the query rows), whose other rows belong to other slots."""
 
     module: str
     axis: str
     width: int
+    offset: int = 0
+
+    def span(self, size: int) -> slice:
+        """The rows or columns of ``size`` structures."""
+        return slice(self.offset, self.offset + size * self.width)
+
+    def view(self, m: Tensor, size: int) -> Tensor:
+        """``(size, ...)`` view of ``m`` (``(d_out, d_in)`` layout) with structure ``j``'s weights in row ``j``."""
+        if self.axis == "out":
+            return m[self.span(size)].reshape(size, self.width * m.shape[1])
+        return m[:, self.span(size)].reshape(m.shape[0], size, self.width).transpose(0, 1).reshape(size, -1)
+
+    def clear(self, m: Tensor, size: int, gone: Tensor) -> None:
+        """Set the weights of the ``gone`` structures (a boolean per structure) in ``m`` (a view, written
+        through: ``(d_out, d_in)`` layout) to ``False``/zero."""
+        if self.axis == "out":
+            m[self.span(size)].unflatten(0, (size, self.width))[gone] = False
+        else:
+            m[:, self.span(size)].unflatten(1, (size, self.width))[:, gone] = False
+
+
+def tiles(slots: Sequence[Slot], size: int, dims: Mapping[tuple[str, str], int]) -> bool:
+    """Whether ``slots`` cover every layer's axis exactly: per ``(module, axis)`` their spans of ``size``
+    structures lie side by side from 0 to ``dims[(module, axis)]`` (a fused layer: several slots)."""
+    spans: dict[tuple[str, str], list[slice]] = {}
+    for s in slots:
+        spans.setdefault((s.module, s.axis), []).append(s.span(size))
+    for key, found in spans.items():
+        end = 0
+        for span in sorted(found, key=lambda x: x.start):
+            if span.start != end:
+                return False
+            end = span.stop
+        if end != dims[key]:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
 class Family:
-    """Interchangeable structures: removing any of them touches the same layers."""
+    """Interchangeable structures: removing any of them touches the same layers. ``fields``: the config
+    keys its size gives, ``(key, per structure, constant)`` for ``key = size * per + constant`` (a Hugging
+    Face model's ``intermediate_size``; ``num_attention_heads``, ``head_dim`` of heads); ``reads_config``:
+    those its module (``name``) reads at run time from its ``config``, shared by every block."""
 
     name: str
     kind: str  # "neurons", "channels" or "heads"
@@ -72,6 +116,8 @@ class Family:
     producers: tuple[Slot, ...]
     consumers: tuple[Slot, ...]
     norms: tuple[str, ...] = ()  # per-channel BatchNorms between producer and consumer
+    fields: tuple[tuple[str, int, int], ...] = ()
+    reads_config: tuple[str, ...] = ()
 
 
 def _in_width(consumer: nn.Module, channels: int, flattened: bool) -> int | None:
@@ -164,89 +210,76 @@ def _nested_in(model: nn.Module, name: str) -> list[str]:
     return out
 
 
-def _linear(module: nn.Module, attr: str) -> nn.Module | None:
-    child = getattr(module, attr, None)
-    return child if isinstance(child, nn.Linear) else None
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a Linear or Hugging Face ``Conv1D`` (whose weight is in x out)."""
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_hf_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def _mlp_family(name: str, module: nn.Module, part: layouts.MLP) -> Family | None:
+    """Neurons: the consumer's columns, the producers' rows (``part.fused`` stacked copies in each)."""
+    prefix = f"{name}." if name else ""
+    size = _dims(module.get_submodule(part.consumer))[1]
+    if any(_dims(module.get_submodule(p))[0] != part.fused * size for p in part.producers):
+        return None
+    producers = tuple(Slot(f"{prefix}{p}", "out", 1, k * size) for p in part.producers for k in range(part.fused))
+    consumers = (Slot(f"{prefix}{part.consumer}", "in", 1),)
+    return Family(name, "neurons", size, producers, consumers, fields=((part.size_key, 1, 0),))
+
+
+def _attention_family(name: str, module: nn.Module, part: layouts.Attention, notes: list[str]) -> Family | None:
+    """Heads; under grouped-query attention one structure is a key/value head with its query heads."""
+    if part.fixed:
+        notes.append(f"{name}: {part.fixed}")
+        return None
+    prefix = f"{name}." if name else ""
+    head_dim, rep = getattr(module, part.head_dim, None), getattr(module, part.groups, 1)
+    ok = isinstance(head_dim, int) and isinstance(rep, int) and head_dim > 0 and rep > 0
+    if ok and part.qkv:  # rows [q (kv * rep heads) | k (kv heads) | v (kv heads)]
+        rows = _dims(module.get_submodule(part.qkv))[0]
+        kv = rows // ((rep + 2) * head_dim)
+        ok = rows == (rep + 2) * kv * head_dim
+        names, offsets = (part.qkv,) * 3, (0, kv * rep * head_dim, (kv * rep + kv) * head_dim)
+    elif ok:
+        q, k, v = (_dims(module.get_submodule(n))[0] for n in part.inputs)
+        kv = k // head_dim
+        ok = k == v == kv * head_dim and q == kv * rep * head_dim
+        names, offsets = part.inputs, (0, 0, 0)
+    if not ok or _dims(module.get_submodule(part.o or ""))[1] != kv * rep * head_dim:
+        notes.append(f"{name}: attention whose head layout (head_dim, num_key_value_groups) is not readable")
+        return None
+    widths = (rep * head_dim, head_dim, head_dim)
+    producers = tuple(Slot(f"{prefix}{n}", "out", w, off) for n, w, off in zip(names, widths, offsets))
+    fields = tuple(
+        (key, per, const)
+        for key, per, const in ((part.kv_heads_key, 1, 0), (part.heads_key, rep, 0), (part.head_dim_key, 0, head_dim))
+        if key
+    )
+    consumers = (Slot(f"{prefix}{part.o}", "in", rep * head_dim),)
+    return Family(name, "heads", kv, producers, consumers, fields=fields, reads_config=part.reads_config)
 
 
 def _hf_families(model: nn.Module, notes: list[str]) -> list[Family]:
+    """Families of the parts the layout registry places in registered Hugging Face models, and of the parts
+    found by their layers' names (:data:`~lightning_prune.models.layouts.GENERIC_PARTS`) everywhere else."""
+    placed, holders = layouts.parts_by_name(model)
     families = []
     for name, mod in model.named_modules():
-        prefix = f"{name}." if name else ""
-        gate, up, down = (_linear(mod, a) for a in ("gate_proj", "up_proj", "down_proj"))
-        if gate is not None and up is not None and down is not None:
-            size = down.in_features
-            if gate.out_features == up.out_features == size:
-                families.append(
-                    Family(
-                        name,
-                        "neurons",
-                        size,
-                        (Slot(f"{prefix}gate_proj", "out", 1), Slot(f"{prefix}up_proj", "out", 1)),
-                        (Slot(f"{prefix}down_proj", "in", 1),),
-                    )
-                )
+        if name in placed:
+            parts: tuple[layouts.Part, ...] = (placed[name],)
+        elif any(layouts.within(h, name) for h in holders):
+            continue  # the registry describes that model whole
+        else:
+            parts = layouts.GENERIC_PARTS
+        part = next((p for p in parts if layouts.present(p, mod)), None)
+        if isinstance(part, layouts.MLP):
+            family = _mlp_family(name, mod, part)
+        elif isinstance(part, layouts.Attention):
+            family = _attention_family(name, mod, part, notes)
+        else:
             continue
-        fc, proj = getattr(mod, "c_fc", None), getattr(mod, "c_proj", None)
-        if fc is not None and proj is not None and is_hf_conv1d(fc) and is_hf_conv1d(proj):
-            if fc.nf == proj.weight.shape[0]:  # Conv1D weight is in x out
-                families.append(
-                    Family(
-                        name, "neurons", fc.nf, (Slot(f"{prefix}c_fc", "out", 1),), (Slot(f"{prefix}c_proj", "in", 1),)
-                    )
-                )
-            continue
-        inter, output = getattr(mod, "intermediate", None), getattr(mod, "output", None)
-        i_dense, o_dense = (
-            _linear(inter, "dense") if inter is not None else None,
-            (_linear(output, "dense") if output is not None else None),
-        )
-        if i_dense is not None and o_dense is not None and i_dense.out_features == o_dense.in_features:
-            families.append(
-                Family(
-                    name,
-                    "neurons",
-                    i_dense.out_features,
-                    (Slot(f"{prefix}intermediate.dense", "out", 1),),
-                    (Slot(f"{prefix}output.dense", "in", 1),),
-                )
-            )
-            continue
-        q, k, v, o = (_linear(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        if q is not None and k is not None and v is not None and o is not None:
-            head_dim = getattr(mod, "head_dim", None)
-            rep = getattr(mod, "num_key_value_groups", 1)
-            ok = isinstance(head_dim, int) and isinstance(rep, int) and head_dim > 0 and rep > 0
-            kv = k.out_features // head_dim if ok else 0
-            if (
-                ok
-                and k.out_features == v.out_features == kv * head_dim
-                and q.out_features == o.in_features == kv * rep * head_dim
-            ):
-                families.append(
-                    Family(
-                        name,
-                        "heads",
-                        kv,
-                        (
-                            Slot(f"{prefix}q_proj", "out", rep * head_dim),
-                            Slot(f"{prefix}k_proj", "out", head_dim),
-                            Slot(f"{prefix}v_proj", "out", head_dim),
-                        ),
-                        (Slot(f"{prefix}o_proj", "in", rep * head_dim),),
-                    )
-                )
-            else:
-                notes.append(f"{name}: attention whose head layout (head_dim, num_key_value_groups) is not readable")
-            continue
-        if getattr(mod, "c_attn", None) is not None or all(
-            _linear(mod, a) is not None for a in ("query", "key", "value")
-        ):
-            notes.append(
-                f"{name}: attention heads of this layout (fused c_attn, or query/key/value) are left alone: GPT-2's "
-                "and BERT's configs derive the head size from hidden_size / num_attention_heads (GPT-2 also splits "
-                "c_attn at hidden_size), so no config of theirs describes fewer heads of the same size"
-            )
+        if family is not None:
+            families.append(family)
     return families
 
 

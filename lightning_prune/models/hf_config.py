@@ -3,9 +3,11 @@
 After :func:`lightning_prune.surgery.shrink.shrink` the layers of a ``transformers`` model are smaller than
 its ``config`` says, and ``from_pretrained`` builds a model from the config before it loads the
 weights: every shrunk projection would be a "size mismatch". :func:`config_update` reads the new
-sizes off the shrunk model's families and writes them where a standard config keeps them:
+sizes off the shrunk model's families and writes them where a standard config keeps them, as the
+layout registry (:mod:`lightning_prune.models.layouts`) says, each family carrying its keys:
 
-* ``intermediate_size`` (gated MLPs: LLaMA, Mistral, Qwen2; BERT's intermediate), ``n_inner`` (GPT-2);
+* ``intermediate_size`` (gated MLPs: LLaMA, Mistral, Qwen2, Phi-3's fused one; BERT's intermediate),
+  ``n_inner`` (GPT-2), ``shared_expert_intermediate_size`` (Qwen2-MoE's shared expert);
 * ``num_attention_heads``, ``num_key_value_heads`` and ``head_dim`` (LLaMA-style attention: the
   model reads ``head_dim`` from the config, else ``hidden_size // num_attention_heads``, which
   changes with the heads; it is written even where the config class has no such field, as
@@ -31,7 +33,6 @@ derive the head size from ``hidden_size / num_attention_heads`` (GPT-2 also spli
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -40,48 +41,17 @@ import torch
 from torch import nn
 
 from lightning_prune.models.graph import Family
-
-# a family's layout (the suffix of its first producer's name) -> the config attribute its size is
-_NEURONS = {"gate_proj": "intermediate_size", "intermediate.dense": "intermediate_size", "c_fc": "n_inner"}
+from lightning_prune.models.layouts import pretrained_models, relative, within
 
 
-def pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The outermost ``transformers.PreTrainedModel`` s in ``model`` (itself, or the one a
-    LightningModule holds), with their names (``""`` for ``model`` itself)."""
-    transformers = sys.modules.get("transformers")
-    if transformers is None:
-        return []
-    found: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, transformers.PreTrainedModel) and not any(within(p, name) for p, _ in found):
-            found.append((name, module))
-    return found
-
-
-def within(prefix: str, name: str) -> bool:
-    """Whether module ``name`` is ``prefix`` or inside it (``""``: the root holds everything)."""
-    return prefix == "" or name == prefix or name.startswith(prefix + ".")
-
-
-def relative(prefix: str, name: str) -> str:
-    return name if prefix == "" else name[len(prefix) + 1 :]
-
-
-def _family_fields(f: Family) -> dict[str, int]:
-    """The config attributes a family's size gives, by its layout."""
-    producer = "." + f.producers[0].module
-    if f.kind == "heads" and producer.endswith(".q_proj"):
-        q, k = f.producers[0].width, f.producers[1].width  # q: the query heads of one kv head; k: head_dim
-        return {"num_key_value_heads": f.size, "num_attention_heads": f.size * (q // k), "head_dim": k}
-    for suffix, attr in _NEURONS.items():
-        if producer.endswith("." + suffix):
-            return {attr: f.size}
-    return {}
+def family_fields(f: Family) -> dict[str, int]:
+    """The config attributes a family's size gives, as its layout says (:attr:`Family.fields`)."""
+    return {key: f.size * per + const for key, per, const in f.fields}
 
 
 def _families(model: nn.Module, families: Sequence[Family]) -> Iterable[tuple[str, str, int]]:
     for f in families:
-        for attr, value in _family_fields(f).items():
+        for attr, value in family_fields(f).items():
             yield attr, f.name, value
 
 

@@ -19,21 +19,14 @@ from torch import Tensor, nn
 from lightning_prune.engine.selection import Shards, floor_count, select_masks
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.models import hf_config as hf
-from lightning_prune.models.graph import Family, Slot, discover
+from lightning_prune.models.graph import Family, Slot, discover, tiles
 from lightning_prune.patterns.base import Pattern, register
 from lightning_prune.runtime.distributed import warn
 
 
 def _view(t: PruneTarget, x: Tensor, slot: Slot, size: int) -> Tensor:
     """``(size, ...)`` view of ``x`` (weight layout) with structure ``j`` in row ``j``."""
-    return _view_matrix(t.matrix(x), slot, size)
-
-
-def _view_matrix(m: Tensor, slot: Slot, size: int) -> Tensor:
-    """``(size, ...)`` view of ``m`` (``(d_out, d_in)`` layout) with structure ``j`` in row ``j``."""
-    if slot.axis == "out":
-        return m.reshape(size, slot.width * m.shape[1])
-    return m.reshape(m.shape[0], size, slot.width).transpose(0, 1).reshape(size, -1)
+    return slot.view(t.matrix(x), size)
 
 
 class Channels(Pattern):
@@ -78,12 +71,10 @@ class Channels(Pattern):
             if missing := [s.module for s in f.consumers if s.module not in by_module]:
                 notes.append(f"{f.name}: consumer {missing} is not a pruning target, left alone")
                 continue
-            bad = [
-                s.module
-                for s in (*f.producers, *f.consumers)
-                if s.module in by_module and not _fits(by_module[s.module], s, f.size)
-            ]
-            if bad:
+            slots = [s for s in (*f.producers, *f.consumers) if s.module in by_module]
+            dims = {(s.module, s.axis): _dim(by_module[s.module], s.axis) for s in slots}
+            layers = dict.fromkeys(s.module for s in slots)
+            if bad := [m for m in layers if not tiles([s for s in slots if s.module == m], f.size, dims)]:
                 notes.append(f"{f.name}: the shapes of {bad} do not split into {f.size} structures, left alone")
                 continue
             kept.append(f)
@@ -216,11 +207,7 @@ class Channels(Pattern):
                 continue
             for s, t in self.slots(f):
                 m = t.matrix(out[t.name])
-                g = gone[f.name].to(m.device)
-                if s.axis == "out":
-                    m.view(f.size, s.width, m.shape[1])[g] = False
-                else:
-                    m.view(m.shape[0], f.size, s.width)[:, g] = False
+                s.clear(m, f.size, gone[f.name].to(m.device))
         return out
 
     def select(
@@ -241,9 +228,9 @@ class Channels(Pattern):
         return self.expand(masks, {n: ~c for n, c in chosen.items()})
 
 
-def _fits(t: PruneTarget, slot: Slot, size: int) -> bool:
+def _dim(t: PruneTarget, axis: str) -> int:
     d_out, d_in = t.shape2d
-    return (d_out if slot.axis == "out" else d_in) == size * slot.width
+    return d_out if axis == "out" else d_in
 
 
 @register("'channels'")

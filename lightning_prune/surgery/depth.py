@@ -35,7 +35,7 @@ import contextlib
 import copy
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -44,58 +44,10 @@ from torch import Tensor, nn
 from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
 from lightning_prune.engine.sequential import _no_kv_cache
 from lightning_prune.models import hf_config as hf
-from lightning_prune.surgery.shrink import Shrunk, _output, _run, check_outputs
+from lightning_prune.models.layouts import block_input, block_output, find_block_list, layout_of, model_output
+from lightning_prune.surgery.shrink import Shrunk, _run, check_outputs
 
 SCORES = ("loss", "reconstruction", "influence")
-PER_BLOCK = ("layer_types",)  # config lists with one entry per block, cut with the blocks
-
-
-def find_block_list(model: nn.Module, blocks: str = "auto") -> tuple[str, nn.ModuleList]:
-    """The ``nn.ModuleList`` of blocks: ``"auto"`` takes the list of at least two modules of one type
-    holding the most parameters (a decoder's ``layers``/``h``, an encoder's ``layer``), or name it
-    (``"model.layers"``)."""
-    if not isinstance(blocks, str) or not blocks:
-        raise ValueError(
-            f"`blocks` must be 'auto' or the name of an nn.ModuleList (e.g. 'model.layers'), got {blocks!r}"
-        )
-    if blocks != "auto":
-        try:
-            found = model.get_submodule(blocks)
-        except AttributeError:
-            found = None
-        if not isinstance(found, nn.ModuleList) or len(found) < 2:
-            raise ValueError(
-                f"`blocks={blocks!r}` is not an nn.ModuleList of at least two blocks in {type(model).__name__}"
-            )
-        return blocks, found
-    best: tuple[str, nn.ModuleList] | None = None
-    best_count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(m) for m in module}) != 1:
-            continue
-        count = sum(p.numel() for p in module.parameters())
-        if count > best_count:
-            best, best_count = (name, module), count
-    if best is None:
-        raise ValueError(
-            f"found no nn.ModuleList of identical blocks in {type(model).__name__}: name it with "
-            "blocks='path.to.layers'"
-        )
-    return best
-
-
-def _hidden_in(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor:
-    hidden = args[0] if args else kwargs.get("hidden_states")
-    if not isinstance(hidden, Tensor):
-        raise TypeError(
-            "a block's hidden states must be its first argument (or `hidden_states=`), as in Hugging Face "
-            f"decoders and encoders; got {type(hidden).__name__}"
-        )
-    return hidden
-
-
-def _hidden_out(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @contextlib.contextmanager
@@ -103,7 +55,7 @@ def as_identity(blocks: Sequence[nn.Module]) -> Iterator[None]:
     """``blocks`` pass their input hidden states on unchanged (what removing them computes)."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
-        hidden = _hidden_in(args, kwargs)
+        hidden = block_input(args, kwargs)
         if isinstance(out, tuple):
             return (hidden, *out[1:])
         if isinstance(out, Tensor):
@@ -193,13 +145,17 @@ def _outputs(
             "its blocks implements forward: use score='loss' or 'influence', or pass the model inside"
         )
     name, top = found
+
+    def output(out: Any) -> Tensor:
+        return model_output(out, "score='reconstruction'", "use score='loss' or 'influence'").float()
+
     if top is model:
-        return lambda batch, batch_idx: [_output(run(batch, batch_idx)).float()]
+        return lambda batch, batch_idx: [output(run(batch, batch_idx))]
     captured: list[Tensor] = []
 
     def outputs(batch: Any, batch_idx: int) -> list[Tensor]:
         captured.clear()
-        handle = top.register_forward_hook(lambda module, args, out: captured.append(_output(out).float()))
+        handle = top.register_forward_hook(lambda module, args, out: captured.append(output(out)))
         try:
             run(batch, batch_idx)
         finally:
@@ -223,7 +179,7 @@ def _influence(
 
     def hook(i: int) -> Callable[..., None]:
         def fn(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-            x, y = _hidden_in(args, kwargs).float(), _hidden_out(out).float()
+            x, y = block_input(args, kwargs).float(), block_output(out).float()
             cos = torch.nn.functional.cosine_similarity(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), dim=-1)
             sums[i] += float((1 - cos).sum())
             counts[i] += cos.numel()
@@ -334,13 +290,12 @@ def _check_removable(model: nn.Module, name: str, layers: nn.ModuleList) -> None
                 f"{type(config).__name__}.num_hidden_layers is {getattr(config, 'num_hidden_layers', None)}, but "
                 f"{name!r} holds {total} blocks: the config does not describe this block list"
             )
-        per_block = [
-            k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in PER_BLOCK
-        ]
+        cut = layout_of(pretrained).per_block  # config lists with one entry per block, cut with the blocks
+        per_block = [k for k, v in config.to_dict().items() if isinstance(v, list) and len(v) == total and k not in cut]
         if per_block:  # a setting per block that would stay unsliced: the reloaded model would differ
             raise ValueError(
                 f"{type(config).__name__} holds per-block settings {per_block} (lists of {total}, one per block) that "
-                f"remove_blocks does not know how to cut (it cuts {list(PER_BLOCK)}): the saved config would not "
+                f"remove_blocks does not know how to cut (it cuts {list(cut)}): the saved config would not "
                 "describe the blocks left, so the blocks are not removed"
             )
 
@@ -369,9 +324,9 @@ def _update_depth_configs(result: Shrunk, name: str, total: int, kept: Sequence[
             continue
         config = pretrained.config  # its block count and per-block settings were checked by _check_removable
         values: dict[str, Any] = {"num_hidden_layers": len(kept)}
-        types = getattr(config, "layer_types", None)
-        if isinstance(types, list) and len(types) == total:
-            values["layer_types"] = [types[i] for i in kept]
+        for key in layout_of(pretrained).per_block:
+            if isinstance(per_block := getattr(config, key, None), list) and len(per_block) == total:
+                values[key] = [per_block[i] for i in kept]
         problem = hf.check_config(pretrained, values)
         if problem is not None:
             raise ValueError(f"the model without blocks cannot be described by its config: {problem}")

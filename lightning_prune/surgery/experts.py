@@ -59,10 +59,11 @@ from torch.overrides import TorchFunctionMode
 from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
 from lightning_prune.engine.sequential import _no_kv_cache
 from lightning_prune.models import hf_config as hf
+from lightning_prune.models import layouts
+from lightning_prune.models.layouts import block_output
 from lightning_prune.surgery.shrink import Shrunk, _run, check_outputs
 
 SCORES = ("reconstruction", "loss", "reap", "frequency")
-COUNT_KEYS = ("num_local_experts", "num_experts")  # where a config keeps the number of routed experts
 MODULE_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")  # attributes modules keep it in
 
 
@@ -76,6 +77,7 @@ class MoeLayer:
     experts: nn.Module
     num_experts: int
     top_k: int
+    part: layouts.MoE = layouts.GENERIC_MOE
 
 
 def _tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -83,10 +85,11 @@ def _tensors(module: nn.Module) -> dict[str, Tensor]:
     return {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
 
 
-def _layer(name: str, block: nn.Module) -> MoeLayer:
-    """``block`` as a :class:`MoeLayer`, or a ValueError saying why its experts cannot be removed."""
-    experts = block.experts
-    router = next(getattr(block, a) for a in ("gate", "router") if isinstance(getattr(block, a, None), nn.Module))
+def _layer(name: str, block: nn.Module, part: layouts.MoE = layouts.GENERIC_MOE) -> MoeLayer:
+    """``block`` as a :class:`MoeLayer` (``part``: its layout), or a ValueError saying why its experts cannot be
+    removed."""
+    experts = getattr(block, part.experts)
+    router = getattr(block, layouts.router_of(part, block) or "")
     where = f"{name or 'the model'} ({type(block).__name__})"
     if isinstance(experts, nn.ModuleList) or not any(True for _ in experts.parameters(recurse=False)):
         raise ValueError(
@@ -107,26 +110,29 @@ def _layer(name: str, block: nn.Module) -> MoeLayer:
             f"{where}: the router {type(router).__name__} has no weight of shape [num_experts={count}, hidden] "
             f"(got {None if weight is None else tuple(weight.shape)}): its logits are not one row per expert"
         )
-    for part in (experts, router):
-        if other := [n for n, _ in part.named_children() if any(True for _ in part.get_submodule(n).parameters())]:
-            raise ValueError(f"{where}: {type(part).__name__} holds submodules with parameters {other}")
-        if bad := {n: tuple(t.shape) for n, t in _tensors(part).items() if t.dim() == 0 or t.shape[0] != count}:
+    for piece in (experts, router):
+        if other := [n for n, _ in piece.named_children() if any(True for _ in piece.get_submodule(n).parameters())]:
+            raise ValueError(f"{where}: {type(piece).__name__} holds submodules with parameters {other}")
+        if bad := {n: tuple(t.shape) for n, t in _tensors(piece).items() if t.dim() == 0 or t.shape[0] != count}:
             raise ValueError(
-                f"{where}: {type(part).__name__} holds tensors that are not one slice per expert ({bad}); "
+                f"{where}: {type(piece).__name__} holds tensors that are not one slice per expert ({bad}); "
                 "prune_experts cannot tell how to cut them"
             )
-    return MoeLayer(name, block, router, experts, count, top_k)
+    return MoeLayer(name, block, router, experts, count, top_k, part)
 
 
 def find_moe_layers(model: nn.Module) -> list[MoeLayer]:
-    """Every MoE block of ``model``: a module with ``experts`` and a ``gate`` or ``router`` (as transformers
-    names them). Raises if there is none, or if one of them is of a kind whose experts cannot be removed."""
+    """Every MoE block of ``model``: where the layout registry places them in registered Hugging Face models,
+    elsewhere a module with ``experts`` and a ``gate`` or ``router`` (as transformers names them). Raises if
+    there is none, or if one of them is of a kind whose experts cannot be removed."""
+    placed, holders = layouts.parts_by_name(model)
     found = []
     for name, module in model.named_modules():
-        if isinstance(getattr(module, "experts", None), nn.Module) and any(
-            isinstance(getattr(module, a, None), nn.Module) for a in ("gate", "router")
-        ):
-            found.append(_layer(name, module))
+        part = placed.get(name)
+        if part is None and not any(layouts.within(h, name) for h in holders):
+            part = layouts.GENERIC_MOE
+        if isinstance(part, layouts.MoE) and layouts.present(part, module):
+            found.append(_layer(name, module, part))
     if not found:
         raise ValueError(
             f"found no Mixture-of-Experts block in {type(model).__name__} (a module with `experts` and a `gate` or "
@@ -188,10 +194,6 @@ def _masked(layers: Mapping[str, MoeLayer], drop: Mapping[str, Sequence[int]]) -
 
 def _hidden(args: tuple[Any, ...], kwargs: Mapping[str, Any], i: int, key: str) -> Any:
     return args[i] if len(args) > i else kwargs.get(key)
-
-
-def _out(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
@@ -267,11 +269,11 @@ def _reconstruction_scores(
                 return
             busy = True
             try:
-                y = _out(out).float()
+                y = block_output(out).float()
                 norms[layer.name] += float(y.pow(2).sum())
                 for e in range(layer.num_experts):
                     with _masked(by_name, {layer.name: [e]}):
-                        errs[layer.name][e] += float((_out(module(*args, **kwargs)).float() - y).pow(2).sum())
+                        errs[layer.name][e] += float((block_output(module(*args, **kwargs)).float() - y).pow(2).sum())
             finally:
                 busy = False
 
@@ -362,12 +364,14 @@ def _count(n: int | float, layer: MoeLayer) -> int:
     return int(count)
 
 
-def _count_key(config: Any) -> str:
+def _count_key(pretrained: nn.Module) -> str:
+    """The config key of the routed experts' count: the first the layout names that the config holds."""
+    config, moe = pretrained.config, layouts.layout_of(pretrained).moe or layouts.GENERIC_MOE
     values = config.to_dict()
-    keys = [k for k in COUNT_KEYS if isinstance(values.get(k), int)]
+    keys = [k for k in moe.count_keys if isinstance(values.get(k), int)]
     if not keys:
         raise ValueError(
-            f"{type(config).__name__} has no expert count among {COUNT_KEYS}: its saved config could not say how "
+            f"{type(config).__name__} has no expert count among {moe.count_keys}: its saved config could not say how "
             "many experts are left"
         )
     return keys[0]
@@ -428,7 +432,7 @@ def remove_experts(
     out = copy.deepcopy(model)
     kept_all = {}
     for name, gone in plan.items():
-        layer = _layer(name, out.get_submodule(name))
+        layer = _layer(name, out.get_submodule(name), layers[name].part)
         kept = [i for i in range(layer.num_experts) if i not in set(gone)]
         index = torch.as_tensor(kept, dtype=torch.long)
         with torch.no_grad():
@@ -501,7 +505,7 @@ def _config_values(
         if not any(hf.within(prefix, n) for n in layers):
             continue
         config = pretrained.config
-        key = _count_key(config)
+        key = _count_key(pretrained)
         if getattr(config, key) != total:
             raise ValueError(
                 f"{type(config).__name__}.{key} is {getattr(config, key)}, but its MoE blocks hold {total} experts: "

@@ -5,7 +5,10 @@ consumer columns, so it contributes nothing; :func:`shrink` deletes it physicall
 rows (and biases, and per-channel BatchNorm entries), the consumer columns, and for attention the
 whole heads (Hugging Face LLaMA-style attention infers the number of heads from the projections'
 shapes, so fewer heads need no config change; ``num_heads``/``num_key_value_heads`` attributes,
-where a model class keeps them, are updated). The families are the ones
+where a model class keeps them, are updated; Phi-3's attention reads ``num_attention_heads`` from the
+config all its blocks share, so that is written at once, and blocks keeping different counts of it
+are refused). Fused layers (Phi-3's ``qkv_proj``, ``gate_up_proj``) lose the structures' rows in each
+of their parts. The families are the ones
 :func:`lightning_prune.models.graph.discover` finds, so what pruning could remove, shrinking can.
 
 The result computes what the masked model computes (checked on ``example_inputs`` when given).
@@ -43,6 +46,7 @@ from torch import Tensor, nn
 from lightning_prune.engine.targets import is_hf_conv1d
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models.graph import Family, Slot, discover
+from lightning_prune.models.layouts import model_output
 from lightning_prune.runtime.distributed import warn
 
 PLAN_FILE = "pruning_plan.json"
@@ -71,6 +75,9 @@ class Shrunk:
     blocks_kept: dict[str, list[int]] = field(default_factory=dict)
     # experts (lightning_prune.surgery.experts): MoE block -> the indices of the original experts kept, in order
     experts_kept: dict[str, list[int]] = field(default_factory=dict)
+    # config values the shrunk modules read at run time (Phi-3's num_attention_heads), written at once into the
+    # config their blocks share, as they were before, by Hugging Face model: what a with_plan checkpoint keeps
+    config_before: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def save_pretrained(self, directory: str | os.PathLike[str], *, with_plan: bool = False, **kwargs: Any) -> Path:
         """Write the shrunk Hugging Face model as a checkpoint in ``directory``.
@@ -103,6 +110,8 @@ class Shrunk:
 
         directory.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(model.config)  # the unpruned sizes: from_config builds what the plan shrinks
+        for key, value in self.config_before.get(name, {}).items():
+            setattr(config, key, value)
         config.architectures = [type(model).__name__]  # as the model's save_pretrained records it
         config.save_pretrained(directory)
         plan = {hf.relative(name, f): kept for f, kept in self.plan.items() if hf.within(name, f)}
@@ -239,13 +248,18 @@ def _removable(model: nn.Module, family: Family) -> Tensor:
     """Structures whose consumer columns are exactly zero in every consumer: they contribute nothing."""
     gone = torch.ones(family.size, dtype=torch.bool)
     for s in family.consumers:
-        m = _matrix(model.get_submodule(s.module))
-        gone &= (m.reshape(m.shape[0], family.size, s.width) == 0).all(2).all(0).cpu()
+        gone &= (s.view(_matrix(model.get_submodule(s.module)), family.size) == 0).all(1).cpu()
     return gone
 
 
-def _index(kept: Tensor, width: int) -> Tensor:
-    return (kept[:, None] * width + torch.arange(width)).flatten()
+def _keep(slots: list[Slot], size: int, kept: Tensor, dim: int) -> Tensor:
+    """The indices along one layer's axis (of ``dim``) that stay: each slot's span holds its ``kept``
+    structures (in ``kept``'s order), and what lies outside every slot (a fused layer's other parts) stays."""
+    pieces, at = [], 0
+    for s in sorted(slots, key=lambda s: s.offset):
+        pieces += [torch.arange(at, s.offset), (s.offset + kept[:, None] * s.width + torch.arange(s.width)).flatten()]
+        at = s.span(size).stop
+    return torch.cat([*pieces, torch.arange(at, dim)])
 
 
 def _param(module: nn.Module, name: str, value: Tensor) -> None:
@@ -253,8 +267,8 @@ def _param(module: nn.Module, name: str, value: Tensor) -> None:
     setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
 
 
-def _shrink_out(module: nn.Module, slot: Slot, kept: Tensor) -> None:
-    rows = _index(kept, slot.width).to(module.weight.device)
+def _shrink_out(module: nn.Module, slots: list[Slot], size: int, kept: Tensor) -> None:
+    rows = _keep(slots, size, kept, _matrix(module).shape[0]).to(module.weight.device)
     with torch.no_grad():
         if is_hf_conv1d(module):
             _param(module, "weight", module.weight[:, rows])
@@ -269,13 +283,13 @@ def _shrink_out(module: nn.Module, slot: Slot, kept: Tensor) -> None:
         module.out_channels = rows.numel()
 
 
-def _shrink_in(module: nn.Module, slot: Slot, kept: Tensor) -> None:
+def _shrink_in(module: nn.Module, slots: list[Slot], size: int, kept: Tensor) -> None:
     with torch.no_grad():
         if isinstance(module, nn.modules.conv._ConvNd):  # a channel's kh*kw columns are one input channel
             _param(module, "weight", module.weight[:, kept.to(module.weight.device)])
             module.in_channels = kept.numel()
             return
-        cols = _index(kept, slot.width).to(module.weight.device)
+        cols = _keep(slots, size, kept, _matrix(module).shape[1]).to(module.weight.device)
         if is_hf_conv1d(module):
             _param(module, "weight", module.weight[cols])
         else:
@@ -295,31 +309,58 @@ def _shrink_norm(norm: nn.Module, kept: Tensor) -> None:
     norm.num_features = kept.numel()
 
 
+def _by_module(slots: tuple[Slot, ...]) -> dict[str, list[Slot]]:
+    """A family's slots per layer (a fused layer holds several, cut together)."""
+    out: dict[str, list[Slot]] = {}
+    for s in slots:
+        out.setdefault(s.module, []).append(s)
+    return out
+
+
 def _apply(model: nn.Module, family: Family, kept: Tensor) -> None:
-    for s in family.producers:
-        _shrink_out(model.get_submodule(s.module), s, kept)
+    for name, slots in _by_module(family.producers).items():
+        _shrink_out(model.get_submodule(name), slots, family.size, kept)
     for name in family.norms:
         _shrink_norm(model.get_submodule(name), kept)
-    for s in family.consumers:
-        _shrink_in(model.get_submodule(s.module), s, kept)
+    for name, slots in _by_module(family.consumers).items():
+        _shrink_in(model.get_submodule(name), slots, family.size, kept)
     if family.kind == "heads":
         attention = model.get_submodule(family.name)
         rep = getattr(attention, "num_key_value_groups", 1)
         for attr, n in (("num_heads", kept.numel() * rep), ("num_key_value_heads", kept.numel())):
             if isinstance(getattr(attention, attr, None), int):
                 setattr(attention, attr, n)
+    values = hf.family_fields(replace(family, size=kept.numel()))
+    for key in family.reads_config:  # read at run time from the config every block shares (checked: one value)
+        setattr(model.get_submodule(family.name).config, key, values[key])
 
 
-def _output(out: Any) -> Tensor:
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(getattr(out, "last_hidden_state", None), Tensor):  # a bare Hugging Face encoder (AutoModel)
-        return out.last_hidden_state
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"shrink: cannot compare the model's output of type {type(out).__name__}; pass example_inputs=None")
+def _shared_config(model: nn.Module, families: list[Family], cuts: list[tuple[Family, Tensor]]) -> dict[str, dict]:
+    """The config values the cut families' modules read at run time from their (shared) configs, before the
+    cut, by the Hugging Face model holding them; refused, before anything changes, where the blocks (cut or
+    not) would need different values of one config."""
+    kept = {f.name: k.numel() for f, k in cuts}
+    wanted: dict[tuple[int, str], dict[str, int]] = {}
+    before: dict[str, dict[str, Any]] = {}
+    for f in families:
+        if not f.reads_config:
+            continue
+        config = model.get_submodule(f.name).config
+        values = hf.family_fields(replace(f, size=kept.get(f.name, f.size)))
+        for key in f.reads_config:
+            wanted.setdefault((id(config), key), {})[f.name] = values[key]
+            if f.name in kept:
+                holder = next((p for p, _ in hf.pretrained_models(model) if hf.within(p, f.name)), "")
+                before.setdefault(holder, {}).setdefault(key, getattr(config, key))
+    for (_, key), values in wanted.items():
+        if len(set(values.values())) > 1:
+            listed = ", ".join(f"{n}: {v}" for n, v in list(values.items())[:4])
+            raise ValueError(
+                f"shrink: these attention modules read {key} at run time from the config all their blocks share, so "
+                f"every block must keep the same number ({listed}{' ...' if len(values) > 4 else ''}): prune with "
+                "pattern='channels' and the default scope (the same count in every block)"
+            )
+    return before
 
 
 def _check_kept(name: str, kept: Any, size: int) -> None:
@@ -349,8 +390,10 @@ def _run(model: nn.Module, inputs: Any) -> Tensor:
     model.eval()
     try:
         if isinstance(inputs, Mapping):
-            return _output(model(**inputs)).detach().clone()
-        return _output(model(inputs)).detach().clone()
+            out = model(**inputs)
+        else:
+            out = model(inputs)
+        return model_output(out, "shrink", "pass example_inputs=None").detach().clone()
     finally:
         model.train(training)
 
@@ -406,10 +449,7 @@ def shrink(
             raise ValueError(f"`plan` names families {unknown[:5]} that {type(model).__name__} does not have")
         for name, kept in plan.items():  # all checked before any layer changes (inplace=True loses nothing)
             _check_kept(name, kept, by_name[name].size)
-    reference = _run(model, example_inputs) if example_inputs is not None else None
-    before = sum(p.numel() for p in model.parameters())
-    out = model if inplace else copy.deepcopy(model)
-    kept_plan, removed = {}, {}
+    cuts = []
     for f in families:
         if plan is not None:
             if f.name not in plan:
@@ -417,13 +457,19 @@ def shrink(
             kept = torch.as_tensor(list(plan[f.name]), dtype=torch.long)
         else:
             kept = (~_removable(model, f)).nonzero().flatten()
-        if kept.numel() == f.size:
-            continue
+        if kept.numel() != f.size:
+            cuts.append((f, kept))
+    shared = _shared_config(model, families, cuts)
+    reference = _run(model, example_inputs) if example_inputs is not None else None
+    before = sum(p.numel() for p in model.parameters())
+    out = model if inplace else copy.deepcopy(model)
+    for f, kept in cuts:
         _apply(out, f, kept)
-        kept_plan[f.name], removed[f.name] = kept.tolist(), f.size - kept.numel()
+    kept_plan = {f.name: kept.tolist() for f, kept in cuts}
+    removed = {f.name: f.size - kept.numel() for f, kept in cuts}
     if plan is None and not kept_plan:
         _say_nothing_removed(model, families, notes)
-    result = Shrunk(out, kept_plan, removed, notes, params_before=before)
+    result = Shrunk(out, kept_plan, removed, notes, params_before=before, config_before=shared)
     result.params_after = sum(p.numel() for p in out.parameters())
     if reference is not None:
         result.max_abs_diff = check_outputs(

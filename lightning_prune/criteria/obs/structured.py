@@ -54,6 +54,8 @@ def prune_structures(
                 continue
             slots = pattern.slots(f, "consumers")  # type: ignore[attr-defined]
             consumers = [t for _, t in slots]
+            if len({t.name for t in consumers}) < len(consumers):  # the solver owns each consumer's columns whole
+                raise ValueError(f"structured OBS: {f.name!r} is read by a fused consumer (several slots in one layer)")
             Ws = [obs.matrix(t) for t in consumers]
             covariances = [stats.input_covariance(t.name).to(dtype) for t in consumers]  # type: ignore[attr-defined]
             if cross is not None:  # fit the consumers' original outputs (layer-wise preparation, then refit)
