@@ -16,6 +16,7 @@ from lightning_prune.engine.round import prune
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
 from lightning_prune.surgery.depth import prune_blocks
 from lightning_prune.surgery.experts import prune_experts
+from lightning_prune.surgery.hidden import prune_hidden
 from lightning_prune.surgery.export import export_semi_structured
 from lightning_prune.surgery.shrink import load_shrunk, shrink
 
@@ -39,6 +40,7 @@ __all__ = [
     "prune",
     "prune_blocks",
     "prune_experts",
+    "prune_hidden",
     "shrink",
 ]
 __version__ = "0.1.0"
