@@ -14,10 +14,11 @@ from typing import Any
 from lightning_prune.engine.pruner import Pruner
 from lightning_prune.engine.round import prune
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher
+from lightning_prune.surgery.budget import shrink_to
 from lightning_prune.surgery.depth import prune_blocks
 from lightning_prune.surgery.experts import prune_experts
-from lightning_prune.surgery.hidden import prune_hidden
 from lightning_prune.surgery.export import export_semi_structured
+from lightning_prune.surgery.hidden import prune_hidden
 from lightning_prune.surgery.shrink import load_shrunk, shrink
 
 _CALLBACKS = ("Distillation", "MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback")
@@ -42,6 +43,7 @@ __all__ = [
     "prune_experts",
     "prune_hidden",
     "shrink",
+    "shrink_to",
 ]
 __version__ = "0.1.0"
 

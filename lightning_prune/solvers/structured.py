@@ -27,6 +27,15 @@ def group_update(W: Tensor, Hinv: Tensor, cols: Tensor) -> tuple[Tensor, Tensor,
     """Remove ``cols`` (indices) of ``W`` at once: ``(W', H^-1 of the kept columns, per-row loss)``."""
     B = Hinv[cols][:, cols]
     Wq = W[:, cols]
+    if cols.numel() == 1:  # one column (a neuron): the solves are divisions
+        X = Wq.T / B
+        losses = 0.5 * (Wq * X.T).sum(1)
+        W_new = W - X.T @ Hinv[cols]
+        W_new[:, cols] = 0.0
+        Hinv_new = Hinv - Hinv[:, cols] @ (Hinv[cols] / B)
+        Hinv_new[cols] = 0.0
+        Hinv_new[:, cols] = 0.0
+        return W_new, Hinv_new, losses
     X = torch.linalg.solve(B, Wq.T)  # ([H^-1]_QQ)^-1 W[:, Q]^T
     losses = 0.5 * (Wq * X.T).sum(1)
     W_new = W - X.T @ Hinv[cols]
@@ -86,10 +95,13 @@ def structured_prune(
             )
         total = torch.zeros(alive.numel(), dtype=Ws[0].dtype, device=Ws[0].device)
         for c, (W, Hinv, w) in enumerate(zip(Ws, Hinvs, widths)):
-            blocks = Hinv.view(size, w, size, w).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[alive]  # (a, w, w)
-            Wb = W.view(W.shape[0], size, w)[:, alive].permute(1, 2, 0)  # (a, w, rows)
-            X = torch.linalg.solve(blocks, Wb)
-            per_row = 0.5 * (Wb * X).sum(1)  # (a, rows)
+            if w == 1:  # single columns: 1/2 W[i, j]^2 / [H^-1]_jj
+                per_row = 0.5 * W[:, alive].T ** 2 / Hinv.diagonal()[alive, None]  # (a, rows)
+            else:
+                blocks = Hinv.view(size, w, size, w).diagonal(dim1=0, dim2=2).permute(2, 0, 1)[alive]  # (a, w, w)
+                Wb = W.view(W.shape[0], size, w)[:, alive].permute(1, 2, 0)  # (a, w, rows)
+                X = torch.linalg.solve(blocks, Wb)
+                per_row = 0.5 * (Wb * X).sum(1)  # (a, rows)
             g = row_weights[c]
             total += per_row @ g.to(per_row.dtype) if g is not None else per_row.sum(1)
         best = int(torch.argmin(total))  # ties: the lowest index

@@ -75,6 +75,8 @@ class Shrunk:
     blocks_kept: dict[str, list[int]] = field(default_factory=dict)
     # experts (lightning_prune.surgery.experts): MoE block -> the indices of the original experts kept, in order
     experts_kept: dict[str, list[int]] = field(default_factory=dict)
+    # the budget search (lightning_prune.surgery.budget.shrink_to): every candidate's shape, parameters, loss, seconds
+    candidates: list[dict[str, Any]] = field(default_factory=list)
     # config values the shrunk modules read at run time (Phi-3's num_attention_heads), written at once into the
     # config their blocks share, as they were before, by Hugging Face model: what a with_plan checkpoint keeps
     config_before: dict[str, dict[str, Any]] = field(default_factory=dict)

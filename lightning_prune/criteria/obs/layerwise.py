@@ -176,7 +176,7 @@ class LayerwiseOBS(OBSCriterion):
             scores = {}  # sharded (FSDP2): each layer is gathered for its score, and this rank keeps its block of it
             for t in layers:
                 ctx.check_interrupt(f"scoring {t.name}")
-                if self.picks_in_sweep(ctx, t):  # only the layer's total count matters: no Hessian needed
+                if self.picks_in_sweep(ctx, t) or self.counts_fixed(ctx):  # only counts matter: no Hessian needed
                     scores[t.name] = t.param.detach().abs()
                     continue
                 scores[t.name] = t.local(self.allocation_score(t, est, ~t.gather(ctx.masks[t.name]), allocation))
@@ -312,6 +312,11 @@ class LayerwiseOBS(OBSCriterion):
             and not ctx.sharded
             and ctx.pattern.quotas(t, ~ctx.masks[t.name]) is None
         )
+
+    def counts_fixed(self, ctx: RoundContext) -> bool:
+        """Whether the selection fixes only counts the scores cannot change: whole structures with the same
+        share in every family (``scope="layer"``), which the structured solver then chooses itself."""
+        return ctx.pattern.removes_structures and ctx.scope == "layer"
 
     def solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
         """The solver of each layer: the one asked for, or ``"auto"``'s choice within the round's budget."""

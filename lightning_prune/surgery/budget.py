@@ -1,0 +1,351 @@
+"""``shrink_to``: the best smaller model for a parameter budget, choosing width (hidden size, heads, MLP
+neurons) against depth (blocks) by measurement, as Minitron ranks its candidates.
+
+A Hugging Face decoder has four axes that make it smaller: the hidden size (:func:`~lightning_prune.prune_hidden`),
+the attention heads and the MLP neurons of every block (``pattern="channels"`` + :func:`~lightning_prune.shrink`),
+and the number of blocks (:func:`~lightning_prune.prune_blocks`). :func:`shrink_to` enumerates shapes on a
+grid of the first three and the fourth, gives each shape the **largest MLP width that fits the budget** (the
+parameter count of every shape is exact: the model class is built from the shape's config on the meta
+device), picks ``candidates`` of them (the single-axis cuts and the most balanced mixes), prunes each from the
+dense model on ``data`` and ranks them by the measured calibration loss on held-out batches. The best one is
+returned, ready for ``save_pretrained``, with the table of every candidate in ``Shrunk.candidates``.
+
+Each candidate: blocks by their measured removal cost (scored once, on the dense model), then heads and
+neurons with label-free structured OBS (every block the same counts, consumers refitted), then the hidden
+size with :func:`~lightning_prune.prune_hidden`'s OBS score (readers refitted, norms rescaled). The budget
+counts the parameters outside the embeddings and the output head by default (``count="non_embedding"``),
+as Minitron reports its sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_prune.engine.calibration import Calibration, LossFn, eval_mode
+from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.models import hf_config as hf
+from lightning_prune.models import layouts
+from lightning_prune.surgery.shrink import RefusedSave, Shrunk
+
+COUNTS = ("non_embedding", "all")
+AXES = ("hidden", "heads", "neurons", "depth")
+HIDDEN_KEPT = (1.0, 0.875, 0.75, 0.625, 0.5)
+HEADS_KEPT = (1.0, 0.75, 0.5)
+DEPTH_REMOVED = (0.0, 0.125, 0.25, 0.375)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One candidate: what each axis keeps (``blocks``: how many), and its exact parameter count."""
+
+    hidden: int
+    kv_heads: int
+    heads: int
+    intermediate: int
+    blocks: int
+    params: int
+
+    def text(self) -> str:
+        return (
+            f"hidden {self.hidden}, heads {self.heads}/{self.kv_heads} kv, MLP {self.intermediate}, "
+            f"{self.blocks} blocks"
+        )
+
+
+def shrink_to(
+    model: nn.Module,
+    data: Sequence[Any],
+    params: float | int,
+    *,
+    count: str = "non_embedding",
+    axes: Sequence[str] = AXES,
+    candidates: int = 8,
+    eval_batches: int = 4,
+    loss_fn: LossFn | None = None,
+    verbose: int = 1,
+) -> Shrunk:
+    """The best of ``candidates`` smaller shapes of ``model`` (a Hugging Face decoder of a registered
+    architecture, or a module holding one) within ``params``: a fraction in ``(0, 1)`` of the dense model's
+    parameters (counted as ``count`` says) or a number of them.
+
+    ``data``: calibration batches (a list; the last ``eval_batches`` of them rank the candidates by their
+    mean loss, the others prune them); ``axes``: which of ``("hidden", "heads", "neurons", "depth")`` may
+    change (``"neurons"`` always fills the budget; without it a candidate is the largest shape of the other
+    axes within the budget). Returns the best candidate's :class:`Shrunk` (a copy; ``model`` is untouched);
+    ``Shrunk.candidates`` lists every candidate's shape, parameters, loss and seconds, in the order tried.
+    """
+    if count not in COUNTS:
+        raise ValueError(f"`count` must be one of {COUNTS}, got {count!r}")
+    if bad := [a for a in axes if a not in AXES] or not axes:
+        raise ValueError(f"`axes` must name some of {AXES}, got {list(axes)} ({bad})")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ValueError(f"`candidates` must be an integer >= 1, got {candidates!r}")
+    data = list(data)
+    if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or not 1 <= eval_batches < len(data):
+        raise ValueError(
+            f"`eval_batches={eval_batches!r}` must leave calibration batches: `data` gave {len(data)} batches, and "
+            "the last eval_batches of them rank the candidates"
+        )
+    calib, held_out = data[:-eval_batches], data[-eval_batches:]
+    _, hf_model, arch = _decoder(model)
+    if not Calibration(model, loss_fn, training_step=True, output_loss=True).has_loss(held_out[0]):
+        raise ValueError(
+            f"shrink_to ranks the candidates by their loss, and {type(model).__name__} gives none on `data`: pass "
+            "batches with labels (a causal LM: labels=input_ids) or loss_fn=lambda model, batch: ... (the mean loss)"
+        )
+    dense = _shape_of(hf_model, arch)
+    counter = _Counter(hf_model, arch, count)
+    budget = _budget(params, counter(dense))
+    shapes = grid(hf_model, arch, dense, budget, counter, axes)
+    if not shapes:
+        raise ValueError(
+            f"no shape of {type(hf_model).__name__} on the grid fits params={params!r} ({budget:,} {count} "
+            f"parameters of {counter(dense):,}) with axes={list(axes)}: allow more axes or a larger budget"
+        )
+    chosen = pick(shapes, dense, candidates)
+    order = _block_order(model, calib, loss_fn) if any(s.blocks < dense.blocks for s in chosen) else []
+    rows, best = [], None
+    for shape in chosen:
+        start = time.perf_counter()
+        small = build_candidate(model, calib, shape, dense, order, loss_fn)
+        loss = mean_loss(small.model, held_out, loss_fn)
+        rows.append({**asdict(shape), "loss": loss, "seconds": time.perf_counter() - start})
+        if verbose >= 1:
+            print(f"shrink_to: {shape.text()}: {shape.params:,} params, loss {loss:.4f}", flush=True)
+        if best is None or loss < best[0]:
+            best = (loss, small, shape)
+    assert best is not None
+    _, result, shape = best
+    result.candidates = rows
+    result.notes.append(f"shrink_to(params={params!r}, count={count!r}): best of {len(rows)}: {shape.text()}")
+    return result
+
+
+def _decoder(model: nn.Module) -> tuple[str, nn.Module, layouts.Architecture]:
+    found = layouts.registered(model)
+    if len(found) != 1:
+        raise ValueError(
+            f"shrink_to needs one Hugging Face decoder of a registered architecture ({sorted(layouts.REGISTRY)}); "
+            f"{type(model).__name__} holds {[type(m).__name__ for _, m, _ in found] or 'none'}"
+        )
+    return found[0]
+
+
+def _shape_of(hf_model: nn.Module, arch: layouts.Architecture) -> Shape:
+    config, keys = hf_model.config, arch.config_keys()
+    return Shape(
+        hidden=getattr(config, keys["hidden"]),
+        kv_heads=getattr(config, keys.get("kv_heads", keys["heads"]), None) or getattr(config, keys["heads"]),
+        heads=getattr(config, keys["heads"]),
+        intermediate=getattr(config, keys["intermediate"]),
+        blocks=getattr(config, keys["layers"]),
+        params=0,
+    )
+
+
+class _Counter:
+    """The exact parameter count of a shape: the model class built from the shape's config on meta."""
+
+    def __init__(self, hf_model: nn.Module, arch: layouts.Architecture, count: str) -> None:
+        self.model, self.arch, self.count = hf_model, arch, count
+        self.keys = arch.config_keys()
+        self.head_dim = getattr(hf_model.config, "head_dim", None) or (
+            getattr(hf_model.config, self.keys["hidden"]) // getattr(hf_model.config, self.keys["heads"])
+        )
+
+    def values(self, s: Shape) -> dict[str, Any]:
+        k = self.keys
+        values: dict[str, Any] = {k["hidden"]: s.hidden, k["heads"]: s.heads, k["intermediate"]: s.intermediate}
+        values[k["layers"]] = s.blocks
+        if "kv_heads" in k:
+            values[k["kv_heads"]] = s.kv_heads
+        if "head_dim" in k:
+            values[k["head_dim"]] = self.head_dim
+        for key in self.arch.per_block:  # per-block lists keep their first entries (cut with the blocks)
+            if isinstance(per_block := getattr(self.model.config, key, None), list):
+                values[key] = per_block[: s.blocks]
+        return values
+
+    def __call__(self, s: Shape) -> int | None:
+        """The parameters of shape ``s``, or ``None`` where its config class refuses it."""
+        try:
+            config = hf.updated_config(self.model.config, self.values(s))
+        except Exception:  # the config class's own validation, whatever it raises
+            return None
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = type(self.model)(config)
+        total = sum(p.numel() for p in built.parameters())
+        if self.count == "non_embedding":
+            out = built.get_output_embeddings()
+            skip = {id(built.get_input_embeddings().weight), *([id(out.weight)] if out is not None else [])}
+            skip |= {id(p) for n, p in built.named_parameters() if any(e in n for e in self.arch.embeddings)}
+            total -= sum(p.numel() for p in {id(p): p for p in built.parameters() if id(p) in skip}.values())
+        return total
+
+
+def _budget(params: float | int, dense: int | None) -> int:
+    if dense is None:
+        raise ValueError("the dense model's own config is refused by its config class")
+    if isinstance(params, bool) or not isinstance(params, numbers.Real) or not math.isfinite(params) or params <= 0:
+        raise ValueError(f"`params` must be a fraction in (0, 1) or a number of parameters, got {params!r}")
+    budget = int(params * dense) if params < 1 else int(params)
+    if budget >= dense:
+        raise ValueError(f"`params={params!r}` ({budget:,}) is not below the dense model's {dense:,}")
+    return budget
+
+
+def grid(
+    hf_model: nn.Module,
+    arch: layouts.Architecture,
+    dense: Shape,
+    budget: int,
+    counter: Callable[[Shape], int | None],
+    axes: Sequence[str],
+) -> list[Shape]:
+    """Every shape on the grid within ``budget``: hidden sizes, key/value heads and block counts from the axes
+    allowed, each with the largest MLP width that fits (``"neurons"`` allowed), else the full one."""
+    from lightning_prune.surgery.hidden import allowed_sizes, hidden_stream
+
+    hiddens = [dense.hidden]
+    if "hidden" in axes:
+        allowed = [*allowed_sizes(hf_model, hidden_stream(hf_model)[2]), dense.hidden]
+        hiddens = sorted({min(allowed, key=lambda h: abs(h - f * dense.hidden)) for f in HIDDEN_KEPT}, reverse=True)
+    kvs = sorted({max(1, round(f * dense.kv_heads)) for f in (HEADS_KEPT if "heads" in axes else (1.0,))})[::-1]
+    depths = sorted({dense.blocks - round(f * dense.blocks) for f in (DEPTH_REMOVED if "depth" in axes else (0,))})
+    shapes = []
+    for h, kv, b in itertools.product(hiddens, kvs, depths[::-1]):
+        heads = kv * (dense.heads // dense.kv_heads)
+        base = Shape(h, kv, heads, dense.intermediate, b, 0)
+        shape = _fill(base, budget, counter) if "neurons" in axes else base
+        if shape is not None and (n := counter(shape)) is not None and n <= budget:
+            shapes.append(Shape(**{**asdict(shape), "params": n}))
+    return shapes
+
+
+def _fill(base: Shape, budget: int, counter: Callable[[Shape], int | None]) -> Shape | None:
+    """``base`` with the largest MLP width (at most its own, at least an eighth of it) within ``budget``."""
+    low, high = max(1, base.intermediate // 8), base.intermediate
+    fits = lambda i: (n := counter(Shape(**{**asdict(base), "intermediate": i}))) is not None and n <= budget  # noqa: E731
+    if not fits(low):
+        return None
+    while low < high:  # the count grows with the width: the largest that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return Shape(**{**asdict(base), "intermediate": low})
+
+
+def pick(shapes: Sequence[Shape], dense: Shape, n: int) -> list[Shape]:
+    """``n`` shapes to try, one per combination of axes cut: those cutting one axis first, then the others by
+    their most balanced member (the smallest spread of what the axes keep), most balanced first."""
+
+    def kept(s: Shape) -> tuple[float, ...]:
+        return (s.hidden / dense.hidden, s.kv_heads / dense.kv_heads, s.intermediate / dense.intermediate,
+                s.blocks / dense.blocks)  # fmt: skip
+
+    def spread(s: Shape) -> float:
+        return max(kept(s)) - min(kept(s))
+
+    best: dict[tuple[bool, ...], Shape] = {}
+    for s in sorted(shapes, key=lambda s: (spread(s), -s.params)):
+        best.setdefault(tuple(k < 1 for k in kept(s)), s)
+    return sorted(best.values(), key=lambda s: (sum(k < 1 for k in kept(s)) > 1, spread(s)))[:n]
+
+
+def _block_order(model: nn.Module, data: Sequence[Any], loss_fn: LossFn | None) -> list[int]:
+    """The blocks by their measured removal cost on the dense model (cheapest first), scored once."""
+    from lightning_prune.surgery.depth import block_scores
+
+    scores = block_scores(model, data, score="loss", loss_fn=loss_fn)
+    return sorted(range(len(scores)), key=lambda i: scores[i])
+
+
+def build_candidate(
+    model: nn.Module, data: Sequence[Any], shape: Shape, dense: Shape, order: Sequence[int], loss_fn: LossFn | None
+) -> Shrunk:
+    """``model`` cut to ``shape``: blocks, then heads and neurons (label-free structured OBS), then hidden."""
+    from lightning_prune.criteria import OBS
+    from lightning_prune.engine.pruner import Pruner
+    from lightning_prune.engine.round import prune
+    from lightning_prune.surgery.depth import remove_blocks
+    from lightning_prune.surgery.hidden import prune_hidden
+    from lightning_prune.surgery.shrink import shrink
+
+    _, _, arch = _decoder(model)
+    before = sum(p.numel() for p in model.parameters())
+    current = copy.deepcopy(model)
+    notes = []
+    if shape.blocks < dense.blocks:
+        drop = sorted(order[: dense.blocks - shape.blocks])
+        current = remove_blocks(current, drop).model
+        notes.append(f"blocks {drop} removed")
+    counter = _Counter(_decoder(current)[1], arch, "all")
+    keys = counter.keys
+    cuts = {  # part -> (fraction of its structures removed, the config sizes it sets)
+        "attention": (1 - shape.kv_heads / dense.kv_heads, ("heads", "kv_heads")),
+        "mlp": (1 - shape.intermediate / dense.intermediate, ("intermediate",)),
+    }
+    for part, (fraction, sizes) in cuts.items():
+        if fraction <= 0:
+            continue
+        criterion = OBS(allocation="reconstruction", recompute_steps=1)  # label-free, one pass: cheap rounds
+        pruner = Pruner(criterion, fraction, pattern="channels", include=[f"*.{getattr(arch, part)}.*"],
+                        num_batches=len(data), eval_batches=0, verbose=0)  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a step on the way may be no standard config (3 heads of hidden 32)
+            prune(current, data, pruner, loss_fn=loss_fn)
+            current = shrink(current).model
+        _, hf_now, _ = _decoder(current)
+        for size in sizes:  # the sizes reached so far, written unchecked: the final shape is checked below
+            if size in keys:
+                setattr(hf_now.config, keys[size], getattr(shape, size))
+    if shape.hidden < dense.hidden:
+        current = prune_hidden(current, data, dense.hidden - shape.hidden, loss_fn=loss_fn).model
+    _describe(current, counter, shape)
+    result = Shrunk(current, {}, {}, params_before=before, notes=notes)
+    result.params_after = sum(p.numel() for p in current.parameters())
+    return result
+
+
+def _describe(model: nn.Module, counter: _Counter, shape: Shape) -> None:
+    """Write ``shape``'s sizes into the config of the decoder in ``model``, checked as ``from_pretrained`` builds
+    it; a shape its config class refuses raises (the grid only holds shapes it accepts)."""
+    _, hf_model, _ = _decoder(model)
+    values = counter.values(shape)
+    if problem := hf.check_config(hf_model, values):
+        raise RuntimeError(f"shrink_to: the candidate {shape.text()} is not what its config describes: {problem}")
+    for key, value in values.items():
+        setattr(hf_model.config, key, value)
+    if isinstance(hf_model.__dict__.get("save_pretrained"), RefusedSave):  # a step's on the way: described now
+        del hf_model.__dict__["save_pretrained"]
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None) -> float:
+    """The mean loss of ``model`` over ``batches`` (``loss_fn``, else the output's ``.loss``)."""
+    calib = Calibration(model, loss_fn, training_step=True, output_loss=True)
+    with eval_mode(model), _no_kv_cache(model):
+        losses = [float(calib.loss(b, i)) for i, b in enumerate(batches)]
+    return sum(losses) / len(losses)
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``Shrunk.candidates`` as a Markdown table."""
+    head = "| hidden | heads (kv) | MLP | blocks | parameters | loss | seconds |\n|---|---|---|---|---|---|---|"
+    lines = [
+        f"| {r['hidden']} | {r['heads']} ({r['kv_heads']}) | {r['intermediate']} | {r['blocks']} | {r['params']:,} | "
+        f"{r['loss']:.4f} | {r['seconds']:.1f} |"
+        for r in rows
+    ]
+    return "\n".join([head, *lines])

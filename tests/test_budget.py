@@ -1,0 +1,103 @@
+"""shrink_to: the budget is met exactly (every candidate within it, its MLP the widest that fits), the table lists
+every candidate tried, the best is returned and loads back as a standard checkpoint; bad input is refused."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune import shrink_to
+from lightning_prune.surgery.budget import _Counter, _shape_of, table
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def build(seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+              num_hidden_layers=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+              tie_word_embeddings=False)  # fmt: skip
+    kw.update(overrides)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+
+
+def batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (x := torch.randint(2, VOCAB, (4, 12), generator=g)), "labels": x} for _ in range(n)]
+
+
+def run(model: nn.Module, params: float, **kw) -> object:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return shrink_to(model, batches(), params, eval_batches=2, verbose=0, **kw)
+
+
+def non_embedding(model: nn.Module) -> int:
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def test_every_candidate_meets_the_budget_with_the_widest_mlp_that_fits_and_the_best_is_returned(tmp_path):
+    model = build()
+    dense = non_embedding(model)
+    small = run(model, 0.5, candidates=4)
+    budget = int(0.5 * dense)
+    rows = small.candidates
+    assert 2 <= len(rows) <= 4 and len({(r["hidden"], r["kv_heads"], r["blocks"]) for r in rows}) == len(rows)
+    counter = _Counter(model, __import__("lightning_prune").models.layouts.layout_of(model), "non_embedding")
+    shape0 = _shape_of(model, counter.arch)
+    for r in rows:
+        assert r["params"] <= budget
+        shape = replace(shape0, **{k: r[k] for k in ("hidden", "kv_heads", "heads", "intermediate", "blocks")})
+        assert counter(shape) == r["params"]
+        if r["intermediate"] < shape0.intermediate:  # one more neuron per block would exceed the budget
+            assert counter(replace(shape, intermediate=r["intermediate"] + 1)) > budget
+    best = min(rows, key=lambda r: r["loss"])
+    config = small.model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (
+        best["hidden"], best["intermediate"], best["blocks"]
+    )  # fmt: skip
+    assert non_embedding(small.model) == best["params"] <= budget
+    assert table(rows).count("\n") == len(rows) + 1 and "shrink_to(params=0.5" in small.notes[-1]
+    small.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, small.model(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert model.config.hidden_size == 32 and non_embedding(model) == dense  # the model given is untouched
+
+
+def test_the_axes_given_are_the_only_ones_cut_and_an_absolute_budget_counts_all_parameters():
+    model = build()
+    small = run(model, 0.6, axes=("neurons", "depth"), candidates=8)
+    assert all(r["hidden"] == 32 and r["kv_heads"] == 4 for r in small.candidates)
+    total = sum(p.numel() for p in model.parameters())
+    budget = int(0.8 * total)
+    small = run(model, budget, count="all", axes=("neurons",), candidates=2)
+    assert len(small.candidates) == 1 and sum(p.numel() for p in small.model.parameters()) <= budget
+
+
+def test_bad_input_is_refused_before_any_pass():
+    model = build()
+    for bad in (0, -0.5, float("nan"), True, 10**9):
+        with pytest.raises(ValueError, match="`params"):
+            run(model, bad)
+    with pytest.raises(ValueError, match="`axes`"):
+        run(model, 0.5, axes=("width",))
+    with pytest.raises(ValueError, match="`count`"):
+        run(model, 0.5, count="embedding")
+    with pytest.raises(ValueError, match="`candidates`"):
+        run(model, 0.5, candidates=0)
+    with pytest.raises(ValueError, match="`eval_batches=6`"):
+        shrink_to(model, batches(), 0.5, eval_batches=6)
+    unlabeled = [{"input_ids": b["input_ids"]} for b in batches()]
+    with pytest.raises(ValueError, match="gives none on `data`"):
+        shrink_to(model, unlabeled, 0.5, eval_batches=2)
+    with pytest.raises(ValueError, match="no shape"):
+        run(model, 0.01, axes=("neurons",))
