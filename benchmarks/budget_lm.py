@@ -1,0 +1,395 @@
+"""Smaller LLaMAs for a parameter budget: our axes and the budget's pick against Minitron's activation
+importance and magnitude, one-shot and after the same short distillation.
+
+python benchmarks/budget_lm.py --oneshot            # 25% and 50% of the non-embedding parameters removed
+python benchmarks/budget_lm.py --recover 100        # the 50% rows distilled 100 steps, perplexity every 25
+
+A LLaMA of ``PLAN`` (8 blocks, hidden 512) is trained here once (``lm.dense``, cached). Rows:
+
+* ours, one axis: the hidden size alone (``prune_hidden``, OBS: readers refitted, norms rescaled); heads and
+  neurons alone (``shrink_to(axes=("heads", "neurons"))``); blocks alone (``prune_blocks``, by loss);
+* ours, the budget's pick: ``shrink_to(model, data, params)`` over hidden, heads, neurons and depth;
+* Minitron's activation importance (Muralidharan et al. 2024, implemented here from the paper: mean |output| of
+  every norm per hidden channel, mean |activation| per MLP neuron, mean L2 norm of each head's output;
+  plain slicing, no compensation) at the **same shape** as the budget's pick, and at the hidden-only shape;
+* magnitude at the budget's shape (heads and neurons by the L1 norm of their weights, ``MagnitudePruning``;
+  the hidden size by the group L2 norm of every weight a channel owns, Torch-Pruning's criterion);
+* the dense model, and (``--recover``) the dense model trained the same extra steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+import lm
+
+import lightning_prune
+import lightning_prune.surgery.shrink
+from lightning_prune import prune, prune_blocks, prune_hidden, shrink, shrink_to
+from lightning_prune.surgery.budget import _Counter, _decoder, _describe, _shape_of, table
+
+PLAN: dict[str, Any] = {
+    "model": {
+        "hidden_size": 512,
+        "num_layers": 8,
+        "num_heads": 8,
+        "intermediate_size": 1024,
+        "lr": 0.002,
+        "warmup_steps": 50,
+    },
+    "data": {"vocab_size": 2048, "seq_len": 64, "batch_size": 16},
+    "steps": 800,
+    "calib": 128,
+}
+EVAL_WINDOWS = 256
+FRACTIONS = (0.25, 0.5)  # of the non-embedding parameters removed
+OUT = common.CACHE / "budget"
+RECOVER_AT = (0.5,)
+RECOVER_ROWS = [
+    "ours: the budget's pick (shrink_to)",
+    "ours: hidden only (OBS)",
+    "Minitron activation, the pick's shape",
+    "magnitude, the pick's shape",
+    "Minitron activation: hidden only",
+]
+CURVE_EVERY = 25
+
+
+def load(folder: Path) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(folder / "hf", dtype=torch.float32).eval()
+
+
+def non_embedding(model: nn.Module) -> int:
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+# ------------------------------------------------------------------------------- Minitron's importance
+@torch.no_grad()
+def minitron_width(model: nn.Module, batches: list[dict[str, torch.Tensor]], kv_heads: int, neurons: int) -> nn.Module:
+    """A copy keeping, in every block, the ``kv_heads`` key/value groups and ``neurons`` MLP neurons of highest
+    activation importance (Minitron: mean |activation| of a neuron, mean L2 norm of a head's output), sliced."""
+    model = copy.deepcopy(model)
+    cfg = model.config
+    hd, rep = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+    head_imp: dict[int, torch.Tensor] = {}
+    neuron_imp: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+
+        def o_hook(m: nn.Module, args: tuple[Any, ...], i: int = i) -> None:
+            x = args[0].reshape(-1, cfg.num_attention_heads, hd).float()
+            head_imp[i] = head_imp.get(i, 0) + x.norm(dim=-1).sum(0)
+
+        def d_hook(m: nn.Module, args: tuple[Any, ...], i: int = i) -> None:
+            neuron_imp[i] = neuron_imp.get(i, 0) + args[0].reshape(-1, args[0].shape[-1]).abs().float().sum(0)
+
+        hooks += [
+            layer.self_attn.o_proj.register_forward_pre_hook(o_hook),
+            layer.mlp.down_proj.register_forward_pre_hook(d_hook),
+        ]
+    for b in batches:
+        model(input_ids=b["input_ids"])
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(model.model.layers):
+        groups = head_imp[i].view(-1, rep).sum(1)  # a key/value head with the query heads that share it
+        keep_g = torch.sort(torch.argsort(groups, descending=True)[:kv_heads]).values
+        q_rows = torch.cat([torch.arange(g * rep * hd, (g + 1) * rep * hd) for g in keep_g.tolist()])
+        kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep_g.tolist()])
+        keep_n = torch.sort(torch.argsort(neuron_imp[i], descending=True)[:neurons]).values
+        a, m = layer.self_attn, layer.mlp
+        for lin, rows in (
+            (a.q_proj, q_rows),
+            (a.k_proj, kv_rows),
+            (a.v_proj, kv_rows),
+            (m.gate_proj, keep_n),
+            (m.up_proj, keep_n),
+        ):
+            _cut(lin, rows, 0)
+        _cut(a.o_proj, q_rows, 1)
+        _cut(m.down_proj, keep_n, 1)
+        a.num_key_value_groups = rep
+    return model
+
+
+def _cut(lin: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    lin.weight = nn.Parameter(lin.weight.index_select(dim, index).contiguous())
+    if dim == 0 and lin.bias is not None:
+        lin.bias = nn.Parameter(lin.bias[index].contiguous())
+    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def at_shape(model: nn.Module, batches: list, shape: Any, dense: Any, order: list[int], how: str) -> nn.Module:
+    """``model`` cut to ``shape`` by ``how``: "minitron" (activation importance, sliced) or "magnitude"."""
+    from lightning_prune.surgery.depth import remove_blocks
+
+    _, _, arch = _decoder(model)
+    counter = _Counter(model, arch, "all")
+    current = copy.deepcopy(model)
+    if shape.blocks < dense.blocks:
+        current = remove_blocks(current, sorted(order[: dense.blocks - shape.blocks])).model
+    if how == "minitron":
+        current = minitron_width(current, batches, shape.kv_heads, shape.intermediate)
+    else:
+        for glob, fraction in (
+            ("*.self_attn.*", 1 - shape.kv_heads / dense.kv_heads),
+            ("*.mlp.*", 1 - shape.intermediate / dense.intermediate),
+        ):
+            if fraction > 0:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pruner = lightning_prune.MagnitudePruning(fraction, pattern="channels", include=[glob], verbose=0)
+                    prune(current, batches, pruner)
+                    current = shrink(current).model
+    for key, value in {
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "intermediate_size": shape.intermediate,
+    }.items():
+        setattr(current.config, key, value)
+    if shape.hidden < dense.hidden:
+        score, norms = ("activation", "keep") if how == "minitron" else ("magnitude", "keep")
+        current = prune_hidden(current, batches, dense.hidden - shape.hidden, score=score, norms=norms).model
+    _describe(current, counter, shape)
+    return current
+
+
+# ------------------------------------------------------------------------------------------ one-shot rows
+def hidden_for(model: nn.Module, budget: int) -> int:
+    """The largest hidden size (the config accepts) whose non-embedding count is within ``budget``."""
+    from lightning_prune.surgery.hidden import allowed_sizes, hidden_stream
+
+    _, _, arch = _decoder(model)
+    counter, dense = _Counter(model, arch, "non_embedding"), _shape_of(model, arch)
+    sizes = allowed_sizes(model, hidden_stream(model)[2])
+    fits = [h for h in sizes if (n := counter(type(dense)(**{**dense.__dict__, "hidden": h}))) and n <= budget]
+    return max(fits)
+
+
+def oneshot(folder: Path) -> list[dict[str, Any]]:
+    calib = lm.calibration_batches(folder)
+    ids = torch.load(folder / "eval.pt")[:EVAL_WINDOWS]
+    dense = load(folder)
+    rows = [
+        {
+            "budget": "dense",
+            "method": "dense",
+            "params": non_embedding(dense),
+            "ppl": lm.perplexity(dense, ids),
+            "seconds": 0.0,
+            "shape": "",
+        }
+    ]
+    print(rows[-1], flush=True)
+    _, _, arch = _decoder(dense)
+    base = _shape_of(dense, arch)
+    from lightning_prune.surgery.budget import _block_order
+
+    order = _block_order(dense, calib[:-4], None)
+
+    def add(fraction: float, method: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fn()
+        model = result.model if isinstance(result, lightning_prune.surgery.shrink.Shrunk) else result
+        c = model.config
+        rows.append(
+            {
+                "budget": f"-{fraction:.0%}",
+                "method": method,
+                "params": non_embedding(model),
+                "ppl": lm.perplexity(model.eval(), ids),
+                "seconds": time.perf_counter() - start,
+                "shape": f"hidden {c.hidden_size}, kv heads {c.num_key_value_heads}, MLP {c.intermediate_size}, "
+                f"{c.num_hidden_layers} blocks",
+            }
+        )
+        print(rows[-1], flush=True)
+        (OUT / "oneshot.json").write_text(json.dumps(rows, indent=1))
+        if fraction in RECOVER_AT and method in RECOVER_ROWS:  # kept for --recover
+            model.save_pretrained(OUT / "rows" / f"{fraction}-{RECOVER_ROWS.index(method)}")
+        return result
+
+    for fraction in FRACTIONS:
+        budget = int((1 - fraction) * non_embedding(dense))
+        h = hidden_for(dense, budget)
+        add(fraction, "ours: hidden only (OBS)", lambda: prune_hidden(dense, calib, base.hidden - h))
+        add(
+            fraction,
+            "ours: heads + neurons only (OBS)",
+            lambda: shrink_to(dense, calib, 1 - fraction, axes=("heads", "neurons"), verbose=0),
+        )
+        add(fraction, "ours: blocks only (loss)", lambda: prune_blocks(dense, calib, round(fraction * base.blocks)))
+        pick = add(fraction, "ours: the budget's pick (shrink_to)", lambda: shrink_to(dense, calib, 1 - fraction))
+        (OUT / f"candidates-{fraction}.md").write_text(table(pick.candidates))
+        best = min(pick.candidates, key=lambda r: r["loss"])
+        shape = type(base)(**{k: best[k] for k in ("hidden", "kv_heads", "heads", "intermediate", "blocks", "params")})
+        add(
+            fraction,
+            "Minitron activation, the pick's shape",
+            lambda: at_shape(dense, calib, shape, base, order, "minitron"),
+        )
+        add(fraction, "magnitude, the pick's shape", lambda: at_shape(dense, calib, shape, base, order, "magnitude"))
+        add(
+            fraction,
+            "Minitron activation: hidden only",
+            lambda: prune_hidden(dense, calib, base.hidden - h, score="activation", norms="keep"),
+        )
+        add(
+            fraction,
+            "magnitude (group L2): hidden only",
+            lambda: prune_hidden(dense, calib, base.hidden - h, score="magnitude", norms="keep"),
+        )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ recovery
+def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
+    """Each saved row (and the dense model) trained ``steps`` steps on identical batches: the rows with
+    ``Distillation`` from the dense model (loss + KD at T=2), the dense model with its own loss; test
+    perplexity every ``CURVE_EVERY`` steps."""
+    import lightning.pytorch as pl
+
+    ids = torch.load(folder / "eval.pt")[:EVAL_WINDOWS]
+    plan = {**PLAN, "finetune": steps}
+    out = []
+    for fraction in RECOVER_AT:
+        for k, method in [(-1, "dense, trained the same steps"), *enumerate(RECOVER_ROWS)]:
+            path = OUT / "rows" / f"{fraction}-{k}"
+            if k >= 0 and not path.exists():
+                continue
+            dm, lit, ft = lm.finetuning_setup(plan, folder)  # the same seed, batches and optimizer for every row
+            callbacks: list[Any] = []
+            if k >= 0:
+                from transformers import AutoModelForCausalLM
+
+                teacher = copy.deepcopy(lit.model).eval()
+                lit.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                callbacks.append(lightning_prune.Distillation(teacher=teacher))
+            points: list[tuple[int, float]] = []
+
+            class Curve(pl.Callback):
+                def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+                    if trainer.global_step % CURVE_EVERY == 0:
+                        module.eval()
+                        points.append((trainer.global_step, lm.perplexity(module.model, ids)))
+                        module.train()
+
+            points.append((0, lm.perplexity(lit.model.eval(), ids)))
+            lit.train()
+            trainer = common.trainer(max_steps=ft, max_epochs=-1, callbacks=[*callbacks, Curve()], limit_val_batches=0)
+            start = time.perf_counter()
+            trainer.fit(lit, datamodule=dm)
+            out.append(
+                {
+                    "budget": f"-{fraction:.0%}" if k >= 0 else "dense",
+                    "method": method,
+                    "steps": ft,
+                    "params": non_embedding(lit.model),
+                    "curve": points,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            print(out[-1], flush=True)
+            (OUT / f"recover-{steps}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--oneshot", action="store_true")
+    parser.add_argument("--recover", type=int, default=0, help="distillation steps for the saved 50%% rows")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    folder = lm.dense(PLAN, "budget")
+    trained = json.loads((folder / "dense.json").read_text())
+    if args.oneshot:
+        rows = oneshot(folder)
+        body = "\n".join(
+            [
+                "## Smaller LLaMAs for a parameter budget, one-shot",
+                "",
+                f"`python benchmarks/budget_lm.py --oneshot` at `{common.commit()}`, "
+                f"{time.perf_counter() - started:.0f} s on {common.machine()}. A LLaMA of {PLAN['model']} "
+                f"(vocabulary {PLAN['data']['vocab_size']}, windows of {PLAN['data']['seq_len']}, batch "
+                f"{PLAN['data']['batch_size']}) trained here {trained['steps']} steps "
+                f"({trained['train_seconds'] / 60:.0f} min, not converged: one seed); calibration: "
+                f"{PLAN['calib']} training windows (16 batches; shrink_to ranks on the last 4); perplexity on the "
+                f"first {EVAL_WINDOWS} test windows. "
+                "Budgets count the parameters outside the embeddings and the output head. Minitron and magnitude rows "
+                "take the shape the budget's pick chose (or the hidden-only shape), so only the scores and the "
+                "compensation differ. The budget's candidates: `benchmarks/.cache/budget/candidates-*.md`.",
+                "",
+                common.md_table(
+                    ["removed", "method", "non-embedding params", "test ppl", "seconds", "shape"],
+                    [
+                        [
+                            r["budget"],
+                            r["method"],
+                            f"{r['params']:,}",
+                            f"{r['ppl']:.2f}",
+                            f"{r['seconds']:.0f}",
+                            r["shape"],
+                        ]
+                        for r in rows
+                    ],
+                ),
+            ]
+        )
+        common.write_block("budget-lm-oneshot", body)
+        print(body)
+    if args.recover:
+        rows = recover(folder, args.recover)
+        points = sorted({s for r in rows for s, _ in r["curve"]})
+        body = "\n".join(
+            [
+                f"## Smaller LLaMAs for a parameter budget, after {args.recover} steps of distillation",
+                "",
+                f"`python benchmarks/budget_lm.py --recover {args.recover}` at `{common.commit()}`, "
+                f"{time.perf_counter() - started:.0f} s on {common.machine()}. The one-shot models of the table "
+                f"above at {', '.join(f'-{f:.0%}' for f in RECOVER_AT)} (saved, loaded back), each trained "
+                f"{args.recover} steps with `Distillation(teacher=dense)` (loss + KD at T=2), AdamW lr 1e-3, the same "
+                "seed and batches for every row; the dense row is the dense model trained the same steps on its own "
+                "loss. Test perplexity every "
+                f"{CURVE_EVERY} steps; one seed.",
+                "",
+                common.md_table(
+                    ["removed", "method", "params", *[f"step {s}" for s in points], "fit s"],
+                    [
+                        [
+                            r["budget"],
+                            r["method"],
+                            f"{r['params']:,}",
+                            *[f"{dict(r['curve']).get(s, float('nan')):.2f}" for s in points],
+                            f"{r['seconds']:.0f}",
+                        ]
+                        for r in rows
+                    ],
+                ),
+            ]
+        )
+        common.write_block("budget-lm-recover", body)
+        print(body)
+
+
+if __name__ == "__main__":
+    main()
