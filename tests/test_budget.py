@@ -94,10 +94,20 @@ def test_bad_input_is_refused_before_any_pass():
         run(model, 0.5, count="embedding")
     with pytest.raises(ValueError, match="`candidates`"):
         run(model, 0.5, candidates=0)
-    with pytest.raises(ValueError, match="`eval_batches=6`"):
+    with pytest.raises(ValueError, match="`eval_batches=6`"):  # every batch would rank, none prune
         shrink_to(model, batches(), 0.5, eval_batches=6)
     unlabeled = [{"input_ids": b["input_ids"]} for b in batches()]
     with pytest.raises(ValueError, match="gives none on `data`"):
         shrink_to(model, unlabeled, 0.5, eval_batches=2)
     with pytest.raises(ValueError, match="no shape"):
         run(model, 0.01, axes=("neurons",))
+
+
+def test_gpt2_searches_the_axes_it_can_cut_and_refuses_the_others_by_name():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    small = run(model, 0.6, candidates=3)
+    assert "axes=['neurons', 'depth']" in small.notes[-1]
+    assert all(r["hidden"] == 32 and r["heads"] == 4 for r in small.candidates)
+    with pytest.raises(ValueError, match=r"cannot cut \['hidden'\].*head size"):
+        run(model, 0.6, axes=("hidden", "neurons"))

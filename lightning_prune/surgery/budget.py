@@ -69,9 +69,9 @@ def shrink_to(
     params: float | int,
     *,
     count: str = "non_embedding",
-    axes: Sequence[str] = AXES,
+    axes: Sequence[str] | None = None,
     candidates: int = 8,
-    eval_batches: int = 4,
+    eval_batches: int | None = None,
     loss_fn: LossFn | None = None,
     verbose: int = 1,
 ) -> Shrunk:
@@ -79,26 +79,29 @@ def shrink_to(
     architecture, or a module holding one) within ``params``: a fraction in ``(0, 1)`` of the dense model's
     parameters (counted as ``count`` says) or a number of them.
 
-    ``data``: calibration batches (a list; the last ``eval_batches`` of them rank the candidates by their
-    mean loss, the others prune them); ``axes``: which of ``("hidden", "heads", "neurons", "depth")`` may
-    change (``"neurons"`` always fills the budget; without it a candidate is the largest shape of the other
-    axes within the budget). Returns the best candidate's :class:`Shrunk` (a copy; ``model`` is untouched);
-    ``Shrunk.candidates`` lists every candidate's shape, parameters, loss and seconds, in the order tried.
+    ``data``: calibration batches with a loss (a list; the last ``eval_batches``, default a quarter of them,
+    rank the candidates by their mean loss, the others prune them); ``axes``: which of ``("hidden", "heads",
+    "neurons", "depth")`` may change (default: every one the architecture can cut: GPT-2's and BERT's
+    configs tie the head size to the hidden size, so their hidden size and heads stay; ``"neurons"`` fills
+    the budget; without it a candidate is the largest shape of the other axes within the budget).
+
+    Returns the best candidate's :class:`Shrunk` (a copy; ``model`` is untouched); ``Shrunk.candidates``
+    lists every candidate's shape, parameters, loss and seconds, in the order tried.
     """
     if count not in COUNTS:
         raise ValueError(f"`count` must be one of {COUNTS}, got {count!r}")
-    if bad := [a for a in axes if a not in AXES] or not axes:
-        raise ValueError(f"`axes` must name some of {AXES}, got {list(axes)} ({bad})")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"`candidates` must be an integer >= 1, got {candidates!r}")
+    _, hf_model, arch = _decoder(model)
+    axes = _axes(hf_model, arch, axes)
     data = list(data)
+    eval_batches = max(1, len(data) // 4) if eval_batches is None else eval_batches
     if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or not 1 <= eval_batches < len(data):
         raise ValueError(
             f"`eval_batches={eval_batches!r}` must leave calibration batches: `data` gave {len(data)} batches, and "
             "the last eval_batches of them rank the candidates"
         )
     calib, held_out = data[:-eval_batches], data[-eval_batches:]
-    _, hf_model, arch = _decoder(model)
     if not Calibration(model, loss_fn, training_step=True, output_loss=True).has_loss(held_out[0]):
         raise ValueError(
             f"shrink_to ranks the candidates by their loss, and {type(model).__name__} gives none on `data`: pass "
@@ -128,8 +131,32 @@ def shrink_to(
     assert best is not None
     _, result, shape = best
     result.candidates = rows
-    result.notes.append(f"shrink_to(params={params!r}, count={count!r}): best of {len(rows)}: {shape.text()}")
+    result.notes.append(
+        f"shrink_to(params={params!r}, count={count!r}, axes={list(axes)}): best of {len(rows)}: {shape.text()}"
+    )
     return result
+
+
+def _axes(hf_model: nn.Module, arch: layouts.Architecture, axes: Sequence[str] | None) -> tuple[str, ...]:
+    """The axes to search: those given (each one the architecture can cut, else refused), or all it can."""
+    from lightning_prune.surgery.hidden import hidden_stream
+
+    why: dict[str, str] = {}
+    try:
+        hidden_stream(hf_model)
+    except ValueError as err:
+        why["hidden"] = str(err)
+    if not arch.attention_parts or any(a.fixed for a in arch.attention_parts):
+        why["heads"] = f"{arch.name}: " + (arch.attention_parts[0].fixed if arch.attention_parts else "no attention")
+    if not arch.mlp_parts:
+        why["neurons"] = f"{arch.name}: its MLP is a Mixture of Experts (prune_experts removes experts)"
+    if axes is None:
+        return tuple(a for a in AXES if a not in why)
+    if isinstance(axes, str) or not axes or any(a not in AXES for a in axes):
+        raise ValueError(f"`axes` must name some of {AXES}, got {axes!r}")
+    if cannot := {a: why[a] for a in axes if a in why}:
+        raise ValueError(f"`axes={list(axes)}`: {type(hf_model).__name__} cannot cut {list(cannot)}: {cannot}")
+    return tuple(axes)
 
 
 def _decoder(model: nn.Module) -> tuple[str, nn.Module, layouts.Architecture]:
@@ -148,10 +175,20 @@ def _shape_of(hf_model: nn.Module, arch: layouts.Architecture) -> Shape:
         hidden=getattr(config, keys["hidden"]),
         kv_heads=getattr(config, keys.get("kv_heads", keys["heads"]), None) or getattr(config, keys["heads"]),
         heads=getattr(config, keys["heads"]),
-        intermediate=getattr(config, keys["intermediate"]),
+        intermediate=getattr(config, keys["intermediate"]) or _mlp_width(hf_model, arch),
         blocks=getattr(config, keys["layers"]),
         params=0,
     )
+
+
+def _mlp_width(hf_model: nn.Module, arch: layouts.Architecture) -> int:
+    """The MLP width of the first block, read off its layers (GPT-2's ``n_inner=None`` means 4 x hidden)."""
+    block = hf_model.get_submodule(layouts.block_list_path(hf_model, arch) or "")[0]
+    for where, part in layouts.block_parts(arch, block):
+        if isinstance(part, layouts.MLP):
+            consumer = layouts.layer(block.get_submodule(where) if where else block, part.consumer, part.conv1d)
+            return int(consumer.weight.shape[0] if part.conv1d else consumer.in_features)
+    raise ValueError(f"{type(hf_model).__name__}: no MLP in its first block")
 
 
 class _Counter:
