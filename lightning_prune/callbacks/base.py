@@ -121,16 +121,17 @@ class PruningCallback(Callback):
 
     def _check_compiled(self, pl_module: pl.LightningModule) -> None:
         """Refuse what ``torch.compile`` cannot run: the capture hooks without ``set_stance`` (torch < 2.6),
-        and Hutchinson's double backward. (With ``set_stance`` the capture runs eagerly: see
+        and a double backward (Hutchinson). (With ``set_stance`` the capture runs eagerly: see
         :mod:`lightning_prune.stats.capture`.)"""
-        if self.criterion.name == "magnitude" or not (parts := compiled_parts(pl_module)):
+        criterion = self.pruner.criterion
+        if not (criterion.uses_hooks or criterion.differentiates_twice) or not (parts := compiled_parts(pl_module)):
             return
-        who = type(self).__name__
-        if getattr(self.criterion, "curvature", None) == "hutchinson":
+        who = f"{type(self).__name__} ({criterion.describe()})"
+        if criterion.differentiates_twice:
             raise ValueError(
-                f"{who}(curvature='hutchinson') differentiates the loss twice, which torch.compile'd code does not "
-                f"support, and {parts[:3]} are compiled: use curvature='fisher', 'kfac' or 'ekfac', or compile the "
-                "model after pruning"
+                f"{who} differentiates the loss twice, which torch.compile'd code does not support, and {parts[:3]} "
+                "are compiled: use a first-order curvature (OBD: curvature='fisher', 'kfac' or 'ekfac'), or compile "
+                "the model after pruning"
             )
         if getattr(torch.compiler, "set_stance", None) is None:
             raise RuntimeError(

@@ -139,6 +139,10 @@ class Criterion:
     mc_samples = 1
     reset_moved_state = False  # whether weights the criterion moved lose their optimizer moments
     loss_reduction = "mean"  # how the loss reduces over a batch (hook gradients are rescaled by it)
+    # capabilities the adapters ask for, instead of asking a criterion who it is:
+    uses_hooks = True  # captures layer statistics with module hooks (which torch.compile'd code skips)
+    differentiates_twice = False  # Hessian-vector products: a double backward (which torch.compile'd code refuses)
+    label_free_options: str | None = None  # the options that make it need no loss, named where a loss is missing
 
     def check_scope(self, scope: str) -> None:
         """Refuse a scope the criterion cannot rank under (called at construction)."""

@@ -69,13 +69,17 @@ class OBD(Criterion):
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
 
     @property
-    def hooked(self) -> bool:
+    def uses_hooks(self) -> bool:  # type: ignore[override]
         """Hook statistics (from the window, or a pass); Hutchinson computes its own at round time."""
         return self.curvature != "hutchinson"
 
     @property
+    def differentiates_twice(self) -> bool:  # type: ignore[override]
+        return self.curvature == "hutchinson"
+
+    @property
     def captures_in_window(self) -> bool:
-        return self.hooked and (self.fisher_type == "empirical" or self.curvature == "activations")
+        return self.uses_hooks and (self.fisher_type == "empirical" or self.curvature == "activations")
 
     @property
     def needs_gradients(self) -> bool:
@@ -89,10 +93,10 @@ class OBD(Criterion):
             )
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
-        return not self.hooked
+        return not self.uses_hooks
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
-        if self.hooked:
+        if self.uses_hooks:
             check_hookable(targets, gradients=self.needs_gradients)
         elif frozen := [t.name for t in targets if not t.param.requires_grad]:
             raise ValueError(
@@ -101,7 +105,7 @@ class OBD(Criterion):
             )
 
     def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
-        if not self.hooked:
+        if not self.uses_hooks:
             raise ValueError(
                 "curvature='hutchinson' differentiates the loss twice with respect to the weights, which FSDP2 "
                 "shards (torch.autograd.grad cannot see DTensor shards): use curvature='fisher', 'kfac' or 'ekfac'"
@@ -110,12 +114,12 @@ class OBD(Criterion):
     def make_estimator(
         self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
     ) -> Estimator | None:
-        if not self.hooked:
+        if not self.uses_hooks:
             return None
         return make_estimator(self.curvature, targets, num_batches=num_batches, num_probes=self.num_probes, comm=comm)
 
     def _estimate(self, ctx: RoundContext) -> Estimator:
-        if self.hooked:
+        if self.uses_hooks:
             return require_stats(ctx, ctx.stats, f"OBD ({self.curvature})")
         if not ctx.batches:
             return require_stats(ctx, None, f"OBD ({self.curvature})")

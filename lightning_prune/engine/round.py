@@ -297,6 +297,5 @@ def _offload_device(device: str | torch.device, pruner: Pruner, model: nn.Module
 
 
 def _label_free_hint(pruner: Pruner) -> str:
-    if getattr(pruner.criterion, "hessian", None) == "layerwise":
-        return "; or prune without labels with allocation='reconstruction', scope='layer' (SparseGPT's objective)"
-    return ""
+    options = pruner.criterion.label_free_options
+    return f"; or prune without labels with {options}" if options else ""

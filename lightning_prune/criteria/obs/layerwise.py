@@ -70,6 +70,7 @@ class LayerwiseOBS(OBSCriterion):
     """``hessian="layerwise"``: OBC/SparseGPT solvers, loss-unit rows and cross-layer allocation."""
 
     hessian = "layerwise"
+    label_free_options = "allocation='reconstruction', scope='layer' (SparseGPT's objective)"
 
     def __init__(
         self,
