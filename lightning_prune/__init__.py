@@ -11,6 +11,7 @@ data and models; the ``cli`` extra) is never imported by the library.
 
 from typing import Any
 
+from lightning_prune.callbacks import isolation  # noqa: F401  (registers what a borrowed training_step must not do)
 from lightning_prune.engine.pruner import Pruner
 from lightning_prune.engine.round import prune
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher

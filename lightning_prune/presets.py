@@ -42,11 +42,12 @@ SEQUENTIAL = {"allocation": "reconstruction", "scope": "layer", "blocks": "auto"
 
 
 def _callback_class(name: str) -> type | None:
+    from lightning_prune import callbacks
+
     try:
-        from lightning_prune import callbacks
+        return getattr(callbacks, name)
     except ImportError:  # Lightning is not installed: the core pruner does the same in prune()
         return None
-    return getattr(callbacks, name)
 
 
 def _criterion(name: str) -> Any:

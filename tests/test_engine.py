@@ -208,3 +208,47 @@ def test_metrics_reach_tensorboard_logger(tmp_path):
     tags = events.Tags()["scalars"]
     assert {"prune/sparsity", "prune/round", "prune/layer/net.0.weight", "prune/actual_loss_increase"} <= set(tags)
     assert [round(e.value, 3) for e in events.Scalars("prune/sparsity")] == [round(0.5 * (1 - 0.5**3), 3), 0.5]
+
+
+class Metered(TinyNet):
+    """A training_step that logs and updates a torchmetrics Metric: what a round's re-runs must not do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.accuracy.update(logits, y)
+        self.log("train_accuracy", self.accuracy)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+def test_a_borrowed_training_step_neither_logs_nor_moves_metrics():
+    """The core borrows training_step under the guards the adapter registered (lightning_prune.callbacks.
+    isolation): prune() on a LightningModule, before and after a fit, leaves its metrics and logger alone.
+    Without the guard the same call moves the metric and logs."""
+    import warnings
+
+    from lightning_prune import OBDPruning, prune
+    from lightning_prune.callbacks.isolation import quiet_training_step
+    from lightning_prune.engine.calibration import Calibration
+
+    pl.seed_everything(0, verbose=False)
+    model = Metered()
+    batches = list(model.train_dataloader())[:2]
+    assert Calibration(model, training_step=True).step_guards == (quiet_training_step,)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, batches, OBDPruning(0.3, num_batches=2, verbose=0))
+        Calibration(model, training_step=True, step_guards=()).loss(batches[0], 0)  # unguarded: logs, and counts
+    logged = [str(w.message) for w in caught if "self.log" in str(w.message)]
+    assert len(logged) == 1 and model.accuracy._update_count == 1, (logged, model.accuracy._update_count)
+    model.accuracy.reset()
+    make_trainer(max_epochs=1, callbacks=[OBDPruning(0.5, schedule="one_shot", num_batches=2, verbose=0)]).fit(model)
+    count, state = model.accuracy._update_count, model.accuracy.tp.clone()
+    prune(model, batches, OBDPruning(0.6, num_batches=2, verbose=0))  # attached to a finished Trainer: no log call
+    assert model.accuracy._update_count == count and torch.equal(model.accuracy.tp, state)

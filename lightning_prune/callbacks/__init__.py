@@ -1,9 +1,25 @@
-"""Lightning adapters: pruners driven by ``Trainer.fit``'s hooks."""
+"""Lightning adapters: pruners driven by ``Trainer.fit``'s hooks.
 
-from lightning_prune.callbacks.base import PruningCallback
-from lightning_prune.callbacks.distill import Distillation
-from lightning_prune.callbacks.magnitude import MagnitudePruning
-from lightning_prune.callbacks.obd import OBDPruning
-from lightning_prune.callbacks.obs import OBSPruning
+The classes load on first use, so the package itself imports no Lightning: ``lightning_prune`` imports
+:mod:`~lightning_prune.callbacks.isolation` (what a borrowed ``training_step`` must not do) where Lightning
+is not installed too.
+"""
+
+import importlib
+from typing import Any
+
+_MODULES = {
+    "Distillation": "distill",
+    "MagnitudePruning": "magnitude",
+    "OBDPruning": "obd",
+    "OBSPruning": "obs",
+    "PruningCallback": "base",
+}
 
 __all__ = ["Distillation", "MagnitudePruning", "OBDPruning", "OBSPruning", "PruningCallback"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
