@@ -165,6 +165,11 @@ class Pruner:
         return self._schedule
 
     @property
+    def last_point(self) -> int | None:
+        """The schedule point (epoch or step) of the last round run or passed over, ``None`` before any."""
+        return self._last_point
+
+    @property
     def targets(self) -> list[PruneTarget]:
         if self._targets is None:
             raise RuntimeError(f"{self.label} is not bound to a model yet (fit or prune() binds it)")

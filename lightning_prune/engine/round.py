@@ -25,7 +25,8 @@ from lightning_prune.engine.calibration import (
     no_progress,
     tqdm_progress,
 )
-from lightning_prune.engine.pruner import Pruner
+from lightning_prune.engine.facade import PrunerLike
+from lightning_prune.engine.pruner import Pruner, as_pruner
 from lightning_prune.engine.rounds import PARTIAL
 from lightning_prune.engine.summary import round_summary
 from lightning_prune.runtime.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
@@ -195,7 +196,7 @@ def _total(count: int, comm: Collectives, calib: Calibration) -> int:
 def prune(
     model: nn.Module,
     data: Iterable[Any],
-    pruner: Pruner,
+    pruner: PrunerLike,
     *,
     loss_fn: LossFn | None = None,
     num_batches: int | None = None,
@@ -236,6 +237,11 @@ def prune(
         raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if (core := as_pruner(pruner)) is None:
+        raise TypeError(
+            f"`pruner` must be a Pruner or a pruning callback (OBSPruning(...), SparseGPT(...)), got {pruner!r}"
+        )
+    pruner = core  # a callback prunes through the Pruner it wraps
     pruner.bind(model)
     plan = pruner.plan_one_shot(model)
     if plan is not None and pruner.verbose >= 1 and global_rank() == 0:

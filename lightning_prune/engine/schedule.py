@@ -131,6 +131,20 @@ def check_options(who: str, options: Mapping[str, Any], allowed: Sequence[inspec
         raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r}")
 
 
+def batches_until_step(step: int, point: int, batch_idx: int, per_epoch: float, accumulate: int, limit: int) -> int:
+    """Training batches from ``batch_idx`` (included) until the optimizer step count, ``step`` now, reaches
+    ``point``: a step follows every ``accumulate`` batches of an epoch and its last batch (``per_epoch``
+    batches, ``inf`` when unknown), as Lightning steps. Counting stops past ``limit`` (a capture window's
+    length): what a step trigger needs to know whether this batch belongs to the window before its round."""
+    count, i = 0, batch_idx
+    while step < point and count <= limit:
+        count += 1
+        if (i + 1) % accumulate == 0 or i + 1 == per_epoch:
+            step += 1
+        i = 0 if i + 1 == per_epoch else i + 1
+    return count
+
+
 class Schedule:
     """Round points (epochs or steps) and the cumulative sparsity each round reaches.
 
