@@ -23,3 +23,13 @@ def __getattr__(name: str) -> Any:
     if name in _MODULES:
         return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def callback_for(factory: Any) -> type:
+    """The typed callback of a criterion factory (``OBS`` -> ``OBSPruning``): the class statement that says
+    ``criterion=factory`` (:mod:`lightning_prune.callbacks.typed`) registered it."""
+    for module in set(_MODULES.values()):  # importing them runs their class statements
+        importlib.import_module(f"{__name__}.{module}")
+    from lightning_prune.callbacks.typed import TYPED
+
+    return TYPED[factory]

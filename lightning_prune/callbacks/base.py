@@ -34,8 +34,9 @@ from lightning_prune.callbacks.checks import check_checkpoint_owner, check_compi
 from lightning_prune.callbacks.parallel import StrategyCollectives, check_strategy
 from lightning_prune.callbacks.reporting import console, log_metrics, log_round, trainer_progress
 from lightning_prune.callbacks.triggers import trigger_for
+from lightning_prune.callbacks.typed import make_typed
 from lightning_prune.callbacks.window_state import OpenWindow, WindowPlan
-from lightning_prune.criteria.base import Criterion
+from lightning_prune.criteria.base import Criterion, CriterionFactory
 from lightning_prune.engine.calibration import Calibration, RoundInterrupted
 from lightning_prune.engine.facade import PrunerFacade
 from lightning_prune.engine.pruner import Pruner, pruner_parameters
@@ -57,10 +58,18 @@ class PruningCallback(PrunerFacade, Callback):
     refused at fit start.
     """
 
+    def __init_subclass__(cls, criterion: CriterionFactory | None = None, **kwargs: Any) -> None:
+        """``class FooPruning(PruningCallback, criterion=Foo)``: the typed callback of criterion ``Foo``, taking
+        ``Foo``'s options (:mod:`lightning_prune.callbacks.typed`)."""
+        super().__init_subclass__(**kwargs)
+        if criterion is not None:
+            make_typed(cls, criterion)
+
     def __init__(self, criterion: Criterion, target: float, **options: Any) -> None:
         check_options(type(self).__name__, options, pruner_parameters())
         self.pruner = Pruner(criterion, target, **options)
         self.pruner.label = type(self).__name__
+        criterion.check_window(self.pruner.num_batches)
         self._trigger = trigger_for(self.pruner)
         self._window: OpenWindow | None = None  # the capture window before the next round, while it is open
         self._restored_window: dict[str, Any] | None = None  # a checkpoint's open window, continued at train start

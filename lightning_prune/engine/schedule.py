@@ -116,11 +116,11 @@ def forwarded(fn: Callable[..., Any], *sources: Sequence[inspect.Parameter]) -> 
     """``fn`` (whose ``**kwargs`` forwards arguments) with a signature that lists them: its own
     parameters, then each of ``sources`` (keyword-only). LightningCLI (jsonargparse), ``inspect`` and
     IDEs see every argument typed, while each one is written in a single place."""
-    own = inspect.signature(fn, eval_str=True).parameters.values()
-    own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    signature = inspect.signature(fn, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in own}
     extra = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for src in sources for p in src if p.name not in names]
-    fn.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    fn.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
     return fn
 
 
