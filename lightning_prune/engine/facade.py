@@ -218,5 +218,12 @@ class PrunerFacade:
         """Per-layer kept/total/sparsity table of the current masks."""
         return self.pruner.layer_table()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The pruner's checkpoint state (a wrapper adds its own beside it)."""
+        return self.pruner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.pruner.load_state_dict(state_dict)
+
 
 SETTABLE = ("num_batches", "eval_batches", "loss_fn", "verbose")
