@@ -25,11 +25,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULES})
+
+
 def callback_for(factory: Any) -> type:
     """The typed callback of a criterion factory (``OBS`` -> ``OBSPruning``): the class statement that says
     ``criterion=factory`` (:mod:`lightning_prune.callbacks.typed`) registered it."""
-    for module in set(_MODULES.values()):  # importing them runs their class statements
+    for module in dict.fromkeys(_MODULES.values()):  # importing them runs their class statements
         importlib.import_module(f"{__name__}.{module}")
     from lightning_prune.callbacks.typed import TYPED
 
+    if factory not in TYPED:
+        raise ValueError(f"no pruning callback declares criterion={getattr(factory, '__name__', factory)!r}")
     return TYPED[factory]
