@@ -30,7 +30,8 @@ from ddp_job import OrderedTinyNet, exit_cleanly
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_prune import Distillation, MagnitudePruning, OBDPruning, OBSPruning, sharding
+from lightning_prune import Distillation, MagnitudePruning, OBDPruning, OBSPruning
+from lightning_prune.runtime import sharding
 
 METHODS = {
     "magnitude": lambda a: MagnitudePruning(0.8, verbose=0, scope=a.scope),

@@ -256,7 +256,8 @@ def test_prune_on_dtensor_weights_equals_plain_weights(one_rank_group, kind):
     gives the plain model's masks and weights."""
     from conftest import make_data
 
-    from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune, sharding
+    from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, prune
+    from lightning_prune.runtime import sharding
 
     make = {
         "magnitude": lambda: MagnitudePruning(0.7, verbose=0),
