@@ -5,12 +5,16 @@ Named algorithms (``SparseGPT``, ``Wanda``, ``OBC``, ``WoodFisher``, ``OBD``, ``
 (``prune``, ``Pruner``, the presets, :mod:`lightning_prune.criteria` and everything they use)
 imports nothing from Lightning; the callbacks, the Lightning adapters over it, are imported on
 first use, so ``from lightning_prune import prune`` works where Lightning is not installed (torch
-and numpy are all it needs). The experiment app (:mod:`lightning_prune.app`: the commands, reference
-data and models; the ``cli`` extra) is never imported by the library.
+and numpy are all it needs). Only the adapter's guard for a borrowed ``training_step``
+(:mod:`lightning_prune.callbacks.isolation`, which imports no Lightning) loads with the package, so
+``prune()`` on a LightningModule neither logs nor moves its metrics. The experiment app
+(:mod:`lightning_prune.app`: the commands, reference data and models; the ``cli`` extra) is never
+imported by the library.
 """
 
 from typing import Any
 
+from lightning_prune.callbacks import isolation  # noqa: F401  (registers what a borrowed training_step must not do)
 from lightning_prune.engine.pruner import Pruner
 from lightning_prune.engine.round import prune
 from lightning_prune.presets import GMP, OBC, OBD, SparseGPT, Wanda, WoodFisher

@@ -99,7 +99,7 @@ class GatherCheck(Callback):
             return
         params = dict(pl_module.named_parameters())
         same = True
-        for name, mask in self.pruner._masks.items():
+        for name, mask in self.pruner.current_masks().items():
             for t in (mask.to(torch.uint8), params[name].detach()):
                 gathered = pl_module.all_gather(t)  # (world, *shape)
                 same &= all(torch.equal(gathered[0], gathered[r]) for r in range(gathered.shape[0]))
@@ -169,7 +169,7 @@ def window_resume(a) -> None:
         trainer.fit(model, ckpt_path=ckpt_path)
         params = dict(model.named_parameters())
         return {
-            "masks": {n: m.cpu() for n, m in pruner._masks.items()},
+            "masks": {n: m.cpu() for n, m in pruner.current_masks().items()},
             "weights": {n: p.detach().cpu() for n, p in params.items()},
             "seen": seen,
             "steps": [r["global_step"] for r in pruner.history],
@@ -242,8 +242,8 @@ def main() -> None:
     params = dict(model.named_parameters())
     torch.save(
         {
-            "masks": {n: m.cpu() for n, m in pruner._masks.items()},
-            "weights": {n: params[n].detach().cpu() for n in pruner._masks},
+            "masks": {n: m.cpu() for n, m in pruner.current_masks().items()},
+            "weights": {n: params[n].detach().cpu() for n in pruner.current_masks()},
             "diagonals": pruner.diagonals,
             "checks": check.checks,
             "diverged_before_round": chaos.diverged if chaos else [],

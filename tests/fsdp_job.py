@@ -71,7 +71,7 @@ def moments_at_pruned(trainer: pl.Trainer, pruner) -> float:
             name = by_id.get(id(p))
             for v in state.values() if name else ():
                 if isinstance(v, torch.Tensor) and v.shape == p.shape:
-                    pruned = sharding.local(v)[~pruner._masks[name]]
+                    pruned = sharding.local(v)[~pruner.current_masks()[name]]
                     worst = max(worst, float(pruned.abs().max()) if pruned.numel() else 0.0)
     return worst
 
@@ -110,7 +110,7 @@ def train(a: argparse.Namespace) -> None:
         {
             "masks": pruner.full_masks(),
             "weights": {t.name: sharding.gather(t.param).cpu() for t in targets},
-            "local_shapes": {n: tuple(m.shape) for n, m in pruner._masks.items()},
+            "local_shapes": {n: tuple(m.shape) for n, m in pruner.current_masks().items()},
             "sharded": [t.sharded for t in targets],
             "history": [dict(r) for r in pruner.history],
             "world": trainer.world_size,

@@ -23,11 +23,11 @@ class FrozenChecker(Callback):
         self.pruner, self.checked = pruner, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.pruner._masks is None:
+        if not self.pruner.history:  # no masks before the first round
             return
         params = dict(pl_module.named_parameters())
         opt = trainer.optimizers[0]
-        for name, mask in self.pruner._masks.items():
+        for name, mask in self.pruner.current_masks().items():
             p = params[name]
             assert torch.all(p.detach()[~mask] == 0.0), f"{name} revived at step {trainer.global_step}"
             for key, value in opt.state.get(p, {}).items():
@@ -171,7 +171,7 @@ def test_masks_and_history_are_read_only():
     with pytest.raises(AttributeError):
         pruner.masks = {}  # type: ignore[misc]
     pruner.masks["net.0.weight"].fill_(True)  # a copy: the callback's mask is untouched
-    assert not bool(pruner._masks["net.0.weight"].all())
+    assert not bool(pruner.current_masks()["net.0.weight"].all())
     with pytest.raises(TypeError):
         pruner.history[0]["sparsity"] = 0.0  # type: ignore[index]
 
@@ -208,3 +208,96 @@ def test_metrics_reach_tensorboard_logger(tmp_path):
     tags = events.Tags()["scalars"]
     assert {"prune/sparsity", "prune/round", "prune/layer/net.0.weight", "prune/actual_loss_increase"} <= set(tags)
     assert [round(e.value, 3) for e in events.Scalars("prune/sparsity")] == [round(0.5 * (1 - 0.5**3), 3), 0.5]
+
+
+class Metered(TinyNet):
+    """A training_step that logs and updates a torchmetrics Metric: what a round's re-runs must not do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.accuracy.update(logits, y)
+        self.log("train_accuracy", self.accuracy)
+        return torch.nn.functional.cross_entropy(logits, y)
+
+
+def test_a_borrowed_training_step_neither_logs_nor_moves_metrics():
+    """The core borrows training_step under the guards the adapter registered (lightning_prune.callbacks.
+    isolation): prune() on a LightningModule, before and after a fit, leaves its metrics and logger alone.
+    Without the guard the same call moves the metric and logs."""
+    import warnings
+
+    from lightning_prune import OBDPruning, prune
+    from lightning_prune.callbacks.isolation import quiet_training_step
+    from lightning_prune.engine.calibration import Calibration
+
+    pl.seed_everything(0, verbose=False)
+    model = Metered()
+    batches = list(model.train_dataloader())[:2]
+    assert Calibration(model, training_step=True).step_guards == (quiet_training_step,)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prune(model, batches, OBDPruning(0.3, num_batches=2, verbose=0))
+        Calibration(model, training_step=True, step_guards=()).loss(batches[0], 0)  # unguarded: logs, and counts
+    logged = [str(w.message) for w in caught if "self.log" in str(w.message)]
+    assert len(logged) == 1 and model.accuracy._update_count == 1, (logged, model.accuracy._update_count)
+    model.accuracy.reset()
+    make_trainer(max_epochs=1, callbacks=[OBDPruning(0.5, schedule="one_shot", num_batches=2, verbose=0)]).fit(model)
+    count, state = model.accuracy._update_count, model.accuracy.tp.clone()
+    prune(model, batches, OBDPruning(0.6, num_batches=2, verbose=0))  # attached to a finished Trainer: no log call
+    assert model.accuracy._update_count == count and torch.equal(model.accuracy.tp, state)
+
+
+def _face() -> set[str]:
+    """The names of the PrunerLike contract (its settable attributes, properties and methods)."""
+    from lightning_prune.engine.facade import PrunerLike
+
+    members = {
+        k for k, v in vars(PrunerLike).items() if not k.startswith("_") and (callable(v) or isinstance(v, property))
+    }
+    return members | set(PrunerLike.__annotations__)
+
+
+def test_the_callback_shows_the_pruners_public_state_and_nothing_private():
+    """Explicit properties read the wrapped pruner's state; its private names are not reachable; the settings a
+    run may change reach the pruner; any other attribute of the pruner is refused, never shadowed."""
+    from lightning_prune import Pruner
+    from lightning_prune.callbacks.base import PruningCallback
+
+    pruner = MagnitudePruning(0.5, verbose=0)
+    make_trainer(max_epochs=2, callbacks=[pruner]).fit(TinyNet())
+    core = pruner.pruner
+    assert not hasattr(PruningCallback, "__getattr__")
+    assert _face() <= set(dir(type(pruner))) and _face() <= set(dir(core)) and isinstance(core, Pruner)
+    for name in ("criterion", "target", "schedule", "scope", "pattern", "targets", "history", "sparsity", "sharded"):
+        assert getattr(pruner, name) == getattr(core, name), name
+    assert pruner.masks.keys() == core.masks.keys() and pruner.layer_table() == core.layer_table()
+    for private in ("_masks", "_history", "_params", "_targets", "_last_point", "_record", "_schedule"):
+        with pytest.raises(AttributeError):
+            getattr(pruner, private)
+    pruner.verbose, pruner.num_batches, pruner.eval_batches, pruner.loss_fn = 2, 5, 3, len
+    assert (core.verbose, core.num_batches, core.eval_batches, core.loss_fn) == (2, 5, 3, len)
+    for name, value in (("scope", "layer"), ("min_density", 0.5), ("round_strategy", None), ("_masks", {})):
+        with pytest.raises(AttributeError, match=f"MagnitudePruning.{name} is read-only: it is its pruner's"):
+            setattr(pruner, name, value)
+    assert core.scope == "global" and core.min_density == 0.001 and core.round_strategy is not None
+    assert core.current_masks() is core._masks  # the refused `_masks` set reached nothing
+    pruner.note = "mine"  # the callback's own attributes stay its own
+    assert pruner.note == "mine" and not hasattr(core, "note")
+
+
+def test_prune_takes_a_pruner_or_a_callback_and_names_anything_else():
+    from lightning_prune import prune
+
+    model, batches = TinyNet(), [(torch.randn(4, 12), torch.randint(0, 4, (4,)))]
+    callback = MagnitudePruning(0.5, eval_batches=1, verbose=0)
+    assert prune(model, batches, callback)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert callback.history == callback.pruner.history and len(callback.history) == 1
+    with pytest.raises(TypeError, match=r"`pruner` must be a Pruner or a pruning callback .*got 'magnitude'"):
+        prune(model, batches, "magnitude")  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ def test_frozen_masks_and_rounds_on_gpu(precision, cls):
     checker = FrozenChecker(pruner)
     make_trainer(max_epochs=4, accelerator="gpu", precision=precision, callbacks=[pruner, checker]).fit(model)
     assert checker.checked > 0 and pruner.sparsity == pytest.approx(0.7, abs=1e-3)
-    assert all(m.device.type == "cuda" for m in pruner._masks.values())
+    assert all(m.device.type == "cuda" for m in pruner.pruner._masks.values())
 
 
 def test_solvers_agree_between_cuda_float32_and_cpu_float64():
@@ -50,7 +50,7 @@ def test_prune_on_a_cuda_model_takes_cpu_batches(make):
     pruner = make()
     record = prune(model, model.train_dataloader(), pruner)
     assert record["sparsity"] == pytest.approx(0.6, abs=1e-3)
-    assert all(m.device.type == "cuda" for m in pruner._masks.values())
+    assert all(m.device.type == "cuda" for m in pruner.pruner._masks.values())
     params = dict(model.named_parameters())
     assert all(torch.all(params[n][~m.cuda()] == 0) for n, m in pruner.masks.items())
 

@@ -279,9 +279,9 @@ class PatternChecker(Callback):
         self.pruner, self.n, self.m, self.rounds = pruner, n, m, 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.pruner._masks is None:
+        if not self.pruner.history:  # no masks before the first round
             return
-        for t in self.pruner._targets or []:
+        for t in self.pruner.targets:
             mask = t.matrix(self.pruner.masks[t.name])
             assert int(per_group(mask, self.m).max()) <= self.n
             assert torch.all(t.matrix(t.param.detach())[~mask] == 0)

@@ -118,3 +118,80 @@ def test_wanda_with_channels_compares_structures_as_the_flags_do():
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
     with pytest.raises(ValueError, match="scope='row'"):
         Wanda(0.5, pattern="channels", scope="row", verbose=0)
+
+
+def test_a_criterion_declares_its_options_once_and_its_callback_and_presets_take_them():
+    """The typed callbacks' and the presets' signatures, defaults, annotations and documented arguments are
+    the criterion's own; a new criterion needs its file and one class statement."""
+    from typing import get_args
+
+    from lightning_prune import callbacks
+    from lightning_prune.callbacks.base import PruningCallback
+    from lightning_prune.criteria import OBD as OBDCriterion
+    from lightning_prune.criteria import OBS, Criterion, Magnitude, RoundResult
+    from lightning_prune.criteria.base import options_doc, options_of
+    from lightning_prune.criteria.obs import HESSIANS, Hessian
+    from lightning_prune.engine.pruner import pruner_parameters
+
+    assert tuple(HESSIANS) == get_args(Hessian)
+    pruner_names = [p.name for p in pruner_parameters()]
+    for cls, factory in ((OBSPruning, OBS), (OBDPruning, OBDCriterion), (MagnitudePruning, Magnitude)):
+        own = {p.name: p for p in options_of(factory)}
+        params = inspect.signature(cls).parameters
+        assert list(params) == ["target", *own, *pruner_names], cls
+        assert all((params[n].default, params[n].annotation) == (p.default, p.annotation) for n, p in own.items())
+        assert callbacks.callback_for(factory) is cls and options_doc(factory) in inspect.getdoc(cls)
+        assert all(inspect.getdoc(cls).count(f"\n    {n}: ") == 1 for n in own), cls  # each option documented, once
+    assert OBSPruning(0.5, "kfac", verbose=0).criterion.hessian == "kfac"  # positional, as before
+    assert OBDPruning(0.5, "kfac", 4, verbose=0).criterion.num_probes == 4
+    with pytest.raises(TypeError, match="got multiple values for argument 'hessian'"):
+        OBSPruning(0.5, "kfac", hessian="fisher")
+    with pytest.raises(TypeError, match=r"MagnitudePruning\(\) takes at most 1 positional arguments \(2 given\)"):
+        MagnitudePruning(0.5, "global")
+
+    class Power(Criterion):
+        """Prune the weights with the smallest ``|w| ** power``.
+
+        Args:
+            power: the exponent.
+        """
+
+        def __init__(self, power: float = 1.0) -> None:
+            self.power = power
+
+        def window_length(self, num_batches: int, eval_batches: int) -> int:
+            return min(num_batches, eval_batches)
+
+        def prune(self, ctx):
+            return RoundResult(ctx.select({t.name: t.local_param.abs() ** self.power for t in ctx.targets}))
+
+    class PowerPruning(PruningCallback, criterion=Power):
+        """Magnitude to a power, as a callback.
+
+        Other arguments: see Pruner.
+        """
+
+    assert list(inspect.signature(PowerPruning).parameters)[:2] == ["target", "power"]
+    assert inspect.getdoc(PowerPruning) == (
+        "Magnitude to a power, as a callback.\n\nArgs:\n    power: the exponent.\n\nOther arguments: see Pruner."
+    )
+    model, twin = TinyNet(), TinyNet()
+    twin.load_state_dict(model.state_dict())
+    batches = [next(iter(model.train_dataloader()))]
+    prune(model, batches, PowerPruning(0.5, power=2.0, verbose=0))
+    prune(twin, batches, MagnitudePruning(0.5, verbose=0))  # |w|^2 ranks as |w|
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))
+
+
+def test_every_preset_returns_the_pruner_contract():
+    """A preset returns its criterion's typed callback (Lightning installed; the architecture test checks the
+    core Pruner without it): the PrunerLike contract, for prune() and for a Trainer alike."""
+    from lightning_prune import callbacks
+    from lightning_prune.engine.facade import PrunerLike
+
+    for name, fn in presets.PRESETS.items():
+        made = fn(0.5, verbose=0)
+        factory = presets._SETTINGS[name][0]
+        assert type(made) is callbacks.callback_for(factory) and isinstance(made, callbacks.PruningCallback)
+        assert inspect.signature(fn).return_annotation is PrunerLike
+        assert isinstance(made.pruner, Pruner) and made.history == () and made.target == 0.5

@@ -141,7 +141,7 @@ def test_readme_snippet_runs_as_printed(code, arch, monkeypatch, tmp_path):
     exec(compile(code, "README.md", "exec"), ns)
     for name, value in ns.items():
         if isinstance(value, (Pruner, PruningCallback)) and value.history:
-            params = dict(value._params)
+            params = {t.name: t.param for t in value.targets}
             for n, mask in value.masks.items():
                 assert torch.all(params[n].detach()[~mask.to(params[n].device)] == 0), (name, n)
 

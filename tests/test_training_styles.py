@@ -354,7 +354,8 @@ class StepRecorder(pl.Callback):
         self.start = (self.backend.compiles, self.backend.calls)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        window = self.pruner is not None and self.pruner._window is not None
+        opened = self.pruner._window if self.pruner is not None else None  # its capture: hooks on
+        window = opened is not None and opened.capture is not None
         compiles, calls = self.backend.compiles - self.start[0], self.backend.calls - self.start[1]
         self.steps.append((compiles, calls, window))
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.criteria import Magnitude
-from lightning_prune.engine.pruner import pruner_parameters
-from lightning_prune.engine.schedule import forwarded
 
 
-class MagnitudePruning(PruningCallback):
+class MagnitudePruning(PruningCallback, criterion=Magnitude):
     """Prune the weights with the smallest ``|w|``.
 
     ``Trainer(callbacks=[MagnitudePruning(target=0.8)])`` prunes 80% of all Linear/Conv weights
@@ -21,9 +17,3 @@ class MagnitudePruning(PruningCallback):
     So ``num_batches`` means what it means for the other criteria, the batches a round keeps,
     capped by ``eval_batches`` since no others are read; ``eval_batches=0`` keeps none.
     """
-
-    def __init__(self, target: float, **options: Any) -> None:
-        super().__init__(Magnitude(), target, **options)
-
-
-forwarded(MagnitudePruning.__init__, pruner_parameters())

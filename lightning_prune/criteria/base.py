@@ -10,6 +10,7 @@ training steps inside ``Trainer.fit`` (the capture window), or by one calibratio
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,6 +140,10 @@ class Criterion:
     mc_samples = 1
     reset_moved_state = False  # whether weights the criterion moved lose their optimizer moments
     loss_reduction = "mean"  # how the loss reduces over a batch (hook gradients are rescaled by it)
+    # capabilities the adapters ask for, instead of asking a criterion who it is:
+    uses_hooks = True  # captures layer statistics with module hooks (which torch.compile'd code skips)
+    differentiates_twice = False  # Hessian-vector products: a double backward (which torch.compile'd code refuses)
+    label_free_options: str | None = None  # the options that make it need no loss, named where a loss is missing
 
     def check_scope(self, scope: str) -> None:
         """Refuse a scope the criterion cannot rank under (called at construction)."""
@@ -146,6 +151,9 @@ class Criterion:
     def window_length(self, num_batches: int, eval_batches: int) -> int:
         """How many batches a round keeps (curvature and evaluation)."""
         return num_batches
+
+    def check_window(self, num_batches: int) -> None:
+        """Refuse a capture window too short for the statistics (called when a pruning callback is built)."""
 
     def check_pattern(self, pattern: Pattern, scope: str) -> None:
         """Refuse a pattern the criterion cannot prune under (called when the pruner is built)."""
@@ -250,3 +258,31 @@ def require_stats(ctx: RoundContext, estimator: Estimator | None, who: str) -> E
             "forward pass (training_step or loss_fn) and that there are batches."
         )
     return estimator  # type: ignore[return-value]
+
+
+CriterionFactory = Callable[..., Criterion]  # a criterion class, or a function building one (OBS)
+
+
+def options_of(factory: CriterionFactory) -> list[inspect.Parameter]:
+    """A criterion's options as its factory declares them (types, defaults, order), positional-or-keyword:
+    what its typed callback and the presets put in their signatures, so they are written once."""
+    params = inspect.signature(factory, eval_str=True).parameters.values()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params if p.kind in named]
+
+
+def split_options(factory: CriterionFactory, options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``options`` split into the criterion's (:func:`options_of`) and the rest (the pruner's)."""
+    own = {p.name for p in options_of(factory)}
+    return {k: v for k, v in options.items() if k in own}, {k: v for k, v in options.items() if k not in own}
+
+
+def options_doc(factory: CriterionFactory) -> str:
+    """The ``Args:`` section of the factory's docstring, where its options are documented once (``""``
+    without one)."""
+    lines = inspect.cleandoc(factory.__doc__ or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), len(lines))
+    return "\n".join(lines[start:end]).rstrip()

@@ -12,6 +12,7 @@ class Magnitude(Criterion):
     increase, so it keeps ``min(num_batches, eval_batches)`` of them: more would be stored and never read."""
 
     name = "magnitude"
+    uses_hooks = False
 
     def check_pattern(self, pattern: Pattern, scope: str) -> None:
         if pattern.removes_structures and scope == "global":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -10,11 +11,12 @@ from torch import Tensor
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.runtime.distributed import Collectives, warn
-from lightning_prune.stats import CURVATURES, Estimator, Hutchinson, make_estimator
+from lightning_prune.stats import CURVATURES, Curvature, Estimator, Hutchinson, make_estimator
 from lightning_prune.stats.capture import check_hookable
-from lightning_prune.stats.fisher import check_fisher_type
+from lightning_prune.stats.fisher import FisherType, check_fisher_type
 
-REDUCTIONS = ("mean", "sum")
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 
 def check_reduction(loss_reduction: str) -> str:
@@ -40,19 +42,38 @@ def sanitize_curvature(h: Tensor) -> tuple[Tensor, int, int]:
 class OBD(Criterion):
     """Prune the weights with the smallest ``1/2 h_ii w_i^2``.
 
-    The arguments are :class:`~lightning_prune.OBDPruning`'s of the same names (documented there,
-    where users set them); ``"hutchinson"`` runs its calibration pass inside the round.
+    Args:
+        curvature: ``"fisher"`` (per-sample empirical Fisher diagonal), ``"kfac"``, ``"ekfac"``
+            (captured from the last ``num_batches`` training batches), ``"hutchinson"``
+            (true-Hessian diagonal from ``num_probes`` Rademacher probes per batch, a
+            calibration pass over the same batches at round time), or ``"activations"``: the
+            layer-wise Hessian's diagonal ``E[x_j^2]``, so the score ``1/2 w_ij^2 E[x_j^2]`` ranks
+            like Wanda's ``|w_ij| ||x_j||``; no labels, no backward pass; with ``scope="row"``
+            (Wanda's comparison groups) or ``"layer"``.
+        num_probes: Hutchinson probes per batch.
+        fisher_type: for ``"fisher"``, ``"kfac"``, ``"ekfac"``: ``"auto"`` (default), ``"empirical"``
+            (gradients at the observed labels, free from the training steps), ``"mc"`` (labels sampled
+            from the model, ``mc_samples`` per input) or ``"exact"`` (the GGN in closed form). MC and
+            exact stay informative at convergence and need one pass over the window's batches at
+            round time; ``"auto"`` uses exact for classifiers (cross-entropy or MSE, one output row
+            per sample, up to 64 outputs), mc for sequence or wide outputs, empirical when the loss
+            makes no such call; chosen by measurement (see :mod:`lightning_prune.stats.fisher`).
+        mc_samples: sampled labels per input for ``fisher_type="mc"``.
+        loss_reduction: ``"mean"`` (default) if the training loss averages over the batch's
+            leading dimension, ``"sum"`` if it sums; used when the loss makes no single
+            ``F.cross_entropy``/``F.nll_loss`` call, whose own reduction and non-ignored targets
+            (a language model's tokens) are read instead (:func:`~lightning_prune.stats.capture.per_sample_factor`).
     """
 
     name = "obd"
 
     def __init__(
         self,
-        curvature: str = "fisher",
+        curvature: Curvature = "fisher",
         num_probes: int = 8,
-        loss_reduction: str = "mean",
-        fisher_type: str = "auto",
+        fisher_type: FisherType = "auto",
         mc_samples: int = 1,
+        loss_reduction: Reduction = "mean",
     ) -> None:
         if curvature not in CURVATURES:
             raise ValueError(f"`curvature` must be one of {CURVATURES}, got {curvature!r}")
@@ -69,17 +90,25 @@ class OBD(Criterion):
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
 
     @property
-    def hooked(self) -> bool:
+    def uses_hooks(self) -> bool:  # type: ignore[override]
         """Hook statistics (from the window, or a pass); Hutchinson computes its own at round time."""
         return self.curvature != "hutchinson"
 
     @property
+    def differentiates_twice(self) -> bool:  # type: ignore[override]
+        return self.curvature == "hutchinson"
+
+    @property
     def captures_in_window(self) -> bool:
-        return self.hooked and (self.fisher_type == "empirical" or self.curvature == "activations")
+        return self.uses_hooks and (self.fisher_type == "empirical" or self.curvature == "activations")
 
     @property
     def needs_gradients(self) -> bool:
         return self.curvature != "activations"
+
+    def check_window(self, num_batches: int) -> None:
+        if self.curvature == "ekfac" and num_batches < 2:
+            raise ValueError(f"curvature='ekfac' needs `num_batches` >= 2 (two phases), got {num_batches}")
 
     def check_scope(self, scope: str) -> None:
         if self.curvature == "activations" and scope == "global":
@@ -89,10 +118,10 @@ class OBD(Criterion):
             )
 
     def recalibrates(self, targets: Sequence[PruneTarget]) -> bool:
-        return not self.hooked
+        return not self.uses_hooks
 
     def check_targets(self, targets: Sequence[PruneTarget]) -> None:
-        if self.hooked:
+        if self.uses_hooks:
             check_hookable(targets, gradients=self.needs_gradients)
         elif frozen := [t.name for t in targets if not t.param.requires_grad]:
             raise ValueError(
@@ -101,7 +130,7 @@ class OBD(Criterion):
             )
 
     def check_sharded(self, targets: Sequence[PruneTarget]) -> None:
-        if not self.hooked:
+        if not self.uses_hooks:
             raise ValueError(
                 "curvature='hutchinson' differentiates the loss twice with respect to the weights, which FSDP2 "
                 "shards (torch.autograd.grad cannot see DTensor shards): use curvature='fisher', 'kfac' or 'ekfac'"
@@ -110,12 +139,12 @@ class OBD(Criterion):
     def make_estimator(
         self, targets: Sequence[PruneTarget], comm: Collectives, num_batches: int, *, reference: bool = False
     ) -> Estimator | None:
-        if not self.hooked:
+        if not self.uses_hooks:
             return None
         return make_estimator(self.curvature, targets, num_batches=num_batches, num_probes=self.num_probes, comm=comm)
 
     def _estimate(self, ctx: RoundContext) -> Estimator:
-        if self.hooked:
+        if self.uses_hooks:
             return require_stats(ctx, ctx.stats, f"OBD ({self.curvature})")
         if not ctx.batches:
             return require_stats(ctx, None, f"OBD ({self.curvature})")

@@ -1,48 +1,25 @@
-"""The blocks SquareHead matches: found in the student, paired by name in the teacher, and their hidden
-states read from a block's output. Each is one small function, so a shared layout helper can replace it."""
+"""The blocks SquareHead matches: found in the student (the layout registry's block finding), paired by name
+in the teacher, and their hidden states read from a block's output."""
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_prune.models.layouts import block_output, find_blocks
+
 
 def block_hidden(out: Any) -> Tensor:
     """A block's hidden states: its output, or the first element of the tuple a decoder layer returns."""
-    if isinstance(out, Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise ValueError(f"Distillation: a SquareHead block returned {type(out).__name__}, not hidden states")
+    return block_output(out, "Distillation: a SquareHead block")
 
 
 def find_feature_blocks(model: nn.Module, blocks: str) -> list[str]:
-    """Names of the blocks SquareHead matches: ``"auto"``, the decoder's layers (the largest
-    ``nn.ModuleList`` of at least two modules of one type, by parameters), or a glob over module names
-    (the outermost matches)."""
-    if blocks == "auto":
-        best, size = [], 0
-        for name, module in model.named_modules():
-            if isinstance(module, nn.ModuleList) and len(module) >= 2 and len({type(m) for m in module}) == 1:
-                n = sum(p.numel() for p in module.parameters())
-                if n > size:
-                    best, size = [f"{name}.{i}" if name else str(i) for i in range(len(module))], n
-        if not best:
-            raise ValueError(
-                f"`squarehead_blocks='auto'` found no nn.ModuleList of identical blocks in {type(model).__name__}: "
-                "name them with a glob, e.g. squarehead_blocks='model.layers.*'"
-            )
-        return best
-    found: list[str] = []
-    for name, _ in model.named_modules():
-        if name and fnmatch.fnmatchcase(name, blocks) and not any(name.startswith(f"{f}.") for f in found):
-            found.append(name)
-    if not found:
-        tops = [n for n, _ in model.named_children()]
-        raise ValueError(f"`squarehead_blocks={blocks!r}` matches no module of {type(model).__name__} (top: {tops})")
-    return found
+    """Names of the blocks SquareHead matches: ``"auto"``, the decoder's layers (the registry's block list,
+    else the largest ``nn.ModuleList`` of at least two modules of one type, by parameters), or a glob over
+    module names (the outermost matches)."""
+    return [name for name, _ in find_blocks(model, blocks, arg="squarehead_blocks")]
 
 
 def pair_block(name: str, teacher: nn.Module, blocks: str) -> str:

@@ -6,8 +6,9 @@ round, and in ``prune()`` every statistic. Those passes must not disturb trainin
 
 * in eval mode (BatchNorm running statistics untouched, dropout off), restoring each module's
   own ``training`` flag afterwards;
-* with ``self.log``/``self.log_dict`` muted and every torchmetrics ``Metric`` state restored, when
-  the loss comes from a LightningModule's ``training_step``.
+* with the side effects of a borrowed ``training_step`` suppressed, when the loss comes from it: the
+  guards registered with :func:`guard_borrowed_steps` (the Lightning adapter's,
+  :mod:`lightning_prune.callbacks.isolation`, mutes ``self.log`` and restores torchmetrics' states).
 
 Where the loss comes from (:class:`Calibration`), first match wins:
 
@@ -25,7 +26,6 @@ label-free statistics need; criteria that need gradients refuse before any work.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -111,26 +111,20 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-@contextlib.contextmanager
-def _isolated(module: nn.Module) -> Iterator[None]:
-    """Mute logging and snapshot torchmetrics state around a borrowed ``training_step`` call."""
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # without torchmetrics no module holds a Metric
-        metrics = []
-    else:
-        metrics = [m for m in module.modules() if isinstance(m, Metric)]
-    saved = [(m, {k: copy.deepcopy(getattr(m, k)) for k in m._defaults}, m._update_count, m._computed) for m in metrics]
-    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        del module.log, module.log_dict
-        for m, state, count, computed in saved:
-            for k, v in state.items():
-                setattr(m, k, v)
-            m._update_count, m._computed = count, computed
+StepGuard = Callable[[nn.Module], AbstractContextManager[Any]]
+"""``guard(model)``: a context that suppresses what re-running ``model.training_step`` on a stored batch
+would change outside the loss (a framework's logging, accumulated metrics)."""
+
+_STEP_GUARDS: list[StepGuard] = []
+
+
+def guard_borrowed_steps(guard: StepGuard) -> StepGuard:
+    """Apply ``guard`` around every borrowed ``training_step`` call of every :class:`Calibration` built
+    after this (once, however often it is registered). The core knows no training framework: the adapter
+    that knows the step's side effects registers their guard (usable as a decorator)."""
+    if guard not in _STEP_GUARDS:
+        _STEP_GUARDS.append(guard)
+    return guard
 
 
 class RoundInterrupted(BaseException):
@@ -262,6 +256,8 @@ class Calibration:
         forward_context: context for every forward pass (the Lightning adapter passes the
             precision plugin's autocast).
         progress: factory of progress bars for passes over the batches.
+        step_guards: contexts around each borrowed ``training_step`` call (default: the registered ones,
+            :func:`guard_borrowed_steps`).
     """
 
     def __init__(
@@ -273,8 +269,10 @@ class Calibration:
         output_loss: bool = False,
         forward_context: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
         progress: ProgressFactory = no_progress,
+        step_guards: Sequence[StepGuard] | None = None,
     ) -> None:
         self.model, self.loss_fn = model, loss_fn
+        self.step_guards = tuple(_STEP_GUARDS if step_guards is None else step_guards)
         self.forward_context, self.progress = forward_context, progress
         # checked before every batch of a pass (one process only: ranks may hold different batch counts,
         # so distributed rounds check between layers, together: RoundContext.check_interrupt)
@@ -326,7 +324,9 @@ class Calibration:
         if self.source == "loss_fn":
             return self._call("loss_fn(model, batch)", lambda: self.loss_fn(self.model, batch), batch, batch_idx)  # type: ignore[misc]
         if self.source == "training_step":
-            with _isolated(self.model):
+            with contextlib.ExitStack() as guarded:
+                for guard in self.step_guards:
+                    guarded.enter_context(guard(self.model))
                 return self._call(
                     f"{type(self.model).__name__}.training_step(batch, batch_idx)",
                     lambda: self.model.training_step(batch, batch_idx),  # type: ignore[operator]

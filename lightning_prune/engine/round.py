@@ -25,8 +25,9 @@ from lightning_prune.engine.calibration import (
     no_progress,
     tqdm_progress,
 )
+from lightning_prune.engine.facade import PrunerLike
 from lightning_prune.engine.oneshot import plan_one_shot
-from lightning_prune.engine.pruner import Pruner
+from lightning_prune.engine.pruner import Pruner, as_pruner
 from lightning_prune.engine.record import RoundRecord, RoundWhen
 from lightning_prune.engine.rounds import PARTIAL, OnePass
 from lightning_prune.engine.summary import round_summary
@@ -224,7 +225,7 @@ def _total(count: int, comm: Collectives, calib: Calibration) -> int:
 def prune(
     model: nn.Module,
     data: Iterable[Any],
-    pruner: Pruner,
+    pruner: PrunerLike,
     *,
     loss_fn: LossFn | None = None,
     num_batches: int | None = None,
@@ -262,12 +263,7 @@ def prune(
         :mod:`~lightning_prune.engine.oneshot`), ``pruner.criterion`` is a new object; the criterion you
         built is left as it was.
     """
-    if num_batches is not None and (
-        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0
-    ):
-        raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    pruner = _checked_arguments(pruner, num_batches, loss_fn)  # a callback prunes through the Pruner it wraps
     if device is not None:  # before the pruner binds (it may drop another model's masks) and any block moves
         from lightning_prune.engine.sequential import check_offload
 
@@ -301,6 +297,21 @@ def prune(
         if pruner.verbose >= 2:
             print(pruner.layer_table(), flush=True)
     return record
+
+
+def _checked_arguments(pruner: PrunerLike, num_batches: int | None, loss_fn: LossFn | None) -> Pruner:
+    """``prune()``'s arguments checked before any work; the core pruner (a callback's own)."""
+    if num_batches is not None and (
+        isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0
+    ):
+        raise ValueError(f"`num_batches` must be an integer >= 0, got {num_batches!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable (model, batch) -> loss, got {loss_fn!r}")
+    if (core := as_pruner(pruner)) is None:
+        raise TypeError(
+            f"`pruner` must be a Pruner or a pruning callback (OBSPruning(...), SparseGPT(...)), got {pruner!r}"
+        )
+    return core
 
 
 def _say_if_idle(pruner: Pruner) -> None:
@@ -358,6 +369,5 @@ def _offload_device(device: torch.device, pruner: Pruner, model: nn.Module) -> t
 
 
 def _label_free_hint(pruner: Pruner) -> str:
-    if getattr(pruner.criterion, "hessian", None) == "layerwise":
-        return "; or prune without labels with allocation='reconstruction', scope='layer' (SparseGPT's objective)"
-    return ""
+    options = pruner.criterion.label_free_options
+    return f"; or prune without labels with {options}" if options else ""

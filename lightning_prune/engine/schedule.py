@@ -116,11 +116,11 @@ def forwarded(fn: Callable[..., Any], *sources: Sequence[inspect.Parameter]) -> 
     """``fn`` (whose ``**kwargs`` forwards arguments) with a signature that lists them: its own
     parameters, then each of ``sources`` (keyword-only). LightningCLI (jsonargparse), ``inspect`` and
     IDEs see every argument typed, while each one is written in a single place."""
-    own = inspect.signature(fn, eval_str=True).parameters.values()
-    own = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    signature = inspect.signature(fn, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in own}
     extra = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for src in sources for p in src if p.name not in names]
-    fn.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    fn.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
     return fn
 
 
@@ -129,6 +129,20 @@ def check_options(who: str, options: Mapping[str, Any], allowed: Sequence[inspec
     names = {p.name for p in allowed}
     if unknown := [k for k in options if k not in names]:
         raise TypeError(f"{who}() got an unexpected keyword argument {unknown[0]!r}")
+
+
+def batches_until_step(step: int, point: int, batch_idx: int, per_epoch: float, accumulate: int, limit: int) -> int:
+    """Training batches from ``batch_idx`` (included) until the optimizer step count, ``step`` now, reaches
+    ``point``: a step follows every ``accumulate`` batches of an epoch and its last batch (``per_epoch``
+    batches, ``inf`` when unknown), as Lightning steps. Counting stops past ``limit`` (a capture window's
+    length): what a step trigger needs to know whether this batch belongs to the window before its round."""
+    count, i = 0, batch_idx
+    while step < point and count <= limit:
+        count += 1
+        if (i + 1) % accumulate == 0 or i + 1 == per_epoch:
+            step += 1
+        i = 0 if i + 1 == per_epoch else i + 1
+    return count
 
 
 class Schedule:

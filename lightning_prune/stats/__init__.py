@@ -2,6 +2,7 @@
 the capture of layer inputs and output gradients, the calibration passes and the training window."""
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.runtime.distributed import LOCAL, Collectives
@@ -18,7 +19,8 @@ from lightning_prune.stats.estimators import (
 from lightning_prune.stats.hutchinson import Hutchinson
 from lightning_prune.stats.window import CaptureWindow
 
-CURVATURES = ("fisher", "kfac", "ekfac", "hutchinson", "activations")
+Curvature = Literal["fisher", "kfac", "ekfac", "hutchinson", "activations"]
+CURVATURES: tuple[str, ...] = get_args(Curvature)
 
 
 def make_estimator(

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,8 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode
 
-FISHER_TYPES = ("auto", "empirical", "mc", "exact")
+FisherType = Literal["auto", "empirical", "mc", "exact"]
+FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
 EXACT_MAX_OUTPUTS = 64  # "auto": the exact GGN costs one backward pass per output
 LOSSES = ("F.cross_entropy (nn.CrossEntropyLoss)", "F.mse_loss (nn.MSELoss)")
 

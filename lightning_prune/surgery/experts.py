@@ -394,32 +394,7 @@ def remove_experts(
     experts removed per block and ``Shrunk.experts_kept`` the original indices of the experts left.
     """
     layers = {layer.name: layer for layer in find_moe_layers(model)}
-    if not isinstance(drop, Mapping):
-        raise ValueError(f"`drop` must map MoE block names to expert indices, got {drop!r}")
-    if unknown := [n for n in drop if n not in layers]:
-        raise ValueError(f"`drop` names {unknown[:5]}, not MoE blocks of {type(model).__name__}: {list(layers)[:5]}")
-    plan: dict[str, list[int]] = {}
-    for name, layer in layers.items():
-        values = list(drop.get(name, ()))
-        total = layer.num_experts
-        if bad := [
-            v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < total
-        ]:
-            raise ValueError(f"`drop[{name!r}]` must hold expert indices in 0..{total - 1}, got {bad[:5]}")
-        if len(set(values)) != len(values):
-            raise ValueError(f"`drop[{name!r}]` repeats experts: {values}")
-        if total - len(values) < layer.top_k:
-            raise ValueError(
-                f"`drop[{name!r}]` removes {len(values)} of {total} experts, leaving fewer than the router's "
-                f"top_k={layer.top_k}"
-            )
-        plan[name] = sorted(int(v) for v in values)
-    if len({len(v) for v in plan.values()}) != 1 or not next(iter(plan.values())):
-        counts = {n: len(v) for n, v in plan.items()}
-        raise ValueError(
-            f"`drop` must remove the same number of experts (at least one) from every MoE block, got {counts}: a "
-            "standard config holds one expert count, so plain from_pretrained could not load blocks that differ"
-        )
+    plan = _drop_plan(model, layers, drop)
     checked = _checked_module(model, layers.values(), example_inputs)
     reference = None
     if example_inputs is not None:
@@ -430,26 +405,8 @@ def remove_experts(
     left = total - len(next(iter(plan.values())))
     values = _config_values(model, layers, left, total)  # refuses before copying: nothing to lose
     out = copy.deepcopy(model)
-    kept_all = {}
-    for name, gone in plan.items():
-        layer = _layer(name, out.get_submodule(name), layers[name].part)
-        kept = [i for i in range(layer.num_experts) if i not in set(gone)]
-        index = torch.as_tensor(kept, dtype=torch.long)
-        with torch.no_grad():
-            for part in (layer.experts, layer.router):
-                for attr, t in _tensors(part).items():
-                    cut = t[index.to(t.device)].contiguous()
-                    if isinstance(t, nn.Parameter):
-                        setattr(part, attr, nn.Parameter(cut, requires_grad=t.requires_grad))
-                    else:
-                        setattr(part, attr, cut)
-        for holder in (layer.block, layer.router, layer.experts):
-            for attr in MODULE_COUNTS:
-                if isinstance(getattr(holder, attr, None), int):
-                    setattr(holder, attr, len(kept))
-        if isinstance(getattr(layer.router, "out_features", None), int):
-            layer.router.out_features = len(kept)
-        kept_all[name] = kept
+    kept_all = {name: _cut_experts(_layer(name, out.get_submodule(name), layers[name].part), gone)
+                for name, gone in plan.items()}  # fmt: skip
     for _, pretrained in hf.pretrained_models(out):
         for attr in MODULE_COUNTS:  # e.g. MixtralForCausalLM.num_experts, read by the load-balancing loss
             if getattr(pretrained, attr, None) == total:
@@ -478,6 +435,59 @@ def remove_experts(
             ),
         )
     return result
+
+
+def _drop_plan(model: nn.Module, layers: Mapping[str, MoeLayer], drop: Any) -> dict[str, list[int]]:
+    """``drop`` checked: expert indices per MoE block, the same count (at least one) everywhere, top-k left."""
+    if not isinstance(drop, Mapping):
+        raise ValueError(f"`drop` must map MoE block names to expert indices, got {drop!r}")
+    if unknown := [n for n in drop if n not in layers]:
+        raise ValueError(f"`drop` names {unknown[:5]}, not MoE blocks of {type(model).__name__}: {list(layers)[:5]}")
+    plan: dict[str, list[int]] = {}
+    for name, layer in layers.items():
+        values = list(drop.get(name, ()))
+        total = layer.num_experts
+        if bad := [
+            v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < total
+        ]:
+            raise ValueError(f"`drop[{name!r}]` must hold expert indices in 0..{total - 1}, got {bad[:5]}")
+        if len(set(values)) != len(values):
+            raise ValueError(f"`drop[{name!r}]` repeats experts: {values}")
+        if total - len(values) < layer.top_k:
+            raise ValueError(
+                f"`drop[{name!r}]` removes {len(values)} of {total} experts, leaving fewer than the router's "
+                f"top_k={layer.top_k}"
+            )
+        plan[name] = sorted(int(v) for v in values)
+    if len({len(v) for v in plan.values()}) != 1 or not next(iter(plan.values())):
+        counts = {n: len(v) for n, v in plan.items()}
+        raise ValueError(
+            f"`drop` must remove the same number of experts (at least one) from every MoE block, got {counts}: a "
+            "standard config holds one expert count, so plain from_pretrained could not load blocks that differ"
+        )
+    return plan
+
+
+def _cut_experts(layer: MoeLayer, gone: Sequence[int]) -> list[int]:
+    """Remove experts ``gone`` from one MoE block of the copy (experts' and router's slices, the counts its
+    modules keep); returns the original indices of the experts left."""
+    kept = [i for i in range(layer.num_experts) if i not in set(gone)]
+    index = torch.as_tensor(kept, dtype=torch.long)
+    with torch.no_grad():
+        for part in (layer.experts, layer.router):
+            for attr, t in _tensors(part).items():
+                cut = t[index.to(t.device)].contiguous()
+                if isinstance(t, nn.Parameter):
+                    setattr(part, attr, nn.Parameter(cut, requires_grad=t.requires_grad))
+                else:
+                    setattr(part, attr, cut)
+    for holder in (layer.block, layer.router, layer.experts):
+        for attr in MODULE_COUNTS:
+            if isinstance(getattr(holder, attr, None), int):
+                setattr(holder, attr, len(kept))
+    if isinstance(getattr(layer.router, "out_features", None), int):
+        layer.router.out_features = len(kept)
+    return kept
 
 
 def _checked_module(model: nn.Module, layers: Iterable[MoeLayer], example_inputs: Any) -> str:

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
-from lightning_prune.criteria.obd import check_reduction
+from lightning_prune.criteria.obd import Reduction, check_reduction
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.runtime.numerics import exact_float32
 from lightning_prune.stats import Estimator
 from lightning_prune.stats.capture import check_hookable
-from lightning_prune.stats.fisher import check_fisher_type
+from lightning_prune.stats.fisher import FisherType, check_fisher_type
 
-OPTIMIZER_STATES = ("keep", "reset")
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+OptimizerState = Literal["keep", "reset"]
+OPTIMIZER_STATES: tuple[str, ...] = get_args(OptimizerState)
+SolverDtype = Literal["float64", "float32"]
+DTYPES = dict(zip(get_args(SolverDtype), (torch.float64, torch.float32)))
 
 
 def split(items: list, n: int) -> list[list]:
@@ -40,7 +43,7 @@ class OBSCriterion(Criterion):
 
     Subclasses differ in the Hessian model (:class:`~lightning_prune.criteria.obs.LayerwiseOBS`,
     :class:`~lightning_prune.criteria.obs.WoodFisherOBS`, :class:`~lightning_prune.criteria.obs.KFACOBS`);
-    the options here are :class:`~lightning_prune.OBSPruning`'s of the same names (documented there).
+    the options here are :func:`~lightning_prune.criteria.obs.OBS`'s of the same names (documented there).
     """
 
     name = "obs"
@@ -53,11 +56,11 @@ class OBSCriterion(Criterion):
         damp: float = 0.01,
         block_size: int = 128,
         recompute_steps: int = 4,
-        optimizer_state: str = "reset",
-        solver_dtype: str = "float64",
-        loss_reduction: str = "mean",
-        fisher_type: str = "empirical",
+        optimizer_state: OptimizerState = "reset",
+        solver_dtype: SolverDtype = "float64",
+        fisher_type: FisherType = "empirical",
         mc_samples: int = 1,
+        loss_reduction: Reduction = "mean",
     ) -> None:
         for name, value, allowed in (
             ("optimizer_state", optimizer_state, OPTIMIZER_STATES),

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -59,25 +59,30 @@ from lightning_prune.solvers.obc import (
     sparsegpt_prune,
 )
 from lightning_prune.stats import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
+from lightning_prune.stats.fisher import FisherType
 from lightning_prune.stats.passes import reference_pass
 
-SOLVERS = ("auto", "exact", "blocked", "fast")
-ALLOCATIONS = ("auto", "obs", "fisher", "kfac", "reconstruction")
-RECONSTRUCTS = ("original", "current")
+Solver = Literal["auto", "exact", "blocked", "fast"]
+SOLVERS: tuple[str, ...] = get_args(Solver)
+Allocation = Literal["auto", "obs", "fisher", "kfac", "reconstruction"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+Reconstruct = Literal["original", "current"]
+RECONSTRUCTS: tuple[str, ...] = get_args(Reconstruct)
 
 
 class LayerwiseOBS(OBSCriterion):
     """``hessian="layerwise"``: OBC/SparseGPT solvers, loss-unit rows and cross-layer allocation."""
 
     hessian = "layerwise"
+    label_free_options = "allocation='reconstruction', scope='layer' (SparseGPT's objective)"
 
     def __init__(
         self,
         *,
-        solver: str = "auto",
-        allocation: str | None = None,
-        reconstruct: str | None = None,
-        fisher_type: str = "empirical",
+        solver: Solver = "auto",
+        allocation: Allocation | None = None,
+        reconstruct: Reconstruct | None = None,
+        fisher_type: FisherType = "empirical",
         **options: Any,
     ) -> None:
         # None: "auto" / "original", which prune() may replace by its block-by-block plan (label_free_by_default)
