@@ -259,6 +259,42 @@ def oneshot(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ cost
+def cost(folder: Path, reps: int) -> list[list[str]]:
+    """Seconds of one round on the dense model, alternated ``reps`` times in this process: the SparseGPT
+    preset (50% unstructured), structured OBS at 50% of heads and neurons (the default, and label-free with
+    one pass: what ``shrink_to``'s candidates use) and ``prune_hidden`` at 25%."""
+    calib = lm.calibration_batches(folder)
+    n = len(calib)
+
+    def structured(**kw: Any) -> Any:
+        return lambda m: prune(
+            m,
+            calib,
+            lightning_prune.OBSPruning(0.5, pattern="channels", num_batches=n, eval_batches=0, verbose=0, **kw),
+        )
+
+    runs = {
+        "SparseGPT(0.5), unstructured": lambda m: prune(
+            m, calib, lightning_prune.SparseGPT(0.5, num_batches=n, eval_batches=0, verbose=0)
+        ),
+        "OBSPruning(0.5, pattern='channels'), the default": structured(),
+        "the same, label-free, one pass (shrink_to's)": structured(allocation="reconstruction", recompute_steps=1),
+        "prune_hidden(0.25)": lambda m: prune_hidden(m, calib, 0.25),
+    }
+    seconds: dict[str, list[float]] = {k: [] for k in runs}
+    for _, name in common.alternation(list(runs), reps):
+        model = load(folder)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs[name](model)
+        seconds[name].append(time.perf_counter() - start)
+        print(name, seconds[name][-1], flush=True)
+    base = min(seconds["SparseGPT(0.5), unstructured"])
+    return [[k, " / ".join(f"{s:.1f}" for s in v), f"{min(v) / base:.2f}x"] for k, v in seconds.items()]
+
+
 # ------------------------------------------------------------------------------------------ recovery
 def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
     """Each saved row (and the dense model) trained ``steps`` steps on identical batches: the rows with
@@ -315,6 +351,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--oneshot", action="store_true")
     parser.add_argument("--recover", type=int, default=0, help="distillation steps for the saved 50%% rows")
+    parser.add_argument("--cost", type=int, default=0, help="repetitions of the cost table's rounds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -356,6 +393,21 @@ def main() -> None:
             ]
         )
         common.write_block("budget-lm-oneshot", body)
+        print(body)
+    if args.cost:
+        body = "\n".join(
+            [
+                "## What a round costs: structured against unstructured",
+                "",
+                f"`python benchmarks/budget_lm.py --cost {args.cost}` at `{common.commit()}` on {common.machine()}: "
+                f"the dense model of the one-shot table, {PLAN['calib']} calibration windows, no loss before/after "
+                f"(eval_batches=0), {args.cost} repetitions alternated in one process; ratio: the fastest repetition "
+                "over SparseGPT's fastest.",
+                "",
+                common.md_table(["round", "seconds", "against SparseGPT"], cost(folder, args.cost)),
+            ]
+        )
+        common.write_block("budget-lm-cost", body)
         print(body)
     if args.recover:
         rows = recover(folder, args.recover)
