@@ -4,7 +4,7 @@ importance and magnitude, one-shot and after the same short distillation.
 python benchmarks/budget_lm.py --oneshot            # 25% and 50% of the non-embedding parameters removed
 python benchmarks/budget_lm.py --recover 100        # the 50% rows distilled 100 steps, perplexity every 25
 
-A LLaMA of ``PLAN`` (8 blocks, hidden 512) is trained here once (``lm.dense``, cached). Rows:
+A LLaMA of ``PLAN`` (8 blocks, hidden 256, 8 heads, MLP 768: 7.8M parameters) is trained here once (``lm.dense``, cached). Rows:
 
 * ours, one axis: the hidden size alone (``prune_hidden``, OBS: readers refitted, norms rescaled); heads and
   neurons alone (``shrink_to(axes=("heads", "neurons"))``); blocks alone (``prune_blocks``, by loss);
@@ -42,15 +42,15 @@ from lightning_prune.surgery.budget import _Counter, _decoder, _describe, _shape
 
 PLAN: dict[str, Any] = {
     "model": {
-        "hidden_size": 512,
+        "hidden_size": 256,
         "num_layers": 8,
         "num_heads": 8,
-        "intermediate_size": 1024,
+        "intermediate_size": 768,
         "lr": 0.002,
         "warmup_steps": 50,
     },
     "data": {"vocab_size": 2048, "seq_len": 64, "batch_size": 16},
-    "steps": 800,
+    "steps": 600,
     "calib": 128,
 }
 EVAL_WINDOWS = 256
