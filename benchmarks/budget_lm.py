@@ -4,7 +4,8 @@ importance and magnitude, one-shot and after the same short distillation.
 python benchmarks/budget_lm.py --oneshot            # 25% and 50% of the non-embedding parameters removed
 python benchmarks/budget_lm.py --recover 100        # the 50% rows distilled 100 steps, perplexity every 25
 
-A LLaMA of ``PLAN`` (8 blocks, hidden 256, 8 heads, MLP 768: 7.8M parameters) is trained here once (``lm.dense``, cached). Rows:
+A LLaMA of ``PLAN`` (8 blocks, hidden 256, 8 heads, MLP 768: 7.8M parameters) is trained here once
+(``lm.dense``, cached). Rows:
 
 * ours, one axis: the hidden size alone (``prune_hidden``, OBS: readers refitted, norms rescaled); heads and
   neurons alone (``shrink_to(axes=("heads", "neurons"))``); blocks alone (``prune_blocks``, by loss);
