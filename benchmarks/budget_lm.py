@@ -170,6 +170,29 @@ def at_shape(model: nn.Module, batches: list, shape: Any, dense: Any, order: lis
     return current
 
 
+# ------------------------------------------------------------------------------------------ speed
+@torch.no_grad()
+def speedups(model: nn.Module, dense: nn.Module, ids: torch.Tensor, reps: int = 5) -> tuple[float, float]:
+    """CPU prefill (8 windows) and cached greedy decode (32 tokens after 8, batch 1) speed-ups over ``dense``:
+    the ratio of median seconds, the two models alternated in this process so that a busy machine hits both."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True, pad_token_id=0)
+    runs = {
+        "prefill": lambda m: m(input_ids=ids[:8]),
+        "decode": lambda m: m.generate(ids[:1, :8], generation_config=gen),
+    }
+    out = []
+    for run in runs.values():
+        times: dict[str, list[float]] = {"dense": [], "model": []}
+        for _, name in common.alternation(["dense", "model"], reps, swap=True):
+            start = time.perf_counter()
+            run(dense if name == "dense" else model)
+            times[name].append(time.perf_counter() - start)
+        out.append(float(torch.tensor(times["dense"]).median() / torch.tensor(times["model"]).median()))
+    return out[0], out[1]
+
+
 # ------------------------------------------------------------------------------------------ one-shot rows
 def hidden_for(model: nn.Module, budget: int) -> int:
     """The largest hidden size (the config accepts) whose non-embedding count is within ``budget``."""
@@ -193,6 +216,7 @@ def oneshot(folder: Path) -> list[dict[str, Any]]:
             "params": non_embedding(dense),
             "ppl": lm.perplexity(dense, ids),
             "seconds": 0.0,
+            "speed": (1.0, 1.0),
             "shape": "",
         }
     ]
@@ -217,6 +241,7 @@ def oneshot(folder: Path) -> list[dict[str, Any]]:
                 "params": non_embedding(model),
                 "ppl": lm.perplexity(model.eval(), ids),
                 "seconds": time.perf_counter() - start,
+                "speed": speedups(model.eval(), dense, ids),
                 "shape": f"hidden {c.hidden_size}, kv heads {c.num_key_value_heads}, MLP {c.intermediate_size}, "
                 f"{c.num_hidden_layers} blocks",
             }
@@ -375,10 +400,21 @@ def main() -> None:
                 f"first {EVAL_WINDOWS} test windows. "
                 "Budgets count the parameters outside the embeddings and the output head. Minitron and magnitude rows "
                 "take the shape the budget's pick chose (or the hidden-only shape), so only the scores and the "
-                "compensation differ. The budget's candidates: `benchmarks/.cache/budget/candidates-*.md`.",
+                "compensation differ. Prefill x / decode x: CPU speed-up over the dense model (8 windows of "
+                f"{PLAN['data']['seq_len']}; 32 cached greedy tokens, batch 1), medians of 5 alternated runs in this "
+                "process. The budget's candidates: `benchmarks/.cache/budget/candidates-*.md`.",
                 "",
                 common.md_table(
-                    ["removed", "method", "non-embedding params", "test ppl", "seconds", "shape"],
+                    [
+                        "removed",
+                        "method",
+                        "non-embedding params",
+                        "test ppl",
+                        "prune s",
+                        "prefill x",
+                        "decode x",
+                        "shape",
+                    ],
                     [
                         [
                             r["budget"],
@@ -386,6 +422,8 @@ def main() -> None:
                             f"{r['params']:,}",
                             f"{r['ppl']:.2f}",
                             f"{r['seconds']:.0f}",
+                            f"{r['speed'][0]:.2f}",
+                            f"{r['speed'][1]:.2f}",
                             r["shape"],
                         ]
                         for r in rows
