@@ -8,7 +8,9 @@ grid of the first three and the fourth, gives each shape the **largest MLP width
 parameter count of every shape is exact: the model class is built from the shape's config on the meta
 device), picks ``candidates`` of them (the single-axis cuts and the most balanced mixes), prunes each from the
 dense model on ``data`` and ranks them by the measured calibration loss on held-out batches. The best one is
-returned, ready for ``save_pretrained``, with the table of every candidate in ``Shrunk.candidates``.
+returned, ready for ``save_pretrained``, with the table of every candidate in ``Shrunk.candidates``. With
+``recover_steps``, each candidate is first distilled from the dense model for that many steps and ranked after
+(Minitron ranks its candidates after a lightweight retraining).
 
 Each candidate: blocks by their measured removal cost (scored once, on the dense model), then heads and
 neurons with label-free structured OBS (every block the same counts, consumers refitted), then the hidden
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.engine.calibration import Calibration, LossFn, eval_mode
+from lightning_prune.engine.calibration import Calibration, LossFn, describe_batch, eval_mode
 from lightning_prune.engine.sequential import _no_kv_cache
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models import layouts
@@ -73,6 +75,8 @@ def shrink_to(
     candidates: int = 8,
     eval_batches: int | None = None,
     loss_fn: LossFn | None = None,
+    recover_steps: int = 0,
+    recover_lr: float = 1e-4,
     verbose: int = 1,
 ) -> Shrunk:
     """The best of ``candidates`` smaller shapes of ``model`` (a Hugging Face decoder of a registered
@@ -85,13 +89,21 @@ def shrink_to(
     configs tie the head size to the hidden size, so their hidden size and heads stay; ``"neurons"`` fills
     the budget; without it a candidate is the largest shape of the other axes within the budget).
 
-    Returns the best candidate's :class:`Shrunk` (a copy; ``model`` is untouched); ``Shrunk.candidates``
-    lists every candidate's shape, parameters, loss and seconds, in the order tried.
+    ``recover_steps``: rank the candidates after that many steps of logit distillation from ``model`` each
+    (AdamW at ``recover_lr``, KD at temperature 1 on the calibration batches, cycled, the dense model the
+    teacher), as Minitron ranks its candidates after a lightweight retraining: the loss right after pruning
+    predicts poorly which candidate recovers best. It needs batches the decoder can be fed (mappings with
+    ``input_ids``, optionally ``attention_mask``); the default 0 ranks the one-shot candidates.
+
+    Returns the best candidate's :class:`Shrunk` (a copy; ``model`` is untouched), recovered when
+    ``recover_steps > 0``; ``Shrunk.candidates`` lists every candidate's shape, parameters, held-out loss
+    (``"loss"``, after recovery; ``"loss_oneshot"`` before it) and seconds, in the order tried.
     """
     if count not in COUNTS:
         raise ValueError(f"`count` must be one of {COUNTS}, got {count!r}")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ValueError(f"`candidates` must be an integer >= 1, got {candidates!r}")
+    _check_recovery_args(recover_steps, recover_lr)
     _, hf_model, arch = _decoder(model)
     axes = _axes(hf_model, arch, axes)
     data = list(data)
@@ -102,6 +114,8 @@ def shrink_to(
             "the last eval_batches of them rank the candidates"
         )
     calib, held_out = data[:-eval_batches], data[-eval_batches:]
+    if recover_steps:
+        _check_recoverable(model, calib)
     if not Calibration(model, loss_fn, training_step=True, output_loss=True).has_loss(held_out[0]):
         raise ValueError(
             f"shrink_to ranks the candidates by their loss, and {type(model).__name__} gives none on `data`: pass "
@@ -118,23 +132,108 @@ def shrink_to(
         )
     chosen = pick(shapes, dense, candidates)
     order = _block_order(model, calib, loss_fn) if any(s.blocks < dense.blocks for s in chosen) else []
+    rows, result, shape = _rank(
+        model, calib, held_out, chosen, dense, order, loss_fn, recover_steps, recover_lr, verbose
+    )
+    result.candidates = rows
+    recovered = f", each recovered {recover_steps} steps of logit distillation (lr {recover_lr:g})"
+    result.notes.append(
+        f"shrink_to(params={params!r}, count={count!r}, axes={list(axes)}): best of {len(rows)}"
+        f"{recovered if recover_steps else ''}: {shape.text()}"
+    )
+    return result
+
+
+def _rank(
+    model: nn.Module,
+    calib: Sequence[Any],
+    held_out: Sequence[Any],
+    chosen: Sequence[Shape],
+    dense: Shape,
+    order: Sequence[int],
+    loss_fn: LossFn | None,
+    recover_steps: int,
+    recover_lr: float,
+    verbose: int,
+) -> tuple[list[dict[str, Any]], Shrunk, Shape]:
+    """Every shape of ``chosen`` built (and recovered: ``recover_steps``) and measured on ``held_out``: the rows of
+    ``Shrunk.candidates``, the best candidate and its shape."""
     rows, best = [], None
     for shape in chosen:
         start = time.perf_counter()
         small = build_candidate(model, calib, shape, dense, order, loss_fn)
-        loss = mean_loss(small.model, held_out, loss_fn)
-        rows.append({**asdict(shape), "loss": loss, "seconds": time.perf_counter() - start})
+        loss = oneshot = mean_loss(small.model, held_out, loss_fn)
+        if recover_steps:
+            _distil(_decoder(small.model)[1], _decoder(model)[1], calib, recover_steps, recover_lr)
+            loss = mean_loss(small.model, held_out, loss_fn)
+        rows.append({**asdict(shape), "loss_oneshot": oneshot, "loss": loss, "seconds": time.perf_counter() - start})
         if verbose >= 1:
-            print(f"shrink_to: {shape.text()}: {shape.params:,} params, loss {loss:.4f}", flush=True)
+            after = f", {loss:.4f} after {recover_steps} recovery steps" if recover_steps else ""
+            print(f"shrink_to: {shape.text()}: {shape.params:,} params, loss {oneshot:.4f}{after}", flush=True)
         if best is None or loss < best[0]:
             best = (loss, small, shape)
     assert best is not None
-    _, result, shape = best
-    result.candidates = rows
-    result.notes.append(
-        f"shrink_to(params={params!r}, count={count!r}, axes={list(axes)}): best of {len(rows)}: {shape.text()}"
-    )
-    return result
+    return rows, best[1], best[2]
+
+
+def _check_recovery_args(steps: Any, lr: Any) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"`recover_steps` must be an integer >= 0, got recover_steps={steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"`recover_lr` must be a finite learning rate > 0, got recover_lr={lr!r}")
+
+
+def _check_recoverable(model: nn.Module, calib: Sequence[Any]) -> None:
+    """Refuse, before any candidate is built, batches the decoder cannot be fed and a model with nothing to train."""
+    for i, batch in enumerate(calib):
+        if _inputs(batch) is None:
+            keys = f" with keys {list(batch)}" if isinstance(batch, Mapping) else ""
+            raise ValueError(
+                f"`recover_steps` distils each candidate on the calibration batches, fed to the decoder as "
+                f"input_ids (and attention_mask): batch {i} is a {type(batch).__name__}{keys}, "
+                f"{describe_batch(batch)}; pass mappings with an `input_ids` tensor, or recover_steps=0"
+            )
+    if not any(p.requires_grad for p in _decoder(model)[1].parameters()):
+        raise ValueError(
+            f"`recover_steps` trains each candidate's parameters, and every parameter of {type(model).__name__} "
+            "has requires_grad=False: unfreeze the ones to train, or pass recover_steps=0"
+        )
+
+
+def _inputs(batch: Any) -> dict[str, torch.Tensor] | None:
+    """What a decoder is fed to distil on ``batch`` (its token ids and padding mask, no labels), or ``None``."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        return None
+    return {k: batch[k] for k in ("input_ids", "attention_mask") if isinstance(batch.get(k), torch.Tensor)}
+
+
+def _distil(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], steps: int, lr: float) -> None:
+    """Train ``student`` ``steps`` steps of logit distillation from ``teacher`` (in eval mode, no gradient) on
+    ``batches`` cycled in order: AdamW at ``lr`` over the parameters that require a gradient, loss
+    :func:`~lightning_prune.distill.losses.kd_loss` at temperature 1 over the positions ``attention_mask`` keeps.
+    Minitron's lightweight retraining of a candidate before it is ranked. The student trains in train mode;
+    every module's own ``training`` flag, and ``use_cache``, are restored after; no gradient is left behind."""
+    from lightning_prune.distill.losses import kd_loss, output_logits
+
+    if steps == 0:
+        return
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
+    with eval_mode(student), eval_mode(teacher), _no_kv_cache(student), _no_kv_cache(teacher), torch.enable_grad():
+        student.train()  # eval_mode restores each module's own flag on exit
+        for step in range(steps):
+            inputs = _inputs(batches[step % len(batches)])
+            assert inputs is not None  # refused before any candidate (_check_recoverable)
+            with torch.no_grad():
+                target = output_logits(teacher(**inputs))
+            loss = kd_loss(output_logits(student(**inputs)), target, 1.0, mask=inputs.get("attention_mask"))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"shrink_to: the distillation loss is {float(loss)} at recovery step {step}: "
+                    f"lower recover_lr={lr:g}"
+                )
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def _axes(hf_model: nn.Module, arch: layouts.Architecture, axes: Sequence[str] | None) -> tuple[str, ...]:
@@ -378,11 +477,19 @@ def mean_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None) 
 
 
 def table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """``Shrunk.candidates`` as a Markdown table."""
-    head = "| hidden | heads (kv) | MLP | blocks | parameters | loss | seconds |\n|---|---|---|---|---|---|---|"
+    """``Shrunk.candidates`` as a Markdown table; a "one-shot loss" column (before recovery) when some row was
+    recovered (``shrink_to(recover_steps=...)``)."""
+    recovered = any(r.get("loss_oneshot", r["loss"]) != r["loss"] for r in rows)
+    oneshot = " one-shot loss |" if recovered else ""
+    head = (
+        f"| hidden | heads (kv) | MLP | blocks | parameters |{oneshot} loss | seconds |\n"
+        + "|---" * (7 + recovered)
+        + "|"
+    )
     lines = [
         f"| {r['hidden']} | {r['heads']} ({r['kv_heads']}) | {r['intermediate']} | {r['blocks']} | {r['params']:,} | "
-        f"{r['loss']:.4f} | {r['seconds']:.1f} |"
+        + (f"{r.get('loss_oneshot', r['loss']):.4f} | " if recovered else "")
+        + f"{r['loss']:.4f} | {r['seconds']:.1f} |"
         for r in rows
     ]
     return "\n".join([head, *lines])
