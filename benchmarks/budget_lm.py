@@ -66,6 +66,7 @@ RECOVER_ROWS = [
     "Minitron activation: hidden only",
 ]
 CURVE_EVERY = 25
+RANK_STEPS, RANK_LR = 20, 1e-4  # shrink_to(recover_steps=, recover_lr=): Minitron-style ranking after a short KD
 
 
 def load(folder: Path) -> nn.Module:
@@ -264,6 +265,12 @@ def oneshot(folder: Path) -> list[dict[str, Any]]:
         add(fraction, "ours: blocks only (loss)", lambda: prune_blocks(dense, calib, round(fraction * base.blocks)))
         pick = add(fraction, "ours: the budget's pick (shrink_to)", lambda: shrink_to(dense, calib, 1 - fraction))
         (OUT / f"candidates-{fraction}.md").write_text(table(pick.candidates))
+        ranked = add(
+            fraction,
+            f"ours: the budget's pick ranked after {RANK_STEPS} KD steps (its model has had them)",
+            lambda: shrink_to(dense, calib, 1 - fraction, recover_steps=RANK_STEPS, recover_lr=RANK_LR),
+        )
+        (OUT / f"candidates-{fraction}-recovered.md").write_text(table(ranked.candidates))
         best = min(pick.candidates, key=lambda r: r["loss"])
         shape = type(base)(**{k: best[k] for k in ("hidden", "kv_heads", "heads", "intermediate", "blocks", "params")})
         add(
