@@ -2,6 +2,8 @@
 importance and magnitude, one-shot and after the same short distillation.
 
 python benchmarks/budget_lm.py --oneshot            # 25% and 50% of the non-embedding parameters removed
+python benchmarks/budget_lm.py --norms              # prune_hidden: RMSNorm weights rescaled against kept
+python benchmarks/budget_lm.py --cost 2             # one round's seconds: structured against SparseGPT
 python benchmarks/budget_lm.py --recover 100        # the 50% rows distilled 100 steps, perplexity every 25
 
 A LLaMA of ``PLAN`` (8 blocks, hidden 256, 8 heads, MLP 768: 7.8M parameters) is trained here once
@@ -292,6 +294,24 @@ def oneshot(folder: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------ norms
+def norms_table(folder: Path) -> list[list[str]]:
+    """``prune_hidden`` at 25% and 50% of the hidden size, each score with the norms rescaled and kept."""
+    calib = lm.calibration_batches(folder)
+    ids = torch.load(folder / "eval.pt")[:EVAL_WINDOWS]
+    dense = load(folder)
+    rows = [["dense", "", "", f"{lm.perplexity(dense, ids):.2f}"]]
+    for fraction in (0.25, 0.5):
+        for score in ("obs", "activation", "magnitude"):
+            for norms in ("rescale", "keep"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    small = prune_hidden(dense, calib, fraction, score=score, norms=norms).model
+                rows.append([f"-{fraction:.0%}", score, norms, f"{lm.perplexity(small.eval(), ids):.2f}"])
+                print(rows[-1], flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ cost
 def cost(folder: Path, reps: int) -> list[list[str]]:
     """Seconds of one round on the dense model, alternated ``reps`` times in this process: the SparseGPT
@@ -384,6 +404,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--oneshot", action="store_true")
     parser.add_argument("--recover", type=int, default=0, help="distillation steps for the saved 50%% rows")
+    parser.add_argument("--norms", action="store_true", help="prune_hidden's norms: rescaled against kept")
     parser.add_argument("--cost", type=int, default=0, help="repetitions of the cost table's rounds")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -439,6 +460,21 @@ def main() -> None:
             ]
         )
         common.write_block("budget-lm-oneshot", body)
+        print(body)
+    if args.norms:
+        body = "\n".join(
+            [
+                "## The hidden size: RMSNorm weights rescaled or kept",
+                "",
+                f"`python benchmarks/budget_lm.py --norms` at `{common.commit()}` on {common.machine()}: "
+                "`prune_hidden(model, calib, fraction, score=, norms=)` on the dense model of the one-shot table "
+                "(its calibration windows; test perplexity on the same windows). `rescale` multiplies every norm's "
+                "weight by sqrt(mean kept E[r^2] / mean E[r^2]), `keep` leaves it; one seed.",
+                "",
+                common.md_table(["hidden removed", "score", "norms", "test ppl"], norms_table(folder)),
+            ]
+        )
+        common.write_block("budget-lm-norms", body)
         print(body)
     if args.cost:
         body = "\n".join(
