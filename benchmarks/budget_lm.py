@@ -67,6 +67,7 @@ RECOVER_ROWS = [
     "magnitude, the pick's shape",
     "Minitron activation: hidden only",
 ]
+TP_ROW = "Torch-Pruning package (benchmarks/torch_pruning_llm.py), its own shape"
 CURVE_EVERY = 25
 RANK_STEPS, RANK_LR = 20, 1e-4  # shrink_to(recover_steps=, recover_lr=): Minitron-style ranking after a short KD
 
@@ -359,13 +360,14 @@ def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
     plan = {**PLAN, "finetune": steps}
     out = []
     for fraction in RECOVER_AT:
-        for k, method in [(-1, "dense, trained the same steps"), *enumerate(RECOVER_ROWS)]:
+        runs = [(-1, "dense, trained the same steps"), *enumerate(RECOVER_ROWS), ("tp", TP_ROW)]
+        for k, method in runs:
             path = OUT / "rows" / f"{fraction}-{k}"
-            if k >= 0 and not path.exists():
+            if k != -1 and not path.exists():
                 continue
             dm, lit, ft = lm.finetuning_setup(plan, folder)  # the same seed, batches and optimizer for every row
             callbacks: list[Any] = []
-            if k >= 0:
+            if k != -1:
                 from transformers import AutoModelForCausalLM
 
                 teacher = copy.deepcopy(lit.model).eval()
@@ -387,7 +389,7 @@ def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
             trainer.fit(lit, datamodule=dm)
             out.append(
                 {
-                    "budget": f"-{fraction:.0%}" if k >= 0 else "dense",
+                    "budget": f"-{fraction:.0%}" if k != -1 else "dense",
                     "method": method,
                     "steps": ft,
                     "params": non_embedding(lit.model),
@@ -415,6 +417,8 @@ def main() -> None:
     trained = json.loads((folder / "dense.json").read_text())
     if args.oneshot:
         rows = oneshot(folder)
+        if (tp := OUT / "torch_pruning.json").exists():  # benchmarks/torch_pruning_llm.py, run before
+            rows += [{**r, "speed": (float("nan"), float("nan"))} for r in json.loads(tp.read_text())]
         body = "\n".join(
             [
                 "## Smaller LLaMAs for a parameter budget, one-shot",
@@ -430,7 +434,9 @@ def main() -> None:
                 "take the shape the budget's pick chose (or the hidden-only shape), so only the scores and the "
                 "compensation differ. Prefill x / decode x: CPU speed-up over the dense model (8 windows of "
                 f"{PLAN['data']['seq_len']}; 32 cached greedy tokens, batch 1), medians of 5 alternated runs in this "
-                "process. The budget's candidates: `benchmarks/.cache/budget/candidates-*.md`.",
+                "process. Torch-Pruning rows: `python benchmarks/torch_pruning_llm.py` (the package as its LLM "
+                "example calls it, uniform ratio; data-free, seconds are its prune alone; speed not measured). "
+                "The budget's candidates: `benchmarks/.cache/budget/candidates-*.md`.",
                 "",
                 common.md_table(
                     [
