@@ -357,7 +357,8 @@ def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
     import lightning.pytorch as pl
 
     ids = torch.load(folder / "eval.pt")[:EVAL_WINDOWS]
-    plan = {**PLAN, "finetune": steps}
+    model_args = {k: v for k, v in PLAN["model"].items() if k not in ("lr", "warmup_steps")}  # fine-tuning's own
+    plan = {**PLAN, "model": model_args, "finetune": steps}
     out = []
     for fraction in RECOVER_AT:
         runs = [(-1, "dense, trained the same steps"), *enumerate(RECOVER_ROWS), ("tp", TP_ROW)]
