@@ -473,7 +473,7 @@ def test_prune_refuses_a_device_it_cannot_use_before_moving_any_weight(device, m
         prune(model, data, pruner, device=device)
     for name, p in model.named_parameters():
         assert p.device == before[name][0] and torch.equal(p.detach(), before[name][1]), name
-    assert not pruner.history and pruner._masks is None
+    assert not pruner.history and not pruner.masks  # never bound: no masks
 
 
 def test_a_block_by_block_round_says_which_layer_it_is_solving(monkeypatch):
