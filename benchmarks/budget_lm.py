@@ -317,7 +317,7 @@ def norms_table(folder: Path) -> list[list[str]]:
 def cost(folder: Path, reps: int) -> list[list[str]]:
     """Seconds of one round on the dense model, alternated ``reps`` times in this process: the SparseGPT
     preset (50% unstructured), structured OBS at 50% of heads and neurons (the default, and label-free with
-    one pass: what ``shrink_to``'s candidates use) and ``prune_hidden`` at 25%."""
+    one pass: what ``shrink_to``'s candidates use), ``prune_hidden`` at 25% and a whole ``shrink_to`` search."""
     calib = lm.calibration_batches(folder)
     n = len(calib)
 
@@ -335,6 +335,7 @@ def cost(folder: Path, reps: int) -> list[list[str]]:
         "OBSPruning(0.5, pattern='channels'), the default": structured(),
         "the same, label-free, one pass (shrink_to's)": structured(allocation="reconstruction", recompute_steps=1),
         "prune_hidden(0.25)": lambda m: prune_hidden(m, calib, 0.25),
+        "shrink_to(0.5): 8 candidates, ranked by loss": lambda m: shrink_to(m, calib, 0.5, verbose=0),
     }
     seconds: dict[str, list[float]] = {k: [] for k in runs}
     for _, name in common.alternation(list(runs), reps):
