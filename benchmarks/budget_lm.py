@@ -404,6 +404,13 @@ def recover(folder: Path, steps: int) -> list[dict[str, Any]]:
     return out
 
 
+def publish(block: str, lines: list[str]) -> None:
+    """``lines`` as ``block`` of RESULTS.md, and printed."""
+    body = "\n".join(lines)
+    common.write_block(block, body)
+    print(body)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--oneshot", action="store_true")
@@ -421,7 +428,8 @@ def main() -> None:
         rows = oneshot(folder)
         if (tp := OUT / "torch_pruning.json").exists():  # benchmarks/torch_pruning_llm.py, run before
             rows += [{**r, "speed": (float("nan"), float("nan"))} for r in json.loads(tp.read_text())]
-        body = "\n".join(
+        publish(
+            "budget-lm-oneshot",
             [
                 "## Smaller LLaMAs for a parameter budget, one-shot",
                 "",
@@ -465,12 +473,11 @@ def main() -> None:
                         for r in rows
                     ],
                 ),
-            ]
+            ],
         )
-        common.write_block("budget-lm-oneshot", body)
-        print(body)
     if args.norms:
-        body = "\n".join(
+        publish(
+            "budget-lm-norms",
             [
                 "## The hidden size: RMSNorm weights rescaled or kept",
                 "",
@@ -480,12 +487,11 @@ def main() -> None:
                 "weight by sqrt(mean kept E[r^2] / mean E[r^2]), `keep` leaves it; one seed.",
                 "",
                 common.md_table(["hidden removed", "score", "norms", "test ppl"], norms_table(folder)),
-            ]
+            ],
         )
-        common.write_block("budget-lm-norms", body)
-        print(body)
     if args.cost:
-        body = "\n".join(
+        publish(
+            "budget-lm-cost",
             [
                 "## What a round costs: structured against unstructured",
                 "",
@@ -495,14 +501,13 @@ def main() -> None:
                 "over SparseGPT's fastest.",
                 "",
                 common.md_table(["round", "seconds", "against SparseGPT"], cost(folder, args.cost)),
-            ]
+            ],
         )
-        common.write_block("budget-lm-cost", body)
-        print(body)
     if args.recover:
         rows = recover(folder, args.recover)
         points = sorted({s for r in rows for s, _ in r["curve"]})
-        body = "\n".join(
+        publish(
+            "budget-lm-recover",
             [
                 f"## Smaller LLaMAs for a parameter budget, after {args.recover} steps of distillation",
                 "",
@@ -527,10 +532,8 @@ def main() -> None:
                         for r in rows
                     ],
                 ),
-            ]
+            ],
         )
-        common.write_block("budget-lm-recover", body)
-        print(body)
 
 
 if __name__ == "__main__":
