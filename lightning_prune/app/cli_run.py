@@ -370,7 +370,9 @@ def _save_hf(cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback
         (out if out is not None else hf).save_pretrained(directory)
         after = out.params_after if out is not None else before
         tokenizer = getattr(datamodule, "tokenizer", None)
-        if tokenizer is not None:
+        if hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer (data=text_files|hf_dataset)
+            tokenizer.save_pretrained(directory)
+        elif tokenizer is not None:
             from transformers import PreTrainedTokenizerFast
 
             PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
@@ -393,7 +395,10 @@ def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningM
     args = getattr(datamodule, "model_args", None)
     if args is None:
         args = {"input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes}
-    return instantiate(cfg.model, **args, _convert_="all")
+    model = instantiate(cfg.model, **args, _convert_="all")
+    if hasattr(datamodule, "check_model"):  # e.g. the tokenizer fits the model's vocabulary
+        datamodule.check_model(getattr(model, "model", model))
+    return model
 
 
 def _distill_label(cfg: DictConfig) -> str:
