@@ -70,6 +70,19 @@ def lm():
     return transformers.LlamaForCausalLM(config).eval(), tokenizer
 
 
+def compose(overrides: list[str]):
+    """The app's config (conf/config.yaml) with ``overrides``, as ``lightning-prune`` composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lightning_prune.app import cli
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(cli.config_dir()), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
 def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """Sum of log p(continuation token | everything before it), the continuation tokenised on its own."""
     ctx, cont = tokenizer(context).input_ids, tokenizer(continuation).input_ids
@@ -139,26 +152,32 @@ def test_a_saved_folder_gives_what_the_model_in_memory_gives(lm, task, in_memory
     assert harness.evaluate_harness(str(tmp_path), None, ["tiny_mc"], include_path=task[0], batch_size=4) == in_memory
 
 
-def test_the_call_leaves_the_environment_and_random_streams_as_they_were(lm, task):
+def test_the_config_step_takes_the_apps_bare_tokenizer_and_leaves_the_caller_as_it_was(lm, task, in_memory):
+    """run_from_config with the text data's kind of tokenizer (a bare `tokenizers.Tokenizer`, its end-of-text
+    token found by name) gives the same numbers; the environment, the Hub's offline switch, the caller's
+    tokenizer and random streams are as before."""
     import huggingface_hub.constants as hub
 
     model, tokenizer = lm
     before_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    before_hub, pad = hub.HF_HUB_OFFLINE, tokenizer.pad_token
+    was_offline, pad = hub.HF_HUB_OFFLINE, tokenizer.pad_token
     torch.manual_seed(123)
     random.seed(123)
-    want = (torch.rand(3), random.random())
+    want = (torch.rand(3).tolist(), random.random())
     torch.manual_seed(123)
     random.seed(123)
-    out = harness.run_from_config({"tasks": ["tiny_mc"], "include_path": str(task[0]), "limit": 4}, model, tokenizer)
-    assert (torch.rand(3).tolist(), random.random()) == (want[0].tolist(), want[1])
-    assert {k: os.environ.get(k) for k in before_env} == before_env and hub.HF_HUB_OFFLINE == before_hub
-    assert tokenizer.pad_token == pad  # lm-eval set a pad token on its own copy
-    assert set(out) == {"tiny_mc"} and 0 <= out["tiny_mc"]["acc"] <= 1
+    cfg = compose(["harness=local", "harness.tasks=[tiny_mc]", f"harness.include_path={task[0]}"])
+    assert set(cfg.harness) == set(harness.CONFIG_KEYS)  # conf/harness/local.yaml shows every key
+    assert harness.run_from_config(cfg.harness, model, tokenizer.backend_tokenizer) == in_memory
+    assert (torch.rand(3).tolist(), random.random()) == want
+    assert {k: os.environ.get(k) for k in before_env} == before_env and was_offline == hub.HF_HUB_OFFLINE
+    assert tokenizer.pad_token == pad is None  # lm-eval set a pad token on its own copy only
 
 
 def test_no_tasks_configured_runs_nothing(lm):
+    """The default group (harness=none), no tasks, and an empty list; a misspelt key is an error."""
     model, tokenizer = lm
+    assert harness.run_from_config(compose([]).harness, model, tokenizer) is None
     assert harness.run_from_config(None, model, tokenizer) is None
     assert harness.run_from_config({}, model, tokenizer) is None
     assert harness.run_from_config({"tasks": [], "include_path": None}, model, tokenizer) is None
