@@ -18,16 +18,10 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 from lightning_prune.app import harness  # noqa: E402
 
-TEXT = [
-    "the cat sat on the mat and the dog sat on the log",
-    "is the sky blue? yes the sky is blue and the grass is green",
-    "one two three four five six seven eight nine ten",
-    "red green blue yellow black white orange purple",
-] * 20
 QUESTIONS = [
     ("Is the sky blue?", ["yes", "no", "maybe"]),
     ("What colour is grass?", ["green", "red", "blue"]),
@@ -42,32 +36,11 @@ CORRECT = 5  # the first five documents' gold answer is the model's own first ch
 
 
 @pytest.fixture(scope="module")
-def lm():
-    """A tiny byte-level BPE tokenizer (with an end-of-text token) and a random two-layer LLaMA over its vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT, trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval(), tokenizer
+def lm(hf_checkpoint):
+    """The shared tiny checkpoint (tests/lm_fixtures.py: a byte-level BPE with an end-of-text token and a random
+    two-layer LLaMA), loaded: the model in memory and its tokenizer."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_checkpoint).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(hf_checkpoint)
 
 
 def compose(overrides: list[str]):
@@ -145,18 +118,28 @@ def test_accuracy_equals_the_brute_force_choice_likelihoods(in_memory, task):
     assert row["acc_stderr"] == pytest.approx((acc * (1 - acc) * n / (n - 1) / n) ** 0.5)
 
 
-def test_a_saved_folder_gives_what_the_model_in_memory_gives(lm, task, in_memory, tmp_path):
-    model, tokenizer = lm
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    assert harness.evaluate_harness(str(tmp_path), None, ["tiny_mc"], include_path=task[0], batch_size=4) == in_memory
+def test_a_saved_folder_gives_what_the_model_in_memory_gives(hf_checkpoint, task, in_memory):
+    assert harness.evaluate_harness(hf_checkpoint, None, ["tiny_mc"], include_path=task[0], batch_size=4) == in_memory
 
 
-def test_the_config_step_takes_the_apps_bare_tokenizer_and_leaves_the_caller_as_it_was(lm, task, in_memory):
+def test_the_config_step_takes_a_bare_tokenizer_runs_offline_and_leaves_the_caller_as_it_was(
+    lm, task, in_memory, monkeypatch
+):
     """run_from_config with the text data's kind of tokenizer (a bare `tokenizers.Tokenizer`, its end-of-text
-    token found by name) gives the same numbers; the environment, the Hub's offline switch, the caller's
-    tokenizer and random streams are as before."""
+    token found by name) gives the same numbers; the Hub is off while lm-eval asks it about the model (it does,
+    for its report), and the environment, the offline switch, the caller's tokenizer and random streams are as
+    before afterwards."""
+    import datasets
+    import huggingface_hub
     import huggingface_hub.constants as hub
+
+    asked = []
+
+    def model_info(self, *args, **kwargs):
+        asked.append((hub.is_offline_mode(), datasets.config.HF_HUB_OFFLINE))
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
 
     model, tokenizer = lm
     before_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
@@ -169,9 +152,12 @@ def test_the_config_step_takes_the_apps_bare_tokenizer_and_leaves_the_caller_as_
     cfg = compose(["harness=local", "harness.tasks=[tiny_mc]", f"harness.include_path={task[0]}"])
     assert set(cfg.harness) == set(harness.CONFIG_KEYS)  # conf/harness/local.yaml shows every key
     assert harness.run_from_config(cfg.harness, model, tokenizer.backend_tokenizer) == in_memory
+    assert asked == [(True, True)]
     assert (torch.rand(3).tolist(), random.random()) == want
     assert {k: os.environ.get(k) for k in before_env} == before_env and was_offline == hub.HF_HUB_OFFLINE
     assert tokenizer.pad_token == pad is None  # lm-eval set a pad token on its own copy only
+    # the bare tokenizer's end-of-text token is named again (lm-eval pads and prefixes with it)
+    assert harness._load(model, tokenizer.backend_tokenizer, None)[1].eos_token == "<|endoftext|>"
 
 
 def test_no_tasks_configured_runs_nothing(lm):
@@ -193,8 +179,12 @@ def test_bad_tasks_fail_before_any_work_naming_the_task_and_the_include_path(lm,
         harness.evaluate_harness(model, tokenizer, ["tiny_mc"], include_path="/no/such/folder")
     with pytest.raises(ValueError, match="tasks: expected a non-empty list"):
         harness.evaluate_harness(model, tokenizer, "tiny_mc", include_path=task[0])
+    with pytest.raises(ValueError, match="limit: expected a positive count or fraction, got 0"):
+        harness.evaluate_harness(model, tokenizer, ["tiny_mc"], include_path=task[0], limit=0)
     with pytest.raises(FileNotFoundError, match="not a saved Hugging Face model folder"):
         harness.evaluate_harness("/no/such/model", None, ["tiny_mc"], include_path=task[0])
+    with pytest.raises(TypeError, match="tokenizer: expected a Hugging Face tokenizer or a folder, got NoneType"):
+        harness.evaluate_harness(model, None, ["tiny_mc"], include_path=task[0])
     with pytest.raises(ValueError, match="device: 'meta' but the model is on cpu"):
         harness.evaluate_harness(model, tokenizer, ["tiny_mc"], include_path=task[0], device="meta")
 

@@ -123,20 +123,28 @@ def _load(model: Any, tokenizer: Any, device: str | None) -> tuple[torch.nn.Modu
             model = model.to(device)
     elif not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise TypeError(f"model: expected a Hugging Face causal LM or a folder, got {type(model).__name__}")
-    elif device is not None and torch.device(device) != model.device:
+    elif device is not None and not _same_device(torch.device(device), model.device):
         raise ValueError(f"device: {device!r} but the model is on {model.device}; move it there first or pass None")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     elif type(tokenizer).__module__.startswith("tokenizers"):  # a bare `tokenizers.Tokenizer` (the app's text data)
         from transformers import PreTrainedTokenizerFast
 
-        from lightning_prune.app.data import EOS
-
-        eos = EOS if tokenizer.token_to_id(EOS) is not None else None
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"tokenizer: expected a Hugging Face tokenizer or a folder, got {type(tokenizer).__name__}")
-    return model, copy.deepcopy(tokenizer)
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.eos_token is None:
+        from lightning_prune.app.data import EOS
+
+        # the app's tokenizers (data=text) end documents with EOS but are saved without naming it
+        if tokenizer.convert_tokens_to_ids(EOS) not in (None, tokenizer.unk_token_id):
+            tokenizer.eos_token = EOS
+    return model, tokenizer
+
+
+def _same_device(want: torch.device, have: torch.device) -> bool:
+    return want.type == have.type and want.index in (None, have.index)
 
 
 def _number(value: Any) -> bool:
@@ -185,7 +193,7 @@ def evaluate_harness(
     _require_lm_eval()
     manager = task_manager(include_path, include_defaults)
     names = check_tasks(tasks, manager)
-    if limit is not None and (isinstance(limit, bool) or not limit > 0):
+    if limit is not None and (not _number(limit) or limit <= 0):
         raise ValueError(f"limit: expected a positive count or fraction, got {limit!r}")
     model, tokenizer = _load(model, tokenizer, device)
     with _offline_and_quiet():
