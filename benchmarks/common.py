@@ -12,14 +12,12 @@ move inside ``lightning_prune`` is one edit.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from process import commit, reset_peak_rss, rss_mib  # noqa: F401  (the harness's names; gpu.py needs them alone)
 
 from lightning_prune import Pruner, prune
 from lightning_prune.app.data import FashionMNISTDataModule
@@ -174,13 +173,6 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def cell(
     name: str,
     compute: Callable[[], dict[str, Any]],
@@ -229,21 +221,6 @@ def alternated(measures: dict[Any, Callable[[], Any]], reps: int, swap: bool = F
     for _, k in alternation(list(measures), reps, swap):
         out[k].append(measures[k]())
     return out
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """A memory line of ``/proc/self/status`` in MiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so it measures what follows (Linux)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 # ---------------------------------------------------------------------------------------- tables
