@@ -22,15 +22,16 @@ the dense layer's inputs, then the pruned layer's outputs propagated to the next
 ``--dampening`` / ``--block-size`` mean nothing to Wanda. ``torch``'s thread count is left at its default.
 
 Measured, written as JSON to ``--out``: ``seconds_oneshot`` (the ``oneshot`` call alone), ``seconds_total`` (process
-start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib`` (the process's ``ru_maxrss`` up to after
-pruning), ``rss_before_mib`` (``VmRSS`` just before ``oneshot``) and ``peak_rss_oneshot_mib`` (the peak RSS during
-``oneshot`` alone: the peak mark is reset through ``/proc/self/clear_refs`` just before it, so
-``peak_rss_oneshot_mib - rss_before_mib`` is pruning's extra memory even when loading peaked higher);
-``peak_gpu_mib`` (``torch.cuda.max_memory_allocated`` during ``oneshot``, reset just before it; ``None`` without
-CUDA: llm-compressor's sequential pipeline onloads each layer to the GPU where there is one); the perplexity on
-EVAL (exp of the token-weighted mean of ``model(input_ids, labels=input_ids).loss``, eval mode, batches of 8 rows); the fraction of exact zeros over the Linear weights inside the decoder layers and in ``lm_head``; N:M
-violations; and how many Hessians SparseGPT failed to invert (llm-compressor only logs a warning and goes on with an
-identity inverse, i.e. plain magnitude pruning without the OBS update).
+start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib`` (the process's ``ru_maxrss`` up to after pruning),
+``rss_before_mib`` (``VmRSS`` just before ``oneshot``) and ``peak_rss_oneshot_mib`` (the peak RSS during ``oneshot``
+alone: the peak mark is reset through ``/proc/self/clear_refs`` just before it, so ``peak_rss_oneshot_mib -
+rss_before_mib`` is pruning's extra memory even when loading peaked higher); ``peak_gpu_mib``
+(``torch.cuda.max_memory_allocated`` during ``oneshot``, reset just before it; ``None`` without CUDA: llm-compressor's
+sequential pipeline onloads each layer to the GPU where there is one); the perplexity on EVAL (exp of the token-weighted
+mean of ``model(input_ids, labels=input_ids).loss``, eval mode, batches of 8 rows); the fraction of exact zeros over the
+Linear weights inside the decoder layers and in ``lm_head``; N:M violations; and how many Hessians SparseGPT failed to
+invert (llm-compressor only logs a warning and goes on with an identity inverse, i.e. plain magnitude pruning without
+the OBS update).
 
 Found when setting it up (llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, torch 2.13.0+cpu):
 with the default ``targets=["Linear"]`` and no ``ignore``, ``lm_head`` IS pruned, silently (its name reaches the
