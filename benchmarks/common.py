@@ -19,14 +19,14 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from process import commit, reset_peak_rss, rss_mib  # noqa: F401  (the harness's names; gpu.py needs them alone)
+from process import alternated, alternation, commit, reset_peak_rss, rss_mib  # noqa: F401  (the harness's; gpu.py's)
 
 from lightning_prune import Pruner, prune
 from lightning_prune.app.data import FashionMNISTDataModule
@@ -203,24 +203,6 @@ def cell(
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-# ---------------------------------------------------------------------------------------- timing, memory
-def alternation(names: list[Any], reps: int, swap: bool = False) -> Iterator[tuple[int, Any]]:
-    """``(repetition, name)`` in the order to measure them: every name once per repetition, in turn,
-    so drift and a shared machine's bursts hit all alike (timing them one after the other would not);
-    ``swap`` reverses the order on odd repetitions, so that no one always runs first."""
-    for rep in range(reps):
-        order = list(names)
-        yield from ((rep, k) for k in (order[::-1] if swap and rep % 2 else order))
-
-
-def alternated(measures: dict[Any, Callable[[], Any]], reps: int, swap: bool = False) -> dict[Any, list[Any]]:
-    """Each of ``measures`` called in :func:`alternation`; their results per name, in repetition order."""
-    out: dict[Any, list[Any]] = {k: [] for k in measures}
-    for _, k in alternation(list(measures), reps, swap):
-        out[k].append(measures[k]())
-    return out
 
 
 # ---------------------------------------------------------------------------------------- tables

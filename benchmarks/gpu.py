@@ -54,6 +54,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from process import commit, reset_peak_rss, rss_mib
+from process import alternated, commit, reset_peak_rss, rss_mib
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -244,11 +245,7 @@ def alternated_medians(calls: dict[str, Callable[[], Any]], reps: int, device: s
     none always goes first), after one warm-up call each."""
     for fn in calls.values():
         fn()
-    seconds: dict[str, list[float]] = {k: [] for k in calls}
-    for rep in range(reps):
-        order = list(calls)[::-1] if rep % 2 else list(calls)
-        for k in order:
-            seconds[k].append(timed(calls[k], device))
+    seconds = alternated({k: partial(timed, fn, device) for k, fn in calls.items()}, reps, swap=True)
     return {k: statistics.median(v) for k, v in seconds.items()}
 
 
@@ -264,7 +261,8 @@ def export_2_4(setup: Setup) -> dict[str, Any]:
     out_f, in_f = setup.layer
     torch.manual_seed(SEED)
     dense = torch.nn.Linear(in_f, out_f, bias=False, device=setup.device)
-    prune(dense, [torch.randn(8, in_f, device=setup.device)], Pruner(Magnitude(), TARGET, pattern="2:4", verbose=0))
+    pruner = Pruner(Magnitude(), TARGET, pattern="2:4", verbose=0)
+    prune(dense, [torch.randn(8, in_f, device=setup.device)], pruner, num_batches=1)
     dense = dense.to(torch.bfloat16).requires_grad_(False)
     figures: dict[str, Any] = {"shape": [out_f, in_f], "dtype": "bfloat16", "two_four": is_two_four(dense.weight)}
     if setup.device == "cuda" and torch.cuda.get_device_capability() < (8, 0):

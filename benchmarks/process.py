@@ -1,7 +1,7 @@
-"""What a benchmark process knows about itself: its resident memory and the code's commit.
+"""What a measurement needs besides the library: alternated timing, the process's resident memory, the commit.
 
-Kept apart from :mod:`common` (which imports Lightning and the experiment app) so that ``gpu.py``,
-which must run on a machine with only torch (and transformers), measures memory and names the
+Kept apart from :mod:`common` (which imports Lightning and the experiment app, and re-exports these) so that
+``gpu.py``, which must run on a machine with only torch (and transformers), times, measures memory and names the
 commit the same way the other scripts do.
 """
 
@@ -9,9 +9,28 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+
+
+def alternation(names: list[Any], reps: int, swap: bool = False) -> Iterator[tuple[int, Any]]:
+    """``(repetition, name)`` in the order to measure them: every name once per repetition, in turn,
+    so drift and a shared machine's bursts hit all alike (timing them one after the other would not);
+    ``swap`` reverses the order on odd repetitions, so that no one always runs first."""
+    for rep in range(reps):
+        order = list(names)
+        yield from ((rep, k) for k in (order[::-1] if swap and rep % 2 else order))
+
+
+def alternated(measures: dict[Any, Callable[[], Any]], reps: int, swap: bool = False) -> dict[Any, list[Any]]:
+    """Each of ``measures`` called in :func:`alternation`; their results per name, in repetition order."""
+    out: dict[Any, list[Any]] = {k: [] for k in measures}
+    for _, k in alternation(list(measures), reps, swap):
+        out[k].append(measures[k]())
+    return out
 
 
 def rss_mib(field: str = "VmRSS") -> float:
