@@ -70,6 +70,7 @@ MARK = "@@gpu.py-line "  # a child's result line on its stdout, among whatever t
 TARGET = 0.5
 SEED = 0
 ITERS = 20  # calls of the 2:4 layer per timing
+PEER = ROOT / "lm_peer.py"  # llm-compressor's side, run in its own process
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def export_2_4(setup: Setup) -> dict[str, Any]:
     with torch.inference_mode():
         expected, got = dense(x).float(), sparse(x).float()
     figures["relative_error"] = float((got - expected).norm() / expected.norm())
-    figures["backend"] = type(sparse.weight).__name__
+    figures["backend"] = next((c.__name__ for c in type(sparse.weight).__mro__ if "SemiStructured" in c.__name__), None)
     rows = []
     with torch.inference_mode():
         for tokens in setup.export_tokens:
@@ -430,7 +431,7 @@ def peer_big(setup: Setup) -> dict[str, Any]:
         ids = token_rows(setup, setup.big.vocab)
         torch.save(ids, folder / "calib.pt")
         torch.save(ids[:2, :64], folder / "eval.pt")
-        cmd = [sys.executable, str(ROOT / "lm_peer.py"), "--model", str(folder / "model")]
+        cmd = [sys.executable, str(PEER), "--model", str(folder / "model")]
         cmd += ["--calib", str(folder / "calib.pt"), "--eval", str(folder / "eval.pt"), "--method", "sparsegpt"]
         cmd += ["--sparsity", str(TARGET), "--dtype", "bfloat16", "--out", str(folder / "result.json")]
         log = setup.out / "logs" / "llmcompressor_7b.peer.log"
@@ -637,6 +638,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 f"it), and it needs at least {m.floor * scale:.0f} s",
             }
         elif args.isolate:
+            print(f"gpu.py: {m.name}, in its own process, at most {limit:.0f} s", file=sys.stderr, flush=True)
             figures = in_child(m, args, limit)
         else:
             figures = measure(m, make_setup(args, time.time() + limit))

@@ -155,3 +155,39 @@ def test_without_cuda_a_gpu_run_says_so_in_every_line(tmp_path, monkeypatch):
     lines = gpu.main(["--only", "sparsegpt_7b,export_semi_structured", "--out", str(tmp_path)])
     assert [line["measurement"] for line in lines] == ["sparsegpt_7b", "export_semi_structured"]
     assert all("no CUDA device" in line["skipped"] or "not importable" in line["skipped"] for line in lines)
+
+
+STAND_IN_PEER = """
+import argparse, json, pathlib, sys
+p = argparse.ArgumentParser()
+for name in ("--model", "--calib", "--eval", "--method", "--sparsity", "--dtype", "--out"):
+    p.add_argument(name)
+a = p.parse_args()
+assert (pathlib.Path(a.model) / "config.json").exists() and pathlib.Path(a.calib).exists(), a
+print("stand-in for llm-compressor", a.method, a.sparsity, a.dtype, flush=True)
+pathlib.Path(a.out).write_text(json.dumps({
+    "calib_rows": 4, "seq_len": 16, "seconds_oneshot": 1.5, "peak_gpu_mib": None, "peak_rss_oneshot_mib": 300.0,
+    "rss_before_mib": 200.0, "achieved_sparsity": 0.5, "cholesky_failures": 0, "llmcompressor_version": "stand-in",
+    "pipeline": "sequential",
+}))
+"""
+
+
+def test_the_peer_gets_the_saved_model_and_tokens_and_its_figures_are_read(tmp_path, monkeypatch):
+    """llm-compressor's side, with a stand-in for lm_peer.py: the model folder and calibration it is given, the
+    arguments, and the figures read back (peak CPU above the model: the peak during oneshot less RSS before)."""
+    stand_in = tmp_path / "peer.py"
+    stand_in.write_text(STAND_IN_PEER)
+    monkeypatch.setattr(gpu, "PEER", stand_in)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(gpu.tempfile, "tempdir", str(scratch))
+    setup = gpu.make_setup(gpu.parse(["--dry-run", "--out", str(tmp_path)]), time.time() + 60)
+    figures = gpu.peer_big(setup)
+    assert figures["prune_seconds"] == 1.5 and figures["peak_cpu_above_model_mib"] == 100.0
+    assert figures["sparsity"] == 0.5 and figures["calibration"].startswith("4 x 16")
+    reference = gpu.build_llama(setup.big, setup, "cpu")
+    assert figures["weights_checksum"] == gpu.checksum(reference)
+    log = (tmp_path / "logs" / "llmcompressor_7b.peer.log").read_text()
+    assert "stand-in for llm-compressor sparsegpt 0.5 bfloat16" in log
+    assert not list(scratch.iterdir())  # the model folder (13.5 GB for the 7B) is removed
