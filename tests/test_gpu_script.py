@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("gpu_script", ROOT / "benchmarks" / "gpu.py")
 gpu = importlib.util.module_from_spec(_spec)
 sys.modules["gpu_script"] = gpu  # dataclasses look their module up while the file runs
+_path = list(sys.path)
 _spec.loader.exec_module(gpu)
+sys.path[:] = _path  # the script puts benchmarks/ first, whose module names would shadow others in later tests
 
 COMMON = {"measurement", "device", "torch", "commit", "source", "dry_run", "seconds"}
 
