@@ -12,22 +12,21 @@ move inside ``lightning_prune`` is one edit.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from process import alternated, alternation, commit, reset_peak_rss, rss_mib  # noqa: F401  (the harness's; gpu.py's)
 
 from lightning_prune import Pruner, prune
 from lightning_prune.app.data import FashionMNISTDataModule
@@ -174,13 +173,6 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def cell(
     name: str,
     compute: Callable[[], dict[str, Any]],
@@ -211,39 +203,6 @@ def cell(
 
 def fingerprint(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-# ---------------------------------------------------------------------------------------- timing, memory
-def alternation(names: list[Any], reps: int, swap: bool = False) -> Iterator[tuple[int, Any]]:
-    """``(repetition, name)`` in the order to measure them: every name once per repetition, in turn,
-    so drift and a shared machine's bursts hit all alike (timing them one after the other would not);
-    ``swap`` reverses the order on odd repetitions, so that no one always runs first."""
-    for rep in range(reps):
-        order = list(names)
-        yield from ((rep, k) for k in (order[::-1] if swap and rep % 2 else order))
-
-
-def alternated(measures: dict[Any, Callable[[], Any]], reps: int, swap: bool = False) -> dict[Any, list[Any]]:
-    """Each of ``measures`` called in :func:`alternation`; their results per name, in repetition order."""
-    out: dict[Any, list[Any]] = {k: [] for k in measures}
-    for _, k in alternation(list(measures), reps, swap):
-        out[k].append(measures[k]())
-    return out
-
-
-def rss_mib(field: str = "VmRSS") -> float:
-    """A memory line of ``/proc/self/status`` in MiB (``VmRSS``: resident now; ``VmHWM``: its peak)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (``VmHWM``) to the current RSS, so it measures what follows (Linux)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
 
 
 # ---------------------------------------------------------------------------------------- tables

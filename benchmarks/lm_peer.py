@@ -3,9 +3,11 @@
 Run with the llm-compressor venv's python, one process per measurement::
 
     benchmarks/.cache/llmc-venv/bin/python benchmarks/lm_peer.py --model DIR --calib CALIB.pt --eval EVAL.pt \
-        --method sparsegpt|wanda --sparsity 0.5 [--mask 0:0|2:4] [--dampening 0.01] [--block-size 128] --out RESULT.json
+        --method sparsegpt|wanda --sparsity 0.5 [--mask 0:0|2:4] [--dampening 0.01] [--block-size 128] \
+        [--dtype float32|bfloat16|float16] --out RESULT.json
 
-``DIR`` is a ``save_pretrained`` causal LM (float32, untied ``lm_head``); ``CALIB.pt`` / ``EVAL.pt`` are
+``DIR`` is a ``save_pretrained`` causal LM (untied ``lm_head``), loaded in ``--dtype`` (default float32; ``gpu.py``
+passes bfloat16, the dtype its own side prunes in); ``CALIB.pt`` / ``EVAL.pt`` are
 ``torch.save``d LongTensors ``(N, T)`` of token ids, one sequence per row.
 
 What it does: loads the model, passes CALIB to ``oneshot`` as a ``datasets.Dataset`` with ``input_ids`` and
@@ -20,14 +22,16 @@ the dense layer's inputs, then the pruned layer's outputs propagated to the next
 ``--dampening`` / ``--block-size`` mean nothing to Wanda. ``torch``'s thread count is left at its default.
 
 Measured, written as JSON to ``--out``: ``seconds_oneshot`` (the ``oneshot`` call alone), ``seconds_total`` (process
-start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib`` (the process's ``ru_maxrss`` up to after
-pruning), ``rss_before_mib`` (``VmRSS`` just before ``oneshot``) and ``peak_rss_oneshot_mib`` (the peak RSS during
-``oneshot`` alone: the peak mark is reset through ``/proc/self/clear_refs`` just before it, so
-``peak_rss_oneshot_mib - rss_before_mib`` is pruning's extra memory even when loading peaked higher); the perplexity
-on EVAL (exp of the token-weighted mean of ``model(input_ids, labels=input_ids).loss``, eval mode, batches of 8
-rows); the fraction of exact zeros over the Linear weights inside the decoder layers and in ``lm_head``; N:M
-violations; and how many Hessians SparseGPT failed to invert (llm-compressor only logs a warning and goes on with an
-identity inverse, i.e. plain magnitude pruning without the OBS update).
+start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib`` (the process's ``ru_maxrss`` up to after pruning),
+``rss_before_mib`` (``VmRSS`` just before ``oneshot``) and ``peak_rss_oneshot_mib`` (the peak RSS during ``oneshot``
+alone: the peak mark is reset through ``/proc/self/clear_refs`` just before it, so ``peak_rss_oneshot_mib -
+rss_before_mib`` is pruning's extra memory even when loading peaked higher); ``peak_gpu_mib``
+(``torch.cuda.max_memory_allocated`` during ``oneshot``, reset just before it; ``None`` without CUDA: llm-compressor's
+sequential pipeline onloads each layer to the GPU where there is one); the perplexity on EVAL (exp of the token-weighted
+mean of ``model(input_ids, labels=input_ids).loss``, eval mode, batches of 8 rows); the fraction of exact zeros over the
+Linear weights inside the decoder layers and in ``lm_head``; N:M violations; and how many Hessians SparseGPT failed to
+invert (llm-compressor only logs a warning and goes on with an identity inverse, i.e. plain magnitude pruning without
+the OBS update).
 
 Found when setting it up (llmcompressor 0.14.0.1, compressed-tensors 0.19.0, transformers 5.17.0, torch 2.13.0+cpu):
 with the default ``targets=["Linear"]`` and no ``ignore``, ``lm_head`` IS pruned, silently (its name reaches the
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--mask", default="0:0")
     p.add_argument("--dampening", default=0.01, type=float)
     p.add_argument("--block-size", default=128, type=int)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
 
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         filter=lambda record: record["message"].startswith("Inferred `"),
     )
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     calib = torch.load(args.calib).long()
     eval_ids = torch.load(args.eval).long()
     n, t = calib.shape
@@ -212,9 +217,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     peak_before = maxrss_mib()
     reset = reset_peak_rss()
     rss_before = status_mib("VmRSS")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     model = oneshot(model=model, recipe=recipe, **kwargs)
+    if cuda:
+        torch.cuda.synchronize()
     seconds_oneshot = time.perf_counter() - start
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     seconds_total = seconds_since_process_start()
     peak_oneshot = status_mib("VmHWM") if reset else None
     peak_rss = max(peak_before, maxrss_mib())
@@ -233,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,
         "peak_rss_oneshot_mib": peak_oneshot,
+        "peak_gpu_mib": peak_gpu,
+        "dtype": args.dtype,
         "perplexity": perplexity(model, eval_ids),
         "achieved_sparsity": zero_fraction(pruned),
         "lm_head_sparsity": zero_fraction([model.lm_head.weight.detach()]),
