@@ -31,7 +31,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-MODES = ("train", "oneshot", "eval")
+MODES = ("train", "oneshot", "eval", "shrink")
 
 
 def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_triggers: int | None) -> int | None:
@@ -66,6 +66,14 @@ def round_steps(
     return max(max_steps // 20, 1) if _step_bounded(max_epochs, max_steps, end_epoch, every_n_epochs) else None
 
 
+def steps_at(max_steps: int, fraction: float) -> int:
+    """The step a ``fraction`` of a step-bounded run in (``experiment=prune_while_distilling``'s rounds)."""
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"this experiment is step-bounded: `trainer.max_steps` must be >= 1, got {max_steps!r}")
+    return max(int(max_steps * fraction), 1)
+
+
+OmegaConf.register_new_resolver("lp.steps_at", steps_at, replace=True)
 OmegaConf.register_new_resolver("lp.dense_epochs", dense_epochs, replace=True)
 OmegaConf.register_new_resolver("lp.dense_steps", dense_steps, replace=True)
 OmegaConf.register_new_resolver("lp.round_steps", round_steps, replace=True)
@@ -83,7 +91,8 @@ def config_dir() -> Path:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One experiment (``mode=train``) or one post-training round (``mode=oneshot``); returns its summary."""
+    """One experiment (``mode=train``), one post-training round (``mode=oneshot``), an evaluation (``mode=eval``)
+    or a shrink-and-distil recipe (``mode=shrink``); returns its summary."""
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -94,6 +103,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if (hint := cli_run.busy_hint()) is not None:
         cli_run._print(hint)
     try:
+        if mode == "shrink":
+            from lightning_prune.app.recipes import run_shrink
+
+            return run_shrink(cfg)
         return {"train": cli_run.run_train, "oneshot": cli_run.run_oneshot, "eval": cli_run.run_eval}[mode](cfg)
     except ValueError as err:
         raise ValueError(_with_config_keys(str(err), cfg)) from err
