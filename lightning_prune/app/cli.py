@@ -66,11 +66,12 @@ def round_steps(
     return max(max_steps // 20, 1) if _step_bounded(max_epochs, max_steps, end_epoch, every_n_epochs) else None
 
 
-def steps_at(max_steps: int, fraction: float) -> int:
-    """The step a ``fraction`` of a step-bounded run in (``experiment=prune_while_distilling``'s rounds)."""
-    if not isinstance(max_steps, int) or max_steps < 1:
+def steps_at(max_steps: int, fraction: float, offset: int = 0) -> int:
+    """``offset`` plus the steps in a ``fraction`` of a step-bounded run (at least 1): the round triggers of
+    ``experiment=prune_while_distilling`` (every quarter from step 1 to half the run: three rounds)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"this experiment is step-bounded: `trainer.max_steps` must be >= 1, got {max_steps!r}")
-    return max(int(max_steps * fraction), 1)
+    return max(int(max_steps * fraction), 1) + offset
 
 
 OmegaConf.register_new_resolver("lp.steps_at", steps_at, replace=True)

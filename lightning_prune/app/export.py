@@ -103,7 +103,8 @@ def save_hf(
         )
     print(
         f"Hugging Face checkpoint: {directory} ({before:,} -> {after:,} parameters"
-        f"{', shrunk' if structured else ', dense with zeros'}); AutoModelForCausalLM.from_pretrained reads it",
+        f"{', shrunk' if structured else ', dense with zeros' if pruner is not None else ''}); "
+        "AutoModelForCausalLM.from_pretrained reads it",
         flush=True,
     )
     return str(directory), loaded
