@@ -116,7 +116,11 @@ def _report(summary: dict[str, Any]) -> str:
         "",
         f"held-out perplexity: dense {ppl['dense']}, shrunk {ppl['pruned']}, after distillation {ppl['recovered']}",
         f"final {_fmt(summary, 'val')}",
-        *([f"Hugging Face checkpoint: {summary['hf_checkpoint']} (with README.md)"] if "hf_checkpoint" in summary else []),
+        *(
+            [f"Hugging Face checkpoint: {summary['hf_checkpoint']} (and its README.md)"]
+            if summary.get("hf_checkpoint")
+            else []
+        ),
         f"results.json: {Path(summary['output_dir']) / 'results.json'}",
         "=" * 72,
     ]
