@@ -110,3 +110,19 @@ def _no_leaked_function_modes():
     yield
     after = torch.overrides._get_current_function_mode_stack()
     assert len(after) == before, f"torch function modes left pushed: {after[before:]}"
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> dict:
+    """A tiny local corpus: ``{"txt": [3 .txt files], "jsonl": [docs.jsonl]}`` (tests/lm_fixtures.py)."""
+    from lm_fixtures import write_text_corpus
+
+    return write_text_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """A folder with a saved tokenizer and random tiny ``LlamaForCausalLM`` (tests/lm_fixtures.py)."""
+    from lm_fixtures import write_hf_checkpoint
+
+    return write_hf_checkpoint(tmp_path_factory.mktemp("hf_checkpoint"))

@@ -8,12 +8,17 @@
     lightning-prune pruner=none                        # dense; prints the checkpoint it saved
     lightning-prune mode=oneshot ckpt_path=CKPT pruner=obs pruner.target=0.5   # post-training, prune()
     lightning-prune mode=eval ckpt_path=CKPT           # evaluate a checkpoint
+    lightning-prune model=hf model.path=DIR data=text_files data.files='[docs/*.txt]' trainer=steps   # any HF LM
 
 Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
 sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a trained checkpoint,
 prunes it once with :func:`lightning_prune.prune` on ``pruner.num_batches`` training batches,
 evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, the pruner's masks in
 its callback state) next to ``results.json``.
+
+``model=hf`` loads any Hugging Face causal LM from a checkpoint folder (``model.path``); ``data=text_files``
+(local text or JSON-lines files) and ``data=hf_dataset`` (a ``datasets`` dataset) tokenise text with that
+checkpoint's tokenizer and pack it into ``data.seq_len``-token windows.
 
 This module holds the entry point and what composing the config needs (Hydra and the resolvers);
 the runs themselves are in :mod:`lightning_prune.app.cli_run`, imported only once a run starts, so

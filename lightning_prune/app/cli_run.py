@@ -378,7 +378,10 @@ def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningM
     args = getattr(datamodule, "model_args", None)
     if args is None:
         args = {"input_shape": list(datamodule.input_shape), "num_classes": datamodule.num_classes}
-    return instantiate(cfg.model, **args, _convert_="all")
+    model = instantiate(cfg.model, **args, _convert_="all")
+    if hasattr(datamodule, "check_model"):  # e.g. the tokenizer fits the model's vocabulary
+        datamodule.check_model(getattr(model, "model", model))
+    return model
 
 
 def _distill_label(cfg: DictConfig) -> str:

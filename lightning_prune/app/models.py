@@ -3,7 +3,8 @@
 ``MLPClassifier`` is LeNet-300-100 style (784-300-100-10 on 28x28 inputs); ``LeNet5Classifier`` is
 a LeNet-5-style CNN. Both are ordinary LightningModules: cross-entropy, Adam/AdamW/SGD, and
 ``val/acc``, ``val/loss``, ``test/acc`` logged with torchmetrics. ``CausalLM`` wraps a Hugging Face
-``LlamaForCausalLM`` built from a config (random init, no download) and logs ``val/ppl``.
+``LlamaForCausalLM`` built from a config (random init, no download) and logs ``val/ppl``; its training
+logic is ``CausalLMBase``, which ``lightning_prune.app.hf.HFCausalLM`` (a pretrained checkpoint) shares.
 """
 
 from __future__ import annotations
@@ -143,46 +144,20 @@ class LeNet5Classifier(ImageClassifier):
         self.net = nn.Sequential(*layers)
 
 
-class CausalLM(pl.LightningModule):
-    """A LLaMA-architecture ``transformers`` model trained from scratch, as LLM users train theirs.
+class CausalLMBase(pl.LightningModule):
+    """Training, evaluation and optimizer of a Hugging Face causal LM held in ``self.model``.
 
-    The Hugging Face model is ``self.model`` (its own ``lm_head``, untied unless ``tie_embeddings``),
-    so pruning sees the usual names (``model.model.layers.3.mlp.down_proj.weight``). Batches are
+    Shared by :class:`CausalLM` (built from a config) and :class:`~lightning_prune.app.hf.HFCausalLM`
+    (loaded from a checkpoint), so both train, log and get pruned alike: ``self.model`` is the
+    ``transformers`` model (pruning sees ``model.model.layers.3.mlp.down_proj.weight``). Batches are
     dicts ``{"input_ids", "labels"}``; ``model(**batch).loss`` is the mean next-token cross-entropy.
     AdamW with linear warm-up and cosine decay to a tenth over the run (per optimizer step).
     Logs ``train/loss``, ``val/loss``, ``val/ppl``, ``test/loss`` and ``test/ppl``.
     """
 
-    def __init__(
-        self,
-        vocab_size: int,
-        hidden_size: int = 192,
-        num_layers: int = 8,
-        num_heads: int = 4,
-        intermediate_size: int = 512,
-        max_positions: int = 512,
-        tie_embeddings: bool = False,
-        lr: float = 3e-3,
-        weight_decay: float = 0.1,
-        warmup_steps: int = 100,
-    ) -> None:
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, warmup_steps: int) -> None:
         super().__init__()
-        try:
-            from transformers import LlamaConfig, LlamaForCausalLM
-        except ImportError as err:  # transformers is an optional dependency
-            raise ImportError("CausalLM needs transformers: pip install 'lightning-prune[lm]'") from err
-        self.save_hyperparameters()
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=tie_embeddings,
-        )
-        self.model = LlamaForCausalLM(config)
+        self.model = model
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         from torchmetrics import MeanMetric
 
@@ -238,6 +213,43 @@ class CausalLM(pl.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class CausalLM(CausalLMBase):
+    """A LLaMA-architecture ``transformers`` model trained from scratch, as LLM users train theirs.
+
+    Its own ``lm_head`` (untied unless ``tie_embeddings``); training and logging as :class:`CausalLMBase`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int = 192,
+        num_layers: int = 8,
+        num_heads: int = 4,
+        intermediate_size: int = 512,
+        max_positions: int = 512,
+        tie_embeddings: bool = False,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 100,
+    ) -> None:
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        except ImportError as err:  # transformers is an optional dependency
+            raise ImportError("CausalLM needs transformers: pip install 'lightning-prune[lm]'") from err
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=tie_embeddings,
+        )
+        super().__init__(LlamaForCausalLM(config), lr, weight_decay, warmup_steps)
+        self.save_hyperparameters()
 
 
 @torch.no_grad()
