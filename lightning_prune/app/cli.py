@@ -8,13 +8,26 @@
     lightning-prune pruner=none                        # dense; prints the checkpoint it saved
     lightning-prune mode=oneshot ckpt_path=CKPT pruner=obs pruner.target=0.5   # post-training, prune()
     lightning-prune mode=eval ckpt_path=CKPT           # evaluate a checkpoint
+    lightning-prune experiment=oneshot model.path=DIR data.files='[docs/*.txt]'   # SparseGPT 50%, save_hf + card
+    lightning-prune experiment=shrink_distill model.path=DIR data.files='[docs/*.txt]'   # shrink_to, then distil
+    lightning-prune experiment=prune_while_distilling model.path=DIR data.files='[docs/*.txt]'   # heads/neurons + KD
     lightning-prune model=hf model.path=DIR data=text_files data.files='[docs/*.txt]' trainer=steps   # any HF LM
 
 Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
 sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a trained checkpoint,
 prunes it once with :func:`lightning_prune.prune` on ``pruner.num_batches`` training batches,
 evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, the pruner's masks in
-its callback state) next to ``results.json``.
+its callback state) next to ``results.json``; a pretrained ``model=hf`` needs no ``ckpt_path``, and the
+calibration batches are the data's calibration subset where it has one.
+
+Three recipes for a pretrained model end in a Hugging Face folder (``save_hf``, default ``<run>/model``)
+with a model card (``README.md``: the parent, what each axis lost, parameters, held-out perplexity, the
+recovery's tokens, the command; :mod:`lightning_prune.app.card`) whose facts ``results.json`` holds too:
+``experiment=oneshot`` (the SparseGPT preset, ``pruner=sparsegpt``, once), ``experiment=shrink_distill``
+(``mode=shrink``, :mod:`lightning_prune.app.recipes`: ``shrink_to`` a budget, ``shrink.params``, then
+``Distillation`` from the dense model for ``trainer.max_steps``, on one or several devices) and
+``experiment=prune_while_distilling`` (heads and neurons removed by OBS in three rounds beside ``distill=kd``,
+cut out by ``save_hf``).
 
 ``model=hf`` loads any Hugging Face causal LM from a checkpoint folder (``model.path``); ``data=text_files``
 (local text or JSON-lines files) and ``data=hf_dataset`` (a ``datasets`` dataset) tokenise text with that
