@@ -35,9 +35,9 @@ HANDOFF = "shrunk"  # the folder in the run's output directory where rank 0 leav
 def run_shrink(cfg: DictConfig) -> dict[str, Any]:
     """Shrink the dense model to ``shrink.params`` with :func:`shrink_to`, distil it for ``trainer.max_steps``
     steps from the dense model, measure the three, save the result (``save_hf``) and ``results.json``."""
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
     if not (cfg.get("distill") and cfg.distill.get("_target_")):
         raise ValueError("mode=shrink distils the shrunk model from the dense one: add distill=kd (or squarehead)")
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
     datamodule, module, _, _ = _load(cfg, "shrink")
     if not export.holds_hf(module):
         raise ValueError(
