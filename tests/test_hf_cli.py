@@ -73,6 +73,8 @@ def test_model_hf_errors_name_the_argument(hf_checkpoint, tmp_path):
         HFCausalLM(str(hf_checkpoint), dtype="float64")
     with pytest.raises(ValueError, match=r"model.attn_implementation must be one of .*got 'fast'"):
         HFCausalLM(str(hf_checkpoint), attn_implementation="fast")
+    with pytest.raises(ValueError, match=r"model=hf brings its own tokenizer .* vocab_size=4096 .*data=text_files"):
+        HFCausalLM(str(hf_checkpoint), vocab_size=4096)  # what data=text passes
 
 
 def test_text_files_windows_are_the_brute_force_tokenisation(hf_checkpoint, text_corpus):
@@ -118,6 +120,36 @@ def test_hf_dataset_from_json_files_and_from_disk(hf_checkpoint, text_corpus, tm
         HFDatasetDataModule(str(tmp_path / "saved"), split="validation", **common).setup()
     with pytest.raises(FileNotFoundError, match=r"data.data_files: '.*nothing\*.jsonl' matches no file"):
         HFDatasetDataModule("json", data_files=str(tmp_path / "nothing*.jsonl"), **common)
+
+
+def test_the_configs_build_the_modules_with_the_checkpoints_tokenizer(hf_checkpoint, text_corpus, tmp_path):
+    """conf/model/hf.yaml, conf/data/text_files.yaml and hf_dataset.yaml as composed: data.tokenizer is model.path."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_prune.app.cli import config_dir
+
+    jsonl = str(text_corpus["jsonl"][0])
+    model = [f"model.path={hf_checkpoint}", "model=hf", "data.seq_len=32"]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        files = compose("config", overrides=[*model, "data=text_files", f"data.files=[{jsonl}]"])
+        saved = compose(
+            "config",
+            overrides=[
+                *model,
+                "data=hf_dataset",
+                "data.path=json",
+                f"data.data_files=[{jsonl}]",
+                f"data.cache_dir={tmp_path}",
+            ],
+        )
+    for cfg in (files, saved):
+        dm = instantiate(cfg.data)
+        assert dm.tokenizer_name == str(hf_checkpoint) and dm.calibration_windows == 128
+        assert torch.equal(all_windows(dm), brute_force_windows(hf_checkpoint, corpus_docs(text_corpus)[1]))
+    assert (
+        cfg.model.dtype == "float32" and cfg.model.trust_remote_code is False and cfg.model.attn_implementation is None
+    )
 
 
 def test_text_data_errors_name_the_argument(hf_checkpoint, text_corpus, tmp_path):

@@ -42,7 +42,8 @@ def check_checkpoint(path: str, trust_remote_code: bool = False):
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.path={str(path)!r}: no Hugging Face config could be read ({err})") from err
+        where = "" if local.exists() else " is not a local folder, and as a Hub id it"
+        raise ValueError(f"model.path={str(path)!r}{where}: no Hugging Face config could be read ({err})") from err
     remote = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not (trust_remote_code and remote):
         kind = getattr(config, "model_type", type(config).__name__)
@@ -61,6 +62,7 @@ class HFCausalLM(CausalLMBase):
     choice), ``eager``, ``sdpa`` or ``flash_attention_2``. ``trust_remote_code`` runs the checkpoint's own
     Python code, so it is off unless asked for. Training, logging and the optimizer (``lr``,
     ``weight_decay``, ``warmup_steps``) are :class:`~lightning_prune.app.models.CausalLMBase`'s.
+    ``vocab_size`` is refused: it comes from data modules that train their own tokenizer (``data=text``).
     """
 
     def __init__(
@@ -72,7 +74,13 @@ class HFCausalLM(CausalLMBase):
         lr: float = 5e-5,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,
+        vocab_size: int | None = None,
     ) -> None:
+        if vocab_size is not None:  # what data=text passes: a vocabulary of a tokenizer it trained itself
+            raise ValueError(
+                f"model=hf brings its own tokenizer and vocabulary, but the data gives vocab_size={vocab_size} "
+                "(a tokenizer of its own): use data=text_files or data=hf_dataset, which tokenise with model.path's"
+            )
         try:
             import torch
             from transformers import AutoModelForCausalLM

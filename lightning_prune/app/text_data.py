@@ -182,7 +182,7 @@ class PackedTextDataModule(pl.LightningDataModule):
         n = len(windows)
         counts = [max(1, round(s * n)) if isinstance(s, float) else s for s in (self.val_size, self.test_size)]
         if n - sum(counts) < 1:
-            need = (sum(counts) + 1) * self.seq_len if n >= 3 else 3 * self.seq_len
+            need = (sum(counts) + 1) * self.seq_len
             raise ValueError(
                 f"the documents give {len(stream)} tokens ({n} windows of data.seq_len={self.seq_len}), fewer than "
                 f"the {need} needed for at least one window to train, {counts[0]} to validate and {counts[1]} to test: "
