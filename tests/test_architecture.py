@@ -36,6 +36,8 @@ ABSENT = (
     "tokenizers",
     "peft",
     "tqdm",
+    "lm_eval",
+    "datasets",
 )
 LIGHTNING = ("lightning", "lightning_fabric", "pytorch_lightning")
 
