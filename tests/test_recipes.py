@@ -62,11 +62,34 @@ def runs(hf_checkpoint, text_corpus, tmp_path_factory) -> dict[str, Path]:
     """The three recipes, two at a time (each is mostly one process's imports): name -> the run's folder."""
     base = tmp_path_factory.mktemp("recipes")
     common = data_args(hf_checkpoint, text_corpus)
+    extra = {"oneshot": ["harness=local", "harness.tasks=[tiny_mc]", f"harness.include_path={harness_task(base)}"]}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = {name: pool.submit(lightning_prune, [*args, *common], base / name) for name, args in RECIPES.items()}
+        jobs = {
+            name: pool.submit(lightning_prune, [*args, *common, *extra.get(name, [])], base / name)
+            for name, args in RECIPES.items()
+        }
         for job in jobs.values():
             job.result()
     return {name: base / name for name in RECIPES}
+
+
+def harness_task(base: Path) -> Path:
+    """A three-question multiple-choice task of lm-evaluation-harness, from a local file."""
+    folder = base / "tasks"
+    folder.mkdir()
+    docs = [
+        ("Is the sky blue?", ["yes", "no"]),
+        ("What comes after two?", ["three", "five"]),
+        ("A colour?", ["red", "ten"]),
+    ]
+    data = folder / "docs.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": 0}) + "\n" for q, c in docs))
+    (folder / "tiny_mc.yaml").write_text(
+        f"task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{question}} Answer:"\ndoc_to_target: label\n'
+        'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n'
+    )
+    return folder
 
 
 def parse_card(text: str) -> dict:
@@ -101,6 +124,7 @@ def parse_card(text: str) -> dict:
         ],
         "recovery": None if recovery is None else [int(g.replace(",", "")) for g in recovery.groups()],
         "command": re.search(r"```bash\n(.+)\n```", body).group(1),
+        "harness": json.loads(harness.group(1)) if (harness := re.search(r"```json\n(.+?)\n```", body, re.S)) else None,
     }
 
 
@@ -130,7 +154,7 @@ def check_card(out: Path, hf_checkpoint: Path, recipe: str) -> tuple[dict, dict]
         parsed["command"].startswith(f"lightning-prune {RECIPES[recipe][0]} ")
         and "hydra.run.dir" not in facts["command"]
     )
-    assert facts["harness"] is None  # no harness group in the config
+    assert parsed["harness"] == facts["harness"]
     return results, facts
 
 
@@ -152,6 +176,8 @@ def curves(out: Path) -> list[dict]:
 def test_oneshot_prunes_a_pretrained_model_without_a_checkpoint_and_its_card_says_so(runs, hf_checkpoint, text_corpus):
     results, facts = check_card(runs["oneshot"], hf_checkpoint, "oneshot")
     assert results["method"] == "sparsegpt" and results["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    # harness=local: lm-evaluation-harness on the saved folder, its results on the card and in results.json
+    assert facts["harness"]["tiny_mc"]["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert results["source_checkpoint"] == str(hf_checkpoint)
     # unstructured: the same shape, half the weights of the pruned layers zero
     (a, b), (ne_a, ne_b) = facts["params"]["total"], facts["params"]["non_embedding"]
@@ -206,6 +232,7 @@ def test_prune_while_distilling_removes_heads_and_neurons_in_three_rounds_and_sa
     out = runs["pwd"]
     results, facts = check_card(out, hf_checkpoint, "pwd")
     assert [h["global_step"] for h in results["history"]] == [1, 4, 7]  # quarters of 12 steps, from step 1
+    assert facts["harness"] is None  # harness=none
     assert results["distill"] == "kd" and results["sparsity"] == pytest.approx(0.5, abs=1e-3)
     sizes = facts["sizes"]
     assert sizes["attention heads"] == [4, 2] and sizes["kv heads"] == [2, 1] and sizes["MLP neurons"] == [96, 48]
