@@ -173,8 +173,10 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
     )
-    # the model card's parent: the model as the fit gets it (rank 0 writes the card)
-    parent = export.measure(hf, datamodule) if hf is not None and rank_zero_only.rank == 0 else None
+    # the model card's parent: the model as the fit gets it, measured where it will train (rank 0 writes the card)
+    parent = None
+    if hf is not None and rank_zero_only.rank == 0:
+        parent = export.measure(hf.to(trainer.strategy.root_device), datamodule)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val = _quality(trainer.callback_metrics, "val")
     test = _quality(trainer.test(model, datamodule=datamodule, verbose=False)[0], "test") if cfg.test else {}
@@ -201,6 +203,8 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
             assert parent is not None
             size = next(c for c in callbacks if isinstance(c, SizeCurve))
             ppl = {"dense": parent["held_out"]["perplexity"], "recovered": export.perplexity(hf, datamodule)}
+            if cfg.get("ckpt_path"):  # resumed: the weights measured before the fit were not yet the checkpoint's
+                del ppl["dense"]
             summary.update(
                 export.publish(cfg, model, pruner, datamodule, parent, ppl, card.recovery_of(trainer, size.batch_shape))
             )
