@@ -221,8 +221,10 @@ def test_shrink_distill_picks_a_smaller_shape_distils_it_and_the_card_describes_
     rows = curves(out)  # the student's loss, the KD term, the size, perplexity at each validation
     kd = [float(r["distill/kd"]) for r in rows if r.get("distill/kd")]
     density = {float(r["size/density"]) for r in rows if r.get("size/density")}
-    assert len(kd) == 6 and all(k >= 0 for k in kd) and density == {1.0}
-    assert [float(r["distill/task"]) for r in rows if r.get("distill/task")]
+    (ne_dense, ne_small) = facts["params"]["non_embedding"]
+    assert len(kd) == 6 and all(k >= 0 for k in kd) and len(density) == 1
+    assert density.pop() == pytest.approx(ne_small / ne_dense)  # of the dense parent, all along
+    assert len([r for r in rows if r.get("distill/task")]) == len([r for r in rows if r.get("distill/teacher")]) == 6
     assert len([r for r in rows if r.get("val/ppl")]) == 2
 
 

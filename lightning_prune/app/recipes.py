@@ -46,7 +46,7 @@ def run_shrink(cfg: DictConfig) -> dict[str, Any]:
         )
     export.hf_model(cfg, module)  # save_hf checked before the search
     dense = module.model
-    size = SizeCurve()
+    size = SizeCurve(reference=card.count_params(dense)["non_embedding"])  # density: of the dense model
     callbacks = [instantiate(cfg.distill, teacher=dense), size]
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = _loggers(cfg)
