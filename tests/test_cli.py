@@ -204,20 +204,20 @@ def test_save_hf_is_checked_before_the_run_and_names_the_model():
     from omegaconf import OmegaConf
     from torch import nn
 
-    from lightning_prune.app import cli_run
+    from lightning_prune.app import export
 
     cfg = OmegaConf.create({"save_hf": "small", "model": {"_target_": "lightning_prune.app.models.MLPClassifier"}})
     lit = nn.Module()
     lit.model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match=r"save_hf='small'.*MLPClassifier holds no transformers model"):
-        cli_run._hf_model(cfg, lit)
-    assert cli_run._hf_model(OmegaConf.create({"save_hf": None}), lit) is None
+        export.hf_model(cfg, lit)
+    assert export.hf_model(OmegaConf.create({"save_hf": None}), lit) is None
     transformers = pytest.importorskip("transformers")
     lit.model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)
     )  # fmt: skip
-    assert cli_run._hf_model(cfg, lit) is lit.model
+    assert export.hf_model(cfg, lit) is lit.model
 
 
 def test_the_summary_of_a_language_model_without_validation_prints_no_nan():

@@ -2,8 +2,9 @@
 
 Each one composes (with every combination of a sweep) and builds its objects; then each one runs,
 exactly as written except for a lower ``trainer.max_epochs`` and the output folder, and its output
-is checked. Placeholders: ``CKPT`` is the checkpoint the documented dense run saves, and
-``multirun/<date>/<time>`` the documented sweep's folder. Commands for GPUs, or for Fashion-MNIST
+is checked. Placeholders: ``CKPT`` is the checkpoint the documented dense run saves,
+``multirun/<date>/<time>`` the documented sweep's folder, ``model.path=DIR`` the tiny saved LLaMA of
+``tests/lm_fixtures.py`` and ``docs/*.txt`` its small corpus. Commands for GPUs, or for Fashion-MNIST
 when it is not installed, are composed but not run.
 """
 
@@ -54,10 +55,17 @@ def overrides(command: str) -> list[str]:
     return [a for a in shlex.split(command)[1:] if a != "-m"]
 
 
+def placeholders(arg: str, ckpt: str, hf_checkpoint: Path, text_corpus: dict) -> str:
+    """``CKPT``, ``model.path=DIR`` and ``docs/*.txt`` in a documented argument, replaced by what they stand for."""
+    corpus = text_corpus["txt"][0].parent
+    arg = arg.replace("CKPT", ckpt).replace("docs/*.txt", f"{corpus}/*.txt")
+    return f"model.path={hf_checkpoint}" if arg == "model.path=DIR" else arg
+
+
 @pytest.mark.parametrize("command", APP)
-def test_documented_command_composes_and_builds(command):
+def test_documented_command_composes_and_builds(command, hf_checkpoint, text_corpus):
     """Composition errors ("Could not override", unknown groups) and shape errors, without training."""
-    args = [a.replace("CKPT", "/tmp/checkpoint.ckpt") for a in overrides(command)]
+    args = [placeholders(a, "/tmp/checkpoint.ckpt", hf_checkpoint, text_corpus) for a in overrides(command)]
     parsed = OverridesParser.create().parse_overrides(args)
     choices = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
@@ -109,21 +117,29 @@ LM_QUICK = [
     "trainer.limit_val_batches=4",
 ]
 LM_STEPS = ["trainer.max_steps=24", "pruner.start_step=8", "pruner.end_step=20", "pruner.every_n_steps=4"]
+HF_QUICK = ["data.seq_len=32", "data.batch_size=4", "data.calibration_windows=16", "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=4"]  # fmt: skip
+RECIPE_QUICK = {  # the recipes (experiment=...), lowered
+    "experiment=oneshot": ["pruner.num_batches=4"],
+    "experiment=shrink_distill": ["shrink.num_batches=4", "shrink.candidates=2", "trainer.max_steps=4"],
+    "experiment=prune_while_distilling": ["pruner.num_batches=4", "trainer.max_steps=8"],
+}
 
 
 @pytest.mark.slow
-def test_documented_commands_run_as_written(tmp_path):
+def test_documented_commands_run_as_written(tmp_path, hf_checkpoint, text_corpus):
     env = offline_env(tmp_path / "home")
     env["OMP_NUM_THREADS"] = "1"  # two commands at a time on two cores (threads change no result checked here)
     commands = [c for c in COMMANDS if not (needs_gpu(c) or ("fmnist" in c and not FASHION))]
     outs = {c: tmp_path / f"run{i}" for i, c in enumerate(commands)}
     # the dense run first (it provides CKPT), the report after the sweep it reads, the rest two at a time
     dense = "lightning-prune pruner=none"
-    ckpt = run_documented(dense, outs[dense], env, None)
+    fixtures = (hf_checkpoint, text_corpus)
+    ckpt = run_documented(dense, outs[dense], env, None, *fixtures)
     reports = [c for c in commands if c.startswith("lightning-prune-report")]
     rest = [c for c in commands if c != dense and c not in reports]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda c: run_documented(c, outs[c], env, ckpt), rest))
+        list(pool.map(lambda c: run_documented(c, outs[c], env, ckpt, *fixtures), rest))
     (sweep,) = [outs[c] for c in rest if "-m" in shlex.split(c)]
     assert len(reports) == 1, reports
     if reports:
@@ -138,7 +154,9 @@ def test_documented_commands_run_as_written(tmp_path):
     assert len(commands) >= len(COMMANDS) - 3, commands  # only GPU / Fashion-MNIST commands may be skipped
 
 
-def run_documented(command: str, out: Path, env: dict[str, str], ckpt: str | None) -> str | None:
+def run_documented(
+    command: str, out: Path, env: dict[str, str], ckpt: str | None, hf_checkpoint: Path, text_corpus: dict
+) -> str | None:
     """Run one documented command (not the report) as written, lowered, and check its output; the dense
     run returns its checkpoint (CKPT)."""
     if command.startswith("lightning-prune-cli"):  # LightningCLI: lower max_epochs, keep logs out of the repo
@@ -146,11 +164,13 @@ def run_documented(command: str, out: Path, env: dict[str, str], ckpt: str | Non
         proc = launch(["lightning_prune.app.lightning_cli", *args, f"--trainer.default_root_dir={out}"], env)
         assert "all pruned weights" in proc.stdout and "80.00%" in proc.stdout
         return None
-    args = [a.replace("CKPT", str(ckpt)) for a in shlex.split(command)[1:]]
+    args = [placeholders(a, str(ckpt), hf_checkpoint, text_corpus) for a in shlex.split(command)[1:]]
     args = [f"save_hf={out / a[len('save_hf=') :]}" if a.startswith("save_hf=") else a for a in args]  # not in ROOT
     if "mode=" not in command and "ckpt_path" in command:  # resume the dense run (2 epochs) for one more
         args = [a for a in args if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=3"]
-    if "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
+    if "model.path=" in command:  # the tiny saved LLaMA: short windows, a few steps and calibration batches
+        args += HF_QUICK + RECIPE_QUICK.get(next((a for a in args if a.startswith("experiment=")), ""), LM_STEPS)
+    elif "llama" in command:  # a language model: fewer files, a smaller model, fewer steps
         args += [*LM_QUICK, "trainer.max_steps=24"] if "pruner=" in command else [*LM_QUICK, *LM_STEPS]
     elif not any(a.startswith(("trainer.max_epochs", "trainer.max_steps")) for a in args):
         args.append(f"trainer.max_epochs={3 if command == 'lightning-prune' else 2}")
@@ -180,6 +200,9 @@ def check(command: str, proc, text: str, results: list[dict], out: Path) -> None
         assert proc.stdout.rstrip().endswith("=" * 72)
         assert r["method"] == "obs[layerwise]" and r["sparsity"] == pytest.approx(0.8, abs=1e-3)
         assert len(r["rounds"]) == 2 and 0.0 < r["test_acc"] <= 1.0
+    elif "experiment=" in command and "model.path=" in command:  # a recipe: its folder and model card
+        folder = Path(r["hf_checkpoint"])
+        assert (folder / "README.md").is_file() and (folder / "config.json").is_file() and r["card"]["perplexity"]
     elif "save_hf=" in command:  # prune, shrink, save, load: a smaller Hugging Face checkpoint with its tokenizer
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -305,12 +305,16 @@ def test_obs_and_distillation_on_a_tiny_llama_keep_the_masks():
     class Log(pl_callback()):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             logged.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("distill/")})
+            if "distill/teacher" in logged:
+                with torch.no_grad():
+                    logged["teacher_loss"] = float(distill.teacher(**batch).loss)
 
     make_trainer(max_steps=6, max_epochs=-1, callbacks=[weights, pruner, distill, Log()]).fit(lit)
     assert len(pruner.history) == 1 and pruner.sparsity == pytest.approx(0.5, abs=0.01)
     params = dict(lit.named_parameters())
     assert all(bool((params[n][~m] == 0).all()) for n, m in pruner.masks.items())
-    assert set(logged) == {"distill/task", "distill/kd", "distill/squarehead"}
+    assert set(logged) == {"distill/task", "distill/kd", "distill/squarehead", "distill/teacher", "teacher_loss"}
+    assert logged["distill/teacher"] == pytest.approx(logged["teacher_loss"], rel=1e-5)  # the teacher's own loss
     assert logged["distill/kd"] > 0 and logged["distill/squarehead"] > 0  # the student moved away from the teacher
     for k, v in distill.teacher.state_dict().items():
         assert torch.equal(v, weights.seen[1][k])  # the round ran after the second step

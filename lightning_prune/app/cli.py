@@ -8,13 +8,26 @@
     lightning-prune pruner=none                        # dense; prints the checkpoint it saved
     lightning-prune mode=oneshot ckpt_path=CKPT pruner=obs pruner.target=0.5   # post-training, prune()
     lightning-prune mode=eval ckpt_path=CKPT           # evaluate a checkpoint
+    lightning-prune experiment=oneshot model.path=DIR data.files='[docs/*.txt]'   # SparseGPT 50%, save_hf + card
+    lightning-prune experiment=shrink_distill model.path=DIR data.files='[docs/*.txt]'   # shrink_to, then distil
+    lightning-prune experiment=prune_while_distilling model.path=DIR data.files='[docs/*.txt]'   # heads/neurons + KD
     lightning-prune model=hf model.path=DIR data=text_files data.files='[docs/*.txt]' trainer=steps   # any HF LM
 
 Every run writes ``results.json`` in its output directory; ``lightning-prune-report DIR`` turns a
 sweep's results into a Markdown table and a plot. ``mode=oneshot`` loads a trained checkpoint,
 prunes it once with :func:`lightning_prune.prune` on ``pruner.num_batches`` training batches,
 evaluates before and after, and saves ``pruned.ckpt`` (plain state-dict keys, the pruner's masks in
-its callback state) next to ``results.json``.
+its callback state) next to ``results.json``; a pretrained ``model=hf`` needs no ``ckpt_path``, and the
+calibration batches are the data's calibration subset where it has one.
+
+Three recipes for a pretrained model end in a Hugging Face folder (``save_hf``, default ``<run>/model``)
+with a model card (``README.md``: the parent, what each axis lost, parameters, held-out perplexity, the
+recovery's tokens, the command; :mod:`lightning_prune.app.card`) whose facts ``results.json`` holds too:
+``experiment=oneshot`` (the SparseGPT preset, ``pruner=sparsegpt``, once), ``experiment=shrink_distill``
+(``mode=shrink``, :mod:`lightning_prune.app.recipes`: ``shrink_to`` a budget, ``shrink.params``, then
+``Distillation`` from the dense model for ``trainer.max_steps``, on one or several devices) and
+``experiment=prune_while_distilling`` (heads and neurons removed by OBS in three rounds beside ``distill=kd``,
+cut out by ``save_hf``).
 
 ``model=hf`` loads any Hugging Face causal LM from a checkpoint folder (``model.path``); ``data=text_files``
 (local text or JSON-lines files) and ``data=hf_dataset`` (a ``datasets`` dataset) tokenise text with that
@@ -36,7 +49,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-MODES = ("train", "oneshot", "eval")
+MODES = ("train", "oneshot", "eval", "shrink")
 
 
 def dense_epochs(max_epochs: int | None, end_epoch: int | None = None, *step_triggers: int | None) -> int | None:
@@ -71,6 +84,15 @@ def round_steps(
     return max(max_steps // 20, 1) if _step_bounded(max_epochs, max_steps, end_epoch, every_n_epochs) else None
 
 
+def steps_at(max_steps: int, fraction: float, offset: int = 0) -> int:
+    """``offset`` plus the steps in a ``fraction`` of a step-bounded run (at least 1): the round triggers of
+    ``experiment=prune_while_distilling`` (every quarter from step 1 to half the run: three rounds)."""
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(f"this experiment is step-bounded: `trainer.max_steps` must be >= 1, got {max_steps!r}")
+    return max(int(max_steps * fraction), 1) + offset
+
+
+OmegaConf.register_new_resolver("lp.steps_at", steps_at, replace=True)
 OmegaConf.register_new_resolver("lp.dense_epochs", dense_epochs, replace=True)
 OmegaConf.register_new_resolver("lp.dense_steps", dense_steps, replace=True)
 OmegaConf.register_new_resolver("lp.round_steps", round_steps, replace=True)
@@ -88,7 +110,8 @@ def config_dir() -> Path:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """One experiment (``mode=train``) or one post-training round (``mode=oneshot``); returns its summary."""
+    """One experiment (``mode=train``), one post-training round (``mode=oneshot``), an evaluation (``mode=eval``)
+    or a shrink-and-distil recipe (``mode=shrink``); returns its summary."""
     mode = cfg.get("mode", "train")
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -99,6 +122,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if (hint := cli_run.busy_hint()) is not None:
         cli_run._print(hint)
     try:
+        if mode == "shrink":
+            from lightning_prune.app.recipes import run_shrink
+
+            return run_shrink(cfg)
         return {"train": cli_run.run_train, "oneshot": cli_run.run_oneshot, "eval": cli_run.run_eval}[mode](cfg)
     except ValueError as err:
         raise ValueError(_with_config_keys(str(err), cfg)) from err

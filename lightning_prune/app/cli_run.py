@@ -10,7 +10,7 @@ import json
 import math
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prune.app import card, export
+from lightning_prune.app.curves import SizeCurve
 from lightning_prune.callbacks.base import PruningCallback
 from lightning_prune.engine.calibration import eval_mode
 from lightning_prune.engine.round import prune
@@ -165,22 +167,16 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     model = _model(cfg, datamodule)
-    _hf_model(cfg, model)  # save_hf=DIR checked before the fit
-    callbacks: list[Callback] = []
-    pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
-    evaluator = None
-    if pruner is not None:
-        callbacks.append(pruner)
-        if cfg.eval_after_round:
-            evaluator = RoundEvaluator(pruner, datamodule)
-            callbacks.append(evaluator)
-    if cfg.get("distill") and cfg.distill.get("_target_"):  # distill=kd|squarehead: beside the pruner
-        callbacks.append(instantiate(cfg.distill))
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    hf = export.hf_model(cfg, model)  # save_hf=DIR checked before the fit
+    callbacks, pruner, evaluator = _callbacks(cfg, datamodule, model)
     loggers = _loggers(cfg)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=output_dir
     )
+    # the model card's parent: the model as the fit gets it, measured where it will train (rank 0 writes the card)
+    parent = None
+    if hf is not None and rank_zero_only.rank == 0:
+        parent = export.measure(hf.to(trainer.strategy.root_device), datamodule)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     val = _quality(trainer.callback_metrics, "val")
     test = _quality(trainer.test(model, datamodule=datamodule, verbose=False)[0], "test") if cfg.test else {}
@@ -204,7 +200,14 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         if cfg.get("save_hf"):
-            summary["hf_checkpoint"] = _save_hf(cfg, model, pruner, datamodule)
+            assert parent is not None
+            size = next(c for c in callbacks if isinstance(c, SizeCurve))
+            ppl = {"dense": parent["held_out"]["perplexity"], "recovered": export.perplexity(hf, datamodule)}
+            if cfg.get("ckpt_path"):  # resumed: the weights measured before the fit were not yet the checkpoint's
+                del ppl["dense"]
+            summary.update(
+                export.publish(cfg, model, pruner, datamodule, parent, ppl, card.recovery_of(trainer, size.batch_shape))
+            )
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "results.json").write_text(json.dumps(summary, indent=2, default=str))
         _print(_final_report(summary, pruner, loggers))
@@ -214,17 +217,44 @@ def run_train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def _load(cfg: DictConfig, mode: str) -> tuple[pl.LightningDataModule, pl.LightningModule, dict[str, Any], Path]:
-    """The data, and the model with ``ckpt_path``'s weights, for ``mode=oneshot`` and ``mode=eval``."""
-    if not cfg.get("ckpt_path"):
-        raise ValueError(f"mode={mode} needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`)")
-    ckpt_path = Path(cfg.ckpt_path)
-    if not ckpt_path.is_file():
+def _callbacks(
+    cfg: DictConfig, datamodule: pl.LightningDataModule, model: pl.LightningModule
+) -> tuple[list[Callback], PruningCallback | None, RoundEvaluator | None]:
+    """The fit's callbacks (the pruner, its evaluator, distillation, the size curve of a Hugging Face model, the
+    config's ``callbacks``), the pruner and the evaluator."""
+    callbacks: list[Callback] = []
+    pruner = instantiate(cfg.pruner) if cfg.pruner and cfg.pruner.get("_target_") else None
+    evaluator = None
+    if pruner is not None:
+        callbacks.append(pruner)
+        if cfg.eval_after_round:
+            evaluator = RoundEvaluator(pruner, datamodule)
+            callbacks.append(evaluator)
+    if cfg.get("distill") and cfg.distill.get("_target_"):  # distill=kd|squarehead: beside the pruner
+        callbacks.append(instantiate(cfg.distill))
+    if export.holds_hf(model):
+        callbacks.append(SizeCurve())  # after the pruner: a round's result is seen the step it happens
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    return callbacks, pruner, evaluator
+
+
+def _load(cfg: DictConfig, mode: str) -> tuple[pl.LightningDataModule, pl.LightningModule, dict[str, Any], Path | None]:
+    """The data, and the model with ``ckpt_path``'s weights (a pretrained model's own without it: ``None``), for
+    ``mode=oneshot``, ``eval`` and ``shrink``."""
+    if not cfg.get("ckpt_path") and not cfg.model.get("path"):
+        raise ValueError(
+            f"mode={mode} needs ckpt_path=... (a checkpoint of a trained model, e.g. from `pruner=none`), "
+            "or a pretrained model (model=hf model.path=DIR)"
+        )
+    ckpt_path = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # None: the pretrained model's own weights
+    if ckpt_path is not None and not ckpt_path.is_file():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} is not a file")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
     model = _model(cfg, datamodule)
+    if ckpt_path is None:
+        return datamodule, model, {}, None
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -267,20 +297,22 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
-    """Load ``ckpt_path``, prune it once with :func:`prune`, evaluate before and after, save it."""
+    """Load ``ckpt_path`` (or a pretrained model), prune it once with :func:`prune` on the calibration data,
+    evaluate before and after, save it (and with ``save_hf`` a Hugging Face folder with its model card)."""
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     if not (cfg.pruner and cfg.pruner.get("_target_")):
-        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs")
+        raise ValueError("mode=oneshot needs a pruner: pruner=magnitude|obd|obs|sparsegpt")
     datamodule, model, ckpt, ckpt_path = _load(cfg, "oneshot")
-    _hf_model(cfg, model)
+    hf = export.hf_model(cfg, model)
     pruner: PruningCallback = instantiate(cfg.pruner)
     state = ckpt.get("callbacks", {}).get(pruner.state_key)
     if state is not None:  # a checkpoint of a pruning run: its masks only shrink from here
         pruner.load_state_dict(state)
+    parent = export.measure(hf, datamodule) if hf is not None and rank_zero_only.rank == 0 else None
     before = _evaluate(cfg, model, datamodule)
-    record = prune(model, datamodule.train_dataloader(), pruner)
+    record = prune(model, calibration_loader(datamodule), pruner)
     after = _evaluate(cfg, model, datamodule)
-    pruned_path = output_dir / "pruned.ckpt"
+    source = str(ckpt_path) if ckpt_path is not None else str(cfg.model.path)
     summary = {
         "mode": "oneshot",
         "method": method_label(cfg),
@@ -294,100 +326,55 @@ def run_oneshot(cfg: DictConfig) -> dict[str, Any]:
         **{f"dense_{k}": v for k, v in before.items() if k.startswith("val_")},
         **after,
         "history": [dict(r) for r in pruner.history],
-        "source_checkpoint": str(ckpt_path),
-        "checkpoint": str(pruned_path),
+        "source_checkpoint": source,
+        "checkpoint": str(output_dir / "pruned.ckpt"),
         "output_dir": str(output_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     if rank_zero_only.rank == 0:
-        if cfg.get("save_hf"):
-            summary["hf_checkpoint"] = _save_hf(cfg, model, pruner, datamodule)
+        if parent is not None:
+            ppl = {"dense": parent["held_out"]["perplexity"], "pruned": export.perplexity(hf, datamodule)}
+            summary.update(export.publish(cfg, model, pruner, datamodule, parent, ppl, None))
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
                 "state_dict": model.state_dict(),
-                "hyper_parameters": ckpt.get("hyper_parameters", {}),
+                "hyper_parameters": ckpt.get("hyper_parameters", dict(model.hparams)),
                 "pytorch-lightning_version": pl.__version__,
                 "callbacks": {pruner.state_key: pruner.state_dict()},
-                "lightning_prune": {"source_checkpoint": str(ckpt_path), "round": dict(record)},
+                "lightning_prune": {"source_checkpoint": source, "round": dict(record)},
             },
-            pruned_path,
+            summary["checkpoint"],
         )
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-        lines = [
-            "",
-            "=" * 72,
-            f"lightning-prune one-shot: {summary['method']} on {summary['model']} / {summary['data']}",
-            f"before: {_fmt(before, 'val')}, {_fmt(before, 'test')}",
-            f"after:  sparsity {summary['sparsity']:.2%}, {_fmt(after, 'val')}, {_fmt(after, 'test')}",
-            "",
-            pruner.layer_table(),
-            "",
-            f"pruned checkpoint: {pruned_path}",
-            *([f"Hugging Face checkpoint: {summary['hf_checkpoint']}"] if cfg.get("save_hf") else []),
-            f"results.json: {output_dir / 'results.json'}",
-            "=" * 72,
-        ]
-        _print("\n".join(lines))
+        _print(_oneshot_report(summary, pruner))
     return summary
 
 
-def _hf_model(cfg: DictConfig, model: pl.LightningModule) -> Any:
-    """The Hugging Face model ``save_hf=DIR`` writes (the LightningModule's ``model``), checked before any work."""
-    if not cfg.get("save_hf"):
-        return None
-    try:
-        from transformers import PreTrainedModel
-    except ImportError as err:
-        raise ValueError(f"save_hf={cfg.save_hf!r} needs transformers: pip install 'lightning-prune[lm]'") from err
-    hf = getattr(model, "model", None)
-    if not isinstance(hf, PreTrainedModel):
-        raise ValueError(
-            f"save_hf={cfg.save_hf!r} writes a Hugging Face checkpoint, but {cfg.model._target_} holds no "
-            "transformers model in `.model`: use a Hugging Face model (e.g. experiment=llama_text), or drop save_hf"
-        )
-    return hf
+def _oneshot_report(summary: dict[str, Any], pruner: PruningCallback) -> str:
+    before, after = summary["before"], summary["after"]
+    lines = [
+        "",
+        "=" * 72,
+        f"lightning-prune one-shot: {summary['method']} on {summary['model']} / {summary['data']}",
+        f"before: {_fmt(before, 'val')}, {_fmt(before, 'test')}",
+        f"after:  sparsity {summary['sparsity']:.2%}, {_fmt(after, 'val')}, {_fmt(after, 'test')}",
+        "",
+        pruner.layer_table(),
+        "",
+        f"pruned checkpoint: {summary['checkpoint']}",
+        *([f"Hugging Face checkpoint: {summary['hf_checkpoint']}"] if summary.get("hf_checkpoint") else []),
+        f"results.json: {Path(summary['output_dir']) / 'results.json'}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
 
 
-def _save_hf(cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback | None, datamodule: Any) -> str:
-    """Write the pruned model to ``save_hf`` as an ordinary Hugging Face checkpoint (and the data's tokenizer).
-
-    Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.shrink`),
-    so the checkpoint is a smaller dense model with its sizes in the config; other patterns are saved
-    dense with their zeros. The written directory is read back with ``AutoModelForCausalLM.from_pretrained``
-    and must compute what the pruned model computes, else this raises."""
-    from transformers import AutoModelForCausalLM
-
-    from lightning_prune.surgery.shrink import shrink
-
-    hf, directory = _hf_model(cfg, model), Path(str(cfg.save_hf)).expanduser()
-    batch = next(iter(datamodule.val_dataloader()))
-    ids = batch["input_ids"][:2].to(hf.device)
-    structured = pruner is not None and pruner.pattern.removes_structures
-    with eval_mode(hf), torch.no_grad():
-        before = sum(p.numel() for p in hf.parameters())
-        out = shrink(hf, example_inputs={"input_ids": ids}) if structured else None
-        (out if out is not None else hf).save_pretrained(directory)
-        after = out.params_after if out is not None else before
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        if hasattr(tokenizer, "save_pretrained"):  # a transformers tokenizer (data=text_files|hf_dataset)
-            tokenizer.save_pretrained(directory)
-        elif tokenizer is not None:
-            from transformers import PreTrainedTokenizerFast
-
-            PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(directory)
-        loaded = AutoModelForCausalLM.from_pretrained(directory).to(hf.device).eval()
-        want, got = hf(input_ids=ids).logits, loaded(input_ids=ids).logits
-    if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
-        raise RuntimeError(
-            f"save_hf={str(directory)!r}: the checkpoint read back computes other logits than the pruned model "
-            f"(max difference {(got - want).abs().max().item():.3g})"
-        )
-    _print(
-        f"Hugging Face checkpoint: {directory} ({before:,} -> {after:,} parameters"
-        f"{', shrunk' if structured else ', dense with zeros'}); AutoModelForCausalLM.from_pretrained reads it"
-    )
-    return str(directory)
+def calibration_loader(datamodule: Any) -> Iterable[Any]:
+    """The calibration data of a round or a search: the data module's ``calibration_dataloader()`` where it has
+    one (a subset meant for it), else its training batches (the first ``num_batches`` of them are read)."""
+    calibration = getattr(datamodule, "calibration_dataloader", None)
+    return calibration() if callable(calibration) else datamodule.train_dataloader()
 
 
 def _model(cfg: DictConfig, datamodule: pl.LightningDataModule) -> pl.LightningModule:

@@ -361,8 +361,9 @@ class Distillation(Callback):
 
     def loss(self, task_loss: Tensor) -> Tensor:
         """``task_weight · task_loss`` plus the weighted distillation terms of this step; logs each term
-        (``distill/task``, ``distill/kd``, ``distill/squarehead``). Ends the step's capture. Before the
-        first round, while the default teacher follows the dense student, ``task_loss`` unchanged."""
+        (``distill/task``, ``distill/kd``, ``distill/squarehead``) and the teacher's own loss on the batch where
+        its output has one (``distill/teacher``: a Hugging Face model given the labels). Ends the step's capture.
+        Before the first round, while the default teacher follows the dense student, ``task_loss`` unchanged."""
         self._loss_calls += 1
         self._epoch_loss_calls += 1
         if self._tracking:
@@ -372,6 +373,7 @@ class Distillation(Callback):
             terms = self.terms()
         finally:
             self._capture.stop()
+        teacher_loss = self._capture.captured.get("teacher_loss")  # the teacher's task loss, where it computed one
         self._capture.reset()  # the captured outputs (and the graph they hold) are freed now
         total = self.task_weight * task_loss
         if "kd" in terms:
@@ -381,6 +383,8 @@ class Distillation(Callback):
         module = self._module
         if module is not None and module._trainer is not None:
             values = {"distill/task": task_loss.detach(), **{f"distill/{k}": v.detach() for k, v in terms.items()}}
+            if teacher_loss is not None:
+                values["distill/teacher"] = teacher_loss
             module.log_dict(values, on_step=True, on_epoch=False)
         self.last_terms = {"task": task_loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         return total

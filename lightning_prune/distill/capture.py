@@ -87,7 +87,10 @@ class Capture:
 
             t_args, t_kwargs = tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
         with torch.no_grad():
-            self.captured["teacher"] = output_logits(self.teacher(*t_args, **t_kwargs)).detach()
+            t_out = self.teacher(*t_args, **t_kwargs)
+        self.captured["teacher"] = output_logits(t_out).detach()
+        if isinstance(t_loss := getattr(t_out, "loss", None), Tensor):  # labels passed: the teacher's own loss, free
+            self.captured["teacher_loss"] = t_loss.detach()
         mask = kwargs.get("attention_mask")
         if isinstance(mask, Tensor) and mask.shape == self.captured["student"].shape[:-1]:
             self.captured["mask"] = mask

@@ -266,6 +266,16 @@ def layout_of(model: nn.Module) -> Architecture:
     return REGISTRY.get(getattr(getattr(model, "config", None), "model_type", None), GENERIC)
 
 
+def embedding_parameters(model: nn.Module, arch: Architecture | None = None) -> list[nn.Parameter]:
+    """The parameters of a Hugging Face model's embeddings and output head, each once (tied ones too): what a
+    non-embedding parameter count leaves out, as Minitron reports its sizes. ``arch``: default its layout."""
+    arch = arch or layout_of(model)
+    out = model.get_output_embeddings()
+    found = [model.get_input_embeddings().weight, *([out.weight] if out is not None else [])]
+    found += [p for n, p in model.named_parameters() if any(e in n for e in arch.embeddings)]
+    return list({id(p): p for p in found}.values())
+
+
 def pretrained_models(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost ``transformers.PreTrainedModel`` s in ``model`` (itself, or the one a
     LightningModule holds), with their names (``""`` for ``model`` itself)."""

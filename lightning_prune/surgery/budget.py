@@ -324,10 +324,7 @@ class _Counter:
             built = type(self.model)(config)
         total = sum(p.numel() for p in built.parameters())
         if self.count == "non_embedding":
-            out = built.get_output_embeddings()
-            skip = {id(built.get_input_embeddings().weight), *([id(out.weight)] if out is not None else [])}
-            skip |= {id(p) for n, p in built.named_parameters() if any(e in n for e in self.arch.embeddings)}
-            total -= sum(p.numel() for p in {id(p): p for p in built.parameters() if id(p) in skip}.values())
+            total -= sum(p.numel() for p in layouts.embedding_parameters(built, self.arch))
         return total
 
 
