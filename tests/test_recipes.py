@@ -42,10 +42,11 @@ RECIPES = {
 }
 
 
-def lightning_prune(args: list[str], out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+def lightning_prune(args: list[str], out: Path, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_prune", *args, f"hydra.run.dir={out}"],
+        [*(command or [sys.executable, "-m", "lightning_prune"]), *args, f"hydra.run.dir={out}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, f"{args}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
@@ -63,13 +64,24 @@ def runs(hf_checkpoint, text_corpus, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("recipes")
     common = data_args(hf_checkpoint, text_corpus)
     extra = {"oneshot": ["harness=local", "harness.tasks=[tiny_mc]", f"harness.include_path={harness_task(base)}"]}
+    # shrink_distill through the README's example (examples/smaller_llm.sh: the recipe, then the card printed)
+    files = ",".join(str(p) for p in [*text_corpus["txt"], *text_corpus["jsonl"]])
+    example = ["bash", "examples/smaller_llm.sh", str(hf_checkpoint), files, str(base / "shrink" / "model")]
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = {
-            name: pool.submit(lightning_prune, [*args, *common, *extra.get(name, [])], base / name)
+            name: pool.submit(
+                lightning_prune,
+                [*args[1:], *QUICK] if name == "shrink" else [*args, *common, *extra.get(name, [])],
+                base / name,
+                example if name == "shrink" else None,
+            )
             for name, args in RECIPES.items()
         }
+        printed = jobs["shrink"].result().stdout
         for job in jobs.values():
             job.result()
+    card_text = (base / "shrink" / "model" / "README.md").read_text()
+    assert printed.rstrip().endswith(card_text.rstrip())  # the example prints the card it wrote
     return {name: base / name for name in RECIPES}
 
 

@@ -47,7 +47,7 @@ def publish(
 ) -> dict[str, Any]:
     """``save_hf``: the Hugging Face folder (:func:`save_hf`) with its model card (:mod:`~lightning_prune.app.card`;
     ``parent``: :func:`measure` of the model the run started from); results.json's entries for them."""
-    directory, saved = save_hf(cfg, model, pruner, datamodule)
+    directory, saved = save_hf(cfg, model, pruner, datamodule, parent_params=parent["params"]["total"])
     facts = card.publish(cfg, directory, parent, saved, perplexity, parent["held_out"], recovery)
     return {"hf_checkpoint": directory, "card": facts}
 
@@ -70,7 +70,11 @@ def hf_model(cfg: DictConfig, model: pl.LightningModule) -> Any:
 
 
 def save_hf(
-    cfg: DictConfig, model: pl.LightningModule, pruner: PruningCallback | None, datamodule: Any
+    cfg: DictConfig,
+    model: pl.LightningModule,
+    pruner: PruningCallback | None,
+    datamodule: Any,
+    parent_params: int | None = None,
 ) -> tuple[str, Any]:
     """Write the pruned model to ``save_hf`` as an ordinary Hugging Face checkpoint (and the data's tokenizer, else
     the pretrained model's); returns the folder and the model read back from it.
@@ -78,7 +82,8 @@ def save_hf(
     Heads and neurons removed (``pattern="channels"``) are cut out first (:func:`~lightning_prune.shrink`),
     so the checkpoint is a smaller dense model with its sizes in the config; other patterns are saved
     dense with their zeros. The written directory is read back with ``AutoModelForCausalLM.from_pretrained``
-    and must compute what the pruned model computes, else this raises."""
+    and must compute what the pruned model computes, else this raises. ``parent_params``: the parameters of the
+    model the run started from, for the message (a shrunk student is already smaller than its parent)."""
     from transformers import AutoModelForCausalLM
 
     from lightning_prune.surgery.shrink import shrink
@@ -88,10 +93,10 @@ def save_hf(
     ids = batch["input_ids"][:2].to(hf.device)
     structured = pruner is not None and pruner.pattern.removes_structures
     with eval_mode(hf), torch.no_grad():
-        before = sum(p.numel() for p in hf.parameters())
+        before = parent_params if parent_params is not None else sum(p.numel() for p in hf.parameters())
         out = shrink(hf, example_inputs={"input_ids": ids}) if structured else None
         (out if out is not None else hf).save_pretrained(directory)
-        after = out.params_after if out is not None else before
+        after = out.params_after if out is not None else sum(p.numel() for p in hf.parameters())
         if (tok := tokenizer(cfg, datamodule)) is not None:
             tok.save_pretrained(directory)
         loaded = AutoModelForCausalLM.from_pretrained(directory).to(hf.device).eval()
