@@ -388,7 +388,16 @@ def test_prune_under_torch_distributed_gives_every_rank_the_union_masks(tmp_path
     job = Path(__file__).resolve().parent / "prune_job.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(job), "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(job),
+            "--out",
+            str(tmp_path),
+        ],
         env=env,
         capture_output=True,
         text=True,
