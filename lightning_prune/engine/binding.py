@@ -27,6 +27,7 @@ from lightning_prune.models import hf_config as hf
 from lightning_prune.patterns import Pattern
 from lightning_prune.runtime import sharding
 from lightning_prune.runtime.distributed import default_collectives, warn
+from lightning_prune.runtime.offload import offloaded_names
 
 
 class Plan(Protocol):
@@ -119,8 +120,11 @@ class Chosen:
 def check_materialised(model: nn.Module, who: str) -> None:
     """Meta tensors have shapes but no values: nothing can be scored, calibrated or masked on them,
     and torch's own error (``Tensor.item() cannot be called on meta tensors``) names no tensor."""
-    names = [n for n, p in model.named_parameters() if p.is_meta]
-    names += [n for n, b in model.named_buffers() if b.is_meta]
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    names = [n for n, t in tensors if t.is_meta]
+    if names:  # accelerate's offloaded weights are on meta by design: a block-by-block round reads them
+        offloaded = offloaded_names(model)
+        names = [n for n in names if n not in offloaded]
     if names:
         listed = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise ValueError(

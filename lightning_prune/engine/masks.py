@@ -58,8 +58,9 @@ def _zero_(tensors: list[Tensor], masks: list[Tensor]) -> None:
 
 @torch.no_grad()
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-    """Set the pruned entries of every masked parameter to exactly 0.0 (bool masks or multipliers)."""
-    names = [n for n in masks if n in params]
+    """Set the pruned entries of every masked parameter to exactly 0.0 (bool masks or multipliers). A meta
+    one (offloaded by accelerate) holds no values here: the round prunes it where it reads it."""
+    names = [n for n in masks if n in params and not params[n].is_meta]
     _zero_([local(params[n].data) for n in names], [masks[n] for n in names])
 
 

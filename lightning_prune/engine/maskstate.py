@@ -19,6 +19,7 @@ from lightning_prune.engine import masks as M
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns import Pattern
 from lightning_prune.runtime.distributed import Collectives, default_collectives
+from lightning_prune.runtime.offload import storage_device
 
 
 class MaskState:
@@ -29,7 +30,6 @@ class MaskState:
 
     def __init__(self, targets: list[PruneTarget], masks: dict[str, Tensor] | None) -> None:
         self.targets = targets
-        self.params: dict[str, Tensor] = {t.name: t.param for t in targets}
         self.masks = masks
         # multipliers of layers with at least one pruned weight, built at the first training step that needs
         # them (None: not built): on the CPU a bit mask as large as the weights, which prune() never needs
@@ -37,6 +37,11 @@ class MaskState:
         self._kept: dict[str, int] = {}
         self._refresh()
         M.apply_masks_(self.params, self.masks or {})
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The targets' parameters, looked up now: accelerate replaces an offloaded one at every read."""
+        return {t.name: t.param for t in self.targets}
 
     @property
     def sharded(self) -> bool:
@@ -47,7 +52,7 @@ class MaskState:
         """The masks, or all-True ones before the first round (this rank's blocks)."""
         if self.masks is not None:
             return self.masks
-        return {t.name: torch.ones_like(t.local_param, dtype=torch.bool) for t in self.targets}
+        return {t.name: torch.ones_like(t.local_param, dtype=torch.bool, device=storage_device(t.param)) for t in self.targets}
 
     def full(self) -> dict[str, Tensor]:
         """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective)."""
@@ -113,9 +118,10 @@ class MaskState:
 
     def _refresh(self) -> None:
         masks = self.masks or {}
+        params = self.params
         for name, m in masks.items():
-            if m.device != self.params[name].device:
-                masks[name] = m.to(self.params[name].device)
+            if m.device != (home := storage_device(params[name])):
+                masks[name] = m.to(home)
         self._frozen = None
         self._kept = self._count_kept()  # a collective when sharded
 

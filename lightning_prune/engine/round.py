@@ -32,6 +32,7 @@ from lightning_prune.engine.record import RoundRecord, RoundWhen
 from lightning_prune.engine.rounds import PARTIAL, OnePass
 from lightning_prune.engine.summary import round_summary
 from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime import offload
 from lightning_prune.runtime.distributed import LOCAL, Collectives, default_collectives, global_rank, warn
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.window import CaptureWindow
@@ -71,6 +72,7 @@ def run_round(
     start, when = time.perf_counter(), RoundWhen.of(when, when_fields)
     targets, criterion, round_index = pruner.targets, pruner.criterion, len(pruner.history)
     strategy = pruner.round_strategy.for_model(calib.model, targets)  # blocks="auto" without blocks: one pass
+    offload.check_round(calib.model, strategy.blocks, comm.world_size > 1)
     if should_stop is not None and comm.world_size == 1:  # between the batches of the round's passes, until the commit
         calib.should_stop = should_stop
     # a round with nothing to remove (target=0, or masks already there) leaves every weight as it is:
@@ -265,15 +267,14 @@ def prune(
     """
     pruner = _checked_arguments(pruner, num_batches, loss_fn)  # a callback prunes through the Pruner it wraps
     if device is not None:  # before the pruner binds (it may drop another model's masks) and any block moves
-        from lightning_prune.engine.sequential import check_offload
-
         device = _device(device)
-        check_offload(model, device)
+        runs_on = offload.round_device(model, device, f"prune(device={str(device)!r})")  # None: accelerate places
     pruner.bind(model)
     _say_if_idle(pruner)
     plan = _plan_one_shot(pruner, model)
     if device is not None:
-        device = _offload_device(device, pruner, model)  # the round moves each block there
+        _offload_device(device, pruner, model)
+        device = runs_on  # the round moves each block there (None on a model accelerate dispatched: its hooks do)
     calib = Calibration(
         model,
         loss_fn if loss_fn is not None else pruner.loss_fn,
@@ -335,7 +336,7 @@ def _plan_one_shot(pruner: Pruner, model: nn.Module) -> str | None:
 
 def _take_batches(data: Iterable[Any], n: int, model: nn.Module) -> list[Any]:
     """The first ``n`` batches of ``data``, moved to where the model is (fewer, with a warning, if it ends)."""
-    home = next(iter(model.parameters())).device
+    home = offload.storage_device(next(iter(model.parameters())))
     batches = [move_to_device(b, home) for b in itertools.islice(iter(data), n)]
     if len(batches) < n:
         warn(f"prune(): `data` gave {len(batches)} batches, fewer than num_batches={n}; the round uses all of them")

@@ -34,6 +34,7 @@ from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import block_output
 from lightning_prune.runtime.distributed import Collectives
+from lightning_prune.runtime.offload import onloaded
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.passes import fold
@@ -210,19 +211,6 @@ def check_device(device: torch.device, where: str) -> None:
         raise ValueError(f"{where}: torch cannot hold a tensor there ({type(err).__name__}: {err}); {fix}") from None
 
 
-def check_offload(model: nn.Module, device: torch.device) -> None:
-    """Refuse what ``device=`` cannot run: an accelerate-dispatched model (its hooks move each module's
-    inputs to the device accelerate chose, which would fight the moves here)."""
-    hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
-    if hooked:
-        raise ValueError(
-            f"prune(device={str(device)!r}) moves one block at a time to the device itself; {type(model).__name__} "
-            f"is dispatched by accelerate (hooks on {hooked[:3]}). Load it on the CPU without device_map (or remove "
-            "the hooks: accelerate.hooks.remove_hook_from_submodules(model)), or pass device=None to prune it "
-            "where accelerate put it"
-        )
-
-
 def run_sequential(
     calib: Calibration,
     batches: Sequence[Any],
@@ -246,7 +234,8 @@ def run_sequential(
     the block can fit its original outputs; this holds two streams of block inputs instead of one.
     ``device``: the model stays where it is (the CPU) and each block is moved to ``device`` for its
     statistics, its pruning and its outputs, then moved back, so the device holds one block, its
-    statistics and the block inputs (the first block's inputs are computed where the model is).
+    statistics and the block inputs (the first block's inputs are computed where the model is). A block
+    offloaded by accelerate is read from its weights map once and written back pruned (:func:`onloaded`).
     Returns ``{"blocks", "skipped", "block_input_bytes"}``, the last being the block inputs held.
     """
     inputs = first_block_inputs(calib, batches, blocks[0])
@@ -260,7 +249,8 @@ def run_sequential(
         with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
                 bar.describe(f"{block.name}: calibrating")
-                with _on(block.module, device):
+                changed = [(t.module, t.param_name) for t in block.targets]  # what the round writes
+                with onloaded(block.module, changed), _on(block.module, device):
                     inputs, originals, left_out = _run_block(
                         block, inputs, originals, reference, partial(prune_block, status=bar.describe), make_stats
                     )
