@@ -52,7 +52,10 @@ class MaskState:
         """The masks, or all-True ones before the first round (this rank's blocks)."""
         if self.masks is not None:
             return self.masks
-        return {t.name: torch.ones_like(t.local_param, dtype=torch.bool, device=storage_device(t.param)) for t in self.targets}
+        return {
+            t.name: torch.ones_like(t.local_param, dtype=torch.bool, device=storage_device(t.param))
+            for t in self.targets
+        }
 
     def full(self) -> dict[str, Tensor]:
         """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective)."""
