@@ -441,7 +441,8 @@ def test_prune_with_a_device_refuses_what_it_cannot_offload():
     hooks = pytest.importorskip("accelerate.hooks")
     model = tiny_llama()
     hooks.add_hook_to_module(model.model.layers[1], hooks.AlignDevicesHook(execution_device="cpu"))
-    with pytest.raises(ValueError, match="dispatched by accelerate"):
+    model.model.layers[1]._hf_hook.execution_device = torch.device("meta")  # dispatched elsewhere than device=
+    with pytest.raises(ValueError, match=r"dispatched by accelerate to \['meta'\].*device=None"):
         prune(model, data, OBSPruning(0.5, verbose=0), device="cpu")
 
 
