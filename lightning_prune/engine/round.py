@@ -255,7 +255,10 @@ def prune(
             a time to ``device`` to calibrate and prune it, then back, so ``device`` needs memory for one
             block, its statistics and the calibration activations at one block's boundary. The layers
             before the first block (embeddings) and the loss before/after (``eval_batches``; 0 skips it)
-            run where the model is. ``None`` (default): everything runs where the model is.
+            run where the model is. ``None`` (default): everything runs where the model is. A model that
+            accelerate dispatched (``device_map=``, disk offload) is pruned where accelerate placed it, its
+            offloaded blocks read one at a time and written back (:mod:`lightning_prune.runtime.offload`);
+            ``device`` may then only be the hooks' execution device.
 
     Returns:
         The round's record (``pruner.history[-1]``, a read-only
