@@ -135,11 +135,16 @@ def test_cpu_offloaded_model_is_pruned_as_in_memory(checkpoint):
     expected = prune(reference, data, SparseGPT(0.5, verbose=0, eval_batches=1))
     model = accelerate.cpu_offload(in_memory(checkpoint), execution_device="cpu")
     assert model.model.layers[0].mlp.up_proj.weight.is_meta
-    record = prune(model, data, SparseGPT(0.5, verbose=0, eval_batches=1), device="cpu")  # the hooks' device
+    pruner = SparseGPT(0.5, verbose=0, eval_batches=1)
+    record = prune(model, data, pruner, device="cpu")  # the hooks' execution device
     want = dict(reference.named_parameters())
     for name, w in weights(model).items():
         assert torch.equal(w, want[name]), name
     assert (record.loss_before, record.loss_after) == (expected.loss_before, expected.loss_after)
+    # the masks stay bound to the offloaded weights (accelerate replaces their parameters at every read)
+    with pytest.warns(UserWarning, match="removes nothing: its masks already reach sparsity 0.5000"):
+        again = prune(model, data, pruner)
+    assert again.info["idle"] and len(as_pruner(pruner).history) == 2
 
 
 def test_offloaded_model_refuses_what_it_cannot_prune_block_by_block(checkpoint, tmp_path):

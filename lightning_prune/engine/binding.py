@@ -13,7 +13,7 @@ finds its parameter by name or unique name suffix (:func:`~lightning_prune.engin
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,12 +48,15 @@ class Plan(Protocol):
     def explicit_parameters(self) -> list[nn.Parameter] | None: ...
 
 
+ParamRef = Callable[[], "Tensor | None"]  # a weak reference to a bound parameter (see parameter_ref)
+
+
 @dataclass(frozen=True)
 class Prior:
     """What a pruner holds when it meets a model."""
 
     loaded: dict[str, Any] | None  # checkpointed (packed) masks waiting for a model; {}: saved before any round
-    bound: Sequence[weakref.ref]  # the parameters its masks were computed on
+    bound: Sequence[ParamRef]  # the parameters its masks were computed on
     masks: Mapping[str, Tensor] | None  # their masks (this rank's blocks), None before the first round
     rounds: int  # rounds in its history
     skipped: Sequence[tuple[str, str]]  # what its last bind left out by default (said once)
@@ -134,7 +137,16 @@ def check_materialised(model: nn.Module, who: str) -> None:
         )
 
 
-def previous_targets(model: nn.Module, bound: Sequence[weakref.ref]) -> list[PruneTarget] | None:
+def parameter_ref(target: PruneTarget) -> ParamRef:
+    """A weak reference to ``target``'s parameter. accelerate replaces an offloaded (meta) parameter at every
+    read, so that one is found through its module (weakly held), by attribute."""
+    if not target.param.is_meta:
+        return weakref.ref(target.param)
+    module, name = weakref.ref(target.module), target.param_name
+    return lambda: getattr(m, name, None) if (m := module()) is not None else None
+
+
+def previous_targets(model: nn.Module, bound: Sequence[ParamRef]) -> list[PruneTarget] | None:
     """The targets a pruner was bound to (``bound``: weak references to their parameters), found by identity
     in ``model`` (renamed as ``model`` names them now), or ``None`` if it was never bound or they are not all
     parameters of ``model``."""

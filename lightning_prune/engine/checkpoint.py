@@ -20,6 +20,7 @@ from torch import Tensor
 
 from lightning_prune.engine import masks as M
 from lightning_prune.engine.targets import PruneTarget
+from lightning_prune.runtime.offload import storage_device
 
 STATE_VERSION = 2
 
@@ -137,7 +138,7 @@ def fit_masks(
             raise ValueError(
                 f"{what} mask for {t.name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(shape)}"
             )
-        out[t.name] = (t.local(mask) if whole else mask).to(t.local_param.device)
+        out[t.name] = (t.local(mask) if whole else mask).to(storage_device(t.local_param))  # offloaded: the CPU
     return out
 
 

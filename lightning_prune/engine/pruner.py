@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_prune.criteria.base import Criterion, RoundResult
-from lightning_prune.engine.binding import Prior, bind_model, check_materialised, resolve_scope
+from lightning_prune.engine.binding import ParamRef, Prior, bind_model, check_materialised, parameter_ref, resolve_scope
 from lightning_prune.engine.calibration import LossFn
 from lightning_prune.engine.checkpoint import STATE_VERSION, decode_state, encode_state, is_pruning_state
 from lightning_prune.engine.maskstate import MaskState
@@ -132,7 +132,7 @@ class Pruner:
         self._last_point: int | None = None  # the schedule point of the last round (epoch or step)
         self._loaded: dict[str, Any] | None = None  # checkpoint state waiting for bind()
         self._parameter_names: list[str] | None = None  # names of explicit `parameters` once a model is known
-        self._bound: list[weakref.ref] = []  # the parameters the masks were computed on
+        self._bound: list[ParamRef] = []  # the parameters the masks were computed on
         self._model: weakref.ref | None = None  # the model bound last (load_state_dict binds to it again)
         self._skipped: list[tuple[str, str]] = []  # defaults left out (frozen, tied), with the reason
 
@@ -266,7 +266,7 @@ class Pruner:
         self._loaded, self._model, self._skipped = None, weakref.ref(model), bound.skipped
         self.name_parameters(model)
         self.scope, self.pattern = scope, bound.pattern
-        self._bound = [weakref.ref(t.param) for t in bound.targets]
+        self._bound = [parameter_ref(t) for t in bound.targets]
         self._state = MaskState(bound.targets, bound.masks)
 
     def _bound_state(self) -> MaskState:
