@@ -179,3 +179,14 @@ def test_write_back_stores_what_the_next_read_gives(tmp_path):
         assert torch.equal(prefixed["w"], new), type(weights_map).__name__
     with pytest.raises(TypeError, match=r"cannot write the pruned 'w' back into a tuple"):
         write_back((), "w", new)
+
+
+def test_weights_offloaded_above_the_blocks_are_refused(checkpoint):
+    """A hook that offloads a whole subtree (``place_submodules=True``) reads every block at once."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = in_memory(checkpoint)
+    add_hook_to_module(model.model, AlignDevicesHook(execution_device="cpu", offload=True, place_submodules=True))
+    assert model.model.layers[0].mlp.up_proj.weight.is_meta
+    with pytest.raises(ValueError, match=r"offloads 'model' as one piece.*above the blocks \['layers.0', 'layers.1'\]"):
+        prune(model, batches(1), SparseGPT(0.5, verbose=0, eval_batches=0))

@@ -34,7 +34,7 @@ from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import block_output
 from lightning_prune.runtime.distributed import Collectives
-from lightning_prune.runtime.offload import onloaded
+from lightning_prune.runtime.offload import check_blocks, onloaded
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
 from lightning_prune.stats.passes import fold
@@ -238,6 +238,7 @@ def run_sequential(
     offloaded by accelerate is read from its weights map once and written back pruned (:func:`onloaded`).
     Returns ``{"blocks", "skipped", "block_input_bytes"}``, the last being the block inputs held.
     """
+    check_blocks(calib.model, [b.module for b in blocks])
     inputs = first_block_inputs(calib, batches, blocks[0])
     if device is not None:
         inputs = [(move_to_device(args, device), move_to_device(kwargs, device)) for args, kwargs in inputs]

@@ -100,6 +100,21 @@ def check_round(model: nn.Module, blocks: str | None, distributed: bool) -> None
         raise ValueError(f"{what}: pruning offloaded weights under several processes is not supported; use one")
 
 
+def check_blocks(model: nn.Module, blocks: Sequence[nn.Module]) -> None:
+    """Refuse, before any forward, a hook that offloads a whole subtree above a block (``place_submodules``): it
+    reads every block at once, and its weights map, not the blocks, would hold what later forwards use."""
+    inside = {id(b) for b in blocks}
+    for name, module in model.named_modules():
+        whole = any(h.place_submodules for h in _offloading(module)) and id(module) not in inside
+        if whole and (below := [n for n, m in module.named_modules() if id(m) in inside]):
+            raise ValueError(
+                f"accelerate offloads {name or type(model).__name__!r} as one piece (a hook with "
+                f"place_submodules=True above the blocks {below[:2]}), which a block-by-block round cannot read "
+                "one block at a time. Dispatch with a device_map over the blocks (e.g. "
+                "from_pretrained(..., device_map=..., offload_folder=...))"
+            )
+
+
 def _tensors(module: nn.Module, hook: Any) -> list[tuple[str, Tensor]]:
     """The tensors ``hook`` offloads, as accelerate names them (relative to ``module``)."""
     from accelerate.utils import named_module_tensors
@@ -131,7 +146,6 @@ def onloaded(block: nn.Module, changed: Sequence[tuple[nn.Module, str]]) -> Iter
                 set_module_tensor_to_device(module, name, hook.execution_device, value=value)
             hook.offload = False  # its forwards keep these weights (it would reload them from the map)
             loaded.append((module, hook))
-        _check_onloaded(block)
         yield
     finally:
         for module, hook in loaded:
@@ -141,17 +155,6 @@ def onloaded(block: nn.Module, changed: Sequence[tuple[nn.Module, str]]) -> Iter
                     write_back(hook.weights_map, name, tensor)
                 set_module_tensor_to_device(module, name, "meta")
             hook.offload = True
-
-
-def _check_onloaded(block: nn.Module) -> None:
-    """A weight still on meta is held by a hook above the block (``place_submodules``): not read here."""
-    meta = [n for n, p in block.named_parameters() if p.is_meta]
-    if meta:
-        raise ValueError(
-            f"{meta[:3]} stay on the meta device: accelerate offloads them from a module above the block (a hook "
-            "with place_submodules=True), which a block-by-block round cannot read one block at a time. Dispatch "
-            "with a device_map over the blocks (e.g. from_pretrained(..., device_map=..., offload_folder=...))"
-        )
 
 
 def write_back(weights_map: Any, name: str, value: Tensor) -> None:
