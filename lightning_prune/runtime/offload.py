@@ -59,11 +59,15 @@ def storage_device(t: Tensor) -> torch.device:
 
 def execution_devices(model: nn.Module) -> set[torch.device]:
     """The devices accelerate's hooks compute on."""
-    return {torch.device(h.execution_device) for m in model.modules() for h in _hooks(m) if _device_of(h) is not None}
+    found = (getattr(h, "execution_device", None) for m in model.modules() for h in _hooks(m))
+    return {_indexed(torch.device(d)) for d in found if d is not None}
 
 
-def _device_of(hook: Any) -> Any:
-    return getattr(hook, "execution_device", None)
+def _indexed(device: torch.device) -> torch.device:
+    """``"cuda"`` as the index it means (accelerate's hooks name theirs), other devices as they are."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def round_device(model: nn.Module, device: torch.device | None, where: str) -> torch.device | None:
@@ -73,7 +77,7 @@ def round_device(model: nn.Module, device: torch.device | None, where: str) -> t
     if device is None or not is_dispatched(model):
         return device
     devices = execution_devices(model)
-    if devices != {device}:
+    if devices != {_indexed(device)}:
         raise ValueError(
             f"{where}: {type(model).__name__} is dispatched by accelerate to {sorted(map(str, devices))}, whose hooks "
             "move each module's inputs and weights there, which would fight moving blocks to another device. Pass "
