@@ -134,9 +134,12 @@ def run(folder: Path, budget: int, method: str, seed: int, curve: bool) -> dict[
     }
 
 
+def cell_name(budget: int, method: str, seed: int) -> str:
+    return f"{budget}-{method.split(')')[0].strip('(')}-{common.fingerprint(method)}-s{seed}"
+
+
 def cell(folder: Path, budget: int, method: str, seed: int) -> dict[str, Any]:
-    name = f"{budget}-{method.split(')')[0].strip('(')}-{common.fingerprint(method)}-s{seed}"
-    r = common.cell(name, lambda: run(folder, budget, method, seed, curve=seed == 0), CELLS)
+    r = common.cell(cell_name(budget, method, seed), lambda: run(folder, budget, method, seed, curve=seed == 0), CELLS)
     print(
         f"{budget} steps, {method}, seed {seed}: ppl {r['ppl']:.2f}, params {r['params']:,}, {r['seconds']:.0f} s",
         flush=True,
@@ -181,17 +184,21 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[30, 90])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reference", action="store_true", help="the shrink_to row (seed 0, every budget)")
+    parser.add_argument("--methods", type=int, nargs="+", help="indexes into schedules(budget), in this order")
+    parser.add_argument("--cached", action="store_true", help="publish the grid's runs done so far; run none")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     folder = lm.dense(budget_lm.PLAN, "budget")
-    rows = []
-    for seed in args.seeds:  # seed-major: a cut grid still has every method at every budget
-        for budget in args.budgets:
-            rows += [cell(folder, budget, m, seed) for m in schedules(budget)]
-    if args.reference:
-        rows += [cell(folder, b, REFERENCE, 0) for b in args.budgets]
+    order = lambda b: [list(schedules(b))[i] for i in args.methods] if args.methods else list(schedules(b))  # noqa: E731
+    grid = [(b, m, seed) for seed in args.seeds for b in args.budgets for m in order(b)]
+    grid += [(b, REFERENCE, 0) for b in args.budgets] if args.reference else []
+    if args.cached:
+        done = [g for g in grid if (CELLS / f"{cell_name(*g)}.json").exists()]
+        args.missing = [g for g in grid if g not in done]
+        grid = done
+    rows = [cell(folder, *g) for g in grid]  # seed-major: a cut grid still has every method at every budget
     GATHERED.parent.mkdir(exist_ok=True)
     GATHERED.write_text(json.dumps(rows, indent=1))
     publish(rows, args, time.perf_counter() - started, folder)
@@ -228,13 +235,22 @@ def publish(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float
     command = f"python benchmarks/pwd_lm.py --budgets {' '.join(map(str, budgets))} --seeds " + " ".join(
         map(str, args.seeds)
     )
+    missing = getattr(args, "missing", [])
+    left_out = (
+        " **Not run (out of time on the shared machine), left out:** "
+        + "; ".join(f"{b} steps {m} seed {seed}" for b, m, seed in missing)
+        + "."
+        if missing
+        else ""
+    )
     budget_lm.publish(
         "pwd-lm",
         [
             "## Pruning while distilling against prune-then-distil, at equal token budgets",
             "",
             f"`{command}{' --reference' if args.reference else ''}` at `{common.commit()}` on {common.machine()} "
-            f"(this invocation {seconds / 60:.0f} min; runs cached in `benchmarks/.cache/pwd`, gathered in "
+            f"({sum(r['seconds'] for r in rows) / 60:.0f} min of fits in all, this invocation {seconds / 60:.0f} min; "
+            "runs cached in `benchmarks/.cache/pwd`, gathered in "
             "`benchmarks/out/pwd_lm.json`). The dense LLaMA of the budget tables (hidden 256, 8 blocks, 8 heads, "
             f"MLP 768, {dense['steps']} steps; test perplexity 62.53) loses {TARGET:.0%} of its non-embedding "
             "parameters to `OBSPruning(0.5, pattern='channels', num_batches="
@@ -247,7 +263,7 @@ def publish(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float
             f"{budget_lm.EVAL_WINDOWS} test windows after the last step; mean (min-max) over the seeds (the seed "
             "sets the batch order, hence the capture windows). Params: non-embedding, counted after "
             "`lightning_prune.shrink` of the final model (dense: 6,820,096). Fit s: the whole fit, rounds "
-            "included; round s: the pruner's rounds alone.",
+            "included; round s: the pruner's rounds alone." + left_out,
             "",
             common.md_table(
                 [
