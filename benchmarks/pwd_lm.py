@@ -154,28 +154,30 @@ def spread(values: list[float]) -> str:
 
 
 def verdict(rows: list[dict[str, Any]], budgets: list[int]) -> list[str]:
-    """Whether each (b) schedule beats (a) and (c) at each budget by more than the seed spread (its worst seed
-    better than their best seed), with the paired differences per seed (the same batches)."""
+    """Each (b) schedule against (a) and (c) at each budget on the seeds both ran (the same batches): the paired
+    differences, and whether it wins beyond the seed spread (every seed better than the other's best seed; two
+    seeds at least)."""
     lines = []
     for budget in budgets:
-        by = {m: [r["ppl"] for r in rows if r["budget"] == budget and r["method"] == m] for m in schedules(budget)}
-        by = {m: v for m, v in by.items() if v}
-        if not by:
-            continue
-        best = min(by, key=lambda m: statistics.mean(by[m]))
-        others = [m for m in by if not m.startswith("(b)")]
-        for m in [m for m in by if m.startswith("(b)")]:
-            clear = all(max(by[m]) < min(by[o]) for o in others)
-            paired = "; ".join(
-                f"{o.split(':')[0].split(',')[0]} {statistics.mean(by[o]):.2f}, per seed "
-                + " / ".join(f"{b - a:+.2f}" for a, b in zip(by[o], by[m], strict=False))
-                for o in others
-            )
-            lines.append(
-                f"- {budget} steps: {m} {statistics.mean(by[m]):.2f} against {paired} "
-                + ("(its worst seed beats their best: beyond the seed spread)" if clear else "(within the seed spread)")
-            )
-        lines.append(f"- {budget} steps: lowest mean perplexity: {best}")
+        by = {
+            m: {r["seed"]: r["ppl"] for r in rows if r["budget"] == budget and r["method"] == m}
+            for m in schedules(budget)
+        }
+        others = [m for m in by if not m.startswith("(b)") and by[m]]
+        for m in [m for m in by if m.startswith("(b)") and by[m]]:
+            parts, wins = [], []
+            for o in others:
+                seeds = sorted(set(by[m]) & set(by[o]))
+                ours, theirs = [by[m][k] for k in seeds], [by[o][k] for k in seeds]
+                wins.append(len(seeds) >= 2 and max(ours) < min(theirs))
+                parts.append(
+                    f"{o.split(':')[0].split(',')[0]}: {statistics.mean(ours):.2f} against "
+                    f"{statistics.mean(theirs):.2f} "
+                    f"over seeds {seeds}, per seed "
+                    + " / ".join(f"{x - y:+.2f}" for x, y in zip(ours, theirs, strict=True))
+                )
+            beyond = "beyond the seed spread" if wins and all(wins) else "not beyond the seed spread"
+            lines.append(f"- {budget} steps, {m}: " + "; ".join(parts) + f" ({beyond})")
     return lines
 
 
