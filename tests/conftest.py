@@ -16,7 +16,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# under pytest-xdist (the README's `-n 2`) the cores are shared by the workers: a worker's torch threads that wait
+# for cores the other worker holds make a test many times slower (README), so each takes its share
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _workers))
 
 
 def make_data(n: int = 256, d: int = 12, classes: int = 4, seed: int = 0) -> TensorDataset:

@@ -16,7 +16,7 @@ def test_readme_opens_with_main_job_and_test_commands():
     main_job, tests = _commands()
     assert main_job.startswith("python3 -m venv .venv") and main_job.endswith("lightning-prune")
     assert "pip install torch==2.13.0" in main_job and "pip install torch==2.13.0" in tests
-    assert tests.endswith("pytest -q")
+    assert tests.endswith("pytest -q -n 2 --dist loadfile")  # two workers, a test file each
 
 
 def test_ci_runs_the_readme_test_command():
