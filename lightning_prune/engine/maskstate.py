@@ -96,9 +96,10 @@ class MaskState:
     ) -> None:
         """Install new masks (which may only shrink), zero what they prune, and sync all ranks.
         ``reset_moved``: the optimizer moments of weights the round moved are zeroed too."""
-        new = M.PackedMasks()
-        for n, m in before.items():  # one layer unpacked at a time
-            new[n] = result.masks[n].to(device=m.device, dtype=torch.bool).logical_and_(m)
+        new, done = M.PackedMasks(), result.masks
+        for n, m in before.items():  # one layer unpacked at a time; the round's packed masks are consumed
+            mask = done.pop(n) if isinstance(done, M.PackedMasks) else done[n]
+            new[n] = mask.to(device=m.device, dtype=torch.bool).logical_and_(m)
         whole = [t.name for t in self.targets if not t.sharded]  # a sharded layer's blocks differ by rank
         comm.broadcast_([*(new.bits(n) for n in whole), *(self.params[n].data for n in whole)])
         self.masks = new

@@ -167,7 +167,9 @@ class BlockByBlock(OnePass):
 
         def prune_block(block: Any, stats: Estimator, status: Callable[[str], None]) -> None:
             nonlocal predicted
-            masks_before = {t.name: ctx.masks[t.name].to(t.param.device) for t in block.targets}  # device=: moved
+            masks_before = PackedMasks()  # this block's, as bits, where it is pruned (device=: moved)
+            for t in block.targets:
+                masks_before[t.name] = ctx.masks[t.name].to(t.param.device)
             sub = replace(
                 ctx,
                 targets=block.targets,
