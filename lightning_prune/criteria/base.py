@@ -34,7 +34,7 @@ class RoundContext:
 
     model: nn.Module
     targets: list[PruneTarget]
-    masks: dict[str, Tensor]  # current masks (True = kept)
+    masks: Mapping[str, Tensor]  # current masks (True = kept), each unpacked as it is read
     sparsity: float  # cumulative sparsity this round must reach
     batches: list[Any]  # the round's batches (on the model's device), oldest first
     stats: Estimator | None  # the criterion's statistics, reduced across ranks
@@ -124,7 +124,7 @@ class RoundContext:
 
 @dataclass
 class RoundResult:
-    masks: dict[str, Tensor]
+    masks: Mapping[str, Tensor]
     predicted_loss_increase: float = math.nan
     updated: set[str] = field(default_factory=set)  # layers whose kept weights the criterion changed
     info: dict[str, Any] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from lightning_prune.criteria.base import Criterion
+from lightning_prune.engine import masks as M
 from lightning_prune.engine.checkpoint import fit_masks, unpack_masks
 from lightning_prune.engine.rounds import OnePass
 from lightning_prune.engine.targets import PruneTarget, match_names, resolve_targets, targets_of
@@ -68,7 +69,7 @@ class Binding:
     parameters' devices; ``None``: dense), the pattern bound to the model, the defaults left out."""
 
     targets: list[PruneTarget]
-    masks: dict[str, Tensor] | None
+    masks: Mapping[str, Tensor] | None
     pattern: Pattern
     skipped: list[tuple[str, str]]
     dropped: bool  # masks of another model were dropped: the history goes with them
@@ -115,7 +116,7 @@ class Chosen:
     """The targets a bind settled on, and the masks that come with them (whole layers if ``restored``)."""
 
     targets: list[PruneTarget]
-    masks: dict[str, Tensor] | None
+    masks: Mapping[str, Tensor] | None
     restored: bool  # from a checkpoint (whole layers), else this pruner's own (this rank's blocks)
     dropped: bool  # masks of another model were dropped: the history goes with them
 
@@ -170,7 +171,6 @@ def choose_targets(
         targets, masks = _checkpoint_targets(model, prior.loaded, resolved, skipped)
         return Chosen(targets, masks, restored=True, dropped=False)
     if previous is not None:  # the same parameters: keep their masks under today's names
-        old = dict(zip([id(t.param) for t in previous], prior.masks.values())) if prior.masks else {}
         mine = {id(t.param) for t in previous}
         if new := [t.name for t in resolved if id(t.param) not in mine and t.param.requires_grad]:
             warn(
@@ -178,7 +178,7 @@ def choose_targets(
                 f"{' ...' if len(new) > 5 else ''} of this model are not among them and stay dense "
                 "(a new pruner would select them)"
             )
-        masks = {t.name: old[id(t.param)] for t in previous} if old else None
+        masks = M.packed(prior.masks).renamed([t.name for t in previous]) if prior.masks else None
         return Chosen(previous, masks, restored=False, dropped=False)
     if prior.masks is not None:
         warn(
@@ -214,7 +214,7 @@ def _checkpoint_targets(
     return targets, {t.name: m for t, m in zip(targets, unpack_masks(packed).values())}
 
 
-def fit_chosen_masks(chosen: Chosen, pattern: Pattern) -> dict[str, Tensor] | None:
+def fit_chosen_masks(chosen: Chosen, pattern: Pattern) -> Mapping[str, Tensor] | None:
     """The chosen masks checked against their parameters (names, shapes; a checkpoint's whole layers cut to
     this rank's block) and the bound pattern: masks from a checkpoint or an earlier round only shrink."""
     if chosen.masks is None:

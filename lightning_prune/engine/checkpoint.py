@@ -118,11 +118,12 @@ def unpack_masks(packed: Mapping[str, Any]) -> dict[str, Tensor]:
 
 def fit_masks(
     masks: Mapping[str, Tensor], targets: Sequence[PruneTarget], what: str, whole: bool = True
-) -> dict[str, Tensor]:
+) -> Mapping[str, Tensor]:
     """Masks checked against the targets' names and shapes, on their parameters' devices.
 
     ``whole``: the masks are of whole layers (a checkpoint), cut to this rank's block when sharded;
-    else they are already this rank's blocks."""
+    else they are already this rank's blocks (a pruner's own :class:`~lightning_prune.engine.masks.PackedMasks`
+    are checked and kept packed, their bits moved)."""
     names = {t.name for t in targets}
     if set(masks) != names:
         missing, extra = sorted(names - set(masks)), sorted(set(masks) - names)
@@ -130,16 +131,19 @@ def fit_masks(
             f"{what} pruning masks do not match this model's targets: "
             f"missing {missing[:5]}, unexpected {extra[:5]} (check include/exclude/parameters)"
         )
-    out = {}
+    packed = masks if isinstance(masks, M.PackedMasks) and not whole else None  # checked and kept as bits
+    out: dict[str, Tensor] = {}
     for t in targets:
-        mask = masks[t.name]
+        mask = masks[t.name] if packed is None else None
+        found = packed.shape(t.name) if packed is not None else mask.shape  # type: ignore[union-attr]
         shape = t.param.shape if whole else t.local_param.shape
-        if mask.shape != shape:
-            raise ValueError(
-                f"{what} mask for {t.name!r} has shape {tuple(mask.shape)}, the parameter has {tuple(shape)}"
-            )
-        out[t.name] = (t.local(mask) if whole else mask).to(storage_device(t.local_param))  # offloaded: the CPU
-    return out
+        if found != shape:
+            raise ValueError(f"{what} mask for {t.name!r} has shape {tuple(found)}, the parameter has {tuple(shape)}")
+        if packed is not None:
+            packed.move_(t.name, storage_device(t.local_param))
+        else:
+            out[t.name] = (t.local(mask) if whole else mask).to(storage_device(t.local_param))  # type: ignore[union-attr]
+    return packed if packed is not None else out
 
 
 def _crc(packed: Mapping[str, Any]) -> int:

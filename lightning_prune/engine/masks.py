@@ -2,7 +2,8 @@
 
 Masks are plain ``bool`` tensors keyed by parameter name (True = kept); for a parameter FSDP2
 sharded, the mask of the rank's local block (:mod:`lightning_prune.runtime.sharding`), applied to the local
-shards of the weight, its gradient and its optimizer moments. The model is never
+shards of the weight, its gradient and its optimizer moments. A pruner keeps its masks as bits
+(:class:`PackedMasks`, one bit per weight, unpacked one layer at a time where they are used). The model is never
 reparametrised: no ``weight_orig``, no forward pre-hook, so the state dict keeps its keys and dtypes
 and the forward pass costs nothing extra. A pruned weight is *frozen* at exactly 0.0 by three
 cheap in-place operations:
@@ -24,7 +25,8 @@ their value and leaves kept entries bit for bit, at the cost of the multiply it 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
@@ -60,8 +62,9 @@ def _zero_(tensors: list[Tensor], masks: list[Tensor]) -> None:
 def apply_masks_(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
     """Set the pruned entries of every masked parameter to exactly 0.0 (bool masks or multipliers). A meta
     one (offloaded by accelerate) holds no values here: the round prunes it where it reads it."""
-    names = [n for n in masks if n in params and not params[n].is_meta]
-    _zero_([local(params[n].data) for n in names], [masks[n] for n in names])
+    for n in masks:  # one mask at a time: packed masks are unpacked as they are used
+        if n in params and not params[n].is_meta:
+            _zero_([local(params[n].data)], [masks[n]])
 
 
 @torch.no_grad()
@@ -116,22 +119,127 @@ def zero_optimizer_state_(
     return touched
 
 
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool mask as bits, eight entries a byte (first entry in the highest bit, the last byte padded
+    with zeros), on the mask's device: ``ceil(numel / 8)`` bytes, and no more than that again while packing."""
+    flat = mask.detach().reshape(-1)
+    if flat.dtype is not torch.bool:
+        raise TypeError(f"pack_bits packs bool masks, got {flat.dtype}")
+    whole = flat.numel() - flat.numel() % 8
+    groups = [flat[:whole].view(torch.uint8).view(-1, 8)]
+    if whole < flat.numel():  # the last, partial byte: zeros after the mask's end
+        groups.append(torch.cat([flat[whole:], flat.new_zeros(8 - flat.numel() + whole)]).view(torch.uint8)[None])
+    packed = []
+    for g in groups:
+        byte = g[:, 0] << 7
+        for i in range(1, 8):
+            byte.bitwise_or_(g[:, i] << (7 - i))
+        packed.append(byte)
+    return packed[0] if len(packed) == 1 else torch.cat(packed)
+
+
+def unpack_bits(bits: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`pack_bits`: a new bool tensor of ``shape`` on ``bits``'s device."""
+    numel = math.prod(shape)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    flat = (bits.to(torch.uint8).unsqueeze(1) >> shifts).bitwise_and_(1).view(torch.bool).view(-1)
+    return flat[:numel].view(tuple(shape))
+
+
 def pack_mask(mask: Tensor) -> dict[str, object]:
-    """Pack a bool mask into bits (1/8 of its bool size) for checkpoints."""
-    flat = mask.detach().to("cpu", torch.bool).flatten()
-    pad = (-flat.numel()) % 8
-    bits = torch.cat([flat, flat.new_zeros(pad)]).view(-1, 8).to(torch.uint8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    return {"shape": list(mask.shape), "bits": (bits * weights).sum(dim=1, dtype=torch.uint8)}
+    """Pack a bool mask into bits on CPU (1/8 of its bool size) for checkpoints."""
+    return {"shape": list(mask.shape), "bits": pack_bits(mask.detach().to("cpu", torch.bool))}
 
 
 def unpack_mask(packed: Mapping[str, object]) -> Tensor:
     """Inverse of :func:`pack_mask`."""
-    shape = tuple(int(s) for s in packed["shape"])  # type: ignore[union-attr]
-    bits: Tensor = packed["bits"]  # type: ignore[assignment]
-    numel = 1
-    for s in shape:
-        numel *= s
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
-    flat = ((bits.to(torch.uint8).unsqueeze(1) >> shifts) & 1).flatten()[:numel]
-    return flat.to(torch.bool).view(shape)
+    return unpack_bits(packed["bits"], [int(s) for s in packed["shape"]])  # type: ignore[arg-type, union-attr]
+
+
+class PackedMasks(MutableMapping[str, Tensor]):
+    """Bool masks by parameter name, held as bits (:func:`pack_bits`: one bit per weight, on the device
+    the mask came from); each access unpacks a new bool tensor, so what stays between accesses is the
+    bits. The pruner's masks live here: a model's masks cost ``numel / 8`` bytes, and a consumer that
+    goes layer by layer holds one layer unpacked at a time. Entries are replaced, never changed in place:
+    a mapping built from another (:meth:`renamed`) may share their bits."""
+
+    def __init__(self, masks: Mapping[str, Tensor] | None = None) -> None:
+        self._bits: dict[str, Tensor] = {}
+        self._shapes: dict[str, torch.Size] = {}
+        for name, mask in (masks or {}).items():
+            self[name] = mask
+
+    def __getitem__(self, name: str) -> Tensor:
+        return unpack_bits(self._bits[name], self._shapes[name])
+
+    def __setitem__(self, name: str, mask: Tensor) -> None:
+        self._bits[name], self._shapes[name] = pack_bits(mask), mask.shape
+
+    def __delitem__(self, name: str) -> None:
+        del self._bits[name], self._shapes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._bits
+
+    def __repr__(self) -> str:
+        return f"PackedMasks({len(self)} masks, {self.nbytes} bytes)"
+
+    def shape(self, name: str) -> torch.Size:
+        return self._shapes[name]
+
+    def bits(self, name: str) -> Tensor:
+        """The packed bits of ``name`` (the tensor held: a broadcast overwrites it in place)."""
+        return self._bits[name]
+
+    def device(self, name: str) -> torch.device:
+        return self._bits[name].device
+
+    def move_(self, name: str, device: torch.device) -> None:
+        """Hold ``name``'s bits on ``device`` (where its parameter is)."""
+        self._bits[name] = self._bits[name].to(device)
+
+    def renamed(self, names: Sequence[str]) -> PackedMasks:
+        """The same masks, in order, under ``names`` (sharing their bits)."""
+        if len(names) != len(self):
+            raise ValueError(f"renamed: {len(names)} names for {len(self)} masks")
+        out = PackedMasks()
+        for new, old in zip(names, list(self._bits)):
+            out._bits[new], out._shapes[new] = self._bits[old], self._shapes[old]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of bits held (``sum(ceil(numel / 8))``)."""
+        return sum(b.numel() * b.element_size() for b in self._bits.values())
+
+
+def packed(masks: Mapping[str, Tensor]) -> PackedMasks:
+    """``masks`` as :class:`PackedMasks` (themselves if they are)."""
+    return masks if isinstance(masks, PackedMasks) else PackedMasks(masks)
+
+
+class AllKept(Mapping[str, Tensor]):
+    """All-True masks of ``shapes`` (name -> ``(shape, device)``), made on access: the masks before a
+    pruner's first round, which hold nothing."""
+
+    def __init__(self, shapes: Mapping[str, tuple[torch.Size, torch.device]]) -> None:
+        self._shapes = dict(shapes)
+
+    def __getitem__(self, name: str) -> Tensor:
+        shape, device = self._shapes[name]
+        return torch.ones(shape, dtype=torch.bool, device=device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes

@@ -3,8 +3,9 @@
 :class:`MaskState` is what :meth:`~lightning_prune.engine.pruner.Pruner.bind` builds for one model: the
 targets, their parameters, their masks (this rank's blocks under FSDP2), the multipliers that freeze
 pruned weights around every optimizer step, and the kept counts (whole layers, the same on every
-rank). :meth:`MaskState.commit_` is the only place new masks land. The zeroing itself is
-:mod:`lightning_prune.engine.masks`'s.
+rank). :meth:`MaskState.commit_` is the only place new masks land. The masks are held as bits
+(:class:`~lightning_prune.engine.masks.PackedMasks`: ``numel / 8`` bytes per layer, whatever the depth),
+and every consumer unpacks one layer at a time. The zeroing itself is :mod:`lightning_prune.engine.masks`'s.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ class MaskState:
     Building one moves the masks to their parameters' devices and zeroes what they prune; the kept
     counts are taken then (a collective when sharded: every rank builds it)."""
 
-    def __init__(self, targets: list[PruneTarget], masks: dict[str, Tensor] | None) -> None:
+    def __init__(self, targets: list[PruneTarget], masks: Mapping[str, Tensor] | None) -> None:
         self.targets = targets
-        self.masks = masks
+        self.masks = None if masks is None else M.packed(masks)
         # multipliers of layers with at least one pruned weight, built at the first training step that needs
         # them (None: not built): on the CPU a bit mask as large as the weights, which prune() never needs
         self._frozen: dict[str, Tensor] | None = None
         self._kept: dict[str, int] = {}
+        self._units: tuple[Pattern, dict[str, tuple[int, int]]] | None = None  # units() of the current masks
         self._refresh()
         M.apply_masks_(self.params, self.masks or {})
 
@@ -48,14 +50,12 @@ class MaskState:
         """Whether some targets are FSDP2-sharded (masks are then per-rank blocks)."""
         return any(t.sharded for t in self.targets)
 
-    def current(self) -> dict[str, Tensor]:
-        """The masks, or all-True ones before the first round (this rank's blocks)."""
+    def current(self) -> Mapping[str, Tensor]:
+        """The masks, or all-True ones before the first round (this rank's blocks), unpacked as they are read:
+        a snapshot (a commit installs new ones, it does not change these)."""
         if self.masks is not None:
             return self.masks
-        return {
-            t.name: torch.ones_like(t.local_param, dtype=torch.bool, device=storage_device(t.param))
-            for t in self.targets
-        }
+        return M.AllKept({t.name: (t.local_param.shape, storage_device(t.param)) for t in self.targets})
 
     def full(self) -> dict[str, Tensor]:
         """Whole-layer masks on CPU, gathered one layer at a time when sharded (a collective)."""
@@ -72,7 +72,9 @@ class MaskState:
         if self.sharded:
             kept = self.kept_counts()
             return {t.name: (t.param.numel() - kept[t.name], t.param.numel()) for t in self.targets}
-        return pattern.units(self.current())
+        if self._units is None or self._units[0] is not pattern:  # counted once per commit: rounds ask often
+            self._units = (pattern, pattern.units(self.current()))
+        return dict(self._units[1])
 
     def removes_something(self, sparsity: float, pattern: Pattern, scope: str) -> bool:
         """Whether a round to ``sparsity`` (of what ``pattern`` counts, allocated at ``scope``) would prune
@@ -99,10 +101,12 @@ class MaskState:
     ) -> None:
         """Install new masks (which may only shrink), zero what they prune, and sync all ranks.
         ``reset_moved``: the optimizer moments of weights the round moved are zeroed too."""
-        # in place on the round's own masks (consumed here): the old and the new masks, not a third set
-        new = {n: result.masks[n].to(device=m.device, dtype=torch.bool).logical_and_(m) for n, m in before.items()}
+        new, done = M.PackedMasks(), result.masks
+        for n, m in before.items():  # one layer unpacked at a time; the round's packed masks are consumed
+            mask = done.pop(n) if isinstance(done, M.PackedMasks) else done[n]
+            new[n] = mask.to(device=m.device, dtype=torch.bool).logical_and_(m)
         whole = [t.name for t in self.targets if not t.sharded]  # a sharded layer's blocks differ by rank
-        comm.broadcast_([*(new[n] for n in whole), *(self.params[n].data for n in whole)])
+        comm.broadcast_([*(new.bits(n) for n in whole), *(self.params[n].data for n in whole)])
         self.masks = new
         self._refresh()
         M.apply_masks_(self.params, new)
@@ -120,12 +124,12 @@ class MaskState:
             M.apply_masks_(self.params, frozen)
 
     def _refresh(self) -> None:
-        masks = self.masks or {}
+        masks = self.masks if self.masks is not None else M.PackedMasks()
         params = self.params
-        for name, m in masks.items():
-            if m.device != (home := storage_device(params[name])):
-                masks[name] = m.to(home)
-        self._frozen = None
+        for name in masks:
+            if masks.device(name) != (home := storage_device(params[name])):
+                masks.move_(name, home)
+        self._frozen, self._units = None, None
         self._kept = self._count_kept()  # a collective when sharded
 
     def _multipliers(self) -> dict[str, Tensor]:
@@ -136,7 +140,7 @@ class MaskState:
 
     def _count_kept(self) -> dict[str, int]:
         current, targets = self.current(), self.targets
-        counts = [float(current[t.name].sum()) for t in targets]
+        counts = [float(current[t.name].sum()) if self.masks is not None else t.local_param.numel() for t in targets]
         if self.sharded and (comm := default_collectives()).world_size > 1:
             sharded = [t.sharded for t in targets]
             device = targets[0].param.device  # where the backend reduces (NCCL: the GPU)

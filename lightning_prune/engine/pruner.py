@@ -9,7 +9,7 @@ written in its own module:
   checks the target is reachable, restores masks from a checkpoint or an earlier ``prune()``);
 * when rounds fire (:attr:`schedule`, keyed by epoch or step, :meth:`due`);
 * masks that only shrink (:mod:`~lightning_prune.engine.maskstate`), installed by :meth:`commit_`,
-  the only place new masks land;
+  the only place new masks land, and held as bits (one per target weight);
 * checkpoint state (:meth:`state_dict`, :mod:`~lightning_prune.engine.checkpoint`: bit-packed masks
   with checksums, history, the last round's point), validated on load with errors that name the
   parameter.
@@ -275,8 +275,9 @@ class Pruner:
         return self._state
 
     # ================================================================ masks and rounds
-    def current_masks(self) -> dict[str, Tensor]:
-        """The masks (this rank's blocks, on the parameters' devices), all-True before the first round."""
+    def current_masks(self) -> Mapping[str, Tensor]:
+        """The masks (this rank's blocks, on the parameters' devices), all-True before the first round; held as
+        bits, each unpacked as it is read (:class:`~lightning_prune.engine.masks.PackedMasks`)."""
         return self._bound_state().current()
 
     def units(self) -> dict[str, tuple[int, int]]:

@@ -22,6 +22,7 @@ criterion (step 3).
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -31,10 +32,11 @@ from torch import Tensor, nn
 
 from lightning_prune.criteria.base import Criterion, RoundContext, RoundResult, require_stats
 from lightning_prune.engine.calibration import Calibration
-from lightning_prune.engine.masks import apply_masks_
+from lightning_prune.engine.masks import PackedMasks, apply_masks_
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.patterns import Pattern
 from lightning_prune.runtime.distributed import LOCAL, Collectives, warn
+from lightning_prune.runtime.offload import storage_device
 from lightning_prune.stats import CaptureWindow, Estimator
 
 
@@ -156,7 +158,8 @@ class BlockByBlock(OnePass):
         if not ctx.batches:
             raise RuntimeError(f"round {ctx.round_index}: no batch in {ctx.source} for sequential calibration")
         blocks = find_blocks(ctx.model, self.blocks, ctx.targets)
-        masks, updated, predicted = {}, set(), 0.0
+        home = {t.name: storage_device(t.param) for t in ctx.targets}  # the model's (device=: a block moves away)
+        masks, updated, predicted = PackedMasks(), set(), 0.0  # the finished blocks' masks, as bits
         info: dict[str, Any] = {}
 
         def make_stats(targets: Sequence[PruneTarget]) -> Estimator:
@@ -165,7 +168,9 @@ class BlockByBlock(OnePass):
 
         def prune_block(block: Any, stats: Estimator, status: Callable[[str], None]) -> None:
             nonlocal predicted
-            masks_before = {t.name: ctx.masks[t.name].to(t.param.device) for t in block.targets}  # device=: moved
+            masks_before = PackedMasks()  # this block's, as bits, where it is pruned (device=: moved)
+            for t in block.targets:
+                masks_before[t.name] = ctx.masks[t.name].to(t.param.device)
             sub = replace(
                 ctx,
                 targets=block.targets,
@@ -188,7 +193,9 @@ class BlockByBlock(OnePass):
                         t.local_param.copy_(saved[t.name])
                 raise
             del saved
-            masks.update({n: m.to(ctx.masks[n].device) for n, m in result.masks.items()})  # held where the model is
+            for n, m in result.masks.items():  # packed where they were solved, held where the model is
+                masks[n] = m.to(dtype=torch.bool)
+                masks.move_(n, home[n])
             updated.update(result.updated)
             predicted += result.predicted_loss_increase
             _merge(info, result.info)
@@ -208,7 +215,7 @@ class BlockByBlock(OnePass):
             )
         except BaseException as err:
             if finished:  # the blocks already pruned stay pruned: run_round commits their masks (see PARTIAL)
-                setattr(err, PARTIAL, RoundResult({**ctx.masks, **masks}, predicted, updated=updated, info=info))
+                setattr(err, PARTIAL, RoundResult(ChainMap(masks, ctx.masks), predicted, updated=updated, info=info))
                 rest = len(blocks) - len(finished)
                 err.add_note(
                     f"lightning-prune: the sequential round stopped after {len(finished)} of {len(blocks)} blocks "

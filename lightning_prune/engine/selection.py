@@ -85,10 +85,10 @@ def check_feasible(numels: Mapping[str, int], sparsity: float, scope: str, min_d
         )
 
 
-def sort_key(score: Tensor, mask: Tensor, allowed: Allowed | None = None) -> Tensor:
-    """Flat keys: pruned entries -inf, non-finite scores +inf (never chosen), the rest their score;
+def sort_key(score: Tensor, mask: Tensor, allowed: Allowed | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Flat keys in ``dtype``: pruned entries -inf, non-finite scores +inf (never chosen), the rest their score;
     entries ``allowed`` rules out +inf too."""
-    key = score.detach().flatten().to(torch.float64, copy=True)  # one copy, filled in place
+    key = score.detach().flatten().to(dtype, copy=True)  # one copy, filled in place
     key.masked_fill_(~torch.isfinite(key), math.inf)
     key.masked_fill_(~mask.flatten(), -math.inf)
     if allowed is not None:
@@ -140,7 +140,10 @@ def select_masks(
         return {n: _select_rows(scores[n], masks[n], sparsity, min_density, allowed).view_as(masks[n]) for n in names}
     if shards is not None and shards.comm.world_size > 1:
         return _select_sharded(scores, masks, sparsity, scope, min_density, allowed, shards)
-    keys = {n: _protect_floor(sort_key(scores[n], masks[n], allowed), masks[n].flatten(), min_density) for n in names}
+    dtype = _key_dtype(scores, names, allowed)
+    keys = {
+        n: _protect_floor(sort_key(scores[n], masks[n], allowed, dtype), masks[n].flatten(), min_density) for n in names
+    }
 
     if scope == "layer":
         out = {}
@@ -156,6 +159,13 @@ def select_masks(
     _check_reachable(keys, scores, k, sparsity)
     keep = _prune_lowest(torch.cat([keys[n].to(keys[names[0]].device) for n in names]), k)
     return {n: part.view_as(masks[n]).to(masks[n].device) for n, part in zip(names, keep.split(sizes))}
+
+
+def _key_dtype(scores: Mapping[str, Tensor], names: list[str], allowed: Allowed | None) -> torch.dtype:
+    """The keys' dtype: float32 where every score is float32 (exact in float64 too, and the selection only
+    compares keys, so it chooses the same entries at half the bytes), else float64."""
+    dtypes = {scores[n].dtype for n in names}
+    return dtypes.pop() if allowed is None and len(dtypes) == 1 and dtypes <= {torch.float32} else torch.float64
 
 
 def _select_rows(

@@ -51,7 +51,9 @@ _SHRINK = 4  # ... and the removed coordinates dropped once a quarter of the wor
 _INNER = 16  # SparseGPT: columns per inner block of rank-1 updates (the rest of the block gets a GEMM)
 
 
-def prepare_hessian(H: Tensor, W: Tensor, damp: float, what: str) -> tuple[Tensor, Tensor, Damped, Tensor]:
+def prepare_hessian(
+    H: Tensor | list[Tensor], W: Tensor, damp: float, what: str
+) -> tuple[Tensor, Tensor, Damped, Tensor]:
     """Handle dead inputs, damp, factor: ``(U, W, damping, dead)`` with ``(H + damping)^-1 = U^T U``.
 
     ``U`` is upper triangular, which is what the solvers need: for any trailing set of columns
@@ -61,8 +63,12 @@ def prepare_hessian(H: Tensor, W: Tensor, damp: float, what: str) -> tuple[Tenso
     A dead input (zero diagonal: a pixel that is always 0, a dead ReLU) gets ``H_jj = 1`` and its
     weights are zeroed, as in OBC/SparseGPT: they never affect the layer's output on the
     calibration data, so removing them costs nothing and they are pruned first.
+
+    ``H`` given as ``[H]``, a list holding the caller's only reference, is given up: it is taken out and
+    freed once flipped, so at most two ``d x d`` matrices are held at a time (three if the caller keeps it).
     """
-    H = H.flip(0, 1)  # a copy, J H J (J reverses the order), the only one of H made here
+    # a copy, J H J (J reverses the order), the only one of H made here
+    H = H.pop().flip(0, 1) if isinstance(H, list) else H.flip(0, 1)
     dead = torch.diagonal(H).flip(0) == 0
     if dead.any():
         flipped = dead.flip(0)

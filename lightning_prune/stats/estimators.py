@@ -364,11 +364,13 @@ class InputCovariance(Estimator):
     def seen(self, name: str) -> bool:
         return bool(self.count[name] > 0)
 
-    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Normalised ``A`` in ``dtype``: one copy (a float32 solve never holds a float64 one)."""
+    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64, release: bool = False) -> Tensor:
+        """Normalised ``A`` in ``dtype``: one copy (a float32 solve never holds a float64 one). ``release``: the
+        layer's last use: the sum leaves the estimator and becomes the estimate (no copy in float32)."""
         if self.diagonal_only:
             raise RuntimeError("this input estimator kept only the diagonal")
-        return self.A[name].to(dtype, copy=True).div_(self.count[name])
+        count = self.count[name]
+        return self.A.pop(name).to(dtype).div_(count) if release else self.A[name].to(dtype, copy=True).div_(count)
 
 
 class CrossCovariance(InputCovariance):
@@ -399,9 +401,10 @@ class CrossCovariance(InputCovariance):
     def tensors(self) -> list[Tensor]:
         return [*self.A.values(), *self.C.values(), *self.count.values()]
 
-    def cross_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Normalised ``C = E[x_ref x^T]`` in ``dtype``."""
-        return self.C[name].to(dtype, copy=True).div_(self.count[name])
+    def cross_covariance(self, name: str, dtype: torch.dtype = torch.float64, release: bool = False) -> Tensor:
+        """Normalised ``C = E[x_ref x^T]`` in ``dtype`` (``release``: as :meth:`input_covariance`'s)."""
+        count = self.count[name]
+        return self.C.pop(name).to(dtype).div_(count) if release else self.C[name].to(dtype, copy=True).div_(count)
 
 
 class DiagFisher(Estimator):
@@ -480,8 +483,8 @@ class KFAC(Estimator):
             raise RuntimeError("this K-FAC estimator kept only the diagonals of its factors")
         return self.A[name].double() / self.a_count[name], self.G[name].double() / self.g_count[name]
 
-    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
-        """Normalised ``A`` in ``dtype`` (as :class:`InputCovariance` gives it)."""
+    def input_covariance(self, name: str, dtype: torch.dtype = torch.float64, release: bool = False) -> Tensor:
+        """Normalised ``A`` in ``dtype`` (as :class:`InputCovariance` gives it; a new tensor, whatever ``release``)."""
         return self.factors(name)[0].to(dtype)
 
     def diagonal(self, name: str) -> Tensor:

@@ -40,6 +40,7 @@ from lightning_prune.criteria.base import RoundContext, RoundResult
 from lightning_prune.criteria.obs.base import OBSCriterion, row_weights, split
 from lightning_prune.criteria.obs.spread import solve_spread
 from lightning_prune.criteria.obs.structured import prune_structures
+from lightning_prune.engine.masks import PackedMasks
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.runtime.distributed import Collectives
 from lightning_prune.solvers.linalg import damped_cholesky
@@ -197,13 +198,15 @@ class LayerwiseOBS(OBSCriterion):
                     allocate([t])
                 ctx.report(f"solving {t.name} ({solvers[t.name]}, {t.shape2d[0]}x{t.shape2d[1]})")
                 yield t, *self.solve_layer(t, stats, counts, solvers, ctx.masks[t.name], allocated, ctx, info, cross)
+                if streaming:  # one layer's allocation held at a time
+                    del allocated[t.name]
 
         if not streaming:
             allocate(ctx.targets)
             if ctx.pattern.removes_structures:
                 return prune_structures(self, ctx, est, allocated, info)
 
-        masks, predicted, reconstruction = {}, 0.0, 0.0
+        masks, predicted, reconstruction = PackedMasks(), 0.0, 0.0  # held as bits as each layer is solved
         groups = split(ctx.targets, 1 if ctx.block else min(self.recompute_steps, len(ctx.targets)))
         G = row_weights(est, ctx.targets, dtype) if weighted else {}
         adaptive = self.adaptive(ctx)
@@ -254,9 +257,10 @@ class LayerwiseOBS(OBSCriterion):
         cross: CrossCovariance | None,
     ) -> tuple[Tensor, Tensor]:
         """:meth:`fit` one whole layer and write it: ``(whole-layer mask, row losses)``."""
+        # a sequential block's statistics serve one solve per layer: its estimate is handed over, not copied
         W_new, new_mask, losses = self.fit(
             t,
-            stats.input_covariance(t.name, self.dtype),  # type: ignore[attr-defined]
+            stats.input_covariance(t.name, self.dtype, release=ctx.block is not None),  # type: ignore[attr-defined]
             t.matrix(),
             counts[t.name],
             solvers[t.name],
@@ -264,7 +268,7 @@ class LayerwiseOBS(OBSCriterion):
             info,
             adaptive=self.adaptive(ctx),
             groups=ctx.pattern.quotas(t, ~allocated[t.name]),
-            C=None if cross is None else cross.cross_covariance(t.name, self.dtype),
+            C=None if cross is None else cross.cross_covariance(t.name, self.dtype, release=ctx.block is not None),
         )
         self.write(t, W_new)
         return new_mask, losses
@@ -289,7 +293,9 @@ class LayerwiseOBS(OBSCriterion):
         across rows inside the sweep, as SparseGPT does. ``groups`` (N:M): the allocation fixes how many
         entries of each group go, the solver chooses which. ``C`` (``E[x_ref x^T]``): fit the outputs of
         the reference inputs instead of the layer's own (:func:`refit_to_reference`)."""
-        U, W_live, damped, dead = prepare_hessian(A.to(self.dtype), W.to(self.dtype), self.damp, t.name)
+        given = [A.to(self.dtype)]  # A is the solve's own (a fresh estimate): freed once factored
+        del A
+        U, W_live, damped, dead = prepare_hessian(given, W.to(self.dtype), self.damp, t.name)
         # the original weights of inputs that died still carry the original outputs: refit from all of them
         W = W_live if C is None else refit_to_reference(W.to(self.dtype), C.to(self.dtype), U)
         info["damping_increases"] += damped.increases
