@@ -215,8 +215,8 @@ def pruned_with(model: Any, batches: list[Any], pruner: Any, setup: Setup) -> di
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     gpu_before = torch.cuda.memory_allocated() if cuda else 0
+    reset_peak_rss()  # then the baseline: the peak mark, reset to the resident pages now, can only be at or above it
     rss_before = rss_mib()
-    reset_peak_rss()
     start = time.perf_counter()
     record = prune(model, batches, pruner, device=setup.device, num_batches=len(batches))
     sync(setup.device)
