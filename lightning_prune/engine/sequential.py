@@ -34,7 +34,6 @@ from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import block_output
 from lightning_prune.runtime.distributed import Collectives
-from lightning_prune.runtime.memory import release_free_memory
 from lightning_prune.runtime.offload import check_blocks, onloaded
 from lightning_prune.stats.capture import LayerCapture
 from lightning_prune.stats.estimators import Estimator
@@ -241,7 +240,6 @@ def run_sequential(
     """
     check_blocks(calib.model, [b.module for b in blocks])
     inputs = first_block_inputs(calib, batches, blocks[0])
-    release_free_memory()  # the forward passes before the blocks (the loss before, the first block's inputs)
     if device is not None:
         inputs = [(move_to_device(args, device), move_to_device(kwargs, device)) for args, kwargs in inputs]
     originals = inputs  # the same objects until the first block is pruned
@@ -258,7 +256,6 @@ def run_sequential(
                         block, inputs, originals, reference, partial(prune_block, status=bar.describe), make_stats
                     )
                 skipped += left_out
-                release_free_memory()  # the block's statistics, copy and solves are gone: their pages too
                 if reference:
                     held = max(held, 2 * sum(a[0].numel() * a[0].element_size() for a, _ in inputs))
                 bar()
