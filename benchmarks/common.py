@@ -26,7 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from process import alternated, alternation, commit, reset_peak_rss, rss_mib  # noqa: F401  (the harness's; gpu.py's)
+from process import alternated, alternation, commit, make_resident, reset_peak_rss, rss_mib  # noqa: F401  (the harness's; gpu.py's)
 
 from lightning_prune import Pruner, prune
 from lightning_prune.app.data import FashionMNISTDataModule

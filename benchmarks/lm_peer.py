@@ -65,6 +65,7 @@ from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from loguru import logger
+from process import make_resident
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
@@ -200,6 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    make_resident(model)  # the baseline below holds the model, as ours does (scale_lm.py)
     calib = torch.load(args.calib).long()
     eval_ids = torch.load(args.eval).long()
     n, t = calib.shape

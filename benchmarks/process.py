@@ -48,6 +48,16 @@ def reset_peak_rss() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def make_resident(model: Any) -> None:
+    """Read every parameter once, so the model's pages are resident before a peak-memory baseline is taken.
+
+    ``from_pretrained`` maps safetensors lazily: without this the weights become resident while the
+    measured call first reads them, and "peak above the loaded model" counts the model itself.
+    """
+    for p in model.parameters():
+        float(p.detach().sum())
+
+
 def commit() -> str:
     try:
         return subprocess.check_output(
