@@ -364,7 +364,14 @@ def test_prune_runs_obs_defaults_block_by_block_on_a_model_of_blocks_and_says_so
     assert "prune() chose this for the defaults" in capsys.readouterr().out
     assert record["info"]["sequential_blocks"] == 3
     want = OBSPruning(
-        0.5, allocation="reconstruction", reconstruct="current", scope="layer", blocks="auto", eval_batches=0, verbose=0
+        0.5,
+        allocation="reconstruction",
+        reconstruct="current",
+        scope="layer",
+        blocks="auto",
+        solver_dtype="float32",  # the plan's precision where solver_dtype is left at None
+        eval_batches=0,
+        verbose=0,
     )
     prune(explicit, data, want)
     for (name, a), b in zip(model.named_parameters(), explicit.parameters()):
@@ -377,6 +384,28 @@ def test_prune_runs_obs_defaults_block_by_block_on_a_model_of_blocks_and_says_so
     xs = [(torch.randn(6, 8), torch.randint(0, 4, (6,))) for _ in range(2)]
     record = prune(mlp, xs, OBSPruning(0.5, verbose=0), loss_fn=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     assert "plan" not in record["info"]
+
+
+def test_the_plans_defaults_are_the_exact_solver_on_narrow_layers_and_the_preset_on_wide_ones():
+    """Issue #44: the defaults cost the SparseGPT preset's time where layers are wide. Layers 24-40 wide fit the
+    plan's budget for the exact solver; at 512 inputs and up every layer's exact and blocked work exceeds it, so
+    the defaults are the preset's own round (fast sweep picking its mask, float32 solves): bitwise equal."""
+    narrow = prune(tiny_llama(layers=2), batches(), OBSPruning(0.5, eval_batches=0, verbose=0))
+    assert narrow["info"]["solver"] == "exact"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=512, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4
+    )
+    wide, preset = transformers.LlamaForCausalLM(cfg).eval(), transformers.LlamaForCausalLM(cfg).eval()
+    preset.load_state_dict(wide.state_dict())
+    record = prune(wide, batches(), OBSPruning(0.5, eval_batches=0, verbose=0))
+    assert record["info"]["solver"] == "fast" and "solver_dtype='float32'" in record["info"]["plan"]
+    prune(preset, batches(), SparseGPT(0.5, eval_batches=0, verbose=0))
+    for (name, a), b in zip(wide.named_parameters(), preset.parameters()):
+        assert torch.equal(a, b), name
+    # asking for float64 keeps it; the budget still gives the fast sweep
+    asked = prune(preset, batches(), OBSPruning(0.5, solver_dtype="float64", eval_batches=0, verbose=0))
+    assert "solver_dtype='float64'" in asked["info"]["plan"]
 
 
 def test_a_criterion_shared_by_two_pruners_is_planned_for_each_and_stays_as_built():

@@ -34,6 +34,7 @@ still constrain the compensation, which therefore never revives them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -452,6 +453,10 @@ def sparsegpt_prune(
 
 
 LAYER_BUDGET = 5e10  # element updates: about 10 s on two CPU cores (the exact solver on 300 x 784 rows)
+# prune()'s block-by-block plan for the defaults: about 0.2 s of one core per layer, so layers narrower than
+# about 300 inputs get the exact solver and wider ones the fast sweep (at 1024 inputs and up, a model's time
+# is the SparseGPT preset's: benchmarks/RESULTS.md, "defaults" and "scale-lm")
+PLAN_LAYER_BUDGET = 1e9
 
 
 def _greedy_work(rows_counts: Tensor, width: int) -> float:
@@ -478,6 +483,21 @@ def solver_work(W: Tensor, counts: Tensor, blocksize: int) -> dict[str, float]:
     b = min(blocksize, d)
     blocked = _greedy_work(counts.double() * b / d, b) * (d / b)
     return {"exact": _greedy_work(counts, d), "blocked": blocked, "fast": 0.0}
+
+
+def auto_solvers(
+    shapes: Sequence[tuple[int, int]], counts: Sequence[Tensor], blocksize: int, budget: float, per_layer: bool
+) -> list[str]:
+    """:func:`choose_solvers` for layers of these ``(rows, d)`` shapes removing ``counts`` entries per row."""
+    works = [solver_work(torch.empty(shape, device="meta"), c, blocksize) for shape, c in zip(shapes, counts)]
+    return choose_solvers(works, budget, per_layer=per_layer)
+
+
+def auto_sweeps(shape: tuple[int, int], sparsity: float, blocksize: int, budget: float) -> bool:
+    """Whether a per-layer ``budget`` gives a ``(rows, d)`` layer the fast sweep at ``sparsity`` spread evenly over
+    its rows, before its rows' counts are known (the greedy work hardly depends on how they are spread)."""
+    rows, d = shape
+    return auto_solvers([shape], [torch.full((rows,), round(sparsity * d))], blocksize, budget, True)[0] == "fast"
 
 
 def choose_solvers(works: list[dict[str, float]], budget: float, per_layer: bool = False) -> list[str]:

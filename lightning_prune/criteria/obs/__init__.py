@@ -84,7 +84,9 @@ def OBS(hessian: Hessian = "layerwise", **options: Any) -> OBSCriterion:
             moved, whose direction predates the move, and keeps their second moments (zeroing
             Adam's ``exp_avg_sq`` while its step count runs on makes the next steps several times
             the learning rate); ``"keep"`` leaves both. Pruned entries are zeroed either way.
-        solver_dtype: ``"float64"`` (default) or ``"float32"`` (TF32 disabled) for the solves.
+        solver_dtype: ``"float64"`` or ``"float32"`` (TF32 disabled) for the solves; ``None`` (default):
+            float64, except in ``prune()``'s block-by-block plan for the defaults, where it is float32 (the
+            preset's precision; measured equal perplexity on the trained LLaMA of benchmarks/RESULTS.md, "defaults").
         fisher_type: every Fisher OBS estimates (``"fisher"`` blocks, K-FAC's G, the layer-wise
             allocation and row weights): ``"empirical"`` (default: measured as good as the others for
             OBS, and the cheapest), ``"mc"`` (``mc_samples`` sampled labels per input), ``"exact"``

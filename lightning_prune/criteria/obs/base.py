@@ -57,14 +57,14 @@ class OBSCriterion(Criterion):
         block_size: int = 128,
         recompute_steps: int = 4,
         optimizer_state: OptimizerState = "reset",
-        solver_dtype: SolverDtype = "float64",
+        solver_dtype: SolverDtype | None = None,
         fisher_type: FisherType = "empirical",
         mc_samples: int = 1,
         loss_reduction: Reduction = "mean",
     ) -> None:
         for name, value, allowed in (
             ("optimizer_state", optimizer_state, OPTIMIZER_STATES),
-            ("solver_dtype", solver_dtype, tuple(DTYPES)),
+            ("solver_dtype", solver_dtype, (None, *DTYPES)),
         ):
             if value not in allowed:
                 raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}")
@@ -76,7 +76,9 @@ class OBSCriterion(Criterion):
         check_fisher_type(fisher_type, mc_samples)
         self.fisher_type, self.mc_samples = fisher_type, mc_samples
         self.damp, self.block_size, self.recompute_steps = float(damp), block_size, recompute_steps
-        self.optimizer_state, self.solver_dtype = optimizer_state, solver_dtype
+        # None: float64, except in prune()'s block-by-block plan for the defaults (LayerwiseOBS.make_label_free)
+        self.optimizer_state, self.solver_dtype = optimizer_state, solver_dtype or "float64"
+        self.dtype_chosen_by_round = solver_dtype is None
         self.loss_reduction = check_reduction(loss_reduction)
         self.reset_moved_state = optimizer_state == "reset"
 

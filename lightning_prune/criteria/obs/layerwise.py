@@ -46,9 +46,11 @@ from lightning_prune.runtime.distributed import Collectives
 from lightning_prune.solvers.linalg import damped_cholesky
 from lightning_prune.solvers.obc import (
     LAYER_BUDGET,
+    PLAN_LAYER_BUDGET,
     Groups,
+    auto_solvers,
+    auto_sweeps,
     blocked_prune,
-    choose_solvers,
     inverse_diagonal,
     obc_prune,
     prepare_hessian,
@@ -56,7 +58,6 @@ from lightning_prune.solvers.obc import (
     removal_costs,
     removal_costs_work,
     single_saliency,
-    solver_work,
     sparsegpt_prune,
 )
 from lightning_prune.stats import KFAC, Composite, CrossCovariance, DiagFisher, Estimator, InputCovariance
@@ -104,17 +105,21 @@ class LayerwiseOBS(OBSCriterion):
                 f"(got {fisher_type!r})"
             )
         self.solver, self.allocation, self.reconstruct = solver, allocation, reconstruct
+        self.layer_budget = LAYER_BUDGET  # solver="auto"'s work per layer where the round sets no budget
 
     def label_free_by_default(self) -> bool:
         return self.chosen_by_round and self.fisher_type == "empirical"
 
     def make_label_free(self) -> str:
-        """``prune()``'s plan for the defaults on a model of repeated blocks: SparseGPT's objective (no loss,
-        no backward pass) fitted to each layer's own outputs on the pruned inputs, with the solver asked for.
-        Measured on a trained 8-block LLaMA (benchmarks/RESULTS.md, "defaults"): with the default solver,
-        within 0.25 perplexity of the whole-model loss-allocated round at 50/70%/2:4, at 0.4x its time."""
+        """``prune()``'s plan for the defaults on a model of repeated blocks: SparseGPT's objective (no loss, no
+        backward pass) on the pruned inputs, float32 solves unless asked otherwise, and ``"auto"``'s exact solver
+        only on narrow layers (``PLAN_LAYER_BUDGET``): on wide ones the round is the SparseGPT preset's.
+        Measured in benchmarks/RESULTS.md, "defaults" (quality) and "scale-lm" (time, memory)."""
         self.allocation, self.reconstruct, self.chosen_by_round = "reconstruction", "current", False
-        return f"OBS allocation='reconstruction', reconstruct='current', solver={self.solver!r}"
+        self.solver_dtype = "float32" if self.dtype_chosen_by_round else self.solver_dtype
+        self.layer_budget = PLAN_LAYER_BUDGET
+        dtype = f"solver_dtype={self.solver_dtype!r}"
+        return f"OBS allocation='reconstruction', reconstruct='current', solver={self.solver!r}, {dtype}"
 
     # ------------------------------------------------------------------ what a round needs
     def check_scope(self, scope: str) -> None:
@@ -315,13 +320,14 @@ class LayerwiseOBS(OBSCriterion):
         return self.allocation == "reconstruction" and ctx.scope == "layer"
 
     def picks_in_sweep(self, ctx: RoundContext, t: PruneTarget) -> bool:
-        """Whether ``t``'s whole mask comes from that sweep (the fast solver, unstructured, one process),
-        so the allocation only fixes the layer's total count."""
-        return (
-            self.solver == "fast"
-            and self.adaptive(ctx)
-            and not ctx.sharded
-            and ctx.pattern.quotas(t, ~ctx.masks[t.name]) is None
+        """Whether ``t``'s whole mask comes from that sweep (the fast solver, unstructured, one process), so the
+        allocation only fixes the layer's total count. ``"auto"`` with a budget per layer sweeps a layer too wide
+        for the others whatever its rows' counts: its Hessian is then factored once, not twice."""
+        if not self.adaptive(ctx) or ctx.sharded or ctx.pattern.quotas(t, ~ctx.masks[t.name]) is not None:
+            return False
+        auto = self.solver == "auto" and ctx.solver_budget is None
+        return self.solver == "fast" or (
+            auto and auto_sweeps(t.shape2d, ctx.sparsity, self.block_size, self.layer_budget)
         )
 
     def counts_fixed(self, ctx: RoundContext) -> bool:
@@ -330,12 +336,15 @@ class LayerwiseOBS(OBSCriterion):
         return ctx.pattern.removes_structures and ctx.scope == "layer"
 
     def solvers(self, ctx: RoundContext, targets: Sequence[PruneTarget], counts: dict[str, Tensor]) -> dict[str, str]:
-        """The solver of each layer: the one asked for, or ``"auto"``'s choice within the round's budget."""
+        """The solver of each layer: the one asked for, or ``"auto"``'s choice within the round's budget (the fast
+        sweep where it picks the layer's mask itself: :meth:`picks_in_sweep`)."""
         if self.solver != "auto":
             return dict.fromkeys(counts, self.solver)
-        works = [solver_work(torch.empty(t.shape2d, device="meta"), counts[t.name], self.block_size) for t in targets]
-        budget = LAYER_BUDGET if ctx.solver_budget is None else ctx.solver_budget
-        return dict(zip(counts, choose_solvers(works, budget, per_layer=ctx.solver_budget is None)))
+        rest = [t for t in targets if not self.picks_in_sweep(ctx, t)]  # swept layers' scores were never computed
+        budget = self.layer_budget if ctx.solver_budget is None else ctx.solver_budget
+        shapes, per_row = [t.shape2d for t in rest], [counts[t.name] for t in rest]
+        chosen = auto_solvers(shapes, per_row, self.block_size, budget, per_layer=ctx.solver_budget is None)
+        return {name: dict(zip([t.name for t in rest], chosen)).get(name, "fast") for name in counts}
 
     def resolved_allocation(self, ctx: RoundContext) -> str:
         """``allocation="auto"``: the error curves (``"obs"``) where they fit the solver budget, else ``"fisher"``."""
