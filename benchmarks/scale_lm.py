@@ -4,6 +4,7 @@
     python benchmarks/scale_lm.py --sizes 60m      # one size
     python benchmarks/scale_lm.py --ranks 60m      # also prune() under torchrun at 60M, 2 ranks x 1 thread
     python benchmarks/scale_lm.py --ranks 60m --fit 60m  # and the preset as a step round inside Trainer.fit
+    python benchmarks/scale_lm.py --malloc 60m     # and the preset and the peer with glibc's mmap threshold fixed
 
 Random-init LLaMAs (``save_pretrained``, float32; time and memory do not depend on training, quality
 does: see lm.py and defaults_lm.py), 16 calibration sequences of 256 random tokens. Each cell runs in a
@@ -65,6 +66,9 @@ PRUNERS = {  # worker method -> the pruner it measures
     "defaults": lambda lp: lp.OBSPruning(0.5, verbose=0),
 }
 PEER = "llm-compressor SparseGPT"
+# glibc keeps freed blocks below its (self-raising) mmap threshold in its heap: with the threshold fixed low every
+# large tensor is mapped and unmapped on its own, and the resident peak follows the tensors (rows with --malloc)
+MALLOC = ", MALLOC_MMAP_THRESHOLD_=65536"
 FIT = "ours SparseGPT(0.5, eval_batches=0), a step round in Trainer.fit"
 RANKS = {  # row -> (worker method, one-process row it is compared with)
     "ours SparseGPT(0.5, eval_batches=0), 2 ranks": ("sparsegpt-noeval", "ours SparseGPT(0.5, eval_batches=0)"),
@@ -205,6 +209,9 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
     if out.exists():
         return json.loads(out.read_text())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if name.endswith(MALLOC):
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        name = name.removesuffix(MALLOC)
     if name == PEER:
         from lm import PEER_VENV, make_peer_venv
 
@@ -273,6 +280,16 @@ def plot(per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]]) -> N
     fig.savefig(common.ROOT / "scale_lm.png", dpi=110)
 
 
+def memory_ratio(results: dict[str, dict[str, Any] | None], name: str) -> str:
+    """Peak extra memory over the peer's, measured the same way (a row with the fixed mmap threshold: over the
+    peer's row with it)."""
+    peer = results.get(PEER + MALLOC if name.endswith(MALLOC) else PEER)
+    r = results[name]
+    if not (peer and r) or name in (PEER, FIT, PEER + MALLOC):
+        return ""
+    return f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x"
+
+
 def speedup(results: dict[str, dict[str, Any] | None], name: str) -> str:
     if name not in RANKS:
         return ""
@@ -288,6 +305,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--fit", default="", help="sizes that also get the Trainer.fit round row, e.g. 60m")
     parser.add_argument("--ranks", default="", help="sizes that also get the 2-rank rows (torchrun), e.g. 60m")
+    parser.add_argument("--malloc", default="", help="sizes that also get the rows with glibc's mmap threshold fixed")
     a = parser.parse_args()
     if a.worker:
         (fit_worker if a.worker == "fit" else lambda f, o: worker(a.worker, f, o))(a.model, a.out)
@@ -299,6 +317,8 @@ def main() -> None:
         names = ["ours SparseGPT(0.5, eval_batches=0)"] if size in LARGE else [*OURS]
         names = [*names, *(RANKS if size in a.ranks.split(",") else []), *([FIT] if size in a.fit.split(",") else [])]
         names.append(PEER)
+        if size in a.malloc.split(","):
+            names += [f"ours SparseGPT(0.5, eval_batches=0){MALLOC}", PEER + MALLOC]
         results = {name: cell(name, size, folder) for name in names}
         params = next((r["params"] for r in results.values() if r and "params" in r), None)
         if params:
@@ -323,7 +343,7 @@ def main() -> None:
                     f"{r['peak_extra_mib']:.0f}",
                     f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
                     speedup(results, name),
-                    f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x" if peer and name not in (PEER, FIT) else "",
+                    memory_ratio(results, name),
                     r.get("solver") or "",
                     extra,
                     r.get("commit", ""),
@@ -335,9 +355,9 @@ def main() -> None:
     body = "\n\n".join(
         [
             "## Scale: time and peak memory of one-shot pruning against llm-compressor",
-            f"`python benchmarks/scale_lm.py --ranks 60m --fit 60m` on {common.machine()} (cells cached: the commit "
-            "column says which code each row measured); one thread per cell (`OMP_NUM_THREADS=1`), each cell a fresh "
-            "process. "
+            "`python benchmarks/scale_lm.py --ranks 60m --fit 60m --malloc 60m` on "
+            f"{common.machine()} (cells cached: the commit column says which code each row measured); one thread "
+            "per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
             "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
             "unstructured. Peak extra MiB: resident memory above the loaded model during the call, its weights read "
             "once before the baseline in ours and llm-compressor's alike (`from_pretrained` maps safetensors lazily: "
@@ -346,7 +366,10 @@ def main() -> None:
             "speed-up: the one-process row's seconds over the 2-rank row's. Trainer.fit row: the preset as a step "
             "round after 4 AdamW steps, its peak above the process at the round's start (which held the model, "
             "gradients, optimizer state and the allocator's pages of the steps' activations: the round fits in them), "
-            "calibrated on the 4 training batches.",
+            "calibrated on the 4 training batches. Rows ending `MALLOC_MMAP_THRESHOLD_=65536`: the same cell with "
+            "glibc's mmap threshold fixed at 64 KiB (it otherwise rises to 32 MiB as large blocks are freed, and "
+            "the freed blocks stay in its heap), compared with the peer's row measured the same way. The 800M "
+            "rows: random init, for time and memory only, the preset without the loss before/after and the peer.",
             common.md_table(header, rows),
             "![time and peak memory against model size](scale_lm.png)",
         ]
