@@ -21,8 +21,9 @@ ignore=["re:.*lm_head"])`` or ``WandaPruningModifier(sparsity, mask_structure, t
 the dense layer's inputs, then the pruned layer's outputs propagated to the next (``propagate_error=True``).
 ``--dampening`` / ``--block-size`` mean nothing to Wanda. ``torch``'s thread count is left at its default.
 
-Measured, written as JSON to ``--out``: ``seconds_oneshot`` (the ``oneshot`` call alone), ``seconds_total`` (process
-start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib`` (the process's ``ru_maxrss`` up to after pruning),
+Measured, written as JSON to ``--out``: ``seconds_oneshot`` (the ``oneshot`` call alone; ``cpu_seconds_oneshot``: its
+process CPU time), ``seconds_total`` (process start, from ``/proc/self/stat``, to after pruning), ``peak_rss_mib``
+(the process's ``ru_maxrss`` up to after pruning),
 ``rss_before_mib`` (``VmRSS`` just before ``oneshot``) and ``peak_rss_oneshot_mib`` (the peak RSS during ``oneshot``
 alone: the peak mark is reset through ``/proc/self/clear_refs`` just before it, so ``peak_rss_oneshot_mib -
 rss_before_mib`` is pruning's extra memory even when loading peaked higher); ``peak_gpu_mib``
@@ -222,11 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model = oneshot(model=model, recipe=recipe, **kwargs)
     if cuda:
         torch.cuda.synchronize()
-    seconds_oneshot = time.perf_counter() - start
+    seconds_oneshot, cpu_oneshot = time.perf_counter() - start, time.process_time() - cpu_start
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     seconds_total = seconds_since_process_start()
     peak_oneshot = status_mib("VmHWM") if reset else None
@@ -242,6 +243,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calib_rows": n,
         "seq_len": t,
         "seconds_oneshot": seconds_oneshot,
+        "cpu_seconds_oneshot": cpu_oneshot,
         "seconds_total": seconds_total,
         "peak_rss_mib": peak_rss,
         "rss_before_mib": rss_before,

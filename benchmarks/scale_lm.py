@@ -242,7 +242,7 @@ def cell(name: str, size: str, folder: Path) -> dict[str, Any] | None:
         r = json.loads(peer_out.read_text())
         result = {
             "seconds": r["seconds_oneshot"],
-            "cpu_seconds": None,
+            "cpu_seconds": r.get("cpu_seconds_oneshot"),
             "peak_extra_mib": r["peak_rss_oneshot_mib"] - r["rss_before_mib"],
             "sparsity": r.get("achieved_sparsity"),
         }
@@ -278,6 +278,14 @@ def plot(per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]]) -> N
     fig.suptitle("One-shot 50% on random-init LLaMAs: ours against llm-compressor's SparseGPT")
     fig.tight_layout()
     fig.savefig(common.ROOT / "scale_lm.png", dpi=110)
+
+
+def cpu_ratio(results: dict[str, dict[str, Any] | None], name: str) -> str:
+    """Process CPU seconds over the peer's (steadier than wall time on a shared machine; one thread each)."""
+    peer, r = results.get(PEER + MALLOC if name.endswith(MALLOC) else PEER), results[name]
+    if not (peer and r and peer.get("cpu_seconds") and r.get("cpu_seconds")) or name.startswith(PEER) or name in RANKS:
+        return ""
+    return f"{r['cpu_seconds'] / peer['cpu_seconds']:.2f}x"
 
 
 def memory_ratio(results: dict[str, dict[str, Any] | None], name: str) -> str:
@@ -340,6 +348,8 @@ def main() -> None:
                     f"{size} ({params / 1e6:.0f}M, {model_mib:.0f} MiB)" if params else size,
                     name,
                     f"{r['seconds']:.1f}",
+                    f"{r['cpu_seconds']:.1f}" if r.get("cpu_seconds") else "",
+                    cpu_ratio(results, name),
                     f"{r['peak_extra_mib']:.0f}",
                     f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
                     speedup(results, name),
@@ -350,7 +360,8 @@ def main() -> None:
                 ]
             )
     plot(per_size)
-    header = ["model", "method", "seconds", "peak extra MiB", "time vs peer", "2-rank speed-up", "memory vs peer"]
+    header = ["model", "method", "seconds", "CPU s", "CPU vs peer", "peak extra MiB", "time vs peer", "2-rank speed-up"]
+    header += ["memory vs peer"]
     header += ["solver", "held", "commit"]
     body = "\n\n".join(
         [
