@@ -61,9 +61,10 @@ def OBS(hessian: Hessian = "layerwise", **options: Any) -> OBSCriterion:
             round runs block by block, label-free (``allocation="reconstruction"``, ``reconstruct="current"``,
             ``scope="layer"``, ``blocks="auto"``): memory for one block and no backward pass, where the
             loss-allocated round holds every layer's statistics and backpropagates through the whole model
-            (17x SparseGPT's memory on a 197M LLaMA). Measured on a trained 8-block LLaMA
-            (benchmarks/RESULTS.md, "defaults"): +0.24 perplexity at 70% (104.42 vs 104.18), equal at 50% and
-            2:4, at 0.4x the time. The round prints the plan and records it in ``info["plan"]``.
+            (17x SparseGPT's memory on a 197M LLaMA); float32 solves, and ``solver="auto"`` within about 0.2 s
+            per layer: exact on narrow layers, the SparseGPT preset's own round on wide ones (benchmarks/
+            RESULTS.md, "defaults", "scale-lm": on a trained hidden-96 LLaMA 107.94/108.44/108.22 perplexity
+            at 50/70%/2:4, SparseGPT 108.14/111.60/108.46; at 222M the preset's time); ``info["plan"]`` says so.
         reconstruct: layer-wise only: the outputs each later layer group is fitted to.
             ``"original"`` (``None``, the default, outside ``prune()``'s block-by-block plan): the outputs
             it gave when the round started, from its original
@@ -85,8 +86,7 @@ def OBS(hessian: Hessian = "layerwise", **options: Any) -> OBSCriterion:
             Adam's ``exp_avg_sq`` while its step count runs on makes the next steps several times
             the learning rate); ``"keep"`` leaves both. Pruned entries are zeroed either way.
         solver_dtype: ``"float64"`` or ``"float32"`` (TF32 disabled) for the solves; ``None`` (default):
-            float64, except in ``prune()``'s block-by-block plan for the defaults, where it is float32 (the
-            preset's precision; measured equal perplexity on the trained LLaMA of benchmarks/RESULTS.md, "defaults").
+            float64, float32 in ``prune()``'s plan above (measured equal perplexity, "defaults").
         fisher_type: every Fisher OBS estimates (``"fisher"`` blocks, K-FAC's G, the layer-wise
             allocation and row weights): ``"empirical"`` (default: measured as good as the others for
             OBS, and the cheapest), ``"mc"`` (``mc_samples`` sampled labels per input), ``"exact"``
