@@ -166,6 +166,20 @@ def describe_batch(batch: Any, depth: int = 0) -> str:
     return type(batch).__name__
 
 
+@contextlib.contextmanager
+def no_kv_cache(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models build a key/value cache in eval mode; calibration must not grow one."""
+    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
+    saved = {k: c.use_cache for k, c in configs.items()}
+    for c in configs.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c.use_cache = saved[k]
+
+
 def default_forward(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on a batch by the usual conventions (see the module docstring)."""
     if isinstance(batch, Mapping):
@@ -290,7 +304,7 @@ class Calibration:
     def has_loss(self, probe: Any = None) -> bool:
         """Whether a loss is available; an ``"output"`` source is probed on the batch ``probe``."""
         if self.source == "output" and self._output_has_loss is None and probe is not None:
-            with torch.no_grad(), eval_mode(self.model), self.forward_context():
+            with torch.no_grad(), eval_mode(self.model), no_kv_cache(self.model), self.forward_context():
                 self._output_has_loss = _output_loss(self._forward(probe, 0)) is not None
         return self.source in ("loss_fn", "training_step") or bool(self._output_has_loss)
 
@@ -386,7 +400,7 @@ class Calibration:
         if not batches or not self.has_loss(batches[0]):
             return math.nan
         total = 0.0
-        with eval_mode(self.model), self.forward_context():
+        with eval_mode(self.model), no_kv_cache(self.model), self.forward_context():
             for i, batch in enumerate(batches):
                 total += float(self.loss(batch, i).float())
         device = next(iter(self.model.parameters()), torch.empty(0)).device

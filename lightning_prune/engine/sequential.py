@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.engine.calibration import Calibration, eval_mode, move_to_device
+from lightning_prune.engine.calibration import Calibration, eval_mode, move_to_device, no_kv_cache
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import block_output
@@ -93,20 +93,6 @@ class _Caught(BaseException):  # not an error: passes through BatchError wrappin
     """Raised by the first block's pre-hook: everything after it is not needed."""
 
 
-@contextlib.contextmanager
-def _no_kv_cache(model: nn.Module) -> Iterator[None]:
-    """Hugging Face models build a key/value cache in eval mode; calibration must not grow one."""
-    configs = {id(c): c for m in model.modules() if hasattr(c := getattr(m, "config", None), "use_cache")}
-    saved = {k: c.use_cache for k, c in configs.items()}
-    for c in configs.values():
-        c.use_cache = False
-    try:
-        yield
-    finally:
-        for k, c in configs.items():
-            c.use_cache = saved[k]
-
-
 BlockInput = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -123,7 +109,7 @@ def first_block_inputs(calib: Calibration, batches: Sequence[Any], block: Block)
 
     handle = block.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
+        with eval_mode(calib.model), torch.no_grad(), no_kv_cache(calib.model), calib.forward_context():
             for i, batch in enumerate(batches):
                 try:
                     calib.forward(batch, i)
@@ -247,7 +233,7 @@ def run_sequential(
     skipped = 0
     bar = calib.progress(len(blocks), progress_desc)
     try:
-        with eval_mode(calib.model), torch.no_grad(), _no_kv_cache(calib.model), calib.forward_context():
+        with eval_mode(calib.model), torch.no_grad(), no_kv_cache(calib.model), calib.forward_context():
             for block in blocks:
                 bar.describe(f"{block.name}: calibrating")
                 changed = [(t.module, t.param_name) for t in block.targets]  # what the round writes

@@ -343,7 +343,7 @@ def blocked_prune(
         m, gq = groups[0], groups[1].to(W.device)
         quotas = torch.stack([gq[:, i // m : min(i + blocksize, d) // m].sum(1) for i in range(0, d, blocksize)], 1)
     else:
-        counts = torch.maximum(counts.to(W.device), forced.sum(1))
+        counts = torch.maximum(counts.to(W.device), row_counts(forced))
         quotas = _row_block_quotas(W, U, counts, forced, blocksize) if blocksize < d else counts[:, None]
     for b, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
@@ -366,16 +366,23 @@ def blocked_prune(
     return W, pruned, losses
 
 
+def row_counts(mask: Tensor, chunk: int = 256) -> Tensor:
+    """``mask.sum(1)`` of a bool matrix, ``chunk`` rows at a time: torch sums a bool tensor through an int64 copy
+    of all of it (twice a float32 layer), which set the peak of a wide layer's solve."""
+    return torch.cat([mask[r : r + chunk].sum(1) for r in range(0, mask.shape[0], chunk)]) if len(mask) else mask.sum(1)
+
+
 def _block_totals(counts: Tensor, forced: Tensor, blocksize: int) -> list[int]:
     """Removals per column block for adaptive selection: each block's forced entries plus the new
     removals spread over the blocks in proportion to their free entries (cumulative rounding, so
     the layer's total is exactly ``counts.sum()``)."""
     R, d = forced.shape
-    nb = (d + blocksize - 1) // blocksize
-    f = torch.nn.functional.pad(forced.long(), (0, nb * blocksize - d)).view(R, nb, blocksize).sum((0, 2))
+    # counted block by block: a whole-layer int64 copy of the mask (twice the float32 layer) is what set the
+    # fast sweep's peak on a wide layer
+    f = torch.stack([forced[:, i : i + blocksize].sum() for i in range(0, d, blocksize)])
     width = torch.tensor([min(blocksize, d - i) for i in range(0, d, blocksize)], device=forced.device)
     free = (width * R - f).double()
-    new = int(counts.sum()) - int(forced.sum())
+    new = int(counts.sum()) - int(torch.count_nonzero(forced))
     cum = torch.round(new * torch.cumsum(free, 0) / free.sum().clamp_min(1)).long()
     return (f + torch.diff(cum, prepend=cum.new_zeros(1))).tolist()
 
@@ -412,9 +419,9 @@ def sparsegpt_prune(
         m, gq = groups[0], groups[1].to(W.device)
         inner = max(1, _INNER // m) * m  # a group never straddles two inner blocks: its weights are current
     elif adaptive:
-        totals = _block_totals(torch.maximum(counts.to(W.device), forced.sum(1)), forced, blocksize)
+        totals = _block_totals(torch.maximum(counts.to(W.device), row_counts(forced)), forced, blocksize)
     else:
-        quotas = _row_block_quotas(W, U, torch.maximum(counts.to(W.device), forced.sum(1)), forced, blocksize)
+        quotas = _row_block_quotas(W, U, torch.maximum(counts.to(W.device), row_counts(forced)), forced, blocksize)
     for b, i1 in enumerate(range(0, d, blocksize)):
         i2 = min(i1 + blocksize, d)
         W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]
@@ -449,7 +456,8 @@ def sparsegpt_prune(
                 W1[:, j2:] -= Err1[:, j1:j2] @ U1[j1:j2, j2:]
         W1[m1] = 0.0
         pruned[:, i1:i2] = m1
-    return W, pruned, (Err**2).sum(1) / 2
+    # row by row chunks: the squares of the whole error would be one more copy of the layer at the peak
+    return W, pruned, torch.cat([(Err[r : r + 256] ** 2).sum(1) for r in range(0, R, 256)]) / 2
 
 
 LAYER_BUDGET = 5e10  # element updates: about 10 s on two CPU cores (the exact solver on 300 x 784 rows)

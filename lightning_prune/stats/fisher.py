@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode
+from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode, no_kv_cache
 
 FisherType = Literal["auto", "empirical", "mc", "exact"]
 FISHER_TYPES: tuple[str, ...] = get_args(FisherType)
@@ -183,7 +183,7 @@ def resolve(calib: Calibration, batches: Sequence[Any], fisher_type: str) -> str
         return "empirical" if fisher_type == "auto" else fisher_type
     if not calib.has_loss(batches[0]):
         return "empirical"
-    with torch.no_grad(), eval_mode(calib.model), calib.forward_context(), _LossSpy() as spy:
+    with torch.no_grad(), eval_mode(calib.model), no_kv_cache(calib.model), calib.forward_context(), _LossSpy() as spy:
         calib.loss(batches[0], 0)
     if len(spy.calls) != 1 or spy.calls[0].reduction not in ("mean", "sum"):
         return "empirical"

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode
+from lightning_prune.engine.calibration import Calibration, batch_size, eval_mode, no_kv_cache
 from lightning_prune.engine.targets import PruneTarget
 from lightning_prune.runtime.numerics import exact_float32
 from lightning_prune.stats.capture import LayerCapture, LossTerms, all_finite, per_sample_factor
@@ -72,7 +72,7 @@ def run_pass(
     bar = calib.progress(len(batches), desc)
     capture.attach()
     try:
-        with eval_mode(calib.model), torch.set_grad_enabled(grad), calib.forward_context():
+        with eval_mode(calib.model), torch.set_grad_enabled(grad), no_kv_cache(calib.model), calib.forward_context():
             for i, batch in enumerate(batches):
                 got = rows(capture, i, batch)
                 if not got:

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_prune.engine.calibration import Calibration, LossFn, describe_batch, eval_mode
-from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.engine.calibration import Calibration, LossFn, describe_batch, eval_mode, no_kv_cache
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models import layouts
 from lightning_prune.surgery.shrink import RefusedSave, Shrunk
@@ -218,7 +217,7 @@ def _distil(student: nn.Module, teacher: nn.Module, batches: Sequence[Any], step
     if steps == 0:
         return
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=lr)
-    with eval_mode(student), eval_mode(teacher), _no_kv_cache(student), _no_kv_cache(teacher), torch.enable_grad():
+    with eval_mode(student), eval_mode(teacher), no_kv_cache(student), no_kv_cache(teacher), torch.enable_grad():
         student.train()  # eval_mode restores each module's own flag on exit
         for step in range(steps):
             inputs = _inputs(batches[step % len(batches)])
@@ -468,7 +467,7 @@ def _describe(model: nn.Module, counter: _Counter, shape: Shape) -> None:
 def mean_loss(model: nn.Module, batches: Sequence[Any], loss_fn: LossFn | None) -> float:
     """The mean loss of ``model`` over ``batches`` (``loss_fn``, else the output's ``.loss``)."""
     calib = Calibration(model, loss_fn, training_step=True, output_loss=True)
-    with eval_mode(model), _no_kv_cache(model):
+    with eval_mode(model), no_kv_cache(model):
         losses = [float(calib.loss(b, i)) for i, b in enumerate(batches)]
     return sum(losses) / len(losses)
 

@@ -41,8 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
-from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, no_kv_cache, output_module
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models.layouts import block_input, block_output, find_block_list, layout_of, model_output
 from lightning_prune.surgery.shrink import Shrunk, _run, check_outputs
@@ -97,7 +96,7 @@ def block_scores(
         raise ValueError(f"`removed` must hold block indices in 0..{len(layers) - 1}, got {bad[:5]}")
     without = [layers[i] for i in sorted(gone)]
     out = [math.inf] * len(layers)
-    with eval_mode(model), _no_kv_cache(model):
+    with eval_mode(model), no_kv_cache(model):
         if score == "influence":
             with as_identity(without):
                 for i, bi in _influence(run, layers, batches, gone).items():

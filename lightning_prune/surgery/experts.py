@@ -56,8 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, output_module
-from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.engine.calibration import Calibration, LossFn, batch_runner, eval_mode, no_kv_cache, output_module
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import block_output
@@ -213,7 +212,7 @@ def expert_scores(
     batches = _batches(data, num_batches)
     layers = find_moe_layers(model)
     run = batch_runner(model, loss_fn, f"score={score!r}")  # refuses a module it cannot run, before any pass
-    with eval_mode(model), _no_kv_cache(model):
+    with eval_mode(model), no_kv_cache(model):
         if score == "loss":
             return _loss_scores(model, layers, batches, loss_fn)
         if score == "reconstruction":
@@ -398,7 +397,7 @@ def remove_experts(
     checked = _checked_module(model, layers.values(), example_inputs)
     reference = None
     if example_inputs is not None:
-        with eval_mode(model), _no_kv_cache(model), masked_experts(model, plan):
+        with eval_mode(model), no_kv_cache(model), masked_experts(model, plan):
             reference = _run(model.get_submodule(checked), example_inputs)
     before = sum(p.numel() for p in model.parameters())
     total = next(iter(layers.values())).num_experts

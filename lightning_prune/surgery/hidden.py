@@ -48,8 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_prune.engine.calibration import LossFn, batch_runner, eval_mode
-from lightning_prune.engine.sequential import _no_kv_cache
+from lightning_prune.engine.calibration import LossFn, batch_runner, eval_mode, no_kv_cache
 from lightning_prune.models import hf_config as hf
 from lightning_prune.models import layouts
 from lightning_prune.models.layouts import Port, Stream
@@ -232,7 +231,7 @@ def collect_hidden_stats(
         head = len(s.readers)
         handles.append(hf_model.get_submodule(s.lm_head).register_forward_pre_hook(reader_hook(head), with_kwargs=True))
     try:
-        with eval_mode(model), _no_kv_cache(model):
+        with eval_mode(model), no_kv_cache(model):
             for b, batch in enumerate(data):
                 calls.clear()
                 run(batch, b)
