@@ -366,7 +366,7 @@ def main() -> None:
     body = "\n\n".join(
         [
             "## Scale: time and peak memory of one-shot pruning against llm-compressor",
-            "`python benchmarks/scale_lm.py --ranks 60m --fit 60m --malloc 60m` on "
+            "`python benchmarks/scale_lm.py --ranks 60m --fit 60m --malloc 60m,220m` on "
             f"{common.machine()} (cells cached: the commit column says which code each row measured); one thread "
             "per cell (`OMP_NUM_THREADS=1`), each cell a fresh process. "
             "Random-init LLaMAs (4 blocks, vocabulary 4096, float32), 16 calibration sequences of 256 tokens, 50% "
