@@ -280,22 +280,13 @@ def plot(per_size: dict[str, tuple[int, dict[str, dict[str, Any] | None]]]) -> N
     fig.savefig(common.ROOT / "scale_lm.png", dpi=110)
 
 
-def cpu_ratio(results: dict[str, dict[str, Any] | None], name: str) -> str:
-    """Process CPU seconds over the peer's (steadier than wall time on a shared machine; one thread each)."""
+def ratio_to_peer(results: dict[str, dict[str, Any] | None], name: str, key: str, skip: tuple[str, ...]) -> str:
+    """``key`` of row ``name`` over the peer's measured the same way (a row with the fixed mmap threshold: over
+    the peer's row with it); blank for the rows in ``skip`` and where either figure is missing."""
     peer, r = results.get(PEER + MALLOC if name.endswith(MALLOC) else PEER), results[name]
-    if not (peer and r and peer.get("cpu_seconds") and r.get("cpu_seconds")) or name.startswith(PEER) or name in RANKS:
+    if name in skip or not (peer and r and peer.get(key) and r.get(key)):
         return ""
-    return f"{r['cpu_seconds'] / peer['cpu_seconds']:.2f}x"
-
-
-def memory_ratio(results: dict[str, dict[str, Any] | None], name: str) -> str:
-    """Peak extra memory over the peer's, measured the same way (a row with the fixed mmap threshold: over the
-    peer's row with it)."""
-    peer = results.get(PEER + MALLOC if name.endswith(MALLOC) else PEER)
-    r = results[name]
-    if not (peer and r) or name in (PEER, FIT, PEER + MALLOC):
-        return ""
-    return f"{r['peak_extra_mib'] / peer['peak_extra_mib']:.2f}x"
+    return f"{r[key] / peer[key]:.2f}x"
 
 
 def speedup(results: dict[str, dict[str, Any] | None], name: str) -> str:
@@ -349,11 +340,12 @@ def main() -> None:
                     name,
                     f"{r['seconds']:.1f}",
                     f"{r['cpu_seconds']:.1f}" if r.get("cpu_seconds") else "",
-                    cpu_ratio(results, name),
+                    # CPU seconds: steadier than wall time on a shared machine (one thread each)
+                    ratio_to_peer(results, name, "cpu_seconds", (PEER, PEER + MALLOC, *RANKS)),
                     f"{r['peak_extra_mib']:.0f}",
                     f"{r['seconds'] / peer['seconds']:.2f}x" if peer and name != PEER else "",
                     speedup(results, name),
-                    memory_ratio(results, name),
+                    ratio_to_peer(results, name, "peak_extra_mib", (PEER, FIT, PEER + MALLOC)),
                     r.get("solver") or "",
                     extra,
                     r.get("commit", ""),

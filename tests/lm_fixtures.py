@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 EOS = "<|endoftext|>"
 # stdlib modules present on every CPython 3.9+; (text documents, jsonl documents)
@@ -45,6 +46,23 @@ def write_text_corpus(folder: str | Path) -> dict[str, list[Path]]:
     return {"txt": txt, "jsonl": [path]}
 
 
+def llama_config(hidden: int, intermediate: int, layers: int, **extra: Any) -> Any:
+    """A tiny random-init LLaMA's ``LlamaConfig``: vocabulary 96, 2 heads, 32 positions unless ``extra`` says
+    otherwise (the shape most block-by-block tests prune)."""
+    from transformers import LlamaConfig
+
+    base = dict(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaConfig(**{**base, **extra})
+
+
 def write_hf_checkpoint(
     folder: str | Path,
     vocab_size: int = 384,
@@ -56,7 +74,7 @@ def write_hf_checkpoint(
     """Save a ``PreTrainedTokenizerFast`` (BPE trained on the corpus) and a random ``LlamaForCausalLM``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,13 +91,12 @@ def write_hf_checkpoint(
     tok.train_from_iterator(text + jsonl, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(
+    config = llama_config(
+        hidden_size,
+        intermediate_size,
+        num_layers,
         vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from lm_fixtures import llama_config
 from torch import nn
 
 from lightning_prune import OBSPruning, SparseGPT, prune
@@ -25,15 +26,7 @@ OFFLOADED = (1, 2, 3)  # on "disk"; block 0, the embeddings, the norm and the he
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
+    cfg = llama_config(64, 96, BLOCKS)
     path = tmp_path_factory.mktemp("llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     return path

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lm_fixtures import llama_config
 from torch import nn
 
 from lightning_prune import MagnitudePruning, OBDPruning, OBSPruning, SparseGPT, prune
@@ -19,16 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_llama(layers: int = 3, tie: bool = False, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=24,
-        intermediate_size=40,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
+    cfg = llama_config(24, 40, layers, tie_word_embeddings=tie)
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -393,9 +385,7 @@ def test_the_plans_defaults_are_the_exact_solver_on_narrow_layers_and_the_preset
     narrow = prune(tiny_llama(layers=2), batches(), OBSPruning(0.5, eval_batches=0, verbose=0))
     assert narrow["info"]["solver"] == "exact"
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96, hidden_size=512, intermediate_size=640, num_hidden_layers=2, num_attention_heads=4
-    )
+    cfg = llama_config(512, 640, 2, num_attention_heads=4, num_key_value_heads=4)
     wide, preset = transformers.LlamaForCausalLM(cfg).eval(), transformers.LlamaForCausalLM(cfg).eval()
     preset.load_state_dict(wide.state_dict())
     record = prune(wide, batches(), OBSPruning(0.5, eval_batches=0, verbose=0))

@@ -344,7 +344,7 @@ class LayerwiseOBS(OBSCriterion):
         budget = self.layer_budget if ctx.solver_budget is None else ctx.solver_budget
         shapes, per_row = [t.shape2d for t in rest], [counts[t.name] for t in rest]
         chosen = auto_solvers(shapes, per_row, self.block_size, budget, per_layer=ctx.solver_budget is None)
-        return {name: dict(zip([t.name for t in rest], chosen)).get(name, "fast") for name in counts}
+        return {**dict.fromkeys(counts, "fast"), **dict(zip([t.name for t in rest], chosen))}
 
     def resolved_allocation(self, ctx: RoundContext) -> str:
         """``allocation="auto"``: the error curves (``"obs"``) where they fit the solver budget, else ``"fisher"``."""
